@@ -1,0 +1,29 @@
+# forge — developer entry points. `make demo` sets everything up and builds the demo recipe;
+# `make test` runs the test suite (it sets up the environment first when needed).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.forge-installed
+DEMO   ?= recipes/smollm2-135m-demo.yaml
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/forge build $(DEMO)
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python bench/noop_rebuild.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,172 @@
+"""Plan and run the step graph against the store.
+
+A step's key is computed from its key material (see ``key_material``). Downstream keys need the
+upstream *output* digests, so a step below a MISS is PENDING in a plan: if the upstream step
+rebuilds to identical bytes, the downstream step is still a HIT (early cut-off).
+"""
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from forge import __version__
+from forge.digests import digest_of, list_files, tree_digest
+from forge.errors import UsageError
+from forge.recipe.load import LoadedRecipe
+from forge.steps import STEPS, StepContext, StepSpec, step_names
+from forge.store import Entry, Store
+
+HIT, MISS, PENDING, FORCED = "HIT", "MISS", "PENDING", "FORCED"
+
+# Test hook: stop (SIGSTOP self) after a step wrote its outputs and before it is committed, so a
+# test can SIGKILL a build at its most dangerous instant. Never set in normal use.
+_HANG_ENV = "FORGE_TEST_STOP_BEFORE_COMMIT"
+
+
+@dataclass
+class PlannedStep:
+    spec: StepSpec
+    status: str
+    key: str | None = None
+    entry: Entry | None = None
+    material: dict | None = field(default=None, repr=False)
+
+
+def tool_versions(names: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def key_material(spec: StepSpec, loaded: LoadedRecipe, store: Store, upstream: dict[str, str]) -> dict:
+    """Everything that can change the step's output. Reads file digests through the memo only."""
+    data = {}
+    for label, path in spec.data(loaded).items():
+        data[label] = tree_digest(store.memo.tree(path)) if path.is_dir() else "sha256:" + store.memo.file(path).sha256
+    return {
+        "step": spec.name,
+        "step_version": spec.version,
+        "config": spec.config(loaded),
+        "identity": spec.identity(loaded),
+        "inputs": {name: upstream[name] for name in spec.depends},
+        "data": data,
+        "tools": tool_versions(spec.tools),
+    }
+
+
+def _check_force(force: set[str]) -> None:
+    unknown = force - set(step_names()) - {"*"}
+    if unknown:
+        raise UsageError(f"--force names unknown step(s) {', '.join(sorted(unknown))}; steps: {', '.join(step_names())}")
+
+
+def plan(loaded: LoadedRecipe, store: Store, force: set[str] = frozenset()) -> list[PlannedStep]:
+    _check_force(set(force))
+    digests: dict[str, str] = {}
+    out: list[PlannedStep] = []
+    for spec in STEPS:
+        if any(d not in digests for d in spec.depends):
+            out.append(PlannedStep(spec, PENDING))
+            continue
+        material = key_material(spec, loaded, store, digests)
+        key = digest_of(material).removeprefix("sha256:")
+        entry = store.get(key)
+        if entry is not None and not ({"*", spec.name} & set(force)):
+            digests[spec.name] = entry.output_digest
+            out.append(PlannedStep(spec, HIT, key, entry, material))
+        else:
+            out.append(PlannedStep(spec, FORCED if entry is not None else MISS, key, None, material))
+    return out
+
+
+@dataclass
+class StepResult:
+    name: str
+    status: str          # HIT (reused) or BUILT
+    key: str
+    output_digest: str
+    seconds: float
+    entry: Entry
+
+
+Reporter = Callable[..., None]
+
+
+def build(loaded: LoadedRecipe, store: Store, *, force: set[str] = frozenset(),
+          on_start: Callable[[StepSpec, str], Reporter] | None = None,
+          on_done: Callable[[StepResult], None] | None = None) -> list[StepResult]:
+    """Run the graph: reuse HITs, build MISSes in dependency order. Returns one result per step."""
+    _check_force(set(force))
+    results: dict[str, StepResult] = {}
+    for spec in STEPS:
+        t0 = time.monotonic()
+        upstream = {d: results[d].output_digest for d in spec.depends}
+        material = key_material(spec, loaded, store, upstream)
+        key = digest_of(material).removeprefix("sha256:")
+        forced = bool({"*", spec.name} & set(force))
+        entry = None if forced else store.get(key)
+        status = "HIT"
+        if entry is None:
+            with store.lock(key):  # a concurrent build of the same key: wait, then reuse its output
+                entry = None if forced else store.get(key)
+                if entry is None:
+                    report = on_start(spec, key) if on_start else (lambda *a, **k: None)
+                    entry = _run_step(spec, key, material, loaded, store, results, report)
+                    status = "BUILT"
+        store.touch(entry)
+        result = StepResult(spec.name, status, key, entry.output_digest, time.monotonic() - t0, entry)
+        results[spec.name] = result
+        if on_done:
+            on_done(result)
+    return list(results.values())
+
+
+def _run_step(spec: StepSpec, key: str, material: dict, loaded: LoadedRecipe, store: Store,
+              results: dict[str, StepResult], report: Reporter) -> Entry:
+    started = datetime.now(timezone.utc)
+    t0 = time.monotonic()
+    with store.staging(key) as staged:
+        ctx = StepContext(
+            recipe=loaded,
+            inputs={d: results[d].entry.out for d in spec.depends},
+            input_manifests={d: results[d].entry.manifest for d in spec.depends},
+            out=staged / "out",
+            downloads=store.root / "downloads",
+            report=report,
+        )
+        facts = spec.runner()(ctx) or {}
+        report("hashing outputs")
+        files = {rel: store.memo.file(staged / "out" / rel) for rel in list_files(staged / "out")}
+        if os.environ.get(_HANG_ENV) == spec.name:
+            (store.root / f"{spec.name}.stopped").write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGSTOP)
+        manifest = {
+            "step": spec.name,
+            "recipe": {"name": loaded.recipe.name, "path": str(loaded.path), "digest": loaded.digest},
+            "inputs": material,
+            "output": {
+                "digest": tree_digest(files),
+                "files": {rel: {"size": e.size, "sha256": e.sha256} for rel, e in files.items()},
+            },
+            "facts": facts,
+            "forge_version": __version__,
+            "host": {"python": platform.python_version(), "machine": platform.machine()},
+            "started_at": started.isoformat(timespec="seconds"),
+            "seconds": round(time.monotonic() - t0, 3),
+        }
+        return store.commit(key, staged, manifest)
+
+
+def output_path(store: Store, key: str) -> Path:
+    return store.root / "steps" / key / "out"

@@ -1,0 +1,48 @@
+"""Data catalogs shipped with forge (GPUs). Loaded lazily, once."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+from ruamel.yaml import YAML
+
+__all__ = ["Gpu", "gpus", "gpu"]
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    vendor: str
+    memory_gib: float
+    bandwidth_gbs: float
+    compute_capability: tuple[int, int] | None
+    fp8: bool
+    price_per_hour: float
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.vendor == "none"
+
+
+def _cc(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    major, minor = str(value).split(".")
+    return int(major), int(minor)
+
+
+@cache
+def gpus() -> dict[str, Gpu]:
+    text = resources.files(__package__).joinpath("gpus.yaml").read_text()
+    raw = YAML(typ="safe").load(text)["gpus"]
+    return {
+        name: Gpu(name=name, vendor=e["vendor"], memory_gib=float(e["memory_gib"]),
+                  bandwidth_gbs=float(e["bandwidth_gbs"]), compute_capability=_cc(e["compute_capability"]),
+                  fp8=bool(e["fp8"]), price_per_hour=float(e["price_per_hour"]))
+        for name, e in raw.items()
+    }
+
+
+def gpu(name: str) -> Gpu:
+    return gpus()[name]

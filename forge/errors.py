@@ -1,0 +1,58 @@
+"""One error hierarchy. Every user-facing failure is a ForgeError carrying an exit code and a hint.
+
+The CLI entry point is the only place that turns these into output; anything else that escapes
+is a bug and exits 1 (with the traceback only under FORGE_DEBUG=1).
+"""
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    UNEXPECTED = 1
+    INVALID = 2          # invalid recipe or usage
+    EVAL_GATE = 3        # eval gate failed
+    SCAN_GATE = 4        # scan gate failed
+    TOOL = 5             # required external tool missing or failed
+
+
+class ForgeError(Exception):
+    exit_code: ExitCode = ExitCode.UNEXPECTED
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UsageError(ForgeError):
+    exit_code = ExitCode.INVALID
+
+
+class RecipeError(ForgeError):
+    """One or more problems in a recipe; each problem is a located message."""
+
+    exit_code = ExitCode.INVALID
+
+    def __init__(self, problems: list[str], *, hint: str | None = None):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems), hint=hint)
+
+
+class EvalGateError(ForgeError):
+    exit_code = ExitCode.EVAL_GATE
+
+
+class ScanGateError(ForgeError):
+    exit_code = ExitCode.SCAN_GATE
+
+
+class ToolError(ForgeError):
+    exit_code = ExitCode.TOOL
+
+
+class StepError(ForgeError):
+    """A step failed for a reason that is not the user's recipe (corrupt input, library failure)."""
+
+    exit_code = ExitCode.UNEXPECTED

@@ -1,0 +1,69 @@
+"""The 'complete' stage of loading: checks of a schema-valid recipe against the world.
+
+Files named by the recipe exist, the model source is well-formed, pinned (a warning, an error under
+--ci) and safe, the target GPU is in the catalog. Collects every problem, raises one RecipeError.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import TYPE_CHECKING
+
+from forge.catalog import gpus
+from forge.errors import RecipeError
+from forge.sources import (SOURCE_FORMS, GgufSource, HfSource, LocalDirSource, local_dir_problems,
+                           parse_source)
+
+if TYPE_CHECKING:
+    from forge.recipe.load import LoadedRecipe
+
+
+def complete(loaded: "LoadedRecipe") -> list[str]:
+    r = loaded.recipe
+    problems: list[str] = []
+    warnings: list[str] = []
+
+    catalog = gpus()
+    if r.target.gpu not in catalog:
+        guess = difflib.get_close_matches(r.target.gpu, list(catalog), n=1, cutoff=0.4)
+        did = f" Did you mean {guess[0]!r}?" if guess else ""
+        problems.append(f"{loaded.where('target', 'gpu')}: unknown GPU {r.target.gpu!r}.{did} "
+                        f"Known: {', '.join(catalog)}")
+    elif r.target.gpu == "CPU" and r.target.engine != "cpu":
+        problems.append(f"{loaded.where('target', 'engine')}: target.gpu CPU needs engine 'cpu'; found {r.target.engine!r}")
+
+    try:
+        source = parse_source(r.model.source, loaded.base_dir)
+    except ValueError as e:
+        problems.append(f"{loaded.where('model', 'source')}: {e}. Valid forms: {', '.join(SOURCE_FORMS)}")
+        source = None
+
+    if isinstance(source, HfSource) and not source.pinned:
+        msg = (f"{loaded.where('model', 'source')}: revision {source.revision!r} is a branch or tag, not a commit; "
+               f"the build is not reproducible. Pin it: hf://{source.repo}@<40-hex commit sha>")
+        (problems if loaded.ci else warnings).append(msg)
+    elif isinstance(source, LocalDirSource):
+        if not source.path.is_dir():
+            problems.append(f"{loaded.where('model', 'source')}: directory {source.path} does not exist")
+        else:
+            problems.extend(f"{loaded.where('model', 'source')}: {p}" for p in local_dir_problems(
+                source.path, allow_pickle=r.model.allow_pickle, trust_remote_code=r.model.trust_remote_code))
+    elif isinstance(source, GgufSource) and not source.path.is_file():
+        problems.append(f"{loaded.where('model', 'source')}: GGUF file {source.path} does not exist")
+
+    from forge.steps.quantize import AVAILABLE_METHODS
+
+    if r.quantize.method not in AVAILABLE_METHODS:
+        problems.append(f"{loaded.where('quantize', 'method')}: method {r.quantize.method!r} is not available in this "
+                        f"forge build yet; available: {', '.join(AVAILABLE_METHODS)}")
+
+    cal = r.quantize.calibration
+    if cal is not None and not loaded.resolve_path(cal.data).is_file():
+        problems.append(f"{loaded.where('quantize', 'calibration', 'data')}: calibration file "
+                        f"{loaded.resolve_path(cal.data)} does not exist")
+    if r.scan.ignore_file is not None and not loaded.resolve_path(r.scan.ignore_file).is_file():
+        problems.append(f"{loaded.where('scan', 'ignore_file')}: ignore file {loaded.resolve_path(r.scan.ignore_file)} "
+                        "does not exist; create it or remove the key")
+
+    if problems:
+        raise RecipeError(problems)
+    return warnings

