@@ -70,7 +70,7 @@ def load_recipe(path: str | Path, *, ci: bool = False) -> LoadedRecipe:
     data, positions = _parse(path, text)
     recipe = _validate(path, data, positions)
     digest = "sha256:" + hashlib.sha256(raw).hexdigest()
-    loaded = LoadedRecipe(path=path.resolve(), recipe=recipe, positions=positions, digest=digest, ci=ci)
+    loaded = LoadedRecipe(path=path, recipe=recipe, positions=positions, digest=digest, ci=ci)
 
     from forge.recipe.complete import complete  # world checks; imports no heavy libraries
 
@@ -159,18 +159,23 @@ def _check_expansion(path: Path, root: Node) -> None:
     if size(root) <= MAX_EXPANDED_NODES:
         return
     # Point at the smallest value that alone exceeds the limit: that is where the bomb is.
-    node = root
+    node, at = root, ()
     while True:
-        children = [v for _, v in node.value] if isinstance(node, MappingNode) else (
-            list(node.value) if isinstance(node, SequenceNode) else [])
-        big = [c for c in children if sizes.get(id(c), 0) > MAX_EXPANDED_NODES]
+        if isinstance(node, MappingNode):
+            children = [(getattr(k, "value", "?"), v) for k, v in node.value]
+        elif isinstance(node, SequenceNode):
+            children = list(enumerate(node.value))
+        else:
+            children = []
+        big = [(k, c) for k, c in children if sizes.get(id(c), 0) > MAX_EXPANDED_NODES]
         if not big:
             break
-        node = big[0]
+        key, node = big[0]
+        at = at + (key,)
     line, col = _pos(node)
     raise RecipeError(
-        [f"{path}:{line}:{col}: YAML aliases expand to more than {MAX_EXPANDED_NODES} values "
-         f"(found {size(root)}); refusing to load (alias bomb?)"],
+        [f"{path}:{line}:{col}: {_dotted(at) or '<top>'}: YAML aliases expand to more than {MAX_EXPANDED_NODES} "
+         f"values (found {size(root)}); refusing to load (alias bomb?)"],
         hint="Write the values out, or use fewer nested aliases (&anchor / *alias).")
 
 

@@ -1,0 +1,76 @@
+"""Test harness: offline by default, no credentials, a private cache per test, tiny models made here."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "REGISTRY_AUTH_FILE", "REGISTRY_PASSWORD", "FORGE_CI")
+
+
+@pytest.fixture(autouse=True)
+def _offline_and_clean(monkeypatch, tmp_path_factory):
+    """Block sockets except loopback and scrub credentials, as a user's CI would not guarantee."""
+    for var in SECRETS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
+    real_connect = socket.socket.connect
+
+    def guarded(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and not (host.startswith("127.") or host in ("localhost", "::1")) \
+                and self.family in (socket.AF_INET, socket.AF_INET6):
+            raise OSError(f"test tried to reach {address}: tests are offline")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+@pytest.fixture
+def cache_dir(tmp_path) -> Path:
+    return tmp_path / "cache"
+
+
+def forge_cli(*args: str, cache: Path | None = None, env: dict | None = None, timeout: float = 600,
+              check: int | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real `forge` entry point in a subprocess (as a user or CI would)."""
+    full_env = {k: v for k, v in os.environ.items() if k not in SECRETS}
+    full_env.update({"HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})})
+    if cache is not None:
+        full_env["FORGE_CACHE_DIR"] = str(cache)
+    proc = subprocess.run([sys.executable, "-m", "forge", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=cwd or REPO)
+    if check is not None:
+        assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A tiny random Llama checkpoint (safetensors + config), made in the test session."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def write_recipe(path: Path, model_source: str, **sections) -> Path:
+    """Write a minimal valid recipe; keyword sections are merged over the defaults (as YAML via JSON)."""
+    doc = {"apiVersion": "forge/v1", "name": "tiny", "model": {"source": model_source},
+           "target": {"gpu": "CPU", "engine": "cpu"}, "quantize": {"method": "none"}}
+    for k, v in sections.items():
+        doc[k] = {**doc.get(k, {}), **v} if isinstance(v, dict) else v
+    path.write_text(json.dumps(doc, indent=2))  # JSON is YAML
+    return path

@@ -1,0 +1,175 @@
+"""The step graph and the cache: reuse, invalidation, atomicity, concurrency, no-op cost."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, forge_cli, write_recipe
+
+from forge.build import build, plan
+from forge.digests import sha256_file
+from forge.recipe.load import load_recipe
+from forge.store import Store
+
+
+@pytest.fixture
+def recipe(tmp_path, tiny_llama) -> Path:
+    return write_recipe(tmp_path / "tiny.yaml", str(tiny_llama))
+
+
+def _statuses(results) -> dict[str, str]:
+    return {r.name: r.status for r in results}
+
+
+def test_second_build_reuses_everything(recipe, cache_dir):
+    store = Store(cache_dir)
+    first = build(load_recipe(recipe), store)
+    assert _statuses(first) == {"resolve": "BUILT", "quantize": "BUILT"}
+    second = build(load_recipe(recipe), store)
+    assert _statuses(second) == {"resolve": "HIT", "quantize": "HIT"}
+    assert [r.key for r in first] == [r.key for r in second]
+    assert [p.status for p in plan(load_recipe(recipe), store)] == ["HIT", "HIT"]
+
+
+def test_plan_before_build_shows_miss_then_pending(recipe, cache_dir):
+    steps = plan(load_recipe(recipe), Store(cache_dir))
+    assert [(p.spec.name, p.status) for p in steps] == [("resolve", "MISS"), ("quantize", "PENDING")]
+
+
+def test_downstream_setting_reruns_only_downstream(recipe, tmp_path, tiny_llama, cache_dir):
+    store = Store(cache_dir)
+    build(load_recipe(recipe), store)
+    changed = write_recipe(tmp_path / "changed.yaml", str(tiny_llama), quantize={"ignore": ["lm_head", "embed_tokens"]})
+    assert [p.status for p in plan(load_recipe(changed), store)] == ["HIT", "MISS"]
+    assert _statuses(build(load_recipe(changed), store)) == {"resolve": "HIT", "quantize": "BUILT"}
+
+
+def test_upstream_data_change_reruns_and_early_cutoff(tmp_path, tiny_llama, cache_dir):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    recipe = write_recipe(tmp_path / "r.yaml", str(model))
+    store = Store(cache_dir)
+    build(load_recipe(recipe), store)
+    # touching a file without changing its bytes: re-hashed (stat changed), same digest, all HIT
+    os.utime(model / "config.json", ns=(time.time_ns(), time.time_ns()))
+    assert _statuses(build(load_recipe(recipe), store)) == {"resolve": "HIT", "quantize": "HIT"}
+    # changing a byte of the weights: resolve and everything below it rebuild
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["rope_theta"] = 12345.0
+    (model / "config.json").write_text(json.dumps(cfg))
+    assert _statuses(build(load_recipe(recipe), store)) == {"resolve": "BUILT", "quantize": "BUILT"}
+
+
+def test_tool_version_is_part_of_the_key(recipe, cache_dir, monkeypatch):
+    import forge.build as fb
+
+    store = Store(cache_dir)
+    build(load_recipe(recipe), store)
+    real = fb.tool_versions
+    monkeypatch.setattr(fb, "tool_versions", lambda names: {**real(names), **({"transformers": "0.0.0"} if "transformers" in names else {})})
+    assert [p.status for p in plan(load_recipe(recipe), store)] == ["MISS", "PENDING"]
+
+
+def test_force_one_step(recipe, cache_dir):
+    store = Store(cache_dir)
+    build(load_recipe(recipe), store)
+    assert _statuses(build(load_recipe(recipe), store, force={"quantize"})) == {"resolve": "HIT", "quantize": "BUILT"}
+
+
+def test_manifest_records_inputs_outputs_and_tools(recipe, cache_dir):
+    results = build(load_recipe(recipe), Store(cache_dir))
+    m = results[0].entry.manifest
+    assert m["step"] == "resolve" and m["key"] == results[0].key
+    assert set(m["inputs"]["tools"]) == {"transformers", "torch", "gguf", "safetensors", "huggingface_hub"}
+    assert m["inputs"]["data"]["model"].startswith("sha256:")
+    for rel, f in m["output"]["files"].items():
+        assert sha256_file(results[0].entry.out / rel) == f["sha256"]
+    assert "model.safetensors" in m["output"]["files"]
+
+
+def test_noop_rebuild_reads_no_weight_file(recipe, cache_dir):
+    forge_cli("build", str(recipe), cache=cache_dir, check=0)
+    time.sleep(2.1)  # past the racy-clean window, so the memo may remember the source files
+    forge_cli("build", str(recipe), cache=cache_dir, check=0)  # the memo now holds every source file
+    probe = (
+        "import sys, json\n"
+        "opened = []\n"
+        "sys.addaudithook(lambda ev, args: opened.append(str(args[0])) if ev == 'open' else None)\n"
+        "sys.argv = ['forge', 'build', sys.argv[1]]\n"
+        "from forge.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+        "sys.stderr.write('TORCH=%s ' % ('torch' in sys.modules))\n"
+        "sys.stderr.write('OPENED=' + json.dumps([p for p in opened if p.endswith(('.safetensors', '.gguf'))]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe, str(recipe)], capture_output=True, text=True,
+                          env={**os.environ, "FORGE_CACHE_DIR": str(cache_dir)}, cwd=REPO)
+    assert "HIT" in proc.stdout and "BUILT" not in proc.stdout, proc.stdout + proc.stderr
+    opened = json.loads(proc.stderr.split("OPENED=")[-1])
+    assert opened == [], f"a no-op rebuild opened weight files: {opened}"
+    assert "TORCH=False" in proc.stderr  # planning never imports the heavy libraries
+
+
+def test_sigkill_before_commit_leaves_nothing_trusted(recipe, cache_dir):
+    env = {**os.environ, "FORGE_CACHE_DIR": str(cache_dir), "FORGE_TEST_STOP_BEFORE_COMMIT": "quantize"}
+    proc = subprocess.Popen([sys.executable, "-m", "forge", "build", str(recipe)], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    marker = cache_dir / "quantize.stopped"
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline
+        time.sleep(0.1)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    store = Store(cache_dir)
+    # the staged quantize output is complete on disk, but it was never committed: not trusted
+    assert any((cache_dir / "staging").iterdir())
+    assert [p.status for p in plan(load_recipe(recipe), store)] == ["HIT", "MISS"]
+    results = build(load_recipe(recipe), store)
+    assert _statuses(results) == {"resolve": "HIT", "quantize": "BUILT"}
+    removed = store.prune(older_than_s=None, everything=False, dry_run=False)
+    assert [w for w, *_ in removed] == ["staging"]
+    assert _statuses(build(load_recipe(recipe), store)) == {"resolve": "HIT", "quantize": "HIT"}
+
+
+def test_concurrent_builds_share_one_result(recipe, cache_dir):
+    env = {**os.environ, "FORGE_CACHE_DIR": str(cache_dir)}
+    procs = [subprocess.Popen([sys.executable, "-m", "forge", "build", str(recipe)], env=env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    built = sum(o[0].count("BUILT") for o in outs)
+    assert built == 2, outs  # each step built exactly once across both builds; the other reused it
+    entries = Store(cache_dir).entries()
+    assert sorted(e.step for e in entries) == ["quantize", "resolve"]
+    assert not any((cache_dir / "staging").iterdir())
+
+
+def test_cache_ls_and_prune_cli(recipe, cache_dir):
+    forge_cli("build", str(recipe), cache=cache_dir, check=0)
+    listed = json.loads(forge_cli("cache", "ls", "--json", cache=cache_dir, check=0).stdout)
+    assert sorted(r["step"] for r in listed) == ["quantize", "resolve"]
+    dry = forge_cli("cache", "prune", "--all", "--dry-run", cache=cache_dir, check=0)
+    assert "would remove 2 item(s)" in dry.stdout
+    forge_cli("cache", "prune", "--all", cache=cache_dir, check=0)
+    assert json.loads(forge_cli("cache", "ls", "--json", cache=cache_dir, check=0).stdout) == []
+
+
+def test_build_force_flag_forms(recipe, cache_dir):
+    forge_cli("build", str(recipe), cache=cache_dir, check=0)
+    all_forced = forge_cli("build", "--force", str(recipe), cache=cache_dir, check=0)
+    assert all_forced.stdout.count("BUILT") == 2
+    one = forge_cli("build", str(recipe), "--force", "quantize", cache=cache_dir, check=0)
+    assert one.stdout.count("BUILT") == 1
+    bad = forge_cli("build", str(recipe), "--force", "quantise", cache=cache_dir)
+    assert bad.returncode == 2 and "unknown step(s) quantise" in bad.stderr
