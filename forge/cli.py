@@ -36,20 +36,26 @@ def _store(cache_dir: Path | None):
     return Store(cache_dir or default_cache_dir())
 
 
-def _load(recipe: Path, ci: bool):
+def _load(recipe: Path, ci: bool, cache_dir: Path | None = None):
+    """Load a recipe and check its target-GPU contract; print warnings."""
+    from forge.fit import check_recipe
     from forge.recipe.load import load_recipe
 
     loaded = load_recipe(recipe, ci=ci)
-    for w in loaded.warnings:
+    report, warnings = check_recipe(loaded, _store(cache_dir).root / "downloads")
+    for w in (*loaded.warnings, *warnings):
         err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
-    return loaded
+    return loaded, report
 
 
 @app.command()
-def validate(recipe: RecipeArg, ci: Ci = False) -> None:
-    """Check a recipe (schema, files, model source, target GPU). Exit 0 if valid, 2 if not."""
-    loaded = _load(recipe, ci)
-    out.print(f"[green]✓[/] {recipe}: valid ({loaded.recipe.name}, {loaded.digest[:19]}…)", highlight=False)
+def validate(recipe: RecipeArg, ci: Ci = False, cache_dir: CacheDir = None) -> None:
+    """Check a recipe (schema, files, model source, target-GPU contract and fit). Exit 0 if valid, 2 if not."""
+    loaded, report = _load(recipe, ci, cache_dir)
+    fits = "" if report is None else (f"; fits {report.gpu}: {report.weights_gb:.1f} GB weights, "
+                                      f"{report.headroom_gb:.1f} GB headroom, up to {report.max_seqs_at_max_model_len} "
+                                      f"sequences at max_model_len")
+    out.print(f"[green]✓[/] {recipe}: valid ({loaded.recipe.name}, {loaded.digest[:19]}…){fits}", highlight=False)
 
 
 @app.command()
@@ -66,7 +72,7 @@ def plan(recipe: RecipeArg, cache_dir: CacheDir = None, ci: Ci = False,
     """List the steps with their cache keys and HIT/MISS status. Runs nothing."""
     from forge.build import plan as make_plan
 
-    loaded = _load(recipe, ci)
+    loaded, _ = _load(recipe, ci, cache_dir)
     steps = make_plan(loaded, _store(cache_dir))
     if json_out:
         sys.stdout.write(json.dumps([{"step": p.spec.name, "status": p.status, "key": p.key,
@@ -100,7 +106,7 @@ def build(
     if recipe is None:
         raise UsageError("missing RECIPE", hint="Usage: forge build RECIPE [--force [STEP]]")
     t0 = time.monotonic()
-    loaded = _load(recipe, ci)
+    loaded, _ = _load(recipe, ci, cache_dir)
     store = _store(cache_dir)
     out.print(f"[bold]{loaded.recipe.name}[/] · recipe {loaded.digest[7:19]} · cache {store.root}", highlight=False)
     results = run_build(loaded, store, force={force} if force else set(), on_start=_on_start, on_done=_on_done)
@@ -174,6 +180,111 @@ def cache_prune(
     for what, path, size in removed:
         out.print(f"  {verb} {what:<10} {path.name[:16]}  {_human(size)}", highlight=False)
     out.print(f"{verb} {len(removed)} item(s), {_human(sum(s for *_, s in removed))}")
+
+
+@app.command("fit")
+def fit_cmd(
+    recipe: Annotated[Optional[Path], typer.Argument(help="Recipe YAML (or use --model/--gpu/--method).", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model source: a dir with config.json, a config.json, gguf://, hf://.")] = None,
+    gpu: Annotated[Optional[list[str]], typer.Option(help="GPU from the catalog; repeat to compare, 'all' for every one.")] = None,
+    method: Annotated[Optional[str], typer.Option(help="none | awq | gptq | fp8 | int8")] = None,
+    bits: Annotated[Optional[int], typer.Option(help="4 or 8 (gptq)")] = None,
+    group_size: Annotated[Optional[int], typer.Option(help="Quantization group size (4-bit default 128).")] = None,
+    kv_cache: Annotated[Optional[str], typer.Option(help="auto (BF16) | fp8")] = None,
+    engine: Annotated[Optional[str], typer.Option(help="vllm | tgi | trtllm")] = None,
+    max_model_len: Annotated[Optional[int], typer.Option(help="Tokens of context per sequence.")] = None,
+    max_num_seqs: Annotated[Optional[int], typer.Option(help="Concurrent sequences.")] = None,
+    gpu_memory_utilization: Annotated[Optional[float], typer.Option(help="Fraction of VRAM the engine may use.")] = None,
+    tensor_parallel: Annotated[Optional[int], typer.Option(help="GPUs per replica (default 1; the report names the smallest that fits).")] = None,
+    price: Annotated[Optional[float], typer.Option(help="USD per GPU-hour (default: catalog; FORGE_GPU_PRICES).")] = None,
+    list_gpus: Annotated[bool, typer.Option("--list", help="List the GPU catalog and exit.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Capacity plan: does the model fit the GPU, how many sequences, what decode speed and cost."""
+    from dataclasses import replace
+
+    from forge import fit as fitmod
+    from forge.catalog import gpus
+
+    catalog = gpus()
+    if list_gpus:
+        _print_catalog(catalog, json_out)
+        return
+    downloads = _store(cache_dir).root / "downloads"
+    if recipe is not None:
+        loaded, _ = _load(recipe, False, cache_dir)
+        base = fitmod.plan_from_recipe(loaded.recipe)
+        source, base_dir, names = loaded.recipe.model.source, loaded.base_dir, [loaded.recipe.target.gpu]
+    elif model and gpu:
+        base, source, base_dir, names = fitmod.Plan(), model, Path.cwd(), []
+    else:
+        raise UsageError("give a RECIPE, or --model SOURCE with --gpu NAME (and optionally --method)",
+                         hint="forge fit --model ./llama-3-8b --gpu L4 --method awq")
+    if gpu:
+        names = list(catalog) if gpu == ["all"] else gpu
+    unknown = [n for n in names if n not in catalog]
+    if unknown:
+        raise UsageError(f"unknown GPU {', '.join(unknown)}; known: {', '.join(catalog)}")
+    overrides = {k: v for k, v in dict(method=method, bits=bits, group_size=group_size, kv_cache=kv_cache, engine=engine,
+                                       max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                                       gpu_memory_utilization=gpu_memory_utilization,
+                                       tensor_parallel=tensor_parallel).items() if v is not None}
+    plan_ = replace(base, **overrides)
+    try:
+        shape = fitmod.source_shape(source, base_dir, downloads)
+    except (ValueError, OSError) as e:
+        raise UsageError(f"cannot read the model's config from {source}: {e}") from None
+    if shape is None:
+        raise UsageError(f"config.json of {source} is not available offline", hint="Download it or pass --model DIR.")
+    reports = [fitmod.fit(shape, catalog[n], plan_, price=price) for n in names if not catalog[n].is_cpu]
+    if json_out:
+        sys.stdout.write(json.dumps({"model": {"source": source, **shape.__dict__, "params": shape.total_params},
+                                     "plan": plan_.__dict__, "fits": [r.to_json() for r in reports]}, indent=2) + "\n")
+    else:
+        _print_fit(shape, plan_, reports)
+    if reports and not any(r.fits for r in reports):
+        raise typer.Exit(int(ExitCode.INVALID))
+
+
+def _print_catalog(catalog, json_out: bool) -> None:
+    if json_out:
+        sys.stdout.write(json.dumps({n: g.__dict__ for n, g in catalog.items()}, indent=2) + "\n")
+        return
+    table = Table(title="GPU catalog", title_justify="left")
+    for col in ("gpu", "memory", "bandwidth", "compute cap.", "FP8", "$/h"):
+        table.add_column(col)
+    for n, g in catalog.items():
+        cc = ".".join(map(str, g.compute_capability)) if g.compute_capability else "-"
+        table.add_row(n, f"{g.memory_gib:.0f} GiB", f"{g.bandwidth_gbs:.0f} GB/s", cc, "yes" if g.fp8 else "no",
+                      f"{g.price_per_hour:.2f}")
+    out.print(table)
+
+
+def _print_fit(shape, plan_, reports) -> None:
+    out.print(f"[bold]{shape.architecture}[/] {shape.total_params / 1e9:.2f} B params · {plan_.method}"
+              f"{f' W{plan_.bits}' if plan_.bits else ''} · KV {shape.kv_bytes_per_token(1 if plan_.kv_cache == 'fp8' else 2) / 1024:.0f} KiB/token"
+              f" · max_model_len {plan_.max_model_len} × {plan_.max_num_seqs} seqs", highlight=False)
+    table = Table(title_justify="left")
+    for col in ("gpu", "fits", "TP", "weights", "KV", "headroom", "seqs", "ctx", "tok/s/seq", "tok/s", "$/Mtok", "kernel"):
+        table.add_column(col, justify="right" if col not in ("gpu", "fits", "kernel") else "left", no_wrap=True)
+    for r in reports:
+        if not r.scheme_ok:
+            fits = "[red]illegal[/]"
+        elif r.fits:
+            fits = "[green]yes[/]"
+        else:
+            fits = f"[red]no[/] (TP {r.tp_needed})" if r.tp_needed else "[red]no[/]"
+        table.add_row(r.gpu, fits, str(r.tensor_parallel), f"{r.weights_gb:.1f} GB", f"{r.kv_cache_gb:.1f} GB",
+                      f"{r.headroom_gb:.1f} GB", str(r.max_seqs_at_max_model_len), str(r.max_context_at_max_num_seqs),
+                      f"{r.decode_tok_s_per_seq:.0f}", f"{r.decode_tok_s_aggregate:.0f}",
+                      f"{r.usd_per_million_tokens:.3f}" if r.usd_per_million_tokens else "-", r.scheme_mode)
+    out.print(table)
+    out.print("[dim]seqs: concurrent sequences at max_model_len · ctx: max context at max_num_seqs · tok/s: decode "
+              "roofline (bandwidth-bound, average context max_model_len/2) · $/Mtok at that throughput[/]")
+    notes = dict.fromkeys(note for r in reports for note in (r.scheme_message and f"{r.gpu}: {r.scheme_message}", *r.notes) if note)
+    for note in notes:
+        out.print(f"[dim]note: {note}[/]", highlight=False)
 
 
 @app.command()

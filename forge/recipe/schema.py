@@ -39,6 +39,7 @@ class Target(_Section):
     max_model_len: Annotated[int, Field(gt=0, le=1 << 21)] = 4096
     max_num_seqs: Annotated[int, Field(gt=0, le=65536)] = 32
     gpu_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
+    tensor_parallel: Literal[1, 2, 4, 8] = Field(1, description="GPUs per replica (vLLM --tensor-parallel-size).")
 
 
 class Calibration(_Section):

