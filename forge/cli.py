@@ -287,6 +287,65 @@ def _print_fit(shape, plan_, reports) -> None:
         out.print(f"[dim]note: {note}[/]", highlight=False)
 
 
+@app.command("scan")
+def scan_cmd(
+    image: Annotated[Optional[Path], typer.Option("--input", help="OCI layout directory or docker-archive tar to scan with Trivy.")] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Judge an existing Trivy JSON report instead of scanning.")] = None,
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="Take the policy (scan section) from this recipe.")] = None,
+    fail_on: Annotated[Optional[str], typer.Option(help="Comma-separated severities that fail (default CRITICAL,HIGH).")] = None,
+    ignore_unfixed: Annotated[Optional[bool], typer.Option("--ignore-unfixed/--no-ignore-unfixed", help="Drop findings with no fix (default: on).")] = None,
+    ignore_file: Annotated[Optional[Path], typer.Option(help="A .trivyignore.yaml (id, paths, purls, expired_at, statement).")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to write the report, SBOM, verdict.json and summary.md.")] = Path("forge-scan"),
+    json_out: Annotated[bool, typer.Option("--json", help="Print verdict.json.")] = False,
+) -> None:
+    """Scan an image with Trivy (or judge a Trivy report) under forge's policy. Exit 4 when it fails."""
+    from dataclasses import replace
+
+    from forge.scanpolicy import SEVERITIES, load_ignore_file
+    from forge.steps import scan as scanstep
+    from forge.trivy import TrivyOptions
+
+    if (image is None) == (report is None):
+        raise UsageError("give exactly one of --input IMAGE (scan it) or --report REPORT.json (judge it)",
+                         hint="forge scan --input build/oci-layout --recipe recipe.yaml")
+    policy, opts = scanstep.Policy(), TrivyOptions()
+    if recipe is not None:
+        loaded, _ = _load(recipe, False)
+        policy, opts = scanstep.Policy.from_recipe(loaded), scanstep.options_from_recipe(loaded)
+    if fail_on is not None:
+        sev = tuple(x.strip().upper() for x in fail_on.split(",") if x.strip())
+        bad = [x for x in sev if x not in SEVERITIES]
+        if bad:
+            raise UsageError(f"--fail-on: unknown severity {', '.join(bad)}; valid: {', '.join(SEVERITIES)}")
+        policy = replace(policy, fail_on=sev)
+    if ignore_unfixed is not None:
+        policy = replace(policy, ignore_unfixed=ignore_unfixed)
+    if ignore_file is not None:
+        if not ignore_file.is_file():
+            raise UsageError(f"--ignore-file {ignore_file} does not exist")
+        policy = replace(policy, ignores=tuple(load_ignore_file(ignore_file)))
+    if image is not None:
+        verdict = scanstep.scan(image, out_dir, policy, opts)
+    else:
+        if not report.is_file():
+            raise UsageError(f"--report {report} does not exist")
+        verdict = scanstep.judge_report(report, out_dir, policy)
+    if json_out:
+        sys.stdout.write((out_dir / scanstep.VERDICT).read_text() + "\n")
+    else:
+        out.print((out_dir / scanstep.SUMMARY).read_text(), markup=False, highlight=False)
+        out.print(f"[dim]wrote {out_dir}/{scanstep.VERDICT} and {scanstep.SUMMARY}[/]", highlight=False)
+    for e in verdict.expired_ignores:
+        err.print(f"[yellow]warning:[/] ignore entry {e['id']} (line {e['line']}) expired on {e['expired_at']}; "
+                  "it no longer ignores anything: fix the finding or renew the entry with a new expired_at", highlight=False)
+    if not verdict.passed:
+        from forge.errors import ScanGateError
+
+        raise ScanGateError(f"scan gate {verdict.summary}",
+                            hint=f"See {out_dir}/{scanstep.SUMMARY}. Fix or upgrade the packages, or accept a finding "
+                                 "in the ignore file with a statement and an expired_at.")
+
+
 @app.command()
 def version() -> None:
     """Print forge's version."""

@@ -101,11 +101,25 @@ class Container(_Section):
     smoke_test: bool = True
 
 
+class TrivySettings(_Section):
+    """Passed to the Trivy CLI. Trivy also reads its own TRIVY_* environment variables."""
+
+    skip_db_update: bool = Field(False, description="--skip-db-update (air-gapped: use the DB already in the cache)")
+    offline_scan: bool = Field(False, description="--offline-scan (no network lookups while scanning)")
+    cache_dir: str | None = Field(None, description="--cache-dir (where Trivy's DB lives)")
+    db_repository: str | None = Field(None, description="--db-repository (a mirror of the vulnerability DB)")
+    skip_version_check: bool = True
+    disable_telemetry: bool = True
+    misconfig: bool = Field(False, description="also run the misconfig scanner")
+    timeout: str = Field("15m", pattern=r"^[0-9]+[smh]$")
+
+
 class Scan(_Section):
-    required: bool = True
+    required: bool = Field(True, description="false: no Trivy is needed, and the artifact is recorded as unscanned, never validated")
     fail_on: tuple[Severity, ...] = ("CRITICAL", "HIGH")
-    ignore_unfixed: bool = True
-    ignore_file: str | None = None
+    ignore_unfixed: bool = Field(True, description="Trivy's meaning: drop statuses affected, will_not_fix, fix_deferred, end_of_life")
+    ignore_file: str | None = Field(None, description="A .trivyignore.yaml (id, paths, purls, expired_at, statement)")
+    trivy: TrivySettings = TrivySettings()
 
 
 class Publish(_Section):
