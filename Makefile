@@ -24,6 +24,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/noop_rebuild.py
+	$(BIN)/python bench/scan_policy.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

