@@ -52,18 +52,46 @@ def forge_cli(*args: str, cache: Path | None = None, env: dict | None = None, ti
     return proc
 
 
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory) -> Path:
-    """A tiny random Llama checkpoint (safetensors + config), made in the test session."""
+TINY_VOCAB = 512
+
+
+def _tiny_tokenizer(path: Path) -> None:
+    """A small BPE tokenizer trained here on forge's calibration text (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [json.loads(line)["text"] for line in (REPO / "evals" / "data" / "calib-pydoc.jsonl").read_text().splitlines()[:60]]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=TINY_VOCAB, limit_alphabet=120,
+                                                       special_tokens=["<unk>", "<s>", "</s>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(path)
+
+
+def _tiny_model(tmp_path_factory, name: str, config_cls: str, model_cls: str) -> Path:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+    cfg = getattr(transformers, config_cls)(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            max_position_embeddings=256, tie_word_embeddings=False, eos_token_id=2)
+    path = tmp_path_factory.mktemp(name)
+    getattr(transformers, model_cls)(cfg).to(torch.bfloat16).save_pretrained(path)
+    _tiny_tokenizer(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A tiny random Llama checkpoint (safetensors, config, tokenizer), made in the test session."""
+    return _tiny_model(tmp_path_factory, "tiny-llama", "LlamaConfig", "LlamaForCausalLM")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    """A tiny random Qwen2 checkpoint: a second architecture (attention biases, its own layer names)."""
+    return _tiny_model(tmp_path_factory, "tiny-qwen2", "Qwen2Config", "Qwen2ForCausalLM")
 
 
 def write_recipe(path: Path, model_source: str, **sections) -> Path:

@@ -25,7 +25,7 @@ def needs_calibration(q) -> bool:
 def _weights(q) -> dict:
     bits = 4 if q.method == "awq" else (q.bits or 4)
     return {"num_bits": bits, "type": "int", "symmetric": q.symmetric, "strategy": "group",
-            "group_size": q.group_size or 128, "actorder": ("group" if q.actorder else None)}
+            "group_size": q.group_size or 128, "actorder": ("weight" if q.actorder else None)}
 
 
 def build_recipe(q) -> list:

@@ -1,0 +1,219 @@
+"""Quantization: config-only pre-flight, llm-compressor methods on tiny models, the CPU shim."""
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import forge_cli, write_recipe
+
+from forge.build import build
+from forge.recipe.load import load_recipe
+from forge.store import Store
+
+CONFIGS = Path(__file__).parent / "data" / "configs"
+CALIB = Path(__file__).resolve().parents[1] / "evals" / "data" / "calib-pydoc.jsonl"
+
+
+def _config_only(tmp_path, name="smollm2-135m", **overrides) -> Path:
+    """A model directory holding only config.json: pre-flight must need nothing else."""
+    d = tmp_path / "model"
+    d.mkdir()
+    cfg = json.loads((CONFIGS / f"{name}.json").read_text())
+    cfg.update(overrides)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def _calibrated(**q):
+    return {"calibration": {"data": str(CALIB), "samples": 4, "max_seq_len": 64}, **q}
+
+
+# ------------------------------------------------------------------ pre-flight, before any weight
+
+
+def test_group_size_128_on_smollm_names_layers_and_suggests_64(tmp_path):
+    _config_only(tmp_path)
+    write_recipe(tmp_path / "r.yaml", "./model", quantize=_calibrated(method="gptq", bits=4, group_size=128))
+    proc = forge_cli("validate", "r.yaml", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr
+    assert "quantize.group_size: group_size 128 does not divide the input features (576)" in err
+    assert "self_attn.q_proj" in err and "mlp.gate_proj" in err and "down_proj" not in err.split("(e.g.")[0]
+    assert "Use group_size: 64" in err and "quantize.ignore" in err
+
+
+def test_group_size_64_passes_preflight(tmp_path):
+    _config_only(tmp_path)
+    write_recipe(tmp_path / "r.yaml", "./model", quantize=_calibrated(method="gptq", bits=4, group_size=64))
+    assert forge_cli("validate", "r.yaml", cwd=tmp_path).returncode == 0
+
+
+def test_ignore_list_can_exempt_indivisible_layers(tmp_path):
+    _config_only(tmp_path, intermediate_size=1000)  # down_proj in_features 1000 % 64 != 0
+    write_recipe(tmp_path / "r.yaml", "./model",
+                 quantize=_calibrated(method="gptq", group_size=64, ignore=["lm_head", "re:.*down_proj"]))
+    assert forge_cli("validate", "r.yaml", cwd=tmp_path).returncode == 0
+
+
+def test_method_illegal_for_target_gpu(tmp_path):
+    _config_only(tmp_path)
+    write_recipe(tmp_path / "r.yaml", "./model", target={"gpu": "A100-80GB", "engine": "trtllm"}, quantize={"method": "fp8"})
+    proc = forge_cli("validate", "r.yaml", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "fp8 is not legal for target A100-80GB/trtllm" in proc.stderr and "needs compute capability >= 8.9" in proc.stderr
+
+
+def test_fp8_on_ampere_vllm_is_weight_only_with_a_warning(tmp_path):
+    _config_only(tmp_path)
+    write_recipe(tmp_path / "r.yaml", "./model", target={"gpu": "A100-80GB", "engine": "vllm"}, quantize={"method": "fp8"})
+    proc = forge_cli("validate", "r.yaml", cwd=tmp_path)
+    assert proc.returncode == 0 and "weight-only" in proc.stderr
+
+
+def test_missing_calibration_file(tmp_path):
+    _config_only(tmp_path)
+    write_recipe(tmp_path / "r.yaml", "./model",
+                 quantize={"method": "gptq", "group_size": 64, "calibration": {"data": "nope.jsonl"}})
+    proc = forge_cli("validate", "r.yaml", cwd=tmp_path)
+    assert proc.returncode == 2 and "quantize.calibration.data: calibration file" in proc.stderr
+    assert "nope.jsonl does not exist" in proc.stderr
+
+
+def test_calibration_section_required_for_calibrated_methods(tmp_path):
+    _config_only(tmp_path)
+    write_recipe(tmp_path / "r.yaml", "./model", quantize={"method": "awq", "group_size": 64})
+    proc = forge_cli("validate", "r.yaml", cwd=tmp_path)
+    assert proc.returncode == 2 and "method awq needs calibration data" in proc.stderr
+
+
+def test_calibration_shorter_than_max_seq_len_at_validate(tmp_path):
+    _config_only(tmp_path)
+    (tmp_path / "short.jsonl").write_text('{"text": "tiny"}\n')
+    write_recipe(tmp_path / "r.yaml", "./model", quantize={"method": "gptq", "group_size": 64,
+                 "calibration": {"data": "short.jsonl", "samples": 2, "max_seq_len": 512}})
+    proc = forge_cli("validate", "r.yaml", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "has 4 bytes of text: too short for 2 samples × 512 tokens" in proc.stderr
+
+
+def test_calibration_token_windows_checked_before_weights_load(tmp_path, tiny_llama, cache_dir, monkeypatch):
+    # enough bytes for the validate-time estimate, too few tokens once tokenized
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "the " * 750}) + "\n")
+    recipe = write_recipe(tmp_path / "r.yaml", str(tiny_llama), quantize={"method": "gptq", "group_size": 32,
+                          "calibration": {"data": "c.jsonl", "samples": 4, "max_seq_len": 700}})
+    import transformers
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights were loaded before the calibration check")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    from forge.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"window\(s\) of max_seq_len 700, but samples is 4"):
+        build(load_recipe(recipe), Store(cache_dir))
+
+
+def test_unsupported_architecture_for_awq(tmp_path):
+    _config_only(tmp_path, architectures=["FalconForCausalLM"])
+    write_recipe(tmp_path / "r.yaml", "./model", quantize=_calibrated(method="awq", group_size=64))
+    proc = forge_cli("validate", "r.yaml", cwd=tmp_path)
+    assert proc.returncode == 2 and "awq through llm-compressor does not support architecture FalconForCausalLM" in proc.stderr
+
+
+# ------------------------------------------------------------------ methods on tiny models
+
+
+METHODS = [
+    ("tiny_llama", {"method": "fp8"}, "float-quantized", 8),
+    ("tiny_llama", _calibrated(method="gptq", bits=4, group_size=32, actorder=True), "pack-quantized", 4),
+    ("tiny_llama", _calibrated(method="gptq", bits=8, group_size=32), "pack-quantized", 8),
+    ("tiny_llama", _calibrated(method="awq", group_size=32, symmetric=False), "pack-quantized", 4),
+    ("tiny_llama", _calibrated(method="int8"), "int-quantized", 8),
+    ("tiny_qwen2", _calibrated(method="gptq", bits=4, group_size=32), "pack-quantized", 4),
+    ("tiny_qwen2", {"method": "fp8", "fp8_scheme": "static", **_calibrated()}, "float-quantized", 8),
+]
+
+
+@pytest.mark.parametrize("model,quantize,fmt,bits", METHODS,
+                         ids=[f"{m}-{q['method']}-{b}" for m, q, _, b in METHODS])
+def test_method_on_tiny_model(request, model, quantize, fmt, bits, tmp_path, cache_dir):
+    path = request.getfixturevalue(model)
+    recipe = write_recipe(tmp_path / "r.yaml", str(path), quantize=quantize)
+    result = build(load_recipe(recipe), Store(cache_dir))[-1]
+    out = result.entry.out
+    cfg = json.loads((out / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == fmt
+    assert "lm_head" in qc["ignore"]
+    assert cfg["dtype"] == "bfloat16"
+    report = json.loads((out / "quantize-report.json").read_text())
+    layers = report["layers"]
+    assert len(layers) == 14 and {r["bits"] for r in layers} == {bits}
+    if quantize["method"] in ("gptq", "int8"):
+        assert all(r["backend_error"] is not None for r in layers)
+    if quantize["method"] == "awq":
+        assert report["awq_mappings"] and all(m["best_loss"] <= m["initial_loss"] for m in report["awq_mappings"])
+    if quantize["method"] != "int8" and not quantize.get("actorder"):
+        assert all(r["weight_rel_error"] is not None and 0 < r["weight_rel_error"] < 0.5 for r in layers)
+    facts = result.entry.manifest["facts"]
+    assert facts["verify"]["tokens"] == 16 and facts["verify"]["quantized_text"].strip()
+    assert facts["calibration_dtype"] == "float32" and facts["device"] == "cpu"
+    assert (out / "forge-quantization.json").exists() and (out / "quantize-report.md").exists()
+    if bits == 4:
+        assert facts["bytes"] < facts["bf16_bytes"]
+
+
+def test_quantized_checkpoint_loads_and_generates_with_transformers(tmp_path, tiny_llama, cache_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe = write_recipe(tmp_path / "r.yaml", str(tiny_llama), quantize=_calibrated(method="gptq", group_size=32))
+    out = build(load_recipe(recipe), Store(cache_dir))[-1].entry.out
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(out)
+    gen = model.generate(**tok("import os", return_tensors="pt"), max_new_tokens=4, do_sample=False)
+    assert gen.shape[1] > 2
+
+
+def test_calibration_is_part_of_the_key(tmp_path, tiny_llama, cache_dir):
+    from forge.build import plan
+
+    calib = tmp_path / "c.jsonl"
+    calib.write_text(CALIB.read_text())
+    recipe = write_recipe(tmp_path / "r.yaml", str(tiny_llama), quantize={"method": "gptq", "group_size": 32,
+                          "calibration": {"data": str(calib), "samples": 4, "max_seq_len": 64}})
+    store = Store(cache_dir)
+    build(load_recipe(recipe), store)
+    assert [p.status for p in plan(load_recipe(recipe), store)] == ["HIT", "HIT"]
+    calib.write_text(CALIB.read_text().replace("the", "teh", 1))
+    assert [p.status for p in plan(load_recipe(recipe), store)] == ["HIT", "MISS"]
+
+
+# ------------------------------------------------------------------ the CPU shim
+
+
+def test_pin_memory_shim_still_needed():
+    """Fails loudly when llm-compressor changes the function the shim replaces, or stops needing it."""
+    import torch
+    from llmcompressor.pipelines.cache import IntermediatesCache, IntermediateValue
+
+    from forge.backends.llmcompressor import cpu_pin_memory_shim
+
+    original = IntermediatesCache.pin_memory
+    assert list(inspect.signature(original).parameters) == ["self", "batch_index", "input_names"], \
+        "IntermediatesCache.pin_memory changed its signature: review forge.backends.llmcompressor.cpu_pin_memory_shim"
+    assert "pin_memory()" in inspect.getsource(IntermediatesCache._pin_intermediate), \
+        "llm-compressor no longer pins with Tensor.pin_memory(): review the shim"
+    assert not torch.accelerator.is_available(), "this test describes CPU-only machines"
+
+    cache = IntermediatesCache.__new__(IntermediatesCache)
+    cache.batch_intermediates = [{"hidden": IntermediateValue(value=torch.ones(2), device=torch.device("cpu"))}]
+    with pytest.raises(RuntimeError):
+        cache.pin_memory(0)  # upstream still crashes without an accelerator: the shim is still needed
+    with cpu_pin_memory_shim():
+        cache.pin_memory(0)
+        assert IntermediatesCache.pin_memory is not original
+    assert IntermediatesCache.pin_memory is original
