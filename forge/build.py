@@ -20,7 +20,7 @@ from forge import __version__
 from forge.digests import digest_of, list_files, tree_digest
 from forge.errors import UsageError
 from forge.recipe.load import LoadedRecipe
-from forge.steps import STEPS, StepContext, StepSpec, step_names
+from forge.steps import StepContext, StepSpec, active_steps, step_names
 from forge.store import Entry, Store
 
 HIT, MISS, PENDING, FORCED = "HIT", "MISS", "PENDING", "FORCED"
@@ -75,7 +75,7 @@ def plan(loaded: LoadedRecipe, store: Store, force: set[str] = frozenset()) -> l
     _check_force(set(force))
     digests: dict[str, str] = {}
     out: list[PlannedStep] = []
-    for spec in STEPS:
+    for spec in active_steps(loaded):
         if any(d not in digests for d in spec.depends):
             out.append(PlannedStep(spec, PENDING))
             continue
@@ -109,7 +109,7 @@ def build(loaded: LoadedRecipe, store: Store, *, force: set[str] = frozenset(),
     """Run the graph: reuse HITs, build MISSes in dependency order. Returns one result per step."""
     _check_force(set(force))
     results: dict[str, StepResult] = {}
-    for spec in STEPS:
+    for spec in active_steps(loaded):
         t0 = time.monotonic()
         upstream = {d: results[d].output_digest for d in spec.depends}
         material = key_material(spec, loaded, store, upstream)
@@ -129,6 +129,8 @@ def build(loaded: LoadedRecipe, store: Store, *, force: set[str] = frozenset(),
         results[spec.name] = result
         if on_done:
             on_done(result)
+        if (check := spec.checker()) is not None:
+            check(entry)  # e.g. the gate: its verdict is cached either way, a failing one stops the build
     return list(results.values())
 
 

@@ -58,6 +58,19 @@ def complete(loaded: "LoadedRecipe") -> list[str]:
         problems.append(f"{loaded.where('scan', 'ignore_file')}: ignore file {loaded.resolve_path(r.scan.ignore_file)} "
                         "does not exist; create it or remove the key")
 
+    if r.eval is not None and not problems:
+        from forge.evaltasks import check_gate, load_tasks
+
+        try:
+            tasks = load_tasks(loaded)
+        except RecipeError as e:
+            problems.extend(e.problems)
+        else:
+            problems.extend(check_gate(loaded, tasks))
+            if not r.eval.gate:
+                warnings.append(f"{loaded.where('eval')}: no gate rules: the tasks run and are reported, "
+                                "but nothing is gated")
+
     if problems:
         raise RecipeError(problems)
     return warnings

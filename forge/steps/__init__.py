@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 if TYPE_CHECKING:
     from forge.recipe.load import LoadedRecipe
 
-__all__ = ["StepSpec", "StepContext", "STEPS", "step_names"]
+__all__ = ["StepSpec", "StepContext", "STEPS", "step_names", "active_steps"]
 
 
 class Reporter(Protocol):
@@ -43,16 +43,25 @@ class StepSpec:
     run: str                                                 # "module:function", imported lazily
     data: Callable[["LoadedRecipe"], dict[str, Path]] = field(default=lambda _: {})  # files/dirs it reads
     identity: Callable[["LoadedRecipe"], dict] = field(default=lambda _: {})         # extra key material
+    enabled: Callable[["LoadedRecipe"], bool] = field(default=lambda _: True)        # part of this recipe's graph?
+    check: str | None = None  # "module:function"(entry) run on a built or reused output; raises to stop the build
 
     def runner(self) -> Callable[[StepContext], dict | None]:
         module, _, func = self.run.partition(":")
         return getattr(importlib.import_module(module), func)
 
 
-def _specs() -> list[StepSpec]:
-    from forge.steps import quantize, resolve
+    def checker(self) -> Callable | None:
+        if self.check is None:
+            return None
+        module, _, func = self.check.partition(":")
+        return getattr(importlib.import_module(module), func)
 
-    return [resolve.SPEC, quantize.SPEC]
+
+def _specs() -> list[StepSpec]:
+    from forge.steps import evaluate, gate, quantize, resolve
+
+    return [resolve.SPEC, quantize.SPEC, evaluate.BASELINE, evaluate.CANDIDATE, gate.SPEC]
 
 
 STEPS: list[StepSpec] = _specs()
@@ -60,3 +69,8 @@ STEPS: list[StepSpec] = _specs()
 
 def step_names() -> list[str]:
     return [s.name for s in STEPS]
+
+
+def active_steps(loaded: "LoadedRecipe") -> list[StepSpec]:
+    """The steps of this recipe's graph, in dependency order."""
+    return [s for s in STEPS if s.enabled(loaded)]

@@ -1,0 +1,86 @@
+"""gate: baseline + candidate per-sample results -> verdict.json, summary.md, junit.xml.
+
+The verdict is cached like any output (a failing verdict too, so a rerun fails fast without
+re-evaluating); ``check`` stops the build with exit 3 when it failed, naming each failing metric.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from forge.steps import StepContext, StepSpec
+
+VERDICT, SUMMARY, JUNIT = "verdict.json", "summary.md", "junit.xml"
+RESAMPLES = 2000
+
+
+def _config(loaded) -> dict:
+    ev = loaded.recipe.eval
+    return {"gate": [r.model_dump(mode="json") for r in ev.gate], "seed": ev.seed, "resamples": RESAMPLES}
+
+
+SPEC = StepSpec(
+    name="gate",
+    summary="paired bootstrap verdict against the BF16 baseline",
+    depends=("eval_baseline", "eval_candidate"),
+    tools=("numpy",),
+    version=1,
+    config=_config,
+    enabled=lambda loaded: loaded.recipe.eval is not None,
+    run="forge.steps.gate:run",
+    check="forge.steps.gate:check",
+)
+
+
+def _paired(base: dict, cand: dict, task: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    docs = sorted(set(base) & set(cand), key=lambda d: (len(str(d)), str(d)))
+    if set(base) != set(cand):
+        from forge.errors import StepError
+
+        raise StepError(f"{task}: baseline and candidate were evaluated on different documents "
+                        f"({len(base)} vs {len(cand)}); they must share eval settings")
+    return (np.array([base[d][metric] for d in docs], dtype=np.float64),
+            np.array([cand[d][metric] for d in docs], dtype=np.float64))
+
+
+def run(ctx: StepContext) -> dict:
+    from forge.gatestats import judge_rule, junit, markdown
+    from forge.steps.evaluate import RESULTS, load_samples
+
+    ev = ctx.recipe.recipe.eval
+    base_dir, cand_dir = ctx.inputs["eval_baseline"], ctx.inputs["eval_candidate"]
+    base_results = json.loads((base_dir / RESULTS).read_text())["results"]
+    cand_results = json.loads((cand_dir / RESULTS).read_text())["results"]
+    results = []
+    gated = set()
+    for rule in ev.gate:
+        kind, threshold = next((k, getattr(rule, k)) for k in ("max_abs_drop", "max_rel_increase", "min_recovery")
+                               if getattr(rule, k) is not None)
+        per_base = {d: v for d, v in load_samples(base_dir, rule.task).items()}
+        per_cand = {d: v for d, v in load_samples(cand_dir, rule.task).items()}
+        b, c = _paired(per_base, per_cand, rule.task, rule.metric)
+        ctx.report(f"bootstrap {rule.task}.{rule.metric} (n={len(b)})")
+        results.append(judge_rule(rule.task, rule.metric, kind, threshold, b, c, seed=ev.seed, resamples=RESAMPLES))
+        gated.add((rule.task, rule.metric))
+    reported = [{"task": t, "metric": m, "baseline": v, "candidate": cand_results.get(t, {}).get(m)}
+                for t, metrics in base_results.items() for m, v in metrics.items()
+                if (t, m) not in gated and isinstance(v, (int, float)) and
+                isinstance(cand_results.get(t, {}).get(m), (int, float))]
+    passed = all(r.passed for r in results)
+    verdict = {"passed": passed, "rules": [r.to_json() for r in results], "reported": reported,
+               "settings": {"seed": ev.seed, "resamples": RESAMPLES, "confidence": 0.95}}
+    (ctx.out / VERDICT).write_text(json.dumps(verdict, indent=2) + "\n")
+    (ctx.out / SUMMARY).write_text(markdown(results, reported, passed))
+    (ctx.out / JUNIT).write_text(junit(results))
+    return {"passed": passed, "failed": [r.describe() for r in results if not r.passed],
+            "underpowered": [r.name for r in results if r.underpowered]}
+
+
+def check(entry) -> None:
+    facts = entry.manifest["facts"]
+    if not facts["passed"]:
+        from forge.errors import EvalGateError
+
+        raise EvalGateError("eval gate failed:\n  " + "\n  ".join(facts["failed"]),
+                            hint=f"Full report: {entry.out / SUMMARY} (JUnit: {entry.out / JUNIT}).")
