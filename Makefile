@@ -25,6 +25,7 @@ test: setup
 bench: setup
 	$(BIN)/python bench/noop_rebuild.py
 	$(BIN)/python bench/scan_policy.py
+	$(BIN)/python bench/quantize.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
