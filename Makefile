@@ -6,7 +6,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.forge-installed
 DEMO   ?= recipes/smollm2-135m-demo.yaml
 
-.PHONY: setup demo test bench clean
+TOOLS  := buildah mmdebstrap skopeo umoci
+.PHONY: setup setup-tools demo test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +15,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
-setup: $(STAMP)
+setup: $(STAMP) setup-tools
+
+# Daemonless image tooling from Debian (package step). Installed only when missing; needs root or sudo.
+setup-tools:
+	@missing=""; for t in $(TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing (Debian packages)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(TOOLS) docker-registry >/dev/null; \
+	fi
 
 demo: setup
 	$(BIN)/forge build $(DEMO)

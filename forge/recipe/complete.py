@@ -71,6 +71,18 @@ def complete(loaded: "LoadedRecipe") -> list[str]:
                 warnings.append(f"{loaded.where('eval')}: no gate rules: the tasks run and are reported, "
                                 "but nothing is gated")
 
+    if r.container is not None and not problems:
+        from forge.containers import resolve_base
+
+        try:
+            base, digest = resolve_base(loaded)
+        except RecipeError as e:
+            problems.extend(e.problems)
+        else:
+            if not base.built and digest is None:
+                warnings.append(f"{loaded.where('container', 'base')}: base {base.name} is not locked to a digest "
+                                "(an error under --ci); run `forge lock`")
+
     if problems:
         raise RecipeError(problems)
     return warnings

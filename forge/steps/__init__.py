@@ -59,9 +59,9 @@ class StepSpec:
 
 
 def _specs() -> list[StepSpec]:
-    from forge.steps import evaluate, gate, quantize, resolve
+    from forge.steps import evaluate, gate, package, quantize, resolve
 
-    return [resolve.SPEC, quantize.SPEC, evaluate.BASELINE, evaluate.CANDIDATE, gate.SPEC]
+    return [resolve.SPEC, quantize.SPEC, evaluate.BASELINE, evaluate.CANDIDATE, gate.SPEC, package.BASE, package.SPEC]
 
 
 STEPS: list[StepSpec] = _specs()
@@ -72,5 +72,9 @@ def step_names() -> list[str]:
 
 
 def active_steps(loaded: "LoadedRecipe") -> list[StepSpec]:
-    """The steps of this recipe's graph, in dependency order."""
-    return [s for s in STEPS if s.enabled(loaded)]
+    """The steps of this recipe's graph, in dependency order; dependencies on disabled steps drop out."""
+    from dataclasses import replace
+
+    active = [s for s in STEPS if s.enabled(loaded)]
+    names = {s.name for s in active}
+    return [replace(s, depends=tuple(d for d in s.depends if d in names)) for s in active]

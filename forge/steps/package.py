@@ -1,0 +1,329 @@
+"""base_image / package: an OCI image with the weights in their own layer, built daemonless with buildah.
+
+base_image builds forge's own CPU base (a Debian rootfs from mmdebstrap, a venv with pinned CPU torch
+and transformers[serving]) and is cached like any step. package renders the Containerfile from the
+recipe (kept as an artifact), builds it with buildah (vfs storage, chroot isolation, --timestamp 0 for
+reproducible layers), exports an OCI layout directory (what Trivy and the registry consume), and by
+default smoke-tests it: start the image's server, wait for /health, ask one chat question, require
+an answer, stop the whole process group, keep the transcript.
+
+Secrets never reach the image: builds run with a scrubbed environment; the host's CA bundle and
+wheel sources are bind-mounted read-only into the pip step only, never copied into a layer.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from forge.containers import MODEL_DIR, PORT, UID, ImageSpec, containerfile, engine_command, require_cuda, resolve_base
+from forge.errors import StepError, ToolError
+from forge.steps import StepContext, StepSpec
+
+OCI_DIR, CONTAINERFILE, TRANSCRIPT, IMAGE_JSON = "oci", "Containerfile", "smoke-test.json", "image.json"
+SMOKE_QUESTION = "What is the capital of France?"
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "REGISTRY_PASSWORD", "REGISTRY_AUTH_FILE", "DOCKER_CONFIG",
+              "AWS_SECRET_ACCESS_KEY", "GITHUB_TOKEN")
+
+
+def _enabled(loaded) -> bool:
+    return loaded.recipe.container is not None
+
+
+def _base_enabled(loaded) -> bool:
+    if not _enabled(loaded):
+        return False
+    base, _ = resolve_base(loaded)
+    return base.built
+
+
+def _base_config(loaded) -> dict:
+    base, _ = resolve_base(loaded)
+    return {k: v for k, v in base.__dict__.items() if k != "catalog"}
+
+
+def _pip_sources() -> dict:
+    """Where pip inside the build takes wheels from (part of the base key: it decides the bytes)."""
+    return {"index_url": os.environ.get("FORGE_PIP_INDEX_URL"), "find_links": os.environ.get("FORGE_PIP_FIND_LINKS")}
+
+
+BASE = StepSpec(
+    name="base_image", summary="build forge's CPU base image (mmdebstrap + venv)", depends=(), tools=(), version=1,
+    config=_base_config, identity=lambda loaded: {"pip": _pip_sources(), "buildah": _tool_version("buildah"),
+                                                  "mmdebstrap": _tool_version("mmdebstrap")},
+    enabled=_base_enabled, run="forge.steps.package:run_base")
+
+
+def _config(loaded) -> dict:
+    r = loaded.recipe
+    base, digest = resolve_base(loaded)
+    return {"container": r.container.model_dump(mode="json"), "target": r.target.model_dump(mode="json"),
+            "quantize_method": r.quantize.method, "kv_cache": r.quantize.kv_cache, "name": r.name,
+            "base": base.name, "base_digest": digest, "recipe_digest": loaded.digest}
+
+
+SPEC = StepSpec(
+    name="package", summary="build the OCI image (weights in their own layer) and smoke-test it",
+    depends=("quantize", "gate", "base_image"), tools=(), version=1, config=_config,
+    identity=lambda loaded: {"buildah": _tool_version("buildah")}, enabled=_enabled,
+    run="forge.steps.package:run")
+
+
+# ------------------------------------------------------------------ buildah
+
+
+def _tool_version(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        return "absent"
+    try:
+        out = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.splitlines()[0] if out else "unknown"
+
+
+def _clean_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV and not k.startswith(("HF_", "AWS_"))}
+    env.setdefault("BUILDAH_ISOLATION", "chroot")
+    return env
+
+
+def buildah(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    if shutil.which("buildah") is None:
+        raise ToolError("buildah is not on PATH: the package step cannot build images",
+                        hint="Install it (Debian/Ubuntu: apt-get install buildah; `make setup-tools` does it here), "
+                             "or remove the container section to stop before packaging.")
+    root = os.environ.get("FORGE_BUILDAH_ROOT")
+    storage = ["--storage-driver", os.environ.get("FORGE_BUILDAH_STORAGE_DRIVER", "vfs")]
+    if root:
+        storage += ["--root", root, "--runroot", root + "-run"]
+    proc = subprocess.run(["buildah", *storage, *args], capture_output=True, text=True, env=_clean_env(), **kw)
+    if check and proc.returncode != 0:
+        raise ToolError(f"`buildah {' '.join(args[:3])} …` failed (exit {proc.returncode}): {proc.stderr.strip()[-1500:]}")
+    return proc
+
+
+def _host_pip_mounts() -> tuple[list[str], list[str]]:
+    """Bind mounts and env for pip inside a build: the CA bundle and local wheel sources, read-only."""
+    mounts, env = [], ["PIP_NO_CACHE_DIR=1", "PIP_DISABLE_PIP_VERSION_CHECK=1", "PIP_ROOT_USER_ACTION=ignore"]
+    ca = os.environ.get("PIP_CERT") or os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("SSL_CERT_FILE")
+    if ca and Path(ca).is_file():
+        mounts += ["-v", f"{ca}:/run/forge/ca.pem:ro"]
+        env += ["PIP_CERT=/run/forge/ca.pem", "SSL_CERT_FILE=/run/forge/ca.pem"]
+    links = os.environ.get("FORGE_PIP_FIND_LINKS") or os.environ.get("PIP_FIND_LINKS")
+    if links:
+        for i, d in enumerate(p for p in links.split() if Path(p).is_dir()):
+            mounts += ["-v", f"{d}:/run/forge/wheels{i}:ro"]
+            env += [f"PIP_FIND_LINKS=/run/forge/wheels{i}"]
+    if idx := os.environ.get("FORGE_PIP_INDEX_URL"):
+        env += [f"PIP_INDEX_URL={idx}"]
+    return mounts, env
+
+
+def run_base(ctx: StepContext) -> dict:
+    base, _ = resolve_base(ctx.recipe)
+    if shutil.which("mmdebstrap") is None:
+        raise ToolError("mmdebstrap is not on PATH: forge cannot build its Debian base", hint="apt-get install mmdebstrap")
+    rootfs = ctx.out.parent / "rootfs.tar"
+    ctx.report(f"mmdebstrap {base.suite} ({', '.join(base.packages)})")
+    proc = subprocess.run(["mmdebstrap", "--variant=apt", f"--include={','.join(base.packages)}", base.suite, str(rootfs)],
+                          capture_output=True, text=True, env=_clean_env())
+    if proc.returncode != 0:
+        raise ToolError(f"mmdebstrap failed: {proc.stderr.strip()[-1500:]}")
+    ctr = buildah("from", "scratch").stdout.strip()
+    try:
+        ctx.report("importing the rootfs")
+        buildah("add", ctr, str(rootfs), "/")
+        rootfs.unlink()
+        buildah("run", ctr, "--", "python3", "-m", "venv", "/opt/venv")
+        ctx.report(f"pip install {' '.join(base.pip)}")
+        mounts, env = _host_pip_mounts()
+        torch_index = [] if os.environ.get("FORGE_PIP_FIND_LINKS") or os.environ.get("PIP_FIND_LINKS") or not base.torch_index \
+            else ["--extra-index-url", base.torch_index]
+        buildah("run", *mounts, *[x for e in env for x in ("--env", e)], ctr, "--",
+                "/opt/venv/bin/pip", "install", "--quiet", *torch_index, *base.pip)
+        buildah("run", ctr, "--", "useradd", "--uid", str(UID), "--create-home", "--shell", "/usr/sbin/nologin", "forge")
+        buildah("config", "--env", "PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "--env", "PYTHONUNBUFFERED=1", "--label", f"dev.forge.base={base.name}", ctr)
+        tag = f"localhost/forge-base/{base.name}:{ctx.out.parent.name[:12]}"
+        ctx.report("committing")
+        image_id = buildah("commit", "--timestamp", "0", "--rm", ctr, tag).stdout.strip().splitlines()[-1]
+        ctr = None
+        buildah("push", tag, f"oci:{ctx.out / OCI_DIR}:{base.name}")
+    finally:
+        if ctr:
+            buildah("rm", ctr, check=False)
+    return {"base": base.name, "image_id": image_id, "tag": tag}
+
+
+def _image_ref(ctx: StepContext, base, digest: str | None) -> str:
+    if "base_image" in ctx.inputs:
+        layout = ctx.inputs["base_image"] / OCI_DIR
+        image_id = buildah("pull", "--quiet", f"oci:{layout}:{base.name}").stdout.strip().splitlines()[-1]
+        return image_id
+    if digest:
+        return f"{base.image.rsplit(':', 1)[0]}@{digest}"
+    return base.image
+
+
+def _labels(ctx: StepContext, base, digest: str | None) -> tuple[tuple[str, str], ...]:
+    r, loaded = ctx.recipe.recipe, ctx.recipe
+    q_manifest = ctx.input_manifests["quantize"]
+    verdict = ctx.input_manifests.get("gate", {}).get("output", {}).get("digest", "none")
+    labels = {
+        "org.opencontainers.image.title": r.name,
+        "org.opencontainers.image.description": f"{r.name}: {r.quantize.method} for {r.target.gpu} on {base.engine}",
+        "org.opencontainers.image.created": "1970-01-01T00:00:00Z",
+        "org.opencontainers.image.base.name": base.image or f"forge-base/{base.name}",
+        "org.opencontainers.image.vendor": "forge",
+        "dev.forge.recipe.digest": loaded.digest,
+        "dev.forge.model.digest": q_manifest["output"]["digest"],
+        "dev.forge.model.source": r.model.source,
+        "dev.forge.quantization.method": r.quantize.method,
+        "dev.forge.target.gpu": r.target.gpu,
+        "dev.forge.engine": base.engine,
+        "dev.forge.engine.version": base.engine_version,
+        "dev.forge.cuda.version": base.cuda or "none",
+        "dev.forge.driver.min": base.min_driver or "none",
+        "dev.forge.eval.verdict.digest": verdict,
+    }
+    if digest:
+        labels["org.opencontainers.image.base.digest"] = digest
+    return tuple(sorted(labels.items()))
+
+
+def run(ctx: StepContext) -> dict:
+    loaded = ctx.recipe
+    base, digest = resolve_base(loaded)
+    env = [("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_HOME", "/tmp/hf")]
+    if (req := require_cuda(base)) is not None:
+        env.append(("NVIDIA_REQUIRE_CUDA", req))
+    spec = ImageSpec(base_ref=_image_ref(ctx, base, digest), base=base, served_name=loaded.recipe.name,
+                     engine_args=engine_command(loaded, base, loaded.recipe.name), labels=_labels(ctx, base, digest),
+                     env=tuple(env))
+    context = ctx.out.parent / "context"
+    (context / "model").mkdir(parents=True)
+    weights = ctx.inputs["quantize"]
+    for f in sorted(weights.iterdir()):
+        os.link(f, context / "model" / f.name) if f.is_file() else shutil.copytree(f, context / "model" / f.name)
+    text = containerfile(spec)
+    (context / CONTAINERFILE).write_text(text)
+    (ctx.out / CONTAINERFILE).write_text(text)
+    tag = f"localhost/forge/{loaded.recipe.name}:{ctx.out.parent.name[:12]}"
+    ctx.report("buildah bud")
+    t0 = time.monotonic()
+    buildah("bud", "--isolation", "chroot", "--timestamp", "0", "--layers=false", "--pull=never", "-f",
+            str(context / CONTAINERFILE), "-t", tag, str(context))
+    build_s = time.monotonic() - t0
+    ctx.report("exporting the OCI layout")
+    buildah("push", "--quiet", tag, f"oci:{ctx.out / OCI_DIR}:{loaded.recipe.name}")
+    shutil.rmtree(context)
+    image = describe_layout(ctx.out / OCI_DIR, loaded.recipe.name)
+    image.update(tag=tag, build_seconds=round(build_s, 1), base=base.name, engine=base.engine)
+    if loaded.recipe.container.smoke_test:
+        transcript = smoke_test(tag, spec, ctx.report, expect_engine=base.engine)
+        (ctx.out / TRANSCRIPT).write_text(json.dumps(transcript, indent=2) + "\n")
+        image["smoke_test"] = {k: transcript[k] for k in ("passed", "answer", "health_seconds")}
+    (ctx.out / IMAGE_JSON).write_text(json.dumps(image, indent=2) + "\n")
+    return image
+
+
+def describe_layout(layout: Path, ref: str) -> dict:
+    """Manifest digest, config digest, and layer digests of one image in an OCI layout."""
+    index = json.loads((layout / "index.json").read_text())
+    desc = next((m for m in index["manifests"]
+                 if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == ref), index["manifests"][0])
+    manifest = json.loads(_blob(layout, desc["digest"]).read_text())
+    layers = [layer["digest"] for layer in manifest["layers"]]
+    return {"manifest_digest": desc["digest"], "config_digest": manifest["config"]["digest"], "layers": layers,
+            "weights_layer": layers[-1], "oci_ref": ref}
+
+
+def _blob(layout: Path, digest: str) -> Path:
+    algo, hexd = digest.split(":", 1)
+    return layout / "blobs" / algo / hexd
+
+
+# ------------------------------------------------------------------ smoke test
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def smoke_test(tag: str, spec: ImageSpec, report, *, expect_engine: str, timeout_s: float = 300) -> dict:
+    """Serve from the image (buildah run, chroot), wait for /health, ask one question, stop everything."""
+    if expect_engine != "cpu":
+        return {"passed": False, "skipped": f"{expect_engine} images need their GPU to serve; smoke test not run here",
+                "answer": None, "health_seconds": None}
+    port = _free_port()
+    args = [a if a != str(PORT) else str(port) for a in spec.engine_args]
+    ctr = buildah("from", "--pull=never", tag).stdout.strip().splitlines()[-1]
+    root = os.environ.get("FORGE_BUILDAH_ROOT")
+    storage = ["--storage-driver", os.environ.get("FORGE_BUILDAH_STORAGE_DRIVER", "vfs")] + (
+        ["--root", root, "--runroot", root + "-run"] if root else [])
+    log = open(os.devnull, "w")
+    server = subprocess.Popen(["buildah", *storage, "run", "--isolation", "chroot", ctr, "--", *args],
+                              stdout=log, stderr=subprocess.STDOUT, env=_clean_env(), start_new_session=True)
+    t0 = time.monotonic()
+    transcript: dict = {"image": tag, "command": args, "question": SMOKE_QUESTION}
+    try:
+        report(f"smoke test: waiting for /health on 127.0.0.1:{port}")
+        while True:
+            if server.poll() is not None:
+                raise StepError(f"the server in {tag} exited with {server.returncode} before answering /health")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() - t0 > timeout_s:
+                raise StepError(f"the server in {tag} did not answer /health within {timeout_s:.0f} s")
+            time.sleep(1)
+        transcript["health_seconds"] = round(time.monotonic() - t0, 1)
+        report("smoke test: one chat completion")
+        body = json.dumps({"model": MODEL_DIR, "messages": [{"role": "user", "content": SMOKE_QUESTION}],
+                           "max_tokens": 24, "temperature": 0}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as r:
+            reply = json.loads(r.read())
+        answer = reply["choices"][0]["message"]["content"]
+        transcript.update(answer=answer, response=reply, passed=bool(answer and answer.strip()))
+        if not transcript["passed"]:
+            raise StepError(f"the server in {tag} answered {SMOKE_QUESTION!r} with nothing")
+        return transcript
+    finally:
+        try:
+            os.killpg(server.pid, signal.SIGTERM)  # buildah run leaves the server behind: stop the group
+            server.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(server.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.close()
+        buildah("rm", ctr, check=False)
+
+
+def file_digests_in_layer(layout: Path, layer_digest: str) -> dict[str, str]:
+    """sha256 of every regular file in one layer blob (for checking the weights layer against the model)."""
+    import tarfile
+
+    out = {}
+    with tarfile.open(_blob(layout, layer_digest)) as tf:
+        for m in tf:
+            if m.isfile():
+                out[m.name.lstrip("./")] = hashlib.sha256(tf.extractfile(m).read()).hexdigest()
+    return out
