@@ -27,7 +27,7 @@ CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", envvar="FORGE_C
                                                   help="Step cache root (default: $XDG_CACHE_HOME/forge).")]
 Ci = Annotated[bool, typer.Option("--ci", envvar="FORGE_CI", help="CI mode: unpinned inputs are errors, not warnings.")]
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
-NOT_YET = ("eval", "package", "scan", "publish")
+NOT_YET = ("scan in the graph", "publish")
 
 
 def _store(cache_dir: Path | None):
@@ -347,6 +347,45 @@ def scan_cmd(
         raise ScanGateError(f"scan gate {verdict.summary}",
                             hint=f"See {out_dir}/{scanstep.SUMMARY}. Fix or upgrade the packages, or accept a finding "
                                  "in the ignore file with a statement and an expired_at.")
+
+
+@app.command("lock")
+def lock_cmd(
+    catalog: Annotated[Optional[Path], typer.Option(help="Base catalog (default: containers/bases.yaml found from the cwd).")] = None,
+    base: Annotated[Optional[list[str]], typer.Option(help="Lock only these bases (repeatable).")] = None,
+) -> None:
+    """Resolve the published base images' tags to digests with skopeo and write bases.lock.json."""
+    import shutil
+    import subprocess
+
+    from forge.containers import LOCK, find_catalog, load_catalog
+    from forge.errors import ToolError
+
+    path = catalog or find_catalog(Path.cwd())
+    bases = load_catalog(path)
+    names = base or [n for n, b in bases.items() if not b.built]
+    unknown = [n for n in names if n not in bases]
+    if unknown:
+        raise UsageError(f"unknown base {', '.join(unknown)}; bases in {path}: {', '.join(bases)}")
+    if shutil.which("skopeo") is None:
+        raise ToolError("skopeo is not on PATH: forge lock resolves digests with it", hint="apt-get install skopeo")
+    lock_path = path.with_name(LOCK)
+    lock = json.loads(lock_path.read_text()) if lock_path.is_file() else {}
+    for n in names:
+        b = bases[n]
+        if b.built:
+            continue
+        proc = subprocess.run(["skopeo", "inspect", "--no-tags", f"docker://{b.image}"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ToolError(f"skopeo could not inspect {b.image} (base {n}): {proc.stderr.strip()[-600:]}",
+                            hint="Run forge lock where the registry is reachable; credentials come from the "
+                                 "standard container auth files.")
+        lock[n] = json.loads(proc.stdout)["Digest"]
+        out.print(f"  {n:<20} {b.image} -> {lock[n]}", highlight=False)
+    tmp = lock_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(lock, indent=2, sort_keys=True) + "\n")
+    tmp.replace(lock_path)
+    out.print(f"wrote {lock_path}")
 
 
 @app.command()

@@ -150,6 +150,14 @@ def judge(report: Report, *, fail_on: tuple[str, ...] = ("CRITICAL", "HIGH"), ig
             return e
         return None
 
+    def decide(f: Finding, entry: IgnoreEntry | None) -> None:
+        if entry is not None:
+            f.decision, f.reason = "ignored", entry.statement or "in the ignore file"
+            ignored.append(f)
+        else:
+            f.decision = "blocking"
+            blocking.append(f)
+
     counts: dict[str, Counter] = {"vulnerability": Counter(), "secret": Counter(), "misconfiguration": Counter()}
     statuses: Counter = Counter()
     blocking: list[Finding] = []
@@ -166,13 +174,7 @@ def judge(report: Report, *, fail_on: tuple[str, ...] = ("CRITICAL", "HIGH"), ig
                 continue
             f = Finding("vulnerability", v.id, v.severity, result.target, v.pkg_name, v.installed_version,
                         v.fixed_version, v.status, v.title)
-            entry = ignore_for("vulnerabilities", v.id, v.purl, v.pkg_path, result.target)
-            if entry is not None:
-                f.decision, f.reason = "ignored", entry.statement or "in the ignore file"
-                ignored.append(f)
-            else:
-                f.decision = "blocking"
-                blocking.append(f)
+            decide(f, ignore_for("vulnerabilities", v.id, v.purl, v.pkg_path, result.target))
         for s in result.secrets:
             counts["secret"][s.severity] += 1
             line = f":{s.start_line}" if s.start_line else ""
@@ -183,14 +185,8 @@ def judge(report: Report, *, fail_on: tuple[str, ...] = ("CRITICAL", "HIGH"), ig
             if m.status.upper() == "PASS" or m.severity not in fail:
                 continue
             f = Finding("misconfiguration", m.avd_id or m.id, m.severity, result.target, title=m.title)
-            entry = ignore_for("misconfigurations", m.id, None, result.target) or (
-                ignore_for("misconfigurations", m.avd_id, None, result.target) if m.avd_id else None)
-            if entry is not None:
-                f.decision, f.reason = "ignored", entry.statement or "in the ignore file"
-                ignored.append(f)
-            else:
-                f.decision = "blocking"
-                blocking.append(f)
+            decide(f, ignore_for("misconfigurations", m.id, None, result.target) or (
+                ignore_for("misconfigurations", m.avd_id, None, result.target) if m.avd_id else None))
 
     passed = not blocking
     n_secrets = sum(1 for f in blocking if f.kind == "secret")
