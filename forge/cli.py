@@ -27,7 +27,7 @@ CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", envvar="FORGE_C
                                                   help="Step cache root (default: $XDG_CACHE_HOME/forge).")]
 Ci = Annotated[bool, typer.Option("--ci", envvar="FORGE_CI", help="CI mode: unpinned inputs are errors, not warnings.")]
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
-NOT_YET = ("scan in the graph", "publish")
+NOT_YET = ("publish (registry)",)
 
 
 def _store(cache_dir: Path | None):

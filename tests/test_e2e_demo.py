@@ -37,7 +37,7 @@ def _rebuild(demo, recipe: Path):
 
 def test_demo_rebuild_is_all_hits(demo):
     again = _rebuild(demo, DEMO)
-    assert "BUILT" not in again.stdout and again.stdout.count("HIT") == 7
+    assert "BUILT" not in again.stdout and again.stdout.count("HIT") == 8
 
 
 def test_demo_snapshot_is_a_bf16_checkpoint_that_generates(demo):
@@ -97,7 +97,8 @@ def test_weights_layer_is_reproducible_and_survives_engine_arg_changes(demo, tmp
     try:
         proc = _rebuild(demo, variant)
         assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.count("BUILT") == 1 and "package    BUILT" in proc.stdout
+        built = sorted(line.split()[1] for line in proc.stdout.splitlines() if "BUILT" in line)
+        assert built == ["package", "scan"], proc.stdout  # nothing above the package rebuilt
         key = next(line.split()[3] for line in proc.stdout.splitlines() if "package" in line and "BUILT" in line)
         other = next(p for p in (demo["cache"] / "steps").iterdir() if p.name.startswith(key))
         changed = json.loads((other / "out" / "image.json").read_text())
@@ -120,3 +121,19 @@ def test_no_secret_reaches_the_image_or_the_logs(demo):
         haystacks.append(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)
     for value in SECRETS.values():
         assert not any(value.encode() in h for h in haystacks), f"{value} leaked"
+
+
+def test_demo_is_recorded_unscanned_without_trivy_and_scanned_with_it(demo, tmp_path):
+    verdict = json.loads((demo["steps"]["scan"] / "verdict.json").read_text())
+    assert verdict["status"] == "unscanned" and verdict["passed"] is None
+    fake = REPO / "tests" / "fake_bin"
+    fixtures = REPO.parent / "shared" / "fixtures" / "trivy"
+    env = {**demo["env"], "PATH": f"{fake}:{os.environ['PATH']}", "FAKE_TRIVY_REPORT": str(fixtures / "photon-30.json"),
+           "FAKE_TRIVY_LOG": str(tmp_path / "trivy.log")}
+    proc = forge_cli("build", str(DEMO), cache=demo["cache"], env=env, timeout=3600)
+    assert proc.returncode == 4, proc.stdout + proc.stderr   # Trivy appeared: the scan re-runs and gates
+    assert "scan       BUILT" in proc.stdout and proc.stdout.count("BUILT") == 1
+    assert "scan gate failed: 3 CRITICAL/HIGH finding(s)" in proc.stderr
+    calls = [json.loads(line) for line in (tmp_path / "trivy.log").read_text().splitlines()]
+    image_call = next(c for c in calls if "image" in c)
+    assert image_call[image_call.index("--input") + 1].endswith("/out/oci")

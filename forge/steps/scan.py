@@ -16,8 +16,67 @@ from typing import Iterator
 
 from forge import trivy
 from forge.scanpolicy import IgnoreEntry, Verdict, judge, load_ignore_file, markdown
+from forge.steps import StepContext, StepSpec
 
 REPORT, SBOM, VERDICT, SUMMARY = "trivy-report.json", "sbom.cdx.json", "verdict.json", "summary.md"
+
+
+def _config(loaded) -> dict:
+    s = loaded.recipe.scan
+    return {k: v for k, v in s.model_dump(mode="json").items() if k != "ignore_file"}
+
+
+def _data(loaded) -> dict[str, Path]:
+    s = loaded.recipe.scan
+    return {"ignore_file": loaded.resolve_path(s.ignore_file)} if s.ignore_file else {}
+
+
+def _identity(loaded) -> dict:
+    """Trivy's version and its DB's UpdatedAt: a newer DB can find new vulnerabilities in the same image."""
+    import shutil
+
+    if shutil.which("trivy") is None:
+        return {"trivy": "absent"}
+    return {"trivy": trivy.version(options_from_recipe(loaded))}
+
+
+SPEC = StepSpec(
+    name="scan", summary="Trivy scan of the image under forge's policy (SBOM, verdict)",
+    depends=("package",), tools=(), version=1, config=_config, data=_data, identity=_identity,
+    enabled=lambda loaded: loaded.recipe.container is not None,
+    run="forge.steps.scan:run", check="forge.steps.scan:check")
+
+
+def run(ctx: StepContext) -> dict:
+    import shutil
+
+    from forge.steps.package import OCI_DIR
+
+    loaded = ctx.recipe
+    if shutil.which("trivy") is None:
+        if loaded.recipe.scan.required:
+            trivy.find_trivy()  # raises ToolError (exit 5) with the install hint
+        status = {"status": "unscanned", "passed": None,
+                  "reason": "trivy is not on PATH and the recipe sets scan.required: false"}
+        (ctx.out / VERDICT).write_text(json.dumps(status, indent=2) + "\n")
+        (ctx.out / SUMMARY).write_text("### ⚠️ Not scanned\n\nTrivy is not on PATH and the recipe sets "
+                                       "`scan.required: false`: this artifact is unscanned and can never be validated.\n")
+        return status
+    ctx.report("trivy image --input (OCI layout)")
+    opts = options_from_recipe(loaded)
+    info = trivy.version(opts)
+    report = trivy.scan_image(ctx.inputs["package"] / OCI_DIR, ctx.out / REPORT, ctx.out / SBOM, opts)
+    verdict = write_verdict(report, ctx.out, Policy.from_recipe(loaded), info)
+    return {"status": "scanned", "passed": verdict.passed, "summary": verdict.summary, "trivy": info,
+            "expired_ignores": verdict.expired_ignores}
+
+
+def check(entry) -> None:
+    facts = entry.manifest["facts"]
+    if facts.get("passed") is False:
+        from forge.errors import ScanGateError
+
+        raise ScanGateError(f"scan gate {facts['summary']}", hint=f"Findings that decided it: {entry.out / SUMMARY}")
 
 
 @dataclass(frozen=True)
