@@ -18,14 +18,21 @@ TASKS = REPO / "evals" / "tasks"
 CALIB = REPO / "evals" / "data" / "calib-pydoc.jsonl"
 
 
-def _eval(gate, tasks=("heldout_ppl", "capitals_mc"), limit=6):
-    return {"tasks": [str(TASKS / f"{t}.yaml") for t in tasks], "limit": limit, "gate": gate}
+def _eval(gate, tasks=("heldout_ppl", "capitals_mc"), limit=6, relative_to=None):
+    import os
+
+    paths = [TASKS / f"{t}.yaml" for t in tasks]
+    names = [os.path.relpath(p, relative_to) if relative_to else str(p) for p in paths]
+    return {"tasks": names, "limit": limit, "gate": gate}
 
 
 @pytest.fixture
 def gated(tmp_path, tiny_llama):
-    def make(name, quantize, gate):
-        return write_recipe(tmp_path / f"{name}.yaml", str(tiny_llama), name=name, quantize=quantize, eval=_eval(gate))
+    def make(name, quantize, gate, subdir=None):
+        d = tmp_path / subdir if subdir else tmp_path
+        d.mkdir(exist_ok=True)
+        return write_recipe(d / f"{name}.yaml", str(tiny_llama), name=name, quantize=quantize,
+                            eval=_eval(gate, relative_to=d if subdir else None))
     return make
 
 
@@ -41,8 +48,9 @@ def test_second_recipe_reuses_the_baseline_and_gate_failure_is_cached(gated, cac
     assert (results["gate"].entry.out / "junit.xml").read_text().count("<testcase") == 1
 
     strict = [{"task": "heldout_ppl", "metric": "word_perplexity", "max_rel_increase": 0.0}]
+    # the second recipe lives elsewhere and names the same task files by relative paths
     b = gated("b", {"method": "gptq", "group_size": 32,
-                    "calibration": {"data": str(CALIB), "samples": 2, "max_seq_len": 64}}, strict)
+                    "calibration": {"data": str(CALIB), "samples": 2, "max_seq_len": 64}}, strict, subdir="elsewhere")
     steps = {p.spec.name: p.status for p in plan(load_recipe(b), store)}
     assert steps["eval_baseline"] == "HIT"  # a different recipe on the same base model
     with pytest.raises(EvalGateError, match=r"heldout_ppl.word_perplexity: baseline .* candidate .* delta"):

@@ -25,8 +25,11 @@ def _enabled(loaded) -> bool:
 
 
 def _config(loaded) -> dict:
+    from forge.evaltasks import load_tasks
+
     ev = loaded.recipe.eval
-    return {"tasks": list(ev.tasks), "backend": ev.backend, "limit": ev.limit, "seed": ev.seed}
+    # Task *names*: where a recipe keeps its task files must not matter; their bytes enter via `data`.
+    return {"tasks": [t.name for t in load_tasks(loaded)], "backend": ev.backend, "limit": ev.limit, "seed": ev.seed}
 
 
 def _data(loaded) -> dict[str, Path]:
