@@ -60,10 +60,10 @@ def main() -> None:
         from llmcompressor.modifiers.quantization import GPTQModifier
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from forge.calibration import windows
+        from forge.calibration import read_texts, windows
 
         tok = AutoTokenizer.from_pretrained(snapshot)
-        chunks = windows(CALIB, tok, samples=args.samples, max_seq_len=args.max_seq_len, seed=0, where="bench")
+        chunks = windows(read_texts(CALIB), tok, samples=args.samples, max_seq_len=args.max_seq_len, seed=0, where="bench")
         ds = Dataset.from_dict({"input_ids": chunks, "attention_mask": [[1] * len(c) for c in chunks]})
         t0 = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(snapshot, dtype="auto")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 from forge.errors import RecipeError
@@ -45,11 +46,46 @@ def check_size(path: Path, *, samples: int, max_seq_len: int, where: str) -> Non
                           hint="Lower quantize.calibration.samples or max_seq_len, or add text to the file.")
 
 
-def windows(path: Path, tokenizer, *, samples: int, max_seq_len: int, seed: int, where: str) -> list[list[int]]:
+_HF = re.compile(r"^hf://datasets/(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)@(?P<rev>[\w./-]+)$")
+
+
+def parse_hf_dataset(data: str) -> tuple[str, str, bool] | None:
+    """(repo, revision, pinned) for hf://datasets/<org>/<name>@<revision>; None for a local file."""
+    m = _HF.match(data)
+    if m is None:
+        return None
+    return m["repo"], m["rev"], bool(re.fullmatch(r"[0-9a-f]{40}", m["rev"]))
+
+
+def calibration_texts(loaded, cal) -> list[str]:
+    hf = parse_hf_dataset(cal.data)
+    if hf is None:
+        return read_texts(loaded.resolve_path(cal.data))
+    repo, rev, _ = hf
+    try:
+        from datasets import load_dataset
+
+        ds = load_dataset(repo, revision=rev, split=cal.split)
+    except Exception as e:  # offline without a cached copy, no such split, auth
+        from forge.errors import ToolError
+
+        raise ToolError(f"calibration dataset {repo}@{rev} (split {cal.split}) could not be loaded: "
+                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                        hint="It needs the Hugging Face Hub, or a copy in the local datasets cache when HF_HUB_OFFLINE=1; "
+                             "or use a local .jsonl file.") from None
+    if cal.text_field not in ds.column_names:
+        raise RecipeError([f"{loaded.where('quantize', 'calibration', 'text_field')}: {repo} has no column "
+                           f"{cal.text_field!r}; columns: {', '.join(ds.column_names)}"])
+    return [t for t in ds[cal.text_field] if isinstance(t, str) and t.strip()]
+
+
+def windows(texts: list[str], tokenizer, *, samples: int, max_seq_len: int, seed: int, where: str,
+            source: str = "calibration") -> list[list[int]]:
     """Token windows for calibration; a RecipeError (before any weight is loaded) when there are too few."""
+    path = source
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     stream: list[int] = []
-    for text in read_texts(path):
+    for text in texts:
         stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + eos)
     available = len(stream) // max_seq_len
     if available < samples:

@@ -217,3 +217,15 @@ def test_pin_memory_shim_still_needed():
         cache.pin_memory(0)
         assert IntermediatesCache.pin_memory is not original
     assert IntermediatesCache.pin_memory is original
+
+
+def test_hf_dataset_calibration_is_pinned_and_fails_clearly_offline(tmp_path, tiny_llama, cache_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", str(tiny_llama), quantize={"method": "gptq", "group_size": 32,
+                          "calibration": {"data": "hf://datasets/org/calib@main", "samples": 2, "max_seq_len": 64}})
+    warn = forge_cli("validate", str(recipe))
+    assert warn.returncode == 0 and "is not a commit; pin it: hf://datasets/org/calib@<40-hex sha>" in warn.stderr
+    assert forge_cli("validate", str(recipe), "--ci").returncode == 2
+    pinned = write_recipe(tmp_path / "p.yaml", str(tiny_llama), quantize={"method": "gptq", "group_size": 32,
+                          "calibration": {"data": "hf://datasets/org/calib@" + "a" * 40, "samples": 2, "max_seq_len": 64}})
+    proc = forge_cli("build", str(pinned), cache=cache_dir)  # offline, nothing cached: a clear tool error
+    assert proc.returncode == 5 and "calibration dataset org/calib@" in proc.stderr and "Traceback" not in proc.stderr

@@ -51,7 +51,14 @@ def complete(loaded: "LoadedRecipe") -> list[str]:
         problems.append(f"{loaded.where('model', 'source')}: GGUF file {source.path} does not exist")
 
     cal = r.quantize.calibration
-    if cal is not None and not loaded.resolve_path(cal.data).is_file():
+    from forge.calibration import parse_hf_dataset
+
+    hf_cal = parse_hf_dataset(cal.data) if cal is not None else None
+    if hf_cal is not None and not hf_cal[2]:
+        msg = (f"{loaded.where('quantize', 'calibration', 'data')}: dataset revision {hf_cal[1]!r} is not a commit; "
+               f"pin it: hf://datasets/{hf_cal[0]}@<40-hex sha>")
+        (problems if loaded.ci else warnings).append(msg)
+    elif cal is not None and hf_cal is None and not loaded.resolve_path(cal.data).is_file():
         problems.append(f"{loaded.where('quantize', 'calibration', 'data')}: calibration file "
                         f"{loaded.resolve_path(cal.data)} does not exist")
     if r.scan.ignore_file is not None and not loaded.resolve_path(r.scan.ignore_file).is_file():

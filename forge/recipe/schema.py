@@ -43,7 +43,10 @@ class Target(_Section):
 
 
 class Calibration(_Section):
-    data: str = Field(description="A local .jsonl (field 'text') or .txt file, relative to the recipe.")
+    data: str = Field(description="A local .jsonl (field 'text') or .txt file, relative to the recipe, or "
+                                  "hf://datasets/<org>/<name>@<40-hex commit> (needs the Hub or its local cache).")
+    split: str = Field("train", description="Split of an hf:// dataset.")
+    text_field: str = Field("text", description="Text column of an hf:// dataset.")
     samples: Annotated[int, Field(gt=0, le=100_000)] = 128
     max_seq_len: Annotated[int, Field(gt=0, le=1 << 17)] = 512
     seed: int = 0

@@ -43,8 +43,12 @@ def _config(loaded) -> dict:
 
 
 def _data(loaded) -> dict[str, Path]:
+    from forge.calibration import parse_hf_dataset
+
     cal = loaded.recipe.quantize.calibration
-    return {"calibration": loaded.resolve_path(cal.data)} if cal is not None else {}
+    if cal is None or parse_hf_dataset(cal.data) is not None:
+        return {}  # an hf:// dataset is identified by its pinned commit, already in the config
+    return {"calibration": loaded.resolve_path(cal.data)}
 
 
 def _device() -> str:
@@ -137,7 +141,9 @@ def preflight(loaded, shape) -> list[str]:
         from forge.errors import RecipeError
 
         path = loaded.resolve_path(q.calibration.data)
-        if path.is_file():
+        from forge.calibration import parse_hf_dataset
+
+        if parse_hf_dataset(q.calibration.data) is None and path.is_file():
             try:
                 check_size(path, samples=q.calibration.samples, max_seq_len=q.calibration.max_seq_len,
                            where=loaded.where("quantize", "calibration"))
@@ -161,7 +167,7 @@ def run(ctx: StepContext) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from forge.backends import llmcompressor as backend
-    from forge.calibration import windows
+    from forge.calibration import calibration_texts, windows
 
     os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "")  # forge shows progress; the full log goes to a file
     os.environ.setdefault("TQDM_DISABLE", "1")             # per-layer tqdm bars would interleave with forge's
@@ -178,8 +184,9 @@ def run(ctx: StepContext) -> dict:
         from datasets import Dataset
 
         cal = q.calibration
-        chunks = windows(ctx.recipe.resolve_path(cal.data), tokenizer, samples=cal.samples, max_seq_len=cal.max_seq_len,
-                         seed=cal.seed, where=ctx.recipe.where("quantize", "calibration"))
+        chunks = windows(calibration_texts(ctx.recipe, cal), tokenizer, samples=cal.samples,
+                         max_seq_len=cal.max_seq_len, seed=cal.seed, where=ctx.recipe.where("quantize", "calibration"),
+                         source=cal.data)
         dataset = Dataset.from_dict({"input_ids": chunks, "attention_mask": [[1] * len(c) for c in chunks]})
 
     ctx.report(f"loading the model ({'cuda' if cuda else 'cpu'}, {str(dtype).removeprefix('torch.')})")
@@ -225,7 +232,8 @@ def run(ctx: StepContext) -> dict:
     from forge.digests import sha256_file
 
     facts["tools"] = tool_versions(SPEC.tools)
-    facts["calibration_sha256"] = sha256_file(ctx.recipe.resolve_path(q.calibration.data)) if q.calibration else None
+    facts["calibration_sha256"] = (sha256_file(ctx.recipe.resolve_path(q.calibration.data))
+                                   if q.calibration and _data(ctx.recipe) else None)
     _write_reports(ctx.out, layers, list(log.mappings.values()), facts)
     return facts
 
