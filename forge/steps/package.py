@@ -215,7 +215,11 @@ def run(ctx: StepContext) -> dict:
     context = ctx.out.parent / "context"
     (context / "model").mkdir(parents=True)
     weights = ctx.inputs["quantize"]
-    for f in sorted(weights.iterdir()):
+    from forge.steps.quantize import REPORTS
+
+    for f in sorted(weights.iterdir()):  # the checkpoint, not the build reports (they carry timings)
+        if f.name in REPORTS:
+            continue
         os.link(f, context / "model" / f.name) if f.is_file() else shutil.copytree(f, context / "model" / f.name)
     text = containerfile(spec)
     (context / CONTAINERFILE).write_text(text)

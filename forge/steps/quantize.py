@@ -25,6 +25,7 @@ AVAILABLE_METHODS = ("none", "awq", "gptq", "fp8", "int8")
 VERIFY_PROMPT = "The capital of France is"
 VERIFY_TOKENS = 16
 REPORT_JSON, REPORT_MD, QUANT_MANIFEST = "quantize-report.json", "quantize-report.md", "forge-quantization.json"
+REPORTS = (REPORT_JSON, REPORT_MD)  # build evidence beside the checkpoint; not shipped in the image
 
 # Architectures with AWQ smoothing mappings in llm-compressor 0.14 (AWQ_MAPPING_REGISTRY).
 AWQ_ARCHITECTURES = frozenset({
