@@ -111,9 +111,9 @@ def run(ctx: StepContext) -> dict:
                 raw.write(json.dumps(s, default=str) + "\n")
                 values = {m: (list(s[m]) if isinstance(s[m], (tuple, list)) else s[m]) for m in s.get("metrics", []) if m in s}
                 flat.write(json.dumps({"doc_id": s["doc_id"], "values": values}) + "\n")
+    # No timings in the output files: same inputs, same bytes (timings live in the step manifest).
     summary = {"backend": backend, "device": device, "model_args": {k: v for k, v in model_args.items() if k != "pretrained"},
-               "lm_eval": lm_eval.__version__ if hasattr(lm_eval, "__version__") else None,
-               "seconds": round(seconds, 1), "results": results}
+               "lm_eval": lm_eval.__version__ if hasattr(lm_eval, "__version__") else None, "results": results}
     (ctx.out / RESULTS).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return {"backend": backend, "device": device, "seconds": round(seconds, 1), "results": results}
 
