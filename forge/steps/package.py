@@ -166,11 +166,22 @@ def run_base(ctx: StepContext) -> dict:
 
 def _image_ref(ctx: StepContext, base, digest: str | None) -> str:
     if "base_image" in ctx.inputs:
-        # forge's own base: loaded from its cached OCI layout and named by its cache key
-        layout = ctx.inputs["base_image"] / OCI_DIR
-        image_id = buildah("pull", "--quiet", f"oci:{layout}:{base.name}").stdout.strip().splitlines()[-1]
+        # forge's own base, named by its cache key: already in local storage when this machine built it,
+        # else loaded from the step's OCI layout
         tag = f"localhost/forge-base/{base.name}:{ctx.inputs['base_image'].parent.name[:12]}"
-        buildah("tag", image_id, tag)
+        if buildah("inspect", "--type", "image", tag, check=False).returncode != 0:
+            # buildah names a pulled oci: image after its path, which must then be a valid reference
+            # (no '.cache' components): pull through a plain, lower-case symlink
+            import tempfile
+            import uuid
+
+            link = Path(tempfile.gettempdir()) / f"forge-oci-{uuid.uuid4().hex}"
+            link.symlink_to(ctx.inputs["base_image"] / OCI_DIR)
+            try:
+                image_id = buildah("pull", "--quiet", f"oci:{link}:{base.name}").stdout.strip().splitlines()[-1]
+            finally:
+                link.unlink()
+            buildah("tag", image_id, tag)
         return tag
     if digest:
         return f"{base.image.rsplit(':', 1)[0]}@{digest}"
