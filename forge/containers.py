@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shlex
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from forge.errors import RecipeError
@@ -53,8 +54,15 @@ def find_catalog(start: Path) -> Path:
 
 
 def load_catalog(path: Path) -> dict[str, Base]:
+    st = path.stat()
+    return _load_catalog(str(path), st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=8)
+def _load_catalog(path_str: str, _mtime_ns: int, _size: int) -> dict[str, Base]:
     from ruamel.yaml import YAML
 
+    path = Path(path_str)
     raw = YAML(typ="safe").load(path.read_text())["bases"]
     out = {}
     for name, e in raw.items():

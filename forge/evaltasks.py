@@ -10,6 +10,7 @@ plain-string ``data_files`` becomes ``{<test_split>: path}`` (a plain string mak
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from forge.errors import RecipeError
@@ -30,7 +31,9 @@ class TaskSpec:
     metrics: dict[str, bool | None] = field(default_factory=dict)  # metric -> higher_is_better
 
     def lm_eval_task(self):
-        return self.config if self.config is not None else self.name
+        import copy
+
+        return copy.deepcopy(self.config) if self.config is not None else self.name  # specs are cached: never share
 
 
 def _is_path(value: str) -> bool:
@@ -45,6 +48,13 @@ def load_task(value: str, base_dir: Path, where: str) -> TaskSpec:
         raise RecipeError([f"{where}: task file {path} does not exist"],
                           hint="Name a task YAML relative to the recipe (e.g. ../evals/tasks/heldout_ppl.yaml) "
                                "or an lm-eval registered task.")
+    st = path.stat()
+    return _load_task_file(value, str(path), st.st_mtime_ns, st.st_size, where)
+
+
+@lru_cache(maxsize=64)  # a build asks for the same task files several times (validate, keys of two steps)
+def _load_task_file(value: str, path_str: str, _mtime_ns: int, _size: int, where: str) -> TaskSpec:
+    path = Path(path_str)
     from ruamel.yaml import YAML
     from ruamel.yaml.error import YAMLError
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-
 from forge.steps import StepContext, StepSpec
 
 VERDICT, SUMMARY, JUNIT = "verdict.json", "summary.md", "junit.xml"
@@ -33,7 +31,9 @@ SPEC = StepSpec(
 )
 
 
-def _paired(base: dict, cand: dict, task: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
+def _paired(base: dict, cand: dict, task: str, metric: str):
+    import numpy as np
+
     docs = sorted(set(base) & set(cand), key=lambda d: (len(str(d)), str(d)))
     if set(base) != set(cand):
         from forge.errors import StepError

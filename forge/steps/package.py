@@ -21,6 +21,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from functools import lru_cache
 from pathlib import Path
 
 from forge.containers import MODEL_DIR, PORT, UID, ImageSpec, containerfile, engine_command, require_cuda, resolve_base
@@ -79,15 +80,36 @@ SPEC = StepSpec(
 # ------------------------------------------------------------------ buildah
 
 
+@lru_cache(maxsize=None)  # asked for by several steps' keys in one build
 def _tool_version(tool: str) -> str:
+    """`tool --version`, remembered by the binary's (path, size, mtime): a no-op rebuild runs no subprocess."""
     path = shutil.which(tool)
     if path is None:
         return "absent"
+    st = os.stat(path)
+    ident = f"{path}:{st.st_size}:{st.st_mtime_ns}"
+    from forge.store import default_cache_dir
+
+    memo = default_cache_dir() / "tool-versions.json"
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if ident in known:
+        return known[ident]
     try:
         out = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
-    return out.splitlines()[0] if out else "unknown"
+    version = out.splitlines()[0] if out else "unknown"
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**known, ident: version}))
+        tmp.replace(memo)
+    except OSError:
+        pass
+    return version
 
 
 def _clean_env() -> dict:
