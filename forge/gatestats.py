@@ -12,8 +12,8 @@ degradation. Decision, fail-closed: a metric passes only when the interval's upp
 the limit. Otherwise it fails as *beyond* (the whole interval is past the limit), *likely beyond*
 (the estimate is past it) or *inconclusive* (the estimate is within, but the task cannot show it).
 The minimum detectable effect, 2.8 × the bootstrap standard error (5 % two-sided, 80 % power), says
-whether the task is large enough to resolve the limit at all: when it is not, the metric is flagged
-*underpowered*.
+whether the task is large enough to resolve the limit at all: when it is not (and the interval does not
+lie wholly beyond the limit, which would show it could), the metric is flagged *underpowered*.
 """
 from __future__ import annotations
 
@@ -108,7 +108,9 @@ def judge_rule(task: str, metric: str, kind: str, threshold: float, base: np.nda
         decision = "inconclusive"
     return RuleResult(task=task, metric=metric, kind=kind, threshold=threshold, limit=limit, n=n, baseline=b_agg,
                       candidate=c_agg, delta=c_agg - b_agg, degradation=point, ci_low=lo, ci_high=hi, mde=mde,
-                      underpowered=mde > abs(limit) if limit else mde > 0, passed=decision == "pass",
+                      # an interval wholly past the limit shows the task resolved it, whatever the SE
+                      underpowered=(mde > abs(limit) if limit else mde > 0) and decision != "beyond",
+                      passed=decision == "pass",
                       decision=decision)
 
 

@@ -52,6 +52,7 @@ def test_accuracy_drop_beyond_threshold_fails():
     cand[:60] = 0  # 12 points lost
     r = judge_rule("mc", "acc", "max_abs_drop", 0.05, base, cand)
     assert r.decision == "beyond" and r.delta == pytest.approx(-0.12)
+    assert not r.underpowered  # it detected a drop beyond the limit: large enough by demonstration
 
 
 def test_tiny_task_is_flagged_underpowered_and_cannot_pass_on_noise():
