@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
-from pathlib import Path
 from typing import Callable
 
 from forge import __version__
@@ -169,6 +168,3 @@ def _run_step(spec: StepSpec, key: str, material: dict, loaded: LoadedRecipe, st
         }
         return store.commit(key, staged, manifest)
 
-
-def output_path(store: Store, key: str) -> Path:
-    return store.root / "steps" / key / "out"

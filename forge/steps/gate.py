@@ -57,9 +57,7 @@ def run(ctx: StepContext) -> dict:
     for rule in ev.gate:
         kind, threshold = next((k, getattr(rule, k)) for k in ("max_abs_drop", "max_rel_increase", "min_recovery")
                                if getattr(rule, k) is not None)
-        per_base = {d: v for d, v in load_samples(base_dir, rule.task).items()}
-        per_cand = {d: v for d, v in load_samples(cand_dir, rule.task).items()}
-        b, c = _paired(per_base, per_cand, rule.task, rule.metric)
+        b, c = _paired(load_samples(base_dir, rule.task), load_samples(cand_dir, rule.task), rule.task, rule.metric)
         ctx.report(f"bootstrap {rule.task}.{rule.metric} (n={len(b)})")
         results.append(judge_rule(rule.task, rule.metric, kind, threshold, b, c, seed=ev.seed, resamples=RESAMPLES))
         gated.add((rule.task, rule.metric))

@@ -118,16 +118,19 @@ def _clean_env() -> dict:
     return env
 
 
+def _storage_flags() -> list[str]:
+    """buildah's storage options, shared by every buildah call forge makes (FORGE_BUILDAH_* pick them)."""
+    root = os.environ.get("FORGE_BUILDAH_ROOT")
+    flags = ["--storage-driver", os.environ.get("FORGE_BUILDAH_STORAGE_DRIVER", "vfs")]
+    return flags + (["--root", root, "--runroot", root + "-run"] if root else [])
+
+
 def buildah(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     if shutil.which("buildah") is None:
         raise ToolError("buildah is not on PATH: the package step cannot build images",
                         hint="Install it (Debian/Ubuntu: apt-get install buildah; `make setup-tools` does it here), "
                              "or remove the container section to stop before packaging.")
-    root = os.environ.get("FORGE_BUILDAH_ROOT")
-    storage = ["--storage-driver", os.environ.get("FORGE_BUILDAH_STORAGE_DRIVER", "vfs")]
-    if root:
-        storage += ["--root", root, "--runroot", root + "-run"]
-    proc = subprocess.run(["buildah", *storage, *args], capture_output=True, text=True, env=_clean_env(), **kw)
+    proc = subprocess.run(["buildah", *_storage_flags(), *args], capture_output=True, text=True, env=_clean_env(), **kw)
     if check and proc.returncode != 0:
         raise ToolError(f"`buildah {' '.join(args[:3])} …` failed (exit {proc.returncode}): {proc.stderr.strip()[-1500:]}")
     return proc
@@ -309,11 +312,8 @@ def smoke_test(tag: str, spec: ImageSpec, report, *, expect_engine: str, timeout
     port = _free_port()
     args = [a if a != str(PORT) else str(port) for a in spec.engine_args]
     ctr = buildah("from", "--pull=never", tag).stdout.strip().splitlines()[-1]
-    root = os.environ.get("FORGE_BUILDAH_ROOT")
-    storage = ["--storage-driver", os.environ.get("FORGE_BUILDAH_STORAGE_DRIVER", "vfs")] + (
-        ["--root", root, "--runroot", root + "-run"] if root else [])
     log = open(os.devnull, "w")
-    server = subprocess.Popen(["buildah", *storage, "run", "--isolation", "chroot", ctr, "--", *args],
+    server = subprocess.Popen(["buildah", *_storage_flags(), "run", "--isolation", "chroot", ctr, "--", *args],
                               stdout=log, stderr=subprocess.STDOUT, env=_clean_env(), start_new_session=True)
     t0 = time.monotonic()
     transcript: dict = {"image": tag, "command": args, "question": SMOKE_QUESTION}
