@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.forge-installed
 DEMO   ?= recipes/smollm2-135m-demo.yaml
 
-TOOLS  := buildah mmdebstrap skopeo umoci
+TOOLS  := buildah mmdebstrap skopeo umoci docker-registry
 .PHONY: setup setup-tools demo test bench clean
 
 $(STAMP): pyproject.toml
@@ -23,7 +23,7 @@ setup-tools:
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing (Debian packages)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(TOOLS) docker-registry >/dev/null; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(TOOLS) >/dev/null; \
 	fi
 
 demo: setup

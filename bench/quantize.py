@@ -3,8 +3,9 @@
 Compares, in one run and on the same calibration windows:
   default  llm-compressor called the default way: the model loaded in its checkpoint dtype (bf16),
            oneshot(GPTQModifier), save_pretrained(save_compressed=True)
-  forge    the forge quantize step (float32 calibration on CPU, per-layer report, load-and-generate
-           verification included)
+  forge    the forge quantize step (calibration dtype by forge's CPU policy: bf16 where the CPU has
+           AVX512-BF16/AMX, else float32; per-layer report, load-and-generate verification included)
+  forge_float32  the same step forced to float32, when the policy chose bf16 (what the old rule cost)
 and prints JSON with both times and their ratio (goal: forge / default <= 0.25).
 
     .venv/bin/python bench/quantize.py [--samples 20] [--max-seq-len 512] [--skip-default]
@@ -79,16 +80,28 @@ def main() -> None:
         result["default_bf16"] = {"total_s": round(t3 - t0, 1), "oneshot_s": round(t2 - t1, 1)}
         del model
 
-    t0 = time.perf_counter()
-    res = build(loaded, store, force={"quantize"})
-    step = next(r for r in res if r.name == "quantize")
-    facts = step.entry.manifest["facts"]
-    result["forge"] = {"total_s": round(time.perf_counter() - t0, 1), "oneshot_s": facts["seconds"],
-                       "calibration_dtype": facts["calibration_dtype"], "size_ratio": facts["size_ratio"],
-                       "greedy_agreement": facts["verify"]["agreement"]}
+    from forge.steps.quantize import calibration_dtype, cpu_has_native_bf16
+
+    result["cpu_native_bf16"] = cpu_has_native_bf16()
+    runs = [("forge", None)]
+    if calibration_dtype(loaded) != "float32":  # show what the float32 policy would have cost on this CPU
+        runs.append(("forge_float32", "float32"))
+    for label, forced in runs:
+        if forced:
+            os.environ["FORGE_CPU_CALIBRATION_DTYPE"] = forced
+        t0 = time.perf_counter()
+        res = build(load_recipe(recipe), store, force={"quantize"})
+        os.environ.pop("FORGE_CPU_CALIBRATION_DTYPE", None)
+        step = next(r for r in res if r.name == "quantize")
+        facts = step.entry.manifest["facts"]
+        result[label] = {"total_s": round(time.perf_counter() - t0, 1), "oneshot_s": facts["seconds"],
+                         "calibration_dtype": facts["calibration_dtype"], "size_ratio": facts["size_ratio"],
+                         "greedy_agreement": facts["verify"]["agreement"]}
     if "default_bf16" in result:
-        result["ratio_total_forge_over_default"] = round(result["forge"]["total_s"] / result["default_bf16"]["total_s"], 3)
-        result["ratio_oneshot_forge_over_default"] = round(result["forge"]["oneshot_s"] / result["default_bf16"]["oneshot_s"], 3)
+        for label, _ in runs:
+            suffix = "" if label == "forge" else "_" + label.removeprefix("forge_")
+            result[f"ratio_total_forge{suffix}_over_default"] = round(result[label]["total_s"] / result["default_bf16"]["total_s"], 3)
+            result[f"ratio_oneshot_forge{suffix}_over_default"] = round(result[label]["oneshot_s"] / result["default_bf16"]["oneshot_s"], 3)
     print(json.dumps(result, indent=2))
 
 

@@ -19,6 +19,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="forge: build quantized, eval-gated, scanned LLM serving images from a recipe.")
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and prune the step cache.")
 app.add_typer(cache_app, name="cache")
+registry_app = typer.Typer(no_args_is_help=True, help="Find, verify, pull and promote published artifacts.")
+app.add_typer(registry_app, name="registry")
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -27,7 +29,8 @@ CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", envvar="FORGE_C
                                                   help="Step cache root (default: $XDG_CACHE_HOME/forge).")]
 Ci = Annotated[bool, typer.Option("--ci", envvar="FORGE_CI", help="CI mode: unpinned inputs are errors, not warnings.")]
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
-NOT_YET = ("publish (registry)",)
+RegistryDir = Annotated[Optional[Path], typer.Option("--registry-dir", envvar="FORGE_REGISTRY_DIR", show_envvar=True,
+                                                     help="Embedded registry root (default: $XDG_DATA_HOME/forge/registry).")]
 
 
 def _store(cache_dir: Path | None):
@@ -86,7 +89,8 @@ def plan(recipe: RecipeArg, cache_dir: CacheDir = None, ci: Ci = False,
         table.add_row(p.spec.name, f"[{colors[p.status]}]{p.status}[/]", (p.key or "after upstream")[:16],
                       ", ".join(p.spec.depends) or "-", p.spec.summary)
     out.print(table)
-    out.print(f"[dim]not in this forge build yet: {', '.join(NOT_YET)}[/]")
+    out.print(f"[dim]then publish → {loaded.recipe.publish.registry} (always runs: records the build and its status)[/]",
+              highlight=False)
 
 
 @app.command()
@@ -97,8 +101,12 @@ def build(
     force: Annotated[Optional[str], typer.Option(
         "--force", is_flag=False, flag_value="*", metavar="[STEP]",
         help="Rebuild STEP even if cached (all steps when no STEP is given; put it after the recipe).")] = None,
+    registry_dir: RegistryDir = None,
+    publish_to: Annotated[Optional[str], typer.Option(
+        "--publish-to", envvar="FORGE_PUBLISH_TO", metavar="local|oci://HOST/REPO",
+        help="Publish here instead of the recipe's publish.registry (the recipe digest, and so the image, stay the same).")] = None,
 ) -> None:
-    """Build a recipe: run the steps whose inputs changed, reuse the rest."""
+    """Build a recipe: run the steps whose inputs changed, reuse the rest, then publish the result and its status."""
     from forge.build import build as run_build
 
     if recipe is None and force and force != "*" and Path(force).suffix in (".yaml", ".yml"):
@@ -110,13 +118,46 @@ def build(
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     t0 = time.monotonic()
     loaded, _ = _load(recipe, ci, cache_dir)
+    if publish_to and publish_to != "local":
+        from forge.registry.remote import Remote
+
+        Remote.parse(publish_to)  # a bad URL is a usage error now, not after an hour of building
     store = _store(cache_dir)
     out.print(f"[bold]{loaded.recipe.name}[/] · recipe {loaded.digest[7:19]} · cache {store.root}", highlight=False)
-    results = run_build(loaded, store, force={force} if force else set(), on_start=_on_start, on_done=_on_done)
+    from forge.errors import EvalGateError, ScanGateError
+
+    done: dict = {}
+
+    def on_done(result) -> None:
+        done[result.name] = result
+        _on_done(result)
+
+    try:
+        results = run_build(loaded, store, force={force} if force else set(), on_start=_on_start, on_done=on_done)
+    except (EvalGateError, ScanGateError):
+        _publish(loaded, done, registry_dir, publish_to)   # a failed gate is recorded too: rejected, with its reason
+        raise
     built = sum(r.status == "BUILT" for r in results)
     out.print(f"[green]done[/] in {time.monotonic() - t0:.1f}s: {built} built, {len(results) - built} reused. "
               f"Output: {results[-1].entry.out}", highlight=False)
-    out.print(f"[dim]not in this forge build yet: {', '.join(NOT_YET)}; the artifact is not validated.[/]")
+    _publish(loaded, done, registry_dir, publish_to)
+
+
+def _publish(loaded, results: dict, registry_dir: Path | None, target: str | None) -> None:
+    from forge.registry import LocalRegistry, publish
+
+    reg = LocalRegistry(registry_dir)
+    report = _on_start(type("S", (), {"name": "publish"})(), "")
+    try:
+        rec = publish(loaded, results, report, registry=reg, target=target)
+    finally:
+        _stop_progress()
+    colors = {"validated": "green", "promoted": "green", "rejected": "red", "unscanned": "yellow"}
+    ref = f"{rec.name}:{rec.tag}" if rec.tag else rec.short()
+    out.print(f"  [{colors.get(rec.status, 'cyan')}]●[/] publish    {rec.status:<10} {ref}"
+              + (f"  → {rec.remote}" if rec.remote else "") + f"  ({reg.root})", highlight=False)
+    if rec.reason:
+        out.print(f"    [dim]{rec.reason}[/]", highlight=False)
 
 
 _progress = None
@@ -137,11 +178,15 @@ def _on_start(spec, key):
     return report
 
 
-def _on_done(result) -> None:
+def _stop_progress() -> None:
     global _progress
     if _progress is not None:
         _progress.stop()
         _progress = None
+
+
+def _on_done(result) -> None:
+    _stop_progress()
     mark = "[green]✓[/]" if result.status == "HIT" else "[cyan]✓[/]"
     out.print(f"  {mark} {result.name:<10} {result.status:<6} {result.key[:12]}  {result.seconds:6.2f}s  "
               f"{result.output_digest[7:19]}", highlight=False)
@@ -402,15 +447,141 @@ def _human(n: float) -> str:
     return str(n)
 
 
+# ---------------------------------------------------------------------- registry
+
+JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+RefArg = Annotated[str, typer.Argument(help="NAME, NAME:TAG, NAME@sha256:…, an image digest or a record id prefix.",
+                                       show_default=False)]
+
+
+def _registry(registry_dir: Path | None):
+    from forge.registry import LocalRegistry
+
+    return LocalRegistry(registry_dir)
+
+
+@registry_app.command("ls")
+def registry_ls(
+    status: Annotated[Optional[str], typer.Option(help="Only artifacts with this status.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Only artifacts of this recipe name.")] = None,
+    registry_dir: RegistryDir = None, json_out: JsonOut = False,
+) -> None:
+    """List recorded artifacts, newest first."""
+    from forge.registry import STATUSES
+
+    if status is not None and status not in STATUSES:
+        raise UsageError(f"--status {status!r} is not a status", hint=f"One of: {', '.join(STATUSES)}.")
+    reg = _registry(registry_dir)
+    records = reg.ls(status, name)
+    if json_out:
+        sys.stdout.write(json.dumps([r.model_dump(mode="json") for r in records], indent=2) + "\n")
+        return
+    table = Table(title=f"registry: {reg.root}", title_justify="left")
+    for col in ("id", "name:tag", "status", "method", "gpu", "eval", "scan", "image", "created"):
+        table.add_column(col)
+    for r in records:
+        table.add_row(r.short(), f"{r.name}:{r.tag}" if r.tag else r.name, r.status, r.method, r.target_gpu,
+                      r.eval_verdict, r.scan_verdict, (r.image_digest or "-")[:19], r.created_at)
+    out.print(table)
+
+
+@registry_app.command("show")
+def registry_show(ref: RefArg, registry_dir: RegistryDir = None, json_out: JsonOut = False) -> None:
+    """Everything recorded about one artifact: digests, verdicts, evidence, status history."""
+    reg = _registry(registry_dir)
+    rec = reg.resolve(ref)
+    data = rec.model_dump(mode="json") | {"events": [dict(zip(("at", "status", "detail"), e)) for e in reg.events(rec)],
+                                          "referrers": reg.referrers(rec)}
+    if json_out:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return
+    for k, v in data.items():
+        if k in ("evidence", "events", "referrers", "tool_versions"):
+            continue
+        out.print(f"[bold]{k:<17}[/] {v}", highlight=False)
+    out.print("[bold]evidence[/]")
+    for ev in rec.evidence:
+        out.print(f"  {ev.kind:<13} {ev.manifest_digest[:19]}  {', '.join(ev.files)}", highlight=False)
+    out.print("[bold]history[/]")
+    for e in data["events"]:
+        out.print(f"  {e['at']}  {e['status']:<10} {e['detail']}", highlight=False)
+
+
+@registry_app.command("verify")
+def registry_verify(ref: RefArg, registry_dir: RegistryDir = None) -> None:
+    """Re-hash every blob of the image and of its evidence against the recorded digests (exit 5 on a mismatch)."""
+    from forge.errors import ToolError
+
+    reg = _registry(registry_dir)
+    rec = reg.resolve(ref)
+    problems = reg.verify(rec)
+    n = len(rec.evidence) + (1 if rec.image_digest else 0)
+    if problems:
+        for digest, role, what in problems:
+            err.print(f"[red]✗[/] {role}: blob {digest}: {what}", highlight=False)
+        raise ToolError(f"{rec.name} {rec.short()}: {len(problems)} blob(s) do not verify",
+                        hint="The store was modified after publishing: rebuild and publish again; do not ship it.")
+    out.print(f"[green]✓[/] {rec.name} {rec.short()}: image and {len(rec.evidence)} evidence artifact(s) verify "
+              f"({n} manifests re-hashed with every blob they name)", highlight=False)
+
+
+@registry_app.command("promote")
+def registry_promote(ref: RefArg, to: Annotated[str, typer.Option("--to", help="The tag to add (e.g. prod).")],
+                     registry_dir: RegistryDir = None) -> None:
+    """Tag a validated artifact (locally, and in its remote registry if it was pushed)."""
+    from forge.registry import promote
+
+    reg = _registry(registry_dir)
+    rec = promote(reg, reg.resolve(ref), to)
+    out.print(f"[green]✓[/] {rec.name}:{to} → {rec.image_digest}" + (f" (also {rec.remote.split('@')[0]}:{to})"
+                                                                    if rec.remote else ""), highlight=False)
+
+
+@registry_app.command("pull")
+def registry_pull(
+    ref: Annotated[str, typer.Argument(help="A local reference, or oci://HOST/REPO:TAG|@sha256:….", show_default=False)],
+    to: Annotated[Path, typer.Option("--to", help="Empty directory to write model/ and evidence/ into.")],
+    registry_dir: RegistryDir = None,
+) -> None:
+    """Write the artifact's weights and evidence to a directory, every blob checked against its digest."""
+    from forge.registry import pull
+
+    summary = pull(ref, to, _registry(registry_dir) if not ref.startswith("oci://") else None)
+    out.print(f"[green]✓[/] {len(summary['model_files'])} model files and evidence "
+              f"({', '.join(summary['evidence']) or 'none'}) → {to}", highlight=False)
+
+
+@registry_app.command("referrers")
+def registry_referrers(ref: RefArg, registry_dir: RegistryDir = None, json_out: JsonOut = False) -> None:
+    """List the evidence artifacts that refer to the image (locally, and in the remote registry if pushed)."""
+    reg = _registry(registry_dir)
+    rec = reg.resolve(ref)
+    found = {"local": reg.referrers(rec)}
+    if rec.remote:
+        from forge.registry import remote
+
+        r = remote.Remote.parse(rec.remote.split("@")[0])
+        found["remote"], found["remote_via"] = remote.Client(r).referrers(rec.image_digest)
+    if json_out:
+        sys.stdout.write(json.dumps(found, indent=2) + "\n")
+        return
+    for where in ("local", "remote"):
+        for d in found.get(where, []):
+            out.print(f"  {where:<6} {d.get('artifactType', '?'):<45} {d['digest'][:19]}", highlight=False)
+
+
+
 def main() -> None:
     try:
         app()
     except ForgeError as e:
         if _progress is not None:
             _progress.stop()
-        err.print(f"[red]error:[/] {e.message}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        err.print(f"[red]error:[/] {escape(e.message)}", highlight=False, soft_wrap=True)
         if e.hint:
-            err.print(f"[dim]hint:[/] {e.hint}", highlight=False, soft_wrap=True)
+            err.print(f"[dim]hint:[/] {escape(e.hint)}", highlight=False, soft_wrap=True)
         sys.exit(int(e.exit_code))
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]: nothing partial was committed; rerun to continue")

@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "REGISTRY_AUTH_FILE", "REGISTRY_PASSWORD", "FORGE_CI")
+# no test, whatever its scope, writes into the user's registry (function-scoped tests get their own below)
+os.environ["FORGE_REGISTRY_DIR"] = __import__("tempfile").mkdtemp(prefix="forge-test-registry-")
+SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "REGISTRY_AUTH_FILE", "REGISTRY_PASSWORD", "FORGE_CI",
+           "FORGE_REGISTRY_USER", "FORGE_REGISTRY_PASSWORD", "FORGE_PUBLISH_TO")
 
 
 @pytest.fixture(autouse=True)
@@ -21,6 +24,7 @@ def _offline_and_clean(monkeypatch, tmp_path_factory):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
+    monkeypatch.setenv("FORGE_REGISTRY_DIR", str(tmp_path_factory.mktemp("registry")))  # never the user's
     real_connect = socket.socket.connect
 
     def guarded(self, address):
@@ -102,3 +106,42 @@ def write_recipe(path: Path, model_source: str, **sections) -> Path:
         doc[k] = {**doc.get(k, {}), **v} if isinstance(v, dict) else v
     path.write_text(json.dumps(doc, indent=2))  # JSON is YAML
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def oci_registry(tmp_path_factory):
+    """A real OCI Distribution registry (Debian's docker-registry) on 127.0.0.1, temporary storage."""
+    import shutil
+    import time
+    import urllib.request
+
+    exe = shutil.which("docker-registry")
+    assert exe, "docker-registry is not installed: `make setup-tools` installs it (Debian package docker-registry)"
+    root = tmp_path_factory.mktemp("oci-registry")
+    port = free_port()
+    (root / "config.yml").write_text(f"version: 0.1\nlog: {{level: warn}}\nstorage:\n  filesystem:\n"
+                                     f"    rootdirectory: {root / 'data'}\n  delete: {{enabled: true}}\n"
+                                     f"http:\n  addr: 127.0.0.1:{port}\n")
+    log = open(root / "registry.log", "w")
+    proc = subprocess.Popen([exe, "serve", str(root / "config.yml")], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"docker-registry exited: {(root / 'registry.log').read_text()}")
+                time.sleep(0.1)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()

@@ -23,7 +23,8 @@ SECRETS = {"HF_TOKEN": "hf_forgeTestSecretValue4242", "REGISTRY_PASSWORD": "forg
 def demo(tmp_path_factory):
     cache = tmp_path_factory.mktemp("demo-cache")
     buildah_root = tmp_path_factory.mktemp("buildah")
-    env = {**SECRETS, "FORGE_BUILDAH_ROOT": str(buildah_root / "storage")}
+    env = {**SECRETS, "FORGE_BUILDAH_ROOT": str(buildah_root / "storage"),
+           "FORGE_REGISTRY_DIR": str(tmp_path_factory.mktemp("demo-registry"))}
     first = forge_cli("build", str(DEMO), cache=cache, env=env, timeout=3600)
     assert first.returncode == 0, first.stdout + first.stderr
     entries = json.loads(forge_cli("cache", "ls", "--json", cache=cache, check=0).stdout)
@@ -136,6 +137,36 @@ def test_demo_is_recorded_unscanned_without_trivy_and_scanned_with_it(demo, tmp_
     assert proc.returncode == 4, proc.stdout + proc.stderr   # Trivy appeared: the scan re-runs and gates
     assert "scan       BUILT" in proc.stdout and proc.stdout.count("BUILT") == 1
     assert "scan gate failed: 3 CRITICAL/HIGH finding(s)" in proc.stderr
+    rejected = json.loads(forge_cli("registry", "ls", "--json", "--status", "rejected", env=demo["env"], check=0).stdout)
+    assert [r["reason"] for r in rejected] == ["scan gate failed: 3 CRITICAL/HIGH finding(s)"]
+    assert rejected[0]["tag"] is None and rejected[0]["scan_verdict"] == "fail"
     calls = [json.loads(line) for line in (tmp_path / "trivy.log").read_text().splitlines()]
     image_call = next(c for c in calls if "image" in c)
     assert image_call[image_call.index("--input") + 1].endswith("/out/oci")
+
+
+def test_demo_published_to_a_real_registry_with_evidence_and_pulled_back(demo, oci_registry, tmp_path):
+    url = f"oci://{oci_registry}/forge/demo"
+    proc = forge_cli("build", str(DEMO), "--publish-to", url, cache=demo["cache"], env=demo["env"], timeout=3600, check=0)
+    assert "BUILT" not in proc.stdout and "publish    unscanned" in proc.stdout
+    rec = json.loads(forge_cli("registry", "show", "smollm2-135m-demo", "--json", env=demo["env"], check=0).stdout)
+    image = json.loads((demo["steps"]["package"] / "image.json").read_text())
+    assert rec["image_digest"] == image["manifest_digest"] and rec["remote"] == f"{url}@{rec['image_digest']}"
+    refs = json.loads(forge_cli("registry", "referrers", "smollm2-135m-demo", "--json", env=demo["env"], check=0).stdout)
+    assert refs["remote_via"] == "tag-schema"
+    assert sorted(r["artifactType"] for r in refs["remote"]) == sorted(r["artifactType"] for r in refs["local"])
+    # another machine: nothing local, pull by tag from the registry; every file is the quantized checkpoint's
+    forge_cli("registry", "pull", f"{url}:{rec['tag']}", "--to", str(tmp_path / "pulled"),
+              env={"FORGE_REGISTRY_DIR": str(tmp_path / "other")}, check=0)
+    import hashlib
+
+    from forge.steps.quantize import REPORTS
+
+    expected = json.loads((demo["steps"]["quantize"].parent / "manifest.json").read_text())["output"]["files"]
+    pulled = {p.relative_to(tmp_path / "pulled" / "model").as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+              for p in (tmp_path / "pulled" / "model").rglob("*") if p.is_file()}
+    assert pulled == {rel: f["sha256"] for rel, f in expected.items() if rel not in REPORTS}
+    assert (tmp_path / "pulled" / "evidence" / "eval-verdict" / "verdict.json").exists()
+    forge_cli("registry", "verify", "smollm2-135m-demo", env=demo["env"], check=0)
+    proc = forge_cli("registry", "promote", "smollm2-135m-demo", "--to", "prod", env=demo["env"])
+    assert proc.returncode == 2 and "is unscanned" in proc.stderr

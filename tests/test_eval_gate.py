@@ -62,6 +62,13 @@ def test_second_recipe_reuses_the_baseline_and_gate_failure_is_cached(gated, cac
     assert proc.returncode == 3
     assert "eval gate failed" in proc.stderr and "max_rel_increase 0" in proc.stderr and "95% CI" in proc.stderr
     assert "BUILT" not in proc.stdout
+    # the registry records the failed build as rejected, with the reason, and nothing to promote
+    assert "publish    rejected" in proc.stdout
+    rejected = json.loads(forge_cli("registry", "ls", "--json", "--status", "rejected", check=0).stdout)
+    assert len(rejected) == 1 and rejected[0]["tag"] is None and rejected[0]["image_digest"] is None
+    assert rejected[0]["reason"].startswith("eval gate failed: heldout_ppl.word_perplexity")
+    proc = forge_cli("registry", "promote", rejected[0]["id"][:12], "--to", "prod")
+    assert proc.returncode == 2 and "is rejected: eval gate failed" in proc.stderr
 
 
 @pytest.mark.parametrize("gate,message", [

@@ -160,7 +160,9 @@ def test_method_on_tiny_model(request, model, quantize, fmt, bits, tmp_path, cac
         assert all(r["weight_rel_error"] is not None and 0 < r["weight_rel_error"] < 0.5 for r in layers)
     facts = result.entry.manifest["facts"]
     assert facts["verify"]["tokens"] == 16 and facts["verify"]["quantized_text"].strip()
-    assert facts["calibration_dtype"] == "float32" and facts["device"] == "cpu"
+    from forge.steps.quantize import calibration_dtype
+
+    assert facts["calibration_dtype"] == calibration_dtype(load_recipe(recipe)) and facts["device"] == "cpu"
     assert (out / "forge-quantization.json").exists() and (out / "quantize-report.md").exists()
     if bits == 4:
         assert facts["bytes"] < facts["bf16_bytes"]
@@ -229,3 +231,25 @@ def test_hf_dataset_calibration_is_pinned_and_fails_clearly_offline(tmp_path, ti
                           "calibration": {"data": "hf://datasets/org/calib@" + "a" * 40, "samples": 2, "max_seq_len": 64}})
     proc = forge_cli("build", str(pinned), cache=cache_dir)  # offline, nothing cached: a clear tool error
     assert proc.returncode == 5 and "calibration dataset org/calib@" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("native,method,env,expected", [
+    (False, "gptq", None, "float32"),       # emulated bf16: float32 is 4.5x faster
+    (True, "gptq", None, "bfloat16"),       # AVX512-BF16/AMX: the recipe dtype
+    (True, "fp8", None, "float32"),         # data-free: nothing is calibrated, the key stays as it was
+    (True, "gptq", "float32", "float32"),   # the override
+    (False, "awq", "bfloat16", "bfloat16"),
+])
+def test_cpu_calibration_dtype_policy(tmp_path, tiny_llama, monkeypatch, native, method, env, expected):
+    from forge.steps import quantize as qstep
+
+    monkeypatch.setattr(qstep, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(qstep, "_device", lambda: "cpu")
+    if env:
+        monkeypatch.setenv("FORGE_CPU_CALIBRATION_DTYPE", env)
+    q = {"method": method}
+    if method != "fp8":
+        q.update(group_size=32, calibration={"data": str(CALIB), "samples": 2, "max_seq_len": 64})
+    loaded = load_recipe(write_recipe(tmp_path / "r.yaml", str(tiny_llama), quantize=q))
+    assert qstep.calibration_dtype(loaded) == expected
+    assert qstep.SPEC.identity(loaded)["calibration_dtype"] == expected   # and so it is part of the key

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 API_VERSION = "forge/v1"
 
@@ -125,8 +125,21 @@ class Scan(_Section):
     trivy: TrivySettings = TrivySettings()
 
 
+_REGISTRY = re.compile(r"^(local|oci://[A-Za-z0-9.:\[\]-]+/[a-z0-9]+([._/-][a-z0-9]+)*)$")
+
+
 class Publish(_Section):
-    registry: str = Field("local", description="'local' (embedded registry) or oci://host:port/repo")
+    registry: str = Field("local", pattern=_REGISTRY.pattern,
+                          description="'local' (the embedded registry) or oci://host[:port]/repository "
+                                      "(pushed with its evidence; always recorded locally too)")
+
+    @field_validator("registry", mode="before")
+    @classmethod
+    def _registry_url(cls, v):
+        if isinstance(v, str) and not _REGISTRY.match(v):
+            raise ValueError("must be 'local' or oci://HOST[:PORT]/REPOSITORY with a lower-case repository and no "
+                             "tag (forge chooses tags), e.g. oci://127.0.0.1:5000/forge")
+        return v
 
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")

@@ -6,8 +6,9 @@ calibration is declared and large enough. The run itself: calibration windows (t
 then the model, then llm-compressor, then a verification that the written checkpoint loads with
 transformers and generates, compared token by token with the BF16 snapshot.
 
-CPU policy: without an accelerator the model is calibrated in float32 (CPU bf16 matmuls are emulated
-and ~4.5x slower); tensors left in float32 are cast back to the recipe dtype when written.
+CPU policy: without an accelerator the model is calibrated in float32 unless the CPU has native bf16
+(AVX512-BF16/AMX): emulated bf16 matmuls are ~4.5x slower. Tensors left in float32 are cast back to the
+recipe dtype when written.
 """
 from __future__ import annotations
 
@@ -63,9 +64,34 @@ def _device() -> str:
     return "cpu"
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16: bf16 matmuls run in hardware; without them PyTorch emulates bf16 on CPU."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+def calibration_dtype(loaded) -> str:
+    """The dtype the model is calibrated in: the recipe's on a GPU; on a CPU the recipe's only when it runs
+    bf16 natively and the method calibrates, else float32 (emulated bf16 made GPTQ 4.5x slower: 687 s vs 152 s
+    on a CPU without AVX512-BF16). ``FORGE_CPU_CALIBRATION_DTYPE`` overrides the CPU choice."""
+    from forge.backends.llmcompressor import needs_calibration
+
+    if _device() == "cuda":
+        return loaded.recipe.model.dtype
+    if forced := os.environ.get("FORGE_CPU_CALIBRATION_DTYPE"):
+        return forced
+    native = loaded.recipe.model.dtype == "bfloat16" and cpu_has_native_bf16()
+    return "bfloat16" if native and needs_calibration(loaded.recipe.quantize) else "float32"
+
+
 def _identity(loaded) -> dict:
-    # CPU calibration runs in float32, GPU calibration in bf16: their outputs differ, so does the key.
-    return {"device": _device()} if loaded.recipe.quantize.method != "none" else {}
+    # the device and the calibration dtype change the numbers written, so they are part of the key
+    if loaded.recipe.quantize.method == "none":
+        return {}
+    return {"device": _device(), "calibration_dtype": calibration_dtype(loaded)}
 
 
 SPEC = StepSpec(
@@ -176,7 +202,7 @@ def run(ctx: StepContext) -> dict:
     torch.manual_seed(q.calibration.seed if q.calibration else 0)
     cuda = torch.cuda.is_available()
     recipe_dtype = getattr(torch, ctx.recipe.recipe.model.dtype)
-    dtype = recipe_dtype if cuda else torch.float32
+    dtype = getattr(torch, calibration_dtype(ctx.recipe))
 
     tokenizer = AutoTokenizer.from_pretrained(src)
     dataset = None

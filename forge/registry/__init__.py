@@ -1,0 +1,151 @@
+"""The registry of validated artifacts: what was built, with its evidence, and whether it may ship.
+
+Public surface: ``publish`` (the pipeline's last step), ``LocalRegistry`` (ls/show/verify/promote),
+``pull`` (weights and evidence out of the embedded store or an OCI registry), ``Record``.
+"""
+from __future__ import annotations
+
+import json
+import tarfile
+import tempfile
+from pathlib import Path
+
+from forge.errors import ToolError, UsageError
+from forge.registry.layout import Layout, DigestMismatch
+from forge.registry.local import LocalRegistry, default_registry_dir
+from forge.registry.record import PROMOTABLE, STATUSES, Collected, Record, collect
+
+__all__ = ["publish", "pull", "LocalRegistry", "Record", "STATUSES", "PROMOTABLE", "default_registry_dir"]
+
+MODEL_PREFIX = "opt/forge/model/"
+
+
+def publish(loaded, results: dict, report=lambda *a, **k: None, registry: LocalRegistry | None = None,
+            target: str | None = None) -> Record:
+    """Record a finished (or gate-stopped) build; push it with its evidence when the recipe (or ``target``,
+    which overrides ``publish.registry``) names a remote."""
+    collected: Collected = collect(loaded, results)
+    reg = registry or LocalRegistry()
+    target = target or loaded.recipe.publish.registry
+    with reg.publishing(collected.record.id):
+        rec = reg.get(collected.record.id)   # the same build published before: keep its record (and history)
+        if rec is None:
+            report("storing image and evidence")
+            rec = reg.store(collected)
+        pushed = None
+        if target != "local" and rec.image_digest and rec.status != "rejected":
+            from forge.registry import remote
+
+            pushed = remote.push(rec, reg.blobs, remote.Remote.parse(target), report)  # idempotent: digests kept
+        stored, _ = reg.insert(rec.model_copy(update={"remote": pushed or rec.remote}))
+        if pushed and stored.remote != pushed:
+            stored = reg.update(stored.model_copy(update={"remote": pushed}), f"pushed to {pushed}")
+    return stored
+
+
+def promote(reg: LocalRegistry, rec: Record, tag: str) -> Record:
+    updated = reg.promote(rec, tag)
+    if rec.remote:
+        from forge.registry import remote
+
+        r = remote.Remote.parse(rec.remote.split("@")[0])
+        remote.promote(rec, r, tag)
+    return updated
+
+
+def pull(ref: str, dest: Path, reg: LocalRegistry | None = None) -> dict:
+    """Write the model files of the image's weights layer to dest/model and its evidence to dest/evidence/<kind>/.
+
+    ``ref`` is a local reference (see ``LocalRegistry.resolve``) or oci://HOST/REPO:TAG|@DIGEST. Every
+    blob is checked against its digest on the way; returns a summary of what was written.
+    """
+    dest = Path(dest)
+    if dest.exists() and any(dest.iterdir()):
+        raise UsageError(f"--to {dest} is not empty", hint="Pull into a new or empty directory.")
+    if ref.startswith("oci://"):
+        with tempfile.TemporaryDirectory(prefix="forge-pull-") as tmp:
+            layout, image_digest, evidence = _fetch_remote(ref, Path(tmp))
+            return _extract(layout, image_digest, evidence, dest)
+    reg = reg or LocalRegistry()
+    rec = reg.resolve(ref)
+    if not rec.image_digest:
+        raise UsageError(f"{rec.name} {rec.short()} has no image ({rec.status}: {rec.reason})")
+    if problems := reg.verify(rec):
+        digest, role, what = problems[0]
+        raise ToolError(f"registry blob {digest} ({role}) does not verify: {what}",
+                        hint="`forge registry verify` lists every bad blob; rebuild and publish again.")
+    evidence = {ev.kind: (ev.manifest_digest, ev.files) for ev in rec.evidence}
+    return _extract(reg.blobs, rec.image_digest, evidence, dest)
+
+
+def _fetch_remote(ref: str, tmp: Path) -> tuple[Layout, str, dict]:
+    from forge.registry import remote
+    from forge.registry.layout import MANIFEST, sha256_bytes
+
+    r, what = remote.parse_ref(ref)
+    client = remote.Client(r)
+    got = client.get_manifest(what)
+    if got is None:
+        raise UsageError(f"{ref} not found in the registry", hint="Check the tag; `skopeo list-tags` shows them.")
+    digest = sha256_bytes(got[0])
+    if what.startswith("sha256:") and digest != what:
+        raise ToolError(f"{ref}: the registry's manifest hashes to {digest}")
+    layout = Layout(tmp / "oci")
+    remote.fetch_image(r, digest, layout.root, "image")
+    evidence = {}
+    referrers, _ = client.referrers(digest)
+    for d in referrers:
+        data, _ = client.get_manifest(d["digest"]) or (None, None)
+        if data is None:
+            continue
+        layout.put_bytes(data, d["digest"])
+        m = json.loads(data)
+        files = {}
+        for layer in m.get("layers", []):
+            name = layer.get("annotations", {}).get("org.opencontainers.image.title", layer["digest"])
+            files[name] = layout.put_bytes(client.get_blob(layer["digest"]), layer["digest"])
+        kind = m.get("annotations", {}).get("dev.forge.evidence") or d.get("artifactType", "artifact")
+        evidence[kind] = (d["digest"], files)
+    return layout, digest, evidence
+
+
+def _extract(layout: Layout, image_digest: str, evidence: dict, dest: Path) -> dict:
+    dest.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads(layout.read(image_digest))
+    weights = manifest["layers"][-1]["digest"]   # forge writes the weights as the image's last layer
+    if (p := layout.verify(weights)) is not None:
+        raise ToolError(f"weights layer {weights}: {p}")
+    written = []
+    with tarfile.open(layout.blob_path(weights)) as tf:
+        for m in tf:
+            name = m.name.lstrip("./")
+            if not m.isfile() or not name.startswith(MODEL_PREFIX):
+                continue
+            rel = Path(name[len(MODEL_PREFIX):])
+            if rel.is_absolute() or ".." in rel.parts:
+                raise ToolError(f"weights layer {weights} holds an unsafe path {m.name!r}")
+            (dest / "model" / rel).parent.mkdir(parents=True, exist_ok=True)
+            with tf.extractfile(m) as src, open(dest / "model" / rel, "wb") as out:
+                while chunk := src.read(4 << 20):
+                    out.write(chunk)
+            written.append(str(rel))
+    for kind, (_, files) in evidence.items():
+        for name, digest in files.items():
+            try:
+                data = layout.read(digest)
+            except FileNotFoundError:
+                raise ToolError(f"evidence {kind}/{name} ({digest}) is missing from the store") from None
+            if sha256 := _check(data, digest, f"evidence {kind}/{name}"):
+                (dest / "evidence" / kind).mkdir(parents=True, exist_ok=True)
+                (dest / "evidence" / kind / Path(name).name).write_bytes(data)
+    return {"image": image_digest, "weights_layer": weights, "model_files": sorted(written),
+            "evidence": sorted(evidence)}
+
+
+def _check(data: bytes, digest: str, where: str) -> str:
+    from forge.registry.layout import sha256_bytes
+
+    actual = sha256_bytes(data)
+    if actual != digest:
+        raise ToolError(str(DigestMismatch(digest, actual, where)))
+    return actual

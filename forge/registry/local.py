@@ -1,0 +1,254 @@
+"""The embedded registry: an SQLite index beside an OCI layout blob store, no server.
+
+    $FORGE_REGISTRY_DIR  (default $XDG_DATA_HOME/forge/registry)
+      index.sqlite       artifacts, tags, status events (WAL; every write one IMMEDIATE transaction)
+      oci/               OCI image layout: the images and their evidence artifacts (``subject`` → image)
+
+Writers store blobs first (content-addressed, renamed into place once their digest is proven), then
+index.json (under a lock), then the SQLite row, last: a record is only ever visible with everything it
+names already stored. Two publishes of the same build resolve to one row (the id is a digest of what was
+built); concurrent publishes of different builds each get theirs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+from forge.errors import UsageError
+from forge.registry.layout import (
+    MANIFEST, REF_NAME, Layout, artifact_manifest, descriptor, manifest_bytes, sha256_bytes)
+from forge.registry.record import EVIDENCE_TYPES, PROMOTABLE, Collected, Evidence, Record
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS artifacts (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, tag TEXT, status TEXT NOT NULL, image_digest TEXT,
+    created_at TEXT NOT NULL, record TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS artifacts_name ON artifacts(name, created_at);
+CREATE TABLE IF NOT EXISTS tags (name TEXT NOT NULL, tag TEXT NOT NULL, id TEXT NOT NULL, PRIMARY KEY (name, tag));
+CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL, at TEXT NOT NULL,
+    status TEXT NOT NULL, detail TEXT NOT NULL);
+"""
+RECORD_ANNOTATION = "dev.forge.record"
+EVIDENCE_FILE = {"provenance": "provenance.intoto.json"}
+_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+def default_registry_dir() -> Path:
+    if env := os.environ.get("FORGE_REGISTRY_DIR"):
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "forge" / "registry"
+
+
+class LocalRegistry:
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root) if root else default_registry_dir()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.blobs = Layout(self.root / "oci").init()
+        db = sqlite3.connect(self.root / "index.sqlite", timeout=60)
+        try:
+            db.execute("PRAGMA busy_timeout=60000")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(SCHEMA)
+        finally:
+            db.close()
+
+    # ------------------------------------------------------------------ writing
+    def store(self, collected: Collected) -> Record:
+        """Copy the image and write the evidence into the blob store; return the record with its evidence."""
+        rec = collected.record
+        subject = None
+        if collected.image_layout is not None:
+            src = Layout(collected.image_layout)
+            for digest, _ in src.image_blobs(rec.image_digest):
+                self.blobs.put_file(src.blob_path(digest), digest)
+            subject = descriptor(MANIFEST, self.blobs.read(rec.image_digest))
+            rec = rec.model_copy(update={"image_size": sum(
+                self.blobs.blob_path(d).stat().st_size for d, _ in self.blobs.image_blobs(rec.image_digest))})
+        self.blobs.put_bytes(b"{}")
+        evidence, named = [], []
+        for item in collected.evidence:
+            files = {f.name: f.read_bytes() for f in item.files}
+            evidence.append(self._attach(item.kind, files, subject, rec))
+        evidence.append(self._attach("provenance", {EVIDENCE_FILE["provenance"]: collected.provenance}, subject, rec))
+        for ev in evidence:
+            named.append({**descriptor(MANIFEST, self.blobs.read(ev.manifest_digest)), "artifactType": ev.artifact_type,
+                          "annotations": {RECORD_ANNOTATION: rec.id}})
+        if subject is not None:
+            ann = {RECORD_ANNOTATION: rec.id}
+            if rec.tag:
+                ann[REF_NAME] = f"{rec.name}:{rec.tag}"
+            named.append({**subject, "annotations": ann})
+        self.blobs.add_to_index(named)
+        return rec.model_copy(update={"evidence": tuple(evidence)})
+
+    def _attach(self, kind: str, files: dict[str, bytes], subject: dict | None, rec: Record) -> Evidence:
+        layers, digests = [], {}
+        for name, data in sorted(files.items()):
+            digests[name] = self.blobs.put_bytes(data)
+            media = "application/json" if name.endswith(".json") else "text/markdown"
+            if kind in ("sbom", "provenance"):
+                media = EVIDENCE_TYPES[kind]
+            layers.append(descriptor(media, data, annotations={"org.opencontainers.image.title": name}))
+        # no timestamp: the same build's evidence is the same bytes, so a republish adds nothing
+        manifest = artifact_manifest(EVIDENCE_TYPES[kind], layers, subject,
+                                     {RECORD_ANNOTATION: rec.id, "dev.forge.evidence": kind})
+        digest = self.blobs.put_bytes(manifest_bytes(manifest))
+        return Evidence(kind=kind, artifact_type=EVIDENCE_TYPES[kind], manifest_digest=digest, files=digests)
+
+    @contextmanager
+    def publishing(self, rid: str) -> Iterator[None]:
+        """Held while one build is stored and recorded: a concurrent publish of the same build waits, then
+        finds the record (evidence carries times and paths, so two unserialised copies would differ)."""
+        from filelock import FileLock
+
+        (self.root / "locks").mkdir(exist_ok=True)
+        with FileLock(str(self.root / "locks" / f"{rid}.lock")):
+            yield
+
+    def get(self, rid: str) -> Record | None:
+        with self._db() as db:
+            row = db.execute("SELECT record FROM artifacts WHERE id = ?", (rid,)).fetchone()
+        return Record.model_validate_json(row[0]) if row else None
+
+    def insert(self, rec: Record) -> tuple[Record, bool]:
+        """Record it; (the stored record, True if new). A record already present is left as it is."""
+        with self._db() as db:
+            row = db.execute("SELECT record FROM artifacts WHERE id = ?", (rec.id,)).fetchone()
+            if row is not None:
+                return Record.model_validate_json(row[0]), False
+            db.execute("INSERT INTO artifacts VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (rec.id, rec.name, rec.tag, rec.status, rec.image_digest, rec.created_at, rec.model_dump_json()))
+            if rec.tag:
+                db.execute("INSERT OR REPLACE INTO tags VALUES (?, ?, ?)", (rec.name, rec.tag, rec.id))
+            self._event(db, rec.id, rec.status, rec.reason or "published")
+        return rec, True
+
+    def update(self, rec: Record, detail: str) -> Record:
+        with self._db() as db:
+            db.execute("UPDATE artifacts SET status = ?, record = ? WHERE id = ?", (rec.status, rec.model_dump_json(), rec.id))
+            self._event(db, rec.id, rec.status, detail)
+        return rec
+
+    def promote(self, rec: Record, tag: str) -> Record:
+        """Give a validated artifact another tag (e.g. prod); the tag moves if another artifact held it."""
+        if rec.status not in PROMOTABLE:
+            why = f": {rec.reason}" if rec.reason else ""
+            raise UsageError(f"{rec.name} {rec.short()} is {rec.status}{why}; only a validated artifact can be promoted",
+                             hint="Fix what stopped it and build again; `forge registry show` has its evidence.")
+        if not _TAG.match(tag):
+            raise UsageError(f"--to {tag!r} is not a valid tag", hint="Tags are [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}.")
+        self.blobs.add_to_index([{**descriptor(MANIFEST, self.blobs.read(rec.image_digest)),
+                                  "annotations": {REF_NAME: f"{rec.name}:{tag}", RECORD_ANNOTATION: rec.id}}])
+        updated = rec.model_copy(update={"status": "promoted",
+                                         "promoted_tags": tuple(sorted({*rec.promoted_tags, tag}))})
+        with self._db() as db:
+            db.execute("INSERT OR REPLACE INTO tags VALUES (?, ?, ?)", (rec.name, tag, rec.id))
+            db.execute("UPDATE artifacts SET status = ?, record = ? WHERE id = ?",
+                       (updated.status, updated.model_dump_json(), rec.id))
+            self._event(db, rec.id, "promoted", f"tagged {rec.name}:{tag}")
+        return updated
+
+    # ------------------------------------------------------------------ reading
+    def ls(self, status: str | None = None, name: str | None = None) -> list[Record]:
+        q, args = "SELECT record FROM artifacts WHERE 1=1", []
+        if status:
+            q, args = q + " AND status = ?", [*args, status]
+        if name:
+            q, args = q + " AND name = ?", [*args, name]
+        with self._db() as db:
+            return [Record.model_validate_json(r[0]) for r in db.execute(q + " ORDER BY created_at DESC, id", args)]
+
+    def events(self, rec: Record) -> list[tuple[str, str, str]]:
+        with self._db() as db:
+            return list(db.execute("SELECT at, status, detail FROM events WHERE id = ? ORDER BY seq", (rec.id,)))
+
+    def resolve(self, ref: str) -> Record:
+        """NAME, NAME:TAG, NAME@sha256:…, sha256:… (image digest) or a record-id prefix (6+ hex)."""
+        with self._db() as db:
+            rows: list = []
+            name, _, digest = ref.partition("@")
+            if digest or ref.startswith("sha256:"):
+                digest = digest or ref
+                rows = db.execute("SELECT record FROM artifacts WHERE image_digest = ? AND (? = '' OR name = ?) "
+                                  "ORDER BY created_at DESC", (digest, name if digest != ref else "",
+                                                               name if digest != ref else "")).fetchall()
+            elif ":" in ref:
+                name, _, tag = ref.partition(":")
+                rows = db.execute("SELECT a.record FROM tags t JOIN artifacts a ON a.id = t.id "
+                                  "WHERE t.name = ? AND t.tag = ?", (name, tag)).fetchall()
+            else:
+                rows = db.execute("SELECT record FROM artifacts WHERE name = ? ORDER BY created_at DESC",
+                                  (ref,)).fetchall()[:1]
+                if not rows and re.fullmatch(r"[0-9a-f]{6,64}", ref):
+                    rows = db.execute("SELECT record FROM artifacts WHERE id LIKE ?", (ref + "%",)).fetchall()
+                    if len(rows) > 1:
+                        raise UsageError(f"{ref!r} matches {len(rows)} artifacts", hint="Give more of the id.")
+        if not rows:
+            raise UsageError(f"no artifact {ref!r} in the registry at {self.root}",
+                             hint="`forge registry ls` lists what is recorded.")
+        return Record.model_validate_json(rows[0][0])
+
+    def verify(self, rec: Record) -> list[tuple[str, str, str]]:
+        """Re-hash every blob of the image and of every piece of evidence: (digest, role, problem) for each bad one."""
+        problems = []
+        checks: list[tuple[str, str]] = []
+        if rec.image_digest:
+            if (p := self.blobs.verify(rec.image_digest)) is not None:
+                return [(rec.image_digest, "image manifest", p)]
+            checks += [(d, f"image {role}") for d, role in self.blobs.image_blobs(rec.image_digest)][1:]
+        for ev in rec.evidence:
+            checks.append((ev.manifest_digest, f"{ev.kind} manifest"))
+            checks += [(d, f"{ev.kind} {name}") for name, d in ev.files.items()]
+        recorded = {"eval-verdict": rec.eval_digest, "sbom": rec.sbom_digest}
+        for ev in rec.evidence:
+            want = recorded.get(ev.kind)
+            if want and want not in ev.files.values():
+                problems.append((want, ev.kind, "the record's digest is not among the evidence files"))
+        for digest, role in checks:
+            if (p := self.blobs.verify(digest)) is not None:
+                problems.append((digest, role, p))
+        return problems
+
+    def referrers(self, rec: Record) -> list[dict]:
+        """Descriptors of the artifacts in the layout whose ``subject`` is this record's image."""
+        if not rec.image_digest:
+            return []
+        out = []
+        for d in self.blobs.index()["manifests"]:
+            if d.get("artifactType") and self.blobs.has(d["digest"]):
+                m = json.loads(self.blobs.read(d["digest"]))
+                if m.get("subject", {}).get("digest") == rec.image_digest:
+                    out.append({k: d[k] for k in ("mediaType", "digest", "size", "artifactType")} |
+                               {"annotations": m.get("annotations", {})})
+        return out
+
+    # ------------------------------------------------------------------ internals
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.root / "index.sqlite", timeout=60, isolation_level=None)
+        try:
+            db.execute("PRAGMA busy_timeout=60000")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        finally:
+            db.close()
+
+    @staticmethod
+    def _event(db: sqlite3.Connection, rid: str, status: str, detail: str) -> None:
+        db.execute("INSERT INTO events (id, at, status, detail) VALUES (?, ?, ?, ?)",
+                   (rid, datetime.now(timezone.utc).isoformat(timespec="seconds"), status, detail))
+
+
+__all__ = ["LocalRegistry", "default_registry_dir", "sha256_bytes"]

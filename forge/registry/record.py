@@ -1,0 +1,214 @@
+"""What the registry records about one build: the artifact record, its status, and its evidence.
+
+``collect`` reads finished step outputs (never re-runs anything) and decides the status:
+
+    built → gated → scanned → validated → promoted      (or rejected, with its reason; or unscanned)
+
+Only a build whose eval gate passed *and* whose image passed the scan gate is ``validated``; a
+recipe without an eval section stops at ``scanned``, one that allowed a missing Trivy is
+``unscanned``; neither can be promoted.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from forge import __version__
+from forge.digests import digest_of
+from forge.registry.layout import sha256_bytes, sha256_file
+
+Status = Literal["built", "gated", "scanned", "validated", "promoted", "rejected", "unscanned"]
+STATUSES: tuple[str, ...] = ("built", "gated", "scanned", "validated", "promoted", "rejected", "unscanned")
+PROMOTABLE = ("validated", "promoted")
+
+# artifactType of each kind of evidence attached to the image (and the media type of its files)
+EVIDENCE_TYPES = {
+    "eval-verdict": "application/vnd.forge.eval.verdict.v1+json",
+    "scan-report": "application/vnd.forge.scan.report.v1+json",
+    "sbom": "application/vnd.cyclonedx+json",
+    "provenance": "application/vnd.in-toto+json",
+}
+
+
+class Evidence(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    kind: str
+    artifact_type: str
+    manifest_digest: str = ""
+    files: dict[str, str]          # file name -> blob digest
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    id: str
+    name: str
+    tag: str | None                # None: nothing promotable (rejected, or no image)
+    status: Status
+    reason: str = ""
+    image_digest: str | None
+    image_size: int | None = None
+    recipe_digest: str
+    recipe_path: str
+    model_source: str
+    model_digest: str | None
+    method: str
+    target_gpu: str
+    engine: str | None
+    engine_version: str | None
+    eval_verdict: str              # pass | fail | none
+    eval_digest: str | None
+    scan_verdict: str              # pass | fail | unscanned | none
+    scan_digest: str | None
+    sbom_digest: str | None
+    provenance_digest: str | None = None
+    tool_versions: dict[str, str]
+    created_at: str
+    forge_version: str = __version__
+    evidence: tuple[Evidence, ...] = ()
+    remote: str | None = None      # oci://host/repo@digest when pushed
+    promoted_tags: tuple[str, ...] = ()
+
+    def short(self) -> str:
+        return self.id[:12]
+
+
+@dataclass(frozen=True)
+class EvidenceFiles:
+    kind: str
+    files: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class Collected:
+    """A record-to-be plus the files it is made from."""
+    record: Record
+    image_layout: Path | None = None
+    image_ref: str | None = None
+    evidence: tuple[EvidenceFiles, ...] = field(default=())
+    provenance: bytes = b""
+
+
+def decide(gate: dict | None, scan: dict | None, has_image: bool) -> tuple[str, str]:
+    """(status, reason) from the gate's and the scan's facts (None: the recipe has no such step)."""
+    if gate is not None and gate.get("passed") is False:
+        failed = "; ".join(gate.get("failed") or []) or "see the gate summary"
+        return "rejected", f"eval gate failed: {failed}"
+    if scan is not None and scan.get("status") == "scanned" and scan.get("passed") is False:
+        return "rejected", f"scan gate failed: {scan.get('summary', '')}".rstrip(": ")
+    if not has_image:
+        return ("gated" if gate is not None else "built"), "the recipe has no container section: no image to ship"
+    if scan is None or scan.get("status") == "unscanned":
+        return "unscanned", (scan or {}).get("reason") or "the image was not scanned"
+    if gate is None:
+        return "scanned", "the recipe has no eval gate; only a gated and scanned image is validated"
+    return "validated", ""
+
+
+def collect(loaded, results: dict, finished_at: datetime | None = None) -> Collected:
+    """Build the record for a (possibly stopped) build from its step results, by step name."""
+    from forge.steps.gate import VERDICT as GATE_VERDICT
+    from forge.steps.package import IMAGE_JSON, OCI_DIR
+    from forge.steps.scan import REPORT, SBOM, VERDICT as SCAN_VERDICT
+
+    r = loaded.recipe
+    facts = {name: res.entry.manifest.get("facts", {}) for name, res in results.items()}
+    gate = facts.get("gate") if "gate" in results else None
+    scan = facts.get("scan") if "scan" in results else None
+    package = results.get("package")
+    image = json.loads((package.entry.out / IMAGE_JSON).read_text()) if package else None
+    status, reason = decide(gate, scan, image is not None)
+
+    evidence: list[EvidenceFiles] = []
+    eval_digest = scan_digest = sbom_digest = None
+    if gate is not None:
+        verdict = results["gate"].entry.out / GATE_VERDICT
+        evidence.append(EvidenceFiles("eval-verdict", (verdict,)))
+        eval_digest = sha256_file(verdict)
+    if scan is not None:
+        out = results["scan"].entry.out
+        files = tuple(out / f for f in (REPORT, SCAN_VERDICT) if (out / f).exists())
+        evidence.append(EvidenceFiles("scan-report", files))
+        scan_digest = sha256_file(out / SCAN_VERDICT)
+        if (out / SBOM).exists():
+            evidence.append(EvidenceFiles("sbom", (out / SBOM,)))
+            sbom_digest = sha256_file(out / SBOM)
+
+    tools: dict[str, str] = {}
+    for res in results.values():
+        tools.update(res.entry.manifest.get("inputs", {}).get("tools", {}))
+    quantize = results.get("quantize")
+    model_digest = quantize.output_digest if quantize else None
+    image_digest = image["manifest_digest"] if image else None
+    ident = {"recipe": loaded.digest, "image": image_digest, "model": model_digest, "eval": eval_digest,
+             "scan": scan_digest}
+    rid = digest_of(ident).removeprefix("sha256:")
+    tag = f"{rid[:12]}" if image_digest and status != "rejected" else None
+    record = Record(
+        id=rid, name=r.name, tag=tag, status=status, reason=reason, image_digest=image_digest,
+        recipe_digest=loaded.digest, recipe_path=str(loaded.path), model_source=r.model.source,
+        model_digest=model_digest, method=r.quantize.method, target_gpu=r.target.gpu,
+        engine=image.get("engine") if image else None,
+        engine_version=_engine_version(loaded) if image else None,
+        eval_verdict="none" if gate is None else ("pass" if gate.get("passed") else "fail"), eval_digest=eval_digest,
+        scan_verdict=_scan_verdict(scan), scan_digest=scan_digest, sbom_digest=sbom_digest,
+        tool_versions=dict(sorted(tools.items())),
+        created_at=(finished_at or datetime.now(timezone.utc)).isoformat(timespec="seconds"))
+    prov = provenance(record, loaded, results)
+    record = record.model_copy(update={"provenance_digest": sha256_bytes(prov)})
+    return Collected(record, package.entry.out / OCI_DIR if package else None,
+                     image["oci_ref"] if image else None, tuple(evidence), prov)
+
+
+def provenance(record: Record, loaded, results: dict) -> bytes:
+    """An in-toto Statement v1 with a SLSA v1 provenance predicate (unsigned: sign it downstream)."""
+    subject_digest = record.image_digest or record.model_digest or record.recipe_digest
+    deps = [{"uri": record.model_source, "digest": {"sha256": _hex(results["resolve"].output_digest)}}] \
+        if "resolve" in results else []
+    if "base_image" in results:
+        deps.append({"uri": "forge-base", "digest": {"sha256": _hex(results["base_image"].output_digest)}})
+    statement = {
+        "_type": "https://in-toto.io/Statement/v1",
+        "subject": [{"name": record.name, "digest": {"sha256": _hex(subject_digest)}}],
+        "predicateType": "https://slsa.dev/provenance/v1",
+        "predicate": {
+            "buildDefinition": {
+                "buildType": "https://forge.dev/build/v1",
+                "externalParameters": {"recipe": {"path": record.recipe_path, "digest": record.recipe_digest}},
+                "internalParameters": {"tool_versions": record.tool_versions},
+                "resolvedDependencies": deps,
+            },
+            "runDetails": {
+                "builder": {"id": f"https://forge.dev/forge@{record.forge_version}"},
+                "metadata": {"invocationId": record.id, "finishedOn": record.created_at},
+                "byproducts": [{"name": name, "digest": {"sha256": _hex(res.output_digest)}}
+                               for name, res in results.items()],
+            },
+        },
+    }
+    return json.dumps(statement, sort_keys=True, indent=1).encode()
+
+
+def _hex(digest: str) -> str:
+    return digest.removeprefix("sha256:")
+
+
+def _scan_verdict(scan: dict | None) -> str:
+    if scan is None:
+        return "none"
+    if scan.get("status") == "unscanned":
+        return "unscanned"
+    return "pass" if scan.get("passed") else "fail"
+
+
+def _engine_version(loaded) -> str | None:
+    from forge.containers import resolve_base
+
+    try:
+        return resolve_base(loaded)[0].engine_version
+    except Exception:  # the catalog changed since the build: the record still stands
+        return None

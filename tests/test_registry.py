@@ -1,0 +1,303 @@
+"""The registry: records and statuses, the embedded store (verify, tamper, promote, pull, concurrency), and
+publishing to a real OCI Distribution registry (Debian's docker-registry) with evidence as referrers."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import multiprocessing
+import subprocess
+import tarfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import forge_cli
+
+from forge.registry import LocalRegistry, publish, pull
+from forge.registry.layout import Layout, REF_NAME
+from forge.registry.record import decide
+
+
+# ---------------------------------------------------------------------- fixtures: a build's step outputs
+
+def _tar(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in sorted(files.items()):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 0
+            tf.addfile(info, io.BytesIO(data))
+    return gzip.compress(buf.getvalue(), mtime=0)
+
+
+def _blob(layout: Path, data: bytes) -> dict:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256" / digest[7:]).write_bytes(data)
+    return {"digest": digest, "size": len(data)}
+
+
+def make_image(layout: Path, ref: str, model: dict[str, bytes]) -> str:
+    """An OCI layout holding one image: a base layer and the weights layer at /opt/forge/model (as forge builds)."""
+    (layout / "blobs" / "sha256").mkdir(parents=True)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    layers = [_blob(layout, _tar({"etc/os-release": b"ID=debian\n"})),
+              _blob(layout, _tar({f"opt/forge/model/{k}": v for k, v in model.items()}))]
+    config = _blob(layout, json.dumps({"architecture": "amd64", "os": "linux",
+                                       "rootfs": {"type": "layers", "diff_ids": []}}).encode())
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config},
+                           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **l}
+                                      for l in layers]}).encode()
+    desc = _blob(layout, manifest)
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", **desc, "annotations": {REF_NAME: ref}}]}))
+    return desc["digest"]
+
+
+def _result(out: Path, facts: dict, digest: str = "sha256:" + "ab" * 32, tools: dict | None = None):
+    entry = SimpleNamespace(out=out, manifest={"facts": facts, "inputs": {"tools": tools or {}}})
+    return SimpleNamespace(entry=entry, output_digest=digest)
+
+
+def make_build(root: Path, name: str = "tiny", *, gate_passed=True, scan="pass", image=True, seed: str = "0",
+               registry: str = "local"):
+    """(loaded, results) shaped like a finished forge build, from files written here."""
+    root.mkdir(parents=True, exist_ok=True)
+    results = {"resolve": _result(root, {}, "sha256:" + "11" * 32),
+               "quantize": _result(root, {"method": "fp8"}, "sha256:" + hashlib.sha256(seed.encode()).hexdigest(),
+                                   {"llmcompressor": "0.14.0.1"})}
+    (root / "gate").mkdir()
+    (root / "gate" / "verdict.json").write_text(json.dumps({"passed": gate_passed, "seed": seed}))
+    results["gate"] = _result(root / "gate", {"passed": gate_passed,
+                                               "failed": [] if gate_passed else ["heldout_ppl.word_perplexity: +40%"]})
+    if image:
+        (root / "package").mkdir()
+        digest = make_image(root / "package" / "oci", name, {"config.json": b'{"seed": "%s"}' % seed.encode(),
+                                                             "model.safetensors": b"W" * 4096 + seed.encode()})
+        (root / "package" / "image.json").write_text(json.dumps(
+            {"manifest_digest": digest, "oci_ref": name, "engine": "vllm"}))
+        results["package"] = _result(root / "package", {})
+        (root / "scan").mkdir()
+        if scan == "unscanned":
+            facts = {"status": "unscanned", "passed": None, "reason": "trivy is not on PATH"}
+        else:
+            facts = {"status": "scanned", "passed": scan == "pass", "summary": "0 findings" if scan == "pass" else "2 HIGH"}
+            (root / "scan" / "trivy-report.json").write_text('{"SchemaVersion": 2, "Results": []}')
+            (root / "scan" / "sbom.cdx.json").write_text('{"bomFormat": "CycloneDX"}')
+        (root / "scan" / "verdict.json").write_text(json.dumps(facts))
+        results["scan"] = _result(root / "scan", facts)
+    recipe = SimpleNamespace(name=name, model=SimpleNamespace(source="hf://org/tiny@" + "c" * 40),
+                             quantize=SimpleNamespace(method="fp8"), target=SimpleNamespace(gpu="L40S"),
+                             publish=SimpleNamespace(registry=registry), container=None)
+    loaded = SimpleNamespace(recipe=recipe, digest="sha256:" + hashlib.sha256(f"recipe{seed}".encode()).hexdigest(),
+                             path=root / "recipe.yaml")
+    return loaded, results
+
+
+# ---------------------------------------------------------------------- status rules
+
+@pytest.mark.parametrize("gate,scan,image,status", [
+    ({"passed": True}, {"status": "scanned", "passed": True}, True, "validated"),
+    ({"passed": False, "failed": ["x"]}, None, False, "rejected"),
+    ({"passed": True}, {"status": "scanned", "passed": False, "summary": "1 CRITICAL"}, True, "rejected"),
+    ({"passed": True}, {"status": "unscanned", "reason": "no trivy"}, True, "unscanned"),
+    (None, {"status": "scanned", "passed": True}, True, "scanned"),
+    ({"passed": True}, None, False, "gated"),
+    (None, None, False, "built"),
+])
+def test_only_a_passed_gate_and_a_passed_scan_validate(gate, scan, image, status):
+    assert decide(gate, scan, image)[0] == status
+
+
+# ---------------------------------------------------------------------- embedded registry
+
+@pytest.fixture
+def reg(tmp_path) -> LocalRegistry:
+    return LocalRegistry(tmp_path / "registry")
+
+
+def test_publish_records_everything_and_pull_returns_weights_and_evidence(tmp_path, reg):
+    loaded, results = make_build(tmp_path / "b")
+    rec = publish(loaded, results, registry=reg)
+    assert rec.status == "validated" and rec.tag and rec.image_digest
+    assert {e.kind for e in rec.evidence} == {"eval-verdict", "scan-report", "sbom", "provenance"}
+    assert rec.eval_digest in next(e for e in rec.evidence if e.kind == "eval-verdict").files.values()
+    assert rec.tool_versions == {"llmcompressor": "0.14.0.1"}
+
+    listed = json.loads(forge_cli("registry", "ls", "--json", "--registry-dir", str(reg.root), check=0).stdout)
+    assert [r["id"] for r in listed] == [rec.id]
+    assert forge_cli("registry", "verify", f"tiny:{rec.tag}", "--registry-dir", str(reg.root), check=0)
+    refs = json.loads(forge_cli("registry", "referrers", "tiny", "--json", "--registry-dir", str(reg.root),
+                                check=0).stdout)["local"]
+    assert sorted(r["artifactType"] for r in refs) == sorted(e.artifact_type for e in rec.evidence)
+
+    forge_cli("registry", "pull", rec.id[:10], "--to", str(tmp_path / "pulled"), "--registry-dir", str(reg.root), check=0)
+    assert (tmp_path / "pulled" / "model" / "model.safetensors").read_bytes() == b"W" * 4096 + b"0"
+    assert json.loads((tmp_path / "pulled" / "evidence" / "eval-verdict" / "verdict.json").read_text())["passed"]
+    statement = json.loads((tmp_path / "pulled" / "evidence" / "provenance" / "provenance.intoto.json").read_text())
+    assert statement["subject"][0]["digest"]["sha256"] == rec.image_digest[7:]
+    assert statement["predicateType"] == "https://slsa.dev/provenance/v1"
+
+    # the store is a valid OCI layout other tools read: skopeo finds the image by its name:tag
+    proc = subprocess.run(["skopeo", "inspect", "--raw", f"oci:{reg.blobs.root}:tiny:{rec.tag}"], capture_output=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "sha256:" + hashlib.sha256(proc.stdout).hexdigest() == rec.image_digest
+
+
+def test_republishing_the_same_build_adds_nothing(tmp_path, reg):
+    loaded, results = make_build(tmp_path / "b")
+    first = publish(loaded, results, registry=reg)
+    before = reg.blobs.index()
+    second = publish(loaded, results, registry=reg)
+    assert second == first and len(reg.ls()) == 1 and reg.blobs.index() == before
+
+
+@pytest.mark.parametrize("target", ["weights layer", "evidence"])
+def test_one_flipped_byte_fails_verify_naming_the_blob(tmp_path, reg, target):
+    loaded, results = make_build(tmp_path / "b")
+    rec = publish(loaded, results, registry=reg)
+    if target == "weights layer":
+        digest = json.loads(reg.blobs.read(rec.image_digest))["layers"][-1]["digest"]
+    else:
+        digest = next(e for e in rec.evidence if e.kind == "scan-report").files["trivy-report.json"]
+    path = reg.blobs.blob_path(digest)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+    proc = forge_cli("registry", "verify", "tiny", "--registry-dir", str(reg.root))
+    assert proc.returncode == 5
+    assert digest in proc.stderr and "do not verify" in proc.stderr
+    proc = forge_cli("registry", "pull", "tiny", "--to", str(tmp_path / "p"), "--registry-dir", str(reg.root))
+    assert proc.returncode == 5 and digest in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_promote_validated_only(tmp_path, reg):
+    ok = publish(*make_build(tmp_path / "ok", seed="1"), registry=reg)
+    proc = forge_cli("registry", "promote", f"tiny:{ok.tag}", "--to", "prod", "--registry-dir", str(reg.root), check=0)
+    assert "tiny:prod" in proc.stdout
+    assert reg.resolve("tiny:prod").status == "promoted"
+    assert f"tiny:prod" in {d.get("annotations", {}).get(REF_NAME) for d in reg.blobs.index()["manifests"]}
+
+    unscanned = publish(*make_build(tmp_path / "u", seed="2", scan="unscanned"), registry=reg)
+    rejected = publish(*make_build(tmp_path / "r", seed="3", scan="fail"), registry=reg)
+    gate_failed = publish(*make_build(tmp_path / "g", seed="4", gate_passed=False, image=False), registry=reg)
+    assert rejected.tag is None and gate_failed.tag is None and "eval gate failed" in gate_failed.reason
+    for rec, why in ((unscanned, "trivy is not on PATH"), (rejected, "scan gate failed: 2 HIGH"),
+                     (gate_failed, "heldout_ppl.word_perplexity")):
+        proc = forge_cli("registry", "promote", rec.id[:12], "--to", "prod", "--registry-dir", str(reg.root))
+        assert proc.returncode == 2 and why in proc.stderr and rec.status in proc.stderr, proc.stderr
+    assert reg.resolve("tiny:prod").id == ok.id  # nothing moved the tag
+    statuses = json.loads(forge_cli("registry", "ls", "--json", "--status", "rejected",
+                                    "--registry-dir", str(reg.root), check=0).stdout)
+    assert {r["id"] for r in statuses} == {rejected.id, gate_failed.id}
+
+
+def _publish_one(args):
+    root, build_dir, seed = args
+    loaded, results = make_build(Path(build_dir), seed=seed)
+    return publish(loaded, results, registry=LocalRegistry(Path(root))).id
+
+
+def test_four_parallel_publishes_lose_and_duplicate_nothing(tmp_path):
+    root = tmp_path / "registry"
+    LocalRegistry(root)
+    # four different builds, and the first one published a second time at the same moment
+    jobs = [(str(root), str(tmp_path / f"b{i}"), str(i)) for i in range(4)]
+    jobs.append((str(root), str(tmp_path / "b0-again"), "0"))
+    with multiprocessing.get_context("spawn").Pool(5) as pool:
+        ids = pool.map(_publish_one, jobs)
+    reg = LocalRegistry(root)
+    records = reg.ls()
+    assert len(records) == 4 and {r.id for r in records} == set(ids)
+    index = reg.blobs.index()["manifests"]
+    images = [d for d in index if "artifactType" not in d]
+    assert sorted(d["digest"] for d in images) == sorted(r.image_digest for r in records)
+    assert len(index) == len({json.dumps(d, sort_keys=True) for d in index})  # no descriptor twice
+    for r in records:
+        assert reg.verify(r) == []
+        assert len(reg.referrers(r)) == 4
+        assert len(reg.events(r)) == 1
+
+
+# ---------------------------------------------------------------------- a real OCI registry
+
+def _get(url: str, accept: str = "application/vnd.oci.image.index.v1+json") -> tuple[int, bytes, dict]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, headers={"Accept": accept})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), dict(e.headers)
+
+
+def test_push_evidence_referrers_pull_and_promote_on_a_real_registry(tmp_path, reg, oci_registry, monkeypatch):
+    monkeypatch.setenv("FORGE_REGISTRY_USER", "ci-bot")
+    monkeypatch.setenv("FORGE_REGISTRY_PASSWORD", "s3cret-registry-pw")   # this registry ignores auth; it must not leak
+    url = f"oci://{oci_registry}/forge/tiny"
+    loaded, results = make_build(tmp_path / "b", registry=url)
+    rec = publish(loaded, results, registry=reg)
+    assert rec.remote == f"{url}@{rec.image_digest}"
+    base = f"http://{oci_registry}/v2/forge/tiny"
+
+    tags = json.loads(_get(f"{base}/tags/list")[1])["tags"]
+    fallback = "sha256-" + rec.image_digest[7:]
+    assert rec.tag in tags and fallback in tags
+    # Distribution 2.8 has no referrers API, so forge kept the referrers tag schema index itself
+    assert _get(f"{base}/referrers/{rec.image_digest}")[0] == 404
+    status, body, _ = _get(f"{base}/manifests/{fallback}")
+    index = json.loads(body)
+    assert status == 200 and index["mediaType"] == "application/vnd.oci.image.index.v1+json"
+    assert sorted(d["artifactType"] for d in index["manifests"]) == sorted(e.artifact_type for e in rec.evidence)
+    for d in index["manifests"]:
+        status, body, headers = _get(f"{base}/manifests/{d['digest']}", "application/vnd.oci.image.manifest.v1+json")
+        m = json.loads(body)
+        assert m["subject"]["digest"] == rec.image_digest and m["artifactType"] == d["artifactType"]
+        assert headers["Docker-Content-Digest"] == d["digest"] == "sha256:" + hashlib.sha256(body).hexdigest()
+    # the image kept its digest
+    assert _get(f"{base}/manifests/{rec.tag}", "application/vnd.oci.image.manifest.v1+json")[2][
+        "Docker-Content-Digest"] == rec.image_digest
+
+    # republish: idempotent, no second copy of any referrer
+    publish(loaded, results, registry=reg)
+    assert len(json.loads(_get(f"{base}/manifests/{fallback}")[1])["manifests"]) == len(rec.evidence)
+
+    # pull it back from the registry alone (another machine has no local record)
+    proc = forge_cli("registry", "pull", f"{url}:{rec.tag}", "--to", str(tmp_path / "pulled"),
+                     "--registry-dir", str(tmp_path / "empty-registry"), check=0)
+    assert (tmp_path / "pulled" / "model" / "model.safetensors").read_bytes() == b"W" * 4096 + b"0"
+    assert {p.name for p in (tmp_path / "pulled" / "evidence").iterdir()} == {e.kind for e in rec.evidence}
+    listed = json.loads(forge_cli("registry", "referrers", rec.tag, "--json", "--registry-dir", str(reg.root),
+                                  check=0).stdout)
+    assert listed["remote_via"] == "tag-schema" and len(listed["remote"]) == len(rec.evidence)
+
+    # promote re-tags remotely too, same digest
+    forge_cli("registry", "promote", rec.id[:12], "--to", "prod", "--registry-dir", str(reg.root), check=0)
+    assert _get(f"{base}/manifests/prod", "application/vnd.oci.image.manifest.v1+json")[2][
+        "Docker-Content-Digest"] == rec.image_digest
+
+    # a rejected build is recorded locally, never pushed
+    loaded2, results2 = make_build(tmp_path / "r", seed="9", scan="fail", registry=url)
+    rejected = publish(loaded2, results2, registry=reg)
+    assert rejected.status == "rejected" and rejected.remote is None
+    assert len(json.loads(_get(f"{base}/tags/list")[1])["tags"]) == 3   # tag, fallback, prod
+
+    stored = (reg.root / "index.sqlite").read_bytes() + json.dumps([r.model_dump() for r in reg.ls()]).encode()
+    assert b"s3cret-registry-pw" not in stored and b"s3cret-registry-pw" not in proc.stdout.encode() + proc.stderr.encode()
+
+
+def test_unreachable_registry_is_exit_5_and_records_nothing(tmp_path, reg):
+    from conftest import free_port
+
+    loaded, results = make_build(tmp_path / "b", registry=f"oci://127.0.0.1:{free_port()}/forge")
+    from forge.errors import ToolError
+
+    with pytest.raises(ToolError, match="skopeo copy failed"):
+        publish(loaded, results, registry=reg)
+    assert reg.ls() == []
