@@ -50,6 +50,10 @@ def complete(loaded: "LoadedRecipe") -> list[str]:
     elif isinstance(source, GgufSource) and not source.path.is_file():
         problems.append(f"{loaded.where('model', 'source')}: GGUF file {source.path} does not exist")
 
+    from forge.backends import problems as backend_problems
+
+    problems.extend(backend_problems(loaded))
+
     cal = r.quantize.calibration
     from forge.calibration import parse_hf_dataset
 

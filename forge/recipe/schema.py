@@ -53,7 +53,12 @@ class Calibration(_Section):
 
 
 class Quantize(_Section):
-    method: Literal["none", "awq", "gptq", "fp8", "int8"] = "none"
+    method: Literal["none", "awq", "gptq", "fp8", "int8", "w4a8_awq", "nvfp4"] = Field(
+        "none", description="awq/gptq/fp8/int8 with llm-compressor (compressed-tensors); fp8, awq (int4_awq), w4a8_awq "
+                            "and nvfp4 with ModelOpt (unified HF checkpoint for TensorRT-LLM)")
+    backend: Literal["auto", "llmcompressor", "modelopt"] = Field(
+        "auto", description="auto: modelopt when target.engine is trtllm or the method is w4a8_awq/nvfp4, "
+                            "else llmcompressor")
     bits: Literal[4, 8] | None = None
     group_size: Annotated[int, Field(gt=0)] | None = None
     symmetric: bool = True
@@ -67,7 +72,7 @@ class Quantize(_Section):
     def _bits_fit_method(self) -> "Quantize":
         if self.method in ("awq",) and self.bits not in (None, 4):
             raise ValueError(f"awq supports bits: 4, found bits: {self.bits}")
-        if self.method in ("fp8", "int8", "none") and self.bits is not None:
+        if self.method in ("fp8", "int8", "none", "w4a8_awq", "nvfp4") and self.bits is not None:
             raise ValueError(f"bits does not apply to method {self.method}; remove it")
         return self
 
@@ -96,6 +101,28 @@ class Eval(_Section):
     limit: Annotated[int, Field(gt=0)] | None = None
     seed: int = 1234
     gate: tuple[GateRule, ...] = ()
+
+
+class TrtLLM(_Section):
+    """TensorRT-LLM build settings (target.engine: trtllm)."""
+
+    mode: Literal["pytorch", "engine"] = Field(
+        "pytorch", description="pytorch: trtllm-serve loads the ModelOpt checkpoint (current TensorRT-LLM); "
+                               "engine: legacy trtllm-build engine, bound to the GPU it was built on (TensorRT-LLM <= 1.1)")
+    max_batch_size: Annotated[int, Field(gt=0)] | None = Field(None, description="default: target.max_num_seqs")
+    max_input_len: Annotated[int, Field(gt=0)] | None = Field(None, description="default: target.max_model_len - 1")
+    max_seq_len: Annotated[int, Field(gt=0)] | None = Field(None, description="default: target.max_model_len")
+    max_num_tokens: Annotated[int, Field(gt=0)] = 8192
+    gemm_plugin: Literal["auto", "disable", "float16", "bfloat16", "fp8"] = "auto"
+    gpt_attention_plugin: Literal["auto", "float16", "bfloat16", "disable"] = "auto"
+    use_paged_context_fmha: bool = True
+    use_fp8_context_fmha: bool = False
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "TrtLLM":
+        if self.max_input_len and self.max_seq_len and self.max_input_len > self.max_seq_len:
+            raise ValueError(f"max_input_len {self.max_input_len} exceeds max_seq_len {self.max_seq_len}")
+        return self
 
 
 class Container(_Section):
@@ -160,6 +187,7 @@ class Recipe(_Section):
     container: Container | None = None
     scan: Scan = Scan()
     publish: Publish = Publish()
+    trtllm: TrtLLM | None = None
 
 
 def json_schema() -> dict:

@@ -22,7 +22,7 @@ from pathlib import Path
 from forge.digests import list_files
 from forge.steps import StepContext, StepSpec
 
-AVAILABLE_METHODS = ("none", "awq", "gptq", "fp8", "int8")
+AVAILABLE_METHODS = ("none", "awq", "gptq", "fp8", "int8", "w4a8_awq", "nvfp4")
 VERIFY_PROMPT = "The capital of France is"
 VERIFY_TOKENS = 16
 REPORT_JSON, REPORT_MD, QUANT_MANIFEST = "quantize-report.json", "quantize-report.md", "forge-quantization.json"
@@ -40,8 +40,14 @@ LINEAR_ARCHITECTURES = AWQ_ARCHITECTURES | {"Gemma3ForConditionalGeneration", "M
                                             "StableLmForCausalLM", "Starcoder2ForCausalLM", "SmolLM3ForCausalLM"}
 
 
+def _backend(loaded) -> str:
+    from forge.backends import backend_for
+
+    return backend_for(loaded.recipe.quantize, loaded.recipe.target.engine)
+
+
 def _config(loaded) -> dict:
-    return loaded.recipe.quantize.model_dump(mode="json")
+    return {**loaded.recipe.quantize.model_dump(mode="json"), "backend": _backend(loaded)}
 
 
 def _data(loaded) -> dict[str, Path]:
@@ -77,21 +83,26 @@ def calibration_dtype(loaded) -> str:
     """The dtype the model is calibrated in: the recipe's on a GPU; on a CPU the recipe's only when it runs
     bf16 natively and the method calibrates, else float32 (emulated bf16 made GPTQ 4.5x slower: 687 s vs 152 s
     on a CPU without AVX512-BF16). ``FORGE_CPU_CALIBRATION_DTYPE`` overrides the CPU choice."""
-    from forge.backends.llmcompressor import needs_calibration
+    from forge.backends import needs_calibration
 
     if _device() == "cuda":
         return loaded.recipe.model.dtype
     if forced := os.environ.get("FORGE_CPU_CALIBRATION_DTYPE"):
         return forced
     native = loaded.recipe.model.dtype == "bfloat16" and cpu_has_native_bf16()
-    return "bfloat16" if native and needs_calibration(loaded.recipe.quantize) else "float32"
+    return "bfloat16" if native and needs_calibration(loaded.recipe.quantize, loaded.recipe.target.engine) else "float32"
 
 
 def _identity(loaded) -> dict:
     # the device and the calibration dtype change the numbers written, so they are part of the key
     if loaded.recipe.quantize.method == "none":
         return {}
-    return {"device": _device(), "calibration_dtype": calibration_dtype(loaded)}
+    ident = {"device": _device(), "calibration_dtype": calibration_dtype(loaded)}
+    if _backend(loaded) == "modelopt":
+        from forge.build import tool_versions
+
+        ident["modelopt"] = tool_versions(("nvidia-modelopt",))["nvidia-modelopt"]
+    return ident
 
 
 SPEC = StepSpec(
@@ -140,11 +151,11 @@ def preflight(loaded, shape) -> list[str]:
     if q.method == "none":
         return problems
     arch = shape.architecture
-    supported = AWQ_ARCHITECTURES if q.method == "awq" else LINEAR_ARCHITECTURES
+    supported = AWQ_ARCHITECTURES if q.method == "awq" and _backend(loaded) == "llmcompressor" else LINEAR_ARCHITECTURES
     if arch not in supported and not arch.islower():  # lower-case: a GGUF arch name (llama, qwen2, ...)
-        problems.append(f"{loaded.where('quantize', 'method')}: {q.method} through llm-compressor does not support "
+        problems.append(f"{loaded.where('quantize', 'method')}: {q.method} through {_backend(loaded)} does not support "
                         f"architecture {arch}; supported: {', '.join(sorted(supported))}")
-    if q.method in ("awq", "gptq"):
+    if q.method in ("awq", "gptq", "w4a8_awq"):
         group = q.group_size or 128
         bad = [(n, f) for n, f in targeted_layers(shape, q.ignore) if f % group]
         if bad:
@@ -157,13 +168,14 @@ def preflight(loaded, shape) -> list[str]:
                 f"({', '.join(map(str, fans))}) of {len(bad)} targeted layers: {', '.join(kinds)} "
                 f"(e.g. {bad[0][0]}). Use group_size: {fits[0] if fits else 'a divisor of ' + str(fans[0])}"
                 f" or add those layers to quantize.ignore")
-    from forge.backends.llmcompressor import needs_calibration
+    from forge.backends import needs_calibration
 
-    if needs_calibration(q) and q.calibration is None:
+    calibrates = needs_calibration(q, loaded.recipe.target.engine)
+    if calibrates and q.calibration is None:
         problems.append(f"{loaded.where('quantize')}: method {q.method} needs calibration data; add "
                         "`calibration: {data: evals/data/calib-pydoc.jsonl, samples: 128, max_seq_len: 512}` "
                         "(path relative to the recipe)")
-    elif needs_calibration(q) and q.calibration is not None:
+    elif calibrates and q.calibration is not None:
         from forge.calibration import check_size
         from forge.errors import RecipeError
 
@@ -189,6 +201,8 @@ def run(ctx: StepContext) -> dict:
         ctx.report("BF16 pass-through (method: none)")
         _link_tree(src, ctx.out)
         return {"method": "none", "bytes": _size(ctx.out), "bf16_bytes": _size(src)}
+    if _backend(ctx.recipe) == "modelopt":
+        return run_modelopt(ctx)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -265,6 +279,105 @@ def run(ctx: StepContext) -> dict:
     return facts
 
 
+def _calibration_windows(ctx: StepContext, tokenizer) -> list[list[int]]:
+    from forge.calibration import calibration_texts, windows
+
+    cal = ctx.recipe.recipe.quantize.calibration
+    ctx.report("tokenizing calibration data")
+    return windows(calibration_texts(ctx.recipe, cal), tokenizer, samples=cal.samples, max_seq_len=cal.max_seq_len,
+                   seed=cal.seed, where=ctx.recipe.where("quantize", "calibration"), source=cal.data)
+
+
+def run_modelopt(ctx: StepContext) -> dict:
+    """ModelOpt: calibrate, quantize, export the unified HF checkpoint, validate it against the recipe."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from forge.backends import modelopt
+    from forge.errors import StepError
+
+    q, src = ctx.recipe.recipe.quantize, ctx.inputs["resolve"]
+    torch.manual_seed(q.calibration.seed)
+    cuda = torch.cuda.is_available()
+    recipe_dtype = getattr(torch, ctx.recipe.recipe.model.dtype)
+    dtype = getattr(torch, calibration_dtype(ctx.recipe))
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    batches = _calibration_windows(ctx, tokenizer)
+    ctx.report(f"loading the model ({'cuda' if cuda else 'cpu'}, {str(dtype).removeprefix('torch.')})")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, device_map="cuda" if cuda else None)
+    result = modelopt.quantize(model, q, batches, ctx.report)
+    ctx.report("exporting the unified HF checkpoint (hf_quant_config.json)")
+    t0 = time.monotonic()
+    modelopt.export(model, ctx.out, recipe_dtype)
+    export_s = time.monotonic() - t0
+    del model
+    tokenizer.save_pretrained(ctx.out)
+    for extra in ("generation_config.json", "chat_template.jinja"):
+        if (src / extra).exists() and not (ctx.out / extra).exists():
+            shutil.copyfile(src / extra, ctx.out / extra)
+    ctx.report("validating the checkpoint against the recipe")
+    try:
+        checkpoint = modelopt.validate_checkpoint(ctx.out, q)
+    except ValueError as e:
+        raise StepError(f"ModelOpt wrote a checkpoint that does not match the recipe: {e}") from None
+    verify = None
+    if q.method == "fp8":  # FP8 dequantizes exactly (fp8 × scale): generate with it and compare with BF16
+        ctx.report("verifying: dequantized FP8 weights generate like BF16")
+        verify = verify_dequantized(src, modelopt.dequantized_state(ctx.out), tokenizer)
+    facts = {
+        "method": q.method, "backend": "modelopt", "scheme": _scheme(q), "seconds": round(result["seconds"], 1),
+        "export_seconds": round(export_s, 1), "calibration_dtype": str(dtype).removeprefix("torch."),
+        "device": "cuda" if cuda else "cpu", "calibration_windows": len(batches),
+        "bytes": _size(ctx.out), "bf16_bytes": _size(src), "verify": verify, "checkpoint": checkpoint,
+        "layers": len(result["layers"]),
+    }
+    facts["size_ratio"] = round(facts["bytes"] / facts["bf16_bytes"], 4)
+    from forge.build import tool_versions
+    from forge.digests import sha256_file
+
+    facts["tools"] = tool_versions(("nvidia-modelopt", "torch", "transformers"))
+    facts["calibration_sha256"] = sha256_file(ctx.recipe.resolve_path(q.calibration.data)) if _data(ctx.recipe) else None
+    (ctx.out / REPORT_JSON).write_text(json.dumps({"summary": facts, "layers": result["layers"]}, indent=2) + "\n")
+    lines = [f"# quantize report: {facts['scheme']} (ModelOpt {facts['tools']['nvidia-modelopt']})", "",
+             f"size {facts['bytes'] / 1e6:.1f} MB vs BF16 {facts['bf16_bytes'] / 1e6:.1f} MB ({facts['size_ratio']:.2f}×) · "
+             f"{facts['seconds']} s calibration + {facts['export_seconds']} s export on {facts['device']} · "
+             f"{checkpoint['quantized_layers']} quantized layers, quant_algo {checkpoint['quant_algo']}"
+             + (f" · greedy agreement with BF16 {verify['agreement']:.0%}" if verify else ""), "",
+             "| layer | bits | group | weight amax |", "|---|---|---|---|"]
+    lines += [f"| {r['layer']} | {r['bits']} | {r['group_size'] or '-'} | {r['weight_amax']} |" for r in result["layers"]]
+    (ctx.out / REPORT_MD).write_text("\n".join(lines) + "\n")
+    (ctx.out / QUANT_MANIFEST).write_text(json.dumps({k: facts[k] for k in (
+        "method", "backend", "scheme", "device", "calibration_dtype", "calibration_sha256", "tools")}, indent=2) + "\n")
+    return facts
+
+
+def verify_dequantized(bf16_dir: Path, weights: dict, tokenizer) -> dict:
+    """Greedy tokens of the BF16 model, then of the same model with the dequantized weights swapped in."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(bf16_dir, dtype=torch.float32, device_map=None)
+    ids = tokenizer(VERIFY_PROMPT, return_tensors="pt")
+    tokens = {}
+    for label in ("bf16", "quantized"):
+        if label == "quantized":
+            missing = set(weights) - set(model.state_dict())
+            if missing:
+                from forge.errors import StepError
+
+                raise StepError(f"quantized tensors with no counterpart in the model: {sorted(missing)[:3]}")
+            model.load_state_dict(weights, strict=False)
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=VERIFY_TOKENS, do_sample=False)
+        tokens[label] = out[0, ids["input_ids"].shape[1]:].tolist()
+    a, b = tokens["bf16"], tokens["quantized"]
+    prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return {"prompt": VERIFY_PROMPT, "tokens": VERIFY_TOKENS, "matching_prefix": prefix,
+            "agreement": round(sum(x == y for x, y in zip(a, b)) / max(1, len(a)), 4),
+            "bf16_text": tokenizer.decode(a, skip_special_tokens=True),
+            "quantized_text": tokenizer.decode(b, skip_special_tokens=True), "how": "dequantized fp8 × weight_scale"}
+
+
 def _mean(values: list[float]) -> float | None:
     return round(sum(values) / len(values), 6) if values else None
 
@@ -272,7 +385,7 @@ def _mean(values: list[float]) -> float | None:
 def _scheme(q) -> str:
     from forge.capability import scheme_of
 
-    return scheme_of(q.method, q.bits) + (f" g{q.group_size or 128}" if q.method in ("awq", "gptq") else "")
+    return scheme_of(q.method, q.bits) + (f" g{q.group_size or 128}" if q.method in ("awq", "gptq", "w4a8_awq") else "")
 
 
 def _layer_report(model, originals: dict, rows: dict, q) -> list[dict]:

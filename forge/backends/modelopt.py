@@ -1,0 +1,171 @@
+"""NVIDIA ModelOpt backend: quantize a transformers model and write the unified HF checkpoint
+(``hf_quant_config.json`` + safetensors) that trtllm-serve, vLLM and SGLang load.
+
+What runs on a CPU (nvidia-modelopt 0.47, measured here on SmolLM2-135M and tiny Llama/Qwen2 models):
+fp8 (FP8_DEFAULT_CFG: per-tensor weights and static activation scales), nvfp4 (fake-quant calibration
+and export; the kernels need compute capability >= 10.0), int4_awq and w4a8_awq (awq_lite) when the
+block size divides every quantized layer's input features (export refuses partial blocks). Two traps
+handled here: the export needs ``dtype=`` passed as a torch dtype (the config's string form crashes
+it), and it reads ``config.architectures``.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable
+
+CONFIGS = {"fp8": "FP8_DEFAULT_CFG", "awq": "INT4_AWQ_CFG", "w4a8_awq": "W4A8_AWQ_BETA_CFG", "nvfp4": "NVFP4_DEFAULT_CFG"}
+# hf_quant_config.json quantization.quant_algo written for each method (TensorRT-LLM's QuantAlgo names)
+QUANT_ALGO = {"fp8": "FP8", "awq": "W4A16_AWQ", "w4a8_awq": "W4A8_AWQ", "nvfp4": "NVFP4"}
+KV_ALGO = {"auto": None, "fp8": "FP8"}
+
+
+def quant_config(q) -> dict:
+    """ModelOpt's config for the recipe: the method's preset, the block size, FP8 KV, the ignore list."""
+    import modelopt.torch.quantization as mtq
+
+    cfg = copy.deepcopy(getattr(mtq, CONFIGS[q.method]))
+    entries = cfg["quant_cfg"]
+    if q.method in ("awq", "w4a8_awq"):
+        block = q.group_size or 128
+        for entry in entries:
+            if entry.get("quantizer_name") == "*weight_quantizer":
+                for c in (entry["cfg"] if isinstance(entry["cfg"], list) else [entry["cfg"]]):
+                    if "block_sizes" in c:
+                        c["block_sizes"][-1] = block
+    if q.kv_cache == "fp8":
+        entries.extend(copy.deepcopy(mtq.FP8_KV_CFG["quant_cfg"]))
+    for pattern in q.ignore:
+        entries.append({"quantizer_name": f"*{pattern.strip('*')}*", "enable": False})
+    return cfg
+
+
+def quantize(model, q, batches: list, report: Callable[..., None]) -> dict:
+    """Calibrate and quantize in place; returns timings and the per-layer quantizer summary."""
+    import modelopt.torch.quantization as mtq
+    import torch
+
+    device = next(model.parameters()).device
+    total = len(batches)
+
+    def forward_loop(m) -> None:
+        for i, ids in enumerate(batches):
+            report(f"calibrating ({i + 1}/{total} windows)", completed=i, total=total)
+            with torch.no_grad():
+                m(torch.tensor([ids], device=device))
+
+    t0 = time.monotonic()
+    mtq.quantize(model, quant_config(q), forward_loop=forward_loop)
+    return {"seconds": time.monotonic() - t0, "layers": layer_summary(model)}
+
+
+def layer_summary(model) -> list[dict]:
+    """One row per quantized Linear: bits, block size, weight amax (what ModelOpt calibrated)."""
+    rows = []
+    for name, module in model.named_modules():
+        wq = getattr(module, "weight_quantizer", None)
+        if wq is None or not getattr(wq, "is_enabled", False):
+            continue
+        first = wq[0] if hasattr(wq, "__getitem__") and not hasattr(wq, "num_bits") else wq
+        amax = getattr(first, "amax", None)
+        block = (getattr(first, "block_sizes", None) or {}).get(-1)
+        rows.append({"layer": name, "bits": _bits(getattr(first, "num_bits", None)), "group_size": block,
+                     "weight_amax": None if amax is None else round(float(amax.float().max()), 6)})
+    return rows
+
+
+def _bits(num_bits) -> str | None:
+    if num_bits is None:
+        return None
+    if isinstance(num_bits, (tuple, list)):
+        return f"e{num_bits[0]}m{num_bits[1]}"
+    return str(num_bits)
+
+
+def export(model, out, dtype) -> None:
+    from modelopt.torch.export import export_hf_checkpoint
+
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]
+    export_hf_checkpoint(model, export_dir=str(out), dtype=dtype)
+
+
+def version() -> str:
+    from importlib import metadata
+
+    return metadata.version("nvidia-modelopt")
+
+
+# ---------------------------------------------------------------------- checking what was written
+
+def validate_checkpoint(path, q) -> dict:
+    """Check an exported unified checkpoint against the recipe: the declared algorithm, the KV cache,
+    the excluded modules, and every quantized tensor's dtype, shape and scales. Returns facts; raises
+    ValueError naming each problem."""
+    import json
+    import math
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    problems = []
+    try:
+        hf = json.loads((path / "hf_quant_config.json").read_text())
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a ModelOpt unified checkpoint ({e})") from None
+    quant = hf.get("quantization", {})
+    want = QUANT_ALGO[q.method]
+    if quant.get("quant_algo") != want:
+        problems.append(f"hf_quant_config.json quant_algo is {quant.get('quant_algo')!r}; the recipe's {q.method} means {want!r}")
+    if quant.get("kv_cache_quant_algo") != KV_ALGO[q.kv_cache]:
+        problems.append(f"kv_cache_quant_algo is {quant.get('kv_cache_quant_algo')!r}; the recipe asks "
+                        f"{KV_ALGO[q.kv_cache]!r} (quantize.kv_cache: {q.kv_cache})")
+    excluded = quant.get("exclude_modules") or []
+    for pattern in q.ignore:
+        if not any(pattern.strip("*") in e for e in excluded):
+            problems.append(f"quantize.ignore {pattern!r} is not in exclude_modules {excluded}")
+    if config.get("quantization_config", {}).get("quant_method") != "modelopt":
+        problems.append("config.json quantization_config.quant_method is not 'modelopt' (trtllm-serve and vLLM read it)")
+
+    quantized, bad = 0, []
+    expect = {"fp8": "F8_E4M3", "nvfp4": "U8", "awq": "U8", "w4a8_awq": "U8"}[q.method]
+    for shard in sorted(path.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            keys = set(f.keys())
+            for key in sorted(k for k in keys if k.endswith(".weight_scale")):
+                layer = key.removesuffix(".weight_scale")
+                weight = f.get_slice(f"{layer}.weight")
+                if weight.get_dtype() != expect:
+                    bad.append(f"{layer}.weight is {weight.get_dtype()}, expected {expect}")
+                scale = f.get_tensor(key).float()
+                if not bool(((scale > 0) & scale.isfinite()).all()):
+                    bad.append(f"{key} has zero, negative or non-finite entries")
+                if any(e.strip("*") and e.strip("*") in layer for e in excluded):
+                    bad.append(f"{layer} is quantized but listed in exclude_modules")
+                quantized += 1
+    if quantized == 0:
+        problems.append("no quantized layer (no *.weight_scale tensor) in the checkpoint")
+    problems += bad[:10]
+    if problems:
+        raise ValueError("; ".join(problems))
+    return {"quant_algo": quant.get("quant_algo"), "kv_cache_quant_algo": quant.get("kv_cache_quant_algo"),
+            "quantized_layers": quantized, "exclude_modules": excluded,
+            "producer": hf.get("producer", {}), "group_size": quant.get("group_size")}
+
+
+def dequantized_state(path) -> dict:
+    """FP8 checkpoints only: every quantized weight back in float32 (fp8 × weight_scale), by tensor name."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    out = {}
+    for shard in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            for key in f.keys():
+                if key.endswith(".weight_scale"):
+                    layer = key.removesuffix(".weight_scale")
+                    out[f"{layer}.weight"] = f.get_tensor(f"{layer}.weight").float() * f.get_tensor(key).float()
+    return out
