@@ -17,6 +17,7 @@ from pathlib import Path
 from forge.errors import RecipeError
 
 MODEL_DIR = "/opt/forge/model"
+ENGINE_DIR = "/opt/forge/engine"      # a TensorRT-LLM engine (legacy engine mode), its own layer
 PORT = 8000
 UID = 10001
 CATALOG, LOCK = "bases.yaml", "bases.lock.json"
@@ -114,6 +115,7 @@ class ImageSpec:
     engine_args: tuple[str, ...]
     labels: tuple[tuple[str, str], ...]
     env: tuple[tuple[str, str], ...]
+    engine_dir: bool = False          # the build context holds engine/ (TensorRT-LLM engine mode)
 
 
 def require_cuda(base: Base) -> str | None:
@@ -142,9 +144,10 @@ def engine_command(loaded, base: Base, served_name: str) -> tuple[str, ...]:
             cmd += ["--quantize", "compressed-tensors"]
         return tuple(cmd)
     if base.engine == "trtllm":
-        return ("trtllm-serve", MODEL_DIR, "--host", "0.0.0.0", "--port", str(PORT), "--max_seq_len", str(t.max_model_len),
-                "--max_batch_size", str(t.max_num_seqs), "--tp_size", str(t.tensor_parallel),
-                "--kv_cache_free_gpu_memory_fraction", str(t.gpu_memory_utilization))
+        from forge.trtllm import mode, serve_command
+
+        # trtllm-serve names the model after its path; 1.0 has no --served_model_name
+        return serve_command(loaded, MODEL_DIR, PORT, engine_dir=ENGINE_DIR if mode(loaded) == "engine" else None)
     return ("/opt/venv/bin/transformers", "serve", MODEL_DIR, "--host", "0.0.0.0", "--port", str(PORT),
             "--device", "cpu", "--dtype", "auto")
 
@@ -154,8 +157,11 @@ def _from(spec: ImageSpec) -> list[str]:
 
 
 def _weights(spec: ImageSpec) -> list[str]:
-    # The only big layer: it depends on the weights alone, so it comes right after the base.
-    return [f"COPY --chown={UID}:{UID} model/ {MODEL_DIR}/"]
+    # The only big layer(s): they depend on the weights alone, so they come right after the base.
+    lines = [f"COPY --chown={UID}:{UID} model/ {MODEL_DIR}/"]
+    if spec.engine_dir:
+        lines.append(f"COPY --chown={UID}:{UID} engine/ {ENGINE_DIR}/")
+    return lines
 
 
 def _env(spec: ImageSpec) -> list[str]:

@@ -26,6 +26,7 @@ def _trt_recipe(tmp_path, model, method="fp8", gpu="H100-SXM", name="tiny-trt", 
     if method in ("awq", "w4a8_awq"):
         q["group_size"] = 32
     q.update(extra.pop("quantize", {}))
+    extra.setdefault("scan", {"required": False})   # Trivy is not installed here; the scan has its own tests
     return write_recipe(tmp_path / f"{name}.yaml", str(model), name=name, quantize=q,
                         target={"gpu": gpu, "engine": "trtllm", "max_model_len": 256, "max_num_seqs": 4}, **extra)
 
@@ -103,3 +104,223 @@ def test_trtllm_section_needs_the_trtllm_engine(tmp_path, tiny_llama):
                           trtllm={"mode": "engine"})
     proc = forge_cli("validate", str(recipe))
     assert proc.returncode == 2 and "the trtllm section applies to target.engine: trtllm only" in proc.stderr
+
+
+# ---------------------------------------------------------------------- engine config validation
+
+def _engine_dir(tmp_path, *, cluster="H100-SXM", version="1.0.0", quant="FP8", kv=None, dtype="bfloat16", seq=256,
+                batch=4, tokens=8192, tp=1) -> Path:
+    d = tmp_path / f"engine-{cluster}-{version}-{quant}"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({
+        "version": version,
+        "pretrained_config": {"architecture": "LlamaForCausalLM", "dtype": dtype, "mapping": {"world_size": tp, "tp_size": tp},
+                              "quantization": {"quant_algo": quant, "kv_cache_quant_algo": kv}},
+        "build_config": {"max_batch_size": batch, "max_input_len": seq - 1, "max_seq_len": seq, "max_num_tokens": tokens,
+                         "plugin_config": {"gemm_plugin": "auto"}, "auto_parallel_config": {"cluster_key": cluster}}}))
+    return d
+
+
+@pytest.fixture
+def engine_recipe(tmp_path, tiny_llama):
+    return load_recipe(_trt_recipe(tmp_path, tiny_llama, "fp8", container={"base": "trtllm-1.0-cu129"},
+                                   trtllm={"mode": "engine"}))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({}, None),
+    ({"cluster": "H100-PCIe"}, "engine built for GPU 'H100-PCIe' (build_config.auto_parallel_config.cluster_key); "
+                               "the recipe targets H100-SXM (H100-SXM)"),
+    ({"cluster": "L40S"}, "engine built for GPU 'L40S'"),
+    ({"version": "0.21.0"}, "engine built with TensorRT-LLM 0.21.0; the base image trtllm-1.0-cu129 runs TensorRT-LLM 1.0.0"),
+    ({"version": "1.0.0rc4"}, None),   # the same release
+    ({"quant": "W4A16_AWQ"}, "engine quantization 'W4A16_AWQ'; the recipe's quantize.method fp8 means 'FP8'"),
+    ({"kv": "FP8"}, "engine KV cache 'FP8'; the recipe's quantize.kv_cache auto means None"),
+    ({"dtype": "float16"}, "engine dtype float16; the recipe's model.dtype is bfloat16"),
+    ({"seq": 512}, "engine max_seq_len 512; the recipe asks 256"),
+    ({"tp": 2}, "engine tp_size 2; the recipe's target.tensor_parallel is 1"),
+])
+def test_engine_validation_names_both_sides(tmp_path, engine_recipe, kwargs, message):
+    from forge.containers import resolve_base
+    from forge.trtllm import EngineFacts, check_engine
+
+    problems = check_engine(EngineFacts.read(_engine_dir(tmp_path, **kwargs)), engine_recipe, resolve_base(engine_recipe)[0])
+    if message is None:
+        assert problems == []
+    else:
+        assert any(p.startswith(message) for p in problems), problems
+
+
+def test_an_engine_dir_without_a_valid_config_is_refused(tmp_path):
+    from forge.trtllm import EngineFacts
+
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "config.json").write_text('{"version": "1.0.0"}')
+    with pytest.raises(ValueError, match="not a TensorRT-LLM engine config"):
+        EngineFacts.read(tmp_path / "e")
+
+
+# ---------------------------------------------------------------------- compile: only on the recipe's GPU
+
+def _fake_env(tmp_path, gpus="NVIDIA H100 80GB HBM3, 9.0, 580.65.06", cluster="H100-SXM", **extra):
+    bin_dir = tmp_path / "bin"   # the GPU tools' stand-ins only (no trivy: these recipes are not scanned here)
+    bin_dir.mkdir(exist_ok=True)
+    for tool in ("nvidia-smi", "trtllm-build"):
+        if not (bin_dir / tool).exists():
+            (bin_dir / tool).symlink_to(FAKE_BIN / tool)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_NVIDIA_SMI_GPUS": gpus, "FAKE_TRTLLM_CLUSTER_KEY": cluster,
+            "FAKE_TRTLLM_LOG": str(tmp_path / "trtllm-build.log"), **extra}
+
+
+@pytest.mark.parametrize("gpus,here", [
+    ("", "no NVIDIA GPU"),
+    ("NVIDIA L4, 8.9, 570.26", "this machine has NVIDIA L4"),
+    ("NVIDIA H100 PCIe, 9.0, 580.65.06", "this machine has NVIDIA H100 PCIe"),
+])
+def test_compile_refuses_a_gpu_that_is_not_the_recipes(tmp_path, tiny_llama, gpus, here):
+    recipe = _trt_recipe(tmp_path, tiny_llama, "fp8", container={"base": "trtllm-1.0-cu129"}, trtllm={"mode": "engine"})
+    proc = forge_cli("build", str(recipe), cache=tmp_path / "cache", env=_fake_env(tmp_path, gpus=gpus))
+    assert proc.returncode == 5, proc.stdout + proc.stderr
+    assert "the engine must be built on a H100-SXM" in proc.stderr and here in proc.stderr
+    assert not (tmp_path / "trtllm-build.log").exists()   # trtllm-build never ran
+
+
+def test_engine_mode_needs_a_legacy_release_and_a_base(tmp_path, tiny_llama):
+    recipe = _trt_recipe(tmp_path, tiny_llama, "fp8", trtllm={"mode": "engine"})
+    proc = forge_cli("validate", str(recipe))
+    assert proc.returncode == 2 and "mode engine needs container.base" in proc.stderr
+
+
+# ---------------------------------------------------------------------- stand-in GPU bases and packaging
+
+STANDINS = {  # what the real images carry that forge must override or keep
+    "trtllm-1.0-cu129": ("nvcr.io/nvidia/tensorrt-llm/release:1.0.0", "12.9.1"),
+    "vllm-0.11-cu128": ("docker.io/vllm/vllm-openai:v0.11.0", "12.8.1"),
+}
+
+
+@pytest.fixture(scope="module")
+def standin_bases(tmp_path_factory):
+    """Local images under the catalog's references, carrying NGC's env and labels (NVIDIA_REQUIRE_CUDA=cuda>=9.0,
+    CUDA_VERSION, a vendor label): the GPU bases cannot be pulled here, their packaging logic can be tested."""
+    if shutil.which("buildah") is None:
+        pytest.fail("buildah is not installed: `make setup-tools` installs it")
+    root = tmp_path_factory.mktemp("buildah") / "storage"
+    old = os.environ.get("FORGE_BUILDAH_ROOT")
+    os.environ["FORGE_BUILDAH_ROOT"] = str(root)
+    from forge.steps.package import buildah
+
+    try:
+        for ref, cuda in STANDINS.values():
+            ctr = buildah("from", "scratch").stdout.strip().splitlines()[-1]
+            buildah("config", "--env", "NVIDIA_REQUIRE_CUDA=cuda>=9.0", "--env", f"CUDA_VERSION={cuda}",
+                    "--env", "NVIDIA_VISIBLE_DEVICES=all", "--label", "com.nvidia.build.ref=standin",
+                    "--label", "org.opencontainers.image.title=stand-in", ctr)
+            buildah("commit", "--quiet", ctr, ref)
+            buildah("rm", ctr)
+        yield {"FORGE_BUILDAH_ROOT": str(root)}
+    finally:
+        if old is None:
+            os.environ.pop("FORGE_BUILDAH_ROOT", None)
+        else:
+            os.environ["FORGE_BUILDAH_ROOT"] = old
+
+
+def _image_config(out: Path) -> dict:
+    index = json.loads((out / "oci" / "index.json").read_text())
+    blob = lambda d: json.loads((out / "oci" / "blobs" / "sha256" / d.split(":")[1]).read_text())  # noqa: E731
+    manifest = blob(index["manifests"][0]["digest"])
+    return blob(manifest["config"]["digest"])
+
+
+def _serve_args(config: dict) -> list[str]:
+    return config["config"]["Entrypoint"]
+
+
+def test_engine_mode_builds_validates_and_packages_on_the_target_gpu(tmp_path, tiny_llama, standin_bases):
+    recipe = _trt_recipe(tmp_path, tiny_llama, "fp8", container={"base": "trtllm-1.0-cu129"},
+                         trtllm={"mode": "engine", "max_num_tokens": 4096})
+    env = {**_fake_env(tmp_path), **standin_bases}
+    proc = forge_cli("build", str(recipe), cache=tmp_path / "cache", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    entries = {e["step"]: tmp_path / "cache" / "steps" / e["key"] / "out"
+               for e in json.loads(forge_cli("cache", "ls", "--json", cache=tmp_path / "cache", check=0).stdout)}
+    # trtllm-build got the recipe's limits and ModelOpt's TensorRT-LLM checkpoint
+    argv = json.loads((tmp_path / "trtllm-build.log").read_text().splitlines()[0])
+    opts = dict(zip(argv[::2], argv[1:][::2]))
+    assert opts["--max_batch_size"] == "4" and opts["--max_seq_len"] == "256" and opts["--max_input_len"] == "255"
+    assert opts["--max_num_tokens"] == "4096" and opts["--checkpoint_dir"].endswith("trtllm-checkpoint")
+    manifest = json.loads((entries["compile"].parent / "manifest.json").read_text())
+    assert manifest["facts"]["engine"]["cluster_key"] == "H100-SXM" and manifest["facts"]["gpu"] == "NVIDIA H100 80GB HBM3"
+    assert manifest["inputs"]["identity"]["gpus_here"] == [["NVIDIA H100 80GB HBM3", "9.0"]]
+    # the image: engine in its own layer, trtllm-serve on the engine, CUDA pinned by forge over NGC's cuda>=9.0
+    text = (entries["package"] / "Containerfile").read_text()
+    assert "COPY --chown=10001:10001 engine/ /opt/forge/engine/" in text
+    config = _image_config(entries["package"])
+    env_vars = dict(e.split("=", 1) for e in config["config"]["Env"])
+    assert env_vars["NVIDIA_REQUIRE_CUDA"] == "cuda>=12.9" and env_vars["CUDA_VERSION"] == "12.9.1"
+    labels = config["config"]["Labels"]
+    assert labels["dev.forge.engine"] == "trtllm" and labels["dev.forge.driver.min"] == "575.51.03"
+    assert labels["dev.forge.cuda.version"] == "12.9" and labels["com.nvidia.build.ref"] == "standin"
+    serve = subprocess.run([str(FAKE_BIN / "trtllm-serve"), *_serve_args(config)[1:]], capture_output=True, text=True)
+    assert serve.returncode == 0, serve.stderr
+    parsed = json.loads(serve.stdout)
+    assert parsed["backend"] == "tensorrt" and parsed["model"] == "/opt/forge/engine"
+    assert parsed["tokenizer"] == "/opt/forge/model" and parsed["max_num_tokens"] == 4096
+    transcript = json.loads((entries["package"] / "smoke-test.json").read_text())
+    assert transcript["passed"] is False and "need their GPU" in transcript["skipped"]
+
+    # the same build on a machine whose GPU differs is refused before anything is reused or packaged
+    proc = forge_cli("build", str(recipe), cache=tmp_path / "cache",
+                     env={**env, "FAKE_NVIDIA_SMI_GPUS": "NVIDIA L40S, 8.9, 570.26"})
+    assert proc.returncode == 5 and "this machine has NVIDIA L40S" in proc.stderr
+
+
+def test_an_engine_built_for_another_gpu_never_reaches_packaging(tmp_path, tiny_llama, standin_bases):
+    recipe = _trt_recipe(tmp_path, tiny_llama, "fp8", container={"base": "trtllm-1.0-cu129"}, trtllm={"mode": "engine"})
+    env = {**_fake_env(tmp_path, cluster="H100-PCIe"), **standin_bases}   # trtllm-build ran on another part
+    proc = forge_cli("build", str(recipe), cache=tmp_path / "cache", env=env)
+    assert proc.returncode == 5, proc.stdout + proc.stderr
+    assert "engine built for GPU 'H100-PCIe'" in proc.stderr and "the recipe targets H100-SXM" in proc.stderr
+    assert "package" not in proc.stdout
+
+
+def test_pytorch_mode_packages_the_modelopt_checkpoint_for_trtllm_serve(tmp_path, tiny_llama, standin_bases):
+    recipe = _trt_recipe(tmp_path, tiny_llama, "fp8", container={"base": "trtllm-1.0-cu129"})
+    proc = forge_cli("build", str(recipe), cache=tmp_path / "cache", env={**standin_bases})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "compile" not in proc.stdout   # nothing to compile: trtllm-serve loads the checkpoint
+    entries = {e["step"]: tmp_path / "cache" / "steps" / e["key"] / "out"
+               for e in json.loads(forge_cli("cache", "ls", "--json", cache=tmp_path / "cache", check=0).stdout)}
+    config = _image_config(entries["package"])
+    parsed = json.loads(subprocess.run([str(FAKE_BIN / "trtllm-serve"), *_serve_args(config)[1:]],
+                                       capture_output=True, text=True, check=True).stdout)
+    assert parsed["backend"] == "pytorch" and parsed["model"] == "/opt/forge/model" and parsed["max_batch_size"] == 4
+    from forge.steps.package import file_digests_in_layer
+    from forge.steps.quantize import REPORTS
+
+    image = json.loads((entries["package"] / "image.json").read_text())
+    layer = file_digests_in_layer(entries["package"] / "oci", image["weights_layer"])
+    expected = json.loads((entries["quantize"].parent / "manifest.json").read_text())["output"]["files"]
+    assert {k.removeprefix("opt/forge/model/"): v for k, v in layer.items() if k.startswith("opt/forge/model/")} == \
+        {rel: f["sha256"] for rel, f in expected.items() if rel not in REPORTS}
+    assert "hf_quant_config.json" in {k.rsplit("/", 1)[-1] for k in layer}
+
+
+def test_vllm_recipe_on_a_standin_ngc_base_pins_cuda_and_labels(tmp_path, tiny_llama, standin_bases):
+    """The vLLM GPU base: forge's env and labels override what the base ships; the engine line is vLLM's."""
+    recipe = write_recipe(tmp_path / "v.yaml", str(tiny_llama), name="tiny-vllm",
+                          target={"gpu": "L40S", "engine": "vllm", "max_model_len": 256, "max_num_seqs": 4},
+                          quantize={"method": "fp8"}, container={"base": "vllm-0.11-cu128"}, scan={"required": False})
+    proc = forge_cli("build", str(recipe), cache=tmp_path / "cache", env={**standin_bases})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    entries = {e["step"]: tmp_path / "cache" / "steps" / e["key"] / "out"
+               for e in json.loads(forge_cli("cache", "ls", "--json", cache=tmp_path / "cache", check=0).stdout)}
+    config = _image_config(entries["package"])
+    env_vars = dict(e.split("=", 1) for e in config["config"]["Env"])
+    assert env_vars["NVIDIA_REQUIRE_CUDA"] == "cuda>=12.8" and env_vars["HF_HUB_OFFLINE"] == "1"
+    assert config["config"]["Labels"]["dev.forge.driver.min"] == "570.26"
+    assert config["config"]["Labels"]["org.opencontainers.image.title"] == "tiny-vllm"   # forge's, not the base's
+    assert config["config"]["User"] == "10001:10001"
+    assert _serve_args(config)[:3] == ["vllm", "serve", "/opt/forge/model"]
+    assert "--quantization" in _serve_args(config) and "compressed-tensors" in _serve_args(config)

@@ -90,6 +90,19 @@ def export(model, out, dtype) -> None:
     export_hf_checkpoint(model, export_dir=str(out), dtype=dtype)
 
 
+def export_trtllm(model, out, dtype, tensor_parallel: int) -> None:
+    """ModelOpt's TensorRT-LLM checkpoint (config.json + rank<N>.safetensors), what trtllm-build reads."""
+    from modelopt.torch.export import export_tensorrt_llm_checkpoint
+
+    from forge.trtllm import DECODER
+
+    arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    if arch not in DECODER:
+        raise ValueError(f"no TensorRT-LLM decoder type known for {arch}; known: {', '.join(sorted(DECODER))}")
+    export_tensorrt_llm_checkpoint(model, DECODER[arch], dtype, export_dir=str(out),
+                                   inference_tensor_parallel=tensor_parallel)
+
+
 def version() -> str:
     from importlib import metadata
 

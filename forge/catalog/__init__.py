@@ -19,6 +19,8 @@ class Gpu:
     compute_capability: tuple[int, int] | None
     fp8: bool
     price_per_hour: float
+    smi: tuple[str, ...] = ()                  # names nvidia-smi reports for it
+    trtllm_cluster_keys: tuple[str, ...] = ()  # TensorRT-LLM build_config.auto_parallel_config.cluster_key
 
     @property
     def is_cpu(self) -> bool:
@@ -39,7 +41,8 @@ def gpus() -> dict[str, Gpu]:
     return {
         name: Gpu(name=name, vendor=e["vendor"], memory_gib=float(e["memory_gib"]),
                   bandwidth_gbs=float(e["bandwidth_gbs"]), compute_capability=_cc(e["compute_capability"]),
-                  fp8=bool(e["fp8"]), price_per_hour=float(e["price_per_hour"]))
+                  fp8=bool(e["fp8"]), price_per_hour=float(e["price_per_hour"]), smi=tuple(e.get("smi", ())),
+                  trtllm_cluster_keys=tuple(e.get("trtllm_cluster_keys", ())))
         for name, e in raw.items()
     }
 

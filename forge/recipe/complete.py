@@ -53,6 +53,10 @@ def complete(loaded: "LoadedRecipe") -> list[str]:
     from forge.backends import problems as backend_problems
 
     problems.extend(backend_problems(loaded))
+    if not problems:
+        from forge.trtllm import recipe_problems
+
+        problems.extend(recipe_problems(loaded))
 
     cal = r.quantize.calibration
     from forge.calibration import parse_hf_dataset

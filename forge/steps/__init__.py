@@ -59,9 +59,9 @@ class StepSpec:
 
 
 def _specs() -> list[StepSpec]:
-    from forge.steps import evaluate, gate, package, quantize, resolve, scan
+    from forge.steps import compile, evaluate, gate, package, quantize, resolve, scan
 
-    return [resolve.SPEC, quantize.SPEC, evaluate.BASELINE, evaluate.CANDIDATE, gate.SPEC, package.BASE, package.SPEC,
+    return [resolve.SPEC, quantize.SPEC, compile.SPEC, evaluate.BASELINE, evaluate.CANDIDATE, gate.SPEC, package.BASE, package.SPEC,
             scan.SPEC]
 
 

@@ -72,7 +72,7 @@ def _config(loaded) -> dict:
 
 SPEC = StepSpec(
     name="package", summary="build the OCI image (weights in their own layer) and smoke-test it",
-    depends=("quantize", "gate", "base_image"), tools=(), version=1, config=_config,
+    depends=("quantize", "compile", "gate", "base_image"), tools=(), version=1, config=_config,
     identity=lambda loaded: {"buildah": _tool_version("buildah")}, enabled=_enabled,
     run="forge.steps.package:run")
 
@@ -247,15 +247,28 @@ def run(ctx: StepContext) -> dict:
         env.append(("NVIDIA_REQUIRE_CUDA", req))
     spec = ImageSpec(base_ref=_image_ref(ctx, base, digest), base=base, served_name=loaded.recipe.name,
                      engine_args=engine_command(loaded, base, loaded.recipe.name), labels=_labels(ctx, base, digest),
-                     env=tuple(env))
+                     env=tuple(env), engine_dir="compile" in ctx.inputs)
     context = ctx.out.parent / "context"
     (context / "model").mkdir(parents=True)
     weights = ctx.inputs["quantize"]
     from forge.steps.quantize import REPORTS
+    from forge.trtllm import TRTLLM_CKPT
 
+    engine = ctx.inputs.get("compile")
+    if engine is not None:  # legacy TensorRT-LLM engine: checked against the recipe and this base before anything is built
+        from forge.steps.compile import ENGINE_DIR
+        from forge.trtllm import EngineFacts, check_engine
+
+        engine = engine / ENGINE_DIR
+        if problems := check_engine(EngineFacts.read(engine), loaded, base):
+            from forge.errors import ToolError
+
+            raise ToolError("the engine does not match the recipe or the base image: " + "; ".join(problems),
+                            hint="Rebuild it on the recipe's GPU with the base image's TensorRT-LLM: forge build --force compile")
+        shutil.copytree(engine, context / "engine", copy_function=os.link)
     for f in sorted(weights.iterdir()):  # the checkpoint, not the build reports (they carry timings)
-        if f.name in REPORTS:
-            continue
+        if f.name in REPORTS or f.name == TRTLLM_CKPT or (engine is not None and f.suffix == ".safetensors"):
+            continue  # with an engine, the image needs the tokenizer and configs, not the weights twice
         os.link(f, context / "model" / f.name) if f.is_file() else shutil.copytree(f, context / "model" / f.name)
     text = containerfile(spec)
     (context / CONTAINERFILE).write_text(text)
@@ -263,7 +276,9 @@ def run(ctx: StepContext) -> dict:
     tag = f"localhost/forge/{loaded.recipe.name}:{ctx.out.parent.name[:12]}"
     ctx.report("buildah bud")
     t0 = time.monotonic()
-    buildah("bud", "--isolation", "chroot", "--timestamp", "0", "--layers=false", "--pull=never", "-f",
+    # forge's own base is in local storage already; a published one is pulled once (by digest when locked)
+    pull = "--pull=never" if "base_image" in ctx.inputs else "--pull=missing"
+    buildah("bud", "--isolation", "chroot", "--timestamp", "0", "--layers=false", pull, "-f",
             str(context / CONTAINERFILE), "-t", tag, str(context))
     build_s = time.monotonic() - t0
     ctx.report("exporting the OCI layout")

@@ -47,7 +47,12 @@ def _backend(loaded) -> str:
 
 
 def _config(loaded) -> dict:
-    return {**loaded.recipe.quantize.model_dump(mode="json"), "backend": _backend(loaded)}
+    from forge.trtllm import mode
+
+    cfg = {**loaded.recipe.quantize.model_dump(mode="json"), "backend": _backend(loaded)}
+    if loaded.recipe.target.engine == "trtllm" and mode(loaded) == "engine":
+        cfg["trtllm_checkpoint"] = {"tp": loaded.recipe.target.tensor_parallel}  # also written for trtllm-build
+    return cfg
 
 
 def _data(loaded) -> dict[str, Path]:
@@ -306,8 +311,13 @@ def run_modelopt(ctx: StepContext) -> dict:
     ctx.report(f"loading the model ({'cuda' if cuda else 'cpu'}, {str(dtype).removeprefix('torch.')})")
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, device_map="cuda" if cuda else None)
     result = modelopt.quantize(model, q, batches, ctx.report)
-    ctx.report("exporting the unified HF checkpoint (hf_quant_config.json)")
     t0 = time.monotonic()
+    if "trtllm_checkpoint" in _config(ctx.recipe):
+        from forge.trtllm import TRTLLM_CKPT
+
+        ctx.report("exporting the TensorRT-LLM checkpoint (for trtllm-build)")
+        modelopt.export_trtllm(model, ctx.out / TRTLLM_CKPT, recipe_dtype, ctx.recipe.recipe.target.tensor_parallel)
+    ctx.report("exporting the unified HF checkpoint (hf_quant_config.json)")
     modelopt.export(model, ctx.out, recipe_dtype)
     export_s = time.monotonic() - t0
     del model
