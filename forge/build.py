@@ -121,7 +121,7 @@ def build(loaded: LoadedRecipe, store: Store, *, force: set[str] = frozenset(),
                 entry = None if forced else store.get(key)
                 if entry is None:
                     report = on_start(spec, key) if on_start else (lambda *a, **k: None)
-                    entry = _run_step(spec, key, material, loaded, store, results, report)
+                    entry = _run_step(spec, key, material, loaded, store, results, report, replace=forced)
                     status = "BUILT"
         store.touch(entry)
         result = StepResult(spec.name, status, key, entry.output_digest, time.monotonic() - t0, entry)
@@ -134,7 +134,7 @@ def build(loaded: LoadedRecipe, store: Store, *, force: set[str] = frozenset(),
 
 
 def _run_step(spec: StepSpec, key: str, material: dict, loaded: LoadedRecipe, store: Store,
-              results: dict[str, StepResult], report: Reporter) -> Entry:
+              results: dict[str, StepResult], report: Reporter, *, replace: bool = False) -> Entry:
     started = datetime.now(timezone.utc)
     t0 = time.monotonic()
     with store.staging(key) as staged:
@@ -166,5 +166,5 @@ def _run_step(spec: StepSpec, key: str, material: dict, loaded: LoadedRecipe, st
             "started_at": started.isoformat(timespec="seconds"),
             "seconds": round(time.monotonic() - t0, 3),
         }
-        return store.commit(key, staged, manifest)
+        return store.commit(key, staged, manifest, replace=replace)
 

@@ -111,8 +111,9 @@ class Store:
             shutil.rmtree(path, ignore_errors=True)
             raise
 
-    def commit(self, key: str, staged: Path, manifest: dict) -> Entry:
-        """Publish a staged step output under its key: manifest written and synced, then one rename."""
+    def commit(self, key: str, staged: Path, manifest: dict, *, replace: bool = False) -> Entry:
+        """Publish a staged step output under its key: manifest written and synced, then one rename.
+        ``replace`` (a forced rebuild): an existing entry under the key is swapped out, not kept."""
         manifest = {"manifest_version": MANIFEST_VERSION, "key": key, **manifest}
         tmp = staged / (MANIFEST + ".tmp")
         with open(tmp, "w") as f:
@@ -122,6 +123,10 @@ class Store:
         os.replace(tmp, staged / MANIFEST)
         _fsync_tree(staged)
         final = self.root / "steps" / key
+        if replace and final.exists():
+            old = self.root / "staging" / f"{key}.replaced.{uuid.uuid4().hex[:8]}"
+            os.rename(final, old)          # readers holding paths into it keep working until they finish
+            shutil.rmtree(old, ignore_errors=True)
         try:
             os.rename(staged, final)
         except OSError:

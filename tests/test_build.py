@@ -82,7 +82,14 @@ def test_tool_version_is_part_of_the_key(recipe, cache_dir, monkeypatch):
 def test_force_one_step(recipe, cache_dir):
     store = Store(cache_dir)
     build(load_recipe(recipe), store)
-    assert _statuses(build(load_recipe(recipe), store, force={"quantize"})) == {"resolve": "HIT", "quantize": "BUILT"}
+    first = build(load_recipe(recipe), store)[-1].entry
+    (first.path / "stale-marker").write_text("from the first build")
+    forced = build(load_recipe(recipe), store, force={"quantize"})
+    assert _statuses(forced) == {"resolve": "HIT", "quantize": "BUILT"}
+    # the forced output replaced the cached entry under the same key; nothing of the old one is left
+    assert forced[-1].key == first.key and not (first.path / "stale-marker").exists()
+    assert store.get(first.key).manifest == forced[-1].entry.manifest
+    assert not list((cache_dir / "staging").iterdir())
 
 
 def test_manifest_records_inputs_outputs_and_tools(recipe, cache_dir):
