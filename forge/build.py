@@ -157,7 +157,7 @@ def _run_step(spec: StepSpec, key: str, material: dict, loaded: LoadedRecipe, st
             "recipe": {"name": loaded.recipe.name, "path": str(loaded.path), "digest": loaded.digest},
             "inputs": material,
             "output": {
-                "digest": tree_digest(files),
+                "digest": tree_digest({rel: e for rel, e in files.items() if rel not in spec.volatile}),
                 "files": {rel: {"size": e.size, "sha256": e.sha256} for rel, e in files.items()},
             },
             "facts": facts,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -145,3 +146,43 @@ def oci_registry(tmp_path_factory):
         proc.terminate()
         proc.wait(timeout=10)
         log.close()
+
+
+STANDINS = {  # what the real images carry that forge must override or keep
+    "trtllm-1.0-cu129": ("nvcr.io/nvidia/tensorrt-llm/release:1.0.0", "12.9.1"),
+    "vllm-0.11-cu128": ("docker.io/vllm/vllm-openai:v0.11.0", "12.8.1"),
+}
+
+
+@pytest.fixture(scope="session")
+def standin_bases(tmp_path_factory):
+    """Local images under the catalog's references, carrying NGC's env and labels (NVIDIA_REQUIRE_CUDA=cuda>=9.0,
+    CUDA_VERSION, a vendor label): the GPU bases cannot be pulled here, their packaging logic can be tested."""
+    if shutil.which("buildah") is None:
+        pytest.fail("buildah is not installed: `make setup-tools` installs it")
+    root = tmp_path_factory.mktemp("buildah") / "storage"
+    old = os.environ.get("FORGE_BUILDAH_ROOT")
+    os.environ["FORGE_BUILDAH_ROOT"] = str(root)   # only while the stand-ins are made; builds get it via env
+    from forge.steps.package import buildah
+
+    try:
+        for ref, cuda in STANDINS.values():
+            ctr = buildah("from", "scratch").stdout.strip().splitlines()[-1]
+            buildah("config", "--env", "NVIDIA_REQUIRE_CUDA=cuda>=9.0", "--env", f"CUDA_VERSION={cuda}",
+                    "--env", "NVIDIA_VISIBLE_DEVICES=all", "--label", "com.nvidia.build.ref=standin",
+                    "--label", "org.opencontainers.image.title=stand-in", ctr)
+            buildah("commit", "--quiet", ctr, ref)
+            buildah("rm", ctr)
+    finally:
+        if old is None:
+            os.environ.pop("FORGE_BUILDAH_ROOT", None)
+        else:
+            os.environ["FORGE_BUILDAH_ROOT"] = old
+    return {"FORGE_BUILDAH_ROOT": str(root)}
+
+
+def image_config(out: Path) -> dict:
+    """The OCI image config of the one image in a package step's output layout."""
+    index = json.loads((out / "oci" / "index.json").read_text())
+    blob = lambda d: json.loads((out / "oci" / "blobs" / "sha256" / d.split(":")[1]).read_text())  # noqa: E731
+    return blob(blob(index["manifests"][0]["digest"])["config"]["digest"])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, forge_cli
+from conftest import REPO, forge_cli, image_config
 
 pytestmark = pytest.mark.e2e
 DEMO = REPO / "recipes" / "smollm2-135m-demo.yaml"
@@ -170,3 +170,32 @@ def test_demo_published_to_a_real_registry_with_evidence_and_pulled_back(demo, o
     forge_cli("registry", "verify", "smollm2-135m-demo", env=demo["env"], check=0)
     proc = forge_cli("registry", "promote", "smollm2-135m-demo", "--to", "prod", env=demo["env"])
     assert proc.returncode == 2 and "is unscanned" in proc.stderr
+
+
+def test_trtllm_recipe_modelopt_fp8_on_cpu_validated_and_packaged(demo, standin_bases, tmp_path):
+    """The demo model through ModelOpt (what it supports on a CPU: FP8), validated against the recipe,
+    packaged for trtllm-serve on a stand-in of the TensorRT-LLM 1.0 release image."""
+    recipe = REPO / "recipes" / "smollm2-135m-trtllm.yaml"
+    env = {**demo["env"], **standin_bases}
+    proc = forge_cli("build", str(recipe), cache=demo["cache"], env=env, timeout=3600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "resolve    HIT" in proc.stdout   # the same BF16 snapshot as the demo
+    entries = json.loads(forge_cli("cache", "ls", "--json", cache=demo["cache"], check=0).stdout)
+    steps = {e["step"]: demo["cache"] / "steps" / e["key"] / "out" for e in entries if e["recipe"] == "smollm2-135m-trtllm"}
+    facts = json.loads((steps["quantize"].parent / "manifest.json").read_text())["facts"]
+    assert facts["backend"] == "modelopt" and facts["checkpoint"]["quant_algo"] == "FP8"
+    assert facts["checkpoint"]["quantized_layers"] == 210 and facts["size_ratio"] < 0.7
+    assert facts["verify"]["matching_prefix"] >= 8     # dequantized FP8 generates BF16's first tokens
+    config = image_config(steps["package"])
+    env_vars = dict(e.split("=", 1) for e in config["config"]["Env"])
+    assert env_vars["NVIDIA_REQUIRE_CUDA"] == "cuda>=12.9"
+    entry = config["config"]["Entrypoint"]
+    serve = subprocess.run([str(REPO / "tests" / "fake_bin" / "trtllm-serve"), *entry[1:]], capture_output=True, text=True)
+    assert entry[0] == "trtllm-serve" and serve.returncode == 0, serve.stderr
+    assert json.loads(serve.stdout)["backend"] == "pytorch"
+    from forge.steps.package import file_digests_in_layer
+
+    image = json.loads((steps["package"] / "image.json").read_text())
+    layer = file_digests_in_layer(steps["package"] / "oci", image["weights_layer"])
+    assert layer["opt/forge/model/hf_quant_config.json"] == json.loads(
+        (steps["quantize"].parent / "manifest.json").read_text())["output"]["files"]["hf_quant_config.json"]["sha256"]

@@ -11,6 +11,7 @@ from conftest import forge_cli, write_recipe
 
 from forge.build import build
 from forge.recipe.load import load_recipe
+from forge.steps.quantize import REPORTS
 from forge.store import Store
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
@@ -253,3 +254,18 @@ def test_cpu_calibration_dtype_policy(tmp_path, tiny_llama, monkeypatch, native,
     loaded = load_recipe(write_recipe(tmp_path / "r.yaml", str(tiny_llama), quantize=q))
     assert qstep.calibration_dtype(loaded) == expected
     assert qstep.SPEC.identity(loaded)["calibration_dtype"] == expected   # and so it is part of the key
+
+
+def test_a_forced_requantize_with_the_same_result_keeps_the_output_digest(tmp_path, tiny_llama, cache_dir):
+    """The reports carry timings; the checkpoint is deterministic. Only the checkpoint decides the digest,
+    so a forced rebuild that writes the same weights leaves every downstream key as it was."""
+    recipe = write_recipe(tmp_path / "r.yaml", str(tiny_llama), quantize={"method": "fp8"})
+    store = Store(cache_dir)
+    first = build(load_recipe(recipe), store)[-1]
+    files_first = dict(first.entry.manifest["output"]["files"])
+    again = build(load_recipe(recipe), store, force={"quantize"})[-1]
+    assert again.status == "BUILT" and again.output_digest == first.output_digest
+    files_again = again.entry.manifest["output"]["files"]
+    assert "quantize-report.json" in files_again   # kept and hashed, just not in the digest
+    assert {k: v for k, v in files_again.items() if k not in REPORTS} == \
+        {k: v for k, v in files_first.items() if k not in REPORTS}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, forge_cli, write_recipe
+from conftest import REPO, forge_cli, image_config, write_recipe
 
 from forge.build import build, plan
 from forge.recipe.load import load_recipe
@@ -193,46 +193,6 @@ def test_engine_mode_needs_a_legacy_release_and_a_base(tmp_path, tiny_llama):
 
 # ---------------------------------------------------------------------- stand-in GPU bases and packaging
 
-STANDINS = {  # what the real images carry that forge must override or keep
-    "trtllm-1.0-cu129": ("nvcr.io/nvidia/tensorrt-llm/release:1.0.0", "12.9.1"),
-    "vllm-0.11-cu128": ("docker.io/vllm/vllm-openai:v0.11.0", "12.8.1"),
-}
-
-
-@pytest.fixture(scope="module")
-def standin_bases(tmp_path_factory):
-    """Local images under the catalog's references, carrying NGC's env and labels (NVIDIA_REQUIRE_CUDA=cuda>=9.0,
-    CUDA_VERSION, a vendor label): the GPU bases cannot be pulled here, their packaging logic can be tested."""
-    if shutil.which("buildah") is None:
-        pytest.fail("buildah is not installed: `make setup-tools` installs it")
-    root = tmp_path_factory.mktemp("buildah") / "storage"
-    old = os.environ.get("FORGE_BUILDAH_ROOT")
-    os.environ["FORGE_BUILDAH_ROOT"] = str(root)
-    from forge.steps.package import buildah
-
-    try:
-        for ref, cuda in STANDINS.values():
-            ctr = buildah("from", "scratch").stdout.strip().splitlines()[-1]
-            buildah("config", "--env", "NVIDIA_REQUIRE_CUDA=cuda>=9.0", "--env", f"CUDA_VERSION={cuda}",
-                    "--env", "NVIDIA_VISIBLE_DEVICES=all", "--label", "com.nvidia.build.ref=standin",
-                    "--label", "org.opencontainers.image.title=stand-in", ctr)
-            buildah("commit", "--quiet", ctr, ref)
-            buildah("rm", ctr)
-        yield {"FORGE_BUILDAH_ROOT": str(root)}
-    finally:
-        if old is None:
-            os.environ.pop("FORGE_BUILDAH_ROOT", None)
-        else:
-            os.environ["FORGE_BUILDAH_ROOT"] = old
-
-
-def _image_config(out: Path) -> dict:
-    index = json.loads((out / "oci" / "index.json").read_text())
-    blob = lambda d: json.loads((out / "oci" / "blobs" / "sha256" / d.split(":")[1]).read_text())  # noqa: E731
-    manifest = blob(index["manifests"][0]["digest"])
-    return blob(manifest["config"]["digest"])
-
-
 def _serve_args(config: dict) -> list[str]:
     return config["config"]["Entrypoint"]
 
@@ -256,7 +216,7 @@ def test_engine_mode_builds_validates_and_packages_on_the_target_gpu(tmp_path, t
     # the image: engine in its own layer, trtllm-serve on the engine, CUDA pinned by forge over NGC's cuda>=9.0
     text = (entries["package"] / "Containerfile").read_text()
     assert "COPY --chown=10001:10001 engine/ /opt/forge/engine/" in text
-    config = _image_config(entries["package"])
+    config = image_config(entries["package"])
     env_vars = dict(e.split("=", 1) for e in config["config"]["Env"])
     assert env_vars["NVIDIA_REQUIRE_CUDA"] == "cuda>=12.9" and env_vars["CUDA_VERSION"] == "12.9.1"
     labels = config["config"]["Labels"]
@@ -292,7 +252,7 @@ def test_pytorch_mode_packages_the_modelopt_checkpoint_for_trtllm_serve(tmp_path
     assert "compile" not in proc.stdout   # nothing to compile: trtllm-serve loads the checkpoint
     entries = {e["step"]: tmp_path / "cache" / "steps" / e["key"] / "out"
                for e in json.loads(forge_cli("cache", "ls", "--json", cache=tmp_path / "cache", check=0).stdout)}
-    config = _image_config(entries["package"])
+    config = image_config(entries["package"])
     parsed = json.loads(subprocess.run([str(FAKE_BIN / "trtllm-serve"), *_serve_args(config)[1:]],
                                        capture_output=True, text=True, check=True).stdout)
     assert parsed["backend"] == "pytorch" and parsed["model"] == "/opt/forge/model" and parsed["max_batch_size"] == 4
@@ -316,7 +276,7 @@ def test_vllm_recipe_on_a_standin_ngc_base_pins_cuda_and_labels(tmp_path, tiny_l
     assert proc.returncode == 0, proc.stdout + proc.stderr
     entries = {e["step"]: tmp_path / "cache" / "steps" / e["key"] / "out"
                for e in json.loads(forge_cli("cache", "ls", "--json", cache=tmp_path / "cache", check=0).stdout)}
-    config = _image_config(entries["package"])
+    config = image_config(entries["package"])
     env_vars = dict(e.split("=", 1) for e in config["config"]["Env"])
     assert env_vars["NVIDIA_REQUIRE_CUDA"] == "cuda>=12.8" and env_vars["HF_HUB_OFFLINE"] == "1"
     assert config["config"]["Labels"]["dev.forge.driver.min"] == "570.26"

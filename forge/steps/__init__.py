@@ -45,6 +45,8 @@ class StepSpec:
     identity: Callable[["LoadedRecipe"], dict] = field(default=lambda _: {})         # extra key material
     enabled: Callable[["LoadedRecipe"], bool] = field(default=lambda _: True)        # part of this recipe's graph?
     check: str | None = None  # "module:function"(entry) run on a built or reused output; raises to stop the build
+    volatile: tuple[str, ...] = ()  # output files that record how the build went (timings): kept and hashed,
+                                    # but not part of the output digest, so identical results cut off downstream
 
     def runner(self) -> Callable[[StepContext], dict | None]:
         module, _, func = self.run.partition(":")

@@ -80,6 +80,13 @@ def run(ctx: StepContext) -> dict:
     (upstream,) = ctx.inputs.values()
     tasks = load_tasks(ctx.recipe)
     backend, device = pick_backend(ev.backend)
+    if backend == "hf" and (upstream / "hf_quant_config.json").exists():
+        from forge.errors import ToolError
+
+        raise ToolError("a ModelOpt checkpoint cannot be evaluated with the hf backend (transformers has no "
+                        "'modelopt' quantization loader)",
+                        hint="Evaluate where a GPU and vllm are present (eval.backend: vllm or auto), or remove the "
+                             "eval section; without an eval gate the artifact is never validated.")
     ctx.report(f"lm-eval ({backend} on {device}): {', '.join(t.name for t in tasks)}")
 
     import lm_eval

@@ -112,7 +112,7 @@ def _identity(loaded) -> dict:
 
 SPEC = StepSpec(
     name="quantize",
-    summary="quantize with llm-compressor (compressed-tensors), verify it loads and generates",
+    summary="quantize (llm-compressor → compressed-tensors, or ModelOpt → unified HF checkpoint), verify it",
     depends=("resolve",),
     tools=("llmcompressor", "compressed-tensors", "torch", "transformers"),
     version=2,
@@ -120,6 +120,7 @@ SPEC = StepSpec(
     data=_data,
     identity=_identity,
     run="forge.steps.quantize:run",
+    volatile=REPORTS,
 )
 
 
