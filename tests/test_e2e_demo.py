@@ -5,9 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
 import subprocess
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -107,7 +105,7 @@ def test_weights_layer_is_reproducible_and_survives_engine_arg_changes(demo, tmp
         changed = json.loads((other / "out" / "image.json").read_text())
         assert changed["weights_layer"] == image["weights_layer"]
         assert changed["config_digest"] != image["config_digest"]
-        forced = forge_cli("build", str(variant), "--force", "package", cache=demo["cache"], env=demo["env"], timeout=3600, check=0)
+        forge_cli("build", str(variant), "--force", "package", cache=demo["cache"], env=demo["env"], timeout=3600, check=0)
         again = json.loads((other / "out" / "image.json").read_text())
         assert again["weights_layer"] == image["weights_layer"] and again["manifest_digest"] == changed["manifest_digest"]
     finally:

@@ -133,7 +133,7 @@ def test_fit_check_uses_the_same_capability_table(monkeypatch, tmp_path):
 def test_validate_fails_a_recipe_that_does_not_fit(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text((CONFIGS / "llama-2-70b.json").read_text())
-    recipe = write_recipe(tmp_path / "r.yaml", "./m", target={"gpu": "L40S", "engine": "vllm", "max_model_len": 4096})
+    write_recipe(tmp_path / "r.yaml", "./m", target={"gpu": "L40S", "engine": "vllm", "max_model_len": 4096})
     proc = forge_cli("validate", "r.yaml", cwd=tmp_path)
     assert proc.returncode == 2
     assert "target.gpu: the model does not fit L40S" in proc.stderr

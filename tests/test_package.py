@@ -1,13 +1,7 @@
 """Packaging: the generated Containerfile (golden), base catalog errors, and the real image end to end."""
 from __future__ import annotations
 
-import gzip
-import json
-import os
 import shutil
-import subprocess
-import tarfile
-from pathlib import Path
 
 import pytest
 

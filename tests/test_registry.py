@@ -16,8 +16,8 @@ import pytest
 
 from conftest import forge_cli
 
-from forge.registry import LocalRegistry, publish, pull
-from forge.registry.layout import Layout, REF_NAME
+from forge.registry import LocalRegistry, publish
+from forge.registry.layout import REF_NAME
 from forge.registry.record import decide
 
 
@@ -180,7 +180,7 @@ def test_promote_validated_only(tmp_path, reg):
     proc = forge_cli("registry", "promote", f"tiny:{ok.tag}", "--to", "prod", "--registry-dir", str(reg.root), check=0)
     assert "tiny:prod" in proc.stdout
     assert reg.resolve("tiny:prod").status == "promoted"
-    assert f"tiny:prod" in {d.get("annotations", {}).get(REF_NAME) for d in reg.blobs.index()["manifests"]}
+    assert "tiny:prod" in {d.get("annotations", {}).get(REF_NAME) for d in reg.blobs.index()["manifests"]}
 
     unscanned = publish(*make_build(tmp_path / "u", seed="2", scan="unscanned"), registry=reg)
     rejected = publish(*make_build(tmp_path / "r", seed="3", scan="fail"), registry=reg)

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO, forge_cli, image_config, write_recipe
 
-from forge.build import build, plan
+from forge.build import build
 from forge.recipe.load import load_recipe
 from forge.store import Store
 

@@ -116,7 +116,6 @@ def validate_checkpoint(path, q) -> dict:
     the excluded modules, and every quantized tensor's dtype, shape and scales. Returns facts; raises
     ValueError naming each problem."""
     import json
-    import math
     from pathlib import Path
 
     from safetensors import safe_open

@@ -80,7 +80,7 @@ def pull(ref: str, dest: Path, reg: LocalRegistry | None = None) -> dict:
 
 def _fetch_remote(ref: str, tmp: Path) -> tuple[Layout, str, dict]:
     from forge.registry import remote
-    from forge.registry.layout import MANIFEST, sha256_bytes
+    from forge.registry.layout import sha256_bytes
 
     r, what = remote.parse_ref(ref)
     client = remote.Client(r)
@@ -135,17 +135,15 @@ def _extract(layout: Layout, image_digest: str, evidence: dict, dest: Path) -> d
                 data = layout.read(digest)
             except FileNotFoundError:
                 raise ToolError(f"evidence {kind}/{name} ({digest}) is missing from the store") from None
-            if sha256 := _check(data, digest, f"evidence {kind}/{name}"):
-                (dest / "evidence" / kind).mkdir(parents=True, exist_ok=True)
-                (dest / "evidence" / kind / Path(name).name).write_bytes(data)
+            _check(data, digest, f"evidence {kind}/{name}")
+            (dest / "evidence" / kind).mkdir(parents=True, exist_ok=True)
+            (dest / "evidence" / kind / Path(name).name).write_bytes(data)
     return {"image": image_digest, "weights_layer": weights, "model_files": sorted(written),
             "evidence": sorted(evidence)}
 
 
-def _check(data: bytes, digest: str, where: str) -> str:
+def _check(data: bytes, digest: str, where: str) -> None:
     from forge.registry.layout import sha256_bytes
 
-    actual = sha256_bytes(data)
-    if actual != digest:
+    if (actual := sha256_bytes(data)) != digest:
         raise ToolError(str(DigestMismatch(digest, actual, where)))
-    return actual

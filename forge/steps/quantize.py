@@ -40,6 +40,9 @@ LINEAR_ARCHITECTURES = AWQ_ARCHITECTURES | {"Gemma3ForConditionalGeneration", "M
                                             "StableLmForCausalLM", "Starcoder2ForCausalLM", "SmolLM3ForCausalLM"}
 
 
+_BACKEND_NAMES = {"llmcompressor": "llm-compressor", "modelopt": "ModelOpt"}
+
+
 def _backend(loaded) -> str:
     from forge.backends import backend_for
 
@@ -159,7 +162,7 @@ def preflight(loaded, shape) -> list[str]:
     arch = shape.architecture
     supported = AWQ_ARCHITECTURES if q.method == "awq" and _backend(loaded) == "llmcompressor" else LINEAR_ARCHITECTURES
     if arch not in supported and not arch.islower():  # lower-case: a GGUF arch name (llama, qwen2, ...)
-        problems.append(f"{loaded.where('quantize', 'method')}: {q.method} through {_backend(loaded)} does not support "
+        problems.append(f"{loaded.where('quantize', 'method')}: {q.method} through {_BACKEND_NAMES[_backend(loaded)]} does not support "
                         f"architecture {arch}; supported: {', '.join(sorted(supported))}")
     if q.method in ("awq", "gptq", "w4a8_awq"):
         group = q.group_size or 128
@@ -381,12 +384,16 @@ def verify_dequantized(bf16_dir: Path, weights: dict, tokenizer) -> dict:
         with torch.no_grad():
             out = model.generate(**ids, max_new_tokens=VERIFY_TOKENS, do_sample=False)
         tokens[label] = out[0, ids["input_ids"].shape[1]:].tolist()
-    a, b = tokens["bf16"], tokens["quantized"]
+    return {**_agreement(tokens["bf16"], tokens["quantized"], tokenizer), "how": "dequantized fp8 × weight_scale"}
+
+
+def _agreement(a: list[int], b: list[int], tokenizer) -> dict:
+    """How far the quantized model's greedy tokens follow BF16's."""
     prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     return {"prompt": VERIFY_PROMPT, "tokens": VERIFY_TOKENS, "matching_prefix": prefix,
             "agreement": round(sum(x == y for x, y in zip(a, b)) / max(1, len(a)), 4),
             "bf16_text": tokenizer.decode(a, skip_special_tokens=True),
-            "quantized_text": tokenizer.decode(b, skip_special_tokens=True), "how": "dequantized fp8 × weight_scale"}
+            "quantized_text": tokenizer.decode(b, skip_special_tokens=True)}
 
 
 def _mean(values: list[float]) -> float | None:
@@ -450,14 +457,10 @@ def verify_generation(bf16_dir: Path, quant_dir: Path, tokenizer) -> dict:
             out = m.generate(**ids, max_new_tokens=VERIFY_TOKENS, do_sample=False)
         tokens[label] = out[0, ids["input_ids"].shape[1]:].tolist()
         del m
-    a, b = tokens["bf16"], tokens["quantized"]
-    prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    text = tokenizer.decode(b, skip_special_tokens=True)
-    if not text.strip():
+    result = _agreement(tokens["bf16"], tokens["quantized"], tokenizer)
+    if not result["quantized_text"].strip():
         raise StepError(f"the quantized checkpoint generated nothing for {VERIFY_PROMPT!r}")
-    return {"prompt": VERIFY_PROMPT, "tokens": VERIFY_TOKENS, "matching_prefix": prefix,
-            "agreement": round(sum(x == y for x, y in zip(a, b)) / max(1, len(a)), 4),
-            "bf16_text": tokenizer.decode(a, skip_special_tokens=True), "quantized_text": text}
+    return result
 
 
 def _cast_float32(out: Path, dtype) -> None:
