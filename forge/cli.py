@@ -420,7 +420,10 @@ def lock_cmd(
         b = bases[n]
         if b.built:
             continue
-        proc = subprocess.run(["skopeo", "inspect", "--no-tags", f"docker://{b.image}"], capture_output=True, text=True)
+        from forge.registry.remote import insecure_host
+
+        tls = ["--tls-verify=false"] if insecure_host(b.image.split("/", 1)[0]) else []
+        proc = subprocess.run(["skopeo", "inspect", "--no-tags", *tls, f"docker://{b.image}"], capture_output=True, text=True)
         if proc.returncode != 0:
             raise ToolError(f"skopeo could not inspect {b.image} (base {n}): {proc.stderr.strip()[-600:]}",
                             hint="Run forge lock where the registry is reachable; credentials come from the "

@@ -186,3 +186,45 @@ def image_config(out: Path) -> dict:
     index = json.loads((out / "oci" / "index.json").read_text())
     blob = lambda d: json.loads((out / "oci" / "blobs" / "sha256" / d.split(":")[1]).read_text())  # noqa: E731
     return blob(blob(index["manifests"][0]["digest"])["config"]["digest"])
+
+
+def _tar(files: dict[str, bytes]) -> bytes:
+    import gzip
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in sorted(files.items()):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 0
+            tf.addfile(info, io.BytesIO(data))
+    return gzip.compress(buf.getvalue(), mtime=0)
+
+
+def _blob(layout: Path, data: bytes) -> dict:
+    import hashlib
+
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256" / digest[7:]).write_bytes(data)
+    return {"digest": digest, "size": len(data)}
+
+
+def make_image(layout: Path, ref: str, model: dict[str, bytes]) -> str:
+    """An OCI layout holding one small image: a base layer and the weights layer at /opt/forge/model (as forge
+    builds them). Returns the manifest digest."""
+    (layout / "blobs" / "sha256").mkdir(parents=True)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    layers = [_blob(layout, _tar({"etc/os-release": b"ID=debian\n"})),
+              _blob(layout, _tar({f"opt/forge/model/{k}": v for k, v in model.items()}))]
+    config = _blob(layout, json.dumps({"architecture": "amd64", "os": "linux",
+                                       "rootfs": {"type": "layers", "diff_ids": []}}).encode())
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config},
+                           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **layer}
+                                      for layer in layers]}).encode()
+    desc = _blob(layout, manifest)
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", **desc,
+         "annotations": {"org.opencontainers.image.ref.name": ref}}]}))
+    return desc["digest"]

@@ -92,3 +92,35 @@ def test_buildah_missing_exits_5(tmp_path, tiny_llama, cache_dir):
     proc = forge_cli("build", str(recipe), cache=cache_dir, env=env)
     assert proc.returncode == 5, proc.stderr
     assert "is not on PATH" in proc.stderr and "apt-get install" in proc.stderr
+
+
+def test_forge_lock_pins_a_base_from_a_real_registry(tmp_path, oci_registry):
+    """`forge lock` asks the registry (skopeo) for the tag's digest; --ci then accepts the base, and the
+    package step would use image@digest."""
+    import json
+    import subprocess
+
+    from conftest import make_image
+
+    digest = make_image(tmp_path / "layout", "standin", {"config.json": b"{}"})
+    ref = f"{oci_registry}/ngc/vllm-openai:v0.11.0"
+    push = subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--preserve-digests",
+                           f"oci:{tmp_path / 'layout'}:standin", f"docker://{ref}"], capture_output=True, text=True)
+    assert push.returncode == 0, push.stderr
+    (tmp_path / "containers").mkdir()
+    (tmp_path / "containers" / "bases.yaml").write_text(
+        "bases:\n  vllm-local:\n    image: " + ref + "\n    engine: vllm\n    engine_version: '0.11.0'\n"
+        "    cuda: '12.8'\n    min_driver: '570.26'\n    gpu_arch: ['8.9']\n    formats: [compressed-tensors]\n")
+    _config_only(tmp_path)
+    write_recipe(tmp_path / "r.yaml", "./model", target={"gpu": "L40S", "engine": "vllm", "max_num_seqs": 4},
+                 container={"base": "vllm-local"})
+    assert forge_cli("validate", "r.yaml", "--ci", cwd=tmp_path).returncode == 2   # not locked yet
+    proc = forge_cli("lock", cwd=tmp_path, check=0)
+    assert digest in proc.stdout
+    assert json.loads((tmp_path / "containers" / "bases.lock.json").read_text()) == {"vllm-local": digest}
+    proc = forge_cli("validate", "r.yaml", "--ci", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    from forge.containers import resolve_base
+    from forge.recipe.load import load_recipe
+
+    assert resolve_base(load_recipe(tmp_path / "r.yaml"))[1] == digest

@@ -2,19 +2,16 @@
 publishing to a real OCI Distribution registry (Debian's docker-registry) with evidence as referrers."""
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import json
 import multiprocessing
 import subprocess
-import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import forge_cli
+from conftest import forge_cli, make_image
 
 from forge.registry import LocalRegistry, publish
 from forge.registry.layout import REF_NAME
@@ -22,40 +19,6 @@ from forge.registry.record import decide
 
 
 # ---------------------------------------------------------------------- fixtures: a build's step outputs
-
-def _tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in sorted(files.items()):
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime = len(data), 0
-            tf.addfile(info, io.BytesIO(data))
-    return gzip.compress(buf.getvalue(), mtime=0)
-
-
-def _blob(layout: Path, data: bytes) -> dict:
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    (layout / "blobs" / "sha256" / digest[7:]).write_bytes(data)
-    return {"digest": digest, "size": len(data)}
-
-
-def make_image(layout: Path, ref: str, model: dict[str, bytes]) -> str:
-    """An OCI layout holding one image: a base layer and the weights layer at /opt/forge/model (as forge builds)."""
-    (layout / "blobs" / "sha256").mkdir(parents=True)
-    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
-    layers = [_blob(layout, _tar({"etc/os-release": b"ID=debian\n"})),
-              _blob(layout, _tar({f"opt/forge/model/{k}": v for k, v in model.items()}))]
-    config = _blob(layout, json.dumps({"architecture": "amd64", "os": "linux",
-                                       "rootfs": {"type": "layers", "diff_ids": []}}).encode())
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config},
-                           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **l}
-                                      for l in layers]}).encode()
-    desc = _blob(layout, manifest)
-    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
-        {"mediaType": "application/vnd.oci.image.manifest.v1+json", **desc, "annotations": {REF_NAME: ref}}]}))
-    return desc["digest"]
-
 
 def _result(out: Path, facts: dict, digest: str = "sha256:" + "ab" * 32, tools: dict | None = None):
     entry = SimpleNamespace(out=out, manifest={"facts": facts, "inputs": {"tools": tools or {}}})

@@ -51,9 +51,7 @@ class Remote:
 
     @property
     def insecure(self) -> bool:
-        name = self.host.rsplit(":", 1)[0] if not self.host.startswith("[") else self.host.split("]")[0] + "]"
-        extra = [h.strip() for h in os.environ.get("FORGE_INSECURE_REGISTRIES", "").split(",") if h.strip()]
-        return name in _LOOPBACK or self.host in extra or name in extra
+        return insecure_host(self.host)
 
     def ref(self, tag_or_digest: str) -> str:
         sep = "@" if tag_or_digest.startswith("sha256:") else ":"
@@ -61,6 +59,13 @@ class Remote:
 
     def url(self) -> str:
         return f"oci://{self.host}/{self.repo}"
+
+
+def insecure_host(host: str) -> bool:
+    """Plain HTTP (no TLS verification) only for loopback hosts and those listed in FORGE_INSECURE_REGISTRIES."""
+    name = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
+    extra = [h.strip() for h in os.environ.get("FORGE_INSECURE_REGISTRIES", "").split(",") if h.strip()]
+    return name in _LOOPBACK or host in extra or name in extra
 
 
 # ---------------------------------------------------------------------- credentials
