@@ -94,6 +94,9 @@ def resolve_base(loaded) -> tuple[Base, str | None]:
     if base.engine != loaded.recipe.target.engine:
         problems.append(f"{loaded.where('container', 'base')}: base {base.name} serves with {base.engine}, but "
                         f"target.engine is {loaded.recipe.target.engine}")
+    if base.built and c.builder not in ("auto", "buildah"):
+        problems.append(f"{loaded.where('container', 'builder')}: base {base.name} is built by forge with buildah; "
+                        f"builder {c.builder} cannot use it. Set builder: auto or buildah")
     if not base.built and digest is None and loaded.ci:
         problems.append(f"{loaded.where('container', 'base')}: base {base.name} ({base.image}) is not locked to a "
                         f"digest; run `forge lock` where the registry is reachable and commit {catalog.with_name(LOCK)}")

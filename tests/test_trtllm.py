@@ -284,3 +284,41 @@ def test_vllm_recipe_on_a_standin_ngc_base_pins_cuda_and_labels(tmp_path, tiny_l
     assert config["config"]["User"] == "10001:10001"
     assert _serve_args(config)[:3] == ["vllm", "serve", "/opt/forge/model"]
     assert "--quantization" in _serve_args(config) and "compressed-tensors" in _serve_args(config)
+
+
+def test_docker_builder_contract_on_a_standin_base(tmp_path, tiny_llama, standin_bases):
+    """container.builder: docker — build with BuildKit and SOURCE_DATE_EPOCH, save, convert to an OCI layout."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").symlink_to(FAKE_BIN / "docker")
+    recipe = write_recipe(tmp_path / "v.yaml", str(tiny_llama), name="tiny-docker",
+                          target={"gpu": "L40S", "engine": "vllm", "max_model_len": 256, "max_num_seqs": 4},
+                          quantize={"method": "fp8"}, container={"base": "vllm-0.11-cu128", "builder": "docker"},
+                          scan={"required": False})
+    env = {**standin_bases, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_DOCKER_LOG": str(tmp_path / "docker.log")}
+    proc = forge_cli("build", str(recipe), cache=tmp_path / "cache", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    calls = [json.loads(line) for line in (tmp_path / "docker.log").read_text().splitlines()]
+    assert [c["argv"][0] for c in calls] == ["build", "save"]
+    assert calls[0]["SOURCE_DATE_EPOCH"] == "0" and calls[0]["DOCKER_BUILDKIT"] == "1"
+    entries = {e["step"]: tmp_path / "cache" / "steps" / e["key"] / "out"
+               for e in json.loads(forge_cli("cache", "ls", "--json", cache=tmp_path / "cache", check=0).stdout)}
+    image = json.loads((entries["package"] / "image.json").read_text())
+    assert image["builder"] == "docker"
+    config = image_config(entries["package"])
+    assert dict(e.split("=", 1) for e in config["config"]["Env"])["NVIDIA_REQUIRE_CUDA"] == "cuda>=12.8"
+    manifest = json.loads((entries["package"].parent / "manifest.json").read_text())
+    assert manifest["inputs"]["identity"]["builder"] == "docker"   # a different builder is a different key
+
+
+def test_builder_missing_or_incompatible(tmp_path, tiny_llama):
+    recipe = write_recipe(tmp_path / "v.yaml", str(tiny_llama), target={"gpu": "L40S", "engine": "vllm", "max_num_seqs": 4},
+                          quantize={"method": "fp8"}, container={"base": "vllm-0.11-cu128", "builder": "podman"},
+                          scan={"required": False})
+    env = {"PATH": f"{Path(os.__file__).parents[2] / 'bin'}:/usr/bin:/bin"} if not shutil.which("podman") else {}
+    if not shutil.which("podman"):
+        proc = forge_cli("build", str(recipe), cache=tmp_path / "cache", env=env)
+        assert proc.returncode == 5 and "no image builder on PATH (container.builder: podman" in proc.stderr
+    cpu = write_recipe(tmp_path / "c.yaml", str(tiny_llama), container={"base": "cpu-python311", "builder": "docker"})
+    proc = forge_cli("validate", str(cpu))
+    assert proc.returncode == 2 and "is built by forge with buildah; builder docker cannot use it" in proc.stderr

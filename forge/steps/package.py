@@ -21,6 +21,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+import uuid
 from functools import lru_cache
 from pathlib import Path
 
@@ -70,10 +71,20 @@ def _config(loaded) -> dict:
             "base": base.name, "base_digest": digest, "recipe_digest": loaded.digest}
 
 
+def _identity(loaded) -> dict:
+    """The builder that will run and its version: buildah, podman and docker write different bytes."""
+    base, _ = resolve_base(loaded)
+    try:
+        builder = choose_builder(loaded, base)
+    except ToolError:
+        builder = "absent"   # the step itself reports it when it runs
+    return {"builder": builder, builder: _tool_version(builder) if builder != "absent" else "absent"}
+
+
 SPEC = StepSpec(
     name="package", summary="build the OCI image (weights in their own layer) and smoke-test it",
     depends=("quantize", "compile", "gate", "base_image"), tools=(), version=1, config=_config,
-    identity=lambda loaded: {"buildah": _tool_version("buildah")}, enabled=_enabled,
+    identity=lambda loaded: _identity(loaded), enabled=_enabled,
     run="forge.steps.package:run")
 
 
@@ -274,24 +285,66 @@ def run(ctx: StepContext) -> dict:
     (context / CONTAINERFILE).write_text(text)
     (ctx.out / CONTAINERFILE).write_text(text)
     tag = f"localhost/forge/{loaded.recipe.name}:{ctx.out.parent.name[:12]}"
-    ctx.report("buildah bud")
+    builder = choose_builder(loaded, base)
+    ctx.report(f"{builder} build")
     t0 = time.monotonic()
-    # forge's own base is in local storage already; a published one is pulled once (by digest when locked)
-    pull = "--pull=never" if "base_image" in ctx.inputs else "--pull=missing"
-    buildah("bud", "--isolation", "chroot", "--timestamp", "0", "--layers=false", pull, "-f",
-            str(context / CONTAINERFILE), "-t", tag, str(context))
+    build_image(builder, context, tag, ctx.out / OCI_DIR, loaded.recipe.name, local_base="base_image" in ctx.inputs)
     build_s = time.monotonic() - t0
-    ctx.report("exporting the OCI layout")
-    buildah("push", "--quiet", tag, f"oci:{ctx.out / OCI_DIR}:{loaded.recipe.name}")
     shutil.rmtree(context)
     image = describe_layout(ctx.out / OCI_DIR, loaded.recipe.name)
-    image.update(tag=tag, build_seconds=round(build_s, 1), base=base.name, engine=base.engine)
+    image.update(tag=tag, build_seconds=round(build_s, 1), base=base.name, engine=base.engine, builder=builder)
     if loaded.recipe.container.smoke_test:
-        transcript = smoke_test(tag, spec, ctx.report, expect_engine=base.engine)
+        transcript = smoke_test(tag, spec, ctx.report, expect_engine=base.engine, builder=builder)
         (ctx.out / TRANSCRIPT).write_text(json.dumps(transcript, indent=2) + "\n")
         image["smoke_test"] = {k: transcript[k] for k in ("passed", "answer", "health_seconds")}
     (ctx.out / IMAGE_JSON).write_text(json.dumps(image, indent=2) + "\n")
     return image
+
+
+def choose_builder(loaded, base) -> str:
+    """container.builder resolved: auto takes buildah, then podman, then docker, whichever is on PATH.
+    forge's own bases live in buildah's storage, so they are built on with buildah."""
+    want = loaded.recipe.container.builder
+    if base.built:   # resolve_base refused any other builder for it
+        return "buildah"
+    order = ("buildah", "podman", "docker") if want == "auto" else (want,)
+    for tool in order:
+        if shutil.which(tool):
+            return tool
+    raise ToolError(f"no image builder on PATH (container.builder: {want}; looked for {', '.join(order)})",
+                    hint="Install buildah (`make setup-tools`), podman or docker.")
+
+
+def _tool(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(argv), capture_output=True, text=True, env={**_clean_env(), **(env or {})})
+    if proc.returncode != 0:
+        raise ToolError(f"`{' '.join(argv[:3])} …` failed (exit {proc.returncode}): {proc.stderr.strip()[-1500:]}")
+    return proc
+
+
+def build_image(builder: str, context: Path, tag: str, layout: Path, ref: str, *, local_base: bool) -> None:
+    """Build the Containerfile in context as tag, then export it as an OCI layout (what Trivy and the registry read).
+    forge's own base is in local storage already; a published one is pulled once (by digest when locked)."""
+    cf = str(context / CONTAINERFILE)
+    if builder == "buildah":
+        buildah("bud", "--isolation", "chroot", "--timestamp", "0", "--layers=false",
+                "--pull=never" if local_base else "--pull=missing", "-f", cf, "-t", tag, str(context))
+        buildah("push", "--quiet", tag, f"oci:{layout}:{ref}")
+    elif builder == "podman":
+        _tool("podman", "build", "--timestamp", "0", "--layers=false", "--pull=missing", "-f", cf, "-t", tag, str(context))
+        _tool("podman", "push", "--quiet", tag, f"oci:{layout}:{ref}")
+    else:  # docker: BuildKit honours SOURCE_DATE_EPOCH for the image's timestamps; the archive goes through skopeo
+        _tool("docker", "build", "--build-arg", "SOURCE_DATE_EPOCH=0", "-f", cf, "-t", tag, str(context),
+              env={"SOURCE_DATE_EPOCH": "0", "DOCKER_BUILDKIT": "1"})
+        archive = layout.parent / f".{ref}.docker.tar"
+        try:
+            _tool("docker", "save", "-o", str(archive), tag)
+            if shutil.which("skopeo") is None:
+                raise ToolError("skopeo is not on PATH: forge converts docker's archive to an OCI layout with it",
+                                hint="apt-get install skopeo")
+            _tool("skopeo", "copy", "--quiet", f"docker-archive:{archive}", f"oci:{layout}:{ref}")
+        finally:
+            archive.unlink(missing_ok=True)
 
 
 def describe_layout(layout: Path, ref: str) -> dict:
@@ -319,17 +372,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def smoke_test(tag: str, spec: ImageSpec, report, *, expect_engine: str, timeout_s: float = 300) -> dict:
-    """Serve from the image (buildah run, chroot), wait for /health, ask one question, stop everything."""
+def _start_server(builder: str, tag: str, spec: ImageSpec, port: int):
+    """Start the image's server reachable on 127.0.0.1:port; returns (process, args, stop)."""
+    if builder == "buildah":  # no port mapping: the server shares the host network, so it listens on port
+        args = [a if a != str(PORT) else str(port) for a in spec.engine_args]
+        ctr = buildah("from", "--pull=never", tag).stdout.strip().splitlines()[-1]
+        server = subprocess.Popen(["buildah", *_storage_flags(), "run", "--isolation", "chroot", ctr, "--", *args],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=_clean_env(),
+                                  start_new_session=True)
+
+        def stop() -> None:
+            _stop_group(server)   # buildah run leaves the server behind: stop the whole group
+            buildah("rm", ctr, check=False)
+        return server, args, stop
+    name = f"forge-smoke-{uuid.uuid4().hex[:12]}"
+    server = subprocess.Popen([builder, "run", "--rm", "--name", name, "-p", f"127.0.0.1:{port}:{PORT}", tag],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=_clean_env(),
+                              start_new_session=True)
+
+    def stop() -> None:
+        subprocess.run([builder, "rm", "-f", name], capture_output=True, env=_clean_env())
+        _stop_group(server)
+    return server, list(spec.engine_args), stop
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def smoke_test(tag: str, spec: ImageSpec, report, *, expect_engine: str, builder: str = "buildah",
+               timeout_s: float = 300) -> dict:
+    """Serve from the image, wait for /health, ask one question, stop everything."""
     if expect_engine != "cpu":
         return {"passed": False, "skipped": f"{expect_engine} images need their GPU to serve; smoke test not run here",
                 "answer": None, "health_seconds": None}
     port = _free_port()
-    args = [a if a != str(PORT) else str(port) for a in spec.engine_args]
-    ctr = buildah("from", "--pull=never", tag).stdout.strip().splitlines()[-1]
-    log = open(os.devnull, "w")
-    server = subprocess.Popen(["buildah", *_storage_flags(), "run", "--isolation", "chroot", ctr, "--", *args],
-                              stdout=log, stderr=subprocess.STDOUT, env=_clean_env(), start_new_session=True)
+    server, args, stop = _start_server(builder, tag, spec, port)
     t0 = time.monotonic()
     transcript: dict = {"image": tag, "command": args, "question": SMOKE_QUESTION}
     try:
@@ -360,16 +445,7 @@ def smoke_test(tag: str, spec: ImageSpec, report, *, expect_engine: str, timeout
             raise StepError(f"the server in {tag} answered {SMOKE_QUESTION!r} with nothing")
         return transcript
     finally:
-        try:
-            os.killpg(server.pid, signal.SIGTERM)  # buildah run leaves the server behind: stop the group
-            server.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(server.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        log.close()
-        buildah("rm", ctr, check=False)
+        stop()
 
 
 def file_digests_in_layer(layout: Path, layer_digest: str) -> dict[str, str]:
