@@ -147,7 +147,7 @@ def _publish(loaded, results: dict, registry_dir: Path | None, target: str | Non
     from forge.registry import LocalRegistry, publish
 
     reg = LocalRegistry(registry_dir)
-    report = _on_start(type("S", (), {"name": "publish"})(), "")
+    report = _progress_for("publish")
     try:
         rec = publish(loaded, results, report, registry=reg, target=target)
     finally:
@@ -157,20 +157,26 @@ def _publish(loaded, results: dict, registry_dir: Path | None, target: str | Non
     out.print(f"  [{colors.get(rec.status, 'cyan')}]●[/] publish    {rec.status:<10} {ref}"
               + (f"  → {rec.remote}" if rec.remote else "") + f"  ({reg.root})", highlight=False)
     if rec.reason:
-        out.print(f"    [dim]{rec.reason}[/]", highlight=False)
+        from rich.markup import escape
+
+        out.print(f"    [dim]{escape(rec.reason)}[/]", highlight=False)
 
 
 _progress = None
 
 
 def _on_start(spec, key):
+    return _progress_for(spec.name)
+
+
+def _progress_for(step: str):
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     global _progress
     _progress = Progress(SpinnerColumn(), TextColumn("{task.fields[step]:<10}"), TextColumn("{task.description}"),
                          TimeElapsedColumn(), console=out, transient=True)
     _progress.start()
-    task = _progress.add_task("starting", step=spec.name, total=None)
+    task = _progress.add_task("starting", step=step, total=None)
 
     def report(message: str, *, completed: float | None = None, total: float | None = None) -> None:
         _progress.update(task, description=message, completed=completed, total=total)
