@@ -147,10 +147,13 @@ def test_demo_published_to_a_real_registry_with_evidence_and_pulled_back(demo, o
     url = f"oci://{oci_registry}/forge/demo"
     proc = forge_cli("build", str(DEMO), "--publish-to", url, cache=demo["cache"], env=demo["env"], timeout=3600, check=0)
     assert "BUILT" not in proc.stdout and "publish    unscanned" in proc.stdout
-    rec = json.loads(forge_cli("registry", "show", "smollm2-135m-demo", "--json", env=demo["env"], check=0).stdout)
+    import re
+
+    ref = re.search(r"publish\s+unscanned\s+(smollm2-135m-demo:[0-9a-f]{12})", proc.stdout).group(1)
+    rec = json.loads(forge_cli("registry", "show", ref, "--json", env=demo["env"], check=0).stdout)
     image = json.loads((demo["steps"]["package"] / "image.json").read_text())
     assert rec["image_digest"] == image["manifest_digest"] and rec["remote"] == f"{url}@{rec['image_digest']}"
-    refs = json.loads(forge_cli("registry", "referrers", "smollm2-135m-demo", "--json", env=demo["env"], check=0).stdout)
+    refs = json.loads(forge_cli("registry", "referrers", ref, "--json", env=demo["env"], check=0).stdout)
     assert refs["remote_via"] == "tag-schema"
     assert sorted(r["artifactType"] for r in refs["remote"]) == sorted(r["artifactType"] for r in refs["local"])
     # another machine: nothing local, pull by tag from the registry; every file is the quantized checkpoint's
@@ -165,8 +168,8 @@ def test_demo_published_to_a_real_registry_with_evidence_and_pulled_back(demo, o
               for p in (tmp_path / "pulled" / "model").rglob("*") if p.is_file()}
     assert pulled == {rel: f["sha256"] for rel, f in expected.items() if rel not in REPORTS}
     assert (tmp_path / "pulled" / "evidence" / "eval-verdict" / "verdict.json").exists()
-    forge_cli("registry", "verify", "smollm2-135m-demo", env=demo["env"], check=0)
-    proc = forge_cli("registry", "promote", "smollm2-135m-demo", "--to", "prod", env=demo["env"])
+    forge_cli("registry", "verify", ref, env=demo["env"], check=0)
+    proc = forge_cli("registry", "promote", ref, "--to", "prod", env=demo["env"])
     assert proc.returncode == 2 and "is unscanned" in proc.stderr
 
 

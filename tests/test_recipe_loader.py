@@ -20,7 +20,9 @@ def test_schema_cli_prints_the_committed_schema():
         "schema/recipe-v1.json is stale: run `forge schema > schema/recipe-v1.json`"
     assert printed["additionalProperties"] is False
     assert {"apiVersion", "name", "model", "target"} <= set(printed["required"])
-    assert printed["$defs"]["Quantize"]["properties"]["method"]["enum"] == ["none", "awq", "gptq", "fp8", "int8"]
+    assert printed["$defs"]["Quantize"]["properties"]["method"]["enum"] == ["none", "awq", "gptq", "fp8", "int8", "w4a8_awq", "nvfp4"]
+    assert printed["$defs"]["Quantize"]["properties"]["backend"]["enum"] == ["auto", "llmcompressor", "modelopt"]
+    assert printed["$defs"]["TrtLLM"]["properties"]["mode"]["enum"] == ["pytorch", "engine"]
 
 
 def test_demo_recipe_is_valid():

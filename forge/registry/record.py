@@ -99,7 +99,8 @@ def decide(gate: dict | None, scan: dict | None, has_image: bool) -> tuple[str, 
         failed = "; ".join(gate.get("failed") or []) or "see the gate summary"
         return "rejected", f"eval gate failed: {failed}"
     if scan is not None and scan.get("status") == "scanned" and scan.get("passed") is False:
-        return "rejected", f"scan gate failed: {scan.get('summary', '')}".rstrip(": ")
+        summary = str(scan.get("summary") or "see the scan summary")   # the scan's own words: "failed: 3 …"
+        return "rejected", "scan gate " + (summary if summary.startswith("failed") else f"failed: {summary}")
     if not has_image:
         return ("gated" if gate is not None else "built"), "the recipe has no container section: no image to ship"
     if scan is None or scan.get("status") == "unscanned":
