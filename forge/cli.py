@@ -517,13 +517,22 @@ def registry_show(ref: RefArg, registry_dir: RegistryDir = None, json_out: JsonO
 
 
 @registry_app.command("verify")
-def registry_verify(ref: RefArg, registry_dir: RegistryDir = None) -> None:
+def registry_verify(ref: RefArg, registry_dir: RegistryDir = None,
+                    remote: Annotated[bool, typer.Option("--remote", help="Also re-hash what the OCI registry serves.")] = False,
+                    ) -> None:
     """Re-hash every blob of the image and of its evidence against the recorded digests (exit 5 on a mismatch)."""
     from forge.errors import ToolError
 
     reg = _registry(registry_dir)
     rec = reg.resolve(ref)
     problems = reg.verify(rec)
+    if remote:
+        if not rec.remote:
+            raise UsageError(f"{rec.name} {rec.short()} was not pushed to an OCI registry", hint="Drop --remote.")
+        from forge.registry import remote as remote_mod
+
+        client = remote_mod.Client(remote_mod.Remote.parse(rec.remote.split("@")[0]))
+        problems += [(d, f"remote {role}", what) for d, role, what in client.verify(rec)]
     n = len(rec.evidence) + (1 if rec.image_digest else 0)
     if problems:
         for digest, role, what in problems:
@@ -531,7 +540,8 @@ def registry_verify(ref: RefArg, registry_dir: RegistryDir = None) -> None:
         raise ToolError(f"{rec.name} {rec.short()}: {len(problems)} blob(s) do not verify",
                         hint="The store was modified after publishing: rebuild and publish again; do not ship it.")
     out.print(f"[green]✓[/] {rec.name} {rec.short()}: image and {len(rec.evidence)} evidence artifact(s) verify "
-              f"({n} manifests re-hashed with every blob they name)", highlight=False)
+              f"({n} manifests re-hashed with every blob they name{', here and in ' + rec.remote.split('@')[0] if remote else ''})",
+              highlight=False)
 
 
 @registry_app.command("promote")

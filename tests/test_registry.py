@@ -240,6 +240,17 @@ def test_push_evidence_referrers_pull_and_promote_on_a_real_registry(tmp_path, r
                                   check=0).stdout)
     assert listed["remote_via"] == "tag-schema" and len(listed["remote"]) == len(rec.evidence)
 
+    # verify --remote re-hashes what the registry serves; a blob deleted there is named
+    proc = forge_cli("registry", "verify", rec.id[:12], "--remote", "--registry-dir", str(reg.root), check=0)
+    assert "here and in oci://" in proc.stdout
+    sbom = next(e for e in rec.evidence if e.kind == "sbom").files["sbom.cdx.json"]
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(f"{base}/blobs/{sbom}", method="DELETE"), timeout=10)
+    proc = forge_cli("registry", "verify", rec.id[:12], "--remote", "--registry-dir", str(reg.root))
+    assert proc.returncode == 5 and sbom in proc.stderr and "missing from the registry" in proc.stderr
+    assert forge_cli("registry", "verify", rec.id[:12], "--registry-dir", str(reg.root)).returncode == 0  # local copy intact
+
     # promote re-tags remotely too, same digest
     forge_cli("registry", "promote", rec.id[:12], "--to", "prod", "--registry-dir", str(reg.root), check=0)
     assert _get(f"{base}/manifests/prod", "application/vnd.oci.image.manifest.v1+json")[2][

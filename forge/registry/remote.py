@@ -189,6 +189,43 @@ class Client:
             raise ToolError(f"registry GET blob {digest}: HTTP {r.status_code}")
         return r.content
 
+    def blob_digest(self, digest: str) -> str | None:
+        """sha256 of the blob the registry serves under digest (streamed), None if it has none."""
+        import hashlib
+
+        r = self._request("GET", f"blobs/{digest}", stream=True)
+        if r.status_code != 200:
+            return None
+        h = hashlib.sha256()
+        for chunk in r.iter_content(4 << 20):
+            h.update(chunk)
+        return "sha256:" + h.hexdigest()
+
+    def verify(self, rec: Record) -> list[tuple[str, str, str]]:
+        """Re-hash, as served by the registry, the image manifest, every blob it names and every piece of
+        evidence, and check each evidence artifact is findable as a referrer: (digest, role, problem)."""
+        problems = []
+        manifests = [(rec.image_digest, "image manifest")] + [(e.manifest_digest, f"{e.kind} manifest") for e in rec.evidence]
+        for digest, role in manifests:
+            got = self.get_manifest(digest)
+            if got is None:
+                problems.append((digest, role, "missing from the registry"))
+                continue
+            if (actual := sha256_bytes(got[0])) != digest:
+                problems.append((digest, role, f"the registry serves content hashing to {actual}"))
+                continue
+            m = json.loads(got[0])
+            for blob in [m["config"], *m.get("layers", [])]:
+                actual = self.blob_digest(blob["digest"])
+                if actual != blob["digest"]:
+                    what = "missing from the registry" if actual is None else f"served content hashes to {actual}"
+                    problems.append((blob["digest"], f"{role} → blob", what))
+        listed = {d["digest"] for d in self.referrers(rec.image_digest)[0]}
+        for e in rec.evidence:
+            if e.manifest_digest not in listed:
+                problems.append((e.manifest_digest, f"{e.kind} manifest", "not listed as a referrer of the image"))
+        return problems
+
     def referrers(self, subject: str) -> tuple[list[dict], str]:
         """(descriptors of the manifests that refer to subject, "api" or "tag-schema")."""
         r = self._request("GET", f"referrers/{subject}", headers={"Accept": INDEX})
