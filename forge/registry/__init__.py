@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from forge.errors import ToolError, UsageError
-from forge.registry.layout import Layout, DigestMismatch
+from forge.registry.layout import Layout
 from forge.registry.local import LocalRegistry, default_registry_dir
 from forge.registry.record import PROMOTABLE, STATUSES, Collected, Record, collect
 
@@ -57,7 +57,8 @@ def pull(ref: str, dest: Path, reg: LocalRegistry | None = None) -> dict:
     """Write the model files of the image's weights layer to dest/model and its evidence to dest/evidence/<kind>/.
 
     ``ref`` is a local reference (see ``LocalRegistry.resolve``) or oci://HOST/REPO:TAG|@DIGEST. Every
-    blob is checked against its digest on the way; returns a summary of what was written.
+    blob is checked against its digest before anything is written (locally by ``verify``; from a registry
+    by skopeo while copying the image and by ``Layout.put_bytes`` for the evidence); returns a summary.
     """
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
@@ -110,11 +111,10 @@ def _fetch_remote(ref: str, tmp: Path) -> tuple[Layout, str, dict]:
 
 
 def _extract(layout: Layout, image_digest: str, evidence: dict, dest: Path) -> dict:
+    """Copy out of an already verified layout."""
     dest.mkdir(parents=True, exist_ok=True)
     manifest = json.loads(layout.read(image_digest))
     weights = manifest["layers"][-1]["digest"]   # forge writes the weights as the image's last layer
-    if (p := layout.verify(weights)) is not None:
-        raise ToolError(f"weights layer {weights}: {p}")
     written = []
     with tarfile.open(layout.blob_path(weights)) as tf:
         for m in tf:
@@ -131,19 +131,7 @@ def _extract(layout: Layout, image_digest: str, evidence: dict, dest: Path) -> d
             written.append(str(rel))
     for kind, (_, files) in evidence.items():
         for name, digest in files.items():
-            try:
-                data = layout.read(digest)
-            except FileNotFoundError:
-                raise ToolError(f"evidence {kind}/{name} ({digest}) is missing from the store") from None
-            _check(data, digest, f"evidence {kind}/{name}")
             (dest / "evidence" / kind).mkdir(parents=True, exist_ok=True)
-            (dest / "evidence" / kind / Path(name).name).write_bytes(data)
+            (dest / "evidence" / kind / Path(name).name).write_bytes(layout.read(digest))
     return {"image": image_digest, "weights_layer": weights, "model_files": sorted(written),
             "evidence": sorted(evidence)}
-
-
-def _check(data: bytes, digest: str, where: str) -> None:
-    from forge.registry.layout import sha256_bytes
-
-    if (actual := sha256_bytes(data)) != digest:
-        raise ToolError(str(DigestMismatch(digest, actual, where)))

@@ -22,7 +22,7 @@ from typing import Iterator
 
 from forge.errors import UsageError
 from forge.registry.layout import (
-    MANIFEST, REF_NAME, Layout, artifact_manifest, descriptor, manifest_bytes, sha256_bytes)
+    EMPTY_BYTES, MANIFEST, REF_NAME, Layout, artifact_manifest, descriptor, manifest_bytes, sha256_bytes)
 from forge.registry.record import EVIDENCE_TYPES, PROMOTABLE, Collected, Evidence, Record
 
 SCHEMA = """
@@ -71,7 +71,7 @@ class LocalRegistry:
             subject = descriptor(MANIFEST, self.blobs.read(rec.image_digest))
             rec = rec.model_copy(update={"image_size": sum(
                 self.blobs.blob_path(d).stat().st_size for d, _ in self.blobs.image_blobs(rec.image_digest))})
-        self.blobs.put_bytes(b"{}")
+        self.blobs.put_bytes(EMPTY_BYTES)   # the config blob every evidence manifest names
         evidence, named = [], []
         for item in collected.evidence:
             files = {f.name: f.read_bytes() for f in item.files}

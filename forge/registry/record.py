@@ -88,7 +88,6 @@ class Collected:
     """A record-to-be plus the files it is made from."""
     record: Record
     image_layout: Path | None = None
-    image_ref: str | None = None
     evidence: tuple[EvidenceFiles, ...] = field(default=())
     provenance: bytes = b""
 
@@ -161,8 +160,7 @@ def collect(loaded, results: dict, finished_at: datetime | None = None) -> Colle
         created_at=(finished_at or datetime.now(timezone.utc)).isoformat(timespec="seconds"))
     prov = provenance(record, loaded, results)
     record = record.model_copy(update={"provenance_digest": sha256_bytes(prov)})
-    return Collected(record, package.entry.out / OCI_DIR if package else None,
-                     image["oci_ref"] if image else None, tuple(evidence), prov)
+    return Collected(record, package.entry.out / OCI_DIR if package else None, tuple(evidence), prov)
 
 
 def provenance(record: Record, loaded, results: dict) -> bytes:

@@ -141,9 +141,15 @@ def buildah(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess
         raise ToolError("buildah is not on PATH: the package step cannot build images",
                         hint="Install it (Debian/Ubuntu: apt-get install buildah; `make setup-tools` does it here), "
                              "or remove the container section to stop before packaging.")
-    proc = subprocess.run(["buildah", *_storage_flags(), *args], capture_output=True, text=True, env=_clean_env(), **kw)
+    return _run(["buildah", *_storage_flags(), *args], shown=("buildah", *args[:3]), check=check, **kw)
+
+
+def _run(argv: list[str], *, shown: tuple[str, ...], check: bool = True, env: dict | None = None,
+         **kw) -> subprocess.CompletedProcess:
+    """Run a container tool with the scrubbed environment; a failure is exit 5 showing the command's start."""
+    proc = subprocess.run(argv, capture_output=True, text=True, env={**_clean_env(), **(env or {})}, **kw)
     if check and proc.returncode != 0:
-        raise ToolError(f"`buildah {' '.join(args[:3])} …` failed (exit {proc.returncode}): {proc.stderr.strip()[-1500:]}")
+        raise ToolError(f"`{' '.join(shown)} …` failed (exit {proc.returncode}): {proc.stderr.strip()[-1500:]}")
     return proc
 
 
@@ -272,8 +278,6 @@ def run(ctx: StepContext) -> dict:
 
         engine = engine / ENGINE_DIR
         if problems := check_engine(EngineFacts.read(engine), loaded, base):
-            from forge.errors import ToolError
-
             raise ToolError("the engine does not match the recipe or the base image: " + "; ".join(problems),
                             hint="Rebuild it on the recipe's GPU with the base image's TensorRT-LLM: forge build --force compile")
         shutil.copytree(engine, context / "engine", copy_function=os.link)
@@ -316,10 +320,7 @@ def choose_builder(loaded, base) -> str:
 
 
 def _tool(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(argv), capture_output=True, text=True, env={**_clean_env(), **(env or {})})
-    if proc.returncode != 0:
-        raise ToolError(f"`{' '.join(argv[:3])} …` failed (exit {proc.returncode}): {proc.stderr.strip()[-1500:]}")
-    return proc
+    return _run(list(argv), shown=argv[:3], env=env)
 
 
 def build_image(builder: str, context: Path, tag: str, layout: Path, ref: str, *, local_base: bool) -> None:

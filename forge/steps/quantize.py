@@ -217,7 +217,6 @@ def run(ctx: StepContext) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from forge.backends import llmcompressor as backend
-    from forge.calibration import calibration_texts, windows
 
     os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "")  # forge shows progress; the full log goes to a file
     os.environ.setdefault("TQDM_DISABLE", "1")             # per-layer tqdm bars would interleave with forge's
@@ -230,13 +229,9 @@ def run(ctx: StepContext) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(src)
     dataset = None
     if backend.needs_calibration(q):
-        ctx.report("tokenizing calibration data")
         from datasets import Dataset
 
-        cal = q.calibration
-        chunks = windows(calibration_texts(ctx.recipe, cal), tokenizer, samples=cal.samples,
-                         max_seq_len=cal.max_seq_len, seed=cal.seed, where=ctx.recipe.where("quantize", "calibration"),
-                         source=cal.data)
+        chunks = _calibration_windows(ctx, tokenizer)
         dataset = Dataset.from_dict({"input_ids": chunks, "attention_mask": [[1] * len(c) for c in chunks]})
 
     ctx.report(f"loading the model ({'cuda' if cuda else 'cpu'}, {str(dtype).removeprefix('torch.')})")
@@ -260,9 +255,7 @@ def run(ctx: StepContext) -> dict:
     ctx.report("writing compressed-tensors checkpoint")
     model.save_pretrained(ctx.out, save_compressed=True)
     tokenizer.save_pretrained(ctx.out)
-    for extra in ("generation_config.json", "chat_template.jinja"):
-        if (src / extra).exists() and not (ctx.out / extra).exists():
-            shutil.copyfile(src / extra, ctx.out / extra)
+    _copy_extras(src, ctx.out)
     del model
     if dtype != recipe_dtype:
         _cast_float32(ctx.out, recipe_dtype)
@@ -279,11 +272,9 @@ def run(ctx: StepContext) -> dict:
     }
     facts["size_ratio"] = round(facts["bytes"] / facts["bf16_bytes"], 4)
     from forge.build import tool_versions
-    from forge.digests import sha256_file
 
     facts["tools"] = tool_versions(SPEC.tools)
-    facts["calibration_sha256"] = (sha256_file(ctx.recipe.resolve_path(q.calibration.data))
-                                   if q.calibration and _data(ctx.recipe) else None)
+    facts["calibration_sha256"] = _calibration_sha256(ctx.recipe)
     _write_reports(ctx.out, layers, list(log.mappings.values()), facts)
     return facts
 
@@ -295,6 +286,21 @@ def _calibration_windows(ctx: StepContext, tokenizer) -> list[list[int]]:
     ctx.report("tokenizing calibration data")
     return windows(calibration_texts(ctx.recipe, cal), tokenizer, samples=cal.samples, max_seq_len=cal.max_seq_len,
                    seed=cal.seed, where=ctx.recipe.where("quantize", "calibration"), source=cal.data)
+
+
+def _copy_extras(src: Path, out: Path) -> None:
+    """The snapshot's generation config and chat template, which save_pretrained/export may not write."""
+    for extra in ("generation_config.json", "chat_template.jinja"):
+        if (src / extra).exists() and not (out / extra).exists():
+            shutil.copyfile(src / extra, out / extra)
+
+
+def _calibration_sha256(loaded) -> str | None:
+    """The local calibration file's digest (an hf:// dataset is named by its pinned commit instead)."""
+    from forge.digests import sha256_file
+
+    data = _data(loaded)
+    return sha256_file(data["calibration"]) if data else None
 
 
 def run_modelopt(ctx: StepContext) -> dict:
@@ -326,9 +332,7 @@ def run_modelopt(ctx: StepContext) -> dict:
     export_s = time.monotonic() - t0
     del model
     tokenizer.save_pretrained(ctx.out)
-    for extra in ("generation_config.json", "chat_template.jinja"):
-        if (src / extra).exists() and not (ctx.out / extra).exists():
-            shutil.copyfile(src / extra, ctx.out / extra)
+    _copy_extras(src, ctx.out)
     ctx.report("validating the checkpoint against the recipe")
     try:
         checkpoint = modelopt.validate_checkpoint(ctx.out, q)
@@ -347,10 +351,9 @@ def run_modelopt(ctx: StepContext) -> dict:
     }
     facts["size_ratio"] = round(facts["bytes"] / facts["bf16_bytes"], 4)
     from forge.build import tool_versions
-    from forge.digests import sha256_file
 
     facts["tools"] = tool_versions(("nvidia-modelopt", "torch", "transformers"))
-    facts["calibration_sha256"] = sha256_file(ctx.recipe.resolve_path(q.calibration.data)) if _data(ctx.recipe) else None
+    facts["calibration_sha256"] = _calibration_sha256(ctx.recipe)
     (ctx.out / REPORT_JSON).write_text(json.dumps({"summary": facts, "layers": result["layers"]}, indent=2) + "\n")
     lines = [f"# quantize report: {facts['scheme']} (ModelOpt {facts['tools']['nvidia-modelopt']})", "",
              f"size {facts['bytes'] / 1e6:.1f} MB vs BF16 {facts['bf16_bytes'] / 1e6:.1f} MB ({facts['size_ratio']:.2f}×) · "
