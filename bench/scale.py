@@ -1,0 +1,181 @@
+"""Benchmark: forge at real model sizes, next to the raw library and hashlib, measured in one run.
+
+Each measurement runs in its own child process, so its peak RSS (ru_maxrss from wait4) is its own:
+  hashlib      SHA-256 over the checkpoint's files (Python hashlib, 16 MiB reads): the I/O baseline
+  raw_fp8      llm-compressor alone: load bf16, oneshot(QuantizationModifier FP8_DYNAMIC, ignore lm_head),
+               save_pretrained(save_compressed=True)
+  forge_fp8    `forge build` of a recipe {model.source: DIR, quantize: {method: fp8}} in a fresh cache
+               (resolve + quantize, load-and-verify included); per-step seconds and bytes from the manifests
+  raw_gptq / forge_gptq   the same for GPTQ W4 group 64 on the demo's calibration settings (--gptq; slow)
+Prints JSON with every figure and the ratios forge/raw (time, peak RSS).
+
+    .venv/bin/python bench/scale.py [--model DIR | --shape llama-3.2-3b] [--gptq] [--keep]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CALIB = REPO / "evals" / "data" / "calib-pydoc.jsonl"
+GPTQ = {"method": "gptq", "bits": 4, "group_size": 64,
+        "calibration": {"data": str(CALIB), "samples": 20, "max_seq_len": 512}}
+
+
+def measure(argv: list[str], env: dict | None = None) -> dict:
+    """Run a child process; its wall time and its own peak RSS."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = proc.communicate()
+    seconds = time.monotonic() - t0
+    if proc.returncode:
+        sys.stderr.write(out.decode(errors="replace")[-4000:])
+        raise SystemExit(f"{argv[:4]} failed with exit {proc.returncode}")
+    return {"seconds": round(seconds, 1), "output": out.decode(errors="replace")}
+
+
+def child_rss(argv: list[str], env: dict | None = None) -> dict:
+    """Like measure, with the child's peak RSS: the child reports it itself through the wrapper below."""
+    wrapped = [sys.executable, __file__, "--_rss", "--", *argv]
+    result = measure(wrapped, env)
+    last = [line for line in result["output"].splitlines() if line.startswith("FORGE_BENCH_RSS ")]
+    result["peak_rss_gb"] = round(int(last[-1].split()[1]) * 1024 / 1e9, 2) if last else None
+    result["output"] = result["output"][-2000:]
+    return result
+
+
+def _rss_wrapper(argv: list[str]) -> None:
+    """Run argv and print its own peak RSS (KiB, from wait4), so the parent never mixes children."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(argv)
+    _, status, usage = os.wait4(proc.pid, 0)
+    print(f"FORGE_BENCH_RSS {usage.ru_maxrss} {time.monotonic() - t0:.1f}", flush=True)
+    sys.exit(os.waitstatus_to_exitcode(status))
+
+
+def hashlib_rate(model: Path) -> dict:
+    files = sorted(p for p in model.rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in files)
+    t0 = time.monotonic()
+    for p in files:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while chunk := f.read(16 << 20):
+                h.update(chunk)
+    seconds = time.monotonic() - t0
+    return {"bytes": size, "seconds": round(seconds, 2), "mb_s": round(size / seconds / 1e6, 1)}
+
+
+RAW = """
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from llmcompressor import oneshot
+src, out, method = sys.argv[1], sys.argv[2], sys.argv[3]
+model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+tok = AutoTokenizer.from_pretrained(src)
+if method == "fp8":
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    oneshot(model=model, recipe=[QuantizationModifier(targets=["Linear"], scheme="FP8_DYNAMIC", ignore=["lm_head"])])
+else:
+    import json
+    from datasets import Dataset
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    texts = [json.loads(l)["text"] for l in open(sys.argv[4])]
+    ids = tok("\\n\\n".join(texts))["input_ids"]
+    chunks = [ids[i * 512:(i + 1) * 512] for i in range(20)]
+    ds = Dataset.from_dict({"input_ids": chunks, "attention_mask": [[1] * len(c) for c in chunks]})
+    w = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}
+    oneshot(model=model, dataset=ds, max_seq_length=512, num_calibration_samples=len(ds),
+            recipe=[GPTQModifier(config_groups={"g": {"targets": ["Linear"], "weights": w}}, ignore=["lm_head"])])
+model.save_pretrained(out, save_compressed=True)
+tok.save_pretrained(out)
+"""
+
+
+def raw(model: Path, work: Path, method: str) -> dict:
+    out = work / f"raw-{method}"
+    result = child_rss([sys.executable, "-c", RAW, str(model), str(out), method, str(CALIB)],
+                       {"TQDM_DISABLE": "1", "LLM_COMPRESSOR_LOG_LEVEL": ""})
+    result["bytes_written"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def forge(model: Path, work: Path, name: str, quantize: dict) -> dict:
+    cache = work / f"cache-{name}"
+    recipe = work / f"{name}.yaml"
+    recipe.write_text(json.dumps({"apiVersion": "forge/v1", "name": f"bench-{name}", "model": {"source": str(model)},
+                                  "target": {"gpu": "CPU", "engine": "cpu"}, "quantize": quantize}))
+    result = child_rss([sys.executable, "-m", "forge", "build", str(recipe), "--cache-dir", str(cache)],
+                       {"FORGE_REGISTRY_DIR": str(work / f"registry-{name}")})
+    steps = {}
+    for manifest in sorted(cache.glob("steps/*/manifest.json")):
+        m = json.loads(manifest.read_text())
+        if m.get("step") in steps or "output" not in m:
+            continue
+        steps[m["step"]] = {"seconds": m.get("seconds"),
+                            "bytes": sum(f["size"] for f in m["output"]["files"].values())}
+    result["steps"] = steps
+    result["disk_bytes"] = _disk_usage(cache)
+    shutil.rmtree(cache, ignore_errors=True)
+    return result
+
+
+def _disk_usage(path: Path) -> int:
+    """Bytes on disk, hard links counted once (as `du` does)."""
+    seen, total = set(), 0
+    for p in path.rglob("*"):
+        st = p.lstat()
+        if p.is_file() and not p.is_symlink() and (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
+    return total
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--_rss":
+        _rss_wrapper(sys.argv[3:])
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", type=Path, help="an existing checkpoint directory (default: generate one)")
+    ap.add_argument("--shape", default="llama-3.2-3b", help="shape to generate (scripts/make_random_checkpoint.py)")
+    ap.add_argument("--gptq", action="store_true", help="also GPTQ W4 g64 (20 x 512 calibration tokens; slow)")
+    ap.add_argument("--skip-raw", action="store_true", help="skip the raw-library baselines")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="forge-bench-scale-", dir=os.environ.get("TMPDIR")))
+    model = args.model
+    report: dict = {"benchmark": "scale", "cpus": os.cpu_count()}
+    if model is None:
+        model = work / "model"
+        gen = measure([sys.executable, str(REPO / "scripts" / "make_random_checkpoint.py"), str(model),
+                       "--shape", args.shape])
+        report["generate_s"] = gen["seconds"]
+    report["model"] = {"dir": str(model), "shape": args.shape if args.model is None else None}
+    report["hashlib"] = hashlib_rate(model)
+    runs = [("fp8", {"method": "fp8"})] + ([("gptq", GPTQ)] if args.gptq else [])
+    for name, q in runs:
+        if not args.skip_raw:
+            report[f"raw_{name}"] = raw(model, work, name)
+        report[f"forge_{name}"] = forge(model, work, name, q)
+        if not args.skip_raw:
+            r, f = report[f"raw_{name}"], report[f"forge_{name}"]
+            report[f"ratio_{name}"] = {"time": round(f["seconds"] / r["seconds"], 3),
+                                       "peak_rss": round(f["peak_rss_gb"] / r["peak_rss_gb"], 3)}
+    for value in report.values():
+        if isinstance(value, dict):
+            value.pop("output", None)
+    print(json.dumps(report, indent=2))
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
