@@ -272,6 +272,6 @@ def test_unreachable_registry_is_exit_5_and_records_nothing(tmp_path, reg):
     loaded, results = make_build(tmp_path / "b", registry=f"oci://127.0.0.1:{free_port()}/forge")
     from forge.errors import ToolError
 
-    with pytest.raises(ToolError, match="skopeo copy failed"):
+    with pytest.raises(ToolError, match="unreachable"):
         publish(loaded, results, registry=reg)
     assert reg.ls() == []

@@ -1,7 +1,8 @@
 """Publishing to an OCI Distribution registry: ``publish.registry: oci://host[:port]/repo``.
 
-- The image goes with ``skopeo copy --preserve-digests`` from the embedded layout, so the remote
-  digest is the one recorded.
+- The image goes blob by blob with the oras client (large blobs in chunks) and its manifest as the exact
+  bytes recorded, so the remote digest is the one recorded and the uncompressed weights layer stays
+  uncompressed (a skopeo copy to a registry gzips it). Pulls use ``skopeo copy --preserve-digests``.
 - Each piece of evidence is an OCI image manifest with ``artifactType`` and ``subject`` → the image,
   uploaded with the oras client (blobs) and PUT as the exact bytes forge hashed; the digest the registry
   answers (Docker-Content-Digest) must equal it.
@@ -114,22 +115,15 @@ def _tls(remote: Remote, flag: str) -> list[str]:
     return [f"--{flag}-tls-verify=false"] if remote.insecure else []
 
 
-def copy_image(src: str, remote: Remote, tag: str, *, src_remote: Remote | None = None) -> None:
-    """skopeo copy an image (``oci:LAYOUT:REF`` or a docker:// reference) to remote:tag, digests preserved."""
-    with _skopeo_auth(remote) as auth:
-        args = ["copy", "--quiet", "--preserve-digests", *auth, *_tls(remote, "dest")]
-        if src_remote is not None:
-            args += _tls(src_remote, "src")
-        skopeo(*args, src, f"docker://{remote.ref(tag)}")
-
-
 def fetch_image(remote: Remote, digest: str, layout: Path, ref: str) -> None:
     with _skopeo_auth(remote) as auth:
-        skopeo("copy", "--quiet", "--preserve-digests", *auth, *_tls(remote, "src"),
-               f"docker://{remote.ref(digest)}", f"oci:{layout}:{ref}")
+        skopeo("copy", "--quiet", "--preserve-digests", "--dest-oci-accept-uncompressed-layers", *auth,
+               *_tls(remote, "src"), f"docker://{remote.ref(digest)}", f"oci:{layout}:{ref}")
 
 
 # ---------------------------------------------------------------------- oras
+
+_CHUNK = 64 << 20   # blobs above this are uploaded in chunks of this size (PATCH), never read whole
 
 class Client:
     """The oras registry client for one remote, plus the few calls oras-py lacks (exact-bytes manifest
@@ -159,9 +153,11 @@ class Client:
                             hint="Is the registry up? Is publish.registry right?") from None
 
     def put_blob(self, path: Path, digest: str, size: int) -> None:
+        """Upload a blob as it is (never recompressed); large ones in chunks, never whole in memory."""
         if self._request("HEAD", f"blobs/{digest}").status_code == 200:
             return
-        r = self.reg.upload_blob(str(path), self.container, {"digest": digest, "size": size})
+        r = self.reg.upload_blob(str(path), self.container, {"digest": digest, "size": size},
+                                 do_chunked=size > _CHUNK, chunk_size=_CHUNK)
         if r.status_code not in (200, 201, 202):
             raise ToolError(f"registry refused blob {digest}: HTTP {r.status_code} {r.text[:300]}")
 
@@ -265,10 +261,17 @@ def _auth_files() -> list[Path]:
 # ---------------------------------------------------------------------- the publish / promote / pull flows
 
 def push(rec: Record, store: Layout, remote: Remote, report=lambda *a, **k: None) -> str:
-    """Push the image and its evidence; returns the remote reference of the image (by digest)."""
-    report(f"skopeo copy → {remote.ref(rec.tag)}")
-    copy_image(f"oci:{store.root}:{rec.name}:{rec.tag}", remote, rec.tag)
+    """Push the image and its evidence; returns the remote reference of the image (by digest).
+
+    The image goes blob by blob and its manifest as the exact bytes forge recorded: a registry copy
+    through skopeo would gzip the uncompressed weights layer, changing its digest (and costing minutes)."""
     client = Client(remote)
+    image = store.read(rec.image_digest)
+    parsed = json.loads(image)
+    for blob in [parsed["config"], *parsed["layers"]]:
+        report(f"pushing {blob['digest'][7:19]} ({blob['size'] / 1e6:.1f} MB) → {remote.url()}")
+        client.put_blob(store.blob_path(blob["digest"]), blob["digest"], blob["size"])
+    client.put_manifest(image, parsed.get("mediaType", MANIFEST), rec.tag)
     descriptors = []
     for ev in rec.evidence:
         report(f"attaching {ev.kind}")
@@ -284,7 +287,13 @@ def push(rec: Record, store: Layout, remote: Remote, report=lambda *a, **k: None
 
 
 def promote(rec: Record, remote: Remote, tag: str) -> None:
-    copy_image(f"docker://{remote.ref(rec.image_digest)}", remote, tag, src_remote=remote)
+    """Tag the pushed image again: the manifest's exact bytes PUT under the new tag (its blobs are there)."""
+    client = Client(remote)
+    got = client.get_manifest(rec.image_digest)
+    if got is None:
+        raise ToolError(f"{remote.url()} has no manifest {rec.image_digest}: push the record first",
+                        hint=f"forge build … --publish-to {remote.url()}")
+    client.put_manifest(got[0], got[1] or MANIFEST, tag)
 
 
 def parse_ref(ref: str) -> tuple[Remote, str]:
