@@ -17,6 +17,8 @@ from typing import Iterator
 
 from filelock import FileLock
 
+from forge.linking import place
+
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 INDEX = "application/vnd.oci.image.index.v1+json"
 EMPTY = "application/vnd.oci.empty.v1+json"
@@ -95,19 +97,17 @@ class Layout:
         return actual
 
     def put_file(self, src: Path, digest: str) -> bool:
-        """Copy a blob in, hashing as it goes; refuse it if it is not what ``digest`` names. True if copied."""
+        """Take a blob in: hash src, refuse it if it is not what ``digest`` names, then link it in (the step
+        cache and this store are both immutable content stores), copying only across filesystems.
+        True if it was taken in (False: already present)."""
         if self.has(digest):
             return False
-        tmp, h = self._tmp(), hashlib.sha256()
+        actual = sha256_file(src)
+        if actual != digest:
+            raise DigestMismatch(digest, actual, str(src))
+        tmp = self._tmp()
         try:
-            with open(src, "rb") as fin, open(tmp, "wb") as fout:
-                while chunk := fin.read(_CHUNK):
-                    h.update(chunk)
-                    fout.write(chunk)
-                fout.flush()
-                os.fsync(fout.fileno())
-            if "sha256:" + h.hexdigest() != digest:
-                raise DigestMismatch(digest, "sha256:" + h.hexdigest(), str(src))
+            place(src, tmp)
             os.replace(tmp, self.blob_path(digest))
         finally:
             tmp.unlink(missing_ok=True)
