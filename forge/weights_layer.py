@@ -55,6 +55,42 @@ class _HashingWriter:
         pass
 
 
+class _BackgroundWriter:
+    """Writes chunks to a file on a second thread, so hashing (the caller's thread) and writing overlap:
+    both release the GIL, and the layer is then written at about the speed of hashing it."""
+
+    def __init__(self, raw, depth: int = 4):
+        import queue
+        import threading
+
+        self._raw, self._queue, self._error = raw, queue.Queue(maxsize=depth), None
+        self._thread = threading.Thread(target=self._drain, name="forge-layer-writer", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._raw.write(chunk)
+                except BaseException as e:  # reported to the caller at its next write or at close
+                    self._error = e
+
+    def write(self, data) -> int:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
 def _entries(src: Path, dest: str, uid: int) -> list[tuple[tarfile.TarInfo, Path | None]]:
     """Tar entries for dest's parents (root-owned), dest itself and every file below src, sorted."""
     def info(name: str, *, is_dir: bool, size: int = 0, owner: int = 0) -> tarfile.TarInfo:
@@ -105,7 +141,8 @@ def write_layer(src: Path, dest: str, blobs: Path, *, uid: int, compression: str
     tmp = blobs / f".forge-layer-{uuid.uuid4().hex}.tmp"
     try:
         with open(tmp, "wb", buffering=0) as raw:
-            blob = _HashingWriter(raw, progress if compression == "none" else None)  # the stored bytes: digest
+            sink = _BackgroundWriter(raw)
+            blob = _HashingWriter(sink, progress if compression == "none" else None)  # the stored bytes: digest
             packed = _compressor(compression, blob)
             # uncompressed, the stored bytes are the tar: one hash serves as digest and diff_id
             tar_stream = blob if packed is blob else _HashingWriter(packed, progress)
@@ -118,6 +155,7 @@ def write_layer(src: Path, dest: str, blobs: Path, *, uid: int, compression: str
                             tar.addfile(ti, f)
             if packed is not blob:
                 packed.close()
+            sink.close()
         digest = "sha256:" + blob.sha.hexdigest()
         tmp.rename(blobs / digest.split(":", 1)[1])  # fsynced with the step's output when it is committed
     except BaseException:
