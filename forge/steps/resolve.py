@@ -18,8 +18,10 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from forge.digests import list_files
 from forge.errors import RecipeError, StepError, ToolError, UsageError
-from forge.sources import (PICKLE_SUFFIXES, GgufSource, HfSource, LocalDirSource, PypiSource, Source,
+from forge.safetensors_check import check_tree
+from forge.sources import (LOCAL_FIX, PICKLE_SUFFIXES, GgufSource, HfSource, LocalDirSource, PypiSource, Source,
                            local_dir_problems, parse_source)
 from forge.steps import StepContext, StepSpec
 
@@ -80,13 +82,16 @@ def run(ctx: StepContext) -> dict:
     elif isinstance(src, GgufSource):
         convert_gguf(src.path, ctx.out, dtype=m.dtype, report=ctx.report)
     elif isinstance(src, LocalDirSource):
+        files = _checked_files(src.path, loaded, fix=LOCAL_FIX)   # validate checked it too; it may have changed
         ctx.report(f"copying {src.path}")
-        _copy_checkpoint(src.path, ctx.out, allow_pickle=m.allow_pickle)
+        _copy_checkpoint(src.path, files, ctx.out, allow_pickle=m.allow_pickle)
     elif isinstance(src, HfSource):
         commit = pin_revision(src, loaded)
         facts["commit"] = commit
         snap = _hf_snapshot(src.repo, commit, allow_pickle=m.allow_pickle, report=ctx.report)
-        _copy_checkpoint(snap, ctx.out, allow_pickle=m.allow_pickle)
+        files = _checked_files(snap, loaded, fix=f"remove {snap} from the HF cache (`hf cache delete` does it) "
+                                                 "and build again: huggingface_hub then downloads it anew")
+        _copy_checkpoint(snap, files, ctx.out, allow_pickle=m.allow_pickle)
     problems = local_dir_problems(ctx.out, allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code)
     if problems:
         raise RecipeError([f"{loaded.where('model', 'source')}: {p}" for p in problems])
@@ -155,26 +160,39 @@ def pin_revision(src: HfSource, loaded) -> str:
 
 
 def _hf_snapshot(repo: str, commit: str, *, allow_pickle: bool, report) -> Path:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     report(f"huggingface_hub snapshot {repo}@{commit[:12]}")
     ignore = [] if allow_pickle else [f"*{s}" for s in PICKLE_SUFFIXES]
     try:
-        return Path(snapshot_download(repo, revision=commit, ignore_patterns=ignore + ["*.msgpack", "*.h5", "*.onnx"]))
+        # huggingface_hub 1.x lists a pinned commit's tree online even when it is cached: offline, say so
+        return Path(snapshot_download(repo, revision=commit, ignore_patterns=ignore + ["*.msgpack", "*.h5", "*.onnx"],
+                                      local_files_only=constants.HF_HUB_OFFLINE))
     except Exception as e:
         raise ToolError(f"downloading {repo}@{commit} failed: {type(e).__name__}: {e}",
                         hint="Set HF_TOKEN for gated repos; with HF_HUB_OFFLINE=1 the commit must be in the HF cache.") from None
 
 
-def _copy_checkpoint(src: Path, out: Path, *, allow_pickle: bool) -> None:
-    for dirpath, dirnames, filenames in os.walk(src):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.startswith(".") or (Path(name).suffix in PICKLE_SUFFIXES and not allow_pickle):
-                continue
-            rel = Path(dirpath, name).relative_to(src)
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(dirpath, name), out / rel)  # follows HF cache symlinks
+def _checked_files(src: Path, loaded, *, fix: str) -> list[str]:
+    """The files of a checkpoint directory, after its links and every safetensors header are checked
+    (headers and sizes only: the weights are read once, by the copy)."""
+    where = loaded.where("model", "source")
+    try:
+        files = list_files(src, skip_hidden=True)
+    except UsageError as e:
+        raise RecipeError([f"{where}: {e.message}. {e.hint}"]) from None
+    problems = check_tree(src, files)
+    if problems:
+        raise RecipeError([f"{where}: {p}; {fix}" for p in problems])
+    return files
+
+
+def _copy_checkpoint(src: Path, files: list[str], out: Path, *, allow_pickle: bool) -> None:
+    for rel in files:
+        if Path(rel).suffix in PICKLE_SUFFIXES and not allow_pickle:
+            continue
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / rel, out / rel)  # follows HF cache symlinks
 
 
 def convert_gguf(gguf: Path, out: Path, *, dtype: str, report) -> None:
