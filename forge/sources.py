@@ -81,15 +81,11 @@ def parse_source(value: str, base_dir: Path) -> Source:
     return LocalDirSource(path=p if p.is_absolute() else base_dir / p)
 
 
-def local_dir_problems(path: Path, *, allow_pickle: bool, trust_remote_code: bool,
-                       fix: str = LOCAL_FIX) -> list[str]:
+def local_dir_problems(path: Path, *, allow_pickle: bool, trust_remote_code: bool) -> list[str]:
     """What makes a local checkpoint directory unsafe or unusable, as messages (empty when fine).
-
-    Reads file names, config.json and each safetensors header, never the weights: cheap enough for
-    `forge validate`. ``fix`` says what to do about a damaged safetensors file (it depends on the source)."""
+    Reads names, links and config.json, never a weight file (see ``checked_files`` for those)."""
     from forge.digests import list_files
     from forge.errors import UsageError
-    from forge.safetensors_check import check_tree
 
     problems: list[str] = []
     if not (path / "config.json").is_file():
@@ -103,10 +99,37 @@ def local_dir_problems(path: Path, *, allow_pickle: bool, trust_remote_code: boo
         problems.append(
             f"pickle weights found ({', '.join(pickles[:5])}{' …' if len(pickles) > 5 else ''}): loading them can run "
             "arbitrary code. Convert them to safetensors, or set `model.allow_pickle: true` if you trust the source")
-    problems.extend(f"{p}; {fix}" for p in check_tree(path, files))
     if not trust_remote_code and (path / "config.json").is_file():
         problems.extend(remote_code_problems(path / "config.json"))
     return problems
+
+
+def checked_files(path: Path, where: str, *, fix: str = LOCAL_FIX) -> list[str]:
+    """The files of a checkpoint directory, once its links and every safetensors header (against the file's
+    size: the weights are not read) are sound; else a RecipeError located at ``where``, saying what to do."""
+    from forge.digests import list_files
+    from forge.errors import RecipeError, UsageError
+    from forge.safetensors_check import check_tree
+
+    try:
+        files = list_files(path, skip_hidden=True)
+    except UsageError as e:
+        raise RecipeError([f"{where}: {e.message}. {e.hint}"]) from None
+    problems = check_tree(path, files)
+    if problems:
+        raise RecipeError([f"{where}: {p}; {fix}" for p in problems])
+    return files
+
+
+def check_local_weights(loaded) -> None:
+    """`forge validate`'s look at a local model directory's weight files (a build checks them in its resolve
+    step, only when that step runs: a cache hit means the same bytes were checked when it was built)."""
+    try:
+        src = parse_source(loaded.recipe.model.source, loaded.base_dir)
+    except ValueError:
+        return
+    if isinstance(src, LocalDirSource) and src.path.is_dir():
+        checked_files(src.path, loaded.where("model", "source"))
 
 
 def remote_code_problems(config_json: Path) -> list[str]:

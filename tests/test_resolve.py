@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import forge_cli, write_recipe
+from conftest import REPO, forge_cli, write_recipe
 
 from forge.digests import list_files
 from forge.errors import UsageError
@@ -176,3 +176,23 @@ def test_truncated_shard_in_the_hf_cache_fails_the_resolve_step(tmp_path, tiny_l
     assert not any((tmp_path / "cache" / "steps").glob("*/out"))   # nothing committed
     os.truncate(shard, size)                                   # the same bytes length again (zeros): sound framing
     assert forge_cli("build", str(recipe), cache=tmp_path / "cache", env=env).returncode == 0
+
+
+# ------------------------------------------------------------------ hints give paths as the recipe must write them
+
+
+def test_calibration_hint_is_a_path_relative_to_a_nested_recipe(tmp_path, tiny_llama):
+    nested = tmp_path / "team" / "recipes" / "llama"
+    nested.mkdir(parents=True)
+    recipe = write_recipe(nested / "r.yaml", str(tiny_llama), quantize={"method": "gptq", "group_size": 64})
+    proc = forge_cli("validate", str(recipe))
+    assert proc.returncode == 2
+    expected = os.path.relpath(REPO / "evals" / "data" / "calib-pydoc.jsonl", nested)
+    assert expected.startswith("../../../") and (nested / expected).is_file()
+    hint = f"`calibration: {{data: {expected}, samples: 128, max_seq_len: 512}}` (path relative to the recipe)"
+    assert hint in proc.stderr, proc.stderr
+    # written as the hint says, the recipe is valid
+    write_recipe(recipe, str(tiny_llama), quantize={"method": "gptq", "group_size": 64, "calibration": {
+        "data": expected, "samples": 8, "max_seq_len": 64}})
+    assert forge_cli("validate", str(recipe)).returncode == 0
+

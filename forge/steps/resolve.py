@@ -18,11 +18,9 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from forge.digests import list_files
 from forge.errors import RecipeError, StepError, ToolError, UsageError
-from forge.safetensors_check import check_tree
-from forge.sources import (LOCAL_FIX, PICKLE_SUFFIXES, GgufSource, HfSource, LocalDirSource, PypiSource, Source,
-                           local_dir_problems, parse_source)
+from forge.sources import (PICKLE_SUFFIXES, GgufSource, HfSource, LocalDirSource, PypiSource, Source,
+                           checked_files, local_dir_problems, parse_source)
 from forge.steps import StepContext, StepSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -82,14 +80,14 @@ def run(ctx: StepContext) -> dict:
     elif isinstance(src, GgufSource):
         convert_gguf(src.path, ctx.out, dtype=m.dtype, report=ctx.report)
     elif isinstance(src, LocalDirSource):
-        files = _checked_files(src.path, loaded, fix=LOCAL_FIX)   # validate checked it too; it may have changed
+        files = checked_files(src.path, loaded.where("model", "source"))
         ctx.report(f"copying {src.path}")
         _copy_checkpoint(src.path, files, ctx.out, allow_pickle=m.allow_pickle)
     elif isinstance(src, HfSource):
         commit = pin_revision(src, loaded)
         facts["commit"] = commit
         snap = _hf_snapshot(src.repo, commit, allow_pickle=m.allow_pickle, report=ctx.report)
-        files = _checked_files(snap, loaded, fix=f"remove {snap} from the HF cache (`hf cache delete` does it) "
+        files = checked_files(snap, loaded.where("model", "source"), fix=f"remove {snap} from the HF cache (`hf cache delete` does it) "
                                                  "and build again: huggingface_hub then downloads it anew")
         _copy_checkpoint(snap, files, ctx.out, allow_pickle=m.allow_pickle)
     problems = local_dir_problems(ctx.out, allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code)
@@ -171,20 +169,6 @@ def _hf_snapshot(repo: str, commit: str, *, allow_pickle: bool, report) -> Path:
     except Exception as e:
         raise ToolError(f"downloading {repo}@{commit} failed: {type(e).__name__}: {e}",
                         hint="Set HF_TOKEN for gated repos; with HF_HUB_OFFLINE=1 the commit must be in the HF cache.") from None
-
-
-def _checked_files(src: Path, loaded, *, fix: str) -> list[str]:
-    """The files of a checkpoint directory, after its links and every safetensors header are checked
-    (headers and sizes only: the weights are read once, by the copy)."""
-    where = loaded.where("model", "source")
-    try:
-        files = list_files(src, skip_hidden=True)
-    except UsageError as e:
-        raise RecipeError([f"{where}: {e.message}. {e.hint}"]) from None
-    problems = check_tree(src, files)
-    if problems:
-        raise RecipeError([f"{where}: {p}; {fix}" for p in problems])
-    return files
 
 
 def _copy_checkpoint(src: Path, files: list[str], out: Path, *, allow_pickle: bool) -> None:
