@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from pathlib import Path
 
@@ -25,17 +26,20 @@ _MAX_PER_FILE = 3          # problems reported per file (one is usually enough t
 def check_file(path: Path, shown: str | None = None) -> list[str]:
     """What is wrong with one safetensors file, as messages naming it (empty when it is sound)."""
     name = shown or str(path)
-    size = path.stat().st_size
-    if size < 8:
-        return [f"{name} is {size} bytes: too short to be safetensors (it starts with an 8-byte header length)"]
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > MAX_HEADER:
-            return [f"{name}: its first 8 bytes give a header of {n:,} bytes (safetensors allows at most "
-                    f"{MAX_HEADER:,}): the file is corrupt or not safetensors"]
-        if 8 + n > size:
-            return [f"{name} is truncated: its header alone is {n:,} bytes but the file has only {size:,}"]
-        raw = f.read(n)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                return [f"{name} is {size} bytes: too short to be safetensors (it starts with an 8-byte header length)"]
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > MAX_HEADER:
+                return [f"{name}: its first 8 bytes give a header of {n:,} bytes (safetensors allows at most "
+                        f"{MAX_HEADER:,}): the file is corrupt or not safetensors"]
+            if 8 + n > size:
+                return [f"{name} is truncated: its header alone is {n:,} bytes but the file has only {size:,}"]
+            raw = f.read(n)
+    except OSError as e:
+        return [f"{name} cannot be read: {e.strerror}"]
     try:
         header = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -65,7 +69,8 @@ def check_file(path: Path, shown: str | None = None) -> list[str]:
         end = max(end, stop)
     expected = 8 + n + end
     if size < expected:
-        problems.append(f"{name} is truncated: its header describes {expected:,} bytes ({len(spans)} tensor{'s' * (len(spans) != 1)}), "
+        tensors = f"{len(spans)} tensor" + "s" * (len(spans) != 1)
+        problems.append(f"{name} is truncated: its header describes {expected:,} bytes ({tensors}), "
                         f"the file has {size:,} ({expected - size:,} missing)")
     elif size > expected:
         problems.append(f"{name} has {size - expected:,} bytes after the end of its last tensor (its header "
