@@ -91,7 +91,7 @@ def local_dir_problems(path: Path, *, allow_pickle: bool, trust_remote_code: boo
     if not (path / "config.json").is_file():
         problems.append(f"{path} has no config.json; it is not a Hugging Face checkpoint directory")
     try:
-        files = list_files(path, skip_hidden=True)
+        files = list_files(path)   # every file, as the source's digest sees them
     except UsageError as e:
         return problems + [f"{e.message}. {e.hint}"]
     pickles = sorted(Path(rel).name for rel in files if Path(rel).suffix in PICKLE_SUFFIXES)

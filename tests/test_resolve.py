@@ -122,7 +122,9 @@ def test_symlink_loops_and_broken_links_are_named(tmp_path):
         (root / rel).unlink()
     (root / ".cache").mkdir()
     (root / ".cache" / "loop").symlink_to("loop")
-    assert list_files(root, skip_hidden=True) == ["config.json", "linked.safetensors"]   # not walked
+    assert list_files(root, skip_hidden=True) == ["config.json", "linked.safetensors"]   # not walked (nor copied)
+    with pytest.raises(UsageError, match="loop is a symlink loop"):
+        list_files(root)                                                                  # but digested
 
 
 def test_two_link_cycle_in_a_model_dir_exits_2_at_validate_and_build(tmp_path, tiny_llama):
