@@ -1,6 +1,6 @@
 """Benchmark: parse and judge a Trivy report with N findings (default 20,000). Prints JSON.
 
-The report is generated from a real golden report's finding (alpine-39), varied in id, package,
+The report is generated from a finding of forge's Trivy-format fixture (tests/data/trivy/debian-12.json), varied in id, package,
 severity and status, so its shape is what Trivy prints. Goal: under 1 s for 20,000 findings.
 
     .venv/bin/python bench/scan_policy.py [--findings 20000] [--runs 5]
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURE = REPO.parent / "shared" / "fixtures" / "trivy" / "alpine-39.json"
+FIXTURE = REPO / "tests" / "data" / "trivy" / "debian-12.json"
 SEVERITIES = ["CRITICAL", "HIGH", "MEDIUM", "LOW", "UNKNOWN"]
 STATUSES = ["fixed", "affected", "will_not_fix", "fix_deferred", "end_of_life"]
 

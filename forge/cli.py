@@ -55,6 +55,9 @@ def _load(recipe: Path, ci: bool, cache_dir: Path | None = None):
 def validate(recipe: RecipeArg, ci: Ci = False, cache_dir: CacheDir = None) -> None:
     """Check a recipe (schema, files, model source, target-GPU contract and fit). Exit 0 if valid, 2 if not."""
     loaded, report = _load(recipe, ci, cache_dir)
+    from forge.sources import check_local_weights
+
+    check_local_weights(loaded)   # safetensors headers against file sizes; a build checks them in its resolve step
     fits = "" if report is None else (f"; fits {report.gpu}: {report.weights_gb:.1f} GB weights, "
                                       f"{report.headroom_gb:.1f} GB headroom, up to {report.max_seqs_at_max_model_len} "
                                       f"sequences at max_model_len")

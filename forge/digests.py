@@ -6,12 +6,15 @@ RACY_NS of when it was hashed is not remembered: a write in the same timestamp t
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from forge.errors import UsageError
 
 CHUNK = 8 << 20
 RACY_NS = 2_000_000_000
@@ -68,16 +71,47 @@ class DigestMemo:
             self._db = None
 
 
-def list_files(root: Path) -> list[str]:
-    """Regular files under root, as sorted POSIX relative paths. Symlinks are followed for files."""
+def list_files(root: Path, *, skip_hidden: bool = False) -> list[str]:
+    """Regular files under root, as sorted POSIX relative paths. Symlinks to files are followed (an HF
+    snapshot is made of them); symlinks to directories are not. A symlink loop or a broken symlink is a
+    UsageError naming it: a tree that cannot be read whole is never half-hashed or half-copied.
+    ``skip_hidden`` leaves out dot-files and dot-directories (.git, .cache)."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
+        if skip_hidden:
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            filenames = [f for f in filenames if not f.startswith(".")]
         dirnames.sort()
+        for name in dirnames:
+            if os.path.islink(full := os.path.join(dirpath, name)):
+                _check_dir_link(full, dirpath)
         for name in filenames:
             full = Path(dirpath) / name
+            if full.is_symlink():
+                _check_link(full)
             if full.is_file():
                 out.append(full.relative_to(root).as_posix())
     return sorted(out)
+
+
+_LINK_HINT = "Remove the link, or replace it with what it should point to."
+
+
+def _check_link(link: Path) -> None:
+    try:
+        os.stat(link)
+    except OSError as e:
+        what = "a symlink loop" if e.errno == errno.ELOOP else "a broken symlink"
+        raise UsageError(f"{link} is {what} (-> {os.readlink(link)}): it cannot be read", hint=_LINK_HINT) from None
+
+
+def _check_dir_link(link: str, parent: str) -> None:
+    """A symlink to a directory that contains it (``up -> ..``) is a loop for any tool that follows it."""
+    target = os.path.realpath(link)
+    here = os.path.realpath(parent)
+    if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+        raise UsageError(f"{link} is a symlink loop (-> {os.readlink(link)}): it points to a directory that "
+                         "contains it", hint=_LINK_HINT)
 
 
 def tree_digest(files: dict[str, FileEntry]) -> str:

@@ -17,6 +17,7 @@ _SHA = re.compile(r"^[0-9a-f]{40}$")
 _HF_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _PYPI = re.compile(r"^(?P<dist>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>[A-Za-z0-9.+!_-]+)/(?P<member>[^\s]+)$")
 
+LOCAL_FIX = "copy or download the file again"   # what to do about a damaged file in a local checkpoint directory
 SOURCE_FORMS = ("hf://org/name@<40-hex commit>", "./local/dir", "gguf://path/to/model.gguf",
                 "pypi://dist==version/path/in/wheel.gguf")
 
@@ -81,11 +82,19 @@ def parse_source(value: str, base_dir: Path) -> Source:
 
 
 def local_dir_problems(path: Path, *, allow_pickle: bool, trust_remote_code: bool) -> list[str]:
-    """What makes a local checkpoint directory unsafe or unusable, as messages (empty when fine)."""
+    """What makes a local checkpoint directory unsafe or unusable, as messages (empty when fine).
+    Reads names, links and config.json, never a weight file (see ``checked_files`` for those)."""
+    from forge.digests import list_files
+    from forge.errors import UsageError
+
     problems: list[str] = []
     if not (path / "config.json").is_file():
         problems.append(f"{path} has no config.json; it is not a Hugging Face checkpoint directory")
-    pickles = sorted(p.name for p in path.rglob("*") if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    try:
+        files = list_files(path)   # every file, as the source's digest sees them
+    except UsageError as e:
+        return problems + [f"{e.message}. {e.hint}"]
+    pickles = sorted(Path(rel).name for rel in files if Path(rel).suffix in PICKLE_SUFFIXES)
     if pickles and not allow_pickle:
         problems.append(
             f"pickle weights found ({', '.join(pickles[:5])}{' …' if len(pickles) > 5 else ''}): loading them can run "
@@ -93,6 +102,34 @@ def local_dir_problems(path: Path, *, allow_pickle: bool, trust_remote_code: boo
     if not trust_remote_code and (path / "config.json").is_file():
         problems.extend(remote_code_problems(path / "config.json"))
     return problems
+
+
+def checked_files(path: Path, where: str, *, fix: str = LOCAL_FIX) -> list[str]:
+    """The files of a checkpoint directory, once its links and every safetensors header (against the file's
+    size: the weights are not read) are sound; else a RecipeError located at ``where``, saying what to do."""
+    from forge.digests import list_files
+    from forge.errors import RecipeError, UsageError
+    from forge.safetensors_check import check_tree
+
+    try:
+        files = list_files(path, skip_hidden=True)
+    except UsageError as e:
+        raise RecipeError([f"{where}: {e.message}. {e.hint}"]) from None
+    problems = check_tree(path, files)
+    if problems:
+        raise RecipeError([f"{where}: {p}; {fix}" for p in problems])
+    return files
+
+
+def check_local_weights(loaded) -> None:
+    """`forge validate`'s look at a local model directory's weight files (a build checks them in its resolve
+    step, only when that step runs: a cache hit means the same bytes were checked when it was built)."""
+    try:
+        src = parse_source(loaded.recipe.model.source, loaded.base_dir)
+    except ValueError:
+        return
+    if isinstance(src, LocalDirSource) and src.path.is_dir():
+        checked_files(src.path, loaded.where("model", "source"))
 
 
 def remote_code_problems(config_json: Path) -> list[str]:

@@ -20,6 +20,11 @@ def _materialize(scenario: Path, tmp_path: Path) -> Path:
             rel, _, content = line.partition("=")
             (work / rel).parent.mkdir(parents=True, exist_ok=True)
             (work / rel).write_text(content)
+    links = work / "links.txt"
+    if links.exists():  # symlinks (a loop, a dangling link) made here: git and tools walking the repo stay clear of them
+        for line in links.read_text().splitlines():
+            rel, _, target = line.partition("=")
+            (work / rel).symlink_to(target)
     return work
 
 

@@ -128,8 +128,8 @@ def test_demo_is_recorded_unscanned_without_trivy_and_scanned_with_it(demo, tmp_
     verdict = json.loads((demo["steps"]["scan"] / "verdict.json").read_text())
     assert verdict["status"] == "unscanned" and verdict["passed"] is None
     fake = REPO / "tests" / "fake_bin"
-    fixtures = REPO.parent / "shared" / "fixtures" / "trivy"
-    env = {**demo["env"], "PATH": f"{fake}:{os.environ['PATH']}", "FAKE_TRIVY_REPORT": str(fixtures / "photon-30.json"),
+    report = REPO / "tests" / "data" / "trivy" / "python-serving.json"   # CRITICAL torch, HIGH transformers and Go stdlib
+    env = {**demo["env"], "PATH": f"{fake}:{os.environ['PATH']}", "FAKE_TRIVY_REPORT": str(report),
            "FAKE_TRIVY_LOG": str(tmp_path / "trivy.log")}
     proc = forge_cli("build", str(DEMO), cache=demo["cache"], env=env, timeout=3600)
     assert proc.returncode == 4, proc.stdout + proc.stderr   # Trivy appeared: the scan re-runs and gates

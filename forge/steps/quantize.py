@@ -181,8 +181,11 @@ def preflight(loaded, shape) -> list[str]:
 
     calibrates = needs_calibration(q, loaded.recipe.target.engine)
     if calibrates and q.calibration is None:
+        # forge's own set, as this recipe must write it: data paths are relative to the recipe's directory
+        shipped = Path(__file__).resolve().parents[2] / "evals" / "data" / "calib-pydoc.jsonl"
+        data = os.path.relpath(shipped, loaded.base_dir.resolve()) if shipped.is_file() else "calib.jsonl"
         problems.append(f"{loaded.where('quantize')}: method {q.method} needs calibration data; add "
-                        "`calibration: {data: evals/data/calib-pydoc.jsonl, samples: 128, max_seq_len: 512}` "
+                        f"`calibration: {{data: {data}, samples: 128, max_seq_len: 512}}` "
                         "(path relative to the recipe)")
     elif calibrates and q.calibration is not None:
         from forge.calibration import check_size

@@ -20,7 +20,7 @@ from filelock import FileLock
 
 from forge.errors import RecipeError, StepError, ToolError, UsageError
 from forge.sources import (PICKLE_SUFFIXES, GgufSource, HfSource, LocalDirSource, PypiSource, Source,
-                           local_dir_problems, parse_source)
+                           checked_files, local_dir_problems, parse_source)
 from forge.steps import StepContext, StepSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -80,13 +80,16 @@ def run(ctx: StepContext) -> dict:
     elif isinstance(src, GgufSource):
         convert_gguf(src.path, ctx.out, dtype=m.dtype, report=ctx.report)
     elif isinstance(src, LocalDirSource):
+        files = checked_files(src.path, loaded.where("model", "source"))
         ctx.report(f"copying {src.path}")
-        _copy_checkpoint(src.path, ctx.out, allow_pickle=m.allow_pickle)
+        _copy_checkpoint(src.path, files, ctx.out, allow_pickle=m.allow_pickle)
     elif isinstance(src, HfSource):
         commit = pin_revision(src, loaded)
         facts["commit"] = commit
         snap = _hf_snapshot(src.repo, commit, allow_pickle=m.allow_pickle, report=ctx.report)
-        _copy_checkpoint(snap, ctx.out, allow_pickle=m.allow_pickle)
+        files = checked_files(snap, loaded.where("model", "source"), fix=f"remove {snap} from the HF cache (`hf cache delete` does it) "
+                                                 "and build again: huggingface_hub then downloads it anew")
+        _copy_checkpoint(snap, files, ctx.out, allow_pickle=m.allow_pickle)
     problems = local_dir_problems(ctx.out, allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code)
     if problems:
         raise RecipeError([f"{loaded.where('model', 'source')}: {p}" for p in problems])
@@ -155,26 +158,25 @@ def pin_revision(src: HfSource, loaded) -> str:
 
 
 def _hf_snapshot(repo: str, commit: str, *, allow_pickle: bool, report) -> Path:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     report(f"huggingface_hub snapshot {repo}@{commit[:12]}")
     ignore = [] if allow_pickle else [f"*{s}" for s in PICKLE_SUFFIXES]
     try:
-        return Path(snapshot_download(repo, revision=commit, ignore_patterns=ignore + ["*.msgpack", "*.h5", "*.onnx"]))
+        # huggingface_hub 1.x lists a pinned commit's tree online even when it is cached: offline, say so
+        return Path(snapshot_download(repo, revision=commit, ignore_patterns=ignore + ["*.msgpack", "*.h5", "*.onnx"],
+                                      local_files_only=constants.HF_HUB_OFFLINE))
     except Exception as e:
         raise ToolError(f"downloading {repo}@{commit} failed: {type(e).__name__}: {e}",
                         hint="Set HF_TOKEN for gated repos; with HF_HUB_OFFLINE=1 the commit must be in the HF cache.") from None
 
 
-def _copy_checkpoint(src: Path, out: Path, *, allow_pickle: bool) -> None:
-    for dirpath, dirnames, filenames in os.walk(src):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.startswith(".") or (Path(name).suffix in PICKLE_SUFFIXES and not allow_pickle):
-                continue
-            rel = Path(dirpath, name).relative_to(src)
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(dirpath, name), out / rel)  # follows HF cache symlinks
+def _copy_checkpoint(src: Path, files: list[str], out: Path, *, allow_pickle: bool) -> None:
+    for rel in files:
+        if Path(rel).suffix in PICKLE_SUFFIXES and not allow_pickle:
+            continue
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / rel, out / rel)  # follows HF cache symlinks
 
 
 def convert_gguf(gguf: Path, out: Path, *, dtype: str, report) -> None:
