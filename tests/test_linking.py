@@ -49,3 +49,19 @@ def test_registry_blob_store_links_a_verified_blob_and_refuses_a_wrong_one(tmp_p
     with pytest.raises(DigestMismatch):
         store.put_file(src, "sha256:" + "0" * 64)
     assert sorted(p.name for p in (tmp_path / "registry" / "blobs" / "sha256").iterdir()) == [digest[7:]]
+
+
+def test_local_model_resolve_and_method_none_write_no_second_copy(tmp_path, tiny_llama, cache_dir):
+    """A local checkpoint is linked into the resolve snapshot, and `method: none` links it on: one inode."""
+    import json
+
+    from conftest import forge_cli, write_recipe
+
+    model = tmp_path / "model"
+    place_tree(tiny_llama, model, [p.name for p in tiny_llama.iterdir()])  # a private copy the test may own
+    recipe = write_recipe(tmp_path / "r.yaml", str(model))
+    forge_cli("build", str(recipe), cache=cache_dir, check=0)
+    weights = model / "model.safetensors"
+    entries = {json.loads((d / "manifest.json").read_text())["step"]: d / "out" for d in (cache_dir / "steps").iterdir()}
+    for step in ("resolve", "quantize"):
+        assert os.stat(entries[step] / "model.safetensors").st_ino == os.stat(weights).st_ino, step

@@ -81,15 +81,15 @@ def run(ctx: StepContext) -> dict:
         convert_gguf(src.path, ctx.out, dtype=m.dtype, report=ctx.report)
     elif isinstance(src, LocalDirSource):
         files = checked_files(src.path, loaded.where("model", "source"))
-        ctx.report(f"copying {src.path}")
-        _copy_checkpoint(src.path, files, ctx.out, allow_pickle=m.allow_pickle)
+        ctx.report(f"linking {src.path}")
+        facts["placed"] = _copy_checkpoint(src.path, files, ctx.out, allow_pickle=m.allow_pickle)
     elif isinstance(src, HfSource):
         commit = pin_revision(src, loaded)
         facts["commit"] = commit
         snap = _hf_snapshot(src.repo, commit, allow_pickle=m.allow_pickle, report=ctx.report)
         files = checked_files(snap, loaded.where("model", "source"), fix=f"remove {snap} from the HF cache (`hf cache delete` does it) "
                                                  "and build again: huggingface_hub then downloads it anew")
-        _copy_checkpoint(snap, files, ctx.out, allow_pickle=m.allow_pickle)
+        facts["placed"] = _copy_checkpoint(snap, files, ctx.out, allow_pickle=m.allow_pickle)
     problems = local_dir_problems(ctx.out, allow_pickle=m.allow_pickle, trust_remote_code=m.trust_remote_code)
     if problems:
         raise RecipeError([f"{loaded.where('model', 'source')}: {p}" for p in problems])
@@ -171,12 +171,17 @@ def _hf_snapshot(repo: str, commit: str, *, allow_pickle: bool, report) -> Path:
                         hint="Set HF_TOKEN for gated repos; with HF_HUB_OFFLINE=1 the commit must be in the HF cache.") from None
 
 
-def _copy_checkpoint(src: Path, files: list[str], out: Path, *, allow_pickle: bool) -> None:
-    for rel in files:
-        if Path(rel).suffix in PICKLE_SUFFIXES and not allow_pickle:
-            continue
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src / rel, out / rel)  # follows HF cache symlinks
+def _copy_checkpoint(src: Path, files: list[str], out: Path, *, allow_pickle: bool) -> dict[str, int]:
+    """Link the checkpoint's files into the snapshot (no second copy of the weights; across filesystems they are
+    copied). HF cache symlinks are followed to their blobs. Returns bytes linked and copied.
+
+    A local directory's files then share their inode with the cache entry: a tool that rewrites a file in place
+    changes both. The next build sees it (the source's file digests are part of the resolve key) and resolves
+    again; nothing downstream is reused from the old entry."""
+    from forge.linking import place_tree
+
+    keep = [rel for rel in files if Path(rel).suffix not in PICKLE_SUFFIXES or allow_pickle]
+    return place_tree(src, out, keep)
 
 
 def convert_gguf(gguf: Path, out: Path, *, dtype: str, report) -> None:
