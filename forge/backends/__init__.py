@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from forge.recipe.load import LoadedRecipe
 
 __all__ = ["Backend", "Quantized", "REGISTRY", "get", "backend_for", "checkpoint_format", "problems",
-           "needs_calibration", "architecture_problems"]
+           "needs_calibration", "architecture_problems", "cast_float32"]
 
 
 @dataclass
@@ -145,3 +145,27 @@ def architecture_problems(loaded: "LoadedRecipe", shape: "ModelShape", title: st
         return []
     return [f"{loaded.where('quantize', 'method')}: {q.method} through {title} does not support architecture {arch}; "
             f"supported: {', '.join(sorted(supported))}"]
+
+
+def cast_float32(out: Path, dtype, only: Callable[[str], bool] = lambda name: True) -> None:
+    """Cast the float32 tensors of a written checkpoint (left by CPU calibration) to the recipe dtype, and say
+    so in config.json; quantized ints/fp8 stay as they are, and so do tensors ``only`` rejects (scales)."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    cast = False
+    for f in sorted(out.glob("*.safetensors")):
+        tensors = load_file(f)
+        if any(t.dtype == torch.float32 and only(k) for k, t in tensors.items()):
+            save_file({k: (t.to(dtype) if t.dtype == torch.float32 and only(k) else t) for k, t in tensors.items()}, f,
+                      metadata={"format": "pt"})
+            cast = True
+    if not cast:
+        return
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    cfg.pop("torch_dtype", None)
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

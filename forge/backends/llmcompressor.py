@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from forge.backends import Quantized, architecture_problems
+from forge.backends import Quantized, architecture_problems, cast_float32
 from forge.modelshape import DECODERS, ignored
 
 # Architectures with AWQ smoothing mappings in llm-compressor 0.14 (AWQ_MAPPING_REGISTRY).
@@ -194,23 +194,6 @@ def _layer_report(model, originals: dict, rows: dict, q) -> list[dict]:
     return out
 
 
-def _cast_float32(out: Path, dtype) -> None:
-    """Cast float32 tensors (left by CPU calibration) to the recipe dtype; quantized ints/fp8 stay as they are."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    for f in sorted(out.glob("*.safetensors")):
-        tensors = load_file(f)
-        if any(t.dtype == torch.float32 for t in tensors.values()):
-            save_file({k: (t.to(dtype) if t.dtype == torch.float32 else t) for k, t in tensors.items()}, f,
-                      metadata={"format": "pt"})
-    cfg_path = out / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["dtype"] = str(dtype).removeprefix("torch.")
-    cfg.pop("torch_dtype", None)
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
 class LlmCompressor:
     name = "llmcompressor"
     title = "llm-compressor"
@@ -257,8 +240,7 @@ class LlmCompressor:
 
     def export(self, model, out: Path, *, dtype, loaded) -> None:
         model.save_pretrained(out, save_compressed=True)
-        if model.dtype != dtype:
-            _cast_float32(out, dtype)
+        cast_float32(out, dtype)   # tensors CPU calibration left in float32; quantized ints/fp8 stay
 
     def validate(self, out: Path, q) -> dict:
         cfg = json.loads((out / "config.json").read_text()).get("quantization_config") or {}

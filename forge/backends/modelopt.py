@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from forge.backends import Quantized, architecture_problems
+from forge.backends import Quantized, architecture_problems, cast_float32
 from forge.methods import KV_CACHE_ALGO as KV_ALGO
 from forge.methods import METHODS
 from forge.modelshape import DECODERS
@@ -202,6 +202,8 @@ class ModelOpt:
         if loaded.recipe.target.engine == "trtllm" and mode(loaded) == "engine":
             export_trtllm(model, out / TRTLLM_CKPT, dtype, loaded.recipe.target.tensor_parallel)  # for trtllm-build
         _export_hf(model, out, dtype)
+        # ModelOpt leaves unquantized tensors in the model's (CPU calibration) float32; its scales stay float32
+        cast_float32(out, dtype, only=lambda name: name.endswith((".weight", ".bias")))
 
     def validate(self, out: Path, q) -> dict:
         return validate_checkpoint(out, q)

@@ -382,9 +382,11 @@ def smoke_test(tag: str, spec: ImageSpec, report, *, builder: str = "buildah", t
     """Serve from the image, wait for the engine's health route, ask one question, stop everything."""
     from forge.engines import get
 
-    if not get(spec.base.engine).smoke_test:
-        return {"passed": False, "skipped": f"{spec.base.engine} images need their GPU to serve; smoke test not run here",
-                "answer": None, "health_seconds": None}
+    engine = get(spec.base.engine)
+    if not engine.smoke_test:
+        why = ("cannot be smoke-tested here (its engine says so)" if engine.cpu
+               else "need their GPU to serve; smoke test not run here")
+        return {"passed": False, "skipped": f"{engine.name} images {why}", "answer": None, "health_seconds": None}
     port = _free_port()
     server, args, stop = _start_server(builder, tag, spec, port)
     t0 = time.monotonic()
