@@ -97,7 +97,7 @@ def resolve_base(loaded) -> tuple[Base, str | None]:
     from forge.backends import checkpoint_format
 
     fmt = checkpoint_format(loaded)
-    if base.formats and fmt not in base.formats:
+    if base.formats and fmt not in (*base.formats, "bf16"):   # every engine serves an unquantized checkpoint
         problems.append(f"{loaded.where('container', 'base')}: base {base.name} loads {', '.join(base.formats)} "
                         f"checkpoints; this recipe's quantize step writes {fmt}. Pick a base that lists {fmt} "
                         f"under formats in {catalog}, or another quantize.backend")

@@ -27,22 +27,11 @@ def echo_base(tmp_path_factory):
     """An empty base image (no Python: the echo engine's image is packaged here, not served)."""
     if shutil.which("buildah") is None:
         pytest.fail("buildah is not installed: `make setup-tools` installs it")
-    root = tmp_path_factory.mktemp("echo-buildah") / "storage"
-    old = os.environ.get("FORGE_BUILDAH_ROOT")
-    os.environ["FORGE_BUILDAH_ROOT"] = str(root)
-    from forge.steps.package import buildah
-
-    try:
-        ctr = buildah("from", "scratch").stdout.strip().splitlines()[-1]
-        buildah("config", "--label", "org.opencontainers.image.title=echo-base", ctr)
-        buildah("commit", "--quiet", ctr, BASE_REF)
-        buildah("rm", ctr)
-    finally:
-        if old is None:
-            os.environ.pop("FORGE_BUILDAH_ROOT", None)
-        else:
-            os.environ["FORGE_BUILDAH_ROOT"] = old
-    return {"FORGE_BUILDAH_ROOT": str(root)}
+    root = str(tmp_path_factory.mktemp("echo-buildah") / "storage")
+    cmd = ["buildah", "--storage-driver", "vfs", "--root", root, "--runroot", root + "-run"]
+    ctr = subprocess.run([*cmd, "from", "scratch"], capture_output=True, text=True, check=True).stdout.split()[-1]
+    subprocess.run([*cmd, "commit", "--quiet", "--rm", ctr, BASE_REF], capture_output=True, check=True)
+    return {"FORGE_BUILDAH_ROOT": root}
 
 
 def _catalog(tmp_path) -> None:

@@ -16,7 +16,7 @@ from forge.plugins import Registry
 if TYPE_CHECKING:
     from forge.recipe.load import LoadedRecipe
 
-__all__ = ["Engine", "Kernel", "ServeAt", "REGISTRY", "get", "names"]
+__all__ = ["Engine", "GpuEngine", "Kernel", "ServeAt", "REGISTRY", "get", "names"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,16 @@ class Engine(Protocol):
     def serve_command(self, loaded: "LoadedRecipe", fmt: str, at: ServeAt) -> tuple[str, ...]:
         """The image's ENTRYPOINT for a checkpoint of format ``fmt``."""
         ...
+
+
+class GpuEngine:
+    """Defaults for an engine that serves on NVIDIA GPUs (subclass and set name, formats, kernels, serve_command)."""
+
+    rocm: frozenset[str] = frozenset()
+    cpu = False
+    health_route = "/health"
+    python = "python3"
+    smoke_test = False
 
 
 REGISTRY: Registry[Engine] = Registry("engine", "forge.engines", {

@@ -1,10 +1,10 @@
 """Text Generation Inference (`text-generation-launcher`): BF16 and compressed-tensors checkpoints."""
 from __future__ import annotations
 
-from forge.engines import Kernel, ServeAt
+from forge.engines import GpuEngine, Kernel, ServeAt
 
 
-class Tgi:
+class Tgi(GpuEngine):
     name = "tgi"
     formats = ("bf16", "compressed-tensors")
     kernels = {
@@ -14,11 +14,6 @@ class Tgi:
         "FP8-W8A8": Kernel((8, 9), "FP8", weight_only_from=(8, 0), weight_only_kernel="FP8 Marlin"),
         "INT8-W8A8": Kernel((7, 5), "CUTLASS INT8"),
     }
-    rocm = frozenset()
-    cpu = False
-    health_route = "/health"
-    python = "python3"
-    smoke_test = False
 
     def serve_command(self, loaded, fmt: str, at: ServeAt) -> tuple[str, ...]:
         t = loaded.recipe.target

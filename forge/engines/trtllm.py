@@ -2,10 +2,10 @@
 an engine built by the compile step (legacy engine mode). The command lines live in forge.trtllm."""
 from __future__ import annotations
 
-from forge.engines import Kernel, ServeAt
+from forge.engines import GpuEngine, Kernel, ServeAt
 
 
-class TrtLlm:
+class TrtLlm(GpuEngine):
     name = "trtllm"
     formats = ("bf16", "modelopt", "trtllm-checkpoint")
     kernels = {
@@ -17,11 +17,6 @@ class TrtLlm:
         "W4A8": Kernel((8, 9), "W4A8 AWQ"),
         "NVFP4": Kernel((10, 0), "NVFP4"),
     }
-    rocm = frozenset()
-    cpu = False
-    health_route = "/health"
-    python = "python3"
-    smoke_test = False
 
     def serve_command(self, loaded, fmt: str, at: ServeAt) -> tuple[str, ...]:
         from forge.trtllm import mode, serve_command

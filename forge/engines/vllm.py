@@ -7,10 +7,10 @@ Capability rows from vLLM's quantization support table: Marlin from 8.0, Machete
 """
 from __future__ import annotations
 
-from forge.engines import Kernel, ServeAt
+from forge.engines import GpuEngine, Kernel, ServeAt
 
 
-class Vllm:
+class Vllm(GpuEngine):
     name = "vllm"
     formats = ("bf16", "compressed-tensors", "modelopt")
     kernels = {
@@ -22,10 +22,6 @@ class Vllm:
         "NVFP4": Kernel((10, 0), "NVFP4"),
     }
     rocm = frozenset({"BF16", "FP8-W8A8", "W4A16", "W8A16", "INT8-W8A8"})
-    cpu = False
-    health_route = "/health"
-    python = "python3"
-    smoke_test = False
 
     def serve_command(self, loaded, fmt: str, at: ServeAt) -> tuple[str, ...]:
         t, q = loaded.recipe.target, loaded.recipe.quantize
