@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["Method", "METHODS", "NAMES", "get", "scheme", "bytes_per_linear", "KV_CACHE_ALGO", "GROUPED"]
+__all__ = ["Method", "METHODS", "NAMES", "get", "scheme", "written_as", "bytes_per_linear", "KV_CACHE_ALGO", "GROUPED"]
 
 Calibrates = Literal["nothing", "weights", "activations", "awq-smoothing", "smoothquant"]
 
@@ -66,6 +66,11 @@ def get(name: str) -> Method:
         guess = difflib.get_close_matches(name, NAMES, n=1)
         raise ValueError(f"Unknown method {name!r}." + (f" Did you mean {guess[0]!r}?" if guess else "")
                          + f" Available: {', '.join(NAMES)}") from None
+
+
+def written_as(fmt: str) -> tuple[str, ...]:
+    """Methods whose row lists checkpoint format ``fmt`` ("none" first: every backend passes BF16 through)."""
+    return ("none", *(n for n, m in METHODS.items() if fmt in m.formats))
 
 
 def scheme(method: str, bits: int | None = None) -> str:

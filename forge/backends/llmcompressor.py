@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from forge.backends import Quantized, architecture_problems, cast_float32
+from forge.methods import METHODS, written_as
 from forge.modelshape import DECODERS, ignored
 
 # Architectures with AWQ smoothing mappings in llm-compressor 0.14 (AWQ_MAPPING_REGISTRY).
@@ -28,7 +29,7 @@ AWQ_ARCHITECTURES = frozenset({
     "Cohere2ForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM", "Olmo3ForCausalLM", "BloomForCausalLM",
     "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "Exaone4ForCausalLM", "Glm4MoeForCausalLM",
 })
-CALIBRATED = {"awq", "gptq", "int8"}
+CALIBRATED = {n for n in written_as("compressed-tensors") if METHODS[n].calibrates != "nothing"}
 
 
 def needs_calibration(q) -> bool:
@@ -197,7 +198,7 @@ def _layer_report(model, originals: dict, rows: dict, q) -> list[dict]:
 class LlmCompressor:
     name = "llmcompressor"
     title = "llm-compressor"
-    methods = ("none", "awq", "gptq", "fp8", "int8")
+    methods = written_as("compressed-tensors")
     tools = ("llmcompressor", "compressed-tensors", "torch", "transformers")
     loads_in_transformers = True
 

@@ -18,7 +18,7 @@ from typing import Callable
 
 from forge.backends import Quantized, architecture_problems, cast_float32
 from forge.methods import KV_CACHE_ALGO as KV_ALGO
-from forge.methods import METHODS
+from forge.methods import GROUPED, METHODS, written_as
 from forge.modelshape import DECODERS
 
 CONFIGS = {"fp8": "FP8_DEFAULT_CFG", "awq": "INT4_AWQ_CFG", "w4a8_awq": "W4A8_AWQ_BETA_CFG", "nvfp4": "NVFP4_DEFAULT_CFG"}
@@ -30,7 +30,7 @@ def quant_config(q) -> dict:
 
     cfg = copy.deepcopy(getattr(mtq, CONFIGS[q.method]))
     entries = cfg["quant_cfg"]
-    if q.method in ("awq", "w4a8_awq"):
+    if q.method in GROUPED:
         block = q.group_size or 128
         for entry in entries:
             if entry.get("quantizer_name") == "*weight_quantizer":
@@ -137,7 +137,7 @@ def validate_checkpoint(path, q) -> dict:
         problems.append("config.json quantization_config.quant_method is not 'modelopt' (trtllm-serve and vLLM read it)")
 
     quantized, bad = 0, []
-    expect = {"fp8": "F8_E4M3", "nvfp4": "U8", "awq": "U8", "w4a8_awq": "U8"}[q.method]
+    expect = "F8_E4M3" if METHODS[q.method].bits == 8 else "U8"   # 4-bit values are packed two per byte
     for shard in sorted(path.glob("*.safetensors")):
         with safe_open(shard, "pt") as f:
             keys = set(f.keys())
@@ -179,7 +179,7 @@ def dequantized_state(path) -> dict:
 class ModelOpt:
     name = "modelopt"
     title = "ModelOpt"
-    methods = ("none", "fp8", "awq", "w4a8_awq", "nvfp4")
+    methods = written_as("modelopt")
     tools = ("nvidia-modelopt", "torch", "transformers")
     loads_in_transformers = False
 
