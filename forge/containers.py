@@ -128,6 +128,7 @@ class ImageSpec:
     engine_dir: bool = False          # the build context holds engine/ (TensorRT-LLM engine mode)
     health_route: str = "/health"     # the engine's readiness route
     python: str = "python3"           # the image's Python, which runs the HEALTHCHECK
+    extra_dirs: tuple[tuple[str, str], ...] = ()   # (build-context dir, image path) the engine asked for
 
 
 def require_cuda(base: Base) -> str | None:
@@ -145,14 +146,18 @@ def engine_command(loaded, base: Base, served_name: str) -> tuple[str, ...]:
                                           ServeAt(MODEL_DIR, PORT, served_name, engine_dir=ENGINE_DIR))
 
 
-def image_spec(loaded, base: Base, *, base_ref: str, labels, env, engine_dir: bool = False) -> ImageSpec:
-    """The ImageSpec for a recipe on a base: the engine supplies the command, health route and Python."""
+def image_spec(loaded, base: Base, *, base_ref: str, labels, env, engine_dir: bool = False,
+               context: Path | None = None) -> ImageSpec:
+    """The ImageSpec for a recipe on a base: the engine supplies the served model id, the command, its env,
+    health route and Python, and (written into ``context``) any extra directories the image needs."""
     from forge.engines import get
 
     engine = get(base.engine)
-    return ImageSpec(base_ref=base_ref, base=base, served_name=loaded.recipe.name,
-                     engine_args=engine_command(loaded, base, loaded.recipe.name), labels=tuple(labels), env=tuple(env),
-                     engine_dir=engine_dir, health_route=engine.health_route, python=engine.python)
+    served = engine.served_name(loaded.recipe.name)
+    extra = engine.context_dirs(context, served) if context is not None else ()
+    return ImageSpec(base_ref=base_ref, base=base, served_name=served, engine_args=engine_command(loaded, base, served),
+                     labels=tuple(labels), env=(*env, *engine.image_env()), engine_dir=engine_dir,
+                     health_route=engine.health_route, python=engine.python, extra_dirs=tuple(extra))
 
 
 def _from(spec: ImageSpec) -> list[str]:
@@ -164,6 +169,7 @@ def _weights(spec: ImageSpec) -> list[str]:
     lines = [f"COPY --chown={UID}:{UID} model/ {MODEL_DIR}/"]
     if spec.engine_dir:
         lines.append(f"COPY --chown={UID}:{UID} engine/ {ENGINE_DIR}/")
+    lines += [f"COPY --chown={UID}:{UID} {src.rstrip('/')}/ {dst.rstrip('/')}/" for src, dst in spec.extra_dirs]
     return lines
 
 

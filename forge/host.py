@@ -6,19 +6,16 @@ One place for them: steps call these, never each other's helpers. All are cheap:
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass
-from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
 from forge import env
 
-__all__ = ["device", "cpu_has_native_bf16", "LocalGpu", "local_gpus", "tool_versions", "binary_version"]
+__all__ = ["device", "cpu_has_native_bf16", "LocalGpu", "local_gpus", "tool_versions", "trtllm_version"]
 
 
 def device() -> str:
@@ -73,38 +70,6 @@ def tool_versions(names: tuple[str, ...]) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "absent"
     return out
-
-
-@lru_cache(maxsize=None)  # asked for by several steps' keys in one build
-def binary_version(tool: str) -> str:
-    """`tool --version`, remembered by the binary's (path, size, mtime): a no-op rebuild runs no subprocess."""
-    path = shutil.which(tool)
-    if path is None:
-        return "absent"
-    st = os.stat(path)
-    ident = f"{path}:{st.st_size}:{st.st_mtime_ns}"
-    from forge.store import default_cache_dir
-
-    memo = default_cache_dir() / "tool-versions.json"
-    try:
-        known = json.loads(memo.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if ident in known:
-        return known[ident]
-    try:
-        out = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    version = out.splitlines()[0] if out else "unknown"
-    try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**known, ident: version}))
-        tmp.replace(memo)
-    except OSError:
-        pass
-    return version
 
 
 def trtllm_version() -> str:

@@ -9,6 +9,7 @@ asks the engine for these. Adding an engine: one module with an ``ENGINE`` objec
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Protocol
 
 from forge.plugins import Registry
@@ -54,6 +55,19 @@ class Engine(Protocol):
         """The image's ENTRYPOINT for a checkpoint of format ``fmt``."""
         ...
 
+    def served_name(self, name: str) -> str:
+        """The model id clients use, from the recipe name (an engine may have rules for ids)."""
+        ...
+
+    def image_env(self) -> tuple[tuple[str, str], ...]:
+        """Engine-specific ENV lines of the image."""
+        ...
+
+    def context_dirs(self, context: Path, served: str) -> tuple[tuple[str, str], ...]:
+        """Write extra small directories into the build context; (context dir, image path) each, COPYed after
+        the weights."""
+        ...
+
 
 class GpuEngine:
     """Defaults for an engine that serves on NVIDIA GPUs (subclass and set name, formats, kernels, serve_command)."""
@@ -63,6 +77,15 @@ class GpuEngine:
     health_route = "/health"
     python = "python3"
     smoke_test = False
+
+    def served_name(self, name: str) -> str:
+        return name
+
+    def image_env(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def context_dirs(self, context: Path, served: str) -> tuple[tuple[str, str], ...]:
+        return ()
 
 
 REGISTRY: Registry[Engine] = Registry("engine", "forge.engines", {

@@ -2,16 +2,14 @@
 checkpoints (decompressed to BF16 at load). The one engine whose image is smoke-tested here."""
 from __future__ import annotations
 
-from forge.engines import ServeAt
+from forge.engines import GpuEngine, ServeAt
 
 
-class Cpu:
+class Cpu(GpuEngine):
     name = "cpu"
     formats = ("bf16", "compressed-tensors")
     kernels: dict = {}
-    rocm = frozenset()
     cpu = True
-    health_route = "/health"
     python = "/opt/venv/bin/python3"
     smoke_test = True
 

@@ -22,11 +22,11 @@ import subprocess
 import time
 import urllib.request
 import uuid
+from functools import lru_cache
 from pathlib import Path
 
 from forge.containers import MODEL_DIR, PORT, UID, ImageSpec, containerfile, image_spec, require_cuda, resolve_base
 from forge.errors import StepError, ToolError
-from forge.host import binary_version
 from forge.steps import StepContext, StepSpec
 
 OCI_DIR, CONTAINERFILE, TRANSCRIPT, IMAGE_JSON = "oci", "Containerfile", "smoke-test.json", "image.json"
@@ -91,7 +91,36 @@ SPEC = StepSpec(
 # ------------------------------------------------------------------ buildah
 
 
-_tool_version = binary_version   # the builders' versions enter the base and package keys (forge.host)
+@lru_cache(maxsize=None)  # asked for by several steps' keys in one build
+def _tool_version(tool: str) -> str:
+    """`tool --version`, remembered by the binary's (path, size, mtime): a no-op rebuild runs no subprocess."""
+    path = shutil.which(tool)
+    if path is None:
+        return "absent"
+    st = os.stat(path)
+    ident = f"{path}:{st.st_size}:{st.st_mtime_ns}"
+    from forge.store import default_cache_dir
+
+    memo = default_cache_dir() / "tool-versions.json"
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if ident in known:
+        return known[ident]
+    try:
+        out = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    version = out.splitlines()[0] if out else "unknown"
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**known, ident: version}))
+        tmp.replace(memo)
+    except OSError:
+        pass
+    return version
 
 
 def _clean_env() -> dict:
@@ -233,10 +262,10 @@ def run(ctx: StepContext) -> dict:
     env = [("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_HOME", "/tmp/hf")]
     if (req := require_cuda(base)) is not None:
         env.append(("NVIDIA_REQUIRE_CUDA", req))
-    spec = image_spec(loaded, base, base_ref=_image_ref(ctx, base, digest), labels=_labels(ctx, base, digest), env=env,
-                      engine_dir="compile" in ctx.inputs)
     context = ctx.out.parent / "context"
     (context / "model").mkdir(parents=True)
+    spec = image_spec(loaded, base, base_ref=_image_ref(ctx, base, digest), labels=_labels(ctx, base, digest), env=env,
+                      engine_dir="compile" in ctx.inputs, context=context)
     weights = ctx.inputs["quantize"]
     from forge.steps.quantize import REPORTS
     from forge.trtllm import TRTLLM_CKPT

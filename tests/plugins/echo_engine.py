@@ -7,7 +7,7 @@ the image's ENTRYPOINT on the host instead.
 """
 from __future__ import annotations
 
-from forge.engines import ServeAt
+from forge.engines import GpuEngine, ServeAt
 
 SERVER = """
 import json, sys
@@ -31,15 +31,21 @@ HTTPServer(("0.0.0.0", port), H).serve_forever()
 """
 
 
-class EchoEngine:
+class EchoEngine(GpuEngine):   # the defaults: no ROCm, no extra env or files, the recipe name as model id
     name = "echo"
     formats = ("bf16",)
     kernels: dict = {}
-    rocm = frozenset()
     cpu = True
     health_route = "/ready"
-    python = "python3"
     smoke_test = False
+
+    def image_env(self) -> tuple[tuple[str, str], ...]:
+        return (("ECHO_PREFIX", "echo: "),)
+
+    def context_dirs(self, context, served: str) -> tuple[tuple[str, str], ...]:
+        (context / "echo").mkdir()
+        (context / "echo" / "served-name").write_text(served)
+        return (("echo", "/opt/echo"),)
 
     def serve_command(self, loaded, fmt: str, at: ServeAt) -> tuple[str, ...]:
         return ("python3", "-c", SERVER, at.model_dir, str(at.port), at.served_name)
