@@ -83,7 +83,9 @@ SPEC = StepSpec(
     name="quantize",
     summary="quantize through a backend (llm-compressor → compressed-tensors, ModelOpt → unified HF checkpoint), verify it",
     depends=("resolve",),
-    tools=("torch", "transformers"),
+    # forge's own backends' libraries, in every quantize key and so in every record's provenance (a plugin
+    # backend's enter the key through _identity)
+    tools=("llmcompressor", "compressed-tensors", "nvidia-modelopt", "torch", "transformers"),
     version=3,
     config=_config,
     data=_data,
@@ -190,7 +192,7 @@ def run(ctx: StepContext) -> dict:
         "device": "cuda" if cuda else "cpu", "calibration_windows": len(windows) if windows is not None else 0,
         "bytes": _size(ctx.out), "bf16_bytes": _size(src), "verify": verify, "checkpoint": checkpoint,
         "layers": len(result.layers), "backend_facts": result.summary,
-        "tools": host.tool_versions(tuple(dict.fromkeys((*backend.tools, *SPEC.tools)))),
+        "tools": host.tool_versions(backend.tools),
         "calibration_sha256": _calibration_sha256(loaded),
     }
     facts["size_ratio"] = round(facts["bytes"] / facts["bf16_bytes"], 4)
