@@ -12,12 +12,12 @@ import signal
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata
 from typing import Callable
 
 from forge import __version__
 from forge.digests import digest_of, list_files, tree_digest
 from forge.errors import UsageError
+from forge.host import tool_versions  # noqa: F401  (host probes live in forge.host; re-exported for callers)
 from forge.recipe.load import LoadedRecipe
 from forge.steps import StepContext, StepSpec, active_steps, step_names
 from forge.store import Entry, Store
@@ -36,16 +36,6 @@ class PlannedStep:
     key: str | None = None
     entry: Entry | None = None
     material: dict | None = field(default=None, repr=False)
-
-
-def tool_versions(names: tuple[str, ...]) -> dict[str, str]:
-    out = {}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "absent"
-    return out
 
 
 def key_material(spec: StepSpec, loaded: LoadedRecipe, store: Store, upstream: dict[str, str]) -> dict:

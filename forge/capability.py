@@ -1,18 +1,16 @@
-"""The target-GPU contract: which quantization schemes a GPU and engine can run, and with what kernel.
+"""The target-GPU contract: whether a GPU and engine can run a method, and with what kernel.
 
-One table, used by the quantize pre-flight, `forge validate` and `forge fit`. Facts (vLLM and
-TensorRT-LLM documentation):
-- FP8 W8A8 needs FP8 tensor cores: compute capability >= 8.9 (Ada, Hopper, Blackwell). On Ampere
-  (8.0-8.6) vLLM and TGI run FP8 checkpoints weight-only (FP8 Marlin); TensorRT-LLM refuses.
-- W4A16 / W8A16 (AWQ, GPTQ) use Marlin kernels, which need >= 8.0; Machete (faster for large
-  batches) is Hopper-only (9.0).
-- INT8 W8A8 (SmoothQuant) runs on CUTLASS int8 kernels from 7.5.
-- NVFP4 needs Blackwell (>= 10.0).
+The method's scheme (forge.methods) is looked up in the engine's capability rows (forge.engines: each
+engine module lists the schemes it runs, the minimum compute capability and the kernel). Used by the
+quantize pre-flight, `forge validate` and `forge fit`. Facts (vLLM and TensorRT-LLM documentation):
+FP8 W8A8 needs FP8 tensor cores (>= 8.9; vLLM and TGI run FP8 weight-only on Ampere); Marlin needs >= 8.0;
+Machete is Hopper-only; CUTLASS INT8 from 7.5; NVFP4 needs Blackwell (>= 10.0).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from forge import engines, methods
 from forge.catalog import Gpu
 
 __all__ = ["Verdict", "scheme_of", "check"]
@@ -28,28 +26,7 @@ class Verdict:
 
 
 def scheme_of(method: str, bits: int | None = None) -> str:
-    return {
-        "none": "BF16",
-        "awq": "W4A16",
-        "gptq": f"W{bits or 4}A16",
-        "fp8": "FP8-W8A8",
-        "int8": "INT8-W8A8",
-        "int4_awq": "W4A16",
-        "w4a8_awq": "W4A8",
-        "nvfp4": "NVFP4",
-    }.get(method, method)
-
-
-# scheme -> (minimum compute capability, kernel) per engine; None means the engine cannot run it.
-_MIN_CC: dict[str, dict[str, tuple[tuple[int, int], str] | None]] = {
-    "BF16":      {"vllm": ((8, 0), "native"), "tgi": ((8, 0), "native"), "trtllm": ((8, 0), "native")},
-    "W4A16":     {"vllm": ((8, 0), "Marlin"), "tgi": ((8, 0), "Marlin"), "trtllm": ((8, 0), "AWQ/GPTQ plugin")},
-    "W8A16":     {"vllm": ((8, 0), "Marlin"), "tgi": ((8, 0), "Marlin"), "trtllm": ((8, 0), "weight-only plugin")},
-    "FP8-W8A8":  {"vllm": ((8, 9), "CUTLASS FP8"), "tgi": ((8, 9), "FP8"), "trtllm": ((8, 9), "FP8")},
-    "INT8-W8A8": {"vllm": ((7, 5), "CUTLASS INT8"), "tgi": ((7, 5), "CUTLASS INT8"), "trtllm": ((7, 5), "SmoothQuant")},
-    "W4A8":      {"vllm": None, "tgi": None, "trtllm": ((8, 9), "W4A8 AWQ")},
-    "NVFP4":     {"vllm": ((10, 0), "NVFP4"), "tgi": None, "trtllm": ((10, 0), "NVFP4")},
-}
+    return methods.scheme(method, bits)
 
 
 def _fmt(cc: tuple[int, int]) -> str:
@@ -58,29 +35,30 @@ def _fmt(cc: tuple[int, int]) -> str:
 
 def check(gpu: Gpu, engine: str, method: str, bits: int | None = None) -> Verdict:
     scheme = scheme_of(method, bits)
-    if gpu.is_cpu or engine == "cpu":
+    eng = engines.get(engine)
+    if gpu.is_cpu or eng.cpu:
         return Verdict(True, scheme, "CPU (weights decompressed to BF16 at load)", "torch CPU")
-    if gpu.compute_capability is None:  # AMD: ROCm builds of vLLM
-        ok = scheme in ("BF16", "FP8-W8A8", "W4A16", "W8A16", "INT8-W8A8") and engine == "vllm"
+    if gpu.compute_capability is None:  # AMD: ROCm builds
+        ok = scheme in eng.rocm
+        able = [e.name for e in engines.REGISTRY.all() if scheme in e.rocm]
         return Verdict(ok, scheme, scheme if ok else "unsupported", "ROCm" if ok else "-",
-                       "" if ok else f"{scheme} on {gpu.name} is supported only by vLLM's ROCm build")
+                       "" if ok else f"{scheme} on {gpu.name} is supported only by the ROCm build of "
+                                     f"{', '.join(able) or 'no engine forge knows'}")
     cc = gpu.compute_capability
-    rules = _MIN_CC.get(scheme, {})
-    rule = rules.get(engine)
-    if rule is None:
-        engines = [e for e, r in rules.items() if r is not None]
+    row = eng.kernels.get(scheme)
+    if row is None:
+        able = [e.name for e in engines.REGISTRY.all() if scheme in e.kernels]
         return Verdict(False, scheme, "unsupported", "-",
-                       f"{engine} cannot run {scheme} checkpoints; engines that can: {', '.join(engines) or 'none'}")
-    need, kernel = rule
-    if scheme == "FP8-W8A8" and cc < (8, 9) and engine in ("vllm", "tgi") and cc >= (8, 0):
-        return Verdict(True, scheme, "weight-only (FP8 Marlin)", "FP8 Marlin",
-                       f"{gpu.name} (compute capability {_fmt(cc)}) has no FP8 tensor cores: {engine} will run "
-                       "this FP8 checkpoint weight-only (activations in BF16), with less speed-up than on >= 8.9")
-    if cc < need:
+                       f"{engine} cannot run {scheme} checkpoints; engines that can: {', '.join(able) or 'none'}")
+    if cc < row.min_cc and row.weight_only_from is not None and cc >= row.weight_only_from:
+        return Verdict(True, scheme, f"weight-only ({row.weight_only_kernel})", row.weight_only_kernel,
+                       f"{gpu.name} (compute capability {_fmt(cc)}) has no {scheme.split('-')[0]} tensor cores: {engine} "
+                       f"will run this checkpoint weight-only (activations in BF16), with less speed-up than on "
+                       f">= {_fmt(row.min_cc)}")
+    if cc < row.min_cc:
         return Verdict(False, scheme, "unsupported", "-",
-                       f"{scheme} on {engine} needs compute capability >= {_fmt(need)} ({kernel}); "
+                       f"{scheme} on {engine} needs compute capability >= {_fmt(row.min_cc)} ({row.name}); "
                        f"{gpu.name} has {_fmt(cc)}")
-    if scheme in ("W4A16", "W8A16") and engine == "vllm" and cc == (9, 0):
-        kernel = "Machete"
+    kernel = row.on_hopper if row.on_hopper and cc == (9, 0) else row.name
     mode = scheme.replace("FP8-", "").replace("INT8-", "")
     return Verdict(True, scheme, mode, kernel)

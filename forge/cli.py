@@ -14,6 +14,7 @@ from rich.table import Table
 
 from forge import __version__
 from forge.errors import ExitCode, ForgeError, UsageError
+from forge.methods import NAMES as METHOD_NAMES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="forge: build quantized, eval-gated, scanned LLM serving images from a recipe.")
@@ -244,11 +245,11 @@ def fit_cmd(
     recipe: Annotated[Optional[Path], typer.Argument(help="Recipe YAML (or use --model/--gpu/--method).", show_default=False)] = None,
     model: Annotated[Optional[str], typer.Option(help="Model source: a dir with config.json, a config.json, gguf://, hf://.")] = None,
     gpu: Annotated[Optional[list[str]], typer.Option(help="GPU from the catalog; repeat to compare, 'all' for every one.")] = None,
-    method: Annotated[Optional[str], typer.Option(help="none | awq | gptq | fp8 | int8")] = None,
+    method: Annotated[Optional[str], typer.Option(help=" | ".join(METHOD_NAMES))] = None,
     bits: Annotated[Optional[int], typer.Option(help="4 or 8 (gptq)")] = None,
     group_size: Annotated[Optional[int], typer.Option(help="Quantization group size (4-bit default 128).")] = None,
     kv_cache: Annotated[Optional[str], typer.Option(help="auto (BF16) | fp8")] = None,
-    engine: Annotated[Optional[str], typer.Option(help="vllm | tgi | trtllm")] = None,
+    engine: Annotated[Optional[str], typer.Option(help="vllm | tgi | trtllm | cpu, or a plugin's engine")] = None,
     max_model_len: Annotated[Optional[int], typer.Option(help="Tokens of context per sequence.")] = None,
     max_num_seqs: Annotated[Optional[int], typer.Option(help="Concurrent sequences.")] = None,
     gpu_memory_utilization: Annotated[Optional[float], typer.Option(help="Fraction of VRAM the engine may use.")] = None,

@@ -94,6 +94,13 @@ def resolve_base(loaded) -> tuple[Base, str | None]:
     if base.engine != loaded.recipe.target.engine:
         problems.append(f"{loaded.where('container', 'base')}: base {base.name} serves with {base.engine}, but "
                         f"target.engine is {loaded.recipe.target.engine}")
+    from forge.backends import checkpoint_format
+
+    fmt = checkpoint_format(loaded)
+    if base.formats and fmt not in (*base.formats, "bf16"):   # every engine serves an unquantized checkpoint
+        problems.append(f"{loaded.where('container', 'base')}: base {base.name} loads {', '.join(base.formats)} "
+                        f"checkpoints; this recipe's quantize step writes {fmt}. Pick a base that lists {fmt} "
+                        f"under formats in {catalog}, or another quantize.backend")
     if base.built and c.builder not in ("auto", "buildah"):
         problems.append(f"{loaded.where('container', 'builder')}: base {base.name} is built by forge with buildah; "
                         f"builder {c.builder} cannot use it. Set builder: auto or buildah")
@@ -119,6 +126,9 @@ class ImageSpec:
     labels: tuple[tuple[str, str], ...]
     env: tuple[tuple[str, str], ...]
     engine_dir: bool = False          # the build context holds engine/ (TensorRT-LLM engine mode)
+    health_route: str = "/health"     # the engine's readiness route
+    python: str = "python3"           # the image's Python, which runs the HEALTHCHECK
+    extra_dirs: tuple[tuple[str, str], ...] = ()   # (build-context dir, image path) the engine asked for
 
 
 def require_cuda(base: Base) -> str | None:
@@ -128,31 +138,26 @@ def require_cuda(base: Base) -> str | None:
 
 
 def engine_command(loaded, base: Base, served_name: str) -> tuple[str, ...]:
-    t, q = loaded.recipe.target, loaded.recipe.quantize
-    if base.engine == "vllm":
-        cmd = ["vllm", "serve", MODEL_DIR, "--host", "0.0.0.0", "--port", str(PORT), "--served-model-name", served_name,
-               "--max-model-len", str(t.max_model_len), "--max-num-seqs", str(t.max_num_seqs),
-               "--gpu-memory-utilization", str(t.gpu_memory_utilization), "--tensor-parallel-size", str(t.tensor_parallel)]
-        if q.method != "none":
-            cmd += ["--quantization", "compressed-tensors"]
-        if q.kv_cache == "fp8":
-            cmd += ["--kv-cache-dtype", "fp8"]
-        return tuple(cmd)
-    if base.engine == "tgi":
-        cmd = ["text-generation-launcher", "--model-id", MODEL_DIR, "--hostname", "0.0.0.0", "--port", str(PORT),
-               "--max-total-tokens", str(t.max_model_len), "--max-input-tokens", str(max(1, t.max_model_len - 1)),
-               "--max-concurrent-requests", str(t.max_num_seqs), "--cuda-memory-fraction", str(t.gpu_memory_utilization),
-               "--num-shard", str(t.tensor_parallel)]
-        if q.method != "none":
-            cmd += ["--quantize", "compressed-tensors"]
-        return tuple(cmd)
-    if base.engine == "trtllm":
-        from forge.trtllm import mode, serve_command
+    """The engine's ENTRYPOINT for this recipe's checkpoint: asked of the engine module (forge.engines)."""
+    from forge.backends import checkpoint_format
+    from forge.engines import ServeAt, get
 
-        # trtllm-serve names the model after its path; 1.0 has no --served_model_name
-        return serve_command(loaded, MODEL_DIR, PORT, engine_dir=ENGINE_DIR if mode(loaded) == "engine" else None)
-    return ("/opt/venv/bin/transformers", "serve", MODEL_DIR, "--host", "0.0.0.0", "--port", str(PORT),
-            "--device", "cpu", "--dtype", "auto")
+    return get(base.engine).serve_command(loaded, checkpoint_format(loaded),
+                                          ServeAt(MODEL_DIR, PORT, served_name, engine_dir=ENGINE_DIR))
+
+
+def image_spec(loaded, base: Base, *, base_ref: str, labels, env, engine_dir: bool = False,
+               context: Path | None = None) -> ImageSpec:
+    """The ImageSpec for a recipe on a base: the engine supplies the served model id, the command, its env,
+    health route and Python, and (written into ``context``) any extra directories the image needs."""
+    from forge.engines import get
+
+    engine = get(base.engine)
+    served = engine.served_name(loaded.recipe.name)
+    extra = engine.context_dirs(context, served) if context is not None else ()
+    return ImageSpec(base_ref=base_ref, base=base, served_name=served, engine_args=engine_command(loaded, base, served),
+                     labels=tuple(labels), env=(*env, *engine.image_env()), engine_dir=engine_dir,
+                     health_route=engine.health_route, python=engine.python, extra_dirs=tuple(extra))
 
 
 def _from(spec: ImageSpec) -> list[str]:
@@ -164,6 +169,7 @@ def _weights(spec: ImageSpec) -> list[str]:
     lines = [f"COPY --chown={UID}:{UID} model/ {MODEL_DIR}/"]
     if spec.engine_dir:
         lines.append(f"COPY --chown={UID}:{UID} engine/ {ENGINE_DIR}/")
+    lines += [f"COPY --chown={UID}:{UID} {src.rstrip('/')}/ {dst.rstrip('/')}/" for src, dst in spec.extra_dirs]
     return lines
 
 
@@ -176,10 +182,9 @@ def _labels(spec: ImageSpec) -> list[str]:
 
 
 def _runtime(spec: ImageSpec) -> list[str]:
-    health = ("python3 -c \"import urllib.request,sys; "
-              f"sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:{PORT}/health', timeout=5).status == 200 else 1)\"")
-    if spec.base.engine == "cpu":
-        health = health.replace("python3", "/opt/venv/bin/python3", 1)
+    health = (f"{spec.python} -c \"import urllib.request,sys; "
+              f"sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:{PORT}{spec.health_route}', timeout=5).status "
+              "== 200 else 1)\"")
     return [f"USER {UID}:{UID}", f"WORKDIR {MODEL_DIR}", f"EXPOSE {PORT}",
             f"HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 CMD {health}",
             f"ENTRYPOINT {json.dumps(list(spec.engine_args))}"]

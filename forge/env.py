@@ -23,6 +23,8 @@ VARS: dict[str, Var] = {v.name: v for v in (
     Var("FORGE_REGISTRY_DIR", "Embedded registry root (default: $XDG_DATA_HOME/forge/registry)."),
     Var("FORGE_CI", "CI mode, as --ci: unpinned inputs are errors instead of warnings."),
     Var("FORGE_DEBUG", "Show the traceback of internal errors."),
+    Var("FORGE_PLUGINS", "Extra backends/engines: KIND:NAME=module:attr, space- or comma-separated "
+                         "(KIND backend or engine), e.g. engine:echo=my_engine:ENGINE."),
     Var("FORGE_PUBLISH_TO", "Publish here instead of the recipe's publish.registry (as --publish-to)."),
     Var("FORGE_GPU_PRICES", "Override catalog GPU prices for `forge fit`: NAME=USD_PER_HOUR,…"),
     Var("FORGE_CPU_CALIBRATION_DTYPE", "Force the CPU calibration dtype (float32 or bfloat16)."),

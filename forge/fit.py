@@ -1,9 +1,9 @@
 """Capacity planning from config alone: does a model fit a GPU, for how many sequences, at what cost.
 
 Memory per GPU = weights / tp + KV cache / tp + runtime overhead, against VRAM × memory utilization.
-- weights: BF16 2 B/param; 8-bit 1 B/param + a BF16 scale per output channel (per group for GPTQ
-  W8A16); 4-bit 0.5 B/param + per group a BF16 scale and (asymmetric) a 4-bit zero point. Embeddings
-  stay BF16 (quantizers target Linear layers); lm_head stays BF16 when the recipe ignores it.
+- weights: Linear layers at the method's bytes per parameter from forge.methods (e.g. AWQ 0.5 B + a BF16
+  scale per group of 128; NVFP4 0.5 B + an FP8 scale per 16). Embeddings stay BF16 (quantizers target
+  Linear layers); lm_head stays BF16 when the recipe ignores it.
 - KV cache per token = 2 (K and V) × layers × kv_heads × head_dim × bytes (2 for BF16, 1 for FP8).
 - runtime overhead: CUDA context, activations at the engine's batch size, CUDA graphs: OVERHEAD_GIB.
 Decode roofline: every decode step reads all weights once (shared by the batch) plus each sequence's
@@ -12,13 +12,13 @@ KV cache, so tokens/s per sequence <= bandwidth / (weights + kv_per_token × con
 from __future__ import annotations
 
 import json
-import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from forge.capability import Verdict, check
+from forge import env
 from forge.catalog import Gpu
+from forge.methods import bytes_per_linear
 from forge.modelshape import ModelShape
 
 GIB = 1 << 30
@@ -43,21 +43,15 @@ class Plan:
 
 
 def weight_bytes(shape: ModelShape, plan: Plan) -> float:
-    bits = {"none": 16, "fp8": 8, "int8": 8, "awq": 4, "gptq": plan.bits or 4}.get(plan.method, 16)
-    linear = 0.0
-    for _, fan_in, fan_out, count in shape.linear_layers():
-        n = fan_in * fan_out * count
-        if bits == 16:
-            linear += 2 * n
-        elif bits == 8:
-            groups = (fan_in // plan.group_size) if (plan.method == "gptq" and plan.group_size) else 1
-            linear += n + 2 * fan_out * groups * count
-        else:
-            group = plan.group_size or 128
-            per_group = 2 + (0 if plan.symmetric else 0.5)
-            linear += n / 2 + per_group * fan_out * math.ceil(fan_in / group) * count
-    quantized_head = bits != 16 and "lm_head" not in plan.ignore
-    head = shape.lm_head_params * (bits / 8 if quantized_head else 2)
+    """Checkpoint bytes of the weights: Linear layers at the method's bytes per parameter (forge.methods,
+    scales and zero points included); embeddings, norms and an ignored lm_head in BF16."""
+    linear = sum(count * bytes_per_linear(plan.method, fan_in, fan_out, bits=plan.bits, group_size=plan.group_size,
+                                          symmetric=plan.symmetric)
+                 for _, fan_in, fan_out, count in shape.linear_layers())
+    head = 2.0 * shape.lm_head_params
+    if plan.method != "none" and "lm_head" not in plan.ignore and shape.lm_head_params:
+        head = bytes_per_linear(plan.method, shape.hidden_size, shape.vocab_size, bits=plan.bits,
+                                group_size=plan.group_size, symmetric=plan.symmetric)
     return linear + 2 * shape.embedding_params + head + 2 * shape.other_params
 
 
@@ -97,10 +91,10 @@ def _per_gpu(weights: float, kv: float, tp: int) -> float:
 def price_of(gpu: Gpu, override: float | None = None) -> float:
     if override is not None:
         return override
-    env = os.environ.get("FORGE_GPU_PRICES")
-    if env:
+    prices_env = env.get("FORGE_GPU_PRICES")
+    if prices_env:
         try:
-            prices = json.loads(env)
+            prices = json.loads(prices_env)
         except json.JSONDecodeError:
             prices = {}
         if gpu.name in prices:
@@ -108,7 +102,20 @@ def price_of(gpu: Gpu, override: float | None = None) -> float:
     return gpu.price_per_hour
 
 
+def check_plan(plan: Plan) -> None:
+    """A plan names a method and an engine forge knows (UsageError, exit 2, listing the valid ones)."""
+    from forge import engines, methods
+    from forge.errors import UsageError
+
+    try:
+        methods.get(plan.method)
+        engines.REGISTRY.check(plan.engine)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def fit(shape: ModelShape, gpu: Gpu, plan: Plan, *, price: float | None = None) -> FitReport:
+    check_plan(plan)
     verdict: Verdict = check(gpu, plan.engine, plan.method, plan.bits)
     w = weight_bytes(shape, plan)
     kv_tok = shape.kv_bytes_per_token(1 if plan.kv_cache == "fp8" else 2)

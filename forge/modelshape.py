@@ -6,9 +6,34 @@ Phi-3, SmolLM) and their MoE variants (Mixtral, Qwen-MoE).
 """
 from __future__ import annotations
 
+import fnmatch
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+
+# Decoder-only families whose Linear layers the quantization backends handle (llm-compressor's sequential
+# pipeline, ModelOpt's HF export).
+DECODERS = frozenset({
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM", "Phi3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "CohereForCausalLM",
+    "Cohere2ForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM", "Olmo3ForCausalLM", "BloomForCausalLM",
+    "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "Exaone4ForCausalLM", "Glm4MoeForCausalLM",
+    "Gemma3ForConditionalGeneration", "MixtralForCausalLM", "PhiForCausalLM", "StableLmForCausalLM",
+    "Starcoder2ForCausalLM", "SmolLM3ForCausalLM",
+})
+
+
+def ignored(name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether a module name matches a quantize.ignore pattern (exact, suffix, glob, or ``re:`` regex)."""
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.match(pattern[3:], name):
+                return True
+        elif name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern):
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -37,6 +62,11 @@ class ModelShape:
             ("self_attn.o_proj", q, h, n),
             ("mlp.gate_proj", h, inter, n * e), ("mlp.up_proj", h, inter, n * e), ("mlp.down_proj", inter, h, n * e),
         ]
+
+    def targeted_layers(self, ignore: tuple[str, ...]) -> list[tuple[str, int]]:
+        """(qualified name, in_features) of every Linear a quantizer will touch."""
+        return [(f"model.layers.{layer}.{suffix}", fan_in) for suffix, fan_in, _, _ in self.linear_layers()
+                for layer in range(self.num_layers) if not ignored(f"model.layers.{layer}.{suffix}", ignore)]
 
     @property
     def linear_params(self) -> int:

@@ -13,11 +13,14 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from forge.errors import ToolError
+
+if TYPE_CHECKING:
+    from forge.host import LocalGpu
 
 ENGINE_CONFIG = "config.json"
 TRTLLM_CKPT = "trtllm-checkpoint"       # quantize output subdir: ModelOpt's TensorRT-LLM checkpoint (engine mode)
@@ -135,8 +138,9 @@ class EngineFacts:
 
 def check_engine(facts: EngineFacts, loaded, base) -> list[str]:
     """Every way the engine disagrees with the recipe or the base image; each names both sides."""
-    from forge.backends.modelopt import KV_ALGO, QUANT_ALGO
     from forge.catalog import gpu
+    from forge.methods import KV_CACHE_ALGO as KV_ALGO
+    from forge.methods import METHODS
 
     r = loaded.recipe
     g = gpu(r.target.gpu)
@@ -147,7 +151,7 @@ def check_engine(facts: EngineFacts, loaded, base) -> list[str]:
     if _release(facts.version) != _release(base.engine_version):
         problems.append(f"engine built with TensorRT-LLM {facts.version}; the base image {base.name} runs "
                         f"TensorRT-LLM {base.engine_version}")
-    want_q = None if r.quantize.method == "none" else QUANT_ALGO.get(r.quantize.method)
+    want_q = METHODS[r.quantize.method].quant_algo
     if facts.quant_algo != want_q:
         problems.append(f"engine quantization {facts.quant_algo!r}; the recipe's quantize.method {r.quantize.method} "
                         f"means {want_q!r}")
@@ -177,33 +181,9 @@ def engine_mode_allowed(engine_version: str) -> bool:
 # ---------------------------------------------------------------------- where the build can run
 
 @dataclass(frozen=True)
-class LocalGpu:
-    name: str
-    compute_capability: str
-    driver: str
-
-
-def local_gpus() -> list[LocalGpu]:
-    """GPUs nvidia-smi reports on this machine (none without nvidia-smi)."""
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return []
-    proc = subprocess.run([exe, "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        return []
-    out = []
-    for line in proc.stdout.strip().splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) == 3:
-            out.append(LocalGpu(*parts))
-    return out
-
-
-@dataclass(frozen=True)
 class Runner:
     kind: str                 # "local" | "docker" | "podman"
-    gpu: LocalGpu
+    gpu: "LocalGpu"
     trtllm_version: str
     image: str | None = None
 
@@ -218,6 +198,7 @@ def find_runner(loaded, base, image_ref: str) -> Runner:
     """Where trtllm-build may run for this recipe: on this machine's matching GPU, locally or in the pinned
     image. Refuses (exit 5) when no GPU here is the recipe's: an engine is bound to the GPU that built it."""
     from forge.catalog import gpu
+    from forge.host import local_gpus
 
     g = gpu(loaded.recipe.target.gpu)
     found = local_gpus()
@@ -229,20 +210,11 @@ def find_runner(loaded, base, image_ref: str) -> Runner:
                              "builds it), or use trtllm.mode: pytorch, which needs no build step.")
     exe = shutil.which("trtllm-build")
     if exe is not None:
-        return Runner("local", match, _local_trtllm_version())
+        from forge.host import trtllm_version
+
+        return Runner("local", match, trtllm_version())
     for engine in ("docker", "podman"):
         if shutil.which(engine):
             return Runner(engine, match, base.engine_version, image_ref)
     raise ToolError(f"a {g.name} is here but neither trtllm-build nor docker/podman is on PATH",
                     hint=f"Install TensorRT-LLM {base.engine_version}, or docker/podman with the NVIDIA container toolkit.")
-
-
-def _local_trtllm_version() -> str:
-    try:
-        from importlib import metadata
-
-        return metadata.version("tensorrt_llm")
-    except Exception:
-        proc = subprocess.run(["trtllm-build", "--version"], capture_output=True, text=True)
-        m = re.search(r"\d+\.\d+\.\d+\S*", proc.stdout + proc.stderr)
-        return m.group(0) if m else "unknown"

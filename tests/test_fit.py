@@ -123,7 +123,9 @@ def test_fit_check_uses_the_same_capability_table(monkeypatch, tmp_path):
 
     loaded = load_recipe(recipe)
     assert fit.check_recipe(loaded, tmp_path)[0].fits
-    monkeypatch.setitem(capability._MIN_CC["BF16"], "trtllm", ((9, 0), "native"))
+    from forge import engines
+
+    monkeypatch.setitem(engines.get("trtllm").kernels, "BF16", engines.Kernel((9, 0), "native"))
     from forge.errors import RecipeError
 
     with pytest.raises(RecipeError, match="needs compute capability >= 9.0"):
@@ -170,3 +172,55 @@ def test_shape_from_gguf_header_matches_config(tmp_path):
     s = from_gguf(path)
     assert (s.hidden_size, s.num_layers, s.num_heads, s.num_kv_heads, s.head_dim, s.vocab_size) == (64, 2, 4, 2, 16, 100)
     assert s.tie_word_embeddings  # no output.weight tensor
+
+
+# ------------------------------------------------------------------ issue 14: every method's bytes come from one table
+
+
+@pytest.mark.parametrize("method,engine,gb", [
+    ("nvfp4", "vllm", 6.03),      # 0.5 B + an FP8 scale per 16 weights: 0.5625 B/param on the Linear layers
+    ("w4a8_awq", "trtllm", 5.70),  # the same 4-bit group-128 weights as AWQ
+    ("awq", "vllm", 5.70),
+    ("fp8", "vllm", 9.08),
+    ("none", "vllm", 16.06),
+])
+def test_fit_cli_weights_for_every_method(method, engine, gb):
+    """Bug: nvfp4 and w4a8_awq reported 16.06 GB (as BF16) because fit kept its own list of methods."""
+    proc = forge_cli("fit", "--model", str(CONFIGS / "llama-3-8b.json"), "--gpu", "H100-SXM", "--method", method,
+                     "--engine", engine, "--json", check=0)
+    report = json.loads(proc.stdout)["fits"][0]
+    assert round(report["weights_gb"], 2) == gb
+
+
+def test_no_method_falls_back_to_bf16_bytes():
+    """Every method in the table has its own bytes per parameter: none is ever counted as BF16 by default."""
+    from forge.methods import NAMES
+
+    bf16 = fit.weight_bytes(shape("llama-3-8b"), fit.Plan())
+    for method in NAMES:
+        if method != "none":
+            assert fit.weight_bytes(shape("llama-3-8b"), fit.Plan(method=method)) < 0.6 * bf16, method
+
+
+def test_validate_accepts_nvfp4_that_fits_only_when_quantized(tmp_path):
+    """Llama-2-70B with 64 sequences of 4096 tokens (86 GB of KV cache) fits a B200 in NVFP4 (~37 GB of weights);
+    counted as BF16 (~138 GB), as fit did before, validate refused it."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text((CONFIGS / "llama-2-70b.json").read_text())
+    calib = Path(__file__).parents[1] / "evals" / "data" / "calib-pydoc.jsonl"
+    write_recipe(tmp_path / "r.yaml", "./m", target={"gpu": "B200", "engine": "trtllm", "max_model_len": 4096,
+                                                     "max_num_seqs": 64},
+                 quantize={"method": "nvfp4", "calibration": {"data": str(calib), "samples": 4, "max_seq_len": 64}})
+    proc = forge_cli("validate", str(tmp_path / "r.yaml"))
+    assert proc.returncode == 0, proc.stderr
+    write_recipe(tmp_path / "r.yaml", "./m", target={"gpu": "B200", "engine": "trtllm", "max_model_len": 4096,
+                                                     "max_num_seqs": 64})
+    proc = forge_cli("validate", str(tmp_path / "r.yaml"))
+    assert proc.returncode == 2 and "the model does not fit B200" in proc.stderr
+
+
+def test_unknown_method_or_engine_in_fit_is_a_usage_error():
+    proc = forge_cli("fit", "--model", str(CONFIGS / "llama-3-8b.json"), "--gpu", "L4", "--method", "nvfp5")
+    assert proc.returncode == 2 and "Unknown method 'nvfp5'. Did you mean 'nvfp4'?" in proc.stderr
+    proc = forge_cli("fit", "--model", str(CONFIGS / "llama-3-8b.json"), "--gpu", "L4", "--engine", "vlm")
+    assert proc.returncode == 2 and "Unknown engine 'vlm'. Did you mean 'vllm'?" in proc.stderr

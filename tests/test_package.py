@@ -66,6 +66,40 @@ def test_engine_command_lines(tmp_path, engine, base, expected):
     assert require_cuda(b).startswith("cuda>=12.")
 
 
+@pytest.mark.parametrize("quantize,gpu,flag", [
+    ({"method": "nvfp4"}, "B200", "modelopt_fp4"),                          # auto: ModelOpt writes NVFP4
+    ({"method": "fp8", "backend": "modelopt"}, "H100-SXM", "modelopt"),
+    ({"method": "fp8"}, "H100-SXM", "compressed-tensors"),                 # auto: llm-compressor
+    ({"method": "none"}, "H100-SXM", None),
+])
+def test_vllm_quantization_flag_follows_the_checkpoint_format(tmp_path, quantize, gpu, flag):
+    """Bug: a ModelOpt nvfp4 checkpoint packaged for vLLM was served with --quantization compressed-tensors."""
+    _config_only(tmp_path)
+    calib = REPO / "evals" / "data" / "calib-pydoc.jsonl"
+    q = {**quantize, "calibration": {"data": str(calib), "samples": 4, "max_seq_len": 64}}
+    recipe = write_recipe(tmp_path / "r.yaml", "./model", target={"gpu": gpu, "engine": "vllm", "max_num_seqs": 4},
+                          quantize=q, container={"base": "vllm-0.11-cu128"})
+    loaded = load_recipe(recipe)
+    base, _ = resolve_base(loaded)
+    cmd = list(engine_command(loaded, base, "x"))
+    if flag is None:
+        assert "--quantization" not in cmd
+    else:
+        assert cmd[cmd.index("--quantization") + 1] == flag and cmd.count("--quantization") == 1
+
+
+def test_a_base_that_cannot_load_the_checkpoint_format_is_refused(tmp_path):
+    """TGI loads no ModelOpt checkpoint: refused at validate, naming both sides."""
+    _config_only(tmp_path)
+    calib = REPO / "evals" / "data" / "calib-pydoc.jsonl"
+    write_recipe(tmp_path / "r.yaml", "./model", target={"gpu": "H100-SXM", "engine": "tgi", "max_num_seqs": 4},
+                 quantize={"method": "fp8", "backend": "modelopt",
+                           "calibration": {"data": str(calib), "samples": 4, "max_seq_len": 64}})
+    proc = forge_cli("validate", str(tmp_path / "r.yaml"))
+    assert proc.returncode == 2
+    assert "tgi cannot load modelopt checkpoints (what backend modelopt writes" in proc.stderr
+
+
 def test_unknown_base_and_engine_mismatch_exit_2(tmp_path):
     _config_only(tmp_path)
     write_recipe(tmp_path / "r.yaml", "./model", target={"gpu": "L4", "engine": "vllm"}, container={"base": "vllm-0.11"})

@@ -242,10 +242,11 @@ def test_hf_dataset_calibration_is_pinned_and_fails_clearly_offline(tmp_path, ti
     (False, "awq", "bfloat16", "bfloat16"),
 ])
 def test_cpu_calibration_dtype_policy(tmp_path, tiny_llama, monkeypatch, native, method, env, expected):
+    from forge import host
     from forge.steps import quantize as qstep
 
-    monkeypatch.setattr(qstep, "cpu_has_native_bf16", lambda: native)
-    monkeypatch.setattr(qstep, "_device", lambda: "cpu")
+    monkeypatch.setattr(host, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(host, "device", lambda: "cpu")
     if env:
         monkeypatch.setenv("FORGE_CPU_CALIBRATION_DTYPE", env)
     q = {"method": method}

@@ -84,7 +84,8 @@ def test_a_checkpoint_that_does_not_match_the_recipe_is_refused(tmp_path, tiny_l
     ({"method": "gptq", "group_size": 32}, {"engine": "trtllm"},
      "method gptq is not available with backend modelopt (chosen for engine trtllm)"),
     ({"method": "fp8", "backend": "llmcompressor"}, {"engine": "trtllm"},
-     "TensorRT-LLM serves ModelOpt checkpoints; set quantize.backend: modelopt"),
+     "trtllm cannot load compressed-tensors checkpoints (what backend llmcompressor writes; it loads bf16, modelopt, "
+     "trtllm-checkpoint); set quantize.backend: modelopt (or auto)"),
     ({"method": "nvfp4", "backend": "llmcompressor"}, {"engine": "vllm"},
      "method nvfp4 is not available with backend llmcompressor; set quantize.backend: modelopt"),
     ({"method": "nvfp4"}, {"engine": "trtllm", "gpu": "H100-SXM"}, "nvfp4 is not legal for target H100-SXM/trtllm"),

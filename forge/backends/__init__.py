@@ -1,50 +1,171 @@
-"""Quantization backends: llm-compressor (compressed-tensors, for vLLM/TGI) and ModelOpt (the unified HF
-checkpoint TensorRT-LLM serves). Which one runs is decided here, from the recipe alone."""
+"""Quantization backends: llm-compressor (compressed-tensors, for vLLM/TGI/CPU) and ModelOpt (the unified HF
+checkpoint TensorRT-LLM and vLLM serve), plus any a plugin registers. One module each, found by name.
+
+A backend is an object with the ``Backend`` protocol: the methods it offers (names in forge.methods), the
+checkpoint format it writes, its config.json pre-flight, and the three stages the quantize step drives
+(``quantize`` in place, ``export``, ``validate`` what was written). Everything else (seed, dtype, tokenizer,
+calibration windows, loading, verification, reports, manifest) is the quantize step's, the same for all.
+Which backend runs is decided here, from the recipe alone.
+"""
 from __future__ import annotations
 
-METHODS = {
-    "llmcompressor": ("none", "awq", "gptq", "fp8", "int8"),
-    "modelopt": ("none", "fp8", "awq", "w4a8_awq", "nvfp4"),
-}
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Protocol
+
+from forge.plugins import Registry
+
+if TYPE_CHECKING:
+    from forge.modelshape import ModelShape
+    from forge.recipe.load import LoadedRecipe
+
+__all__ = ["Backend", "Quantized", "REGISTRY", "get", "backend_for", "checkpoint_format", "problems",
+           "needs_calibration", "architecture_problems", "cast_float32"]
+
+
+@dataclass
+class Quantized:
+    """What a backend's quantize stage reports: per-layer rows (any columns) and extra report sections."""
+
+    layers: list[dict]
+    summary: dict = field(default_factory=dict)      # joins the step's facts (e.g. mean weight error)
+    sections: dict = field(default_factory=dict)     # extra report.json sections (e.g. AWQ mappings)
+
+
+class Backend(Protocol):
+    name: str                        # the registry name (quantize.backend)
+    title: str                       # shown to people: "llm-compressor"
+    methods: tuple[str, ...]         # forge.methods names it offers ("none" included)
+    tools: tuple[str, ...]           # distributions whose versions enter the key and the manifest
+    loads_in_transformers: bool      # its checkpoints load with transformers (then verified by generating)
+
+    def format(self, q) -> str:
+        """The checkpoint format it writes for this quantize section (a forge.methods format name)."""
+        ...
+
+    def needs_calibration(self, q) -> bool: ...
+
+    def preflight(self, loaded: "LoadedRecipe", shape: "ModelShape") -> list[str]:
+        """Problems from config.json alone (architecture support), located in the recipe."""
+        ...
+
+    def quantize(self, model, q, windows: list[list[int]] | None, *, report: Callable, log_dir: Path) -> Quantized:
+        """Calibrate on ``windows`` (token ids; None when no calibration is needed) and quantize in place."""
+        ...
+
+    def export(self, model, out: Path, *, dtype, loaded: "LoadedRecipe") -> None:
+        """Write the checkpoint into ``out`` with tensors in the recipe ``dtype`` (the tokenizer is written for it)."""
+        ...
+
+    def validate(self, out: Path, q) -> dict:
+        """Check what was written against the recipe; facts about it, or ValueError naming each problem."""
+        ...
+
+    def dequantized(self, out: Path, q) -> dict | None:
+        """Float weights by tensor name, when the checkpoint does not load in transformers but dequantizes."""
+        ...
+
+
+REGISTRY: Registry[Backend] = Registry("backend", "forge.backends", {
+    "llmcompressor": "forge.backends.llmcompressor:BACKEND",
+    "modelopt": "forge.backends.modelopt:BACKEND",
+})
+
+
+def get(name: str) -> Backend:
+    return REGISTRY.get(name)
 
 
 def backend_for(quantize, engine: str) -> str:
-    """The backend a recipe's quantize section runs on (``quantize.backend: auto`` resolved)."""
+    """The backend a recipe's quantize section runs on. ``auto``: the first backend (forge's own first) that
+    offers the method in a format the engine loads; failing that, the first whose format the engine loads."""
     if quantize.backend != "auto":
         return quantize.backend
-    if engine == "trtllm" or quantize.method in ("w4a8_awq", "nvfp4"):
-        return "modelopt"
-    return "llmcompressor"
+    from forge import engines
+
+    loads = engines.get(engine).formats
+    names = REGISTRY.names()
+    for name in names:
+        b = get(name)
+        if quantize.method in b.methods and (quantize.method == "none" or b.format(quantize) in loads):
+            return name
+    return next((n for n in names if get(n).format(quantize) in loads), names[0])
 
 
-def problems(loaded) -> list[str]:
+def checkpoint_format(loaded: "LoadedRecipe") -> str:
+    """The format of the checkpoint the quantize step writes for this recipe ("bf16" when not quantized)."""
+    q = loaded.recipe.quantize
+    if q.method == "none":
+        return "bf16"
+    return get(backend_for(q, loaded.recipe.target.engine)).format(q)
+
+
+def needs_calibration(quantize, engine: str) -> bool:
+    return quantize.method != "none" and get(backend_for(quantize, engine)).needs_calibration(quantize)
+
+
+def problems(loaded: "LoadedRecipe") -> list[str]:
     """Backend/method/engine combinations that cannot work, located in the recipe."""
+    from forge import engines
+
     r = loaded.recipe
     q, engine = r.quantize, r.target.engine
-    backend = backend_for(q, engine)
+    loads = engines.get(engine).formats
+    name = backend_for(q, engine)
+    b = get(name)
     out = []
-    if q.method not in METHODS[backend]:
-        other = next(b for b in METHODS if b != backend)
-        fix = (f"set quantize.backend: {other}" if q.method in METHODS[other] and (engine != "trtllm" or other == "modelopt")
-               else f"use one of {', '.join(m for m in METHODS[backend] if m != 'none')}")
-        out.append(f"{loaded.where('quantize', 'method')}: method {q.method} is not available with backend {backend}"
-                   f"{' (chosen for engine trtllm)' if q.backend == 'auto' and engine == 'trtllm' else ''}; {fix}")
-    if engine == "trtllm" and backend != "modelopt":
-        out.append(f"{loaded.where('quantize', 'backend')}: TensorRT-LLM serves ModelOpt checkpoints; "
-                   "set quantize.backend: modelopt (or auto)")
+
+    def able() -> list[str]:
+        return [n for n in REGISTRY.names() if n != name and q.method in get(n).methods and get(n).format(q) in loads]
+
+    if q.method not in b.methods:
+        other = able()
+        fix = f"set quantize.backend: {other[0]}" if other else \
+            f"use one of {', '.join(m for m in b.methods if m != 'none')}"
+        chosen = f" (chosen for engine {engine})" if q.backend == "auto" else ""
+        out.append(f"{loaded.where('quantize', 'method')}: method {q.method} is not available with backend {name}"
+                   f"{chosen}; {fix}")
+    elif q.method != "none" and b.format(q) not in loads:
+        other = able()
+        out.append(f"{loaded.where('quantize', 'backend')}: {engine} cannot load {b.format(q)} checkpoints (what "
+                   f"backend {name} writes; it loads {', '.join(loads)})"
+                   + (f"; set quantize.backend: {other[0]} (or auto)" if other else "; choose another target.engine"))
     if r.trtllm is not None and engine != "trtllm":
         out.append(f"{loaded.where('trtllm')}: the trtllm section applies to target.engine: trtllm only; "
                    f"found engine {engine!r}: remove the section or change the engine")
-    if q.kv_cache == "fp8" and backend == "modelopt" and q.method == "none":
+    if q.kv_cache == "fp8" and name == "modelopt" and q.method == "none":
         out.append(f"{loaded.where('quantize', 'kv_cache')}: an FP8 KV cache with ModelOpt needs a quantized method")
     return out
 
 
-def needs_calibration(quantize, engine: str) -> bool:
-    """ModelOpt calibrates every quantized method (static activation scales, AWQ search); llm-compressor
-    only what its recipes need data for."""
-    if backend_for(quantize, engine) == "modelopt":
-        return quantize.method != "none"
-    from forge.backends.llmcompressor import needs_calibration as lc
+def architecture_problems(loaded: "LoadedRecipe", shape: "ModelShape", title: str, supported: frozenset[str]) -> list[str]:
+    """The pre-flight's architecture check, one message for every backend."""
+    arch, q = shape.architecture, loaded.recipe.quantize
+    if arch in supported or arch.islower():  # lower-case: a GGUF arch name (llama, qwen2, ...)
+        return []
+    return [f"{loaded.where('quantize', 'method')}: {q.method} through {title} does not support architecture {arch}; "
+            f"supported: {', '.join(sorted(supported))}"]
 
-    return lc(quantize)
+
+def cast_float32(out: Path, dtype, only: Callable[[str], bool] = lambda name: True) -> None:
+    """Cast the float32 tensors of a written checkpoint (left by CPU calibration) to the recipe dtype, and say
+    so in config.json; quantized ints/fp8 stay as they are, and so do tensors ``only`` rejects (scales)."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    cast = False
+    for f in sorted(out.glob("*.safetensors")):
+        tensors = load_file(f)
+        if any(t.dtype == torch.float32 and only(k) for k, t in tensors.items()):
+            save_file({k: (t.to(dtype) if t.dtype == torch.float32 and only(k) else t) for k, t in tensors.items()}, f,
+                      metadata={"format": "pt"})
+            cast = True
+    if not cast:
+        return
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    cfg.pop("torch_dtype", None)
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

@@ -9,13 +9,27 @@ AutoAWQ and AutoGPTQ are archived; llm-compressor is where AWQ and GPTQ are main
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
-CALIBRATED = {"awq", "gptq", "int8"}
+from forge.backends import Quantized, architecture_problems, cast_float32
+from forge.methods import METHODS, written_as
+from forge.modelshape import DECODERS, ignored
+
+# Architectures with AWQ smoothing mappings in llm-compressor 0.14 (AWQ_MAPPING_REGISTRY).
+AWQ_ARCHITECTURES = frozenset({
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM", "Phi3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "CohereForCausalLM",
+    "Cohere2ForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM", "Olmo3ForCausalLM", "BloomForCausalLM",
+    "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "Exaone4ForCausalLM", "Glm4MoeForCausalLM",
+})
+CALIBRATED = {n for n in written_as("compressed-tensors") if METHODS[n].calibrates != "nothing"}
 
 
 def needs_calibration(q) -> bool:
@@ -129,7 +143,7 @@ class LayerLog:
             self.report(f"AWQ smoothing {m.group(1)}", completed=len(self.mappings), total=self.total)
 
 
-def quantize(model, q, dataset, *, max_seq_len: int, report: Callable, total_layers: int) -> LayerLog:
+def _oneshot(model, q, dataset, *, max_seq_len: int, report: Callable, total_layers: int) -> LayerLog:
     """Run oneshot in place on model. Returns what the backend reported per layer (GPTQ) and mapping (AWQ)."""
     from llmcompressor import oneshot
     from loguru import logger
@@ -146,3 +160,98 @@ def quantize(model, q, dataset, *, max_seq_len: int, report: Callable, total_lay
     finally:
         logger.remove(sink_id)
     return log
+
+
+def _layer_report(model, originals: dict, rows: dict, q) -> list[dict]:
+    import torch
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    out = []
+    for name, module in model.named_modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if name not in originals or scheme is None or scheme.weights is None:
+            continue
+        args = scheme.weights
+        err = None
+        g_idx = getattr(module, "weight_g_idx", None)
+        if g_idx is None or bool((g_idx == torch.arange(g_idx.numel(), device=g_idx.device) // args.group_size).all()):
+            with torch.no_grad():  # group order permuted by actorder: fake_quantize cannot replay it, so no figure
+                zp = getattr(module, "weight_zero_point", None)
+                # The weight the quantizer saw: GPTQ rewrites weights in place, so its reference is the
+                # original; AWQ and FP8/RTN quantize at save time, so theirs is the current (AWQ-smoothed)
+                # weight. SmoothQuant + GPTQ (int8) leaves no reference: GPTQ's own error stands alone.
+                if q.method == "int8":
+                    ref = None
+                else:
+                    ref = (originals[name] if q.method == "gptq" else module.weight.detach()).float().cpu()
+                qw = fake_quantize(module.weight.detach().float(), module.weight_scale.float(), zp, args)
+                if ref is not None:
+                    err = round((torch.linalg.norm(qw.cpu() - ref) / torch.linalg.norm(ref)).item(), 6)
+        row = rows.get(name, {})
+        out.append({"layer": name, "method": q.method, "bits": args.num_bits, "type": str(getattr(args.type, "value", args.type)),
+                    "strategy": str(getattr(args.strategy, "value", args.strategy)), "group_size": args.group_size,
+                    "weight_rel_error": err, "backend_error": row.get("backend_error"),
+                    "seconds": row.get("seconds")})
+    return out
+
+
+class LlmCompressor:
+    name = "llmcompressor"
+    title = "llm-compressor"
+    methods = written_as("compressed-tensors")
+    tools = ("llmcompressor", "compressed-tensors", "torch", "transformers")
+    loads_in_transformers = True
+
+    def format(self, q) -> str:
+        return "compressed-tensors"
+
+    def needs_calibration(self, q) -> bool:
+        return needs_calibration(q)
+
+    def preflight(self, loaded, shape) -> list[str]:
+        supported = AWQ_ARCHITECTURES if loaded.recipe.quantize.method == "awq" else DECODERS
+        return architecture_problems(loaded, shape, self.title, supported)
+
+    def quantize(self, model, q, windows, *, report, log_dir: Path) -> Quantized:
+        os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "")  # forge shows progress; the full log goes to a file
+        os.environ.setdefault("TQDM_DISABLE", "1")             # per-layer tqdm bars would interleave with forge's
+        import llmcompressor  # noqa: F401  (configures loguru on import, removing earlier handlers: import it first)
+        import torch
+        from loguru import logger
+
+        dataset = None
+        if windows is not None:
+            from datasets import Dataset
+
+            dataset = Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(c) for c in windows]})
+        linears = {n: m.weight.detach().to("cpu", copy=True) for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and not ignored(n, q.ignore)}
+        log_id = logger.add(str(log_dir / "llmcompressor.log"), level="DEBUG")
+        try:
+            log = _oneshot(model, q, dataset, max_seq_len=q.calibration.max_seq_len if q.calibration else 512,
+                           report=report, total_layers=len(linears))
+        finally:
+            logger.remove(log_id)
+        report("measuring per-layer weight error")
+        layers = _layer_report(model, linears, log.rows, q)
+        errors = [r["weight_rel_error"] for r in layers if r["weight_rel_error"] is not None]
+        mean = round(sum(errors) / len(errors), 6) if errors else None
+        return Quantized(layers, summary={"mean_weight_rel_error": mean},
+                         sections={"awq_mappings": list(log.mappings.values())})
+
+    def export(self, model, out: Path, *, dtype, loaded) -> None:
+        model.save_pretrained(out, save_compressed=True)
+        cast_float32(out, dtype)   # tensors CPU calibration left in float32; quantized ints/fp8 stay
+
+    def validate(self, out: Path, q) -> dict:
+        cfg = json.loads((out / "config.json").read_text()).get("quantization_config") or {}
+        if cfg.get("quant_method") != "compressed-tensors":
+            raise ValueError(f"config.json quantization_config.quant_method is {cfg.get('quant_method')!r}, "
+                             "not 'compressed-tensors'")
+        return {"format": cfg.get("format"), "ignore": cfg.get("ignore", [])}
+
+    def dequantized(self, out: Path, q) -> dict | None:
+        return None
+
+
+BACKEND = LlmCompressor()

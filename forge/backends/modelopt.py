@@ -11,13 +11,17 @@ it), and it reads ``config.architectures``.
 from __future__ import annotations
 
 import copy
+import json
 import time
+from pathlib import Path
 from typing import Callable
 
+from forge.backends import Quantized, architecture_problems, cast_float32
+from forge.methods import KV_CACHE_ALGO as KV_ALGO
+from forge.methods import GROUPED, METHODS, written_as
+from forge.modelshape import DECODERS
+
 CONFIGS = {"fp8": "FP8_DEFAULT_CFG", "awq": "INT4_AWQ_CFG", "w4a8_awq": "W4A8_AWQ_BETA_CFG", "nvfp4": "NVFP4_DEFAULT_CFG"}
-# hf_quant_config.json quantization.quant_algo written for each method (TensorRT-LLM's QuantAlgo names)
-QUANT_ALGO = {"fp8": "FP8", "awq": "W4A16_AWQ", "w4a8_awq": "W4A8_AWQ", "nvfp4": "NVFP4"}
-KV_ALGO = {"auto": None, "fp8": "FP8"}
 
 
 def quant_config(q) -> dict:
@@ -26,7 +30,7 @@ def quant_config(q) -> dict:
 
     cfg = copy.deepcopy(getattr(mtq, CONFIGS[q.method]))
     entries = cfg["quant_cfg"]
-    if q.method in ("awq", "w4a8_awq"):
+    if q.method in GROUPED:
         block = q.group_size or 128
         for entry in entries:
             if entry.get("quantizer_name") == "*weight_quantizer":
@@ -40,7 +44,7 @@ def quant_config(q) -> dict:
     return cfg
 
 
-def quantize(model, q, batches: list, report: Callable[..., None]) -> dict:
+def _quantize(model, q, batches: list, report: Callable[..., None]) -> dict:
     """Calibrate and quantize in place; returns timings and the per-layer quantizer summary."""
     import modelopt.torch.quantization as mtq
     import torch
@@ -82,7 +86,7 @@ def _bits(num_bits) -> str | None:
     return str(num_bits)
 
 
-def export(model, out, dtype) -> None:
+def _export_hf(model, out, dtype) -> None:
     from modelopt.torch.export import export_hf_checkpoint
 
     if not getattr(model.config, "architectures", None):
@@ -103,21 +107,12 @@ def export_trtllm(model, out, dtype, tensor_parallel: int) -> None:
                                    inference_tensor_parallel=tensor_parallel)
 
 
-def version() -> str:
-    from importlib import metadata
-
-    return metadata.version("nvidia-modelopt")
-
-
 # ---------------------------------------------------------------------- checking what was written
 
 def validate_checkpoint(path, q) -> dict:
     """Check an exported unified checkpoint against the recipe: the declared algorithm, the KV cache,
     the excluded modules, and every quantized tensor's dtype, shape and scales. Returns facts; raises
     ValueError naming each problem."""
-    import json
-    from pathlib import Path
-
     from safetensors import safe_open
 
     path = Path(path)
@@ -128,7 +123,7 @@ def validate_checkpoint(path, q) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a ModelOpt unified checkpoint ({e})") from None
     quant = hf.get("quantization", {})
-    want = QUANT_ALGO[q.method]
+    want = METHODS[q.method].quant_algo
     if quant.get("quant_algo") != want:
         problems.append(f"hf_quant_config.json quant_algo is {quant.get('quant_algo')!r}; the recipe's {q.method} means {want!r}")
     if quant.get("kv_cache_quant_algo") != KV_ALGO[q.kv_cache]:
@@ -142,7 +137,7 @@ def validate_checkpoint(path, q) -> dict:
         problems.append("config.json quantization_config.quant_method is not 'modelopt' (trtllm-serve and vLLM read it)")
 
     quantized, bad = 0, []
-    expect = {"fp8": "F8_E4M3", "nvfp4": "U8", "awq": "U8", "w4a8_awq": "U8"}[q.method]
+    expect = "F8_E4M3" if METHODS[q.method].bits == 8 else "U8"   # 4-bit values are packed two per byte
     for shard in sorted(path.glob("*.safetensors")):
         with safe_open(shard, "pt") as f:
             keys = set(f.keys())
@@ -169,8 +164,6 @@ def validate_checkpoint(path, q) -> dict:
 
 def dequantized_state(path) -> dict:
     """FP8 checkpoints only: every quantized weight back in float32 (fp8 × weight_scale), by tensor name."""
-    from pathlib import Path
-
     from safetensors import safe_open
 
     out = {}
@@ -181,3 +174,43 @@ def dequantized_state(path) -> dict:
                     layer = key.removesuffix(".weight_scale")
                     out[f"{layer}.weight"] = f.get_tensor(f"{layer}.weight").float() * f.get_tensor(key).float()
     return out
+
+
+class ModelOpt:
+    name = "modelopt"
+    title = "ModelOpt"
+    methods = written_as("modelopt")
+    tools = ("nvidia-modelopt", "torch", "transformers")
+    loads_in_transformers = False
+
+    def format(self, q) -> str:
+        return "modelopt"
+
+    def needs_calibration(self, q) -> bool:
+        return q.method != "none"   # static activation scales, AWQ search: every quantized method calibrates
+
+    def preflight(self, loaded, shape) -> list[str]:
+        return architecture_problems(loaded, shape, self.title, DECODERS)
+
+    def quantize(self, model, q, windows, *, report, log_dir: Path) -> Quantized:
+        result = _quantize(model, q, windows or [], report)
+        return Quantized(result["layers"], summary={"calibration_seconds": round(result["seconds"], 1)})
+
+    def export(self, model, out: Path, *, dtype, loaded) -> None:
+        from forge.trtllm import TRTLLM_CKPT, mode
+
+        if loaded.recipe.target.engine == "trtllm" and mode(loaded) == "engine":
+            export_trtllm(model, out / TRTLLM_CKPT, dtype, loaded.recipe.target.tensor_parallel)  # for trtllm-build
+        _export_hf(model, out, dtype)
+        # ModelOpt leaves unquantized tensors in the model's (CPU calibration) float32; its scales stay float32
+        cast_float32(out, dtype, only=lambda name: name.endswith((".weight", ".bias")))
+
+    def validate(self, out: Path, q) -> dict:
+        return validate_checkpoint(out, q)
+
+    def dequantized(self, out: Path, q) -> dict | None:
+        # FP8 dequantizes exactly (fp8 × scale); the 4-bit packed formats need ModelOpt's kernels
+        return dequantized_state(out) if q.method == "fp8" else None
+
+
+BACKEND = ModelOpt()

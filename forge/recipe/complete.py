@@ -28,8 +28,13 @@ def complete(loaded: "LoadedRecipe") -> list[str]:
         did = f" Did you mean {guess[0]!r}?" if guess else ""
         problems.append(f"{loaded.where('target', 'gpu')}: unknown GPU {r.target.gpu!r}.{did} "
                         f"Known: {', '.join(catalog)}")
-    elif r.target.gpu == "CPU" and r.target.engine != "cpu":
-        problems.append(f"{loaded.where('target', 'engine')}: target.gpu CPU needs engine 'cpu'; found {r.target.engine!r}")
+    elif catalog[r.target.gpu].is_cpu:
+        from forge import engines
+
+        if not engines.get(r.target.engine).cpu:
+            on_cpu = [n for n in engines.names() if engines.get(n).cpu]
+            problems.append(f"{loaded.where('target', 'engine')}: target.gpu CPU needs engine 'cpu' (or another engine "
+                            f"that serves on CPU: {', '.join(on_cpu)}); found {r.target.engine!r}")
 
     try:
         source = parse_source(r.model.source, loaded.base_dir)

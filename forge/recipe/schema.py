@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from forge import methods
+
 API_VERSION = "forge/v1"
 
 Severity = Literal["CRITICAL", "HIGH", "MEDIUM", "LOW", "UNKNOWN"]
@@ -33,13 +35,28 @@ class Model(_Section):
     dtype: Literal["bfloat16", "float16"] = Field("bfloat16", description="Dtype of the resolved checkpoint.")
 
 
+def _registered(kind: str, name: str) -> str:
+    """The name, when the backend or engine registry knows it (plugins included)."""
+    from forge import backends, engines
+
+    registry = {"backend": backends.REGISTRY, "engine": engines.REGISTRY}[kind]
+    return registry.check(name)
+
+
 class Target(_Section):
     gpu: str = Field(description="A GPU from forge's catalog (forge fit --list), or CPU.")
-    engine: Literal["vllm", "tgi", "trtllm", "cpu"] = "vllm"
+    engine: str = Field("vllm", description="A serving engine: vllm, tgi, trtllm, cpu, or one a plugin registers "
+                                            "(forge.engines entry point or FORGE_PLUGINS).",
+                        examples=["vllm", "tgi", "trtllm", "cpu"])
     max_model_len: Annotated[int, Field(gt=0, le=1 << 21)] = 4096
     max_num_seqs: Annotated[int, Field(gt=0, le=65536)] = 32
     gpu_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
     tensor_parallel: Literal[1, 2, 4, 8] = Field(1, description="GPUs per replica (vLLM --tensor-parallel-size).")
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, v: str) -> str:
+        return _registered("engine", v)
 
 
 class Calibration(_Section):
@@ -53,12 +70,12 @@ class Calibration(_Section):
 
 
 class Quantize(_Section):
-    method: Literal["none", "awq", "gptq", "fp8", "int8", "w4a8_awq", "nvfp4"] = Field(
-        "none", description="awq/gptq/fp8/int8 with llm-compressor (compressed-tensors); fp8, awq (int4_awq), w4a8_awq "
-                            "and nvfp4 with ModelOpt (unified HF checkpoint for TensorRT-LLM)")
-    backend: Literal["auto", "llmcompressor", "modelopt"] = Field(
-        "auto", description="auto: modelopt when target.engine is trtllm or the method is w4a8_awq/nvfp4, "
-                            "else llmcompressor")
+    method: Literal[methods.NAMES] = Field(  # type: ignore[valid-type]
+        "none", description="; ".join(f"{m.name}: {m.summary}" for m in methods.METHODS.values()))
+    backend: str = Field(
+        "auto", description="llmcompressor (compressed-tensors), modelopt (unified HF checkpoint), or one a plugin "
+                            "registers; auto: the first backend offering the method in a format target.engine loads",
+        examples=["auto", "llmcompressor", "modelopt"])
     bits: Literal[4, 8] | None = None
     group_size: Annotated[int, Field(gt=0)] | None = None
     symmetric: bool = True
@@ -68,12 +85,18 @@ class Quantize(_Section):
     ignore: tuple[str, ...] = ("lm_head",)
     calibration: Calibration | None = None
 
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        return v if v == "auto" else _registered("backend", v)
+
     @model_validator(mode="after")
     def _bits_fit_method(self) -> "Quantize":
-        if self.method in ("awq",) and self.bits not in (None, 4):
-            raise ValueError(f"awq supports bits: 4, found bits: {self.bits}")
-        if self.method in ("fp8", "int8", "none", "w4a8_awq", "nvfp4") and self.bits is not None:
+        options = methods.get(self.method).bits_options
+        if self.bits is not None and not options:
             raise ValueError(f"bits does not apply to method {self.method}; remove it")
+        if self.bits is not None and self.bits not in options:
+            raise ValueError(f"{self.method} supports bits: {', '.join(map(str, options))}, found bits: {self.bits}")
         return self
 
 

@@ -33,7 +33,7 @@ def _config(loaded) -> dict:
 
 
 def _identity(loaded) -> dict:
-    from forge.trtllm import local_gpus
+    from forge.host import local_gpus
 
     gpus = local_gpus()
     base = _base(loaded)

@@ -42,7 +42,7 @@ def _data(loaded) -> dict[str, Path]:
 
 
 def _identity(loaded) -> dict:
-    from forge.steps.quantize import _device
+    from forge.host import device as _device
 
     return {"device": _device()}
 

@@ -25,7 +25,7 @@ import uuid
 from functools import lru_cache
 from pathlib import Path
 
-from forge.containers import MODEL_DIR, PORT, UID, ImageSpec, containerfile, engine_command, require_cuda, resolve_base
+from forge.containers import MODEL_DIR, PORT, UID, ImageSpec, containerfile, image_spec, require_cuda, resolve_base
 from forge.errors import StepError, ToolError
 from forge.steps import StepContext, StepSpec
 
@@ -262,11 +262,10 @@ def run(ctx: StepContext) -> dict:
     env = [("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_HOME", "/tmp/hf")]
     if (req := require_cuda(base)) is not None:
         env.append(("NVIDIA_REQUIRE_CUDA", req))
-    spec = ImageSpec(base_ref=_image_ref(ctx, base, digest), base=base, served_name=loaded.recipe.name,
-                     engine_args=engine_command(loaded, base, loaded.recipe.name), labels=_labels(ctx, base, digest),
-                     env=tuple(env), engine_dir="compile" in ctx.inputs)
     context = ctx.out.parent / "context"
     (context / "model").mkdir(parents=True)
+    spec = image_spec(loaded, base, base_ref=_image_ref(ctx, base, digest), labels=_labels(ctx, base, digest), env=env,
+                      engine_dir="compile" in ctx.inputs, context=context)
     weights = ctx.inputs["quantize"]
     from forge.steps.quantize import REPORTS
     from forge.trtllm import TRTLLM_CKPT
@@ -298,7 +297,7 @@ def run(ctx: StepContext) -> dict:
     image = describe_layout(ctx.out / OCI_DIR, loaded.recipe.name)
     image.update(tag=tag, build_seconds=round(build_s, 1), base=base.name, engine=base.engine, builder=builder)
     if loaded.recipe.container.smoke_test:
-        transcript = smoke_test(tag, spec, ctx.report, expect_engine=base.engine, builder=builder)
+        transcript = smoke_test(tag, spec, ctx.report, builder=builder)
         (ctx.out / TRANSCRIPT).write_text(json.dumps(transcript, indent=2) + "\n")
         image["smoke_test"] = {k: transcript[k] for k in ("passed", "answer", "health_seconds")}
     (ctx.out / IMAGE_JSON).write_text(json.dumps(image, indent=2) + "\n")
@@ -408,29 +407,32 @@ def _stop_group(proc: subprocess.Popen) -> None:
             pass
 
 
-def smoke_test(tag: str, spec: ImageSpec, report, *, expect_engine: str, builder: str = "buildah",
-               timeout_s: float = 300) -> dict:
-    """Serve from the image, wait for /health, ask one question, stop everything."""
-    if expect_engine != "cpu":
-        return {"passed": False, "skipped": f"{expect_engine} images need their GPU to serve; smoke test not run here",
-                "answer": None, "health_seconds": None}
+def smoke_test(tag: str, spec: ImageSpec, report, *, builder: str = "buildah", timeout_s: float = 300) -> dict:
+    """Serve from the image, wait for the engine's health route, ask one question, stop everything."""
+    from forge.engines import get
+
+    engine = get(spec.base.engine)
+    if not engine.smoke_test:
+        why = ("cannot be smoke-tested here (its engine says so)" if engine.cpu
+               else "need their GPU to serve; smoke test not run here")
+        return {"passed": False, "skipped": f"{engine.name} images {why}", "answer": None, "health_seconds": None}
     port = _free_port()
     server, args, stop = _start_server(builder, tag, spec, port)
     t0 = time.monotonic()
     transcript: dict = {"image": tag, "command": args, "question": SMOKE_QUESTION}
     try:
-        report(f"smoke test: waiting for /health on 127.0.0.1:{port}")
+        report(f"smoke test: waiting for {spec.health_route} on 127.0.0.1:{port}")
         while True:
             if server.poll() is not None:
-                raise StepError(f"the server in {tag} exited with {server.returncode} before answering /health")
+                raise StepError(f"the server in {tag} exited with {server.returncode} before answering {spec.health_route}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{spec.health_route}", timeout=2) as r:
                     if r.status == 200:
                         break
             except OSError:
                 pass
             if time.monotonic() - t0 > timeout_s:
-                raise StepError(f"the server in {tag} did not answer /health within {timeout_s:.0f} s")
+                raise StepError(f"the server in {tag} did not answer {spec.health_route} within {timeout_s:.0f} s")
             time.sleep(1)
         transcript["health_seconds"] = round(time.monotonic() - t0, 1)
         report("smoke test: one chat completion")

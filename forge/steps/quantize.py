@@ -1,46 +1,34 @@
-"""quantize: resolved BF16 snapshot -> quantized checkpoint (compressed-tensors, loaded natively by vLLM).
+"""quantize: resolved BF16 snapshot -> quantized checkpoint, through any backend (forge.backends).
 
 Pre-flight checks (``preflight``) read config.json only and run at validate time, before any weight
-is loaded: group size divides every targeted layer, the architecture is one the method supports,
-calibration is declared and large enough. The run itself: calibration windows (tokenizer only),
-then the model, then llm-compressor, then a verification that the written checkpoint loads with
-transformers and generates, compared token by token with the BF16 snapshot.
+is loaded: group size divides every targeted layer, the backend supports the architecture, calibration is
+declared and large enough. The run is one skeleton for every backend: seed, calibration windows (tokenizer
+only), the model in the calibration dtype, the backend's quantize / export / validate, then a verification
+(greedy tokens of the written checkpoint, or of its dequantized weights, against BF16's), the reports and a
+manifest with the same keys whatever the backend.
 
 CPU policy: without an accelerator the model is calibrated in float32 unless the CPU has native bf16
-(AVX512-BF16/AMX): emulated bf16 matmuls are ~4.5x slower. Tensors left in float32 are cast back to the
-recipe dtype when written.
+(AVX512-BF16/AMX): emulated bf16 matmuls are ~4.5x slower. The backend writes tensors in the recipe dtype.
 """
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import shutil
 import time
 from pathlib import Path
 
+from forge import env, host
 from forge.digests import list_files
+from forge.methods import GROUPED
 from forge.steps import StepContext, StepSpec
 
-AVAILABLE_METHODS = ("none", "awq", "gptq", "fp8", "int8", "w4a8_awq", "nvfp4")
 VERIFY_PROMPT = "The capital of France is"
 VERIFY_TOKENS = 16
 REPORT_JSON, REPORT_MD, QUANT_MANIFEST = "quantize-report.json", "quantize-report.md", "forge-quantization.json"
 REPORTS = (REPORT_JSON, REPORT_MD)  # build evidence beside the checkpoint; not shipped in the image
-
-# Architectures with AWQ smoothing mappings in llm-compressor 0.14 (AWQ_MAPPING_REGISTRY).
-AWQ_ARCHITECTURES = frozenset({
-    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM",
-    "Qwen3MoeForCausalLM", "Phi3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "CohereForCausalLM",
-    "Cohere2ForCausalLM", "GraniteForCausalLM", "OlmoForCausalLM", "Olmo3ForCausalLM", "BloomForCausalLM",
-    "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "Exaone4ForCausalLM", "Glm4MoeForCausalLM",
-})
-# Decoder-only families whose Linear layers llm-compressor's GPTQ/RTN paths handle (sequential pipeline).
-LINEAR_ARCHITECTURES = AWQ_ARCHITECTURES | {"Gemma3ForConditionalGeneration", "MixtralForCausalLM", "PhiForCausalLM",
-                                            "StableLmForCausalLM", "Starcoder2ForCausalLM", "SmolLM3ForCausalLM"}
-
-
-_BACKEND_NAMES = {"llmcompressor": "llm-compressor", "modelopt": "ModelOpt"}
+MANIFEST_KEYS = ("method", "backend", "format", "scheme", "device", "calibration_dtype", "calibration_sha256", "tools")
+_device = host.device   # kept for callers of the old private name (steps/evaluate.py)
 
 
 def _backend(loaded) -> str:
@@ -67,58 +55,38 @@ def _data(loaded) -> dict[str, Path]:
     return {"calibration": loaded.resolve_path(cal.data)}
 
 
-def _device() -> str:
-    import importlib.util
-
-    if importlib.util.find_spec("torch") is None:
-        return "cpu"
-    # torch.cuda.is_available() imports torch (~1 s); CUDA_VISIBLE_DEVICES and /dev/nvidia0 are free.
-    if os.environ.get("CUDA_VISIBLE_DEVICES", "x") != "" and Path("/dev/nvidia0").exists():
-        return "cuda"
-    return "cpu"
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX-BF16: bf16 matmuls run in hardware; without them PyTorch emulates bf16 on CPU."""
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
-
-
 def calibration_dtype(loaded) -> str:
     """The dtype the model is calibrated in: the recipe's on a GPU; on a CPU the recipe's only when it runs
     bf16 natively and the method calibrates, else float32 (emulated bf16 made GPTQ 4.5x slower: 687 s vs 152 s
     on a CPU without AVX512-BF16). ``FORGE_CPU_CALIBRATION_DTYPE`` overrides the CPU choice."""
     from forge.backends import needs_calibration
 
-    if _device() == "cuda":
+    if host.device() == "cuda":
         return loaded.recipe.model.dtype
-    if forced := os.environ.get("FORGE_CPU_CALIBRATION_DTYPE"):
+    if forced := env.get("FORGE_CPU_CALIBRATION_DTYPE"):
         return forced
-    native = loaded.recipe.model.dtype == "bfloat16" and cpu_has_native_bf16()
+    native = loaded.recipe.model.dtype == "bfloat16" and host.cpu_has_native_bf16()
     return "bfloat16" if native and needs_calibration(loaded.recipe.quantize, loaded.recipe.target.engine) else "float32"
 
 
 def _identity(loaded) -> dict:
-    # the device and the calibration dtype change the numbers written, so they are part of the key
+    # the device, the calibration dtype and the backend's libraries change the numbers written: part of the key
     if loaded.recipe.quantize.method == "none":
         return {}
-    ident = {"device": _device(), "calibration_dtype": calibration_dtype(loaded)}
-    if _backend(loaded) == "modelopt":
-        from forge.build import tool_versions
+    from forge.backends import get
 
-        ident["modelopt"] = tool_versions(("nvidia-modelopt",))["nvidia-modelopt"]
-    return ident
+    return {"device": host.device(), "calibration_dtype": calibration_dtype(loaded),
+            "backend_tools": host.tool_versions(get(_backend(loaded)).tools)}
 
 
 SPEC = StepSpec(
     name="quantize",
-    summary="quantize (llm-compressor → compressed-tensors, or ModelOpt → unified HF checkpoint), verify it",
+    summary="quantize through a backend (llm-compressor → compressed-tensors, ModelOpt → unified HF checkpoint), verify it",
     depends=("resolve",),
-    tools=("llmcompressor", "compressed-tensors", "torch", "transformers"),
-    version=2,
+    # forge's own backends' libraries, in every quantize key and so in every record's provenance (a plugin
+    # backend's enter the key through _identity)
+    tools=("llmcompressor", "compressed-tensors", "nvidia-modelopt", "torch", "transformers"),
+    version=3,
     config=_config,
     data=_data,
     identity=_identity,
@@ -130,46 +98,22 @@ SPEC = StepSpec(
 # ------------------------------------------------------------------ pre-flight (config.json only)
 
 
-def targeted_layers(shape, ignore: tuple[str, ...]) -> list[tuple[str, int]]:
-    """(qualified name, in_features) of every Linear the quantizer will touch."""
-    out = []
-    for suffix, fan_in, _, _ in shape.linear_layers():
-        for layer in range(shape.num_layers):
-            name = f"model.layers.{layer}.{suffix}"
-            if not _ignored(name, ignore):
-                out.append((name, fan_in))
-    return out
-
-
-def _ignored(name: str, ignore: tuple[str, ...]) -> bool:
-    for pattern in ignore:
-        if pattern.startswith("re:"):
-            import re
-
-            if re.match(pattern[3:], name):
-                return True
-        elif name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern):
-            return True
-    return False
-
-
 def preflight(loaded, shape) -> list[str]:
     """Problems with the quantize section found from config.json alone (empty when fine)."""
+    from forge.backends import get, needs_calibration
+
     q = loaded.recipe.quantize
     problems: list[str] = []
     if q.method == "none":
         return problems
-    arch = shape.architecture
-    supported = AWQ_ARCHITECTURES if q.method == "awq" and _backend(loaded) == "llmcompressor" else LINEAR_ARCHITECTURES
-    if arch not in supported and not arch.islower():  # lower-case: a GGUF arch name (llama, qwen2, ...)
-        problems.append(f"{loaded.where('quantize', 'method')}: {q.method} through {_BACKEND_NAMES[_backend(loaded)]} does not support "
-                        f"architecture {arch}; supported: {', '.join(sorted(supported))}")
-    if q.method in ("awq", "gptq", "w4a8_awq"):
+    problems += get(_backend(loaded)).preflight(loaded, shape)
+    if q.method in GROUPED:
         group = q.group_size or 128
-        bad = [(n, f) for n, f in targeted_layers(shape, q.ignore) if f % group]
+        targeted = shape.targeted_layers(q.ignore)
+        bad = [(n, f) for n, f in targeted if f % group]
         if bad:
             fans = sorted({f for _, f in bad})
-            all_fans = sorted({f for _, f in targeted_layers(shape, q.ignore)})
+            all_fans = sorted({f for _, f in targeted})
             fits = [g for g in (256, 128, 64, 32, 16) if g < group and all(f % g == 0 for f in all_fans)]
             kinds = sorted({n.split(".", 3)[3] for n, _ in bad})
             problems.append(
@@ -177,8 +121,6 @@ def preflight(loaded, shape) -> list[str]:
                 f"({', '.join(map(str, fans))}) of {len(bad)} targeted layers: {', '.join(kinds)} "
                 f"(e.g. {bad[0][0]}). Use group_size: {fits[0] if fits else 'a divisor of ' + str(fans[0])}"
                 f" or add those layers to quantize.ignore")
-    from forge.backends import needs_calibration
-
     calibrates = needs_calibration(q, loaded.recipe.target.engine)
     if calibrates and q.calibration is None:
         # forge's own set, as this recipe must write it: data paths are relative to the recipe's directory
@@ -188,12 +130,10 @@ def preflight(loaded, shape) -> list[str]:
                         f"`calibration: {{data: {data}, samples: 128, max_seq_len: 512}}` "
                         "(path relative to the recipe)")
     elif calibrates and q.calibration is not None:
-        from forge.calibration import check_size
+        from forge.calibration import check_size, parse_hf_dataset
         from forge.errors import RecipeError
 
         path = loaded.resolve_path(q.calibration.data)
-        from forge.calibration import parse_hf_dataset
-
         if parse_hf_dataset(q.calibration.data) is None and path.is_file():
             try:
                 check_size(path, samples=q.calibration.samples, max_seq_len=q.calibration.max_seq_len,
@@ -213,73 +153,66 @@ def run(ctx: StepContext) -> dict:
         ctx.report("BF16 pass-through (method: none)")
         _link_tree(src, ctx.out)
         return {"method": "none", "bytes": _size(ctx.out), "bf16_bytes": _size(src)}
-    if _backend(ctx.recipe) == "modelopt":
-        return run_modelopt(ctx)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from forge.backends import llmcompressor as backend
+    from forge.backends import get
+    from forge.errors import StepError
 
-    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "")  # forge shows progress; the full log goes to a file
-    os.environ.setdefault("TQDM_DISABLE", "1")             # per-layer tqdm bars would interleave with forge's
-    import llmcompressor  # noqa: F401  (configures loguru on import, removing earlier handlers: import it first)
+    loaded = ctx.recipe
+    name = _backend(loaded)
+    backend = get(name)
+    fmt = backend.format(q)
     torch.manual_seed(q.calibration.seed if q.calibration else 0)
     cuda = torch.cuda.is_available()
-    recipe_dtype = getattr(torch, ctx.recipe.recipe.model.dtype)
-    dtype = getattr(torch, calibration_dtype(ctx.recipe))
+    recipe_dtype = getattr(torch, loaded.recipe.model.dtype)
+    dtype = getattr(torch, calibration_dtype(loaded))
 
     tokenizer = AutoTokenizer.from_pretrained(src)
-    dataset = None
-    if backend.needs_calibration(q):
-        from datasets import Dataset
-
-        chunks = _calibration_windows(ctx, tokenizer)
-        dataset = Dataset.from_dict({"input_ids": chunks, "attention_mask": [[1] * len(c) for c in chunks]})
-
+    windows = _calibration_windows(ctx, tokenizer) if backend.needs_calibration(q) else None
     ctx.report(f"loading the model ({'cuda' if cuda else 'cpu'}, {str(dtype).removeprefix('torch.')})")
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, device_map="cuda" if cuda else None)
-    linears = {n: m.weight.detach().to("cpu", copy=True) for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and not _ignored(n, q.ignore)}
-
-    from loguru import logger
-
-    log_id = logger.add(str(ctx.out.parent / "llmcompressor.log"), level="DEBUG")
     t0 = time.monotonic()
-    try:
-        log = backend.quantize(model, q, dataset, max_seq_len=q.calibration.max_seq_len if q.calibration else 512,
-                                report=ctx.report, total_layers=len(linears))
-    finally:
-        logger.remove(log_id)
+    result = backend.quantize(model, q, windows, report=ctx.report, log_dir=ctx.out.parent)
     seconds = time.monotonic() - t0
-
-    ctx.report("measuring per-layer weight error")
-    layers = _layer_report(model, linears, log.rows, q)
-    ctx.report("writing compressed-tensors checkpoint")
-    model.save_pretrained(ctx.out, save_compressed=True)
+    ctx.report(f"writing the {fmt} checkpoint ({backend.title})")
+    t0 = time.monotonic()
+    backend.export(model, ctx.out, dtype=recipe_dtype, loaded=loaded)
+    export_s = time.monotonic() - t0
+    del model
     tokenizer.save_pretrained(ctx.out)
     _copy_extras(src, ctx.out)
-    del model
-    if dtype != recipe_dtype:
-        _cast_float32(ctx.out, recipe_dtype)
-
-    ctx.report("verifying: load with transformers and generate")
-    verify = verify_generation(src, ctx.out, tokenizer)
+    ctx.report("validating the checkpoint against the recipe")
+    try:
+        checkpoint = backend.validate(ctx.out, q)
+    except ValueError as e:
+        raise StepError(f"{backend.title} wrote a checkpoint that does not match the recipe: {e}") from None
+    verify = _verify(backend, src, ctx.out, q, tokenizer, ctx.report)
     facts = {
-        "method": q.method, "scheme": _scheme(q), "seconds": round(seconds, 1),
-        "calibration_dtype": str(dtype).removeprefix("torch."), "device": "cuda" if cuda else "cpu",
-        "calibration_windows": len(dataset) if dataset is not None else 0,
-        "bytes": _size(ctx.out), "bf16_bytes": _size(src), "verify": verify,
-        "layers": len(layers),
-        "mean_weight_rel_error": _mean([r["weight_rel_error"] for r in layers if r["weight_rel_error"] is not None]),
+        "method": q.method, "backend": name, "format": fmt, "scheme": _scheme(q), "seconds": round(seconds, 1),
+        "export_seconds": round(export_s, 1), "calibration_dtype": str(dtype).removeprefix("torch."),
+        "device": "cuda" if cuda else "cpu", "calibration_windows": len(windows) if windows is not None else 0,
+        "bytes": _size(ctx.out), "bf16_bytes": _size(src), "verify": verify, "checkpoint": checkpoint,
+        "layers": len(result.layers), "backend_facts": result.summary,
+        "tools": host.tool_versions(backend.tools),
+        "calibration_sha256": _calibration_sha256(loaded),
     }
     facts["size_ratio"] = round(facts["bytes"] / facts["bf16_bytes"], 4)
-    from forge.build import tool_versions
-
-    facts["tools"] = tool_versions(SPEC.tools)
-    facts["calibration_sha256"] = _calibration_sha256(ctx.recipe)
-    _write_reports(ctx.out, layers, list(log.mappings.values()), facts)
+    _write_reports(ctx.out, facts, result, backend.title)
     return facts
+
+
+def _verify(backend, src: Path, out: Path, q, tokenizer, report) -> dict | None:
+    """Greedy tokens against BF16's: of the checkpoint loaded with transformers, or of its dequantized weights."""
+    if backend.loads_in_transformers:
+        report("verifying: load with transformers and generate")
+        return verify_generation(src, out, tokenizer)
+    weights = backend.dequantized(out, q)
+    if weights is None:
+        return None   # a packed format transformers cannot run on this machine
+    report("verifying: dequantized weights generate like BF16")
+    return verify_dequantized(src, weights, tokenizer)
 
 
 def _calibration_windows(ctx: StepContext, tokenizer) -> list[list[int]]:
@@ -306,71 +239,6 @@ def _calibration_sha256(loaded) -> str | None:
     return sha256_file(data["calibration"]) if data else None
 
 
-def run_modelopt(ctx: StepContext) -> dict:
-    """ModelOpt: calibrate, quantize, export the unified HF checkpoint, validate it against the recipe."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from forge.backends import modelopt
-    from forge.errors import StepError
-
-    q, src = ctx.recipe.recipe.quantize, ctx.inputs["resolve"]
-    torch.manual_seed(q.calibration.seed)
-    cuda = torch.cuda.is_available()
-    recipe_dtype = getattr(torch, ctx.recipe.recipe.model.dtype)
-    dtype = getattr(torch, calibration_dtype(ctx.recipe))
-    tokenizer = AutoTokenizer.from_pretrained(src)
-    batches = _calibration_windows(ctx, tokenizer)
-    ctx.report(f"loading the model ({'cuda' if cuda else 'cpu'}, {str(dtype).removeprefix('torch.')})")
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, device_map="cuda" if cuda else None)
-    result = modelopt.quantize(model, q, batches, ctx.report)
-    t0 = time.monotonic()
-    if "trtllm_checkpoint" in _config(ctx.recipe):
-        from forge.trtllm import TRTLLM_CKPT
-
-        ctx.report("exporting the TensorRT-LLM checkpoint (for trtllm-build)")
-        modelopt.export_trtllm(model, ctx.out / TRTLLM_CKPT, recipe_dtype, ctx.recipe.recipe.target.tensor_parallel)
-    ctx.report("exporting the unified HF checkpoint (hf_quant_config.json)")
-    modelopt.export(model, ctx.out, recipe_dtype)
-    export_s = time.monotonic() - t0
-    del model
-    tokenizer.save_pretrained(ctx.out)
-    _copy_extras(src, ctx.out)
-    ctx.report("validating the checkpoint against the recipe")
-    try:
-        checkpoint = modelopt.validate_checkpoint(ctx.out, q)
-    except ValueError as e:
-        raise StepError(f"ModelOpt wrote a checkpoint that does not match the recipe: {e}") from None
-    verify = None
-    if q.method == "fp8":  # FP8 dequantizes exactly (fp8 × scale): generate with it and compare with BF16
-        ctx.report("verifying: dequantized FP8 weights generate like BF16")
-        verify = verify_dequantized(src, modelopt.dequantized_state(ctx.out), tokenizer)
-    facts = {
-        "method": q.method, "backend": "modelopt", "scheme": _scheme(q), "seconds": round(result["seconds"], 1),
-        "export_seconds": round(export_s, 1), "calibration_dtype": str(dtype).removeprefix("torch."),
-        "device": "cuda" if cuda else "cpu", "calibration_windows": len(batches),
-        "bytes": _size(ctx.out), "bf16_bytes": _size(src), "verify": verify, "checkpoint": checkpoint,
-        "layers": len(result["layers"]),
-    }
-    facts["size_ratio"] = round(facts["bytes"] / facts["bf16_bytes"], 4)
-    from forge.build import tool_versions
-
-    facts["tools"] = tool_versions(("nvidia-modelopt", "torch", "transformers"))
-    facts["calibration_sha256"] = _calibration_sha256(ctx.recipe)
-    (ctx.out / REPORT_JSON).write_text(json.dumps({"summary": facts, "layers": result["layers"]}, indent=2) + "\n")
-    lines = [f"# quantize report: {facts['scheme']} (ModelOpt {facts['tools']['nvidia-modelopt']})", "",
-             f"size {facts['bytes'] / 1e6:.1f} MB vs BF16 {facts['bf16_bytes'] / 1e6:.1f} MB ({facts['size_ratio']:.2f}×) · "
-             f"{facts['seconds']} s calibration + {facts['export_seconds']} s export on {facts['device']} · "
-             f"{checkpoint['quantized_layers']} quantized layers, quant_algo {checkpoint['quant_algo']}"
-             + (f" · greedy agreement with BF16 {verify['agreement']:.0%}" if verify else ""), "",
-             "| layer | bits | group | weight amax |", "|---|---|---|---|"]
-    lines += [f"| {r['layer']} | {r['bits']} | {r['group_size'] or '-'} | {r['weight_amax']} |" for r in result["layers"]]
-    (ctx.out / REPORT_MD).write_text("\n".join(lines) + "\n")
-    (ctx.out / QUANT_MANIFEST).write_text(json.dumps({k: facts[k] for k in (
-        "method", "backend", "scheme", "device", "calibration_dtype", "calibration_sha256", "tools")}, indent=2) + "\n")
-    return facts
-
-
 def verify_dequantized(bf16_dir: Path, weights: dict, tokenizer) -> dict:
     """Greedy tokens of the BF16 model, then of the same model with the dequantized weights swapped in."""
     import torch
@@ -390,7 +258,7 @@ def verify_dequantized(bf16_dir: Path, weights: dict, tokenizer) -> dict:
         with torch.no_grad():
             out = model.generate(**ids, max_new_tokens=VERIFY_TOKENS, do_sample=False)
         tokens[label] = out[0, ids["input_ids"].shape[1]:].tolist()
-    return {**_agreement(tokens["bf16"], tokens["quantized"], tokenizer), "how": "dequantized fp8 × weight_scale"}
+    return {**_agreement(tokens["bf16"], tokens["quantized"], tokenizer), "how": "dequantized weights"}
 
 
 def _agreement(a: list[int], b: list[int], tokenizer) -> dict:
@@ -400,49 +268,6 @@ def _agreement(a: list[int], b: list[int], tokenizer) -> dict:
             "agreement": round(sum(x == y for x, y in zip(a, b)) / max(1, len(a)), 4),
             "bf16_text": tokenizer.decode(a, skip_special_tokens=True),
             "quantized_text": tokenizer.decode(b, skip_special_tokens=True)}
-
-
-def _mean(values: list[float]) -> float | None:
-    return round(sum(values) / len(values), 6) if values else None
-
-
-def _scheme(q) -> str:
-    from forge.capability import scheme_of
-
-    return scheme_of(q.method, q.bits) + (f" g{q.group_size or 128}" if q.method in ("awq", "gptq", "w4a8_awq") else "")
-
-
-def _layer_report(model, originals: dict, rows: dict, q) -> list[dict]:
-    import torch
-    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
-
-    out = []
-    for name, module in model.named_modules():
-        scheme = getattr(module, "quantization_scheme", None)
-        if name not in originals or scheme is None or scheme.weights is None:
-            continue
-        args = scheme.weights
-        err = None
-        g_idx = getattr(module, "weight_g_idx", None)
-        if g_idx is None or bool((g_idx == torch.arange(g_idx.numel(), device=g_idx.device) // args.group_size).all()):
-            with torch.no_grad():  # group order permuted by actorder: fake_quantize cannot replay it, so no figure
-                zp = getattr(module, "weight_zero_point", None)
-                # The weight the quantizer saw: GPTQ rewrites weights in place, so its reference is the
-                # original; AWQ and FP8/RTN quantize at save time, so theirs is the current (AWQ-smoothed)
-                # weight. SmoothQuant + GPTQ (int8) leaves no reference: GPTQ's own error stands alone.
-                if q.method == "int8":
-                    ref = None
-                else:
-                    ref = (originals[name] if q.method == "gptq" else module.weight.detach()).float().cpu()
-                qw = fake_quantize(module.weight.detach().float(), module.weight_scale.float(), zp, args)
-                if ref is not None:
-                    err = round((torch.linalg.norm(qw.cpu() - ref) / torch.linalg.norm(ref)).item(), 6)
-        row = rows.get(name, {})
-        out.append({"layer": name, "method": q.method, "bits": args.num_bits, "type": str(getattr(args.type, "value", args.type)),
-                    "strategy": str(getattr(args.strategy, "value", args.strategy)), "group_size": args.group_size,
-                    "weight_rel_error": err, "backend_error": row.get("backend_error"),
-                    "seconds": row.get("seconds")})
-    return out
 
 
 def verify_generation(bf16_dir: Path, quant_dir: Path, tokenizer) -> dict:
@@ -469,43 +294,33 @@ def verify_generation(bf16_dir: Path, quant_dir: Path, tokenizer) -> dict:
     return result
 
 
-def _cast_float32(out: Path, dtype) -> None:
-    """Cast float32 tensors (left by CPU calibration) to the recipe dtype; quantized ints/fp8 stay as they are."""
-    import torch
-    from safetensors.torch import load_file, save_file
+def _scheme(q) -> str:
+    from forge.methods import scheme
 
-    for f in sorted(out.glob("*.safetensors")):
-        tensors = load_file(f)
-        if any(t.dtype == torch.float32 for t in tensors.values()):
-            save_file({k: (t.to(dtype) if t.dtype == torch.float32 else t) for k, t in tensors.items()}, f,
-                      metadata={"format": "pt"})
-    cfg_path = out / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["dtype"] = str(dtype).removeprefix("torch.")
-    cfg.pop("torch_dtype", None)
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return scheme(q.method, q.bits) + (f" g{q.group_size or 128}" if q.method in GROUPED else "")
 
 
-def _write_reports(out: Path, layers: list[dict], awq: list[dict], facts: dict) -> None:
-    (out / REPORT_JSON).write_text(json.dumps({"summary": facts, "layers": layers, "awq_mappings": awq}, indent=2) + "\n")
-    lines = [f"# quantize report: {facts['scheme']}", "",
-             f"size {facts['bytes'] / 1e6:.1f} MB vs BF16 {facts['bf16_bytes'] / 1e6:.1f} MB "
-             f"({facts['size_ratio']:.2f}×) · {facts['seconds']} s on {facts['device']} "
-             f"({facts['calibration_dtype']}) · greedy agreement with BF16 {facts['verify']['agreement']:.0%} "
-             f"(first {facts['verify']['matching_prefix']} tokens identical)", "",
-             "| layer | bits | group | weight rel. error | backend error | seconds |", "|---|---|---|---|---|---|"]
-    for r in layers:
-        be = "-" if r["backend_error"] is None else f"{r['backend_error']:.4g}"
-        we = "-" if r["weight_rel_error"] is None else f"{r['weight_rel_error']:.4f}"
-        lines.append(f"| {r['layer']} | {r['bits']} | {r['group_size'] or r['strategy']} | {we} | "
-                     f"{be} | {r['seconds'] if r['seconds'] is not None else '-'} |")
-    if awq:
-        lines += ["", "| AWQ smooth layer | loss before | loss after | seconds |", "|---|---|---|---|"]
-        lines += [f"| {m['smooth_layer']} | {m['initial_loss']:.4g} | {m['best_loss']:.4g} | {m['seconds']} |" for m in awq]
+def _write_reports(out: Path, facts: dict, result, title: str) -> None:
+    (out / REPORT_JSON).write_text(json.dumps({"summary": facts, "layers": result.layers, **result.sections},
+                                              indent=2) + "\n")
+    v = facts["verify"]
+    lines = [f"# quantize report: {facts['scheme']} ({title} → {facts['format']})", "",
+             f"size {facts['bytes'] / 1e6:.1f} MB vs BF16 {facts['bf16_bytes'] / 1e6:.1f} MB ({facts['size_ratio']:.2f}×) · "
+             f"{facts['seconds']} s quantize + {facts['export_seconds']} s export on {facts['device']} "
+             f"({facts['calibration_dtype']}) · {facts['layers']} quantized layers"
+             + (f" · greedy agreement with BF16 {v['agreement']:.0%} (first {v['matching_prefix']} tokens identical)"
+                if v else " · not verified by generation here"), ""]
+    if result.layers:
+        cols = list(result.layers[0])
+        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join("-" if r.get(c) is None else str(r.get(c)) for c in cols) + " |" for r in result.layers]
+    for section, rows in result.sections.items():
+        if rows:
+            cols = list(rows[0])
+            lines += ["", f"**{section}**", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            lines += ["| " + " | ".join(str(r.get(c)) for c in cols) + " |" for r in rows]
     (out / REPORT_MD).write_text("\n".join(lines) + "\n")
-    (out / QUANT_MANIFEST).write_text(json.dumps({k: facts[k] for k in ("method", "scheme", "device", "calibration_dtype",
-                                                                        "calibration_sha256", "tools")},
-                                                 indent=2) + "\n")
+    (out / QUANT_MANIFEST).write_text(json.dumps({k: facts[k] for k in MANIFEST_KEYS}, indent=2) + "\n")
 
 
 def _link_tree(src: Path, dst: Path) -> None:

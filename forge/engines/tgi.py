@@ -1,0 +1,29 @@
+"""Text Generation Inference (`text-generation-launcher`): BF16 and compressed-tensors checkpoints."""
+from __future__ import annotations
+
+from forge.engines import GpuEngine, Kernel, ServeAt
+
+
+class Tgi(GpuEngine):
+    name = "tgi"
+    formats = ("bf16", "compressed-tensors")
+    kernels = {
+        "BF16": Kernel((8, 0), "native"),
+        "W4A16": Kernel((8, 0), "Marlin"),
+        "W8A16": Kernel((8, 0), "Marlin"),
+        "FP8-W8A8": Kernel((8, 9), "FP8", weight_only_from=(8, 0), weight_only_kernel="FP8 Marlin"),
+        "INT8-W8A8": Kernel((7, 5), "CUTLASS INT8"),
+    }
+
+    def serve_command(self, loaded, fmt: str, at: ServeAt) -> tuple[str, ...]:
+        t = loaded.recipe.target
+        cmd = ["text-generation-launcher", "--model-id", at.model_dir, "--hostname", "0.0.0.0", "--port", str(at.port),
+               "--max-total-tokens", str(t.max_model_len), "--max-input-tokens", str(max(1, t.max_model_len - 1)),
+               "--max-concurrent-requests", str(t.max_num_seqs), "--cuda-memory-fraction", str(t.gpu_memory_utilization),
+               "--num-shard", str(t.tensor_parallel)]
+        if fmt == "compressed-tensors":
+            cmd += ["--quantize", "compressed-tensors"]
+        return tuple(cmd)
+
+
+ENGINE = Tgi()

@@ -1,0 +1,28 @@
+"""TensorRT-LLM (`trtllm-serve`): the PyTorch backend on a ModelOpt checkpoint, or the TensorRT backend on
+an engine built by the compile step (legacy engine mode). The command lines live in forge.trtllm."""
+from __future__ import annotations
+
+from forge.engines import GpuEngine, Kernel, ServeAt
+
+
+class TrtLlm(GpuEngine):
+    name = "trtllm"
+    formats = ("bf16", "modelopt", "trtllm-checkpoint")
+    kernels = {
+        "BF16": Kernel((8, 0), "native"),
+        "W4A16": Kernel((8, 0), "AWQ/GPTQ plugin"),
+        "W8A16": Kernel((8, 0), "weight-only plugin"),
+        "FP8-W8A8": Kernel((8, 9), "FP8"),
+        "INT8-W8A8": Kernel((7, 5), "SmoothQuant"),
+        "W4A8": Kernel((8, 9), "W4A8 AWQ"),
+        "NVFP4": Kernel((10, 0), "NVFP4"),
+    }
+
+    def serve_command(self, loaded, fmt: str, at: ServeAt) -> tuple[str, ...]:
+        from forge.trtllm import mode, serve_command
+
+        # trtllm-serve names the model after its path; 1.0 has no --served_model_name
+        return serve_command(loaded, at.model_dir, at.port, engine_dir=at.engine_dir if mode(loaded) == "engine" else None)
+
+
+ENGINE = TrtLlm()
