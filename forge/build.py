@@ -126,7 +126,7 @@ def build(loaded: LoadedRecipe, store: Store, *, force: set[str] = frozenset(),
                     entry = _run_step(spec, key, material, loaded, store, results, report, replace=forced)
                     status = "BUILT"
         store.touch(entry)
-        log = steplog.path_for(store.root, spec.name, key)
+        log = store.log_path(spec.name, key)
         result = StepResult(spec.name, status, key, entry.output_digest, time.monotonic() - t0, entry,
                             log if log.exists() else None)
         results[spec.name] = result
@@ -150,7 +150,7 @@ def _run_step(spec: StepSpec, key: str, material: dict, loaded: LoadedRecipe, st
             downloads=store.root / "downloads",
             report=report,
         )
-        with steplog.capture(steplog.path_for(store.root, spec.name, key)):  # library output -> the step's log
+        with steplog.capture(store.log_path(spec.name, key)):  # library output -> the step's log
             facts = spec.runner()(ctx) or {}
         files = _hash_outputs(staged / "out", store, report)
         if os.environ.get(_HANG_ENV) == spec.name:

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
 
-__all__ = ["capture", "terminal", "log_of", "path_for"]
+__all__ = ["capture", "terminal", "log_of"]
 
 _ATTR = "forge_step_log"
 _saved: dict[str, IO[str]] = {}   # "stdout"/"stderr" -> the real terminal stream, while a capture runs
@@ -108,7 +108,3 @@ def _flush(stream) -> None:
     except (OSError, ValueError, AttributeError):
         pass
 
-
-def path_for(root: Path, step: str, key: str) -> Path:
-    """Where a step's log lives in the store at ``root``: kept after success and after failure alike."""
-    return Path(root) / "logs" / f"{step}-{key[:16]}.log"

@@ -74,6 +74,8 @@ def test_a_failing_step_prints_where_its_log_is(tmp_path, tiny_llama, cache_dir)
     assert log.parent == cache_dir / "logs" and log.name.startswith("quantize-")
     assert "tokenizes to" in log.read_text() and "Traceback" in log.read_text()   # kept, with the traceback
     assert not list((cache_dir / "staging").iterdir())                              # and nothing half-done
+    forge_cli("cache", "prune", "--all", cache=cache_dir, check=0)                 # prune takes the logs too
+    assert not list((cache_dir / "logs").iterdir())
 
 
 def test_fit_in_a_pipe_prints_every_column_whole(tmp_path):
