@@ -103,7 +103,7 @@ class StepProgress:
         if self._progress is None:
             self._progress = Progress(
                 SpinnerColumn(), TextColumn("{task.fields[step]:<10}"), TextColumn("{task.description}"),
-                _WhenSized(BarColumn(bar_width=24)), _WhenSized(DownloadColumn(binary_units=True), "B"),
+                _WhenSized(BarColumn(bar_width=24)), _WhenSized(DownloadColumn(), "B"),
                 _WhenSized(MofNCompleteColumn(), None), _WhenSized(TransferSpeedColumn(), "B"),
                 _WhenSized(TimeRemainingColumn()), TimeElapsedColumn(),
                 console=self.console, transient=True, redirect_stdout=False, redirect_stderr=False)
