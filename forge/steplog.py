@@ -75,8 +75,12 @@ def capture(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     for stream in (sys.stdout, sys.stderr):
         _flush(stream)
+    try:
+        dups = {fd: os.dup(fd) for fd in (1, 2)}
+    except OSError:   # no stdout/stderr to redirect (a daemon with closed fds): nothing can reach a terminal
+        yield path
+        return
     log = open(path, "w", buffering=1, encoding="utf-8", errors="replace")
-    dups = {fd: os.dup(fd) for fd in (1, 2)}
     for which, fd in (("stdout", 1), ("stderr", 2)):
         encoding = getattr(getattr(sys, which), "encoding", None) or "utf-8"
         _saved[which] = os.fdopen(dups[fd], "w", buffering=1, encoding=encoding, errors="replace", closefd=False)
@@ -97,8 +101,9 @@ def capture(path: Path) -> Iterator[Path]:
         for which, fd in (("stdout", 1), ("stderr", 2)):
             _flush(_saved[which])
             os.dup2(dups[fd], fd)
-            os.close(dups[fd])
-        _saved.clear()
+        _saved.clear()          # forge's output goes to fds 1/2 again, before the duplicates close
+        for fd in dups.values():
+            os.close(fd)
         log.close()
 
 

@@ -124,3 +124,43 @@ def test_registry_cache_and_plan_tables_in_a_pipe_show_every_cell_whole(long_nam
     # colour when forced (FORCE_COLOR, as CI systems set it), still plain and whole
     forced = forge_cli("registry", "ls", env={**CI, "FORCE_COLOR": "1"}, check=0).stdout
     assert "\x1b[" in forced and name in forced and "…" not in forced and not BOX.search(forced)
+
+
+CAPTURE_SCRIPT = r'''
+import logging, os, subprocess, sys, warnings
+from pathlib import Path
+from loguru import logger
+from forge import steplog
+
+logging.basicConfig()                      # a handler made before the step, on the original sys.stderr
+log = Path(sys.argv[1])
+try:
+    with steplog.capture(log):
+        subprocess.run(["sh", "-c", "echo from-a-subprocess; echo subprocess-stderr >&2"], check=True)
+        os.write(2, b"raw-fd-write\n")
+        print("python-print")
+        warnings.warn("a-library-warning")
+        logging.getLogger("lib").warning("a-logging-line")
+        logger.info("a-loguru-line")
+        steplog.terminal("stdout").write("forge-progress-line\n")
+        raise RuntimeError("the-step-failed")
+except RuntimeError as e:
+    print("after:", steplog.log_of(e))
+'''
+
+
+def test_capture_sends_every_kind_of_library_output_to_the_log_and_forges_to_the_terminal(tmp_path):
+    import subprocess
+    import sys
+
+    log = tmp_path / "logs" / "step.log"
+    proc = subprocess.run([sys.executable, "-c", CAPTURE_SCRIPT, str(log)], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = log.read_text()
+    for line in ("from-a-subprocess", "subprocess-stderr", "raw-fd-write", "python-print", "a-library-warning",
+                 "a-logging-line", "a-loguru-line", "RuntimeError: the-step-failed"):
+        assert line in text, f"{line!r} missing from the log:\n{text}"
+        assert line not in proc.stdout + proc.stderr
+    assert "forge-progress-line" not in text
+    assert proc.stdout == f"forge-progress-line\nafter: {log}\n" and proc.stderr == ""
