@@ -99,22 +99,28 @@ def build(
     publish_to: Annotated[Optional[str], typer.Option(
         "--publish-to", envvar="FORGE_PUBLISH_TO", metavar="local|oci://HOST/REPO",
         help="Publish here instead of the recipe's publish.registry (the recipe digest, and so the image, stay the same).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the record, steps, reports and logs as JSON on stdout "
+                                                          "(forge's progress lines go to stderr).")] = False,
 ) -> None:
     """Build a recipe: run the steps whose inputs changed, reuse the rest, then publish the result and its status."""
     from forge.build import build as run_build
+
+    global _progress
 
     if recipe is None and force and force != "*" and Path(force).suffix in (".yaml", ".yml"):
         recipe, force = Path(force), "*"   # `forge build --force recipe.yaml`
     if recipe is None:
         raise UsageError("missing RECIPE", hint="Usage: forge build RECIPE [--force [STEP]]")
     t0 = time.monotonic()
+    shown = err if json_out else out   # with --json, stdout holds only the JSON
+    _progress = console.StepProgress(shown)
     loaded, _ = _load(recipe, ci, cache_dir)
     if publish_to and publish_to != "local":
         from forge.registry.remote import Remote
 
         Remote.parse(publish_to)  # a bad URL is a usage error now, not after an hour of building
     store = _store(cache_dir)
-    out.print(f"[bold]{loaded.recipe.name}[/] · recipe {loaded.digest[7:19]} · cache {store.root}", highlight=False)
+    shown.print(f"[bold]{loaded.recipe.name}[/] · recipe {loaded.digest[7:19]} · cache {store.root}", highlight=False)
     from forge.errors import EvalGateError, ScanGateError
 
     done: dict = {}
@@ -128,17 +134,17 @@ def build(
         if result.name == "gate":
             from forge.steps.gate import VERDICT
 
-            console.gate_table(json.loads((result.entry.out / VERDICT).read_text()))
+            console.gate_table(json.loads((result.entry.out / VERDICT).read_text()), console=shown)
 
     try:
         run_build(loaded, store, force={force} if force else set(), on_start=on_start, on_done=on_done)
     except (EvalGateError, ScanGateError):
-        _publish(loaded, done, registry_dir, publish_to, t0)   # a failed gate is recorded too: rejected, with its reason
+        _publish(loaded, done, registry_dir, publish_to, t0, json_out)   # a failed gate is recorded too: rejected
         raise
-    _publish(loaded, done, registry_dir, publish_to, t0)
+    _publish(loaded, done, registry_dir, publish_to, t0, json_out)
 
 
-def _publish(loaded, results: dict, registry_dir: Path | None, target: str | None, t0: float) -> None:
+def _publish(loaded, results: dict, registry_dir: Path | None, target: str | None, t0: float, json_out: bool) -> None:
     from forge.registry import LocalRegistry, publish
 
     reg = LocalRegistry(registry_dir)
@@ -146,11 +152,19 @@ def _publish(loaded, results: dict, registry_dir: Path | None, target: str | Non
         rec = publish(loaded, results, _progress.start("publish"), registry=reg, target=target)
     finally:
         _progress.stop()
-    console.publish_line(rec, reg.root)
+    shown = _progress.console
+    console.publish_line(rec, reg.root, console=shown)
     built = sum(r.status == "BUILT" for r in results.values())
-    console.summary(rec, registry_root=reg.root, reports=_reports(results),
-                    logs={name: r.log for name, r in results.items() if r.log is not None},
-                    built=built, reused=len(results) - built, seconds=time.monotonic() - t0)
+    reports, logs = _reports(results), {name: r.log for name, r in results.items() if r.log is not None}
+    console.summary(rec, registry_root=reg.root, reports=reports, logs=logs, built=built,
+                    reused=len(results) - built, seconds=time.monotonic() - t0, console=shown)
+    if json_out:
+        steps = [{"step": r.name, "status": r.status, "key": r.key, "seconds": round(r.seconds, 3),
+                  "output_digest": r.output_digest, "output": str(r.entry.out),
+                  "log": str(r.log) if r.log else None} for r in results.values()]
+        sys.stdout.write(json.dumps({"record": rec.model_dump(mode="json"), "registry": str(reg.root), "steps": steps,
+                                     "reports": {k: [str(p) for p in v] for k, v in reports.items()},
+                                     "seconds": round(time.monotonic() - t0, 3)}, indent=2) + "\n")
 
 
 def _reports(results: dict) -> dict[str, list[Path]]:

@@ -121,6 +121,12 @@ def test_registry_cache_and_plan_tables_in_a_pipe_show_every_cell_whole(long_nam
     for out in (shown, cached, planned):
         assert "…" not in out and not BOX.search(out) and "\x1b[" not in out, out
     assert f"plan: {name}" in planned
+    # the build itself, as JSON for a pipeline: stdout is only the JSON, forge's lines go to stderr
+    again = forge_cli("build", str(recipe), "--json", env=CI, cache=cache_dir, check=0)
+    built = json.loads(again.stdout)
+    assert built["record"]["id"] == records[0]["id"] and built["record"]["name"] == name
+    assert [(s["step"], s["status"]) for s in built["steps"]] == [("resolve", "HIT"), ("quantize", "HIT")]
+    assert "✓ resolve" in again.stderr and "done in" in again.stderr
     # colour when forced (FORCE_COLOR, as CI systems set it), still plain and whole
     forced = forge_cli("registry", "ls", env={**CI, "FORCE_COLOR": "1"}, check=0).stdout
     assert "\x1b[" in forced and name in forced and "…" not in forced and not BOX.search(forced)
