@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-
 from rich.markup import escape
 
 from forge import __version__, console, env, steplog
