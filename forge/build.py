@@ -12,9 +12,10 @@ import signal
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Callable
 
-from forge import __version__
+from forge import __version__, steplog
 from forge.digests import digest_of, list_files, tree_digest
 from forge.errors import UsageError
 from forge.host import tool_versions  # noqa: F401  (host probes live in forge.host; re-exported for callers)
@@ -87,6 +88,7 @@ class StepResult:
     output_digest: str
     seconds: float
     entry: Entry
+    log: Path | None = None  # the step's log file (library output while it ran), when it was ever built here
 
 
 Reporter = Callable[..., None]
@@ -114,7 +116,9 @@ def build(loaded: LoadedRecipe, store: Store, *, force: set[str] = frozenset(),
                     entry = _run_step(spec, key, material, loaded, store, results, report, replace=forced)
                     status = "BUILT"
         store.touch(entry)
-        result = StepResult(spec.name, status, key, entry.output_digest, time.monotonic() - t0, entry)
+        log = store.log_path(spec.name, key)
+        result = StepResult(spec.name, status, key, entry.output_digest, time.monotonic() - t0, entry,
+                            log if log.exists() else None)
         results[spec.name] = result
         if on_done:
             on_done(result)
@@ -136,9 +140,9 @@ def _run_step(spec: StepSpec, key: str, material: dict, loaded: LoadedRecipe, st
             downloads=store.root / "downloads",
             report=report,
         )
-        facts = spec.runner()(ctx) or {}
-        report("hashing outputs")
-        files = {rel: store.memo.file(staged / "out" / rel) for rel in list_files(staged / "out")}
+        with steplog.capture(store.log_path(spec.name, key)):  # library output -> the step's log
+            facts = spec.runner()(ctx) or {}
+        files = _hash_outputs(staged / "out", store, report)
         if os.environ.get(_HANG_ENV) == spec.name:
             (store.root / f"{spec.name}.stopped").write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGSTOP)
@@ -158,3 +162,13 @@ def _run_step(spec: StepSpec, key: str, material: dict, loaded: LoadedRecipe, st
         }
         return store.commit(key, staged, manifest, replace=replace)
 
+
+def _hash_outputs(out: Path, store: Store, report: Reporter) -> dict:
+    rels = list_files(out)
+    total, done, files = sum((out / rel).stat().st_size for rel in rels), 0, {}
+    for rel in rels:
+        report("hashing outputs", completed=done, total=total, unit="B")
+        files[rel] = store.memo.file(out / rel)
+        done += files[rel].size
+    report("hashing outputs", completed=done, total=total, unit="B")
+    return files

@@ -2,17 +2,16 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
-from forge import __version__
+from forge import __version__, console, env, steplog
+from forge.console import err, out
 from forge.errors import ExitCode, ForgeError, UsageError
 from forge.methods import NAMES as METHOD_NAMES
 
@@ -22,9 +21,6 @@ cache_app = typer.Typer(no_args_is_help=True, help="Inspect and prune the step c
 app.add_typer(cache_app, name="cache")
 registry_app = typer.Typer(no_args_is_help=True, help="Find, verify, pull and promote published artifacts.")
 app.add_typer(registry_app, name="registry")
-
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
 
 CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", envvar="FORGE_CACHE_DIR", show_envvar=True,
                                                   help="Step cache root (default: $XDG_CACHE_HOME/forge).")]
@@ -85,14 +81,11 @@ def plan(recipe: RecipeArg, cache_dir: CacheDir = None, ci: Ci = False,
         sys.stdout.write(json.dumps([{"step": p.spec.name, "status": p.status, "key": p.key,
                                       "depends": list(p.spec.depends)} for p in steps], indent=2) + "\n")
         return
-    table = Table(title=f"plan: {loaded.recipe.name}", title_justify="left")
-    for col in ("step", "status", "key", "depends on", "what it does"):
-        table.add_column(col)
     colors = {"HIT": "green", "MISS": "yellow", "PENDING": "dim", "FORCED": "yellow"}
-    for p in steps:
-        table.add_row(p.spec.name, f"[{colors[p.status]}]{p.status}[/]", (p.key or "after upstream")[:16],
-                      ", ".join(p.spec.depends) or "-", p.spec.summary)
-    out.print(table)
+    console.table(("step", "status", "key", "depends on", "what it does"),
+                  [(p.spec.name, f"[{colors[p.status]}]{p.status}[/]", (p.key or "after upstream")[:16],
+                    ", ".join(p.spec.depends) or "-", p.spec.summary) for p in steps],
+                  title=f"plan: {loaded.recipe.name}")
     out.print(f"[dim]then publish → {loaded.recipe.publish.registry} (always runs: records the build and its status)[/]",
               highlight=False)
 
@@ -109,97 +102,89 @@ def build(
     publish_to: Annotated[Optional[str], typer.Option(
         "--publish-to", envvar="FORGE_PUBLISH_TO", metavar="local|oci://HOST/REPO",
         help="Publish here instead of the recipe's publish.registry (the recipe digest, and so the image, stay the same).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the record, steps, reports and logs as JSON on stdout "
+                                                          "(forge's progress lines go to stderr).")] = False,
 ) -> None:
     """Build a recipe: run the steps whose inputs changed, reuse the rest, then publish the result and its status."""
     from forge.build import build as run_build
+
+    global _progress
 
     if recipe is None and force and force != "*" and Path(force).suffix in (".yaml", ".yml"):
         recipe, force = Path(force), "*"   # `forge build --force recipe.yaml`
     if recipe is None:
         raise UsageError("missing RECIPE", hint="Usage: forge build RECIPE [--force [STEP]]")
-    # forge draws its own progress; the libraries' tqdm bars and info chatter would interleave with it.
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     t0 = time.monotonic()
+    shown = err if json_out else out   # with --json, stdout holds only the JSON
+    _progress = console.StepProgress(shown)
     loaded, _ = _load(recipe, ci, cache_dir)
     if publish_to and publish_to != "local":
         from forge.registry.remote import Remote
 
         Remote.parse(publish_to)  # a bad URL is a usage error now, not after an hour of building
     store = _store(cache_dir)
-    out.print(f"[bold]{loaded.recipe.name}[/] · recipe {loaded.digest[7:19]} · cache {store.root}", highlight=False)
+    shown.print(f"[bold]{loaded.recipe.name}[/] · recipe {loaded.digest[7:19]} · cache {store.root}", highlight=False)
     from forge.errors import EvalGateError, ScanGateError
 
     done: dict = {}
 
+    def on_start(spec, key):
+        return _progress.start(spec.name)
+
     def on_done(result) -> None:
         done[result.name] = result
-        _on_done(result)
+        _progress.done(result.name, result.status, result.key, result.seconds, result.output_digest)
+        if result.name == "gate":
+            from forge.steps.gate import VERDICT
+
+            console.gate_table(json.loads((result.entry.out / VERDICT).read_text()), console=shown)
 
     try:
-        results = run_build(loaded, store, force={force} if force else set(), on_start=_on_start, on_done=on_done)
+        run_build(loaded, store, force={force} if force else set(), on_start=on_start, on_done=on_done)
     except (EvalGateError, ScanGateError):
-        _publish(loaded, done, registry_dir, publish_to)   # a failed gate is recorded too: rejected, with its reason
+        _publish(loaded, done, registry_dir, publish_to, t0, json_out)   # a failed gate is recorded too: rejected
         raise
-    built = sum(r.status == "BUILT" for r in results)
-    out.print(f"[green]done[/] in {time.monotonic() - t0:.1f}s: {built} built, {len(results) - built} reused. "
-              f"Output: {results[-1].entry.out}", highlight=False)
-    _publish(loaded, done, registry_dir, publish_to)
+    _publish(loaded, done, registry_dir, publish_to, t0, json_out)
 
 
-def _publish(loaded, results: dict, registry_dir: Path | None, target: str | None) -> None:
+def _publish(loaded, results: dict, registry_dir: Path | None, target: str | None, t0: float, json_out: bool) -> None:
     from forge.registry import LocalRegistry, publish
 
     reg = LocalRegistry(registry_dir)
-    report = _progress_for("publish")
     try:
-        rec = publish(loaded, results, report, registry=reg, target=target)
+        rec = publish(loaded, results, _progress.start("publish"), registry=reg, target=target)
     finally:
-        _stop_progress()
-    colors = {"validated": "green", "promoted": "green", "rejected": "red", "unscanned": "yellow"}
-    ref = f"{rec.name}:{rec.tag}" if rec.tag else rec.short()
-    out.print(f"  [{colors.get(rec.status, 'cyan')}]●[/] publish    {rec.status:<10} {ref}"
-              + (f"  → {rec.remote}" if rec.remote else "") + f"  ({reg.root})", highlight=False)
-    if rec.reason:
-        from rich.markup import escape
-
-        out.print(f"    [dim]{escape(rec.reason)}[/]", highlight=False)
-
-
-_progress = None
-
-
-def _on_start(spec, key):
-    return _progress_for(spec.name)
-
-
-def _progress_for(step: str):
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    global _progress
-    _progress = Progress(SpinnerColumn(), TextColumn("{task.fields[step]:<10}"), TextColumn("{task.description}"),
-                         TimeElapsedColumn(), console=out, transient=True)
-    _progress.start()
-    task = _progress.add_task("starting", step=step, total=None)
-
-    def report(message: str, *, completed: float | None = None, total: float | None = None) -> None:
-        _progress.update(task, description=message, completed=completed, total=total)
-
-    return report
-
-
-def _stop_progress() -> None:
-    global _progress
-    if _progress is not None:
         _progress.stop()
-        _progress = None
+    shown = _progress.console
+    console.publish_line(rec, reg.root, console=shown)
+    built = sum(r.status == "BUILT" for r in results.values())
+    reports, logs = _reports(results), {name: r.log for name, r in results.items() if r.log is not None}
+    console.summary(rec, registry_root=reg.root, reports=reports, logs=logs, built=built,
+                    reused=len(results) - built, seconds=time.monotonic() - t0, console=shown)
+    if json_out:
+        steps = [{"step": r.name, "status": r.status, "key": r.key, "seconds": round(r.seconds, 3),
+                  "output_digest": r.output_digest, "output": str(r.entry.out),
+                  "log": str(r.log) if r.log else None} for r in results.values()]
+        sys.stdout.write(json.dumps({"record": rec.model_dump(mode="json"), "registry": str(reg.root), "steps": steps,
+                                     "reports": {k: [str(p) for p in v] for k, v in reports.items()},
+                                     "seconds": round(time.monotonic() - t0, 3)}, indent=2) + "\n")
 
 
-def _on_done(result) -> None:
-    _stop_progress()
-    mark = "[green]✓[/]" if result.status == "HIT" else "[cyan]✓[/]"
-    out.print(f"  {mark} {result.name:<10} {result.status:<6} {result.key[:12]}  {result.seconds:6.2f}s  "
-              f"{result.output_digest[7:19]}", highlight=False)
+def _reports(results: dict) -> dict[str, list[Path]]:
+    """Where each step's human-readable evidence is (only the files that exist)."""
+    from forge.steps import gate, quantize, scan
+
+    wanted = {"eval gate": ("gate", (gate.SUMMARY, gate.VERDICT, gate.JUNIT)),
+              "quantize": ("quantize", (quantize.REPORT_MD, quantize.REPORT_JSON)),
+              "scan": ("scan", (scan.SUMMARY, scan.VERDICT, scan.REPORT, scan.SBOM))}
+    found = {}
+    for label, (step, names) in wanted.items():
+        if step in results:
+            found[label] = [p for p in (results[step].entry.out / n for n in names) if p.is_file()]
+    return found
+
+
+_progress = console.StepProgress()
 
 
 @cache_app.command("ls")
@@ -216,12 +201,9 @@ def cache_ls(cache_dir: CacheDir = None,
     if json_out:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
-    table = Table(title=f"cache: {store.root}", title_justify="left")
-    for col in ("key", "step", "recipe", "size", "created", "build time"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["key"][:16], r["step"], r["recipe"], _human(r["bytes"]), r["created"], f"{r['seconds']:.1f}s")
-    out.print(table)
+    console.table(("key", "step", "recipe", "size", "created", "build time"),
+                  [(r["key"][:16], r["step"], r["recipe"], console.human(r["bytes"]), r["created"], f"{r['seconds']:.1f}s")
+                   for r in rows], title=f"cache: {store.root}", right=("size", "build time"))
 
 
 @cache_app.command("prune")
@@ -236,8 +218,8 @@ def cache_prune(
     removed = store.prune(older_than_s=older_than * 86400, everything=all_, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for what, path, size in removed:
-        out.print(f"  {verb} {what:<10} {path.name[:16]}  {_human(size)}", highlight=False)
-    out.print(f"{verb} {len(removed)} item(s), {_human(sum(s for *_, s in removed))}")
+        out.print(f"  {verb} {what:<10} {path.name[:16]}  {console.human(size)}", highlight=False)
+    out.print(f"{verb} {len(removed)} item(s), {console.human(sum(s for *_, s in removed))}")
 
 
 @app.command("fit")
@@ -309,23 +291,19 @@ def _print_catalog(catalog, json_out: bool) -> None:
     if json_out:
         sys.stdout.write(json.dumps({n: g.__dict__ for n, g in catalog.items()}, indent=2) + "\n")
         return
-    table = Table(title="GPU catalog", title_justify="left")
-    for col in ("gpu", "memory", "bandwidth", "compute cap.", "FP8", "$/h"):
-        table.add_column(col)
-    for n, g in catalog.items():
-        cc = ".".join(map(str, g.compute_capability)) if g.compute_capability else "-"
-        table.add_row(n, f"{g.memory_gib:.0f} GiB", f"{g.bandwidth_gbs:.0f} GB/s", cc, "yes" if g.fp8 else "no",
-                      f"{g.price_per_hour:.2f}")
-    out.print(table)
+    rows = [(n, f"{g.memory_gib:.0f} GiB", f"{g.bandwidth_gbs:.0f} GB/s",
+             ".".join(map(str, g.compute_capability)) if g.compute_capability else "-", "yes" if g.fp8 else "no",
+             f"{g.price_per_hour:.2f}") for n, g in catalog.items()]
+    console.table(("gpu", "memory", "bandwidth", "compute cap.", "FP8", "$/h"), rows, title="GPU catalog",
+                  right=("memory", "bandwidth", "$/h"))
 
 
 def _print_fit(shape, plan_, reports) -> None:
     out.print(f"[bold]{shape.architecture}[/] {shape.total_params / 1e9:.2f} B params · {plan_.method}"
               f"{f' W{plan_.bits}' if plan_.bits else ''} · KV {shape.kv_bytes_per_token(1 if plan_.kv_cache == 'fp8' else 2) / 1024:.0f} KiB/token"
               f" · max_model_len {plan_.max_model_len} × {plan_.max_num_seqs} seqs", highlight=False)
-    table = Table(title_justify="left")
-    for col in ("gpu", "fits", "TP", "weights", "KV", "headroom", "seqs", "ctx", "tok/s/seq", "tok/s", "$/Mtok", "kernel"):
-        table.add_column(col, justify="right" if col not in ("gpu", "fits", "kernel") else "left", no_wrap=True)
+    columns = ("gpu", "fits", "TP", "weights", "KV", "headroom", "seqs", "ctx", "tok/s/seq", "tok/s", "$/Mtok", "kernel")
+    rows = []
     for r in reports:
         if not r.scheme_ok:
             fits = "[red]illegal[/]"
@@ -333,11 +311,11 @@ def _print_fit(shape, plan_, reports) -> None:
             fits = "[green]yes[/]"
         else:
             fits = f"[red]no[/] (TP {r.tp_needed})" if r.tp_needed else "[red]no[/]"
-        table.add_row(r.gpu, fits, str(r.tensor_parallel), f"{r.weights_gb:.1f} GB", f"{r.kv_cache_gb:.1f} GB",
-                      f"{r.headroom_gb:.1f} GB", str(r.max_seqs_at_max_model_len), str(r.max_context_at_max_num_seqs),
-                      f"{r.decode_tok_s_per_seq:.0f}", f"{r.decode_tok_s_aggregate:.0f}",
-                      f"{r.usd_per_million_tokens:.3f}" if r.usd_per_million_tokens else "-", r.scheme_mode)
-    out.print(table)
+        rows.append((r.gpu, fits, str(r.tensor_parallel), f"{r.weights_gb:.1f} GB", f"{r.kv_cache_gb:.1f} GB",
+                     f"{r.headroom_gb:.1f} GB", str(r.max_seqs_at_max_model_len), str(r.max_context_at_max_num_seqs),
+                     f"{r.decode_tok_s_per_seq:.0f}", f"{r.decode_tok_s_aggregate:.0f}",
+                     f"{r.usd_per_million_tokens:.3f}" if r.usd_per_million_tokens else "-", escape(r.scheme_mode)))
+    console.table(columns, rows, right=[c for c in columns if c not in ("gpu", "fits", "kernel")])
     out.print("[dim]seqs: concurrent sequences at max_model_len · ctx: max context at max_num_seqs · tok/s: decode "
               "roofline (bandwidth-bound, average context max_model_len/2) · $/Mtok at that throughput[/]")
     notes = dict.fromkeys(note for r in reports for note in (r.scheme_message and f"{r.gpu}: {r.scheme_message}", *r.notes) if note)
@@ -452,14 +430,6 @@ def version() -> None:
     out.print(f"forge {__version__}")
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 # ---------------------------------------------------------------------- registry
 
 JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
@@ -489,13 +459,10 @@ def registry_ls(
     if json_out:
         sys.stdout.write(json.dumps([r.model_dump(mode="json") for r in records], indent=2) + "\n")
         return
-    table = Table(title=f"registry: {reg.root}", title_justify="left")
-    for col in ("id", "name:tag", "status", "method", "gpu", "eval", "scan", "image", "created"):
-        table.add_column(col)
-    for r in records:
-        table.add_row(r.short(), f"{r.name}:{r.tag}" if r.tag else r.name, r.status, r.method, r.target_gpu,
-                      r.eval_verdict, r.scan_verdict, (r.image_digest or "-")[:19], r.created_at)
-    out.print(table)
+    console.table(("id", "name:tag", "status", "method", "gpu", "eval", "scan", "image", "created"),
+                  [(r.short(), escape(f"{r.name}:{r.tag}" if r.tag else r.name), r.status, r.method, r.target_gpu,
+                    r.eval_verdict, r.scan_verdict, (r.image_digest or "-")[:19], r.created_at) for r in records],
+                  title=f"registry: {reg.root}")
 
 
 @registry_app.command("show")
@@ -598,23 +565,20 @@ def main() -> None:
     try:
         app()
     except ForgeError as e:
-        if _progress is not None:
-            _progress.stop()
-        from rich.markup import escape
-
-        err.print(f"[red]error:[/] {escape(e.message)}", highlight=False, soft_wrap=True)
-        if e.hint:
-            err.print(f"[dim]hint:[/] {escape(e.hint)}", highlight=False, soft_wrap=True)
+        _progress.stop()
+        console.error(e.message, e.hint, steplog.log_of(e))
         sys.exit(int(e.exit_code))
-    except KeyboardInterrupt:
-        err.print("[red]interrupted[/]: nothing partial was committed; rerun to continue")
+    except KeyboardInterrupt as e:
+        _progress.stop()
+        console.error("interrupted: nothing partial was committed; rerun to continue", log=steplog.log_of(e))
         sys.exit(130)
-    except Exception:
-        if os.environ.get("FORGE_DEBUG"):
+    except Exception as e:
+        _progress.stop()
+        if env.flag("FORGE_DEBUG"):
             raise
         import traceback
 
-        err.print(f"[red]internal error[/] (a bug in forge): {traceback.format_exc(limit=1).strip().splitlines()[-1]}",
-                  highlight=False)
-        err.print("[dim]hint:[/] rerun with FORGE_DEBUG=1 for the traceback, and report it.")
+        last = traceback.format_exc(limit=1).strip().splitlines()[-1]
+        console.error(f"internal error (a bug in forge): {last}",
+                      "rerun with FORGE_DEBUG=1 for the traceback, and report it.", steplog.log_of(e))
         sys.exit(int(ExitCode.UNEXPECTED))

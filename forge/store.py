@@ -6,6 +6,7 @@ Layout under the cache root::
     steps/<key>/out/            the step's output files, immutable once committed
     staging/<key>.<pid>.<rnd>/  a step being built; never read by a lookup
     locks/<key>.lock            one builder per key; a second build waits, then reuses
+    logs/<step>-<key16>.log     what the libraries wrote while the step last ran (kept when it failed)
     digests.sqlite              the file-digest memo
 
 A key is the sha256 of everything that can change a step's output, so a committed entry is valid
@@ -85,6 +86,10 @@ class Store:
             os.utime(entry.path / MANIFEST)
         except OSError:
             pass
+
+    def log_path(self, step: str, key: str) -> Path:
+        """The step's log file (see forge.steplog): kept after success and failure alike; pruned with its entry."""
+        return self.root / "logs" / f"{step}-{key[:16]}.log"
 
     def entries(self) -> list[Entry]:
         out = []
@@ -170,6 +175,16 @@ class Store:
             if not dry_run:
                 with self.lock(p.name):
                     shutil.rmtree(p, ignore_errors=True)
+                    for log in (self.root / "logs").glob(f"*-{p.name[:16]}.log"):
+                        log.unlink(missing_ok=True)
+        live = {p.name[:16] for p in (self.root / "steps").iterdir()}
+        for log in sorted((self.root / "logs").glob("*.log")) if (self.root / "logs").is_dir() else []:
+            used = log.stat().st_mtime   # a failed step's log: no entry keeps it
+            if log.stem.rsplit("-", 1)[-1] not in live and (everything or (older_than_s is not None and
+                                                                            now - used > older_than_s)):
+                removed.append(("log", log, log.stat().st_size))
+                if not dry_run:
+                    log.unlink(missing_ok=True)
         return removed
 
 

@@ -268,9 +268,13 @@ def push(rec: Record, store: Layout, remote: Remote, report=lambda *a, **k: None
     client = Client(remote)
     image = store.read(rec.image_digest)
     parsed = json.loads(image)
-    for blob in [parsed["config"], *parsed["layers"]]:
-        report(f"pushing {blob['digest'][7:19]} ({blob['size'] / 1e6:.1f} MB) → {remote.url()}")
+    blobs = [parsed["config"], *parsed["layers"]]
+    total, done = sum(blob["size"] for blob in blobs), 0
+    for blob in blobs:
+        report(f"pushing {blob['digest'][7:19]} ({blob['size'] / 1e6:.1f} MB) → {remote.url()}",
+               completed=done, total=total, unit="B")
         client.put_blob(store.blob_path(blob["digest"]), blob["digest"], blob["size"])
+        done += blob["size"]
     client.put_manifest(image, parsed.get("mediaType", MANIFEST), rec.tag)
     descriptors = []
     for ev in rec.evidence:

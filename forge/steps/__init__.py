@@ -19,7 +19,15 @@ __all__ = ["StepSpec", "StepContext", "STEPS", "step_names", "active_steps"]
 
 
 class Reporter(Protocol):
-    def __call__(self, message: str, *, completed: float | None = None, total: float | None = None) -> None: ...
+    """How a step tells the user what it is doing: a phase ``message``, and for long work how far it got.
+
+    ``completed``/``total`` measure the work in ``unit``: None counts items (layers, windows), "B" counts
+    bytes (the CLI then shows size done/total, MB/s and ETA). A call without ``total`` starts a new phase.
+    Reporters written for the older (message, completed, total) form keep working when they take ``**kw``.
+    """
+
+    def __call__(self, message: str, *, completed: float | None = None, total: float | None = None,
+                 unit: str | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
