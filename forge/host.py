@@ -28,6 +28,21 @@ def device() -> str:
     return "cpu"
 
 
+def memory_bytes() -> int:
+    """Physical memory of this machine, or the cgroup's limit when one is set lower (a container, a CI runner)."""
+    import os
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            value = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if value.isdigit():
+            total = min(total, int(value))
+    return total
+
+
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX-BF16: bf16 matmuls run in hardware; without them PyTorch emulates bf16 on CPU."""
     try:

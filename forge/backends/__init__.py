@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
 
 from forge.plugins import Registry
 
@@ -61,8 +61,9 @@ class Backend(Protocol):
         """Check what was written against the recipe; facts about it, or ValueError naming each problem."""
         ...
 
-    def dequantized(self, out: Path, q) -> dict | None:
-        """Float weights by tensor name, when the checkpoint does not load in transformers but dequantizes."""
+    def dequantized(self, out: Path, q) -> "dict | Iterable[tuple[str, Any]] | None":
+        """Float weights by tensor name (a dict, or better an iterator yielding one tensor at a time), when the
+        checkpoint does not load in transformers but dequantizes; None when it does not."""
         ...
 
 

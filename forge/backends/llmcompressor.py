@@ -150,6 +150,8 @@ def _oneshot(model, q, dataset, *, max_seq_len: int, report: Callable, total_lay
 
     log = LayerLog(report=report, total=total_layers)
     sink_id = logger.add(log.sink, level="DEBUG", filter=lambda r: r["name"].startswith("llmcompressor"))
+    traced = _fx_wrapped()
+    before = set(traced)
     try:
         with cpu_pin_memory_shim():
             kwargs = {}
@@ -159,17 +161,49 @@ def _oneshot(model, q, dataset, *, max_seq_len: int, report: Callable, total_lay
             oneshot(model=model, recipe=build_recipe(q), **kwargs)
     finally:
         logger.remove(sink_id)
+        from llmcompressor.core import active_session
+
+        active_session().reset()   # the session holds the model: let it go when forge frees it
+        for key in set(traced) - before:
+            del traced[key]   # torch.fx keeps the sequential pipeline's traced code, whose globals hold the model
     return log
 
 
-def _layer_report(model, originals: dict, rows: dict, q) -> list[dict]:
+def _fx_wrapped() -> dict:
+    """torch.fx's module-level registry of wrapped functions. llm-compressor's sequential pipeline registers the
+    code it generates from the model there, and nothing removes it: the model would stay alive after forge frees
+    it, next to the checkpoint loaded to verify (tests/test_quantize.py::test_quantize_never_holds_two_models)."""
+    from torch.fx import _symbolic_trace
+
+    return getattr(_symbolic_trace, "_wrapped_fns_to_patch", {})
+
+
+def _source_weights(model) -> Callable[[str], "torch.Tensor | None"]:
+    """Layer name -> its weight as stored in the snapshot the model was loaded from (model.name_or_path)."""
+    from safetensors import safe_open
+
+    where = {}
+    for shard in sorted(Path(model.name_or_path).glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            where.update(dict.fromkeys(f.keys(), shard))
+
+    def read(layer: str):
+        shard = where.get(f"{layer}.weight")
+        if shard is None:
+            return None
+        with safe_open(shard, "pt") as f:
+            return f.get_tensor(f"{layer}.weight")
+    return read
+
+
+def _layer_report(model, targets: set[str], originals, rows: dict, q) -> list[dict]:
     import torch
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
     out = []
     for name, module in model.named_modules():
         scheme = getattr(module, "quantization_scheme", None)
-        if name not in originals or scheme is None or scheme.weights is None:
+        if name not in targets or scheme is None or scheme.weights is None:
             continue
         args = scheme.weights
         err = None
@@ -180,10 +214,8 @@ def _layer_report(model, originals: dict, rows: dict, q) -> list[dict]:
                 # The weight the quantizer saw: GPTQ rewrites weights in place, so its reference is the
                 # original; AWQ and FP8/RTN quantize at save time, so theirs is the current (AWQ-smoothed)
                 # weight. SmoothQuant + GPTQ (int8) leaves no reference: GPTQ's own error stands alone.
-                if q.method == "int8":
-                    ref = None
-                else:
-                    ref = (originals[name] if q.method == "gptq" else module.weight.detach()).float().cpu()
+                ref = None if q.method == "int8" else (originals(name) if originals else module.weight.detach())
+                ref = None if ref is None else ref.float().cpu()
                 qw = fake_quantize(module.weight.detach().float(), module.weight_scale.float(), zp, args)
                 if ref is not None:
                     err = round((torch.linalg.norm(qw.cpu() - ref) / torch.linalg.norm(ref)).item(), 6)
@@ -224,16 +256,18 @@ class LlmCompressor:
             from datasets import Dataset
 
             dataset = Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(c) for c in windows]})
-        linears = {n: m.weight.detach().to("cpu", copy=True) for n, m in model.named_modules()
-                   if isinstance(m, torch.nn.Linear) and not ignored(n, q.ignore)}
+        targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not ignored(n, q.ignore)]
         log_id = logger.add(str(log_dir / "llmcompressor.log"), level="DEBUG")
         try:
             log = _oneshot(model, q, dataset, max_seq_len=q.calibration.max_seq_len if q.calibration else 512,
-                           report=report, total_layers=len(linears))
+                           report=report, total_layers=len(targets))
         finally:
             logger.remove(log_id)
         report("measuring per-layer weight error")
-        layers = _layer_report(model, linears, log.rows, q)
+        # GPTQ rewrites weights in place: its reference is the original, read back one tensor at a time from the
+        # snapshot the model was loaded from (no copy of the whole model is kept while it quantizes)
+        originals = _source_weights(model) if q.method == "gptq" else None
+        layers = _layer_report(model, set(targets), originals, log.rows, q)
         errors = [r["weight_rel_error"] for r in layers if r["weight_rel_error"] is not None]
         mean = round(sum(errors) / len(errors), 6) if errors else None
         return Quantized(layers, summary={"mean_weight_rel_error": mean},

@@ -12,6 +12,7 @@ CPU policy: without an accelerator the model is calibrated in float32 unless the
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -55,27 +56,47 @@ def _data(loaded) -> dict[str, Path]:
     return {"calibration": loaded.resolve_path(cal.data)}
 
 
-def calibration_dtype(loaded) -> str:
-    """The dtype the model is calibrated in: the recipe's on a GPU; on a CPU the recipe's only when it runs
-    bf16 natively and the method calibrates, else float32 (emulated bf16 made GPTQ 4.5x slower: 687 s vs 152 s
-    on a CPU without AVX512-BF16). ``FORGE_CPU_CALIBRATION_DTYPE`` overrides the CPU choice."""
+def calibration_policy(loaded) -> str:
+    """How the model's load dtype is chosen (part of the key; the dtype itself is a fact of the run):
+
+    - on a GPU, for methods that calibrate nothing (FP8 dynamic, data-free), and on a CPU with native bf16
+      (AVX512-BF16/AMX): the recipe's dtype, as the raw library loads it;
+    - on a CPU that emulates bf16, for calibrated methods: float32 (emulated bf16 made GPTQ 4.5x slower:
+      687 s vs 152 s) when the float32 model fits in half of this machine's memory, else the recipe's dtype
+      (a 3B model in float32 plus its calibration state does not fit 24 GiB). The choice depends on the
+      snapshot (upstream digest) and this machine's memory, both in the key.
+    ``FORGE_CPU_CALIBRATION_DTYPE`` fixes the CPU choice."""
     from forge.backends import needs_calibration
 
+    recipe_dtype = loaded.recipe.model.dtype
     if host.device() == "cuda":
-        return loaded.recipe.model.dtype
+        return recipe_dtype
     if forced := env.get("FORGE_CPU_CALIBRATION_DTYPE"):
         return forced
-    native = loaded.recipe.model.dtype == "bfloat16" and host.cpu_has_native_bf16()
-    return "bfloat16" if native and needs_calibration(loaded.recipe.quantize, loaded.recipe.target.engine) else "float32"
+    if not needs_calibration(loaded.recipe.quantize, loaded.recipe.target.engine):
+        return recipe_dtype
+    if recipe_dtype == "bfloat16" and host.cpu_has_native_bf16():
+        return recipe_dtype
+    return f"float32-if-fits:{host.memory_bytes() >> 30}GiB"
+
+
+def calibration_dtype(policy: str, snapshot: Path, recipe_dtype: str) -> str:
+    """The dtype a policy (``calibration_policy``) picks for this snapshot."""
+    if not policy.startswith("float32-if-fits:"):
+        return policy
+    memory = int(policy.split(":", 1)[1].removesuffix("GiB")) << 30
+    stored = sum(f.stat().st_size for f in snapshot.glob("*.safetensors"))
+    float32_bytes = stored * (2 if recipe_dtype in ("bfloat16", "float16") else 1)
+    return "float32" if float32_bytes <= memory // 2 else recipe_dtype
 
 
 def _identity(loaded) -> dict:
-    # the device, the calibration dtype and the backend's libraries change the numbers written: part of the key
+    # the device, the load dtype policy and the backend's libraries change the numbers written: part of the key
     if loaded.recipe.quantize.method == "none":
         return {}
     from forge.backends import get
 
-    return {"device": host.device(), "calibration_dtype": calibration_dtype(loaded),
+    return {"device": host.device(), "calibration_dtype": calibration_policy(loaded),
             "backend_tools": host.tool_versions(get(_backend(loaded)).tools)}
 
 
@@ -167,12 +188,14 @@ def run(ctx: StepContext) -> dict:
     torch.manual_seed(q.calibration.seed if q.calibration else 0)
     cuda = torch.cuda.is_available()
     recipe_dtype = getattr(torch, loaded.recipe.model.dtype)
-    dtype = getattr(torch, calibration_dtype(loaded))
+    dtype = getattr(torch, calibration_dtype(calibration_policy(loaded), src, loaded.recipe.model.dtype))
 
     tokenizer = AutoTokenizer.from_pretrained(src)
     windows = _calibration_windows(ctx, tokenizer) if backend.needs_calibration(q) else None
     ctx.report(f"loading the model ({'cuda' if cuda else 'cpu'}, {str(dtype).removeprefix('torch.')})")
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, device_map="cuda" if cuda else None)
+    # the reference for the verification, from the model as loaded: no second model is ever loaded beside it
+    reference = greedy_tokens(model, tokenizer) if backend.loads_in_transformers else None
     t0 = time.monotonic()
     result = backend.quantize(model, q, windows, report=ctx.report, log_dir=ctx.out.parent)
     seconds = time.monotonic() - t0
@@ -181,6 +204,7 @@ def run(ctx: StepContext) -> dict:
     backend.export(model, ctx.out, dtype=recipe_dtype, loaded=loaded)
     export_s = time.monotonic() - t0
     del model
+    gc.collect()
     tokenizer.save_pretrained(ctx.out)
     _copy_extras(src, ctx.out)
     ctx.report("validating the checkpoint against the recipe")
@@ -188,7 +212,7 @@ def run(ctx: StepContext) -> dict:
         checkpoint = backend.validate(ctx.out, q)
     except ValueError as e:
         raise StepError(f"{backend.title} wrote a checkpoint that does not match the recipe: {e}") from None
-    verify = _verify(backend, src, ctx.out, q, tokenizer, ctx.report)
+    verify = _verify(backend, src, ctx.out, q, tokenizer, ctx.report, reference, recipe_dtype)
     facts = {
         "method": q.method, "backend": name, "format": fmt, "scheme": _scheme(q), "seconds": round(seconds, 1),
         "export_seconds": round(export_s, 1), "calibration_dtype": str(dtype).removeprefix("torch."),
@@ -203,16 +227,16 @@ def run(ctx: StepContext) -> dict:
     return facts
 
 
-def _verify(backend, src: Path, out: Path, q, tokenizer, report) -> dict | None:
+def _verify(backend, src: Path, out: Path, q, tokenizer, report, reference, dtype) -> dict | None:
     """Greedy tokens against BF16's: of the checkpoint loaded with transformers, or of its dequantized weights."""
     if backend.loads_in_transformers:
-        report("verifying: load with transformers and generate")
-        return verify_generation(src, out, tokenizer)
+        report("verifying: load the written checkpoint with transformers and generate")
+        return verify_generation(reference, out, tokenizer, dtype)
     weights = backend.dequantized(out, q)
     if weights is None:
         return None   # a packed format transformers cannot run on this machine
     report("verifying: dequantized weights generate like BF16")
-    return verify_dequantized(src, weights, tokenizer)
+    return verify_dequantized(src, weights, tokenizer, dtype)
 
 
 def _calibration_windows(ctx: StepContext, tokenizer) -> list[list[int]]:
@@ -239,26 +263,26 @@ def _calibration_sha256(loaded) -> str | None:
     return sha256_file(data["calibration"]) if data else None
 
 
-def verify_dequantized(bf16_dir: Path, weights: dict, tokenizer) -> dict:
-    """Greedy tokens of the BF16 model, then of the same model with the dequantized weights swapped in."""
+def verify_dequantized(bf16_dir: Path, weights, tokenizer, dtype) -> dict:
+    """Greedy tokens of the BF16 model, then of the same model with the dequantized weights copied in one tensor
+    at a time (``weights``: a dict or an iterator of (name, tensor)), so one model is ever in memory."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(bf16_dir, dtype=torch.float32, device_map=None)
-    ids = tokenizer(VERIFY_PROMPT, return_tensors="pt")
-    tokens = {}
-    for label in ("bf16", "quantized"):
-        if label == "quantized":
-            missing = set(weights) - set(model.state_dict())
-            if missing:
-                from forge.errors import StepError
+    from forge.errors import StepError
 
-                raise StepError(f"quantized tensors with no counterpart in the model: {sorted(missing)[:3]}")
-            model.load_state_dict(weights, strict=False)
-        with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=VERIFY_TOKENS, do_sample=False)
-        tokens[label] = out[0, ids["input_ids"].shape[1]:].tolist()
-    return {**_agreement(tokens["bf16"], tokens["quantized"], tokenizer), "how": "dequantized weights"}
+    model = AutoModelForCausalLM.from_pretrained(bf16_dir, dtype=dtype, device_map=None)
+    reference = greedy_tokens(model, tokenizer)
+    state = model.state_dict()
+    with torch.no_grad():
+        for name, tensor in (weights.items() if isinstance(weights, dict) else weights):
+            if name not in state:
+                raise StepError(f"quantized tensor {name} has no counterpart in the model")
+            state[name].copy_(tensor.to(state[name].dtype))
+    tokens = greedy_tokens(model, tokenizer)
+    del model, state
+    gc.collect()
+    return {**_agreement(reference, tokens, tokenizer), "how": "dequantized weights"}
 
 
 def _agreement(a: list[int], b: list[int], tokenizer) -> dict:
@@ -270,25 +294,31 @@ def _agreement(a: list[int], b: list[int], tokenizer) -> dict:
             "quantized_text": tokenizer.decode(b, skip_special_tokens=True)}
 
 
-def verify_generation(bf16_dir: Path, quant_dir: Path, tokenizer) -> dict:
-    """Load the written checkpoint with transformers (CPU) and compare greedy tokens with BF16's."""
+def greedy_tokens(model, tokenizer) -> list[int]:
+    """The model's greedy continuation of VERIFY_PROMPT (VERIFY_TOKENS tokens)."""
     import torch
+
+    ids = tokenizer(VERIFY_PROMPT, return_tensors="pt").to(model.device)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=VERIFY_TOKENS, do_sample=False)
+    return out[0, ids["input_ids"].shape[1]:].tolist()
+
+
+def verify_generation(reference: list[int], quant_dir: Path, tokenizer, dtype) -> dict:
+    """Load the written checkpoint with transformers (the only model in memory: the source model was freed and
+    its greedy tokens recorded before quantizing) and compare its greedy tokens with the reference."""
     from transformers import AutoModelForCausalLM
 
     from forge.errors import StepError
 
-    ids = tokenizer(VERIFY_PROMPT, return_tensors="pt")
-    tokens = {}
-    for label, path in (("bf16", bf16_dir), ("quantized", quant_dir)):
-        try:
-            m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map=None)
-        except Exception as e:
-            raise StepError(f"the {label} checkpoint at {path} does not load with transformers: {type(e).__name__}: {e}") from None
-        with torch.no_grad():
-            out = m.generate(**ids, max_new_tokens=VERIFY_TOKENS, do_sample=False)
-        tokens[label] = out[0, ids["input_ids"].shape[1]:].tolist()
-        del m
-    result = _agreement(tokens["bf16"], tokens["quantized"], tokenizer)
+    try:
+        m = AutoModelForCausalLM.from_pretrained(quant_dir, dtype=dtype, device_map=None)
+    except Exception as e:
+        raise StepError(f"the quantized checkpoint at {quant_dir} does not load with transformers: {type(e).__name__}: {e}") from None
+    tokens = greedy_tokens(m, tokenizer)
+    del m
+    gc.collect()
+    result = _agreement(reference, tokens, tokenizer)
     if not result["quantized_text"].strip():
         raise StepError(f"the quantized checkpoint generated nothing for {VERIFY_PROMPT!r}")
     return result
