@@ -70,12 +70,12 @@ def test_upstream_data_change_reruns_and_early_cutoff(tmp_path, tiny_llama, cach
 
 
 def test_tool_version_is_part_of_the_key(recipe, cache_dir, monkeypatch):
-    import forge.build as fb
+    import forge.executors.runner as runner
 
     store = Store(cache_dir)
     build(load_recipe(recipe), store)
-    real = fb.tool_versions
-    monkeypatch.setattr(fb, "tool_versions", lambda names: {**real(names), **({"transformers": "0.0.0"} if "transformers" in names else {})})
+    real = runner.tool_versions
+    monkeypatch.setattr(runner, "tool_versions", lambda names: {**real(names), **({"transformers": "0.0.0"} if "transformers" in names else {})})
     assert [p.status for p in plan(load_recipe(recipe), store)] == ["MISS", "PENDING"]
 
 

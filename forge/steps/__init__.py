@@ -1,21 +1,33 @@
-"""The pipeline steps. Each step is a module with a ``SPEC`` and a ``run(ctx)``; data flows one way.
+"""The step contract. Each step is a module with a ``SPEC``, a ``run(ctx)`` and an ``Output`` reader.
 
 A StepSpec says what the step's cache key is made of: the recipe sections it reads, the data files
 it reads, its upstream steps (their output digests), and the distributions it calls (their versions).
 ``run`` is named as "module:function" and imported only when the step actually runs, so planning
-and no-op rebuilds never import torch.
+and no-op rebuilds never import torch. A step hands its output downstream through its own
+``Output.read(entry)``: no module reads another step's file names.
+
+The graph (which steps, in which order) is ``forge.steps.graph``; this module imports no step, so a
+step importing its contract from here closes no import circle.
+
+Host probes that enter key material (a tool's ``--version``, the GPUs present) go through ``probe``:
+``forge plan`` runs under ``no_probes()``, where a probe answers from what was remembered or raises
+``Unprobed`` (the step is then PENDING with that reason): a plan never starts an external tool.
 """
 from __future__ import annotations
 
+import contextvars
 import importlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 if TYPE_CHECKING:
     from forge.recipe.load import LoadedRecipe
 
-__all__ = ["StepSpec", "StepContext", "STEPS", "step_names", "active_steps"]
+__all__ = ["StepSpec", "StepContext", "Reporter", "tool_versions", "device", "Unprobed", "no_probes",
+           "probes_allowed"]
 
 
 class Reporter(Protocol):
@@ -42,42 +54,81 @@ class StepSpec:
     config: Callable[["LoadedRecipe"], Any]                  # the recipe section(s) the step reads
     run: str                                                 # "module:function", imported lazily
     data: Callable[["LoadedRecipe"], dict[str, Path]] = field(default=lambda _: {})  # files/dirs it reads
-    identity: Callable[["LoadedRecipe"], dict] = field(default=lambda _: {})         # extra key material
+    identity: Callable[["LoadedRecipe"], dict] = field(default=lambda _: {})         # extra key material (host probes)
     enabled: Callable[["LoadedRecipe"], bool] = field(default=lambda _: True)        # part of this recipe's graph?
     check: str | None = None  # "module:function"(entry) run on a built or reused output; raises to stop the build
     volatile: tuple[str, ...] = ()  # output files that record how the build went (timings): kept and hashed,
                                     # but not part of the output digest, so identical results cut off downstream
 
     def runner(self) -> Callable[[StepContext], dict | None]:
-        module, _, func = self.run.partition(":")
-        return getattr(importlib.import_module(module), func)
-
+        return _attr(self.run)
 
     def checker(self) -> Callable | None:
-        if self.check is None:
-            return None
-        module, _, func = self.check.partition(":")
-        return getattr(importlib.import_module(module), func)
+        return None if self.check is None else _attr(self.check)
 
 
-def _specs() -> list[StepSpec]:
-    from forge.steps import compile, evaluate, gate, package, quantize, resolve, scan
-
-    return [resolve.SPEC, quantize.SPEC, compile.SPEC, evaluate.BASELINE, evaluate.CANDIDATE, gate.SPEC, package.BASE, package.SPEC,
-            scan.SPEC]
+def _attr(ref: str) -> Callable:
+    module, _, func = ref.partition(":")
+    return getattr(importlib.import_module(module), func)
 
 
-STEPS: list[StepSpec] = _specs()
+# ---------------------------------------------------------------------- host facts for key material
+
+class Unprobed(Exception):
+    """A key needs a host fact that was never probed, and this caller may not probe (``forge plan``)."""
+
+    def __init__(self, what: str):
+        super().__init__(what)
+        self.what = what
 
 
-def step_names() -> list[str]:
-    return [s.name for s in STEPS]
+_PROBES: contextvars.ContextVar[bool] = contextvars.ContextVar("forge_probes", default=True)
 
 
-def active_steps(loaded: "LoadedRecipe") -> list[StepSpec]:
-    """The steps of this recipe's graph, in dependency order; dependencies on disabled steps drop out."""
-    from dataclasses import replace
+@contextmanager
+def no_probes() -> Iterator[None]:
+    """Within: ``probe`` never runs an external tool (what ``forge plan`` promises)."""
+    token = _PROBES.set(False)
+    try:
+        yield
+    finally:
+        _PROBES.reset(token)
 
-    active = [s for s in STEPS if s.enabled(loaded)]
-    names = {s.name for s in active}
-    return [replace(s, depends=tuple(d for d in s.depends if d in names)) for s in active]
+
+def probes_allowed() -> bool:
+    return _PROBES.get()
+
+
+def probe(what: str, run: Callable[[], Any], remembered: Callable[[], Any] | None = None) -> Any:
+    """A host fact for key material: ``remembered()`` when it knows (not None), else ``run()`` -- unless
+    probing is off, then ``Unprobed(what)``."""
+    if remembered is not None and (known := remembered()) is not None:
+        return known
+    if not probes_allowed():
+        raise Unprobed(what)
+    return run()
+
+
+def tool_versions(names: tuple[str, ...]) -> dict[str, str]:
+    """Installed versions of Python distributions (metadata only: nothing is imported or run)."""
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def device() -> str:
+    """Where torch will run on this host: "cuda" or "cpu" (without importing torch)."""
+    import importlib.util
+
+    from forge import env
+
+    if importlib.util.find_spec("torch") is None:
+        return "cpu"
+    # torch.cuda.is_available() imports torch (~1 s); CUDA_VISIBLE_DEVICES and /dev/nvidia0 are free.
+    if (env.get("CUDA_VISIBLE_DEVICES") or "x") != "" and Path("/dev/nvidia0").exists():
+        return "cuda"
+    return "cpu"

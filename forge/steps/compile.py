@@ -33,9 +33,10 @@ def _config(loaded) -> dict:
 
 
 def _identity(loaded) -> dict:
+    from forge.steps import probe
     from forge.trtllm import local_gpus
 
-    gpus = local_gpus()
+    gpus = probe("this host's GPUs (nvidia-smi)", local_gpus)
     base = _base(loaded)
     return {"gpus_here": [(g.name, g.compute_capability) for g in gpus], "trtllm": base.engine_version if base else None}
 

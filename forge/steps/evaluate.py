@@ -42,9 +42,9 @@ def _data(loaded) -> dict[str, Path]:
 
 
 def _identity(loaded) -> dict:
-    from forge.steps.quantize import _device
+    from forge.steps import device
 
-    return {"device": _device()}
+    return {"device": device()}
 
 
 def _spec(name: str, upstream: str, summary: str) -> StepSpec:

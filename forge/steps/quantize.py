@@ -68,14 +68,9 @@ def _data(loaded) -> dict[str, Path]:
 
 
 def _device() -> str:
-    import importlib.util
+    from forge.steps import device
 
-    if importlib.util.find_spec("torch") is None:
-        return "cpu"
-    # torch.cuda.is_available() imports torch (~1 s); CUDA_VISIBLE_DEVICES and /dev/nvidia0 are free.
-    if os.environ.get("CUDA_VISIBLE_DEVICES", "x") != "" and Path("/dev/nvidia0").exists():
-        return "cuda"
-    return "cpu"
+    return device()
 
 
 def cpu_has_native_bf16() -> bool:
@@ -95,7 +90,9 @@ def calibration_dtype(loaded) -> str:
 
     if _device() == "cuda":
         return loaded.recipe.model.dtype
-    if forced := os.environ.get("FORGE_CPU_CALIBRATION_DTYPE"):
+    from forge import env
+
+    if forced := env.get("FORGE_CPU_CALIBRATION_DTYPE"):
         return forced
     native = loaded.recipe.model.dtype == "bfloat16" and cpu_has_native_bf16()
     return "bfloat16" if native and needs_calibration(loaded.recipe.quantize, loaded.recipe.target.engine) else "float32"
@@ -107,7 +104,7 @@ def _identity(loaded) -> dict:
         return {}
     ident = {"device": _device(), "calibration_dtype": calibration_dtype(loaded)}
     if _backend(loaded) == "modelopt":
-        from forge.build import tool_versions
+        from forge.steps import tool_versions
 
         ident["modelopt"] = tool_versions(("nvidia-modelopt",))["nvidia-modelopt"]
     return ident
@@ -218,8 +215,9 @@ def run(ctx: StepContext) -> dict:
 
     from forge.backends import llmcompressor as backend
 
-    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "")  # forge shows progress; the full log goes to a file
-    os.environ.setdefault("TQDM_DISABLE", "1")             # per-layer tqdm bars would interleave with forge's
+    from forge import env
+
+    env.quiet_libraries()  # forge shows progress; per-layer tqdm bars and loguru chatter would interleave with it
     import llmcompressor  # noqa: F401  (configures loguru on import, removing earlier handlers: import it first)
     torch.manual_seed(q.calibration.seed if q.calibration else 0)
     cuda = torch.cuda.is_available()
@@ -271,7 +269,7 @@ def run(ctx: StepContext) -> dict:
         "mean_weight_rel_error": _mean([r["weight_rel_error"] for r in layers if r["weight_rel_error"] is not None]),
     }
     facts["size_ratio"] = round(facts["bytes"] / facts["bf16_bytes"], 4)
-    from forge.build import tool_versions
+    from forge.steps import tool_versions
 
     facts["tools"] = tool_versions(SPEC.tools)
     facts["calibration_sha256"] = _calibration_sha256(ctx.recipe)
@@ -350,7 +348,7 @@ def run_modelopt(ctx: StepContext) -> dict:
         "layers": len(result["layers"]),
     }
     facts["size_ratio"] = round(facts["bytes"] / facts["bf16_bytes"], 4)
-    from forge.build import tool_versions
+    from forge.steps import tool_versions
 
     facts["tools"] = tool_versions(("nvidia-modelopt", "torch", "transformers"))
     facts["calibration_sha256"] = _calibration_sha256(ctx.recipe)

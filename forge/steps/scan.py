@@ -35,9 +35,11 @@ def _identity(loaded) -> dict:
     """Trivy's version and its DB's UpdatedAt: a newer DB can find new vulnerabilities in the same image."""
     import shutil
 
+    from forge.steps import probe
+
     if shutil.which("trivy") is None:
         return {"trivy": "absent"}
-    return {"trivy": trivy.version(options_from_recipe(loaded))}
+    return {"trivy": probe("`trivy version` (its DB date is key material)", lambda: trivy.version(options_from_recipe(loaded)))}
 
 
 SPEC = StepSpec(
