@@ -82,6 +82,7 @@ def _build(spec: StepSpec, key: str, material: dict, loaded: LoadedRecipe, store
             out=staged / "out",
             downloads=store.root / "downloads",
             report=report,
+            upstream=dict(upstream),
         )
         facts = spec.runner()(ctx) or {}
         report("hashing outputs")

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 if TYPE_CHECKING:
     from forge.recipe.load import LoadedRecipe
+    from forge.store import Entry
 
 __all__ = ["StepSpec", "StepContext", "Reporter", "tool_versions", "device", "Unprobed", "no_probes",
            "probes_allowed"]
@@ -42,6 +43,8 @@ class StepContext:
     out: Path                        # empty staging dir to write outputs into
     downloads: Path                  # shared download cache (content pinned by the source itself)
     report: Reporter
+    upstream: dict[str, "Entry"] = field(default_factory=dict)  # upstream step -> its committed entry: read
+                                                                # it with that step's ``Output.read(entry)``
 
 
 @dataclass(frozen=True)

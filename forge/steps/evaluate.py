@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from forge.steps import StepContext, StepSpec
@@ -129,3 +130,21 @@ def load_samples(out: Path, task: str) -> dict[str, dict]:
     """doc_id -> {metric: value} from an eval step's output."""
     path = out / SAMPLES_DIR / f"{task}.jsonl"
     return {row["doc_id"]: row["values"] for row in map(json.loads, path.read_text().splitlines())}
+
+
+@dataclass(frozen=True)
+class Output:
+    """What an eval step hands downstream: aggregate metrics per task, and per-sample values on demand."""
+    dir: Path
+    results: dict[str, dict]          # task -> metric -> value
+    backend: str | None
+    device: str | None
+
+    @classmethod
+    def read(cls, entry) -> "Output":
+        summary = json.loads((entry.out / RESULTS).read_text())
+        return cls(entry.out, summary["results"], summary.get("backend"), summary.get("device"))
+
+    def samples(self, task: str) -> dict[str, dict]:
+        """doc_id -> {metric: value}."""
+        return load_samples(self.dir, task)

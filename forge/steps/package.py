@@ -22,6 +22,7 @@ import subprocess
 import time
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -464,3 +465,22 @@ def file_digests_in_layer(layout: Path, layer_digest: str) -> dict[str, str]:
             if m.isfile():
                 out[m.name.lstrip("./")] = hashlib.sha256(tf.extractfile(m).read()).hexdigest()
     return out
+
+
+# ------------------------------------------------------------------ readers (what downstream steps and the registry read)
+
+
+@dataclass(frozen=True)
+class Output:
+    """The package step's image: its OCI layout and the description written next to it."""
+    oci_dir: Path                     # OCI image layout (what Trivy scans and the registry stores)
+    image: dict                       # image.json: manifest_digest, oci_ref, engine, builder, …
+    containerfile: Path
+
+    @classmethod
+    def read(cls, entry) -> "Output":
+        return cls(entry.out / OCI_DIR, json.loads((entry.out / IMAGE_JSON).read_text()), entry.out / CONTAINERFILE)
+
+    @property
+    def manifest_digest(self) -> str:
+        return self.image["manifest_digest"]

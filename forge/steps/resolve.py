@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
@@ -199,3 +200,20 @@ def convert_gguf(gguf: Path, out: Path, *, dtype: str, report) -> None:
                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+# ------------------------------------------------------------------ reader (what downstream steps read)
+
+
+@dataclass(frozen=True)
+class Output:
+    """The resolved snapshot: a local safetensors checkpoint directory and what was learnt resolving it."""
+    dir: Path
+    source: str
+    architecture: str | None
+    commit: str | None                # the pinned HF commit, for hf:// sources
+
+    @classmethod
+    def read(cls, entry) -> "Output":
+        facts = entry.manifest.get("facts", {})
+        return cls(entry.out, facts.get("source", ""), facts.get("architecture"), facts.get("commit"))
