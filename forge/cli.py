@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -72,13 +71,13 @@ def schema() -> None:
 @app.command()
 def plan(recipe: RecipeArg, cache_dir: CacheDir = None, ci: Ci = False,
          json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
-    """List the steps with their cache keys and HIT/MISS status. Runs nothing."""
+    """List the steps with their cache keys and HIT/MISS status. Runs nothing: no step, no external tool."""
     from forge.build import plan as make_plan
 
     loaded, _ = _load(recipe, ci, cache_dir)
     steps = make_plan(loaded, _store(cache_dir))
     if json_out:
-        sys.stdout.write(json.dumps([{"step": p.spec.name, "status": p.status, "key": p.key,
+        sys.stdout.write(json.dumps([{"step": p.spec.name, "status": p.status, "key": p.key, "reason": p.reason,
                                       "depends": list(p.spec.depends)} for p in steps], indent=2) + "\n")
         return
     table = Table(title=f"plan: {loaded.recipe.name}", title_justify="left")
@@ -86,7 +85,7 @@ def plan(recipe: RecipeArg, cache_dir: CacheDir = None, ci: Ci = False,
         table.add_column(col)
     colors = {"HIT": "green", "MISS": "yellow", "PENDING": "dim", "FORCED": "yellow"}
     for p in steps:
-        table.add_row(p.spec.name, f"[{colors[p.status]}]{p.status}[/]", (p.key or "after upstream")[:16],
+        table.add_row(p.spec.name, f"[{colors[p.status]}]{p.status}[/]", p.key[:16] if p.key else p.reason,
                       ", ".join(p.spec.depends) or "-", p.spec.summary)
     out.print(table)
     out.print(f"[dim]then publish → {loaded.recipe.publish.registry} (always runs: records the build and its status)[/]",
@@ -107,55 +106,39 @@ def build(
         help="Publish here instead of the recipe's publish.registry (the recipe digest, and so the image, stay the same).")] = None,
 ) -> None:
     """Build a recipe: run the steps whose inputs changed, reuse the rest, then publish the result and its status."""
-    from forge.build import build as run_build
+    from forge import env, pipeline
 
     if recipe is None and force and force != "*" and Path(force).suffix in (".yaml", ".yml"):
         recipe, force = Path(force), "*"   # `forge build --force recipe.yaml`
     if recipe is None:
         raise UsageError("missing RECIPE", hint="Usage: forge build RECIPE [--force [STEP]]")
-    # forge draws its own progress; the libraries' tqdm bars and info chatter would interleave with it.
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    env.quiet_libraries()  # forge draws its own progress; the libraries' bars and chatter would interleave with it
     t0 = time.monotonic()
     loaded, _ = _load(recipe, ci, cache_dir)
-    if publish_to and publish_to != "local":
-        from forge.registry.remote import Remote
-
-        Remote.parse(publish_to)  # a bad URL is a usage error now, not after an hour of building
+    pipeline.check_target(publish_to)
     store = _store(cache_dir)
     out.print(f"[bold]{loaded.recipe.name}[/] · recipe {loaded.digest[7:19]} · cache {store.root}", highlight=False)
-    from forge.errors import EvalGateError, ScanGateError
-
-    done: dict = {}
-
-    def on_done(result) -> None:
-        done[result.name] = result
-        _on_done(result)
-
     try:
-        results = run_build(loaded, store, force={force} if force else set(), on_start=_on_start, on_done=on_done)
-    except (EvalGateError, ScanGateError):
-        _publish(loaded, done, registry_dir, publish_to)   # a failed gate is recorded too: rejected, with its reason
-        raise
-    built = sum(r.status == "BUILT" for r in results)
-    out.print(f"[green]done[/] in {time.monotonic() - t0:.1f}s: {built} built, {len(results) - built} reused. "
-              f"Output: {results[-1].entry.out}", highlight=False)
-    _publish(loaded, done, registry_dir, publish_to)
-
-
-def _publish(loaded, results: dict, registry_dir: Path | None, target: str | None) -> None:
-    from forge.registry import LocalRegistry, publish
-
-    reg = LocalRegistry(registry_dir)
-    report = _progress_for("publish")
-    try:
-        rec = publish(loaded, results, report, registry=reg, target=target)
+        outcome = pipeline.run(loaded, store, force={force} if force else set(), registry_dir=registry_dir,
+                               publish_to=publish_to, on_start=_on_start, on_done=_on_done,
+                               on_publish=lambda: _progress_for("publish"))
     finally:
         _stop_progress()
+    results = outcome.results
+    if outcome.error is None:
+        built = sum(r.status == "BUILT" for r in results)
+        out.print(f"[green]done[/] in {time.monotonic() - t0:.1f}s: {built} built, {len(results) - built} reused. "
+                  f"Output: {results[-1].entry.out}", highlight=False)
+    _print_record(outcome.record, outcome.registry_root)
+    if outcome.error is not None:
+        raise outcome.error   # already recorded as rejected, with its reason
+
+
+def _print_record(rec, registry_root: Path) -> None:
     colors = {"validated": "green", "promoted": "green", "rejected": "red", "unscanned": "yellow"}
     ref = f"{rec.name}:{rec.tag}" if rec.tag else rec.short()
     out.print(f"  [{colors.get(rec.status, 'cyan')}]●[/] publish    {rec.status:<10} {ref}"
-              + (f"  → {rec.remote}" if rec.remote else "") + f"  ({reg.root})", highlight=False)
+              + (f"  → {rec.remote}" if rec.remote else "") + f"  ({registry_root})", highlight=False)
     if rec.reason:
         from rich.markup import escape
 
@@ -406,40 +389,11 @@ def lock_cmd(
     base: Annotated[Optional[list[str]], typer.Option(help="Lock only these bases (repeatable).")] = None,
 ) -> None:
     """Resolve the published base images' tags to digests with skopeo and write bases.lock.json."""
-    import shutil
-    import subprocess
+    from forge.containers import find_catalog, lock_bases
 
-    from forge.containers import LOCK, find_catalog, load_catalog
-    from forge.errors import ToolError
-
-    path = catalog or find_catalog(Path.cwd())
-    bases = load_catalog(path)
-    names = base or [n for n, b in bases.items() if not b.built]
-    unknown = [n for n in names if n not in bases]
-    if unknown:
-        raise UsageError(f"unknown base {', '.join(unknown)}; bases in {path}: {', '.join(bases)}")
-    if shutil.which("skopeo") is None:
-        raise ToolError("skopeo is not on PATH: forge lock resolves digests with it", hint="apt-get install skopeo")
-    lock_path = path.with_name(LOCK)
-    lock = json.loads(lock_path.read_text()) if lock_path.is_file() else {}
-    for n in names:
-        b = bases[n]
-        if b.built:
-            continue
-        from forge.registry.remote import insecure_host
-
-        tls = ["--tls-verify=false"] if insecure_host(b.image.split("/", 1)[0]) else []
-        proc = subprocess.run(["skopeo", "inspect", "--no-tags", *tls, f"docker://{b.image}"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise ToolError(f"skopeo could not inspect {b.image} (base {n}): {proc.stderr.strip()[-600:]}",
-                            hint="Run forge lock where the registry is reachable; credentials come from the "
-                                 "standard container auth files.")
-        lock[n] = json.loads(proc.stdout)["Digest"]
-        out.print(f"  {n:<20} {b.image} -> {lock[n]}", highlight=False)
-    tmp = lock_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(lock, indent=2, sort_keys=True) + "\n")
-    tmp.replace(lock_path)
-    out.print(f"wrote {lock_path}")
+    path = lock_bases(catalog or find_catalog(Path.cwd()), base,
+                      on_locked=lambda n, image, digest: out.print(f"  {n:<20} {image} -> {digest}", highlight=False))
+    out.print(f"wrote {path}")
 
 
 @app.command()
@@ -606,7 +560,9 @@ def main() -> None:
         err.print("[red]interrupted[/]: nothing partial was committed; rerun to continue")
         sys.exit(130)
     except Exception:
-        if os.environ.get("FORGE_DEBUG"):
+        from forge import env
+
+        if env.get("FORGE_DEBUG"):
             raise
         import traceback
 

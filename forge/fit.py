@@ -97,7 +97,9 @@ def _per_gpu(weights: float, kv: float, tp: int) -> float:
 def price_of(gpu: Gpu, override: float | None = None) -> float:
     if override is not None:
         return override
-    env = os.environ.get("FORGE_GPU_PRICES")
+    from forge import env as fenv
+
+    env = fenv.get("FORGE_GPU_PRICES")
     if env:
         try:
             prices = json.loads(env)

@@ -18,6 +18,7 @@ from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 
+from forge import env as fenv
 from forge.executors import Event, EventSink, StepDone, StepRequest, error_from_json, error_to_json
 
 __all__ = ["ProcessExecutor"]
@@ -31,6 +32,7 @@ class ProcessExecutor:
         self._queue: deque[tuple[StepRequest, EventSink]] = deque()
         self._running: dict[int, tuple[StepRequest, subprocess.Popen, EventSink, list]] = {}
         self._sel = selectors.DefaultSelector()
+        self.peak = 0                 # most workers that ran at once (independent steps run together)
 
     def submit(self, request: StepRequest, events: EventSink) -> None:
         self._queue.append((request, events))
@@ -39,7 +41,8 @@ class ProcessExecutor:
     def _start(self) -> None:
         while self._queue and len(self._running) < self.max_parallel:
             req, events = self._queue.popleft()
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")]))}
+            env = fenv.passthrough(())
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, fenv.get("PYTHONPATH")]))
             proc = subprocess.Popen([sys.executable, "-m", "forge.executors.process"], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, text=True, env=env)
             proc.stdin.write(req.to_json())
@@ -47,6 +50,7 @@ class ProcessExecutor:
             answer: list = []
             self._running[proc.pid] = (req, proc, events, answer)
             self._sel.register(proc.stdout, selectors.EVENT_READ, proc.pid)
+            self.peak = max(self.peak, len(self._running))
 
     def next_done(self) -> StepDone:
         if not self._running and not self._queue:
@@ -99,6 +103,7 @@ def _worker() -> int:
         proto.flush()
 
     try:
+        from forge import env
         from forge.errors import UsageError
         from forge.executors.local import committed
         from forge.executors.runner import run_step
@@ -106,6 +111,7 @@ def _worker() -> int:
         from forge.steps.graph import spec_named
         from forge.store import Store
 
+        env.quiet_libraries()
         req = StepRequest.from_json(sys.stdin.read())
         loaded = load_recipe(req.recipe_path, ci=req.ci)
         if loaded.digest != req.recipe_digest:

@@ -225,7 +225,7 @@ def run(ctx: StepContext) -> dict:
     recipe_dtype = getattr(torch, ctx.recipe.recipe.model.dtype)
     dtype = getattr(torch, calibration_dtype(ctx.recipe))
 
-    tokenizer = AutoTokenizer.from_pretrained(src)
+    tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)  # saved into tokenizer_config: not HF_HUB_OFFLINE's
     dataset = None
     if backend.needs_calibration(q):
         from datasets import Dataset
@@ -315,7 +315,7 @@ def run_modelopt(ctx: StepContext) -> dict:
     cuda = torch.cuda.is_available()
     recipe_dtype = getattr(torch, ctx.recipe.recipe.model.dtype)
     dtype = getattr(torch, calibration_dtype(ctx.recipe))
-    tokenizer = AutoTokenizer.from_pretrained(src)
+    tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)  # saved into tokenizer_config: not HF_HUB_OFFLINE's
     batches = _calibration_windows(ctx, tokenizer)
     ctx.report(f"loading the model ({'cuda' if cuda else 'cpu'}, {str(dtype).removeprefix('torch.')})")
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, device_map="cuda" if cuda else None)

@@ -188,7 +188,8 @@ def convert_gguf(gguf: Path, out: Path, *, dtype: str, report) -> None:
         config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # float32 is the fast path of the GGUF kernels; cast once at the end.
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # local_files_only is saved into tokenizer_config.json: fixed here, so HF_HUB_OFFLINE cannot change the bytes
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     except (ValueError, OSError, KeyError) as e:
         raise StepError(f"transformers could not load {gguf}: {e}",
                         hint="Check that the file is a complete GGUF of an architecture transformers supports.") from None
