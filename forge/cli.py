@@ -390,8 +390,9 @@ def lock_cmd(
 ) -> None:
     """Resolve the published base images' tags to digests with skopeo and write bases.lock.json."""
     from forge.containers import find_catalog, lock_bases
+    from forge.registry.remote import insecure_host
 
-    path = lock_bases(catalog or find_catalog(Path.cwd()), base,
+    path = lock_bases(catalog or find_catalog(Path.cwd()), base, plain_http=insecure_host,
                       on_locked=lambda n, image, digest: out.print(f"  {n:<20} {image} -> {digest}", highlight=False))
     out.print(f"wrote {path}")
 

@@ -198,15 +198,15 @@ def containerfile(spec: ImageSpec) -> str:
 # ---------------------------------------------------------------------- forge lock (base tags -> digests)
 
 
-def lock_bases(catalog: Path, names: list[str] | None = None,
+def lock_bases(catalog: Path, names: list[str] | None = None, *, plain_http=lambda host: False,
                on_locked=lambda name, image, digest: None) -> Path:
     """Resolve the published bases' tags (all, or ``names``) to digests with skopeo; write the lock file
-    beside the catalog atomically. Returns its path. Bases forge builds itself are never locked."""
+    beside the catalog atomically. Returns its path. Bases forge builds itself are never locked.
+    ``plain_http(host)``: reach that registry without TLS (the registry client's policy, passed in)."""
     import shutil
     import subprocess
 
     from forge.errors import ToolError, UsageError
-    from forge.registry.remote import insecure_host
 
     bases = load_catalog(catalog)
     names = names or [n for n, b in bases.items() if not b.built]
@@ -221,7 +221,7 @@ def lock_bases(catalog: Path, names: list[str] | None = None,
         b = bases[n]
         if b.built:
             continue
-        tls = ["--tls-verify=false"] if insecure_host(b.image.split("/", 1)[0]) else []
+        tls = ["--tls-verify=false"] if plain_http(b.image.split("/", 1)[0]) else []
         proc = subprocess.run(["skopeo", "inspect", "--no-tags", *tls, f"docker://{b.image}"], capture_output=True, text=True)
         if proc.returncode != 0:
             raise ToolError(f"skopeo could not inspect {b.image} (base {n}): {proc.stderr.strip()[-600:]}",

@@ -2,8 +2,8 @@
 
 The driver (``forge.build.execute``) submits a ``StepRequest`` for every step whose upstream steps are
 committed -- several at once when they are independent -- and takes ``StepDone`` answers back in the
-order they finish. A request names the step, the recipe (path, digest, bytes) and the *keys* of the
-committed upstream entries; the executor computes the step's key where the step runs (device, GPUs,
+order they finish. A request names the step, the recipe (path and digest: a remote executor ships the bytes
+and checks them against it) and the *keys* of the committed upstream entries; the executor computes the step's key where the step runs (device, GPUs,
 tool versions are key material: ``forge.executors.runner.key_material``), reuses a committed entry or
 runs, hashes, writes the manifest and commits with one rename, and answers with the committed key.
 Progress comes back as ``Event``\\s while the step runs.

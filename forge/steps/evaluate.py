@@ -76,12 +76,13 @@ def pick_backend(requested: str) -> tuple[str, str]:
 
 def run(ctx: StepContext) -> dict:
     from forge.evaltasks import load_tasks
+    from forge.steps import quantize
 
     ev = ctx.recipe.recipe.eval
     (upstream,) = ctx.inputs.values()
     tasks = load_tasks(ctx.recipe)
     backend, device = pick_backend(ev.backend)
-    if backend == "hf" and (upstream / "hf_quant_config.json").exists():
+    if backend == "hf" and "quantize" in ctx.upstream and quantize.Output.read(ctx.upstream["quantize"]).modelopt_checkpoint:
         from forge.errors import ToolError
 
         raise ToolError("a ModelOpt checkpoint cannot be evaluated with the hf backend (transformers has no "

@@ -542,6 +542,11 @@ class Output:
 
         return self.dir / TRTLLM_CKPT if (self.dir / TRTLLM_CKPT).exists() else None
 
+    @property
+    def modelopt_checkpoint(self) -> bool:
+        """A ModelOpt unified checkpoint (hf_quant_config.json): transformers' hf loader cannot read it."""
+        return (self.dir / "hf_quant_config.json").exists()
+
     def model_entries(self) -> list[Path]:
         """The top-level files and dirs of the servable checkpoint: no reports, no TensorRT-LLM checkpoint."""
         skip = {p.name for p in self.reports} | ({self.trtllm_checkpoint.name} if self.trtllm_checkpoint else set())
