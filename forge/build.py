@@ -1,33 +1,33 @@
-"""Plan and run the step graph against the store.
+"""Plan the step graph and drive a build of it through an executor.
 
-A step's key is computed from its key material (see ``key_material``). Downstream keys need the
-upstream *output* digests, so a step below a MISS is PENDING in a plan: if the upstream step
-rebuilds to identical bytes, the downstream step is still a HIT (early cut-off).
+A step's key is computed from its key material (``forge.executors.runner.key_material``). Downstream
+keys need the upstream *output* digests, so a step below a MISS is PENDING in a plan: if the
+upstream step rebuilds to identical bytes, the downstream step is still a HIT (early cut-off). A
+plan starts no external tool: a key that needs an unprobed host fact (a tool's version) is PENDING
+with that reason.
+
+``execute`` hands every step whose upstream steps are committed to an executor (LocalExecutor by
+default) and returns a ``BuildOutcome``: the step results and, when a gate's check stopped the build,
+that verdict. ``build`` is the same for library callers that want the failed gate raised.
 """
 from __future__ import annotations
 
-import os
-import platform
-import signal
-import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from forge import __version__, steplog
-from forge.digests import digest_of, list_files, tree_digest
-from forge.errors import UsageError
-from forge.host import tool_versions  # noqa: F401  (host probes live in forge.host; re-exported for callers)
+from forge.errors import EvalGateError, ScanGateError, UsageError
+from forge.executors import Event, Executor, StepRequest
+from forge.executors.runner import key_material, key_of
 from forge.recipe.load import LoadedRecipe
-from forge.steps import StepContext, StepSpec, active_steps, step_names
+from forge.steps import StepSpec, Unprobed, no_probes, tool_versions
+from forge.steps.graph import active_steps, step_names
 from forge.store import Entry, Store
 
-HIT, MISS, PENDING, FORCED = "HIT", "MISS", "PENDING", "FORCED"
+__all__ = ["plan", "execute", "build", "PlannedStep", "StepResult", "BuildOutcome", "tool_versions",
+           "HIT", "MISS", "PENDING", "FORCED"]
 
-# Test hook: stop (SIGSTOP self) after a step wrote its outputs and before it is committed, so a
-# test can SIGKILL a build at its most dangerous instant. Never set in normal use.
-_HANG_ENV = "FORGE_TEST_STOP_BEFORE_COMMIT"
+HIT, MISS, PENDING, FORCED = "HIT", "MISS", "PENDING", "FORCED"
 
 
 @dataclass
@@ -37,22 +37,7 @@ class PlannedStep:
     key: str | None = None
     entry: Entry | None = None
     material: dict | None = field(default=None, repr=False)
-
-
-def key_material(spec: StepSpec, loaded: LoadedRecipe, store: Store, upstream: dict[str, str]) -> dict:
-    """Everything that can change the step's output. Reads file digests through the memo only."""
-    data = {}
-    for label, path in spec.data(loaded).items():
-        data[label] = tree_digest(store.memo.tree(path)) if path.is_dir() else "sha256:" + store.memo.file(path).sha256
-    return {
-        "step": spec.name,
-        "step_version": spec.version,
-        "config": spec.config(loaded),
-        "identity": spec.identity(loaded),
-        "inputs": {name: upstream[name] for name in spec.depends},
-        "data": data,
-        "tools": tool_versions(spec.tools),
-    }
+    reason: str | None = None          # PENDING: what the key still waits for
 
 
 def _check_force(force: set[str]) -> None:
@@ -62,15 +47,22 @@ def _check_force(force: set[str]) -> None:
 
 
 def plan(loaded: LoadedRecipe, store: Store, force: set[str] = frozenset()) -> list[PlannedStep]:
+    """Each step's key and whether it is cached. Runs nothing: no step, no external tool."""
     _check_force(set(force))
     digests: dict[str, str] = {}
     out: list[PlannedStep] = []
     for spec in active_steps(loaded):
-        if any(d not in digests for d in spec.depends):
-            out.append(PlannedStep(spec, PENDING))
+        waiting = [d for d in spec.depends if d not in digests]
+        if waiting:
+            out.append(PlannedStep(spec, PENDING, reason=f"after {', '.join(waiting)}"))
             continue
-        material = key_material(spec, loaded, store, digests)
-        key = digest_of(material).removeprefix("sha256:")
+        try:
+            with no_probes():
+                material = key_material(spec, loaded, store, digests)
+        except Unprobed as e:
+            out.append(PlannedStep(spec, PENDING, reason=f"needs {e.what}, probed when the build runs"))
+            continue
+        key = key_of(material)
         entry = store.get(key)
         if entry is not None and not ({"*", spec.name} & set(force)):
             digests[spec.name] = entry.output_digest
@@ -91,84 +83,90 @@ class StepResult:
     log: Path | None = None  # the step's log file (library output while it ran), when it was ever built here
 
 
+@dataclass
+class BuildOutcome:
+    """What a build did: one result per step that ran or was reused, in graph order, and the
+    gate (eval or scan) whose failing verdict stopped it, if one did. Steps below it did not run."""
+    results: list[StepResult]
+    stopped_by: EvalGateError | ScanGateError | None = None
+
+    @property
+    def by_name(self) -> dict[str, StepResult]:
+        return {r.name: r for r in self.results}
+
+    @property
+    def passed(self) -> bool:
+        return self.stopped_by is None
+
+
 Reporter = Callable[..., None]
 
 
-def build(loaded: LoadedRecipe, store: Store, *, force: set[str] = frozenset(),
-          on_start: Callable[[StepSpec, str], Reporter] | None = None,
-          on_done: Callable[[StepResult], None] | None = None) -> list[StepResult]:
-    """Run the graph: reuse HITs, build MISSes in dependency order. Returns one result per step."""
+def execute(loaded: LoadedRecipe, store: Store, *, force: set[str] = frozenset(), executor: Executor | None = None,
+            on_start: Callable[[StepSpec, str], Reporter] | None = None,
+            on_done: Callable[[StepResult], None] | None = None) -> BuildOutcome:
+    """Run the graph: hand every step whose upstream steps are committed to the executor (independent
+    ones together), reuse HITs, and stop scheduling when a step's check (the eval or scan gate) fails.
+    A step's own failure (ForgeError) propagates after the executor was closed."""
     _check_force(set(force))
+    specs = {s.name: s for s in active_steps(loaded)}
+    reporters: dict[str, Reporter] = {}
+
+    def events(e: Event) -> None:
+        if e.kind == "start":
+            reporters[e.step] = on_start(specs[e.step], e.key) if on_start else (lambda *a, **k: None)
+        elif e.step in reporters:
+            reporters[e.step](e.message, completed=e.completed, total=e.total, unit=e.unit)
+
+    if executor is None:
+        from forge.executors.local import LocalExecutor
+
+        executor = LocalExecutor(loaded, store)
     results: dict[str, StepResult] = {}
-    for spec in active_steps(loaded):
-        t0 = time.monotonic()
-        upstream = {d: results[d].output_digest for d in spec.depends}
-        material = key_material(spec, loaded, store, upstream)
-        key = digest_of(material).removeprefix("sha256:")
-        forced = bool({"*", spec.name} & set(force))
-        entry = None if forced else store.get(key)
-        status = "HIT"
-        if entry is None:
-            with store.lock(key):  # a concurrent build of the same key: wait, then reuse its output
-                entry = None if forced else store.get(key)
-                if entry is None:
-                    report = on_start(spec, key) if on_start else (lambda *a, **k: None)
-                    entry = _run_step(spec, key, material, loaded, store, results, report, replace=forced)
-                    status = "BUILT"
-        store.touch(entry)
-        log = store.log_path(spec.name, key)
-        result = StepResult(spec.name, status, key, entry.output_digest, time.monotonic() - t0, entry,
-                            log if log.exists() else None)
-        results[spec.name] = result
-        if on_done:
-            on_done(result)
-        if (check := spec.checker()) is not None:
-            check(entry)  # e.g. the gate: its verdict is cached either way, a failing one stops the build
-    return list(results.values())
+    waiting, in_flight = list(specs), 0
+    stopped: EvalGateError | ScanGateError | None = None
+    try:
+        while True:
+            ready = [] if stopped else [n for n in waiting if all(d in results for d in specs[n].depends)]
+            for name in ready:
+                waiting.remove(name)
+                executor.submit(StepRequest(
+                    step=name, recipe_path=str(loaded.path), recipe_digest=loaded.digest, ci=loaded.ci,
+                    cache_root=str(store.root), upstream={d: results[d].key for d in specs[name].depends},
+                    force=bool({"*", name} & set(force))), events)
+                in_flight += 1
+            if not in_flight:
+                break
+            done = executor.next_done()
+            in_flight -= 1
+            entry = store.get(done.key)
+            if entry is None:
+                from forge.errors import StepError
+
+                raise StepError(f"the executor reported step {done.step} committed as {done.key[:12]}, "
+                                f"but the cache {store.root} has no such entry")
+            log = store.log_path(done.step, done.key)
+            result = StepResult(done.step, done.status, done.key, entry.output_digest, done.seconds, entry,
+                                log if log.exists() else None)
+            results[done.step] = result
+            if on_done:
+                on_done(result)
+            if (check := specs[done.step].checker()) is not None:
+                try:
+                    check(entry)  # e.g. the gate: its verdict is cached either way; a failing one stops the build
+                except (EvalGateError, ScanGateError) as e:
+                    stopped = stopped or e
+    except BaseException:
+        executor.close()
+        raise
+    return BuildOutcome([results[n] for n in specs if n in results], stopped)
 
 
-def _run_step(spec: StepSpec, key: str, material: dict, loaded: LoadedRecipe, store: Store,
-              results: dict[str, StepResult], report: Reporter, *, replace: bool = False) -> Entry:
-    started = datetime.now(timezone.utc)
-    t0 = time.monotonic()
-    with store.staging(key) as staged:
-        ctx = StepContext(
-            recipe=loaded,
-            inputs={d: results[d].entry.out for d in spec.depends},
-            input_manifests={d: results[d].entry.manifest for d in spec.depends},
-            out=staged / "out",
-            downloads=store.root / "downloads",
-            report=report,
-        )
-        with steplog.capture(store.log_path(spec.name, key)):  # library output -> the step's log
-            facts = spec.runner()(ctx) or {}
-        files = _hash_outputs(staged / "out", store, report)
-        if os.environ.get(_HANG_ENV) == spec.name:
-            (store.root / f"{spec.name}.stopped").write_text(str(os.getpid()))
-            os.kill(os.getpid(), signal.SIGSTOP)
-        manifest = {
-            "step": spec.name,
-            "recipe": {"name": loaded.recipe.name, "path": str(loaded.path), "digest": loaded.digest},
-            "inputs": material,
-            "output": {
-                "digest": tree_digest({rel: e for rel, e in files.items() if rel not in spec.volatile}),
-                "files": {rel: {"size": e.size, "sha256": e.sha256} for rel, e in files.items()},
-            },
-            "facts": facts,
-            "forge_version": __version__,
-            "host": {"python": platform.python_version(), "machine": platform.machine()},
-            "started_at": started.isoformat(timespec="seconds"),
-            "seconds": round(time.monotonic() - t0, 3),
-        }
-        return store.commit(key, staged, manifest, replace=replace)
+def build(loaded: LoadedRecipe, store: Store, **kw) -> list[StepResult]:
+    """``execute``, raising the failed gate's error (for library callers and tests). Returns one result per step."""
+    outcome = execute(loaded, store, **kw)
+    if outcome.stopped_by is not None:
+        raise outcome.stopped_by
+    return outcome.results
 
 
-def _hash_outputs(out: Path, store: Store, report: Reporter) -> dict:
-    rels = list_files(out)
-    total, done, files = sum((out / rel).stat().st_size for rel in rels), 0, {}
-    for rel in rels:
-        report("hashing outputs", completed=done, total=total, unit="B")
-        files[rel] = store.memo.file(out / rel)
-        done += files[rel].size
-    report("hashing outputs", completed=done, total=total, unit="B")
-    return files

@@ -72,18 +72,18 @@ def schema() -> None:
 @app.command()
 def plan(recipe: RecipeArg, cache_dir: CacheDir = None, ci: Ci = False,
          json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
-    """List the steps with their cache keys and HIT/MISS status. Runs nothing."""
+    """List the steps with their cache keys and HIT/MISS status. Runs nothing: no step, no external tool."""
     from forge.build import plan as make_plan
 
     loaded, _ = _load(recipe, ci, cache_dir)
     steps = make_plan(loaded, _store(cache_dir))
     if json_out:
-        sys.stdout.write(json.dumps([{"step": p.spec.name, "status": p.status, "key": p.key,
+        sys.stdout.write(json.dumps([{"step": p.spec.name, "status": p.status, "key": p.key, "reason": p.reason,
                                       "depends": list(p.spec.depends)} for p in steps], indent=2) + "\n")
         return
     colors = {"HIT": "green", "MISS": "yellow", "PENDING": "dim", "FORCED": "yellow"}
     console.table(("step", "status", "key", "depends on", "what it does"),
-                  [(p.spec.name, f"[{colors[p.status]}]{p.status}[/]", (p.key or "after upstream")[:16],
+                  [(p.spec.name, f"[{colors[p.status]}]{p.status}[/]", p.key[:16] if p.key else (p.reason or "after upstream"),
                     ", ".join(p.spec.depends) or "-", p.spec.summary) for p in steps],
                   title=f"plan: {loaded.recipe.name}")
     out.print(f"[dim]then publish → {loaded.recipe.publish.registry} (always runs: records the build and its status)[/]",
@@ -106,7 +106,7 @@ def build(
                                                           "(forge's progress lines go to stderr).")] = False,
 ) -> None:
     """Build a recipe: run the steps whose inputs changed, reuse the rest, then publish the result and its status."""
-    from forge.build import build as run_build
+    from forge import env, pipeline
 
     global _progress
 
@@ -118,70 +118,63 @@ def build(
     shown = err if json_out else out   # with --json, stdout holds only the JSON
     _progress = console.StepProgress(shown)
     loaded, _ = _load(recipe, ci, cache_dir)
-    if publish_to and publish_to != "local":
-        from forge.registry.remote import Remote
-
-        Remote.parse(publish_to)  # a bad URL is a usage error now, not after an hour of building
+    pipeline.check_target(publish_to)
     store = _store(cache_dir)
     shown.print(f"[bold]{loaded.recipe.name}[/] · recipe {loaded.digest[7:19]} · cache {store.root}", highlight=False)
-    from forge.errors import EvalGateError, ScanGateError
-
-    done: dict = {}
 
     def on_start(spec, key):
         return _progress.start(spec.name)
 
     def on_done(result) -> None:
-        done[result.name] = result
         _progress.done(result.name, result.status, result.key, result.seconds, result.output_digest)
         if result.name == "gate":
-            from forge.steps.gate import VERDICT
+            from forge.steps import gate
 
-            console.gate_table(json.loads((result.entry.out / VERDICT).read_text()), console=shown)
+            console.gate_table(gate.Output.read(result.entry).verdict, console=shown)
 
     try:
-        run_build(loaded, store, force={force} if force else set(), on_start=on_start, on_done=on_done)
-    except (EvalGateError, ScanGateError):
-        _publish(loaded, done, registry_dir, publish_to, t0, json_out)   # a failed gate is recorded too: rejected
-        raise
-    _publish(loaded, done, registry_dir, publish_to, t0, json_out)
-
-
-def _publish(loaded, results: dict, registry_dir: Path | None, target: str | None, t0: float, json_out: bool) -> None:
-    from forge.registry import LocalRegistry, publish
-
-    reg = LocalRegistry(registry_dir)
-    try:
-        rec = publish(loaded, results, _progress.start("publish"), registry=reg, target=target)
+        outcome = pipeline.run(loaded, store, force={force} if force else set(), registry_dir=registry_dir,
+                               publish_to=publish_to, on_start=on_start, on_done=on_done,
+                               on_publish=lambda: _progress.start("publish"))
     finally:
         _progress.stop()
+    _print_outcome(outcome, t0, json_out)
+    if outcome.error is not None:
+        raise outcome.error   # already recorded as rejected, with its reason
+
+
+def _print_outcome(outcome, t0: float, json_out: bool) -> None:
+    rec, root = outcome.record, outcome.registry_root
+    results = outcome.build.by_name
     shown = _progress.console
-    console.publish_line(rec, reg.root, console=shown)
+    console.publish_line(rec, root, console=shown)
     built = sum(r.status == "BUILT" for r in results.values())
     reports, logs = _reports(results), {name: r.log for name, r in results.items() if r.log is not None}
-    console.summary(rec, registry_root=reg.root, reports=reports, logs=logs, built=built,
+    console.summary(rec, registry_root=root, reports=reports, logs=logs, built=built,
                     reused=len(results) - built, seconds=time.monotonic() - t0, console=shown)
     if json_out:
         steps = [{"step": r.name, "status": r.status, "key": r.key, "seconds": round(r.seconds, 3),
                   "output_digest": r.output_digest, "output": str(r.entry.out),
                   "log": str(r.log) if r.log else None} for r in results.values()]
-        sys.stdout.write(json.dumps({"record": rec.model_dump(mode="json"), "registry": str(reg.root), "steps": steps,
+        sys.stdout.write(json.dumps({"record": rec.model_dump(mode="json"), "registry": str(root), "steps": steps,
                                      "reports": {k: [str(p) for p in v] for k, v in reports.items()},
                                      "seconds": round(time.monotonic() - t0, 3)}, indent=2) + "\n")
 
 
 def _reports(results: dict) -> dict[str, list[Path]]:
-    """Where each step's human-readable evidence is (only the files that exist)."""
+    """Where each step's human-readable evidence is (only the files that exist), through the steps' readers."""
     from forge.steps import gate, quantize, scan
 
-    wanted = {"eval gate": ("gate", (gate.SUMMARY, gate.VERDICT, gate.JUNIT)),
-              "quantize": ("quantize", (quantize.REPORT_MD, quantize.REPORT_JSON)),
-              "scan": ("scan", (scan.SUMMARY, scan.VERDICT, scan.REPORT, scan.SBOM))}
     found = {}
-    for label, (step, names) in wanted.items():
-        if step in results:
-            found[label] = [p for p in (results[step].entry.out / n for n in names) if p.is_file()]
-    return found
+    if "gate" in results:
+        g = gate.Output.read(results["gate"].entry)
+        found["eval gate"] = [g.summary, g.verdict, g.junit]
+    if "quantize" in results:
+        found["quantize"] = list(quantize.Output.read(results["quantize"].entry).reports)
+    if "scan" in results:
+        sc = scan.Output.read(results["scan"].entry)
+        found["scan"] = [sc.summary_md, sc.verdict, sc.report, sc.sbom]
+    return {label: [p for p in paths if p is not None and p.is_file()] for label, paths in found.items()}
 
 
 _progress = console.StepProgress()
@@ -388,40 +381,12 @@ def lock_cmd(
     base: Annotated[Optional[list[str]], typer.Option(help="Lock only these bases (repeatable).")] = None,
 ) -> None:
     """Resolve the published base images' tags to digests with skopeo and write bases.lock.json."""
-    import shutil
-    import subprocess
+    from forge.containers import find_catalog, lock_bases
+    from forge.registry.remote import insecure_host
 
-    from forge.containers import LOCK, find_catalog, load_catalog
-    from forge.errors import ToolError
-
-    path = catalog or find_catalog(Path.cwd())
-    bases = load_catalog(path)
-    names = base or [n for n, b in bases.items() if not b.built]
-    unknown = [n for n in names if n not in bases]
-    if unknown:
-        raise UsageError(f"unknown base {', '.join(unknown)}; bases in {path}: {', '.join(bases)}")
-    if shutil.which("skopeo") is None:
-        raise ToolError("skopeo is not on PATH: forge lock resolves digests with it", hint="apt-get install skopeo")
-    lock_path = path.with_name(LOCK)
-    lock = json.loads(lock_path.read_text()) if lock_path.is_file() else {}
-    for n in names:
-        b = bases[n]
-        if b.built:
-            continue
-        from forge.registry.remote import insecure_host
-
-        tls = ["--tls-verify=false"] if insecure_host(b.image.split("/", 1)[0]) else []
-        proc = subprocess.run(["skopeo", "inspect", "--no-tags", *tls, f"docker://{b.image}"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise ToolError(f"skopeo could not inspect {b.image} (base {n}): {proc.stderr.strip()[-600:]}",
-                            hint="Run forge lock where the registry is reachable; credentials come from the "
-                                 "standard container auth files.")
-        lock[n] = json.loads(proc.stdout)["Digest"]
-        out.print(f"  {n:<20} {b.image} -> {lock[n]}", highlight=False)
-    tmp = lock_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(lock, indent=2, sort_keys=True) + "\n")
-    tmp.replace(lock_path)
-    out.print(f"wrote {lock_path}")
+    path = lock_bases(catalog or find_catalog(Path.cwd()), base, plain_http=insecure_host,
+                      on_locked=lambda n, image, digest: out.print(f"  {n:<20} {image} -> {digest}", highlight=False))
+    out.print(f"wrote {path}")
 
 
 @app.command()

@@ -198,3 +198,43 @@ def containerfile(spec: ImageSpec) -> str:
             f"# Serve: {shlex.join(spec.engine_args)}"]
     body = [line for fragment in FRAGMENTS for line in fragment(spec)]
     return "\n".join(head + body) + "\n"
+
+
+# ---------------------------------------------------------------------- forge lock (base tags -> digests)
+
+
+def lock_bases(catalog: Path, names: list[str] | None = None, *, plain_http=lambda host: False,
+               on_locked=lambda name, image, digest: None) -> Path:
+    """Resolve the published bases' tags (all, or ``names``) to digests with skopeo; write the lock file
+    beside the catalog atomically. Returns its path. Bases forge builds itself are never locked.
+    ``plain_http(host)``: reach that registry without TLS (the registry client's policy, passed in)."""
+    import shutil
+    import subprocess
+
+    from forge.errors import ToolError, UsageError
+
+    bases = load_catalog(catalog)
+    names = names or [n for n, b in bases.items() if not b.built]
+    unknown = [n for n in names if n not in bases]
+    if unknown:
+        raise UsageError(f"unknown base {', '.join(unknown)}; bases in {catalog}: {', '.join(bases)}")
+    if shutil.which("skopeo") is None:
+        raise ToolError("skopeo is not on PATH: forge lock resolves digests with it", hint="apt-get install skopeo")
+    lock_path = catalog.with_name(LOCK)
+    lock = load_lock(catalog)
+    for n in names:
+        b = bases[n]
+        if b.built:
+            continue
+        tls = ["--tls-verify=false"] if plain_http(b.image.split("/", 1)[0]) else []
+        proc = subprocess.run(["skopeo", "inspect", "--no-tags", *tls, f"docker://{b.image}"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ToolError(f"skopeo could not inspect {b.image} (base {n}): {proc.stderr.strip()[-600:]}",
+                            hint="Run forge lock where the registry is reachable; credentials come from the "
+                                 "standard container auth files.")
+        lock[n] = json.loads(proc.stdout)["Digest"]
+        on_locked(n, b.image, lock[n])
+    tmp = lock_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(lock, indent=2, sort_keys=True) + "\n")
+    tmp.replace(lock_path)
+    return lock_path

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["Var", "VARS", "get", "flag"]
+__all__ = ["Var", "VARS", "get", "flag", "quiet_libraries", "passthrough"]
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ VARS: dict[str, Var] = {v.name: v for v in (
     Var("FORGE_PLUGINS", "Extra backends/engines: KIND:NAME=module:attr, space- or comma-separated "
                          "(KIND backend or engine), e.g. engine:echo=my_engine:ENGINE."),
     Var("FORGE_PUBLISH_TO", "Publish here instead of the recipe's publish.registry (as --publish-to)."),
-    Var("FORGE_GPU_PRICES", "Override catalog GPU prices for `forge fit`: NAME=USD_PER_HOUR,…"),
+    Var("FORGE_GPU_PRICES", "Override catalog GPU prices for `forge fit`: a JSON object, GPU name -> USD per hour."),
     Var("FORGE_CPU_CALIBRATION_DTYPE", "Force the CPU calibration dtype (float32 or bfloat16)."),
     Var("FORGE_INSECURE_REGISTRIES", "Comma-separated registry hosts reached over plain HTTP besides loopback."),
     Var("FORGE_REGISTRY_USER", "Registry user name (with FORGE_REGISTRY_PASSWORD)."),
@@ -36,6 +36,10 @@ VARS: dict[str, Var] = {v.name: v for v in (
     Var("FORGE_BUILDAH_ROOT", "buildah storage root (default: buildah's own)."),
     Var("FORGE_BUILDAH_STORAGE_DRIVER", "buildah storage driver.", "vfs"),
     Var("FORGE_TEST_STOP_BEFORE_COMMIT", "Test hook: stop a build after STEP wrote its outputs, before commit."),
+    Var("TQDM_DISABLE", "Set to 1 by forge during a build (unless set): forge draws its own progress."),
+    Var("TRANSFORMERS_VERBOSITY", "Set to error by forge during a build (unless set)."),
+    Var("LLM_COMPRESSOR_LOG_LEVEL", "Set empty by forge while quantizing (unless set): llm-compressor's log goes to a file."),
+    Var("PYTHONPATH", "Kept, with forge's own directory first, for the workers of the process executor."),
     Var("XDG_CACHE_HOME", "Base of the default step cache."),
     Var("XDG_DATA_HOME", "Base of the default embedded registry."),
     Var("XDG_RUNTIME_DIR", "Where container tools keep their auth file."),
@@ -57,3 +61,19 @@ def get(name: str) -> str | None:
 def flag(name: str) -> bool:
     """A boolean variable: set to anything but '', '0', 'false', 'no'."""
     return (get(name) or "").strip().lower() not in ("", "0", "false", "no")
+
+
+# Library settings forge sets for itself (a user's own value wins): forge draws its own progress, and the
+# libraries' tqdm bars and info chatter would interleave with it.
+_QUIET = {"TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", "LLM_COMPRESSOR_LOG_LEVEL": ""}
+
+
+def quiet_libraries() -> None:
+    """Quiet the libraries forge runs (tqdm, transformers, llm-compressor) unless the user set them."""
+    for name, value in _QUIET.items():
+        os.environ.setdefault(name, value)
+
+
+def passthrough(drop: tuple[str, ...], drop_prefixes: tuple[str, ...] = ()) -> dict[str, str]:
+    """This process's environment for a child tool (buildah), without the named secrets and prefixes."""
+    return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(drop_prefixes)}

@@ -35,9 +35,11 @@ MANIFEST_VERSION = 1
 
 
 def default_cache_dir() -> Path:
-    if env := os.environ.get("FORGE_CACHE_DIR"):
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    from forge import env
+
+    if root := env.get("FORGE_CACHE_DIR"):
+        return Path(root).expanduser()
+    xdg = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(xdg) / "forge"
 
 

@@ -70,12 +70,12 @@ def test_upstream_data_change_reruns_and_early_cutoff(tmp_path, tiny_llama, cach
 
 
 def test_tool_version_is_part_of_the_key(recipe, cache_dir, monkeypatch):
-    import forge.build as fb
+    import forge.executors.runner as runner
 
     store = Store(cache_dir)
     build(load_recipe(recipe), store)
-    real = fb.tool_versions
-    monkeypatch.setattr(fb, "tool_versions", lambda names: {**real(names), **({"transformers": "0.0.0"} if "transformers" in names else {})})
+    real = runner.tool_versions
+    monkeypatch.setattr(runner, "tool_versions", lambda names: {**real(names), **({"transformers": "0.0.0"} if "transformers" in names else {})})
     assert [p.status for p in plan(load_recipe(recipe), store)] == ["MISS", "PENDING"]
 
 
@@ -180,3 +180,54 @@ def test_build_force_flag_forms(recipe, cache_dir):
     assert one.stdout.count("BUILT") == 1
     bad = forge_cli("build", str(recipe), "--force", "quantise", cache=cache_dir)
     assert bad.returncode == 2 and "unknown step(s) quantise" in bad.stderr
+
+
+PROBED_TOOLS = ("nvidia-smi", "buildah", "podman", "docker", "trivy", "skopeo", "mmdebstrap", "trtllm-build", "pip", "pip3")
+
+
+def _recording_standins(tmp_path) -> tuple[Path, Path]:
+    """Every external tool forge may probe, as a stand-in that records that it was started."""
+    bindir, log = tmp_path / "bin", tmp_path / "started.log"
+    bindir.mkdir()
+    for tool in PROBED_TOOLS:
+        (bindir / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> "{log}"\necho "{tool} version 1.0"\n')
+        (bindir / tool).chmod(0o755)
+    return bindir, log
+
+
+def test_plan_starts_no_external_tool(tmp_path, tiny_llama, cache_dir, monkeypatch):
+    from forge.steps import Unprobed, no_probes
+    from forge.steps import scan as scan_step
+
+    bindir, log = _recording_standins(tmp_path)
+    recipe = write_recipe(tmp_path / "image.yaml", str(tiny_llama), container={"base": "cpu-python311"},
+                          scan={"required": False})
+    env = {"PATH": f"{bindir}:/usr/bin:/bin"}
+
+    def planned() -> dict:
+        steps = json.loads(forge_cli("plan", "--json", str(recipe), cache=cache_dir, env=env, check=0).stdout)
+        return {p["step"]: (p["status"], p["reason"]) for p in steps}
+
+    steps = planned()
+    assert steps["resolve"] == ("MISS", None)
+    # the base image's key names buildah's and mmdebstrap's versions: never probed here, so it waits, saying why
+    assert steps["base_image"] == ("PENDING", "needs `buildah --version` (not remembered yet), probed when the build runs")
+    assert steps["quantize"] == ("PENDING", "after resolve") and steps["scan"][0] == "PENDING"
+    assert not log.exists(), log.read_text()
+
+    # what a build remembers (tool-versions.json, by binary path, size and mtime) gives the key without a probe
+    memo = {}
+    for tool in ("buildah", "mmdebstrap"):
+        st = (bindir / tool).stat()
+        memo[f"{bindir / tool}:{st.st_size}:{st.st_mtime_ns}"] = f"{tool} version 1.0"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    (cache_dir / "tool-versions.json").write_text(json.dumps(memo))
+    steps = planned()
+    assert steps["base_image"][0] == "MISS"
+    assert not log.exists(), log.read_text()
+
+    # trivy's DB date is key material and is never remembered: a plan does not ask, the build does
+    monkeypatch.setenv("PATH", env["PATH"])
+    with no_probes(), pytest.raises(Unprobed, match="trivy version"):
+        scan_step.SPEC.identity(load_recipe(recipe))
+    assert not log.exists()

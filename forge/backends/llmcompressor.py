@@ -10,7 +10,6 @@ AutoAWQ and AutoGPTQ are archived; llm-compressor is where AWQ and GPTQ are main
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from contextlib import contextmanager
@@ -245,8 +244,9 @@ class LlmCompressor:
         return architecture_problems(loaded, shape, self.title, supported)
 
     def quantize(self, model, q, windows, *, report, log_dir: Path) -> Quantized:
-        os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "")  # forge shows progress; the full log goes to a file
-        os.environ.setdefault("TQDM_DISABLE", "1")             # per-layer tqdm bars would interleave with forge's
+        from forge import env
+
+        env.quiet_libraries()  # forge shows progress; per-layer tqdm bars and loguru chatter would interleave with it
         import llmcompressor  # noqa: F401  (configures loguru on import, removing earlier handlers: import it first)
         import torch
         from loguru import logger

@@ -12,7 +12,6 @@ built); concurrent publishes of different builds each get theirs.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sqlite3
 from contextlib import contextmanager
@@ -40,9 +39,11 @@ _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
 def default_registry_dir() -> Path:
-    if env := os.environ.get("FORGE_REGISTRY_DIR"):
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    from forge import env
+
+    if root := env.get("FORGE_REGISTRY_DIR"):
+        return Path(root).expanduser()
+    xdg = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(xdg) / "forge" / "registry"
 
 

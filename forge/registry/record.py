@@ -111,39 +111,34 @@ def decide(gate: dict | None, scan: dict | None, has_image: bool) -> tuple[str, 
 
 def collect(loaded, results: dict, finished_at: datetime | None = None) -> Collected:
     """Build the record for a (possibly stopped) build from its step results, by step name."""
-    from forge.steps.gate import VERDICT as GATE_VERDICT
-    from forge.steps.package import IMAGE_JSON, OCI_DIR
-    from forge.steps.scan import REPORT, SBOM, VERDICT as SCAN_VERDICT
+    from forge.steps import gate as gate_step, package as package_step, scan as scan_step
 
     r = loaded.recipe
-    facts = {name: res.entry.manifest.get("facts", {}) for name, res in results.items()}
-    gate = facts.get("gate") if "gate" in results else None
-    scan = facts.get("scan") if "scan" in results else None
-    package = results.get("package")
-    image = json.loads((package.entry.out / IMAGE_JSON).read_text()) if package else None
+    gate_out = gate_step.Output.read(results["gate"].entry) if "gate" in results else None
+    scan_out = scan_step.Output.read(results["scan"].entry) if "scan" in results else None
+    image = package_step.Output.read(results["package"].entry) if "package" in results else None
+    gate, scan = gate_out and gate_out.facts(), scan_out and scan_out.facts()
     status, reason = decide(gate, scan, image is not None)
 
     evidence: list[EvidenceFiles] = []
     eval_digest = scan_digest = sbom_digest = None
-    if gate is not None:
-        verdict = results["gate"].entry.out / GATE_VERDICT
-        evidence.append(EvidenceFiles("eval-verdict", (verdict,)))
-        eval_digest = sha256_file(verdict)
-    if scan is not None:
-        out = results["scan"].entry.out
-        files = tuple(out / f for f in (REPORT, SCAN_VERDICT) if (out / f).exists())
+    if gate_out is not None:
+        evidence.append(EvidenceFiles("eval-verdict", (gate_out.verdict,)))
+        eval_digest = sha256_file(gate_out.verdict)
+    if scan_out is not None:
+        files = tuple(f for f in (scan_out.report, scan_out.verdict) if f is not None and f.exists())
         evidence.append(EvidenceFiles("scan-report", files))
-        scan_digest = sha256_file(out / SCAN_VERDICT)
-        if (out / SBOM).exists():
-            evidence.append(EvidenceFiles("sbom", (out / SBOM,)))
-            sbom_digest = sha256_file(out / SBOM)
+        scan_digest = sha256_file(scan_out.verdict)
+        if scan_out.sbom is not None:
+            evidence.append(EvidenceFiles("sbom", (scan_out.sbom,)))
+            sbom_digest = sha256_file(scan_out.sbom)
 
     tools: dict[str, str] = {}
     for res in results.values():
         tools.update(res.entry.manifest.get("inputs", {}).get("tools", {}))
     quantize = results.get("quantize")
     model_digest = quantize.output_digest if quantize else None
-    image_digest = image["manifest_digest"] if image else None
+    image_digest = image.manifest_digest if image else None
     ident = {"recipe": loaded.digest, "image": image_digest, "model": model_digest, "eval": eval_digest,
              "scan": scan_digest}
     rid = digest_of(ident).removeprefix("sha256:")
@@ -152,7 +147,7 @@ def collect(loaded, results: dict, finished_at: datetime | None = None) -> Colle
         id=rid, name=r.name, tag=tag, status=status, reason=reason, image_digest=image_digest,
         recipe_digest=loaded.digest, recipe_path=str(loaded.path), model_source=r.model.source,
         model_digest=model_digest, method=r.quantize.method, target_gpu=r.target.gpu,
-        engine=image.get("engine") if image else None,
+        engine=image.image.get("engine") if image else None,
         engine_version=_engine_version(loaded) if image else None,
         eval_verdict="none" if gate is None else ("pass" if gate.get("passed") else "fail"), eval_digest=eval_digest,
         scan_verdict=_scan_verdict(scan), scan_digest=scan_digest, sbom_digest=sbom_digest,
@@ -160,7 +155,7 @@ def collect(loaded, results: dict, finished_at: datetime | None = None) -> Colle
         created_at=(finished_at or datetime.now(timezone.utc)).isoformat(timespec="seconds"))
     prov = provenance(record, loaded, results)
     record = record.model_copy(update={"provenance_digest": sha256_bytes(prov)})
-    return Collected(record, package.entry.out / OCI_DIR if package else None, tuple(evidence), prov)
+    return Collected(record, image.oci_dir if image else None, tuple(evidence), prov)
 
 
 def provenance(record: Record, loaded, results: dict) -> bytes:

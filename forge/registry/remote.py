@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from forge import env
 from forge.errors import ToolError, UsageError
 from forge.registry.layout import INDEX, MANIFEST, Layout, manifest_bytes, sha256_bytes
 from forge.registry.record import Record
@@ -65,14 +66,14 @@ class Remote:
 def insecure_host(host: str) -> bool:
     """Plain HTTP (no TLS verification) only for loopback hosts and those listed in FORGE_INSECURE_REGISTRIES."""
     name = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
-    extra = [h.strip() for h in os.environ.get("FORGE_INSECURE_REGISTRIES", "").split(",") if h.strip()]
+    extra = [h.strip() for h in (env.get("FORGE_INSECURE_REGISTRIES") or "").split(",") if h.strip()]
     return name in _LOOPBACK or host in extra or name in extra
 
 
 # ---------------------------------------------------------------------- credentials
 
 def _env_creds() -> tuple[str, str] | None:
-    user, password = os.environ.get("FORGE_REGISTRY_USER"), os.environ.get("FORGE_REGISTRY_PASSWORD")
+    user, password = env.get("FORGE_REGISTRY_USER"), env.get("FORGE_REGISTRY_PASSWORD")
     return (user, password) if user and password else None
 
 
@@ -250,9 +251,9 @@ def _fallback_tag(digest: str) -> str:
 
 def _auth_files() -> list[Path]:
     paths = []
-    if env := os.environ.get("REGISTRY_AUTH_FILE"):
-        paths.append(Path(env))
-    if run := os.environ.get("XDG_RUNTIME_DIR"):
+    if auth := env.get("REGISTRY_AUTH_FILE"):
+        paths.append(Path(auth))
+    if run := env.get("XDG_RUNTIME_DIR"):
         paths.append(Path(run) / "containers" / "auth.json")
     paths.append(Path.home() / ".config" / "containers" / "auth.json")
     return paths

@@ -1,21 +1,35 @@
-"""The pipeline steps. Each step is a module with a ``SPEC`` and a ``run(ctx)``; data flows one way.
+"""The step contract. Each step is a module with a ``SPEC``, a ``run(ctx)`` and an ``Output`` reader.
 
 A StepSpec says what the step's cache key is made of: the recipe sections it reads, the data files
 it reads, its upstream steps (their output digests), and the distributions it calls (their versions).
 ``run`` is named as "module:function" and imported only when the step actually runs, so planning
-and no-op rebuilds never import torch.
+and no-op rebuilds never import torch. A step hands its output downstream through its own
+``Output.read(entry)``: no module reads another step's file names.
+
+The graph (which steps, in which order) is ``forge.steps.graph``; this module imports no step, so a
+step importing its contract from here closes no import circle.
+
+Host probes that enter key material (a tool's ``--version``, the GPUs present) go through ``probe``:
+``forge plan`` runs under ``no_probes()``, where a probe answers from what was remembered or raises
+``Unprobed`` (the step is then PENDING with that reason): a plan never starts an external tool.
 """
 from __future__ import annotations
 
+import contextvars
 import importlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
+
+from forge.host import device, tool_versions  # host probes live in forge.host; re-exported for step modules
 
 if TYPE_CHECKING:
     from forge.recipe.load import LoadedRecipe
+    from forge.store import Entry
 
-__all__ = ["StepSpec", "StepContext", "STEPS", "step_names", "active_steps"]
+__all__ = ["StepSpec", "StepContext", "Reporter", "tool_versions", "device", "Unprobed", "no_probes",
+           "probes_allowed"]
 
 
 class Reporter(Protocol):
@@ -38,6 +52,8 @@ class StepContext:
     out: Path                        # empty staging dir to write outputs into
     downloads: Path                  # shared download cache (content pinned by the source itself)
     report: Reporter
+    upstream: dict[str, "Entry"] = field(default_factory=dict)  # upstream step -> its committed entry: read
+                                                                # it with that step's ``Output.read(entry)``
 
 
 @dataclass(frozen=True)
@@ -50,42 +66,58 @@ class StepSpec:
     config: Callable[["LoadedRecipe"], Any]                  # the recipe section(s) the step reads
     run: str                                                 # "module:function", imported lazily
     data: Callable[["LoadedRecipe"], dict[str, Path]] = field(default=lambda _: {})  # files/dirs it reads
-    identity: Callable[["LoadedRecipe"], dict] = field(default=lambda _: {})         # extra key material
+    identity: Callable[["LoadedRecipe"], dict] = field(default=lambda _: {})         # extra key material (host probes)
     enabled: Callable[["LoadedRecipe"], bool] = field(default=lambda _: True)        # part of this recipe's graph?
     check: str | None = None  # "module:function"(entry) run on a built or reused output; raises to stop the build
     volatile: tuple[str, ...] = ()  # output files that record how the build went (timings): kept and hashed,
                                     # but not part of the output digest, so identical results cut off downstream
 
     def runner(self) -> Callable[[StepContext], dict | None]:
-        module, _, func = self.run.partition(":")
-        return getattr(importlib.import_module(module), func)
-
+        return _attr(self.run)
 
     def checker(self) -> Callable | None:
-        if self.check is None:
-            return None
-        module, _, func = self.check.partition(":")
-        return getattr(importlib.import_module(module), func)
+        return None if self.check is None else _attr(self.check)
 
 
-def _specs() -> list[StepSpec]:
-    from forge.steps import compile, evaluate, gate, package, quantize, resolve, scan
-
-    return [resolve.SPEC, quantize.SPEC, compile.SPEC, evaluate.BASELINE, evaluate.CANDIDATE, gate.SPEC, package.BASE, package.SPEC,
-            scan.SPEC]
+def _attr(ref: str) -> Callable:
+    module, _, func = ref.partition(":")
+    return getattr(importlib.import_module(module), func)
 
 
-STEPS: list[StepSpec] = _specs()
+# ---------------------------------------------------------------------- host facts for key material
+
+class Unprobed(Exception):
+    """A key needs a host fact that was never probed, and this caller may not probe (``forge plan``)."""
+
+    def __init__(self, what: str):
+        super().__init__(what)
+        self.what = what
 
 
-def step_names() -> list[str]:
-    return [s.name for s in STEPS]
+_PROBES: contextvars.ContextVar[bool] = contextvars.ContextVar("forge_probes", default=True)
 
 
-def active_steps(loaded: "LoadedRecipe") -> list[StepSpec]:
-    """The steps of this recipe's graph, in dependency order; dependencies on disabled steps drop out."""
-    from dataclasses import replace
+@contextmanager
+def no_probes() -> Iterator[None]:
+    """Within: ``probe`` never runs an external tool (what ``forge plan`` promises)."""
+    token = _PROBES.set(False)
+    try:
+        yield
+    finally:
+        _PROBES.reset(token)
 
-    active = [s for s in STEPS if s.enabled(loaded)]
-    names = {s.name for s in active}
-    return [replace(s, depends=tuple(d for d in s.depends if d in names)) for s in active]
+
+def probes_allowed() -> bool:
+    return _PROBES.get()
+
+
+def probe(what: str, run: Callable[[], Any], remembered: Callable[[], Any] | None = None) -> Any:
+    """A host fact for key material: ``remembered()`` when it knows (not None), else ``run()`` -- unless
+    probing is off, then ``Unprobed(what)``."""
+    if remembered is not None and (known := remembered()) is not None:
+        return known
+    if not probes_allowed():
+        raise Unprobed(what)
+    return run()
+
+

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from forge.steps import StepContext, StepSpec
@@ -34,8 +35,9 @@ def _config(loaded) -> dict:
 
 def _identity(loaded) -> dict:
     from forge.host import local_gpus
+    from forge.steps import probe
 
-    gpus = local_gpus()
+    gpus = probe("this host's GPUs (nvidia-smi)", local_gpus)
     base = _base(loaded)
     return {"gpus_here": [(g.name, g.compute_capability) for g in gpus], "trtllm": base.engine_version if base else None}
 
@@ -103,3 +105,16 @@ def check(entry) -> None:
         EngineFacts.read(Path(entry.out) / ENGINE_DIR)
     except ValueError as e:
         raise ToolError(f"cached engine unreadable: {e}", hint="forge build --force compile") from None
+
+
+# ------------------------------------------------------------------ reader (what downstream steps read)
+
+
+@dataclass(frozen=True)
+class Output:
+    """The compile step's TensorRT-LLM engine directory (checked by ``check`` against the recipe)."""
+    engine_dir: Path
+
+    @classmethod
+    def read(cls, entry) -> "Output":
+        return cls(entry.out / ENGINE_DIR)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from forge.steps import StepContext, StepSpec
@@ -42,9 +43,9 @@ def _data(loaded) -> dict[str, Path]:
 
 
 def _identity(loaded) -> dict:
-    from forge.host import device as _device
+    from forge.host import device
 
-    return {"device": _device()}
+    return {"device": device()}
 
 
 def _spec(name: str, upstream: str, summary: str) -> StepSpec:
@@ -75,12 +76,13 @@ def pick_backend(requested: str) -> tuple[str, str]:
 
 def run(ctx: StepContext) -> dict:
     from forge.evaltasks import load_tasks
+    from forge.steps import quantize
 
     ev = ctx.recipe.recipe.eval
     (upstream,) = ctx.inputs.values()
     tasks = load_tasks(ctx.recipe)
     backend, device = pick_backend(ev.backend)
-    if backend == "hf" and (upstream / "hf_quant_config.json").exists():
+    if backend == "hf" and "quantize" in ctx.upstream and quantize.Output.read(ctx.upstream["quantize"]).modelopt_checkpoint:
         from forge.errors import ToolError
 
         raise ToolError("a ModelOpt checkpoint cannot be evaluated with the hf backend (transformers has no "
@@ -129,3 +131,21 @@ def load_samples(out: Path, task: str) -> dict[str, dict]:
     """doc_id -> {metric: value} from an eval step's output."""
     path = out / SAMPLES_DIR / f"{task}.jsonl"
     return {row["doc_id"]: row["values"] for row in map(json.loads, path.read_text().splitlines())}
+
+
+@dataclass(frozen=True)
+class Output:
+    """What an eval step hands downstream: aggregate metrics per task, and per-sample values on demand."""
+    dir: Path
+    results: dict[str, dict]          # task -> metric -> value
+    backend: str | None
+    device: str | None
+
+    @classmethod
+    def read(cls, entry) -> "Output":
+        summary = json.loads((entry.out / RESULTS).read_text())
+        return cls(entry.out, summary["results"], summary.get("backend"), summary.get("device"))
+
+    def samples(self, task: str) -> dict[str, dict]:
+        """doc_id -> {metric: value}."""
+        return load_samples(self.dir, task)

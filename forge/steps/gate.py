@@ -6,6 +6,8 @@ re-evaluating); ``check`` stops the build with exit 3 when it failed, naming eac
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 from forge.steps import StepContext, StepSpec
 
@@ -46,18 +48,18 @@ def _paired(base: dict, cand: dict, task: str, metric: str):
 
 def run(ctx: StepContext) -> dict:
     from forge.gatestats import judge_rule, junit, markdown
-    from forge.steps.evaluate import RESULTS, load_samples
+    from forge.steps import evaluate
 
     ev = ctx.recipe.recipe.eval
-    base_dir, cand_dir = ctx.inputs["eval_baseline"], ctx.inputs["eval_candidate"]
-    base_results = json.loads((base_dir / RESULTS).read_text())["results"]
-    cand_results = json.loads((cand_dir / RESULTS).read_text())["results"]
+    base = evaluate.Output.read(ctx.upstream["eval_baseline"])
+    cand = evaluate.Output.read(ctx.upstream["eval_candidate"])
+    base_results, cand_results = base.results, cand.results
     results = []
     gated = set()
     for rule in ev.gate:
         kind, threshold = next((k, getattr(rule, k)) for k in ("max_abs_drop", "max_rel_increase", "min_recovery")
                                if getattr(rule, k) is not None)
-        b, c = _paired(load_samples(base_dir, rule.task), load_samples(cand_dir, rule.task), rule.task, rule.metric)
+        b, c = _paired(base.samples(rule.task), cand.samples(rule.task), rule.task, rule.metric)
         ctx.report(f"bootstrap {rule.task}.{rule.metric} (n={len(b)})")
         results.append(judge_rule(rule.task, rule.metric, kind, threshold, b, c, seed=ev.seed, resamples=RESAMPLES))
         gated.add((rule.task, rule.metric))
@@ -76,9 +78,28 @@ def run(ctx: StepContext) -> dict:
 
 
 def check(entry) -> None:
-    facts = entry.manifest["facts"]
-    if not facts["passed"]:
+    out = Output.read(entry)
+    if not out.passed:
         from forge.errors import EvalGateError
 
-        raise EvalGateError("eval gate failed:\n  " + "\n  ".join(facts["failed"]),
-                            hint=f"Full report: {entry.out / SUMMARY} (JUnit: {entry.out / JUNIT}).")
+        raise EvalGateError("eval gate failed:\n  " + "\n  ".join(out.failed),
+                            hint=f"Full report: {out.summary} (JUnit: {out.junit}).")
+
+
+@dataclass(frozen=True)
+class Output:
+    """The gate's verdict as the registry and the pipeline read it."""
+    passed: bool
+    failed: tuple[str, ...]           # one line per failing rule
+    verdict: Path                     # verdict.json (evidence)
+    summary: Path
+    junit: Path
+
+    @classmethod
+    def read(cls, entry) -> "Output":
+        facts = entry.manifest["facts"]
+        return cls(bool(facts["passed"]), tuple(facts.get("failed") or ()), entry.out / VERDICT,
+                   entry.out / SUMMARY, entry.out / JUNIT)
+
+    def facts(self) -> dict:
+        return {"passed": self.passed, "failed": list(self.failed)}

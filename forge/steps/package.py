@@ -22,9 +22,11 @@ import subprocess
 import time
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from forge import env as fenv
 from forge.containers import MODEL_DIR, PORT, UID, ImageSpec, containerfile, image_spec, require_cuda, resolve_base
 from forge.errors import StepError, ToolError
 from forge.steps import StepContext, StepSpec
@@ -53,7 +55,7 @@ def _base_config(loaded) -> dict:
 
 def _pip_sources() -> dict:
     """Where pip inside the build takes wheels from (part of the base key: it decides the bytes)."""
-    return {"index_url": os.environ.get("FORGE_PIP_INDEX_URL"), "find_links": os.environ.get("FORGE_PIP_FIND_LINKS")}
+    return {"index_url": fenv.get("FORGE_PIP_INDEX_URL"), "find_links": fenv.get("FORGE_PIP_FIND_LINKS")}
 
 
 BASE = StepSpec(
@@ -108,6 +110,10 @@ def _tool_version(tool: str) -> str:
         known = {}
     if ident in known:
         return known[ident]
+    from forge.steps import Unprobed, probes_allowed
+
+    if not probes_allowed():
+        raise Unprobed(f"`{tool} --version` (not remembered yet)")
     try:
         out = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
@@ -124,15 +130,15 @@ def _tool_version(tool: str) -> str:
 
 
 def _clean_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV and not k.startswith(("HF_", "AWS_"))}
-    env.setdefault("BUILDAH_ISOLATION", "chroot")
-    return env
+    clean = fenv.passthrough(SECRET_ENV, ("HF_", "AWS_"))
+    clean.setdefault("BUILDAH_ISOLATION", "chroot")
+    return clean
 
 
 def _storage_flags() -> list[str]:
     """buildah's storage options, shared by every buildah call forge makes (FORGE_BUILDAH_* pick them)."""
-    root = os.environ.get("FORGE_BUILDAH_ROOT")
-    flags = ["--storage-driver", os.environ.get("FORGE_BUILDAH_STORAGE_DRIVER", "vfs")]
+    root = fenv.get("FORGE_BUILDAH_ROOT")
+    flags = ["--storage-driver", fenv.get("FORGE_BUILDAH_STORAGE_DRIVER")]
     return flags + (["--root", root, "--runroot", root + "-run"] if root else [])
 
 
@@ -155,17 +161,17 @@ def _run(argv: list[str], *, shown: tuple[str, ...], check: bool = True, env: di
 
 def _host_pip_mounts() -> tuple[list[str], list[str]]:
     """Bind mounts and env for pip inside a build: the CA bundle and local wheel sources, read-only."""
-    mounts, env = [], ["PIP_NO_CACHE_DIR=1", "PIP_DISABLE_PIP_VERSION_CHECK=1", "PIP_ROOT_USER_ACTION=ignore"]
-    ca = os.environ.get("PIP_CERT") or os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("SSL_CERT_FILE")
+    mounts, env = [], ["PIP_NO_CACHE_DIR=1", "PIP_DISABLE_PIP_VERSION_CHECK=1", "PIP_ROOT_USER_ACTION=ignore"]  # for the build
+    ca = fenv.get("PIP_CERT") or fenv.get("REQUESTS_CA_BUNDLE") or fenv.get("SSL_CERT_FILE")
     if ca and Path(ca).is_file():
         mounts += ["-v", f"{ca}:/run/forge/ca.pem:ro"]
         env += ["PIP_CERT=/run/forge/ca.pem", "SSL_CERT_FILE=/run/forge/ca.pem"]
-    links = os.environ.get("FORGE_PIP_FIND_LINKS") or os.environ.get("PIP_FIND_LINKS")
+    links = fenv.get("FORGE_PIP_FIND_LINKS") or fenv.get("PIP_FIND_LINKS")
     if links:
         for i, d in enumerate(p for p in links.split() if Path(p).is_dir()):
             mounts += ["-v", f"{d}:/run/forge/wheels{i}:ro"]
             env += [f"PIP_FIND_LINKS=/run/forge/wheels{i}"]
-    if idx := os.environ.get("FORGE_PIP_INDEX_URL"):
+    if idx := fenv.get("FORGE_PIP_INDEX_URL"):
         env += [f"PIP_INDEX_URL={idx}"]
     return mounts, env
 
@@ -188,7 +194,7 @@ def run_base(ctx: StepContext) -> dict:
         buildah("run", ctr, "--", "python3", "-m", "venv", "/opt/venv")
         ctx.report(f"pip install {' '.join(base.pip)}")
         mounts, env = _host_pip_mounts()
-        torch_index = [] if os.environ.get("FORGE_PIP_FIND_LINKS") or os.environ.get("PIP_FIND_LINKS") or not base.torch_index \
+        torch_index = [] if fenv.get("FORGE_PIP_FIND_LINKS") or fenv.get("PIP_FIND_LINKS") or not base.torch_index \
             else ["--extra-index-url", base.torch_index]
         buildah("run", *mounts, *[x for e in env for x in ("--env", e)], ctr, "--",
                 "/opt/venv/bin/pip", "install", "--quiet", *torch_index, *base.pip)
@@ -461,3 +467,22 @@ def file_digests_in_layer(layout: Path, layer_digest: str) -> dict[str, str]:
             if m.isfile():
                 out[m.name.lstrip("./")] = hashlib.sha256(tf.extractfile(m).read()).hexdigest()
     return out
+
+
+# ------------------------------------------------------------------ readers (what downstream steps and the registry read)
+
+
+@dataclass(frozen=True)
+class Output:
+    """The package step's image: its OCI layout and the description written next to it."""
+    oci_dir: Path                     # OCI image layout (what Trivy scans and the registry stores)
+    image: dict                       # image.json: manifest_digest, oci_ref, engine, builder, …
+    containerfile: Path
+
+    @classmethod
+    def read(cls, entry) -> "Output":
+        return cls(entry.out / OCI_DIR, json.loads((entry.out / IMAGE_JSON).read_text()), entry.out / CONTAINERFILE)
+
+    @property
+    def manifest_digest(self) -> str:
+        return self.image["manifest_digest"]

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from forge import env, host
@@ -190,7 +191,7 @@ def run(ctx: StepContext) -> dict:
     recipe_dtype = getattr(torch, loaded.recipe.model.dtype)
     dtype = getattr(torch, calibration_dtype(calibration_policy(loaded), src, loaded.recipe.model.dtype))
 
-    tokenizer = AutoTokenizer.from_pretrained(src)
+    tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)  # saved into tokenizer_config: not HF_HUB_OFFLINE's
     windows = _calibration_windows(ctx, tokenizer) if backend.needs_calibration(q) else None
     ctx.report(f"loading the model ({'cuda' if cuda else 'cpu'}, {str(dtype).removeprefix('torch.')})")
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, device_map="cuda" if cuda else None)
@@ -364,3 +365,39 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 def _size(path: Path) -> int:
     return sum((path / rel).stat().st_size for rel in list_files(path) if rel.endswith(".safetensors"))
+
+
+# ------------------------------------------------------------------ reader (what downstream steps read)
+
+
+@dataclass(frozen=True)
+class Output:
+    """The quantize step's checkpoint as downstream steps read it (no one else names its files)."""
+    dir: Path                          # the HF-format checkpoint (config, weights, tokenizer) + build reports
+    facts: dict                        # method, bytes, tools, … (the step manifest's facts)
+
+    @classmethod
+    def read(cls, entry) -> "Output":
+        return cls(entry.out, entry.manifest.get("facts", {}))
+
+    @property
+    def reports(self) -> tuple[Path, ...]:
+        """Build evidence written beside the checkpoint (carries timings: never shipped in an image)."""
+        return tuple(self.dir / r for r in REPORTS if (self.dir / r).exists())
+
+    @property
+    def trtllm_checkpoint(self) -> Path | None:
+        """ModelOpt's TensorRT-LLM checkpoint (engine mode), when the backend wrote one."""
+        from forge.trtllm import TRTLLM_CKPT
+
+        return self.dir / TRTLLM_CKPT if (self.dir / TRTLLM_CKPT).exists() else None
+
+    @property
+    def modelopt_checkpoint(self) -> bool:
+        """A ModelOpt unified checkpoint (hf_quant_config.json): transformers' hf loader cannot read it."""
+        return (self.dir / "hf_quant_config.json").exists()
+
+    def model_entries(self) -> list[Path]:
+        """The top-level files and dirs of the servable checkpoint: no reports, no TensorRT-LLM checkpoint."""
+        skip = {p.name for p in self.reports} | ({self.trtllm_checkpoint.name} if self.trtllm_checkpoint else set())
+        return [p for p in sorted(self.dir.iterdir()) if p.name not in skip]

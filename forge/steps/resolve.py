@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
@@ -194,7 +195,8 @@ def convert_gguf(gguf: Path, out: Path, *, dtype: str, report) -> None:
         config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # float32 is the fast path of the GGUF kernels; cast once at the end.
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # local_files_only is saved into tokenizer_config.json: fixed here, so HF_HUB_OFFLINE cannot change the bytes
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     except (ValueError, OSError, KeyError) as e:
         raise StepError(f"transformers could not load {gguf}: {e}",
                         hint="Check that the file is a complete GGUF of an architecture transformers supports.") from None
@@ -206,3 +208,20 @@ def convert_gguf(gguf: Path, out: Path, *, dtype: str, report) -> None:
                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+# ------------------------------------------------------------------ reader (what downstream steps read)
+
+
+@dataclass(frozen=True)
+class Output:
+    """The resolved snapshot: a local safetensors checkpoint directory and what was learnt resolving it."""
+    dir: Path
+    source: str
+    architecture: str | None
+    commit: str | None                # the pinned HF commit, for hf:// sources
+
+    @classmethod
+    def read(cls, entry) -> "Output":
+        facts = entry.manifest.get("facts", {})
+        return cls(entry.out, facts.get("source", ""), facts.get("architecture"), facts.get("commit"))

@@ -35,9 +35,11 @@ def _identity(loaded) -> dict:
     """Trivy's version and its DB's UpdatedAt: a newer DB can find new vulnerabilities in the same image."""
     import shutil
 
+    from forge.steps import probe
+
     if shutil.which("trivy") is None:
         return {"trivy": "absent"}
-    return {"trivy": trivy.version(options_from_recipe(loaded))}
+    return {"trivy": probe("`trivy version` (its DB date is key material)", lambda: trivy.version(options_from_recipe(loaded)))}
 
 
 SPEC = StepSpec(
@@ -50,7 +52,7 @@ SPEC = StepSpec(
 def run(ctx: StepContext) -> dict:
     import shutil
 
-    from forge.steps.package import OCI_DIR
+    from forge.steps import package
 
     loaded = ctx.recipe
     if shutil.which("trivy") is None:
@@ -65,18 +67,42 @@ def run(ctx: StepContext) -> dict:
     ctx.report("trivy image --input (OCI layout)")
     opts = options_from_recipe(loaded)
     info = trivy.version(opts)
-    report = trivy.scan_image(ctx.inputs["package"] / OCI_DIR, ctx.out / REPORT, ctx.out / SBOM, opts)
+    image = package.Output.read(ctx.upstream["package"])
+    report = trivy.scan_image(image.oci_dir, ctx.out / REPORT, ctx.out / SBOM, opts)
     verdict = write_verdict(report, ctx.out, Policy.from_recipe(loaded), info)
     return {"status": "scanned", "passed": verdict.passed, "summary": verdict.summary, "trivy": info,
             "expired_ignores": verdict.expired_ignores}
 
 
 def check(entry) -> None:
-    facts = entry.manifest["facts"]
-    if facts.get("passed") is False:
+    out = Output.read(entry)
+    if out.passed is False:
         from forge.errors import ScanGateError
 
-        raise ScanGateError(f"scan gate {facts['summary']}", hint=f"Findings that decided it: {entry.out / SUMMARY}")
+        raise ScanGateError(f"scan gate {out.summary}", hint=f"Findings that decided it: {out.summary_md}")
+
+
+@dataclass(frozen=True)
+class Output:
+    """The scan's verdict and evidence files as the registry and the pipeline read them."""
+    status: str                       # "scanned" or "unscanned"
+    passed: bool | None               # None: unscanned
+    summary: str | None               # the verdict in the scan's words ("failed: 2 HIGH …")
+    reason: str | None                # why unscanned
+    verdict: Path                     # verdict.json (evidence)
+    summary_md: Path
+    report: Path | None               # the Trivy JSON report (scanned only)
+    sbom: Path | None                 # CycloneDX SBOM (scanned only)
+
+    @classmethod
+    def read(cls, entry) -> "Output":
+        facts, out = entry.manifest["facts"], entry.out
+        return cls(facts.get("status", "scanned"), facts.get("passed"), facts.get("summary"), facts.get("reason"),
+                   out / VERDICT, out / SUMMARY, out / REPORT if (out / REPORT).exists() else None,
+                   out / SBOM if (out / SBOM).exists() else None)
+
+    def facts(self) -> dict:
+        return {"status": self.status, "passed": self.passed, "summary": self.summary, "reason": self.reason}
 
 
 @dataclass(frozen=True)

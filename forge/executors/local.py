@@ -1,0 +1,42 @@
+"""LocalExecutor: each step in this process, one at a time, in the order submitted (forge's default)."""
+from __future__ import annotations
+
+from collections import deque
+
+from forge.executors import EventSink, StepDone, StepRequest
+from forge.executors.runner import run_step
+from forge.recipe.load import LoadedRecipe
+from forge.store import Entry, Store
+
+__all__ = ["LocalExecutor", "committed"]
+
+
+def committed(store: Store, key: str, step: str) -> Entry:
+    """The committed entry an upstream key names (a request only carries keys)."""
+    entry = store.get(key)
+    if entry is None:
+        from forge.errors import StepError
+
+        raise StepError(f"upstream entry {key[:12]} of step {step} is not in the cache {store.root}",
+                        hint="It was pruned while the build ran: rerun the build.")
+    return entry
+
+
+class LocalExecutor:
+    def __init__(self, loaded: LoadedRecipe, store: Store):
+        self.loaded, self.store = loaded, store
+        self._queue: deque[tuple[StepRequest, EventSink]] = deque()
+
+    def submit(self, request: StepRequest, events: EventSink) -> None:
+        self._queue.append((request, events))
+
+    def next_done(self) -> StepDone:
+        from forge.steps.graph import spec_named
+
+        req, events = self._queue.popleft()
+        upstream = {d: committed(self.store, k, d) for d, k in req.upstream.items()}
+        return run_step(spec_named(self.loaded, req.step), self.loaded, self.store, upstream,
+                        force=req.force, events=events)
+
+    def close(self) -> None:
+        self._queue.clear()

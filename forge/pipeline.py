@@ -1,0 +1,80 @@
+"""A build from recipe to registry record: run the step graph, then publish what it decided.
+
+Publishing always runs once the graph stopped on its own terms: a failed eval or scan gate is
+recorded too (status ``rejected``, with its reason), and only then reported as the build's failure.
+A step that could not run (a ForgeError from the step) publishes nothing. The CLI prints the
+``Outcome`` and maps it to an exit code; it decides nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from forge.build import BuildOutcome, Reporter, StepResult, execute
+from forge.errors import EvalGateError, ExitCode, ScanGateError
+from forge.executors import Executor
+from forge.recipe.load import LoadedRecipe
+from forge.registry import LocalRegistry, Record, publish
+from forge.steps import StepSpec
+from forge.store import Store
+
+__all__ = ["Outcome", "run", "check_target"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    build: BuildOutcome
+    record: Record                    # what was published, with its status (validated, rejected, …) and reason
+    registry_root: Path
+
+    @property
+    def results(self) -> list[StepResult]:
+        return self.build.results
+
+    @property
+    def error(self) -> EvalGateError | ScanGateError | None:
+        """The failed gate that stopped the build (already recorded as rejected), or None."""
+        return self.build.stopped_by
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return ExitCode.OK if self.error is None else self.error.exit_code
+
+    @property
+    def gate(self):
+        """The eval gate's verdict (``forge.steps.gate.Output``), or None without an eval section."""
+        from forge.steps import gate
+
+        r = self.build.by_name.get("gate")
+        return gate.Output.read(r.entry) if r else None
+
+    @property
+    def scan(self):
+        """The scan's verdict (``forge.steps.scan.Output``), or None when the build did not reach it."""
+        from forge.steps import scan
+
+        r = self.build.by_name.get("scan")
+        return scan.Output.read(r.entry) if r else None
+
+
+def check_target(target: str | None) -> None:
+    """A bad --publish-to is a usage error before anything is built, not after an hour of building."""
+    if target and target != "local":
+        from forge.registry.remote import Remote
+
+        Remote.parse(target)
+
+
+def run(loaded: LoadedRecipe, store: Store, *, force: set[str] = frozenset(), executor: Executor | None = None,
+        registry_dir: Path | None = None, publish_to: str | None = None,
+        on_start: Callable[[StepSpec, str], Reporter] | None = None,
+        on_done: Callable[[StepResult], None] | None = None,
+        on_publish: Callable[[], Reporter] | None = None) -> Outcome:
+    """Build the recipe and publish the result with its status. ``publish_to`` overrides publish.registry."""
+    check_target(publish_to)
+    outcome = execute(loaded, store, force=force, executor=executor, on_start=on_start, on_done=on_done)
+    reg = LocalRegistry(registry_dir)
+    report = on_publish() if on_publish else (lambda *a, **k: None)
+    record = publish(loaded, outcome.by_name, report, registry=reg, target=publish_to)
+    return Outcome(outcome, record, reg.root)

@@ -1,0 +1,74 @@
+"""Environment variables: read only through forge/env.py, every one declared there and documented in the README."""
+from __future__ import annotations
+
+import ast
+import re
+
+import pytest
+
+from conftest import REPO
+
+from forge import env
+
+FORGE = REPO / "forge"
+
+
+def _sources():
+    for path in sorted(FORGE.rglob("*.py")):
+        yield path, path.read_text()
+
+
+def test_no_module_but_env_reads_the_environment():
+    offenders = []
+    for path, text in _sources():
+        if path == FORGE / "env.py":
+            continue
+        for node in ast.walk(ast.parse(text)):
+            # os.environ / os.getenv / os.putenv, or `from os import environ, getenv`
+            if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv", "putenv", "environb"):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: {ast.unparse(node)}")
+            if isinstance(node, ast.ImportFrom) and node.module == "os" and \
+                    {a.name for a in node.names} & {"environ", "getenv", "environb"}:
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: {ast.unparse(node)}")
+    assert offenders == [], "read environment variables through forge.env (declare them there):\n" + "\n".join(offenders)
+
+
+def test_every_name_forge_asks_for_is_declared():
+    asked = set()
+    for path, text in _sources():
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("get", "flag") \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id in ("env", "fenv") \
+                    and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str) \
+                    and re.fullmatch(r"[A-Z][A-Z0-9_]+", node.args[0].value):
+                asked.add(node.args[0].value)
+    assert asked, "the scan found no env.get calls: it is broken"
+    assert asked - set(env.VARS) == set()
+    # typer options read these through envvar=: declared as well
+    cli = (FORGE / "cli.py").read_text()
+    assert set(re.findall(r'envvar="([A-Z_]+)"', cli)) - set(env.VARS) == set()
+
+
+def test_readme_documents_exactly_the_declared_variables():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Environment variables", 1)[1].split("\n## ", 1)[0]
+    documented = re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", section, flags=re.M)
+    assert sorted(documented) == sorted(env.VARS), "README's environment table and forge/env.py differ"
+
+
+def test_undeclared_name_is_a_bug_and_defaults_apply(monkeypatch):
+    with pytest.raises(KeyError):
+        env.get("FORGE_NO_SUCH_VARIABLE")
+    monkeypatch.delenv("FORGE_BUILDAH_STORAGE_DRIVER", raising=False)
+    assert env.get("FORGE_BUILDAH_STORAGE_DRIVER") == "vfs"
+    monkeypatch.setenv("FORGE_DEBUG", "0")
+    assert env.flag("FORGE_DEBUG") is False
+    monkeypatch.setenv("FORGE_DEBUG", "1")
+    assert env.flag("FORGE_DEBUG") is True
+
+
+def test_quiet_libraries_keeps_a_users_own_setting(monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "0")
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
+    env.quiet_libraries()
+    assert env.get("TQDM_DISABLE") == "0" and env.get("TRANSFORMERS_VERBOSITY") == "error"
