@@ -151,8 +151,42 @@ def engine_command(loaded, base: Base, served_name: str) -> tuple[str, ...]:
 
         # trtllm-serve names the model after its path; 1.0 has no --served_model_name
         return serve_command(loaded, MODEL_DIR, PORT, engine_dir=ENGINE_DIR if mode(loaded) == "engine" else None)
-    return ("/opt/venv/bin/transformers", "serve", MODEL_DIR, "--host", "0.0.0.0", "--port", str(PORT),
+    return ("/opt/venv/bin/transformers", "serve", served_name, "--host", "0.0.0.0", "--port", str(PORT),
             "--device", "cpu", "--dtype", "auto")
+
+
+# ------------------------------------------------------------------ cpu engine: the model as an HF cache entry
+# `transformers serve` answers GET /v1/models by scanning the HF hub cache (HF_HUB_CACHE), and a model id it
+# lists is one it loads (offline) from that cache. The image carries a cache whose one entry is the model,
+# models--<id>/snapshots/<rev> being a relative link to MODEL_DIR: the weights stay at their fixed path, and the
+# id clients list is the id they chat with. (A few hundred bytes in the weights layer, named after the model.)
+HUB_DIR = "/opt/forge/hub"
+HUB_REVISION = "0" * 40
+
+
+def served_model_id(base: Base, name: str) -> str:
+    """The model id the image serves: the recipe name, made a valid HF repo id for the cpu engine
+    (no '--' or '..', at most 96 characters, ending in a letter or digit)."""
+    if base.engine != "cpu":
+        return name
+    import re
+
+    return re.sub(r"([-.])[-.]+", r"\1", name)[:96].rstrip("-.").removesuffix(".git") or "model"
+
+
+def engine_env(base: Base) -> tuple[tuple[str, str], ...]:
+    return (("HF_HUB_CACHE", HUB_DIR),) if base.engine == "cpu" else ()
+
+
+def write_hub_entry(context: Path, model_id: str) -> None:
+    """The cache entry naming the model, in the build context's hub/ (copied to HUB_DIR)."""
+    import os
+
+    repo = context / "hub" / f"models--{model_id}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(HUB_REVISION)    # no newline: the scanner reads the hash verbatim
+    (repo / "snapshots").mkdir()
+    (repo / "snapshots" / HUB_REVISION).symlink_to(os.path.relpath(MODEL_DIR, f"{HUB_DIR}/models--{model_id}/snapshots"))
 
 
 def _from(spec: ImageSpec) -> list[str]:
@@ -164,6 +198,8 @@ def _weights(spec: ImageSpec) -> list[str]:
     lines = [f"COPY --chown={UID}:{UID} model/ {MODEL_DIR}/"]
     if spec.engine_dir:
         lines.append(f"COPY --chown={UID}:{UID} engine/ {ENGINE_DIR}/")
+    if spec.base.engine == "cpu":
+        lines.append(f"COPY --chown={UID}:{UID} hub/ {HUB_DIR}/")
     return lines
 
 
