@@ -40,7 +40,7 @@ def _log_tail(path: Path, lines: int = 25) -> str:
 
 
 def check_server(url: str, model: str, report, *, exited, keep: Path, timeout_s: float = 300,
-                 context: dict | None = None) -> dict:
+                 context: dict | None = None, health_route: str = "/health") -> dict:
     """The smoke test proper, against a server at url whose output goes to keep/server.log: /health answers 200,
     GET /v1/models lists model, a chat completion by that id answers. exited() is the server's exit code (None
     while it runs). Any failure writes keep/smoke-test.json (status, body, log tail) and raises SmokeTestError."""
@@ -59,20 +59,20 @@ def check_server(url: str, model: str, report, *, exited, keep: Path, timeout_s:
                  "`container.smoke_test: false` in the recipe skips this check.")
 
     t0 = time.monotonic()
-    report(f"smoke test: waiting for /health on {url}")
+    report(f"smoke test: waiting for {health_route} on {url}")
     last = None
     while True:
         if (code := exited()) is not None:
-            fail("start", f"the server exited with {code} before answering /health")
+            fail("start", f"the server exited with {code} before answering {health_route}")
         try:
-            status, text = _http("GET", f"{url}/health", timeout=2)
+            status, text = _http("GET", f"{url}{health_route}", timeout=2)
             if status == 200:
                 break
             last = (status, text)
         except OSError:
             pass
         if time.monotonic() - t0 > timeout_s:
-            fail("GET /health", f"no 200 from /health within {timeout_s:.0f} s"
+            fail(f"GET {health_route}", f"no 200 from {health_route} within {timeout_s:.0f} s"
                  + (f" (last answer: HTTP {last[0]})" if last else " (no answer)"), *(last or (None, None)))
         time.sleep(1)
     t["health_seconds"] = round(time.monotonic() - t0, 1)
