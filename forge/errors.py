@@ -15,6 +15,7 @@ class ExitCode(IntEnum):
     EVAL_GATE = 3        # eval gate failed
     SCAN_GATE = 4        # scan gate failed
     TOOL = 5             # required external tool missing or failed
+    SMOKE_TEST = 6       # the built image failed its smoke test
 
 
 class ForgeError(Exception):
@@ -56,3 +57,10 @@ class StepError(ForgeError):
     """A step failed for a reason that is not the user's recipe (corrupt input, library failure)."""
 
     exit_code = ExitCode.UNEXPECTED
+
+
+class SmokeTestError(ForgeError):
+    """The built image did not serve: it exited, never became healthy, or answered a request with an error.
+    The message carries the HTTP status, the response body and the tail of the server's log."""
+
+    exit_code = ExitCode.SMOKE_TEST

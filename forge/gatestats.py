@@ -117,7 +117,7 @@ def judge_rule(task: str, metric: str, kind: str, threshold: float, base: np.nda
 # ------------------------------------------------------------------ reports
 
 
-def markdown(results: list[RuleResult], reported: list[dict], passed: bool) -> str:
+def markdown(results: list[RuleResult], reported: list[dict], passed: bool, *, batching: dict | None = None) -> str:
     head = "✅ Eval gate passed" if passed else "❌ Eval gate failed"
     lines = [f"### {head}", "", "| metric | rule | baseline | candidate | degradation (95% CI) | n | decision |",
              "|---|---|---|---|---|---|---|"]
@@ -130,6 +130,10 @@ def markdown(results: list[RuleResult], reported: list[dict], passed: bool) -> s
         for m in reported:
             lines.append(f"| {m['task']}.{m['metric']} | {m['baseline']:.4g} | {m['candidate']:.4g} | "
                          f"{m['candidate'] - m['baseline']:+.4g} |")
+    if batching and all(batching.values()):
+        lines += ["", "Evaluated at batch size " + ", ".join(
+            f"{side} {b['batch_size']}" + (f" ({b['reason']})" if b["batch_size"] != b["requested"] else "")
+            for side, b in batching.items()) + "."]
     if any(r.underpowered for r in results):
         lines += ["", "⚠️ underpowered: the task is too small to detect a change the size of its limit "
                       "(minimum detectable effect above the limit); add documents for a verdict that means something."]

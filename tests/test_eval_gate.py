@@ -43,6 +43,8 @@ def test_second_recipe_reuses_the_baseline_and_gate_failure_is_cached(gated, cac
     assert results["eval_baseline"].status == "BUILT" and results["gate"].status == "BUILT"
     verdict = json.loads((results["gate"].entry.out / "verdict.json").read_text())
     assert verdict["passed"] and verdict["rules"][0]["metric"] == "word_perplexity"
+    # FP8 W8A8 has dynamic activation scales: its eval ran one document per pass, the BF16 baseline batched
+    assert [verdict["settings"]["eval_batching"][k]["batch_size"] for k in ("baseline", "candidate")] == [8, 1]
     assert {(m["task"], m["metric"]) for m in verdict["reported"]} >= {("capitals_mc", "acc"), ("heldout_ppl", "bits_per_byte")}
     assert (results["gate"].entry.out / "junit.xml").read_text().count("<testcase") == 1
 

@@ -1,7 +1,9 @@
 """Packaging: the generated Containerfile (golden), base catalog errors, and the real image end to end."""
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -158,3 +160,193 @@ def test_forge_lock_pins_a_base_from_a_real_registry(tmp_path, oci_registry):
     from forge.recipe.load import load_recipe
 
     assert resolve_base(load_recipe(tmp_path / "r.yaml"))[1] == digest
+
+
+# ------------------------------------------------------------------ smoke test: classified failures, /v1/models
+
+
+@pytest.fixture
+def standin_server():
+    """A tiny OpenAI-shaped HTTP server on 127.0.0.1: /health 200, routes answer what the test sets."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    routes = {"/health": (200, {"status": "ok"})}
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self):
+            status, body = routes.get(self.path, (404, {"detail": "Not Found"}))
+            data = (body if isinstance(body, str) else json.dumps(body)).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = _answer
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self._answer()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", routes
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_smoke_test_http_500_is_classified_with_body_and_log_tail(standin_server, tmp_path):
+    """The failure issue 15 met (`method: none` on a bigger model: internal error, exit 1) is exit 6 naming the
+    request, the status, the body and the server's last log lines, and the transcript is kept."""
+    import json
+
+    from forge.errors import ExitCode, SmokeTestError
+    from forge.smoketest import check_server
+
+    url, routes = standin_server
+    routes["/v1/models"] = (200, {"object": "list", "data": [{"id": "tiny", "object": "model"}]})
+    routes["/v1/chat/completions"] = (500, {"error": "RuntimeError: expected scalar type BFloat16 but found Float"})
+    (tmp_path / "server.log").write_text("".join(f"line {i}\n" for i in range(100)) + "Traceback: the last words\n")
+    with pytest.raises(SmokeTestError) as e:
+        check_server(url, "tiny", lambda *a, **k: None, exited=lambda: None, keep=tmp_path, timeout_s=10,
+                     context={"image": "localhost/forge/tiny:abc"})
+    err = e.value
+    assert err.exit_code == ExitCode.SMOKE_TEST == 6
+    assert "smoke test of localhost/forge/tiny:abc failed at POST /v1/chat/completions: HTTP 500" in err.message
+    assert "expected scalar type BFloat16 but found Float" in err.message
+    assert "Traceback: the last words" in err.message and "line 99" in err.message and "line 50" not in err.message
+    assert f"kept in {tmp_path}/" in err.message and "container.smoke_test: false" in err.hint
+    kept = json.loads((tmp_path / "smoke-test.json").read_text())
+    assert kept["failure"]["status"] == 500 and kept["failure"]["stage"] == "POST /v1/chat/completions"
+    assert "BFloat16" in kept["failure"]["body"] and kept["models"] == ["tiny"] and not kept["passed"]
+
+
+def test_smoke_test_requires_the_served_model_in_v1_models(standin_server, tmp_path):
+    from forge.errors import SmokeTestError
+    from forge.smoketest import check_server
+
+    url, routes = standin_server
+    routes["/v1/models"] = (500, "Internal Server Error")        # what transformers serve answered before
+    with pytest.raises(SmokeTestError, match=r"failed at GET /v1/models: HTTP 500\n  response body: Internal Server"):
+        check_server(url, "tiny", lambda *a, **k: None, exited=lambda: None, keep=tmp_path, timeout_s=10)
+    routes["/v1/models"] = (200, {"object": "list", "data": [{"id": "/opt/forge/model", "object": "model"}]})
+    with pytest.raises(SmokeTestError, match=r"the served model 'tiny' is not listed \(listed: \['/opt/forge/model'\]\)"):
+        check_server(url, "tiny", lambda *a, **k: None, exited=lambda: None, keep=tmp_path, timeout_s=10)
+    routes["/v1/models"] = (200, {"object": "list", "data": [{"id": "tiny", "object": "model"}]})
+    routes["/v1/chat/completions"] = (200, {"choices": [{"message": {"role": "assistant", "content": "Paris."}}]})
+    t = check_server(url, "tiny", lambda *a, **k: None, exited=lambda: None, keep=tmp_path, timeout_s=10)
+    assert t["passed"] and t["answer"] == "Paris." and t["models"] == ["tiny"]
+
+
+def test_smoke_test_server_that_exits_is_classified(tmp_path):
+    from forge.errors import SmokeTestError
+    from forge.smoketest import check_server
+
+    (tmp_path / "server.log").write_text("OSError: /opt/forge/model does not appear to have a file named config.json\n")
+    with pytest.raises(SmokeTestError, match=r"(?s)failed at start: the server exited with 1 before answering "
+                                              r"/health.*does not appear to have a file named config.json"):
+        check_server("http://127.0.0.1:9", "tiny", lambda *a, **k: None, exited=lambda: 1, keep=tmp_path)
+
+
+@pytest.mark.parametrize("name,served", [("smollm2-135m-demo", "smollm2-135m-demo"), ("a--b..c", "a-b.c"),
+                                         ("x" * 120, "x" * 96), ("m-", "m"), ("repo.git", "repo")])
+def test_cpu_served_model_id_is_a_valid_hub_repo_id(name, served):
+    from huggingface_hub.utils import validate_repo_id
+
+    from forge.engines import get
+
+    assert get("cpu").served_name(name) == served
+    validate_repo_id(served)
+
+
+def _serve(model_id: str, hub: Path, log: Path):
+    """`transformers serve` as the cpu image runs it (engine_command), on the host, offline, on a free port."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from conftest import free_port
+
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "transformers"), "serve", model_id, "--host", "127.0.0.1",
+           "--port", str(port), "--device", "cpu", "--dtype", "auto"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_CACHE": str(hub)}
+    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.5)
+    proc.kill()
+    raise AssertionError(log.read_text())
+
+
+def test_cpu_image_hub_entry_lists_the_served_model_to_the_openai_client(tmp_path, tiny_llama):
+    """The cpu image's layout, rebuilt on the host: weights at a fixed path, the hub entry forge writes beside
+    them; `transformers serve <id>` lists that id at GET /v1/models and chats by it (openai client, streaming
+    too), and forge's own smoke-test check passes against it."""
+    import os
+    import shutil
+    import signal
+
+    import openai
+
+    from forge.engines.cpu import HUB_DIR, MODEL_DIR, write_hub_entry
+    from forge.smoketest import check_server
+
+    root = tmp_path / "root"      # stands for / in the image: root/opt/forge/{model,hub}
+    model = root / MODEL_DIR.lstrip("/")
+    shutil.copytree(tiny_llama, model)
+    tok = json.loads((model / "tokenizer_config.json").read_text())
+    tok["chat_template"] = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"   # the tiny tokenizer has none
+    (model / "tokenizer_config.json").write_text(json.dumps(tok))
+    context = tmp_path / "context"
+    write_hub_entry(context, "tiny-demo")
+    shutil.copytree(context / "hub", root / HUB_DIR.lstrip("/"), symlinks=True)
+    assert os.readlink(root / HUB_DIR.lstrip("/") / "models--tiny-demo" / "snapshots" / ("0" * 40)) == "../../../model"
+
+    proc, url = _serve("tiny-demo", root / HUB_DIR.lstrip("/"), tmp_path / "server.log")
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["tiny-demo"]
+        chat = client.chat.completions.create(model="tiny-demo", messages=[{"role": "user", "content": "hello"}],
+                                              max_tokens=4, temperature=0)
+        assert chat.choices[0].message.content
+        stream = client.chat.completions.create(model="tiny-demo", messages=[{"role": "user", "content": "hello"}],
+                                                max_tokens=4, temperature=0, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        keep = tmp_path / "keep"
+        keep.mkdir()
+        (keep / "server.log").write_text("")
+        t = check_server(url, "tiny-demo", lambda *a, **k: None, exited=proc.poll, keep=keep, timeout_s=60)
+        assert t["passed"] and t["models"] == ["tiny-demo"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_cpu_containerfile_serves_the_model_by_its_hub_id(tmp_path, tiny_llama):
+    recipe = write_recipe(tmp_path / "r.yaml", str(tiny_llama), name="tiny--demo", container={"base": "cpu-python311"})
+    loaded = load_recipe(recipe)
+    base, _ = resolve_base(loaded)
+    from forge.containers import image_spec
+
+    spec = image_spec(loaded, base, base_ref="localhost/forge-base/cpu-python311:abc", labels=(), env=(),
+                      context=tmp_path / "context")
+    text = containerfile(spec)
+    assert spec.served_name == "tiny-demo"
+    assert "COPY --chown=10001:10001 model/ /opt/forge/model/\nCOPY --chown=10001:10001 hub/ /opt/forge/hub/\n" in text
+    assert 'ENV HF_HUB_CACHE="/opt/forge/hub"\n' in text
+    assert 'ENTRYPOINT ["/opt/venv/bin/transformers", "serve", "tiny-demo", "--host", "0.0.0.0"' in text

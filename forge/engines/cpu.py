@@ -1,8 +1,22 @@
 """CPU serving with `transformers serve` in forge's own Debian base: BF16 and compressed-tensors
-checkpoints (decompressed to BF16 at load). The one engine whose image is smoke-tested here."""
+checkpoints (decompressed to BF16 at load). The one engine whose image is smoke-tested here.
+
+`transformers serve` answers GET /v1/models by scanning the HF hub cache (HF_HUB_CACHE), and a model id it
+lists is one it loads (offline) from that cache. The image carries a cache whose one entry is the model,
+models--<id>/snapshots/<rev> being a relative link to the model directory: the weights stay at their fixed
+path, and the id clients list is the id they chat with.
+"""
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
+
 from forge.engines import GpuEngine, ServeAt
+
+HUB_DIR = "/opt/forge/hub"
+HUB_REVISION = "0" * 40
+MODEL_DIR = "/opt/forge/model"
 
 
 class Cpu(GpuEngine):
@@ -14,8 +28,29 @@ class Cpu(GpuEngine):
     smoke_test = True
 
     def serve_command(self, loaded, fmt: str, at: ServeAt) -> tuple[str, ...]:
-        return ("/opt/venv/bin/transformers", "serve", at.model_dir, "--host", "0.0.0.0", "--port", str(at.port),
+        return ("/opt/venv/bin/transformers", "serve", at.served_name, "--host", "0.0.0.0", "--port", str(at.port),
                 "--device", "cpu", "--dtype", "auto")
+
+    def served_name(self, name: str) -> str:
+        """The recipe name made a valid HF repo id (no '--' or '..', at most 96 characters, ending in a letter
+        or digit): transformers serve resolves the id through the hub cache."""
+        return re.sub(r"([-.])[-.]+", r"\1", name)[:96].rstrip("-.").removesuffix(".git") or "model"
+
+    def image_env(self) -> tuple[tuple[str, str], ...]:
+        return (("HF_HUB_CACHE", HUB_DIR),)
+
+    def context_dirs(self, context: Path, served: str) -> tuple[tuple[str, str], ...]:
+        write_hub_entry(context, served)
+        return (("hub", HUB_DIR),)
+
+
+def write_hub_entry(context: Path, model_id: str) -> None:
+    """The cache entry naming the model, in the build context's hub/ (copied to HUB_DIR)."""
+    repo = context / "hub" / f"models--{model_id}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(HUB_REVISION)    # no newline: the scanner reads the hash verbatim
+    (repo / "snapshots").mkdir()
+    (repo / "snapshots" / HUB_REVISION).symlink_to(os.path.relpath(MODEL_DIR, f"{HUB_DIR}/models--{model_id}/snapshots"))
 
 
 ENGINE = Cpu()

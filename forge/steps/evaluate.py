@@ -7,6 +7,16 @@ one baseline run.
 
 Backends: ``hf`` (CPU: float32; GPU: bfloat16), ``vllm`` (GPU with vllm installed); ``auto`` picks
 vllm when both a GPU and vllm are present, else hf.
+
+Batching. Documents are evaluated 8 at a time, except on a checkpoint that quantizes activations
+dynamically (scales computed at run time, e.g. FP8 W8A8 per-token, INT8 W8A8): one document per
+forward pass. compressed-tensors computes those scales per token (it reduces over the hidden dimension
+only), so padding never enters a scale; but a padded batch changes the float rounding of attention and
+of every matmul (~1e-7 relative), and FP8's 3-bit mantissa turns a few of those into a whole rounding
+step of an activation, so a document's log-likelihood would depend on its batch neighbours (the demo:
+word_perplexity 97.63 at batch 1, 98.14 at batch 8). One document per pass makes the numbers a
+function of the checkpoint alone. The policy is key material; the batch size used is recorded in
+results.json and in the gate's verdict.
 """
 from __future__ import annotations
 
@@ -19,6 +29,8 @@ from pathlib import Path
 from forge.steps import StepContext, StepSpec
 
 RESULTS, SAMPLES_DIR, RAW_DIR = "results.json", "samples", "lm_eval_samples"
+BATCH_SIZE = 8
+BATCHING = {"batch_size": BATCH_SIZE, "dynamic_activations": 1}   # the policy (key material), see the module doc
 
 
 def _enabled(loaded) -> bool:
@@ -30,7 +42,8 @@ def _config(loaded) -> dict:
 
     ev = loaded.recipe.eval
     # Task *names*: where a recipe keeps its task files must not matter; their bytes enter via `data`.
-    return {"tasks": [t.name for t in load_tasks(loaded)], "backend": ev.backend, "limit": ev.limit, "seed": ev.seed}
+    return {"tasks": [t.name for t in load_tasks(loaded)], "backend": ev.backend, "limit": ev.limit, "seed": ev.seed,
+            "batching": BATCHING}
 
 
 def _data(loaded) -> dict[str, Path]:
@@ -50,7 +63,7 @@ def _identity(loaded) -> dict:
 
 def _spec(name: str, upstream: str, summary: str) -> StepSpec:
     return StepSpec(name=name, summary=summary, depends=(upstream,),
-                    tools=("lm_eval", "torch", "transformers", "compressed-tensors", "vllm"), version=1,
+                    tools=("lm_eval", "torch", "transformers", "compressed-tensors", "vllm"), version=2,  # 2: batching
                     config=lambda loaded: {**_config(loaded), "model": upstream}, data=_data, identity=_identity,
                     enabled=_enabled, run="forge.steps.evaluate:run")
 
@@ -74,6 +87,47 @@ def pick_backend(requested: str) -> tuple[str, str]:
     return "hf", "cuda" if cuda else "cpu"
 
 
+def dynamic_activations(checkpoint: Path) -> bool:
+    """Does the checkpoint quantize activations with scales computed at run time? (compressed-tensors
+    config groups with dynamic input or output activations; a BF16 or weight-only checkpoint does not)."""
+    try:
+        qc = json.loads((checkpoint / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return False
+    groups = qc.get("config_groups") or {}
+    return any(isinstance(g, dict) and isinstance(g.get(kind), dict) and g[kind].get("dynamic") not in (False, None)
+               for g in groups.values() for kind in ("input_activations", "output_activations"))
+
+
+def batching_for(checkpoint: Path, requested: int = BATCH_SIZE) -> dict:
+    """The batch size this checkpoint is evaluated at, and why (recorded in results.json and the verdict)."""
+    if dynamic_activations(checkpoint):
+        return {"batch_size": BATCHING["dynamic_activations"], "requested": requested,
+                "reason": "activations quantized dynamically: one document per forward pass, so a document's "
+                          "numbers do not depend on its batch neighbours"}
+    return {"batch_size": requested, "requested": requested, "reason": "no dynamic activation quantization"}
+
+
+def simple_evaluate(model_dir: Path, tasks, backend: str, device: str, *, limit, seed: int, max_model_len: int = 4096,
+                    batch_size: int = BATCH_SIZE) -> tuple[dict, dict, dict]:
+    """lm-eval on one checkpoint with forge's settings: (lm-eval's result, model_args, batching)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    if backend == "hf":
+        model_args = {"pretrained": str(model_dir), "dtype": "float32" if device == "cpu" else "bfloat16", "device": device}
+    else:
+        model_args = {"pretrained": str(model_dir), "dtype": "auto", "gpu_memory_utilization": 0.8,
+                      "max_model_len": min(max_model_len, 4096), "seed": seed}
+    batching = batching_for(model_dir, batch_size)
+    res = lm_eval.simple_evaluate(
+        model=backend, model_args=model_args, tasks=[t.lm_eval_task() for t in tasks], batch_size=batching["batch_size"],
+        limit=limit, log_samples=True, bootstrap_iters=0, task_manager=TaskManager(),
+        apply_chat_template=False, fewshot_as_multiturn=False, random_seed=seed, numpy_random_seed=seed,
+        torch_random_seed=seed, fewshot_random_seed=seed)
+    return res, model_args, batching
+
+
 def run(ctx: StepContext) -> dict:
     from forge.evaltasks import load_tasks
     from forge.steps import quantize
@@ -92,19 +146,10 @@ def run(ctx: StepContext) -> dict:
     ctx.report(f"lm-eval ({backend} on {device}): {', '.join(t.name for t in tasks)}")
 
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
-    if backend == "hf":
-        model_args = {"pretrained": str(upstream), "dtype": "float32" if device == "cpu" else "bfloat16", "device": device}
-    else:
-        model_args = {"pretrained": str(upstream), "dtype": "auto", "gpu_memory_utilization": 0.8,
-                      "max_model_len": min(ctx.recipe.recipe.target.max_model_len, 4096), "seed": ev.seed}
     t0 = time.monotonic()
-    res = lm_eval.simple_evaluate(
-        model=backend, model_args=model_args, tasks=[t.lm_eval_task() for t in tasks], batch_size=8,
-        limit=ev.limit, log_samples=True, bootstrap_iters=0, task_manager=TaskManager(),
-        apply_chat_template=False, fewshot_as_multiturn=False, random_seed=ev.seed, numpy_random_seed=ev.seed,
-        torch_random_seed=ev.seed, fewshot_random_seed=ev.seed)
+    res, model_args, batching = simple_evaluate(upstream, tasks, backend, device, limit=ev.limit, seed=ev.seed,
+                                                max_model_len=ctx.recipe.recipe.target.max_model_len)
     seconds = time.monotonic() - t0
 
     (ctx.out / SAMPLES_DIR).mkdir()
@@ -122,9 +167,11 @@ def run(ctx: StepContext) -> dict:
                 flat.write(json.dumps({"doc_id": s["doc_id"], "values": values}) + "\n")
     # No timings in the output files: same inputs, same bytes (timings live in the step manifest).
     summary = {"backend": backend, "device": device, "model_args": {k: v for k, v in model_args.items() if k != "pretrained"},
-               "lm_eval": lm_eval.__version__ if hasattr(lm_eval, "__version__") else None, "results": results}
+               "batching": batching, "lm_eval": lm_eval.__version__ if hasattr(lm_eval, "__version__") else None,
+               "results": results}
     (ctx.out / RESULTS).write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    return {"backend": backend, "device": device, "seconds": round(seconds, 1), "results": results}
+    return {"backend": backend, "device": device, "batch_size": batching["batch_size"], "seconds": round(seconds, 1),
+            "results": results}
 
 
 def load_samples(out: Path, task: str) -> dict[str, dict]:
@@ -140,11 +187,12 @@ class Output:
     results: dict[str, dict]          # task -> metric -> value
     backend: str | None
     device: str | None
+    batching: dict | None = None      # the batch size used, the one requested, and why
 
     @classmethod
     def read(cls, entry) -> "Output":
         summary = json.loads((entry.out / RESULTS).read_text())
-        return cls(entry.out, summary["results"], summary.get("backend"), summary.get("device"))
+        return cls(entry.out, summary["results"], summary.get("backend"), summary.get("device"), summary.get("batching"))
 
     def samples(self, task: str) -> dict[str, dict]:
         """doc_id -> {metric: value}."""

@@ -25,7 +25,7 @@ SPEC = StepSpec(
     summary="paired bootstrap verdict against the BF16 baseline",
     depends=("eval_baseline", "eval_candidate"),
     tools=("numpy",),
-    version=2,  # 2: no "underpowered" flag on intervals wholly beyond the limit
+    version=3,  # 2: no "underpowered" flag on intervals wholly beyond the limit; 3: eval batching recorded
     config=_config,
     enabled=lambda loaded: loaded.recipe.eval is not None,
     run="forge.steps.gate:run",
@@ -54,6 +54,7 @@ def run(ctx: StepContext) -> dict:
     base = evaluate.Output.read(ctx.upstream["eval_baseline"])
     cand = evaluate.Output.read(ctx.upstream["eval_candidate"])
     base_results, cand_results = base.results, cand.results
+    batching = {"baseline": base.batching, "candidate": cand.batching}
     results = []
     gated = set()
     for rule in ev.gate:
@@ -69,9 +70,9 @@ def run(ctx: StepContext) -> dict:
                 isinstance(cand_results.get(t, {}).get(m), (int, float))]
     passed = all(r.passed for r in results)
     verdict = {"passed": passed, "rules": [r.to_json() for r in results], "reported": reported,
-               "settings": {"seed": ev.seed, "resamples": RESAMPLES, "confidence": 0.95}}
+               "settings": {"seed": ev.seed, "resamples": RESAMPLES, "confidence": 0.95, "eval_batching": batching}}
     (ctx.out / VERDICT).write_text(json.dumps(verdict, indent=2) + "\n")
-    (ctx.out / SUMMARY).write_text(markdown(results, reported, passed))
+    (ctx.out / SUMMARY).write_text(markdown(results, reported, passed, batching=batching))
     (ctx.out / JUNIT).write_text(junit(results))
     return {"passed": passed, "failed": [r.describe() for r in results if not r.passed],
             "underpowered": [r.name for r in results if r.underpowered]}

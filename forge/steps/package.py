@@ -4,8 +4,10 @@ base_image builds forge's own CPU base (a Debian rootfs from mmdebstrap, a venv 
 and transformers[serving]) and is cached like any step. package renders the Containerfile from the
 recipe (kept as an artifact), builds it with buildah (vfs storage, chroot isolation, --timestamp 0 for
 reproducible layers), exports an OCI layout directory (what Trivy and the registry consume), and by
-default smoke-tests it: start the image's server, wait for /health, ask one chat question, require
-an answer, stop the whole process group, keep the transcript.
+default smoke-tests it: start the image's server, wait for /health, require GET /v1/models to list the
+served model, ask one chat question by that id, require an answer, stop the whole process group, keep the
+transcript. A failed smoke test is exit 6 with the HTTP status, the body and the server log's tail in the
+message; the transcript and the full server log are kept beside the step's staging directory.
 
 Secrets never reach the image: builds run with a scrubbed environment; the host's CA bundle and
 wheel sources are bind-mounted read-only into the pip step only, never copied into a layer.
@@ -20,19 +22,19 @@ import signal
 import socket
 import subprocess
 import time
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from forge import env as fenv
-from forge.containers import MODEL_DIR, PORT, UID, ImageSpec, containerfile, image_spec, require_cuda, resolve_base
-from forge.errors import StepError, ToolError
+from forge.containers import PORT, UID, ImageSpec, containerfile, image_spec, require_cuda, resolve_base
+from forge.errors import ToolError
+from forge.smoketest import SERVER_LOG, TRANSCRIPT, check_server
 from forge.steps import StepContext, StepSpec
 
-OCI_DIR, CONTAINERFILE, TRANSCRIPT, IMAGE_JSON = "oci", "Containerfile", "smoke-test.json", "image.json"
-SMOKE_QUESTION = "What is the capital of France?"
+OCI_DIR, CONTAINERFILE, IMAGE_JSON = "oci", "Containerfile", "image.json"
+SMOKE_KEEP = ".smoke-test"   # suffix of the directory beside the staging dir that keeps a failed smoke test
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "REGISTRY_PASSWORD", "REGISTRY_AUTH_FILE", "DOCKER_CONFIG",
               "AWS_SECRET_ACCESS_KEY", "GITHUB_TOKEN")
 
@@ -85,7 +87,7 @@ def _identity(loaded) -> dict:
 
 SPEC = StepSpec(
     name="package", summary="build the OCI image (weights in their own layer) and smoke-test it",
-    depends=("quantize", "compile", "gate", "base_image"), tools=(), version=1, config=_config,
+    depends=("quantize", "compile", "gate", "base_image"), tools=(), version=2, config=_config,  # 2: cpu hub entry
     identity=lambda loaded: _identity(loaded), enabled=_enabled,
     run="forge.steps.package:run")
 
@@ -303,9 +305,10 @@ def run(ctx: StepContext) -> dict:
     image = describe_layout(ctx.out / OCI_DIR, loaded.recipe.name)
     image.update(tag=tag, build_seconds=round(build_s, 1), base=base.name, engine=base.engine, builder=builder)
     if loaded.recipe.container.smoke_test:
-        transcript = smoke_test(tag, spec, ctx.report, builder=builder)
+        keep = ctx.out.parent.with_name(ctx.out.parent.name + SMOKE_KEEP)
+        transcript = smoke_test(tag, spec, ctx.report, builder=builder, keep=keep)
         (ctx.out / TRANSCRIPT).write_text(json.dumps(transcript, indent=2) + "\n")
-        image["smoke_test"] = {k: transcript[k] for k in ("passed", "answer", "health_seconds")}
+        image["smoke_test"] = {k: transcript[k] for k in ("passed", "answer", "health_seconds", "models")}
     (ctx.out / IMAGE_JSON).write_text(json.dumps(image, indent=2) + "\n")
     return image
 
@@ -378,14 +381,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(builder: str, tag: str, spec: ImageSpec, port: int):
-    """Start the image's server reachable on 127.0.0.1:port; returns (process, args, stop)."""
+def start_server(builder: str, tag: str, engine_args, port: int, log):
+    """Start the image's server (engine_args: its entrypoint) reachable on 127.0.0.1:port, its output to log;
+    returns (process, args, stop). stop() ends the whole process group and removes the container."""
     if builder == "buildah":  # no port mapping: the server shares the host network, so it listens on port
-        args = [a if a != str(PORT) else str(port) for a in spec.engine_args]
+        args = [a if a != str(PORT) else str(port) for a in engine_args]
         ctr = buildah("from", "--pull=never", tag).stdout.strip().splitlines()[-1]
         server = subprocess.Popen(["buildah", *_storage_flags(), "run", "--isolation", "chroot", ctr, "--", *args],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=_clean_env(),
-                                  start_new_session=True)
+                                  stdout=log, stderr=subprocess.STDOUT, env=_clean_env(), start_new_session=True)
 
         def stop() -> None:
             _stop_group(server)   # buildah run leaves the server behind: stop the whole group
@@ -393,13 +396,12 @@ def _start_server(builder: str, tag: str, spec: ImageSpec, port: int):
         return server, args, stop
     name = f"forge-smoke-{uuid.uuid4().hex[:12]}"
     server = subprocess.Popen([builder, "run", "--rm", "--name", name, "-p", f"127.0.0.1:{port}:{PORT}", tag],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=_clean_env(),
-                              start_new_session=True)
+                              stdout=log, stderr=subprocess.STDOUT, env=_clean_env(), start_new_session=True)
 
     def stop() -> None:
         subprocess.run([builder, "rm", "-f", name], capture_output=True, env=_clean_env())
         _stop_group(server)
-    return server, list(spec.engine_args), stop
+    return server, list(engine_args), stop
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
@@ -413,48 +415,30 @@ def _stop_group(proc: subprocess.Popen) -> None:
             pass
 
 
-def smoke_test(tag: str, spec: ImageSpec, report, *, builder: str = "buildah", timeout_s: float = 300) -> dict:
-    """Serve from the image, wait for the engine's health route, ask one question, stop everything."""
+def smoke_test(tag: str, spec: ImageSpec, report, *, keep: Path, builder: str = "buildah", timeout_s: float = 300) -> dict:
+    """Serve from the image, check it (check_server: health route, /v1/models, one chat), stop everything.
+    keep: where the server log goes, and where it stays with the transcript when the check fails (removed
+    when it passes)."""
     from forge.engines import get
 
     engine = get(spec.base.engine)
     if not engine.smoke_test:
         why = ("cannot be smoke-tested here (its engine says so)" if engine.cpu
                else "need their GPU to serve; smoke test not run here")
-        return {"passed": False, "skipped": f"{engine.name} images {why}", "answer": None, "health_seconds": None}
+        return {"passed": False, "skipped": f"{engine.name} images {why}", "answer": None, "health_seconds": None,
+                "models": None}
+    keep.mkdir(parents=True, exist_ok=True)
     port = _free_port()
-    server, args, stop = _start_server(builder, tag, spec, port)
-    t0 = time.monotonic()
-    transcript: dict = {"image": tag, "command": args, "question": SMOKE_QUESTION}
-    try:
-        report(f"smoke test: waiting for {spec.health_route} on 127.0.0.1:{port}")
-        while True:
-            if server.poll() is not None:
-                raise StepError(f"the server in {tag} exited with {server.returncode} before answering {spec.health_route}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}{spec.health_route}", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() - t0 > timeout_s:
-                raise StepError(f"the server in {tag} did not answer {spec.health_route} within {timeout_s:.0f} s")
-            time.sleep(1)
-        transcript["health_seconds"] = round(time.monotonic() - t0, 1)
-        report("smoke test: one chat completion")
-        body = json.dumps({"model": MODEL_DIR, "messages": [{"role": "user", "content": SMOKE_QUESTION}],
-                           "max_tokens": 24, "temperature": 0}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=300) as r:
-            reply = json.loads(r.read())
-        answer = reply["choices"][0]["message"]["content"]
-        transcript.update(answer=answer, response=reply, passed=bool(answer and answer.strip()))
-        if not transcript["passed"]:
-            raise StepError(f"the server in {tag} answered {SMOKE_QUESTION!r} with nothing")
-        return transcript
-    finally:
-        stop()
+    with open(keep / SERVER_LOG, "wb") as log:
+        server, args, stop = start_server(builder, tag, spec.engine_args, port, log)
+        try:
+            transcript = check_server(f"http://127.0.0.1:{port}", spec.served_name, report, exited=server.poll,
+                                      keep=keep, timeout_s=timeout_s, context={"image": tag, "command": args},
+                                      health_route=spec.health_route)
+        finally:
+            stop()
+    shutil.rmtree(keep, ignore_errors=True)
+    return transcript
 
 
 def file_digests_in_layer(layout: Path, layer_digest: str) -> dict[str, str]:
