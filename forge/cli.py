@@ -27,7 +27,15 @@ err = Console(stderr=True, soft_wrap=True)
 
 CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", envvar="FORGE_CACHE_DIR", show_envvar=True,
                                                   help="Step cache root (default: $XDG_CACHE_HOME/forge).")]
-Ci = Annotated[bool, typer.Option("--ci", envvar="FORGE_CI", help="CI mode: unpinned inputs are errors, not warnings.")]
+def _ci_mode(on: bool) -> bool:   # issue 18 hook: --ci also turns on GitHub Actions annotations (forge/ci.py)
+    from forge import ci
+
+    return ci.enable(on)
+
+
+Ci = Annotated[bool, typer.Option("--ci", envvar="FORGE_CI", callback=_ci_mode,
+                                  help="CI mode: unpinned inputs are errors, not warnings; under GitHub Actions, "
+                                       "workflow annotations and the job summary.")]
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
 RegistryDir = Annotated[Optional[Path], typer.Option("--registry-dir", envvar="FORGE_REGISTRY_DIR", show_envvar=True,
                                                      help="Embedded registry root (default: $XDG_DATA_HOME/forge/registry).")]
@@ -105,6 +113,9 @@ def build(
     publish_to: Annotated[Optional[str], typer.Option(
         "--publish-to", envvar="FORGE_PUBLISH_TO", metavar="local|oci://HOST/REPO",
         help="Publish here instead of the recipe's publish.registry (the recipe digest, and so the image, stay the same).")] = None,
+    report_dir: Annotated[Optional[Path], typer.Option(
+        "--report-dir", envvar="FORGE_REPORT_DIR", show_envvar=True,
+        help="Write report.html, junit.xml and summary.md here (default: <cache>/reports/<recipe name>).")] = None,
 ) -> None:
     """Build a recipe: run the steps whose inputs changed, reuse the rest, then publish the result and its status."""
     from forge.build import build as run_build
@@ -135,23 +146,33 @@ def build(
     try:
         results = run_build(loaded, store, force={force} if force else set(), on_start=_on_start, on_done=on_done)
     except (EvalGateError, ScanGateError):
-        _publish(loaded, done, registry_dir, publish_to)   # a failed gate is recorded too: rejected, with its reason
-        raise
+        _publish(loaded, done, registry_dir, publish_to, _report_dir(report_dir, store, loaded), store)
+        raise   # a failed gate is recorded too: rejected, with its reason
     built = sum(r.status == "BUILT" for r in results)
     out.print(f"[green]done[/] in {time.monotonic() - t0:.1f}s: {built} built, {len(results) - built} reused. "
               f"Output: {results[-1].entry.out}", highlight=False)
-    _publish(loaded, done, registry_dir, publish_to)
+    _publish(loaded, done, registry_dir, publish_to, _report_dir(report_dir, store, loaded), store)
 
 
-def _publish(loaded, results: dict, registry_dir: Path | None, target: str | None) -> None:
+def _report_dir(given: Path | None, store, loaded) -> Path:
+    return given if given is not None else store.root / "reports" / loaded.recipe.name
+
+
+def _publish(loaded, results: dict, registry_dir: Path | None, target: str | None, report_dir: Path, store) -> None:
     from forge.registry import LocalRegistry, publish
+    from forge.report import BuildOutputs
 
     reg = LocalRegistry(registry_dir)
     report = _progress_for("publish")
+    # issue 18 hook (forge/report, forge/ci.py): the HTML report is rendered from the record-to-be and attached
+    # as evidence; junit.xml and summary.md go beside it; under --ci on GitHub Actions, annotations + job summary.
+    outputs = BuildOutputs(report_dir, loaded, results, store.root / "downloads")
     try:
-        rec = publish(loaded, results, report, registry=reg, target=target)
+        report("writing the build report")
+        rec = publish(loaded, results, report, registry=reg, target=target, attach=outputs.attach)
     finally:
         _stop_progress()
+    summaries = outputs.finish()
     colors = {"validated": "green", "promoted": "green", "rejected": "red", "unscanned": "yellow"}
     ref = f"{rec.name}:{rec.tag}" if rec.tag else rec.short()
     out.print(f"  [{colors.get(rec.status, 'cyan')}]●[/] publish    {rec.status:<10} {ref}"
@@ -160,6 +181,32 @@ def _publish(loaded, results: dict, registry_dir: Path | None, target: str | Non
         from rich.markup import escape
 
         out.print(f"    [dim]{escape(rec.reason)}[/]", highlight=False)
+    out.print(f"  [cyan]●[/] report     {outputs.html}", highlight=False)
+    from forge import ci
+
+    ci.on_build(loaded, outputs.data, outputs.html, summaries)
+
+
+@app.command("report")
+def report_cmd(
+    ref: Annotated[str, typer.Argument(
+        help="A recipe YAML (its last build, from the step cache) or a registry REF (the report attached to the "
+             "record: NAME, NAME:TAG, NAME@sha256:…, a record id prefix).", show_default=False, metavar="REF|RECIPE")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the HTML page.")] = Path("report.html"),
+    cache_dir: CacheDir = None, registry_dir: RegistryDir = None,
+) -> None:
+    """Write the build report: one self-contained HTML page (gate, quantization, target GPU, image, scan, steps)."""
+    from forge import report as reports
+
+    recipe = Path(ref)
+    if recipe.suffix in (".yaml", ".yml") or recipe.is_file():
+        loaded, _ = _load(recipe, False, cache_dir)
+        html = reports.html_for_recipe(loaded, _store(cache_dir), _registry(registry_dir))
+    else:
+        html = reports.html_from_registry(_registry(registry_dir), ref)
+    path = reports.write(output, html)
+    out.print(f"[green]✓[/] wrote {path} ({_human(path.stat().st_size)}; self-contained, open it in a browser)",
+              highlight=False)
 
 
 _progress = None
@@ -597,6 +644,10 @@ def main() -> None:
         if _progress is not None:
             _progress.stop()
         from rich.markup import escape
+
+        from forge import ci
+
+        ci.on_error(e)   # issue 18 hook: a GitHub Actions annotation (at file:line for recipe problems) under --ci
 
         err.print(f"[red]error:[/] {escape(e.message)}", highlight=False, soft_wrap=True)
         if e.hint:
