@@ -22,10 +22,11 @@ def gather(loaded, results: dict, record=None, *, downloads: Path | None = None,
     r = loaded.recipe
     text = loaded.path.read_text() if Path(loaded.path).is_file() else ""
     steps = []
-    for spec in active_steps(loaded):
-        res = results.get(spec.name)
+    summaries = {spec.name: spec.summary for spec in active_steps(loaded)}
+    for name in [*summaries, *(n for n in results if n not in summaries)]:
+        res = results.get(name)
         m = res.entry.manifest if res is not None else {}
-        steps.append({"step": spec.name, "summary": spec.summary, "status": res.status if res else "not run",
+        steps.append({"step": name, "summary": summaries.get(name, ""), "status": res.status if res else "not run",
                       "key": res.key if res else None, "seconds": round(res.seconds, 3) if res else None,
                       "built_seconds": m.get("seconds"), "built_at": m.get("started_at"),
                       "output_digest": res.output_digest if res else None})
@@ -151,7 +152,7 @@ def _scan(results: dict) -> dict | None:
             "summary": verdict.get("summary") or verdict.get("reason", ""), "fail_on": verdict.get("fail_on"),
             "counts": verdict.get("counts", {}), "blocking": verdict.get("blocking", []),
             "ignored": verdict.get("ignored", []), "unfixed_dropped": verdict.get("unfixed_dropped", 0),
-            "trivy": verdict.get("trivy", {}),
+            "trivy": {k: (verdict.get("trivy") or {}).get(k) for k in ("version", "db_updated_at")},
             "sbom_components": len(sbom.get("components") or []) if isinstance(sbom, dict) else None}
 
 
