@@ -35,7 +35,7 @@ def data_for(loaded, results: dict, collected=None, downloads: Path | None = Non
 
 
 def render(data: dict) -> str:
-    from forge.report.render import render as _render
+    from forge.report.page import render as _render
 
     return _render(data)
 

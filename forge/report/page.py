@@ -29,9 +29,20 @@ def _env():
     env = Environment(loader=PackageLoader("forge.report", "templates"), autoescape=select_autoescape(["html", "j2"]),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = _num
-    env.filters["mb"] = lambda b: "-" if b is None else f"{b / 1e6:,.1f} MB"
+    env.filters["size"] = _size
     env.filters["short"] = lambda d: (d or "-").removeprefix("sha256:")[:12]
     return env
+
+
+def _size(n) -> str:
+    """Bytes in decimal units, three significant digits (what registries and `du --si` show)."""
+    if n is None:
+        return "-"
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} B" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1000
+    return str(n)
 
 
 def _num(x, fmt: str = ".4g") -> str:
