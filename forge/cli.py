@@ -181,10 +181,17 @@ def _publish(loaded, results: dict, registry_dir: Path | None, target: str | Non
         from rich.markup import escape
 
         out.print(f"    [dim]{escape(rec.reason)}[/]", highlight=False)
-    out.print(f"  [cyan]●[/] report     {outputs.html}", highlight=False)
-    from forge import ci
+    if outputs.error is not None:
+        from rich.markup import escape
 
-    ci.on_build(loaded, outputs.data, outputs.html, summaries)
+        err.print(f"[yellow]warning:[/] the build report was not written ({escape(outputs.error)}); the record stands. "
+                  "Rerun with FORGE_DEBUG=1 for the traceback, and report it.", highlight=False)
+    else:
+        out.print(f"  [cyan]●[/] report     {outputs.html}", highlight=False)
+    if outputs.data is not None:
+        from forge import ci
+
+        ci.on_build(loaded, outputs.data, outputs.html if outputs.error is None else None, summaries)
 
 
 @app.command("report")

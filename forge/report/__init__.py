@@ -58,12 +58,26 @@ class BuildOutputs:
     def html(self) -> Path:
         return self.out_dir / FILE_NAME
 
+    error: str | None = None
+
     def attach(self, collected) -> dict[str, Path]:
-        self.data = data_for(self.loaded, self.results, collected, self.downloads)
-        return {EVIDENCE_KIND: write(self.html, render(self.data))}
+        """The page as evidence. A page that cannot be drawn never costs the build its record: the error is
+        kept for the CLI to print (and raised under FORGE_DEBUG)."""
+        from forge import env
+
+        try:
+            self.data = data_for(self.loaded, self.results, collected, self.downloads)
+            return {EVIDENCE_KIND: write(self.html, render(self.data))}
+        except Exception as e:
+            if env.flag("FORGE_DEBUG"):
+                raise
+            self.error = f"{type(e).__name__}: {e}"
+            return {}
 
     def finish(self) -> dict[str, str]:
         """junit.xml (the gate's) and summary.md beside the page; returns the gate's and scan's own summaries."""
+        if self.data is None:
+            return {}
         from forge.steps.gate import JUNIT as GATE_JUNIT, SUMMARY as GATE_SUMMARY
         from forge.steps.scan import SUMMARY as SCAN_SUMMARY
 
@@ -74,7 +88,7 @@ class BuildOutputs:
         (self.out_dir / JUNIT).unlink(missing_ok=True)   # a stale verdict from an earlier build must not be uploaded
         if "gate" in self.results:
             write(self.out_dir / JUNIT, (self.results["gate"].entry.out / GATE_JUNIT).read_bytes())
-        write(self.out_dir / SUMMARY, markdown(self.data, self.html, summaries))
+        write(self.out_dir / SUMMARY, markdown(self.data, self.html if self.error is None else None, summaries))
         return summaries
 
 
