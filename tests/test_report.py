@@ -255,3 +255,18 @@ def test_the_report_in_a_browser(known, tmp_path):
             assert shot.stat().st_size > 50_000
         finally:
             browser.close()
+
+
+def test_a_report_that_cannot_be_drawn_does_not_lose_the_record(tmp_path, tiny_llama, monkeypatch):
+    monkeypatch.delenv("FORGE_DEBUG", raising=False)
+    loaded = load_recipe(write_recipe(tmp_path / "r.yaml", str(tiny_llama)))
+    (tmp_path / "gate").mkdir()
+    (tmp_path / "gate" / "verdict.json").write_text("{not json")
+    results = {"gate": _result("gate", tmp_path / "gate", {"passed": True}, "sha256:" + "c" * 64)}
+    outputs = BuildOutputs(tmp_path / "out", loaded, results)
+    rec = publish(loaded, results, registry=LocalRegistry(tmp_path / "reg"), attach=outputs.attach)
+    assert rec.status == "gated" and EVIDENCE_KIND not in {e.kind for e in rec.evidence}
+    assert outputs.error.startswith("JSONDecodeError") and not outputs.html.exists()
+    monkeypatch.setenv("FORGE_DEBUG", "1")
+    with pytest.raises(json.JSONDecodeError):
+        BuildOutputs(tmp_path / "out", loaded, results).attach(None)
