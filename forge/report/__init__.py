@@ -108,8 +108,9 @@ def html_for_recipe(loaded, store, registry=None) -> str:
         raise UsageError(f"{loaded.path}: nothing of this recipe is in the step cache at {store.root}",
                          hint="Build it first (forge build RECIPE), or pass --cache-dir where it was built.")
     collected = collect(loaded, results)
-    if registry is not None and (rec := registry.get(collected.record.id)) is not None:
-        collected = SimpleNamespace(record=rec, provenance=collected.provenance)   # its recorded status
+    # the status is the registry's: a build that was not published (not finished, or another registry) has none
+    rec = registry.get(collected.record.id) if registry is not None else None
+    collected = SimpleNamespace(record=rec, provenance=collected.provenance)
     return html_for(loaded, results, collected, store.root / "downloads")
 
 

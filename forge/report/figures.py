@@ -42,7 +42,8 @@ def gate_forest(gate: dict):
         hovertemplate="%{y}<br>degradation %{x:+.4g}<br>95%% CI %{customdata[0]:+.4g} .. %{customdata[1]:+.4g}"
                       "<br>%{customdata[2]} · MDE %{customdata[3]:.3g}<extra></extra>"))
     fig.add_trace(go.Scatter(name="limit", x=[r["limit"] for r in rules], y=names, mode="markers",
-                             marker={"symbol": "line-ns-open", "size": 30, "line": {"width": 3, "color": FAIL}},
+                             marker={"symbol": "line-ns-open", "size": 30, "color": FAIL,
+                                     "line": {"width": 3, "color": FAIL}},
                              hovertemplate="limit %{x:+.4g}<extra></extra>"))
     fig.add_vline(x=0, line={"color": MUTED, "dash": "dot"})
     return _layout(fig, "Eval gate: degradation vs limit (larger is worse)", height=140 + 70 * len(rules),
@@ -69,7 +70,8 @@ def quant_layers(q: dict):
                                  y=[row["backend_error"] for row in losses], mode="lines+markers",
                                  line={"color": FAIL}), secondary_y=True)
         fig.update_yaxes(title_text="backend loss", secondary_y=True, type="log")
-    fig.update_xaxes(tickangle=-60, tickfont={"size": 9})
+    # past ~60 layers the names are unreadable on the axis: they stay in the hover text
+    fig.update_xaxes(tickangle=-60, tickfont={"size": 9}, showticklabels=len(q["layers"]) <= 60)
     fig.update_yaxes(title_text="relative weight error", secondary_y=False)
     return _layout(fig, f"Quantization ({q['method']}): error per layer", height=440)
 
@@ -86,7 +88,7 @@ def gpu_memory(fit: dict):
         fig.add_trace(go.Bar(name=part, y=names, x=per_gpu, orientation="h", marker_color=color,
                              hovertemplate="%{y}: " + part + " %{x:.2f} GB<extra></extra>"))
     fig.add_trace(go.Scatter(name="budget (VRAM × utilization)", y=names, x=[r["budget_gb"] for r in rows],
-                             mode="markers", marker={"symbol": "line-ns-open", "size": 22,
+                             mode="markers", marker={"symbol": "line-ns-open", "size": 22, "color": FAIL,
                                                      "line": {"width": 3, "color": FAIL}},
                              hovertemplate="%{y}: budget %{x:.1f} GB<extra></extra>"))
     return _layout(fig, "Memory per GPU (GB)", height=120 + 34 * len(rows), barmode="stack", xaxis_title="GB")
