@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.forge-installed
 DEMO   ?= recipes/smollm2-135m-demo.yaml
 
-TOOLS  := buildah mmdebstrap skopeo umoci docker-registry
+TOOLS  := buildah mmdebstrap skopeo umoci docker-registry chromium
 .PHONY: setup setup-tools demo test bench clean
 
 $(STAMP): pyproject.toml

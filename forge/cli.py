@@ -24,7 +24,15 @@ app.add_typer(registry_app, name="registry")
 
 CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", envvar="FORGE_CACHE_DIR", show_envvar=True,
                                                   help="Step cache root (default: $XDG_CACHE_HOME/forge).")]
-Ci = Annotated[bool, typer.Option("--ci", envvar="FORGE_CI", help="CI mode: unpinned inputs are errors, not warnings.")]
+def _ci_mode(on: bool) -> bool:   # issue 18 hook: --ci also turns on GitHub Actions annotations (forge/ci.py)
+    from forge import ci
+
+    return ci.enable(on)
+
+
+Ci = Annotated[bool, typer.Option("--ci", envvar="FORGE_CI", callback=_ci_mode,
+                                  help="CI mode: unpinned inputs are errors, not warnings; under GitHub Actions, "
+                                       "workflow annotations and the job summary.")]
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
 RegistryDir = Annotated[Optional[Path], typer.Option("--registry-dir", envvar="FORGE_REGISTRY_DIR", show_envvar=True,
                                                      help="Embedded registry root (default: $XDG_DATA_HOME/forge/registry).")]
@@ -104,6 +112,9 @@ def build(
         help="Publish here instead of the recipe's publish.registry (the recipe digest, and so the image, stay the same).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the record, steps, reports and logs as JSON on stdout "
                                                           "(forge's progress lines go to stderr).")] = False,
+    report_dir: Annotated[Optional[Path], typer.Option(
+        "--report-dir", envvar="FORGE_REPORT_DIR", show_envvar=True,
+        help="Write report.html, junit.xml and summary.md here (default: <cache>/reports/<recipe name>).")] = None,
 ) -> None:
     """Build a recipe: run the steps whose inputs changed, reuse the rest, then publish the result and its status."""
     from forge import env, pipeline
@@ -135,7 +146,8 @@ def build(
     try:
         outcome = pipeline.run(loaded, store, force={force} if force else set(), registry_dir=registry_dir,
                                publish_to=publish_to, on_start=on_start, on_done=on_done,
-                               on_publish=lambda: _progress.start("publish"))
+                               on_publish=lambda: _progress.start("publish"),
+                               report_dir=report_dir or store.root / "reports" / loaded.recipe.name)
     finally:
         _progress.stop()
     _print_outcome(outcome, t0, json_out)
@@ -150,8 +162,21 @@ def _print_outcome(outcome, t0: float, json_out: bool) -> None:
     console.publish_line(rec, root, console=shown)
     built = sum(r.status == "BUILT" for r in results.values())
     reports, logs = _reports(results), {name: r.log for name, r in results.items() if r.log is not None}
+    if outcome.report is not None:   # the HTML build report (forge/report), attached to the record as evidence
+        if outcome.report.error is not None:
+            from rich.markup import escape
+
+            err.print(f"[yellow]warning:[/] the build report was not written ({escape(outcome.report.error)}); the "
+                      "record stands. Rerun with FORGE_DEBUG=1 for the traceback, and report it.", highlight=False)
+        else:
+            reports["build report"] = [outcome.report.html]
     console.summary(rec, registry_root=root, reports=reports, logs=logs, built=built,
                     reused=len(results) - built, seconds=time.monotonic() - t0, console=shown)
+    if outcome.report is not None and outcome.report.data is not None:
+        from forge import ci
+
+        ci.on_build(outcome.build_recipe, outcome.report.data,
+                    outcome.report.html if outcome.report.error is None else None, outcome.report_summaries)
     if json_out:
         steps = [{"step": r.name, "status": r.status, "key": r.key, "seconds": round(r.seconds, 3),
                   "output_digest": r.output_digest, "output": str(r.entry.out),
@@ -178,6 +203,28 @@ def _reports(results: dict) -> dict[str, list[Path]]:
 
 
 _progress = console.StepProgress()
+
+
+@app.command("report")
+def report_cmd(
+    ref: Annotated[str, typer.Argument(
+        help="A recipe YAML (its last build, from the step cache) or a registry REF (the report attached to the "
+             "record: NAME, NAME:TAG, NAME@sha256:…, a record id prefix).", show_default=False, metavar="REF|RECIPE")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the HTML page.")] = Path("report.html"),
+    cache_dir: CacheDir = None, registry_dir: RegistryDir = None,
+) -> None:
+    """Write the build report: one self-contained HTML page (gate, quantization, target GPU, image, scan, steps)."""
+    from forge import report as reports
+
+    recipe = Path(ref)
+    if recipe.suffix in (".yaml", ".yml") or recipe.is_file():
+        loaded, _ = _load(recipe, False, cache_dir)
+        html = reports.html_for_recipe(loaded, _store(cache_dir), _registry(registry_dir))
+    else:
+        html = reports.html_from_registry(_registry(registry_dir), ref)
+    path = reports.write(output, html)
+    out.print(f"[green]✓[/] wrote {path} ({console.human(path.stat().st_size)}; self-contained, open it in a browser)",
+              highlight=False)
 
 
 @cache_app.command("ls")
@@ -531,6 +578,9 @@ def main() -> None:
         app()
     except ForgeError as e:
         _progress.stop()
+        from forge import ci
+
+        ci.on_error(e)   # issue 18: a GitHub Actions annotation (at file:line for recipe problems) under --ci
         console.error(e.message, e.hint, steplog.log_of(e))
         sys.exit(int(e.exit_code))
     except KeyboardInterrupt as e:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from forge.build import BuildOutcome, Reporter, StepResult, execute
 from forge.errors import EvalGateError, ExitCode, ScanGateError
@@ -19,6 +19,9 @@ from forge.registry import LocalRegistry, Record, publish
 from forge.steps import StepSpec
 from forge.store import Store
 
+if TYPE_CHECKING:
+    from forge.report import BuildOutputs
+
 __all__ = ["Outcome", "run", "check_target"]
 
 
@@ -27,6 +30,9 @@ class Outcome:
     build: BuildOutcome
     record: Record                    # what was published, with its status (validated, rejected, …) and reason
     registry_root: Path
+    build_recipe: LoadedRecipe | None = None
+    report: "BuildOutputs | None" = None      # the HTML build report (attached to the record), junit, summary
+    report_summaries: dict | None = None
 
     @property
     def results(self) -> list[StepResult]:
@@ -70,11 +76,21 @@ def run(loaded: LoadedRecipe, store: Store, *, force: set[str] = frozenset(), ex
         registry_dir: Path | None = None, publish_to: str | None = None,
         on_start: Callable[[StepSpec, str], Reporter] | None = None,
         on_done: Callable[[StepResult], None] | None = None,
-        on_publish: Callable[[], Reporter] | None = None) -> Outcome:
-    """Build the recipe and publish the result with its status. ``publish_to`` overrides publish.registry."""
+        on_publish: Callable[[], Reporter] | None = None, report_dir: Path | None = None) -> Outcome:
+    """Build the recipe and publish the result with its status. ``publish_to`` overrides publish.registry.
+    With ``report_dir``, the HTML build report is rendered from the record-to-be and attached to it as
+    evidence; junit.xml and summary.md go beside it (a report that cannot be drawn never loses the record)."""
     check_target(publish_to)
     outcome = execute(loaded, store, force=force, executor=executor, on_start=on_start, on_done=on_done)
     reg = LocalRegistry(registry_dir)
     report = on_publish() if on_publish else (lambda *a, **k: None)
-    record = publish(loaded, outcome.by_name, report, registry=reg, target=publish_to)
-    return Outcome(outcome, record, reg.root)
+    outputs = None
+    if report_dir is not None:
+        from forge.report import BuildOutputs
+
+        outputs = BuildOutputs(report_dir, loaded, outcome.by_name, store.root / "downloads")
+        report("writing the build report")
+    record = publish(loaded, outcome.by_name, report, registry=reg, target=publish_to,
+                     attach=outputs.attach if outputs else None)
+    summaries = outputs.finish() if outputs else None
+    return Outcome(outcome, record, reg.root, loaded, outputs, summaries)

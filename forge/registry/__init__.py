@@ -13,7 +13,7 @@ from pathlib import Path
 from forge.errors import ToolError, UsageError
 from forge.registry.layout import Layout
 from forge.registry.local import LocalRegistry, default_registry_dir
-from forge.registry.record import PROMOTABLE, STATUSES, Collected, Record, collect
+from forge.registry.record import PROMOTABLE, STATUSES, Collected, EvidenceFiles, Record, collect
 
 __all__ = ["publish", "pull", "LocalRegistry", "Record", "STATUSES", "PROMOTABLE", "default_registry_dir"]
 
@@ -21,10 +21,17 @@ MODEL_PREFIX = "opt/forge/model/"
 
 
 def publish(loaded, results: dict, report=lambda *a, **k: None, registry: LocalRegistry | None = None,
-            target: str | None = None) -> Record:
+            target: str | None = None, attach=None) -> Record:
     """Record a finished (or gate-stopped) build; push it with its evidence when the recipe (or ``target``,
-    which overrides ``publish.registry``) names a remote."""
+    which overrides ``publish.registry``) names a remote.
+
+    ``attach(collected) -> {kind: file}`` adds evidence made from the record-to-be (the build report)."""
     collected: Collected = collect(loaded, results)
+    if attach is not None:   # issue 18 hook: the HTML build report is evidence like the verdicts
+        from dataclasses import replace
+
+        extra = tuple(EvidenceFiles(kind, (Path(f),)) for kind, f in attach(collected).items())
+        collected = replace(collected, evidence=collected.evidence + extra)
     reg = registry or LocalRegistry()
     target = target or loaded.recipe.publish.registry
     with reg.publishing(collected.record.id):

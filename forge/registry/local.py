@@ -93,7 +93,8 @@ class LocalRegistry:
         layers, digests = [], {}
         for name, data in sorted(files.items()):
             digests[name] = self.blobs.put_bytes(data)
-            media = "application/json" if name.endswith(".json") else "text/markdown"
+            media = "application/json" if name.endswith(".json") else \
+                "text/html" if name.endswith(".html") else "text/markdown"
             if kind in ("sbom", "provenance"):
                 media = EVIDENCE_TYPES[kind]
             layers.append(descriptor(media, data, annotations={"org.opencontainers.image.title": name}))

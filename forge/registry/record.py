@@ -32,6 +32,7 @@ EVIDENCE_TYPES = {
     "scan-report": "application/vnd.forge.scan.report.v1+json",
     "sbom": "application/vnd.cyclonedx+json",
     "provenance": "application/vnd.in-toto+json",
+    "report": "application/vnd.forge.report.v1+html",   # the HTML build report (forge.report)
 }
 
 
