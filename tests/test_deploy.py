@@ -218,6 +218,13 @@ def test_a_root_image_and_a_changed_recipe_are_refused(tmp_path, reg):
         deploy.generate(reg, [ok])
 
 
+def test_kube_version_is_a_stated_one(tmp_path, reg):
+    rec = _case(tmp_path, reg, "demo-cpu")
+    with pytest.raises(UsageError, match="--kube-version 1.20: no Kubernetes schemas"):
+        deploy.generate(reg, [rec], deploy.Options(kube_version="1.20"))
+    assert deploy.generate(reg, [rec], deploy.Options(kube_version="1.37")).objects
+
+
 def test_variants_get_one_deployment_each_pinned_to_their_gpu(tmp_path, reg):
     a = _case(tmp_path, reg, "vllm-h100-tp2")
     b = _case(tmp_path, reg, "demo-cpu")

@@ -45,8 +45,9 @@ def generate(reg, records: list, opts: Options = Options()) -> Generated:
     from forge.deploy.gather import gather
     from forge.deploy.labels import names
     from forge.deploy.sizing import size
-    from forge.deploy.validate import problems
+    from forge.deploy.validate import problems, require_version
 
+    require_version(opts.kube_version)
     if opts.replicas < 1:
         raise UsageError(f"--replicas {opts.replicas}: at least 1", hint="Scale to zero is not offered: a replica takes "
                          "minutes to load its weights, so the first request would wait that long.")

@@ -27,11 +27,23 @@ GPU = "nvidia.com/gpu"
 # record id -> (image digest, ENTRYPOINT, CMD) of the image the record names; raises UsageError when unknown
 ImageLookup = Callable[[str], tuple[str, tuple[str, ...], tuple[str, ...]]]
 
-__all__ = ["KUBE_VERSION", "CRD_SOURCES", "schema_problems", "cross_problems", "problems"]
+__all__ = ["KUBE_VERSION", "CRD_SOURCES", "require_version", "schema_problems", "cross_problems", "problems"]
 
 
 def _kn(obj: dict) -> str:
     return f"{obj.get('kind', '?')}/{(obj.get('metadata') or {}).get('name', '?')}"
+
+
+def require_version(kube_version: str) -> None:
+    """A usage error unless kubernetes-validate has the schemas of that Kubernetes minor version."""
+    from kubernetes_validate.utils import all_versions
+
+    from forge.errors import UsageError
+
+    known = all_versions()
+    if not any(v == kube_version or v.startswith(kube_version + ".") for v in known):
+        raise UsageError(f"--kube-version {kube_version}: no Kubernetes schemas for it here",
+                         hint=f"One of {', '.join(v.rsplit('.', 1)[0] for v in known)}.")
 
 
 def schema_problems(obj: dict, kube_version: str = KUBE_VERSION) -> list[str]:
@@ -39,11 +51,9 @@ def schema_problems(obj: dict, kube_version: str = KUBE_VERSION) -> list[str]:
     if kind in CRD_SOURCES:
         return _crd_problems(obj)
     import kubernetes_validate
-    from kubernetes_validate.utils import SchemaNotFoundError, ValidationError, all_versions
+    from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
 
-    if not any(v.startswith(kube_version + ".") or v == kube_version for v in all_versions()):
-        return [f"Kubernetes {kube_version} is not a version kubernetes-validate has schemas for "
-                f"({all_versions()[0]} … {all_versions()[-1]})"]
+    require_version(kube_version)
     try:
         kubernetes_validate.validate(obj, kube_version, strict=True)
     except SchemaNotFoundError:
@@ -205,5 +215,6 @@ def _image_problems(d: dict, c: dict, where: str, image_of: ImageLookup | None, 
 
 
 def problems(objects: list[dict], image_of: ImageLookup | None, kube_version: str = KUBE_VERSION) -> list[str]:
+    require_version(kube_version)
     out = [p for o in objects for p in schema_problems(o, kube_version)]
     return out + cross_problems(objects, image_of)
