@@ -223,6 +223,8 @@ def test_kube_version_is_a_stated_one(tmp_path, reg):
     with pytest.raises(UsageError, match="--kube-version 1.20: no Kubernetes schemas"):
         deploy.generate(reg, [rec], deploy.Options(kube_version="1.20"))
     assert deploy.generate(reg, [rec], deploy.Options(kube_version="1.37")).objects
+    old = deploy.generate(reg, [rec], deploy.Options(kube_version="1.29")).objects   # no preStop sleep action yet
+    assert "lifecycle" not in old[0]["spec"]["template"]["spec"]["containers"][0]
 
 
 def test_variants_get_one_deployment_each_pinned_to_their_gpu(tmp_path, reg):

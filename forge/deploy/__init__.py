@@ -62,7 +62,8 @@ def generate(reg, records: list, opts: Options = Options()) -> Generated:
         sz = size(art, srv)
         n = names(art, variant=len(records) > 1)
         images[rec.id] = (rec.image_digest, art.command, art.args)
-        objects += [workload.deployment(art, srv, sz, n, opts.replicas, opts.namespace),
+        prestop = int(opts.kube_version.split(".")[1]) >= 30    # the preStop sleep action
+        objects += [workload.deployment(art, srv, sz, n, opts.replicas, opts.namespace, prestop),
                     workload.service(art, n, opts.namespace),
                     workload.pod_disruption_budget(n, opts.namespace)]
         if how == "keda":

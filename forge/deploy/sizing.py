@@ -81,7 +81,8 @@ def size(art: Artifact, srv: Serving) -> Sizing:
         ("startup-budget", f"{failures * PROBE_PERIOD}s = 1.5 x ({weights / GB:.2f} GB weights / "
                            f"{LOAD_RATE / 1e6:.0f} MB/s + {srv.init_seconds}s {srv.engine} start-up), "
                            f"in {PROBE_PERIOD}s probe periods"),
-        ("concurrency", f"{concurrency} sequences per replica at max_model_len {t.max_model_len} "
+        ("concurrency", f"{concurrency} sequences per replica: max_num_seqs" if g.is_cpu else
+                        f"{concurrency} sequences per replica at max_model_len {t.max_model_len} "
                         f"(forge fit, capped by max_num_seqs {t.max_num_seqs})"),
         ("termination-grace", f"{grace}s = {ENDPOINT_DELAY}s endpoint removal + {drain_s}s to finish a "
                               f"{t.max_model_len}-token answer at {decode:.0f} tok/s + 5s"),

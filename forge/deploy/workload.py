@@ -39,7 +39,7 @@ def _probe(path: str, port: int, **timing: int) -> dict:
     return {"httpGet": {"path": path, "port": PORT_NAME}, "timeoutSeconds": 5, **timing}
 
 
-def _container(art: Artifact, srv: Serving, sz: Sizing) -> dict:
+def _container(art: Artifact, srv: Serving, sz: Sizing, prestop_sleep: bool) -> dict:
     uid, gid = art.user
     resources_ = {"requests": {"cpu": sz.cpu, "memory": sz.memory}, "limits": {"memory": sz.memory}}
     if sz.gpus:
@@ -58,12 +58,13 @@ def _container(art: Artifact, srv: Serving, sz: Sizing) -> dict:
                                failureThreshold=sz.startup_failure_threshold),
         "readinessProbe": _probe(srv.health_route, art.port, periodSeconds=5, failureThreshold=3),
         "livenessProbe": _probe(srv.health_route, art.port, periodSeconds=15, failureThreshold=4),
-        "lifecycle": {"preStop": {"sleep": {"seconds": ENDPOINT_DELAY}}},
         "securityContext": {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": gid,
                             "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": srv.read_only_root,
                             "capabilities": {"drop": ["ALL"]}},
         "volumeMounts": mounts,
     }
+    if prestop_sleep:   # keep serving while the endpoint's removal reaches every proxy (sleep action: Kubernetes 1.30+)
+        c["lifecycle"] = {"preStop": {"sleep": {"seconds": ENDPOINT_DELAY}}}
     if art.args:
         c["args"] = list(art.args)
     if srv.env:
@@ -80,7 +81,8 @@ def _affinity(gpu: str) -> dict:
         {"matchExpressions": [{"key": GPU_PRODUCT, "operator": "In", "values": list(gpu_products(gpu))}]}]}}}
 
 
-def deployment(art: Artifact, srv: Serving, sz: Sizing, n: Names, replicas: int, namespace: str | None) -> dict:
+def deployment(art: Artifact, srv: Serving, sz: Sizing, n: Names, replicas: int, namespace: str | None,
+               prestop_sleep: bool = True) -> dict:
     annotations = {f"dev.forge/{k}": v for k, v in sz.why}
     volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]   # engines use /dev/shm beyond tensor parallelism
     volumes += [{"name": _volume_name(d), "emptyDir": {}} for d in srv.writable_dirs]
@@ -90,7 +92,7 @@ def deployment(art: Artifact, srv: Serving, sz: Sizing, n: Names, replicas: int,
         "automountServiceAccountToken": False,
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"},
                             "fsGroup": art.user[1]},
-        "containers": [_container(art, srv, sz)],
+        "containers": [_container(art, srv, sz, prestop_sleep)],
         "volumes": volumes,
     }
     if sz.gpus:
