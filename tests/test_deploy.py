@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO, forge_cli
 
 from forge import deploy
-from forge.containers import PORT, UID, engine_command, resolve_base
+from forge.containers import PORT, UID, resolve_base
 from forge.errors import UsageError
 from forge.deploy.kustomize import read_dir
 from forge.deploy.validate import problems, schema_problems
@@ -24,9 +24,16 @@ from forge.recipe.load import load_recipe
 
 DATA = REPO / "tests" / "data" / "deploy"
 GOLDEN = DATA / "golden"
-CASES = {  # case -> (recipe, the served model's config.json)
-    "demo-cpu": ("demo-cpu.yaml", "smollm2-135m-config.json"),
-    "vllm-h100-tp2": ("vllm-h100-tp2.yaml", "llama-3.1-70b-config.json"),
+# The ENTRYPOINT each image carries, as forge's package step wrote it for these recipes (a literal: deploy
+# must copy whatever the image says, so the goldens do not move when the package step's command does)
+VLLM = ["vllm", "serve", "/opt/forge/model", "--host", "0.0.0.0", "--port", "8000", "--served-model-name",
+        "llama-3.1-70b-instruct-fp8", "--max-model-len", "8192", "--max-num-seqs", "64", "--gpu-memory-utilization",
+        "0.9", "--tensor-parallel-size", "2", "--quantization", "compressed-tensors", "--kv-cache-dtype", "fp8"]
+CPU = ["/opt/venv/bin/transformers", "serve", "/opt/forge/model", "--host", "0.0.0.0", "--port", "8000",
+       "--device", "cpu", "--dtype", "auto"]
+CASES = {  # case -> (recipe, the served model's config.json, the image's ENTRYPOINT)
+    "demo-cpu": ("demo-cpu.yaml", "smollm2-135m-config.json", CPU),
+    "vllm-h100-tp2": ("vllm-h100-tp2.yaml", "llama-3.1-70b-config.json", VLLM),
 }
 
 
@@ -77,16 +84,16 @@ def _result(out: Path, facts: dict, digest: str):
                            output_digest=digest)
 
 
-def make_record(root: Path, reg: LocalRegistry, recipe: Path, model_config: bytes, *, gate=True, scan="pass",
-                user: str = f"{UID}:{UID}"):
-    """Publish a build of ``recipe`` whose image runs the engine command the package step would write."""
+def make_record(root: Path, reg: LocalRegistry, recipe: Path, model_config: bytes, entrypoint: list[str], *,
+                gate=True, scan="pass", user: str = f"{UID}:{UID}"):
+    """Publish a build of ``recipe`` whose image runs ``entrypoint``."""
     loaded = load_recipe(recipe)
     base, _ = resolve_base(loaded)
     root.mkdir(parents=True)
     (root / "package").mkdir()
     digest = image_with_config(root / "package" / "oci", loaded.recipe.name,
                                {"config.json": model_config, "model.safetensors": b"W" * 1024},
-                               list(engine_command(loaded, base, loaded.recipe.name)), user=user)
+                               entrypoint, user=user)
     (root / "package" / "image.json").write_text(json.dumps({"manifest_digest": digest, "engine": base.engine}))
     (root / "gate").mkdir()
     (root / "gate" / "verdict.json").write_text(json.dumps({"passed": gate}))
@@ -108,8 +115,8 @@ def reg(tmp_path) -> LocalRegistry:
 
 
 def _case(tmp_path, reg, case: str, **kw):
-    recipe, config = CASES[case]
-    return make_record(tmp_path / case, reg, DATA / recipe, (DATA / config).read_bytes(), **kw)
+    recipe, config, entrypoint = CASES[case]
+    return make_record(tmp_path / case, reg, DATA / recipe, (DATA / config).read_bytes(), entrypoint, **kw)
 
 
 def _by_kind(objects) -> dict[str, dict]:
@@ -212,7 +219,7 @@ def test_a_root_image_and_a_changed_recipe_are_refused(tmp_path, reg):
         deploy.generate(reg, [rec])
     changed = tmp_path / "recipe.yaml"
     changed.write_text((DATA / "demo-cpu.yaml").read_text() + "\n# edited\n")
-    ok = make_record(tmp_path / "c", reg, changed, (DATA / CASES["demo-cpu"][1]).read_bytes())
+    ok = make_record(tmp_path / "c", reg, changed, (DATA / CASES["demo-cpu"][1]).read_bytes(), CPU)
     changed.write_text(changed.read_text() + "# edited again\n")
     with pytest.raises(UsageError, match="has changed since"):
         deploy.generate(reg, [ok])
