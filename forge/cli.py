@@ -630,7 +630,7 @@ def deploy_cmd(
                           kube_version=kube, recipe=recipe)
     generated = deploy.generate(reg, [rec], opts)
     target = out_dir or Path("deploy") / rec.name
-    files = deploy.write(generated, target, opts)
+    files = deploy.write(generated, target)
     for note in generated.notes:
         err.print(f"[yellow]note:[/] {note}", highlight=False)
     out.print(f"[green]✓[/] {rec.name} {rec.short()} → {target}: {', '.join(f.name for f in files)}", highlight=False)

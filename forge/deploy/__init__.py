@@ -36,6 +36,7 @@ class Options:
 class Generated:
     objects: tuple[dict, ...]
     notes: tuple[str, ...]              # what the user must know (e.g. the image was never pushed)
+    namespace: str | None = None
 
 
 def generate(reg, records: list, opts: Options = Options()) -> Generated:
@@ -61,6 +62,9 @@ def generate(reg, records: list, opts: Options = Options()) -> Generated:
         how = autoscale.choose(opts.autoscale, srv)
         sz = size(art, srv)
         n = names(art, variant=len(records) > 1)
+        if any(o["metadata"]["name"] == n.name for o in objects):
+            raise UsageError(f"two records would both be deployed as {n.name}",
+                             hint="Deploy one record per GPU (variants differ by their target GPU).")
         images[rec.id] = (rec.image_digest, art.command, art.args)
         prestop = int(opts.kube_version.split(".")[1]) >= 30    # the preStop sleep action
         objects += [workload.deployment(art, srv, sz, n, opts.replicas, opts.namespace, prestop),
@@ -85,13 +89,13 @@ def generate(reg, records: list, opts: Options = Options()) -> Generated:
 
     if found := problems(objects, image_of, opts.kube_version):
         raise StepError("forge generated manifests that do not validate (a bug in forge): " + "; ".join(found))
-    return Generated(tuple(objects), tuple(notes))
+    return Generated(tuple(objects), tuple(notes), opts.namespace)
 
 
-def write(generated: Generated, out: Path, opts: Options = Options()) -> list[Path]:
+def write(generated: Generated, out: Path) -> list[Path]:
     from forge.deploy.kustomize import write_dir
 
-    return write_dir(list(generated.objects), out, opts.namespace)
+    return write_dir(list(generated.objects), out, generated.namespace)
 
 
 def check(out: Path, reg, kube_version: str = KUBE_VERSION) -> tuple[int, list[str]]:
