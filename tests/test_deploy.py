@@ -129,7 +129,9 @@ def _by_kind(objects) -> dict[str, dict]:
 def test_manifests_match_the_golden_files_and_every_object_validates(tmp_path, reg, case):
     rec = _case(tmp_path, reg, case)
     out = tmp_path / "out"
-    forge_cli("deploy", rec.id[:12], "--out", str(out), "--namespace", "llm", "--registry-dir", str(reg.root), check=0)
+    proc = forge_cli("deploy", rec.id[:12], "--out", str(out), "--namespace", "llm", "--registry-dir", str(reg.root),
+                     check=0)
+    assert "was never pushed" in proc.stderr and f"kubectl apply -k {out}" in proc.stdout
     written = {p.name: p.read_text() for p in sorted(out.iterdir())}
     if os.environ.get("FORGE_TEST_UPDATE_GOLDEN"):   # regenerate: review the diff before committing
         (GOLDEN / case).mkdir(parents=True, exist_ok=True)
@@ -176,6 +178,15 @@ def test_vllm_h100_tp2_deployment_says_what_the_record_and_the_recipe_say(tmp_pa
     # forge fit: ~58 sequences of 8192 tokens fit in the KV cache of 2 x H100 (under max_num_seqs 64): half wait
     assert 20 <= int(queue["metadata"]["threshold"]) <= 32
     assert objs["ServiceMonitor"]["spec"]["endpoints"][0] == {"port": "http", "path": "/metrics", "interval": "15s"}
+
+
+def test_a_pushed_record_is_pulled_from_its_registry_by_digest(tmp_path, reg):
+    rec = _case(tmp_path, reg, "vllm-h100-tp2")
+    pushed = reg.update(rec.model_copy(update={"remote": f"oci://registry.example.com/llm/llama@{rec.image_digest}"}),
+                        "pushed")
+    generated = deploy.generate(reg, [pushed])
+    image = _by_kind(generated.objects)["Deployment"]["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image == f"registry.example.com/llm/llama@{rec.image_digest}" and generated.notes == ()
 
 
 def test_metric_names_follow_the_engine_version():
