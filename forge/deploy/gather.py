@@ -60,10 +60,14 @@ def gather(reg: LocalRegistry, rec: Record, recipe_path: Path | None = None) -> 
     ports = sorted(int(p.split("/")[0]) for p in (cfg.get("ExposedPorts") or {}))
     if not ports:
         raise UsageError(f"the image of {rec.name} {rec.short()} exposes no port", hint="Rebuild it with forge.")
-    weights = manifest["layers"][-1]
+    weights, model_config = manifest["layers"][-1], None
+    for layer in reversed(manifest["layers"][-3:]):   # forge appends the weights layer last (a few small ones may follow)
+        if (model_config := _model_config(reg.blobs.blob_path(layer["digest"]))) is not None:
+            weights = layer
+            break
     return Artifact(record=rec, image=_image_ref(rec), pushed=bool(rec.remote), command=command, args=args,
                     user=_user(rec, cfg.get("User") or ""), port=ports[0], recipe=_recipe(rec, recipe_path).recipe,
-                    model_config=_model_config(reg.blobs.blob_path(weights["digest"])),
+                    model_config=model_config,
                     weights_layer_bytes=int(weights["size"]))
 
 
