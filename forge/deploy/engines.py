@@ -70,7 +70,7 @@ def serving(engine: str, version: str | None) -> Serving:
                        read_only_root=False, writable_dirs=("/tmp",), env=(), init_seconds=240)
     if engine == "cpu":
         return Serving(engine, version or "?", "/health", None, None, None,
-                       read_only_root=True, writable_dirs=("/tmp",), env=(), init_seconds=60)
+                       read_only_root=True, writable_dirs=("/tmp",), env=(), init_seconds=90)   # measured: 66 s on 2 busy cores
     from forge.errors import UsageError
 
     raise UsageError(f"forge deploy does not know the serving engine {engine!r}",
