@@ -573,6 +573,54 @@ def registry_referrers(ref: RefArg, registry_dir: RegistryDir = None, json_out: 
 
 
 
+# ---------------------------------------------------------------------- deploy (issue 19: forge/deploy/)
+
+@app.command("deploy")
+def deploy_cmd(
+    ref: Annotated[Optional[str], typer.Argument(help="A validated record: NAME, NAME:TAG, NAME@sha256:…, an image "
+                                                      "digest or a record id prefix.", show_default=False)] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Directory to write (default: deploy/NAME).")] = None,
+    replicas: Annotated[int, typer.Option(help="Replicas (the autoscaler's minimum).")] = 1,
+    max_replicas: Annotated[Optional[int], typer.Option(help="Autoscaler maximum (default 4 x --replicas).")] = None,
+    autoscale: Annotated[str, typer.Option(help="auto | keda | hpa | none (auto: KEDA where the engine has a queue metric).")] = "auto",
+    namespace: Annotated[Optional[str], typer.Option(help="Namespace of every object (default: none set).")] = None,
+    check_dir: Annotated[Optional[Path], typer.Option("--check", help="Re-validate a directory forge deploy wrote (e.g. after edits).")] = None,
+    kube_version: Annotated[Optional[str], typer.Option(help="Kubernetes version whose schemas validate the objects.")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="The record's recipe file, when it is no longer where it was built.")] = None,
+    registry_dir: RegistryDir = None,
+) -> None:
+    """Kubernetes manifests (kustomize directory) for a validated artifact, validated offline; or --check DIR."""
+    from forge import deploy
+
+    kube = kube_version or deploy.KUBE_VERSION
+    reg = _registry(registry_dir)
+    if check_dir is not None:
+        if ref is not None:
+            raise UsageError("give either REF (generate) or --check DIR (re-validate), not both")
+        count, problems = deploy.check(check_dir, reg, kube)
+        if problems:
+            for p in problems:
+                err.print(f"[red]✗[/] {p}", highlight=False)
+            raise UsageError(f"{check_dir}: {len(problems)} problem(s) in {count} object(s)",
+                             hint="Fix them (or regenerate with forge deploy REF --out DIR).")
+        out.print(f"[green]✓[/] {check_dir}: {count} objects valid (Kubernetes {kube} schemas, strict; KEDA and "
+                  "Prometheus Operator CRD schemas; cross-object checks)", highlight=False)
+        return
+    if ref is None:
+        raise UsageError("missing REF", hint="Usage: forge deploy REF [--out DIR] or forge deploy --check DIR")
+    rec = reg.resolve(ref)
+    opts = deploy.Options(replicas=replicas, max_replicas=max_replicas, autoscale=autoscale, namespace=namespace,
+                          kube_version=kube, recipe=recipe)
+    generated = deploy.generate(reg, [rec], opts)
+    target = out_dir or Path("deploy") / rec.name
+    files = deploy.write(generated, target)
+    for note in generated.notes:
+        err.print(f"[yellow]note:[/] {note}", highlight=False)
+    out.print(f"[green]✓[/] {rec.name} {rec.short()} → {target}: {', '.join(f.name for f in files)}", highlight=False)
+    out.print(f"[dim]validated offline: Kubernetes {kube} schemas (strict), KEDA / Prometheus Operator CRD schemas, "
+              f"cross-object checks. Apply: kubectl apply -k {target}[/]", highlight=False)
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,113 @@
+"""Everything a deployment needs, gathered from a registry record: nothing here is re-derived.
+
+- the record: status (only a validated or promoted artifact deploys), image digest, where it was pushed,
+  recipe and eval-verdict digests, GPU, engine and engine version;
+- the image config in the registry's OCI layout: the container command (ENTRYPOINT + CMD), user,
+  exposed port, env: the Deployment runs exactly what was smoke-tested and scanned;
+- the recipe the record was built from (its file, checked against the recorded digest): tensor
+  parallel size, max_model_len, max_num_seqs, the quantization plan;
+- the served model's config.json, read out of the image's weights layer: its shape, for sizing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from forge.errors import UsageError
+from forge.registry import PROMOTABLE, LocalRegistry, Record
+
+__all__ = ["Artifact", "gather", "image_config"]
+
+MODEL_CONFIG = "opt/forge/model/config.json"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    record: Record
+    image: str                       # repository@sha256:… (what the cluster pulls)
+    pushed: bool                     # False: the image is only in the embedded registry
+    command: tuple[str, ...]         # the image's ENTRYPOINT
+    args: tuple[str, ...]            # the image's CMD
+    user: tuple[int, int]            # uid, gid the image runs as
+    port: int
+    recipe: object                   # forge.recipe.schema.Recipe
+    model_config: dict | None        # config.json of the served model (None: not found in the weights layer)
+    weights_layer_bytes: int
+
+
+def image_config(reg: LocalRegistry, image_digest: str) -> dict:
+    """The OCI image config (``config`` section and all) of an image in the embedded registry."""
+    manifest = json.loads(reg.blobs.read(image_digest))
+    return json.loads(reg.blobs.read(manifest["config"]["digest"]))
+
+
+def gather(reg: LocalRegistry, rec: Record, recipe_path: Path | None = None) -> Artifact:
+    if rec.status not in PROMOTABLE:
+        why = f": {rec.reason}" if rec.reason else ""
+        raise UsageError(f"{rec.name} {rec.short()} is {rec.status}{why}; only a validated artifact can be deployed",
+                         hint="Fix what stopped it and build again; `forge registry show` has its evidence.")
+    manifest = json.loads(reg.blobs.read(rec.image_digest))
+    cfg = json.loads(reg.blobs.read(manifest["config"]["digest"])).get("config") or {}
+    command = tuple(cfg.get("Entrypoint") or ())
+    args = tuple(cfg.get("Cmd") or ())
+    if not command and not args:
+        raise UsageError(f"the image of {rec.name} {rec.short()} has no ENTRYPOINT or CMD: nothing to run",
+                         hint="Rebuild it with forge (the package step sets the engine command).")
+    ports = sorted(int(p.split("/")[0]) for p in (cfg.get("ExposedPorts") or {}))
+    if not ports:
+        raise UsageError(f"the image of {rec.name} {rec.short()} exposes no port", hint="Rebuild it with forge.")
+    weights, model_config = manifest["layers"][-1], None
+    for layer in reversed(manifest["layers"][-3:]):   # forge appends the weights layer last (a few small ones may follow)
+        if (model_config := _model_config(reg.blobs.blob_path(layer["digest"]))) is not None:
+            weights = layer
+            break
+    return Artifact(record=rec, image=_image_ref(rec), pushed=bool(rec.remote), command=command, args=args,
+                    user=_user(rec, cfg.get("User") or ""), port=ports[0], recipe=_recipe(rec, recipe_path).recipe,
+                    model_config=model_config,
+                    weights_layer_bytes=int(weights["size"]))
+
+
+def _image_ref(rec: Record) -> str:
+    if rec.remote:   # oci://host/repo@sha256:…
+        repo = rec.remote.removeprefix("oci://").split("@")[0]
+    else:
+        repo = f"forge.local/{rec.name}"
+    return f"{repo}@{rec.image_digest}"
+
+
+def _user(rec: Record, user: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)(?::(\d+))?", user)
+    if not m or int(m.group(1)) == 0:
+        raise UsageError(f"the image of {rec.name} {rec.short()} runs as {user or 'root'!r}; forge deploys images that "
+                         "run as a numeric non-root user (runAsNonRoot needs a uid)",
+                         hint="Rebuild it with forge: its images run as uid 10001.")
+    return int(m.group(1)), int(m.group(2) or m.group(1))
+
+
+def _recipe(rec: Record, recipe_path: Path | None):
+    from forge.recipe.load import load_recipe
+
+    path = Path(recipe_path or rec.recipe_path)
+    if not path.is_file():
+        raise UsageError(f"the recipe {rec.name} was built from ({path}) is not here",
+                         hint="Pass it with --recipe FILE (its sha256 must be the record's recipe digest).")
+    digest = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != rec.recipe_digest:
+        raise UsageError(f"{path} has changed since {rec.name} {rec.short()} was built: it hashes to {digest[:19]}…, "
+                         f"the record says {rec.recipe_digest[:19]}…",
+                         hint="Deploy from the recipe as it was built (git checkout it, or --recipe FILE), or build "
+                              "the changed recipe and deploy that record.")
+    return load_recipe(path)
+
+
+def _model_config(layer: Path) -> dict | None:
+    """config.json out of the weights layer (uncompressed: the tar index is read by seeking, no weights)."""
+    with tarfile.open(layer) as tf:
+        for m in tf:
+            if m.isfile() and m.name.lstrip("./") == MODEL_CONFIG:
+                return json.loads(tf.extractfile(m).read())
+    return None

@@ -1,0 +1,129 @@
+"""The CPU demo's manifests, run here: the demo image started the way its Deployment says (same command,
+user, env, writable emptyDirs), and the routes of its startup, readiness and liveness probes answer 200
+within the startup budget. No cluster here: buildah runs the container (host network, so the command's
+port is swapped for a free one, as the package step's smoke test does)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from conftest import REPO, forge_cli
+from test_deploy import _result
+
+pytestmark = pytest.mark.e2e
+DEMO = REPO / "recipes" / "smollm2-135m-demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def demo_image(tmp_path_factory):
+    """The demo's image, built by forge (no eval gate, no smoke test: this test probes it itself)."""
+    from ruamel.yaml import YAML
+
+    root = tmp_path_factory.mktemp("deploy-demo")
+    doc = YAML(typ="safe").load(DEMO.read_text())
+    doc.pop("eval")
+    doc["container"]["smoke_test"] = False
+    recipe = root / "demo.yaml"
+    recipe.write_text(json.dumps(doc, indent=1))
+    env = {"FORGE_BUILDAH_ROOT": str(root / "buildah" / "storage"), "FORGE_REGISTRY_DIR": str(root / "unused")}
+    cache = root / "cache"
+    proc = forge_cli("build", str(recipe), cache=cache, env=env, timeout=3600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    entries = json.loads(forge_cli("cache", "ls", "--json", cache=cache, check=0).stdout)
+    steps = {e["step"]: (cache / "steps" / e["key"] / "out", e["output_digest"]) for e in entries}
+    return {"recipe": recipe, "steps": steps, "env": env}
+
+
+def _validated(demo_image, reg, tmp_path):
+    """A validated record of the real demo image (the gate and scan recorded as passed, as on a machine with
+    an eval run and Trivy)."""
+    from forge.recipe.load import load_recipe
+    from forge.registry import publish
+
+    (tmp_path / "gate").mkdir()
+    (tmp_path / "gate" / "verdict.json").write_text('{"passed": true}')
+    (tmp_path / "scan").mkdir()
+    facts = {"status": "scanned", "passed": True, "summary": "0 findings"}
+    (tmp_path / "scan" / "verdict.json").write_text(json.dumps(facts))
+    (tmp_path / "scan" / "trivy-report.json").write_text('{"SchemaVersion": 2, "Results": []}')
+    steps = demo_image["steps"]
+    results = {name: _result(out, {}, digest) for name, (out, digest) in steps.items()}
+    results["gate"] = _result(tmp_path / "gate", {"passed": True, "failed": []}, "sha256:" + "22" * 32)
+    results["scan"] = _result(tmp_path / "scan", facts, "sha256:" + "44" * 32)
+    return publish(load_recipe(demo_image["recipe"]), results, registry=reg)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status
+    except OSError:
+        return 0
+
+
+def test_demo_image_runs_as_its_deployment_says_and_its_probes_answer(demo_image, tmp_path, monkeypatch):
+    from forge import deploy
+    from forge.deploy.kustomize import read_dir
+    from forge.registry import LocalRegistry
+    from forge.steps.package import buildah
+
+    monkeypatch.setenv("FORGE_BUILDAH_ROOT", demo_image["env"]["FORGE_BUILDAH_ROOT"])
+    reg = LocalRegistry(tmp_path / "registry")
+    rec = _validated(demo_image, reg, tmp_path)
+    out = tmp_path / "manifests"
+    deploy.write(deploy.generate(reg, [rec]), out)
+    assert deploy.check(out, reg) == (3, [])
+    d = next(o for o in read_dir(out) if o["kind"] == "Deployment")
+    pod = d["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    port = _free_port()
+    command = [str(port) if a == str(c["ports"][0]["containerPort"]) else a for a in c["command"] + c.get("args", [])]
+    sc = c["securityContext"]
+    mounts = [x for m in c["volumeMounts"] for x in ("--mount", f"type=tmpfs,destination={m['mountPath']}")]
+    envs = [x for e in c.get("env", []) for x in ("--env", f"{e['name']}={e['value']}")]
+
+    tag = json.loads((demo_image["steps"]["package"][0] / "image.json").read_text())["tag"]
+    ctr = buildah("from", "--pull=never", tag).stdout.strip().splitlines()[-1]
+    argv = ["buildah", "--storage-driver", os.environ.get("FORGE_BUILDAH_STORAGE_DRIVER", "vfs"),
+            "--root", demo_image["env"]["FORGE_BUILDAH_ROOT"], "--runroot", demo_image["env"]["FORGE_BUILDAH_ROOT"] + "-run",
+            "run", "--isolation", "chroot", "--user", f"{sc['runAsUser']}:{sc['runAsGroup']}", *mounts, *envs,
+            ctr, "--", *command]
+    server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        startup = c["startupProbe"]
+        budget = startup["periodSeconds"] * startup["failureThreshold"]
+        t0 = time.monotonic()
+        while _get(port, startup["httpGet"]["path"]) != 200:
+            assert server.poll() is None, server.stdout.read().decode()[-3000:]
+            assert time.monotonic() - t0 < budget, f"no answer on {startup['httpGet']['path']} within {budget}s"
+            time.sleep(2)
+        started = time.monotonic() - t0
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert _get(port, c[probe]["httpGet"]["path"]) == 200, probe
+        # the server runs as the Deployment's user, not root
+        rows = [line.split(None, 3) for line in subprocess.run(["ps", "-eo", "pid=,pgid=,uid=,args="], capture_output=True,
+                                                               text=True).stdout.splitlines()]
+        served = [r for r in rows if len(r) == 4 and r[1] == str(server.pid) and " serve " in f" {r[3]} "
+                  and not r[3].startswith("buildah")]
+        assert served and {r[2] for r in served} == {str(sc["runAsUser"])}, served
+        print(f"startup {started:.1f}s of a {budget}s budget")
+    finally:
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(server.pid, signal.SIGKILL)
+        buildah("rm", ctr, check=False)
