@@ -17,7 +17,8 @@ from forge.plugins import Registry
 if TYPE_CHECKING:
     from forge.recipe.load import LoadedRecipe
 
-__all__ = ["Engine", "GpuEngine", "Kernel", "ServeAt", "REGISTRY", "get", "names"]
+__all__ = ["Engine", "GpuEngine", "Kernel", "ServeAt", "QueueMetric", "Serving", "version_tuple", "REGISTRY", "get",
+           "names"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,37 @@ class ServeAt:
     engine_dir: str | None = None     # a compiled engine's directory, when the image carries one
 
 
+@dataclass(frozen=True)
+class QueueMetric:
+    name: str                       # the Prometheus series of requests waiting for a slot
+    model_label: str | None         # label naming the served model, when the engine has one
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What a cluster needs to know about the engine at one version (forge deploy reads it)."""
+
+    engine: str
+    version: str
+    health_route: str
+    metrics_path: str | None        # Prometheus text format on the container port; None: no metrics
+    queue: QueueMetric | None       # requests waiting for a slot; None: cannot autoscale on a queue
+    kv_cache_usage: str | None      # 0..1 gauge of KV-cache use (a second scaling signal), when exposed
+    read_only_root: bool            # runs with readOnlyRootFilesystem given the writable dirs below
+    writable_dirs: tuple[str, ...]  # in-memory or node-disk emptyDirs mounted there
+    env: tuple[tuple[str, str], ...]   # env the Deployment adds so caches land in writable_dirs
+    init_seconds: int               # start-up work besides reading the weights (compile, CUDA graphs, warm-up)
+
+
+def version_tuple(v: str | None) -> tuple[int, ...]:
+    """"0.11.0" -> (0, 11, 0); "transformers-5.17" -> (5, 17); None -> (0,)."""
+    parts = []
+    for p in (v or "0").removeprefix("transformers-").split("."):
+        digits = "".join(c for c in p if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
 class Engine(Protocol):
     name: str
     formats: tuple[str, ...]          # checkpoint formats it loads (forge.methods formats; "bf16" = unquantized)
@@ -57,6 +89,10 @@ class Engine(Protocol):
 
     def served_name(self, name: str) -> str:
         """The model id clients use, from the recipe name (an engine may have rules for ids)."""
+        ...
+
+    def serving(self, version: str | None) -> Serving:
+        """Deployment facts at the base image's engine version (health, metrics, queue, filesystem, start-up)."""
         ...
 
     def image_env(self) -> tuple[tuple[str, str], ...]:
@@ -86,6 +122,12 @@ class GpuEngine:
 
     def context_dirs(self, context: Path, served: str) -> tuple[tuple[str, str], ...]:
         return ()
+
+    def serving(self, version: str | None) -> Serving:
+        from forge.errors import UsageError
+
+        raise UsageError(f"the serving engine {self.name!r} declares no deployment facts (health, metrics, queue)",
+                         hint="Give its engine module a serving(version) method (see forge/engines/vllm.py).")
 
 
 REGISTRY: Registry[Engine] = Registry("engine", "forge.engines", {

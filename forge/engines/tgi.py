@@ -1,7 +1,7 @@
 """Text Generation Inference (`text-generation-launcher`): BF16 and compressed-tensors checkpoints."""
 from __future__ import annotations
 
-from forge.engines import GpuEngine, Kernel, ServeAt
+from forge.engines import GpuEngine, Kernel, QueueMetric, ServeAt, Serving
 
 
 class Tgi(GpuEngine):
@@ -24,6 +24,12 @@ class Tgi(GpuEngine):
         if fmt == "compressed-tensors":
             cmd += ["--quantize", "compressed-tensors"]
         return tuple(cmd)
+
+    def serving(self, version: str | None) -> Serving:
+        # /metrics on the API port; tgi_queue_size is the queue (no model label: one model per server)
+        return Serving(self.name, version or "?", self.health_route, "/metrics", QueueMetric("tgi_queue_size", None), None,
+                       read_only_root=True, writable_dirs=("/tmp", "/data"), env=(("HOME", "/tmp"),),
+                       init_seconds=180)   # warm-up batches at max_batch_total_tokens
 
 
 ENGINE = Tgi()

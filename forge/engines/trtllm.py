@@ -2,7 +2,7 @@
 an engine built by the compile step (legacy engine mode). The command lines live in forge.trtllm."""
 from __future__ import annotations
 
-from forge.engines import GpuEngine, Kernel, ServeAt
+from forge.engines import GpuEngine, Kernel, ServeAt, Serving, version_tuple
 
 
 class TrtLlm(GpuEngine):
@@ -23,6 +23,12 @@ class TrtLlm(GpuEngine):
 
         # trtllm-serve names the model after its path; 1.0 has no --served_model_name
         return serve_command(loaded, at.model_dir, at.port, engine_dir=at.engine_dir if mode(loaded) == "engine" else None)
+
+    def serving(self, version: str | None) -> Serving:
+        # Prometheus metrics at /prometheus/metrics from 1.1 (TensorRT-LLM PR 5785): latencies only, no queue gauge
+        return Serving(self.name, version or "?", self.health_route,
+                       "/prometheus/metrics" if version_tuple(version) >= (1, 1) else None, None, None,
+                       read_only_root=False, writable_dirs=("/tmp",), env=(), init_seconds=240)
 
 
 ENGINE = TrtLlm()

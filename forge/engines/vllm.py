@@ -7,7 +7,7 @@ Capability rows from vLLM's quantization support table: Marlin from 8.0, Machete
 """
 from __future__ import annotations
 
-from forge.engines import GpuEngine, Kernel, ServeAt
+from forge.engines import GpuEngine, Kernel, QueueMetric, ServeAt, Serving, version_tuple
 
 
 class Vllm(GpuEngine):
@@ -36,6 +36,16 @@ class Vllm(GpuEngine):
         if q.kv_cache == "fp8":
             cmd += ["--kv-cache-dtype", "fp8"]
         return tuple(cmd)
+
+    def serving(self, version: str | None) -> Serving:
+        # /metrics on the API port; vllm:num_requests_waiting (label model_name = --served-model-name) is the queue;
+        # vllm:gpu_cache_usage_perc became vllm:kv_cache_usage_perc in 0.9 (vLLM PR 18354), later removed (PR 29330)
+        return Serving(self.name, version or "?", self.health_route, "/metrics",
+                       QueueMetric("vllm:num_requests_waiting", "model_name"),
+                       "vllm:kv_cache_usage_perc" if version_tuple(version) >= (0, 9) else "vllm:gpu_cache_usage_perc",
+                       read_only_root=True, writable_dirs=("/tmp", "/var/cache/forge"),
+                       env=(("HOME", "/var/cache/forge"), ("XDG_CACHE_HOME", "/var/cache/forge")),
+                       init_seconds=240)   # torch.compile + CUDA graph capture
 
 
 ENGINE = Vllm()
