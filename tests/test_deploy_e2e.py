@@ -95,8 +95,11 @@ def test_demo_image_runs_as_its_deployment_says_and_its_probes_answer(demo_image
     mounts = [x for m in c["volumeMounts"] for x in ("--mount", f"type=tmpfs,destination={m['mountPath']}")]
     envs = [x for e in c.get("env", []) for x in ("--env", f"{e['name']}={e['value']}")]
 
-    tag = json.loads((demo_image["steps"]["package"][0] / "image.json").read_text())["tag"]
-    ctr = buildah("from", "--pull=never", tag).stdout.strip().splitlines()[-1]
+    image = json.loads((demo_image["steps"]["package"][0] / "image.json").read_text())
+    from forge.steps.package import load_image
+
+    load_image("buildah", demo_image["steps"]["package"][0] / "oci", image["oci_ref"], image["tag"])  # the layout is the artifact
+    ctr = buildah("from", "--pull=never", image["tag"]).stdout.strip().splitlines()[-1]
     argv = ["buildah", "--storage-driver", os.environ.get("FORGE_BUILDAH_STORAGE_DRIVER", "vfs"),
             "--root", demo_image["env"]["FORGE_BUILDAH_ROOT"], "--runroot", demo_image["env"]["FORGE_BUILDAH_ROOT"] + "-run",
             "run", "--isolation", "chroot", "--user", f"{sc['runAsUser']}:{sc['runAsGroup']}", *mounts, *envs,

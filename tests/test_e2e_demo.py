@@ -96,14 +96,16 @@ def test_demo_image_serves_the_openai_client(demo, tmp_path, monkeypatch):
     import openai
 
     from conftest import free_port
-    from forge.steps.package import start_server
+    from forge.steps.package import load_image, start_server, unload_image
 
     monkeypatch.setenv("FORGE_BUILDAH_ROOT", demo["env"]["FORGE_BUILDAH_ROOT"])
     image = json.loads((demo["steps"]["package"] / "image.json").read_text())
+    load_image("buildah", demo["steps"]["package"] / "oci", image["oci_ref"], image["tag"])   # the layout is the artifact
     entrypoint = image_config(demo["steps"]["package"])["config"]["Entrypoint"]
     port = free_port()
     with open(tmp_path / "server.log", "wb") as log:
         server, _, stop = start_server("buildah", image["tag"], entrypoint, port, log)
+    stop = (lambda stop_server: lambda: (stop_server(), unload_image("buildah", image["tag"])))(stop)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
         import time

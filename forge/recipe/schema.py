@@ -152,6 +152,9 @@ class Container(_Section):
     base: str = Field(description="A base image name from containers/bases.yaml.")
     builder: Literal["auto", "buildah", "docker", "podman"] = "auto"
     smoke_test: bool = True
+    weights_compression: Literal["none", "zstd", "gzip"] = Field(
+        "none", description="The weights layer's compression. none (default): written at hashing speed "
+                            "(safetensors barely compress); zstd or gzip: smaller pushes, slower builds and pulls")
 
 
 class TrivySettings(_Section):

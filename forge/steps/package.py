@@ -28,7 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from forge import env as fenv
-from forge.containers import PORT, UID, ImageSpec, containerfile, image_spec, require_cuda, resolve_base
+from forge.containers import MODEL_DIR, PORT, UID, ImageSpec, containerfile, image_spec, require_cuda, resolve_base
 from forge.errors import ToolError
 from forge.smoketest import SERVER_LOG, TRANSCRIPT, check_server
 from forge.steps import StepContext, StepSpec
@@ -220,17 +220,7 @@ def _image_ref(ctx: StepContext, base, digest: str | None) -> str:
         # else loaded from the step's OCI layout
         tag = f"localhost/forge-base/{base.name}:{ctx.inputs['base_image'].parent.name[:12]}"
         if buildah("inspect", "--type", "image", tag, check=False).returncode != 0:
-            # buildah names a pulled oci: image after its path, which must then be a valid reference
-            # (no '.cache' components): pull through a plain, lower-case symlink
-            import tempfile
-            import uuid
-
-            link = Path(tempfile.gettempdir()) / f"forge-oci-{uuid.uuid4().hex}"
-            link.symlink_to(ctx.inputs["base_image"] / OCI_DIR)
-            try:
-                image_id = buildah("pull", "--quiet", f"oci:{link}:{base.name}").stdout.strip().splitlines()[-1]
-            finally:
-                link.unlink()
+            image_id = _pull_layout(ctx.inputs["base_image"] / OCI_DIR, base.name)
             buildah("tag", image_id, tag)
         return tag
     if digest:
@@ -274,43 +264,107 @@ def run(ctx: StepContext) -> dict:
     (context / "model").mkdir(parents=True)
     spec = image_spec(loaded, base, base_ref=_image_ref(ctx, base, digest), labels=_labels(ctx, base, digest), env=env,
                       engine_dir="compile" in ctx.inputs, context=context)
-    weights = ctx.inputs["quantize"]
-    from forge.steps.quantize import REPORTS
-    from forge.trtllm import TRTLLM_CKPT
+    from forge.steps import quantize
 
+    checkpoint = quantize.Output.read(ctx.upstream["quantize"])
     engine = ctx.inputs.get("compile")
     if engine is not None:  # legacy TensorRT-LLM engine: checked against the recipe and this base before anything is built
-        from forge.steps.compile import ENGINE_DIR
+        from forge.steps import compile
         from forge.trtllm import EngineFacts, check_engine
 
-        engine = engine / ENGINE_DIR
+        engine = compile.Output.read(ctx.upstream["compile"]).engine_dir
         if problems := check_engine(EngineFacts.read(engine), loaded, base):
             raise ToolError("the engine does not match the recipe or the base image: " + "; ".join(problems),
                             hint="Rebuild it on the recipe's GPU with the base image's TensorRT-LLM: forge build --force compile")
         shutil.copytree(engine, context / "engine", copy_function=os.link)
-    for f in sorted(weights.iterdir()):  # the checkpoint, not the build reports (they carry timings)
-        if f.name in REPORTS or f.name == TRTLLM_CKPT or (engine is not None and f.suffix == ".safetensors"):
+    for f in checkpoint.model_entries():  # the checkpoint, not the build reports (they carry timings)
+        if engine is not None and f.suffix == ".safetensors":
             continue  # with an engine, the image needs the tokenizer and configs, not the weights twice
-        os.link(f, context / "model" / f.name) if f.is_file() else shutil.copytree(f, context / "model" / f.name)
+        os.link(f, context / "model" / f.name) if f.is_file() else shutil.copytree(f, context / "model" / f.name,
+                                                                                   copy_function=os.link)
     text = containerfile(spec)
     (context / CONTAINERFILE).write_text(text)
     (ctx.out / CONTAINERFILE).write_text(text)
     tag = f"localhost/forge/{loaded.recipe.name}:{ctx.out.parent.name[:12]}"
+    ref = loaded.recipe.name
     builder = choose_builder(loaded, base)
-    ctx.report(f"{builder} build")
+    ctx.report(f"{builder} build (everything but the weights)")
     t0 = time.monotonic()
-    build_image(builder, context, tag, ctx.out / OCI_DIR, loaded.recipe.name, local_base="base_image" in ctx.inputs)
+    build_image(builder, context, tag, ctx.out / OCI_DIR, ref, local_base="base_image" in ctx.inputs)
     build_s = time.monotonic() - t0
+    weights = _weights_layer(ctx, context / "model", ref)
     shutil.rmtree(context)
-    image = describe_layout(ctx.out / OCI_DIR, loaded.recipe.name)
-    image.update(tag=tag, build_seconds=round(build_s, 1), base=base.name, engine=base.engine, builder=builder)
+    image = describe_layout(ctx.out / OCI_DIR, ref)
+    image.update(tag=tag, build_seconds=round(build_s, 1), base=base.name, engine=base.engine, builder=builder,
+                 weights=weights)
     if loaded.recipe.container.smoke_test:
         keep = ctx.out.parent.with_name(ctx.out.parent.name + SMOKE_KEEP)
-        transcript = smoke_test(tag, spec, ctx.report, builder=builder, keep=keep)
+        ctx.report("loading the image into the builder's storage for the smoke test")
+        load_image(builder, ctx.out / OCI_DIR, ref, tag)
+        try:
+            transcript = smoke_test(tag, spec, ctx.report, builder=builder, keep=keep)
+        finally:
+            unload_image(builder, tag)   # the OCI layout is the artifact: no second copy of the weights stays behind
         (ctx.out / TRANSCRIPT).write_text(json.dumps(transcript, indent=2) + "\n")
         image["smoke_test"] = {k: transcript[k] for k in ("passed", "answer", "health_seconds", "models")}
     (ctx.out / IMAGE_JSON).write_text(json.dumps(image, indent=2) + "\n")
     return image
+
+
+def _weights_layer(ctx: StepContext, model: Path, ref: str) -> dict:
+    """Append the checkpoint to the built image as its last layer, written in one pass (forge/weights_layer.py)."""
+    from forge.weights_layer import append_weights_layer
+
+    compression = ctx.recipe.recipe.container.weights_compression
+    total = sum(p.stat().st_size for p in model.rglob("*") if p.is_file())
+    done = 0
+
+    def progress(n: int) -> None:
+        nonlocal done
+        done += n
+        ctx.report(f"weights layer ({compression})", completed=done, total=total, unit="B")
+
+    t0 = time.monotonic()
+    try:
+        layer = append_weights_layer(ctx.out / OCI_DIR, ref, model, MODEL_DIR, uid=UID, compression=compression,
+                                     progress=progress)
+    except ValueError as e:
+        raise ToolError(f"the weights layer could not be written: {e}") from None
+    seconds = time.monotonic() - t0
+    return {"digest": layer["digest"], "diff_id": layer["diff_id"], "media_type": layer["mediaType"],
+            "bytes": layer["size"], "files": layer["files"], "seconds": round(seconds, 2),
+            "mb_s": round(layer["tar_bytes"] / max(seconds, 1e-9) / 1e6, 1)}
+
+
+def load_image(builder: str, layout: Path, ref: str, tag: str) -> None:
+    """Make ``tag`` in the builder's storage the image in the OCI layout (what the smoke test and a user run)."""
+    if builder == "buildah":
+        buildah("tag", _pull_layout(layout, ref), tag)
+    elif builder == "podman":
+        image_id = _tool("podman", "pull", "--quiet", f"oci:{layout}:{ref}").stdout.strip().splitlines()[-1]
+        _tool("podman", "tag", image_id, tag)
+    else:
+        _tool("skopeo", "copy", "--quiet", f"oci:{layout}:{ref}", f"docker-daemon:{tag}")
+
+
+def unload_image(builder: str, tag: str) -> None:
+    if builder == "buildah":
+        buildah("rmi", "--force", tag, check=False)
+    else:
+        subprocess.run([builder, "rmi", "--force", tag], capture_output=True, env=_clean_env())
+
+
+def _pull_layout(layout: Path, ref: str) -> str:
+    """buildah pull of an OCI layout; returns the image id. buildah names a pulled oci: image after its path,
+    which must then be a valid reference (no '.cache' components): pull through a plain, lower-case symlink."""
+    import tempfile
+
+    link = Path(tempfile.gettempdir()) / f"forge-oci-{uuid.uuid4().hex}"
+    link.symlink_to(layout)
+    try:
+        return buildah("pull", "--quiet", f"oci:{link}:{ref}").stdout.strip().splitlines()[-1]
+    finally:
+        link.unlink()
 
 
 def choose_builder(loaded, base) -> str:
