@@ -228,3 +228,25 @@ def make_image(layout: Path, ref: str, model: dict[str, bytes]) -> str:
         {"mediaType": "application/vnd.oci.image.manifest.v1+json", **desc,
          "annotations": {"org.opencontainers.image.ref.name": ref}}]}))
     return desc["digest"]
+
+
+DEMO_SECRETS = {"HF_TOKEN": "hf_forgeTestSecretValue4242", "REGISTRY_PASSWORD": "forge-registry-pw-8675309"}
+
+
+@pytest.fixture(scope="session")
+def demo_build(tmp_path_factory):
+    """The demo recipe built once per test session by the real CLI (e2e tests share it: the CPU base image,
+    FP8, the eval gate, the package and its smoke test), with secrets in the environment that must leak nowhere."""
+    cache = tmp_path_factory.mktemp("demo-cache")
+    buildah_root = tmp_path_factory.mktemp("buildah")
+    env = {**DEMO_SECRETS, "FORGE_BUILDAH_ROOT": str(buildah_root / "storage"),
+           "FORGE_REGISTRY_DIR": str(tmp_path_factory.mktemp("demo-registry"))}
+    recipe = REPO / "recipes" / "smollm2-135m-demo.yaml"
+    first = forge_cli("build", str(recipe), cache=cache, env=env, timeout=3600)
+    (tmp_path_factory.getbasetemp() / "demo-build.log").write_text(first.stdout + first.stderr)  # what a user sees
+    assert first.returncode == 0, first.stdout + first.stderr
+    entries = json.loads(forge_cli("cache", "ls", "--json", cache=cache, check=0).stdout)
+    steps = {e["step"]: cache / "steps" / e["key"] / "out" for e in entries}
+    digests = {e["step"]: e["output_digest"] for e in entries}
+    return {"cache": cache, "env": env, "log": first.stdout + first.stderr, "steps": steps, "digests": digests,
+            "recipe": recipe}

@@ -22,23 +22,10 @@ DEMO = REPO / "recipes" / "smollm2-135m-demo.yaml"
 
 
 @pytest.fixture(scope="module")
-def demo_image(tmp_path_factory):
-    """The demo's image, built by forge (no eval gate, no smoke test: this test probes it itself)."""
-    from ruamel.yaml import YAML
-
-    root = tmp_path_factory.mktemp("deploy-demo")
-    doc = YAML(typ="safe").load(DEMO.read_text())
-    doc.pop("eval")
-    doc["container"]["smoke_test"] = False
-    recipe = root / "demo.yaml"
-    recipe.write_text(json.dumps(doc, indent=1))
-    env = {"FORGE_BUILDAH_ROOT": str(root / "buildah" / "storage"), "FORGE_REGISTRY_DIR": str(root / "unused")}
-    cache = root / "cache"
-    proc = forge_cli("build", str(recipe), cache=cache, env=env, timeout=3600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    entries = json.loads(forge_cli("cache", "ls", "--json", cache=cache, check=0).stdout)
-    steps = {e["step"]: (cache / "steps" / e["key"] / "out", e["output_digest"]) for e in entries}
-    return {"recipe": recipe, "steps": steps, "env": env}
+def demo_image(demo_build):
+    """The demo's image as `forge build` made it (shared with the other e2e tests)."""
+    steps = {name: (out, demo_build["digests"][name]) for name, out in demo_build["steps"].items()}
+    return {"recipe": demo_build["recipe"], "steps": steps, "env": demo_build["env"]}
 
 
 def _validated(demo_image, reg, tmp_path):

@@ -10,24 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, forge_cli, image_config
+from conftest import DEMO_SECRETS, REPO, forge_cli, image_config
 
 pytestmark = pytest.mark.e2e
 DEMO = REPO / "recipes" / "smollm2-135m-demo.yaml"
-SECRETS = {"HF_TOKEN": "hf_forgeTestSecretValue4242", "REGISTRY_PASSWORD": "forge-registry-pw-8675309"}
+SECRETS = DEMO_SECRETS
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("demo-cache")
-    buildah_root = tmp_path_factory.mktemp("buildah")
-    env = {**SECRETS, "FORGE_BUILDAH_ROOT": str(buildah_root / "storage"),
-           "FORGE_REGISTRY_DIR": str(tmp_path_factory.mktemp("demo-registry"))}
-    first = forge_cli("build", str(DEMO), cache=cache, env=env, timeout=3600)
-    assert first.returncode == 0, first.stdout + first.stderr
-    entries = json.loads(forge_cli("cache", "ls", "--json", cache=cache, check=0).stdout)
-    steps = {e["step"]: cache / "steps" / e["key"] / "out" for e in entries}
-    return {"cache": cache, "env": env, "log": first.stdout + first.stderr, "steps": steps}
+def demo(demo_build):
+    return demo_build
 
 
 def _rebuild(demo, recipe: Path):
