@@ -141,7 +141,7 @@ def build(
         if result.name == "gate":
             from forge.steps import gate
 
-            console.gate_table(gate.Output.read(result.entry).verdict, console=shown)
+            console.gate_table(json.loads(gate.Output.read(result.entry).verdict.read_text()), console=shown)
 
     try:
         outcome = pipeline.run(loaded, store, force={force} if force else set(), registry_dir=registry_dir,
@@ -195,7 +195,7 @@ def _reports(results: dict) -> dict[str, list[Path]]:
         g = gate.Output.read(results["gate"].entry)
         found["eval gate"] = [g.summary, g.verdict, g.junit]
     if "quantize" in results:
-        found["quantize"] = list(quantize.Output.read(results["quantize"].entry).reports)
+        found["quantize"] = sorted(quantize.Output.read(results["quantize"].entry).reports, key=lambda p: p.suffix != ".md")
     if "scan" in results:
         sc = scan.Output.read(results["scan"].entry)
         found["scan"] = [sc.summary_md, sc.verdict, sc.report, sc.sbom]

@@ -18,6 +18,7 @@ LINKED, COPIED = "linked", "copied"
 
 
 def place(src: Path, dst: Path) -> str:
+    src = Path(os.path.realpath(src))   # link the file a symlink names (HF cache), never the symlink itself
     try:
         os.link(src, dst)
         return LINKED

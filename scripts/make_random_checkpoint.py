@@ -7,7 +7,7 @@ one at a time and written shard by shard, so memory stays near one shard whateve
     .venv/bin/python scripts/make_random_checkpoint.py OUT_DIR [--shape llama-3.2-3b] [--shard-gb 2.5]
 
 Shapes (hidden / layers / heads / kv heads / intermediate; vocab is the tokenizer's):
-    llama-3.2-3b  3072 / 28 / 24 / 8 / 8192    6.24 GB bf16 (the default)
+    llama-3.2-3b  3072 / 28 / 24 / 8 / 8192    6.24 GB bf16, lm_head untied (the default; the issue's model)
     llama-3.2-1b  2048 / 16 / 32 / 8 / 8192    2.35 GB
     llama-3-8b    4096 / 32 / 32 / 8 / 14336  15.0 GB
     qwen2-7b      3584 / 28 / 28 / 4 / 18944  14.5 GB (attention biases, Qwen2 layer names)
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 SHAPES = {
-    "llama-3.2-3b": dict(arch="llama", hidden=3072, layers=28, heads=24, kv_heads=8, inter=8192, tie=True, theta=500000.0),
+    "llama-3.2-3b": dict(arch="llama", hidden=3072, layers=28, heads=24, kv_heads=8, inter=8192, tie=False, theta=500000.0),
     "llama-3.2-1b": dict(arch="llama", hidden=2048, layers=16, heads=32, kv_heads=8, inter=8192, tie=True, theta=500000.0),
     "llama-3-8b": dict(arch="llama", hidden=4096, layers=32, heads=32, kv_heads=8, inter=14336, tie=False, theta=500000.0),
     "qwen2-7b": dict(arch="qwen2", hidden=3584, layers=28, heads=28, kv_heads=4, inter=18944, tie=False, theta=1000000.0),

@@ -114,7 +114,7 @@ def test_registry_cache_and_plan_tables_in_a_pipe_show_every_cell_whole(long_nam
     cached = forge_cli("cache", "ls", env=CI, cache=cache_dir, check=0).stdout
     assert cached.count(name) == 2                                     # resolve and quantize rows
     planned = forge_cli("plan", str(recipe), env=CI, cache=cache_dir, check=0).stdout
-    from forge.steps import STEPS
+    from forge.steps.graph import STEPS
 
     for spec in STEPS[:2]:   # resolve, quantize: every cell of their rows, the long "what it does" too
         assert re.search(rf"^{spec.name}\s+HIT\s+[0-9a-f]{{16}}\s+.*{re.escape(spec.summary)}\s*$", planned, re.M), planned

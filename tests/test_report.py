@@ -128,7 +128,7 @@ def test_forge_build_writes_the_report_dir_and_forge_report_renders_from_the_cac
     env = {"FORGE_REGISTRY_DIR": str(tmp_path / "reg"), "PYTHONPATH": str(REPO)}
     proc = forge_cli("build", str(known.recipe), "--report-dir", str(tmp_path / "out"), cache=known.store.root,
                      env=env, check=0)
-    assert "BUILT" not in proc.stdout and f"report     {tmp_path / 'out' / 'report.html'}" in proc.stdout
+    assert "BUILT" not in proc.stdout and f"build report {tmp_path / 'out' / 'report.html'}" in proc.stdout
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"report.html", "junit.xml", "summary.md"}
     shown = json.loads(forge_cli("registry", "show", "tiny-report", "--json", env=env, check=0).stdout)
     assert shown["status"] == "gated" and "report" in {e["kind"] for e in shown["evidence"]}

@@ -78,16 +78,17 @@ class BuildOutputs:
         """junit.xml (the gate's) and summary.md beside the page; returns the gate's and scan's own summaries."""
         if self.data is None:
             return {}
-        from forge.steps.gate import JUNIT as GATE_JUNIT, SUMMARY as GATE_SUMMARY
-        from forge.steps.scan import SUMMARY as SCAN_SUMMARY
+        from forge.steps import gate, scan
 
         summaries = {}
-        for step, name in (("gate", GATE_SUMMARY), ("scan", SCAN_SUMMARY)):
-            if step in self.results and (self.results[step].entry.out / name).is_file():
-                summaries[step] = (self.results[step].entry.out / name).read_text()
+        g = gate.Output.read(self.results["gate"].entry) if "gate" in self.results else None
+        sc = scan.Output.read(self.results["scan"].entry) if "scan" in self.results else None
+        for step, path in (("gate", g.summary if g else None), ("scan", sc.summary_md if sc else None)):
+            if path is not None and path.is_file():
+                summaries[step] = path.read_text()
         (self.out_dir / JUNIT).unlink(missing_ok=True)   # a stale verdict from an earlier build must not be uploaded
-        if "gate" in self.results:
-            write(self.out_dir / JUNIT, (self.results["gate"].entry.out / GATE_JUNIT).read_bytes())
+        if g is not None:
+            write(self.out_dir / JUNIT, g.junit.read_bytes())
         write(self.out_dir / SUMMARY, markdown(self.data, self.html if self.error is None else None, summaries))
         return summaries
 

@@ -5,8 +5,7 @@
 the registry record (to be) of the build. Each section is None when its step is not part of the recipe
 or did not run (the build stopped at a gate); ``render`` says which.
 
-Step outputs are read here and only here (file names from the steps' own modules), so when steps grow
-typed readers this is the one module that changes.
+Step outputs are read here and only here, through each step's typed reader (``<step>.Output.read(entry)``).
 """
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ __all__ = ["gather", "load_fit"]
 
 
 def gather(loaded, results: dict, record=None, *, downloads: Path | None = None, provenance: bytes = b"") -> dict:
-    from forge.steps import active_steps
+    from forge.steps.graph import active_steps
 
     r = loaded.recipe
     text = loaded.path.read_text() if Path(loaded.path).is_file() else ""
@@ -52,21 +51,21 @@ def _json(path: Path):
 
 
 def _gate(results: dict) -> dict | None:
-    from forge.steps.gate import VERDICT
+    from forge.steps import gate
 
     if "gate" not in results:
         return None
-    return _json(results["gate"].entry.out / VERDICT)
+    return _json(gate.Output.read(results["gate"].entry).verdict)
 
 
 def _quantize(loaded, results: dict) -> dict | None:
-    from forge.steps.quantize import REPORT_JSON
+    from forge.steps import quantize
 
     if "quantize" not in results:
         return None
-    out = results["quantize"].entry.out
-    facts = results["quantize"].entry.manifest.get("facts", {})
-    report = _json(out / REPORT_JSON) or {}
+    checkpoint = quantize.Output.read(results["quantize"].entry)
+    out, facts = checkpoint.dir, checkpoint.facts
+    report = next((_json(p) for p in checkpoint.reports if p.suffix == ".json"), None) or {}
     layers = [{k: row.get(k) for k in ("layer", "bits", "type", "strategy", "group_size", "weight_rel_error",
                                        "backend_error")} | {"kept": False} for row in report.get("layers", [])]
     # Layers the quantizer skipped stay in the model's precision: compressed-tensors names them in
@@ -110,13 +109,12 @@ def load_fit(loaded, downloads: Path) -> dict | None:
 
 
 def _image(results: dict) -> dict | None:
-    from forge.steps.package import IMAGE_JSON, OCI_DIR
+    from forge.steps import package
 
     if "package" not in results:
         return None
-    out = results["package"].entry.out
-    image = _json(out / IMAGE_JSON) or {}
-    layout = out / OCI_DIR
+    built = package.Output.read(results["package"].entry)
+    image, layout = built.image, built.oci_dir
 
     def blob(digest: str) -> Path:
         return layout / "blobs" / digest.replace(":", "/", 1)
@@ -141,13 +139,13 @@ def _image(results: dict) -> dict | None:
 
 
 def _scan(results: dict) -> dict | None:
-    from forge.steps.scan import SBOM, VERDICT
+    from forge.steps import scan
 
     if "scan" not in results:
         return None
-    out = results["scan"].entry.out
-    verdict = _json(out / VERDICT) or {}
-    sbom = _json(out / SBOM)
+    scanned = scan.Output.read(results["scan"].entry)
+    verdict = _json(scanned.verdict) or {}
+    sbom = _json(scanned.sbom) if scanned.sbom is not None else None
     return {"status": verdict.get("status", "scanned"), "passed": verdict.get("passed"),
             "summary": verdict.get("summary") or verdict.get("reason", ""), "fail_on": verdict.get("fail_on"),
             "counts": verdict.get("counts", {}), "blocking": verdict.get("blocking", []),

@@ -299,12 +299,7 @@ def run(ctx: StepContext) -> dict:
                  weights=weights)
     if loaded.recipe.container.smoke_test:
         keep = ctx.out.parent.with_name(ctx.out.parent.name + SMOKE_KEEP)
-        ctx.report("loading the image into the builder's storage for the smoke test")
-        load_image(builder, ctx.out / OCI_DIR, ref, tag)
-        try:
-            transcript = smoke_test(tag, spec, ctx.report, builder=builder, keep=keep)
-        finally:
-            unload_image(builder, tag)   # the OCI layout is the artifact: no second copy of the weights stays behind
+        transcript = smoke_test(tag, spec, ctx.report, builder=builder, keep=keep, layout=(ctx.out / OCI_DIR, ref))
         (ctx.out / TRANSCRIPT).write_text(json.dumps(transcript, indent=2) + "\n")
         image["smoke_test"] = {k: transcript[k] for k in ("passed", "answer", "health_seconds", "models")}
     (ctx.out / IMAGE_JSON).write_text(json.dumps(image, indent=2) + "\n")
@@ -469,10 +464,12 @@ def _stop_group(proc: subprocess.Popen) -> None:
             pass
 
 
-def smoke_test(tag: str, spec: ImageSpec, report, *, keep: Path, builder: str = "buildah", timeout_s: float = 300) -> dict:
+def smoke_test(tag: str, spec: ImageSpec, report, *, keep: Path, builder: str = "buildah", timeout_s: float = 300,
+               layout: tuple[Path, str] | None = None) -> dict:
     """Serve from the image, check it (check_server: health route, /v1/models, one chat), stop everything.
     keep: where the server log goes, and where it stays with the transcript when the check fails (removed
-    when it passes)."""
+    when it passes). layout: (OCI layout, ref) to load the image from into the builder's storage first; it is
+    removed again afterwards (the layout is the artifact: no second copy of the weights stays behind)."""
     from forge.engines import get
 
     engine = get(spec.base.engine)
@@ -481,6 +478,17 @@ def smoke_test(tag: str, spec: ImageSpec, report, *, keep: Path, builder: str = 
                else "need their GPU to serve; smoke test not run here")
         return {"passed": False, "skipped": f"{engine.name} images {why}", "answer": None, "health_seconds": None,
                 "models": None}
+    if layout is not None:
+        report("loading the image into the builder's storage for the smoke test")
+        load_image(builder, layout[0], layout[1], tag)
+    try:
+        return _serve_and_check(tag, spec, report, keep=keep, builder=builder, timeout_s=timeout_s)
+    finally:
+        if layout is not None:
+            unload_image(builder, tag)
+
+
+def _serve_and_check(tag: str, spec: ImageSpec, report, *, keep: Path, builder: str, timeout_s: float) -> dict:
     keep.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     with open(keep / SERVER_LOG, "wb") as log:
