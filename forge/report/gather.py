@@ -78,8 +78,9 @@ def _quantize(loaded, results: dict) -> dict | None:
     layers += [{"layer": name, "kept": True, "weight_rel_error": None, "backend_error": None}
                for name in dict.fromkeys(kept) if name not in listed]
     return {"method": loaded.recipe.quantize.method, "ignore": list(loaded.recipe.quantize.ignore),
-            "summary": {k: facts.get(k) for k in ("scheme", "bytes", "bf16_bytes", "size_ratio", "mean_weight_rel_error",
-                                                  "calibration_windows", "calibration_dtype", "device", "seconds")},
+            "summary": {**{k: facts.get(k) for k in ("scheme", "bytes", "bf16_bytes", "size_ratio", "calibration_windows",
+                                                     "calibration_dtype", "device", "seconds")},
+                        "mean_weight_rel_error": (facts.get("backend_facts") or {}).get("mean_weight_rel_error")},
             "verify": facts.get("verify"), "layers": layers}
 
 
