@@ -133,7 +133,8 @@ def execute(loaded: LoadedRecipe, store: Store, *, force: set[str] = frozenset()
                 executor.submit(StepRequest(
                     step=name, recipe_path=str(loaded.path), recipe_digest=loaded.digest, ci=loaded.ci,
                     cache_root=str(store.root), upstream={d: results[d].key for d in specs[name].depends},
-                    force=bool({"*", name} & set(force))), events)
+                    force=bool({"*", name} & set(force)), variant=loaded.variant,
+                    overrides=dict(loaded.overrides)), events)
                 in_flight += 1
             if not in_flight:
                 break

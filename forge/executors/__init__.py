@@ -32,6 +32,8 @@ class StepRequest:
     cache_root: str
     upstream: dict[str, str] = field(default_factory=dict)   # upstream step -> key of its committed entry
     force: bool = False           # rebuild even when the key is committed (replace that entry)
+    variant: str | None = None    # the recipe's variant (load_recipe(..., variant=...))
+    overrides: dict = field(default_factory=dict)   # programmatic overrides (load_recipe(..., overrides=...))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -34,9 +34,17 @@ class LocalExecutor:
         from forge.steps.graph import spec_named
 
         req, events = self._queue.popleft()
+        loaded = self._recipe(req)
         upstream = {d: committed(self.store, k, d) for d, k in req.upstream.items()}
-        return run_step(spec_named(self.loaded, req.step), self.loaded, self.store, upstream,
-                        force=req.force, events=events)
+        return run_step(spec_named(loaded, req.step), loaded, self.store, upstream, force=req.force, events=events)
+
+    def _recipe(self, req: StepRequest) -> LoadedRecipe:
+        """The recipe the request names: this executor's own, or another variant / trial of it."""
+        if (req.variant, req.overrides) == (self.loaded.variant, self.loaded.overrides):
+            return self.loaded
+        from forge.recipe.load import load_recipe
+
+        return load_recipe(req.recipe_path, ci=req.ci, variant=req.variant, overrides=req.overrides)
 
     def close(self) -> None:
         self._queue.clear()

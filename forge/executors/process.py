@@ -113,7 +113,7 @@ def _worker() -> int:
 
         env.quiet_libraries()
         req = StepRequest.from_json(sys.stdin.read())
-        loaded = load_recipe(req.recipe_path, ci=req.ci)
+        loaded = load_recipe(req.recipe_path, ci=req.ci, variant=req.variant, overrides=req.overrides)
         if loaded.digest != req.recipe_digest:
             raise UsageError(f"{req.recipe_path} changed while the build ran ({req.recipe_digest[:19]}… was planned)",
                              hint="Rerun the build.")

@@ -6,6 +6,7 @@ all problems are collected and raised together as one RecipeError (exit 2).
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import types
@@ -41,6 +42,8 @@ class LoadedRecipe:
     digest: str
     ci: bool = False
     warnings: tuple[str, ...] = ()
+    variant: str | None = None        # the recipe's variant this is (its overrides merged in), or None
+    overrides: dict = field(default_factory=dict)   # programmatic overrides on top (e.g. a method: auto trial)
 
     @property
     def base_dir(self) -> Path:
@@ -55,7 +58,11 @@ class LoadedRecipe:
         return p if p.is_absolute() else (self.base_dir / p)
 
 
-def load_recipe(path: str | Path, *, ci: bool = False) -> LoadedRecipe:
+def load_recipe(path: str | Path, *, ci: bool = False, variant: str | None = None,
+                overrides: dict | None = None) -> LoadedRecipe:
+    """Load and check a recipe. ``variant``: one of its ``variants:``, whose overrides are merged over the
+    shared sections; ``overrides``: {section: {key: value}} merged on top (how ``method: auto`` builds a
+    trial). The result is validated and completed as a whole recipe; ``digest`` stays the file's."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError([f"{path}: recipe file not found"], hint="Pass the path of a recipe YAML, e.g. recipes/smollm2-135m-demo.yaml")
@@ -69,14 +76,74 @@ def load_recipe(path: str | Path, *, ci: bool = False) -> LoadedRecipe:
 
     data, positions = _parse(path, text)
     recipe = _validate(path, data, positions)
+    overrides = dict(overrides or {})
+    if variant is not None or overrides:
+        data, positions = _merged(path, data, positions, recipe, variant, overrides)
+        try:
+            recipe = _validate(path, data, positions)
+        except RecipeError as e:
+            what = f"variant {variant!r}" if variant is not None else f"overrides {overrides}"
+            raise RecipeError([f"{p} (in {what})" for p in e.problems], hint=e.hint) from None
     digest = "sha256:" + hashlib.sha256(raw).hexdigest()
-    loaded = LoadedRecipe(path=path, recipe=recipe, positions=positions, digest=digest, ci=ci)
+    loaded = LoadedRecipe(path=path, recipe=recipe, positions=positions, digest=digest, ci=ci, variant=variant,
+                          overrides=overrides)
 
     from forge.recipe.complete import complete  # world checks; imports no heavy libraries
 
-    warnings = complete(loaded)
+    try:
+        warnings = complete(loaded)
+    except RecipeError as e:
+        if variant is None and not overrides:
+            raise
+        what = f"variant {variant!r}" if variant is not None else f"overrides {overrides}"
+        raise RecipeError([f"{p} (in {what})" for p in e.problems], hint=e.hint) from None
     return LoadedRecipe(path=loaded.path, recipe=recipe, positions=positions, digest=digest, ci=ci,
-                        warnings=tuple(warnings))
+                        warnings=tuple(warnings), variant=variant, overrides=overrides)
+
+
+# A quantize override that changes the method drops these method parameters of the shared section
+# (bits: 4 of a shared GPTQ section means nothing to an fp8 variant); calibration, ignore, kv_cache stay.
+_METHOD_PARAMS = ("bits", "group_size", "symmetric", "actorder", "fp8_scheme", "backend")
+
+
+def _merged(path: Path, data: dict, positions: dict, recipe: Recipe, variant: str | None,
+            overrides: dict) -> tuple[dict, dict]:
+    """The recipe's data with a variant's overrides (and then ``overrides``) merged key by key into the
+    shared sections; positions of overridden keys point at the variant's lines."""
+    from forge.errors import UsageError
+    from forge.recipe.schema import VARIANT_SECTIONS
+
+    merged = copy.deepcopy(data)
+    pos = dict(positions)
+
+    def put(section: str, values: dict, src: PathKey | None) -> None:
+        current = merged.get(section)
+        current = dict(current) if isinstance(current, dict) else {}
+        if section == "quantize" and "method" in values and values["method"] != current.get("method", "none"):
+            for k in _METHOD_PARAMS:
+                if k not in values:
+                    current.pop(k, None)
+        for k, v in values.items():
+            current[k] = v
+            if src is not None:
+                for key, p in positions.items():
+                    if key[:len(src) + 1] == src + (k,):
+                        pos[(section,) + key[len(src):]] = p
+        merged[section] = current
+
+    if variant is not None:
+        names = [v.name for v in recipe.variants]
+        if variant not in names:
+            raise UsageError(f"{path}: no variant named {variant!r}; "
+                             + (f"its variants: {', '.join(names)}" if names else "the recipe declares no variants"),
+                             hint="Pass one of the recipe's variant names, or leave --variant out to build them all.")
+        i = names.index(variant)
+        for section in VARIANT_SECTIONS:
+            if values := data["variants"][i].get(section):
+                put(section, values, ("variants", i, section))
+    for section, values in overrides.items():
+        put(section, dict(values), None)
+    return merged, pos
 
 
 # ---------------------------------------------------------------- parse

@@ -197,6 +197,20 @@ class Publish(_Section):
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 
+# The sections a variant may override; everything else (model, eval, scan, publish, ...) is shared.
+VARIANT_SECTIONS = ("target", "quantize", "container")
+
+
+class Variant(_Section):
+    """One build of the recipe for one GPU: its overrides are merged key by key over the shared sections and
+    the result is validated as a whole recipe (``forge.recipe.load``)."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$",
+                      description="Variant name, also its image tag (e.g. vllm-fp8-h100-sxm-tp1).")
+    target: dict = Field(default_factory=dict, description="Overrides of target (gpu, engine, tensor_parallel, ...).")
+    quantize: dict = Field(default_factory=dict, description="Overrides of quantize (method, bits, ...).")
+    container: dict = Field(default_factory=dict, description="Overrides of container (base, ...).")
+
 
 class Recipe(_Section):
     """A forge recipe (apiVersion forge/v1)."""
@@ -214,6 +228,16 @@ class Recipe(_Section):
     scan: Scan = Scan()
     publish: Publish = Publish()
     trtllm: TrtLLM | None = None
+    variants: tuple[Variant, ...] = Field((), description="Builds of this recipe for several GPUs: each overrides "
+                                                          "target, quantize and container.base; shared steps run once.")
+
+    @field_validator("variants")
+    @classmethod
+    def _unique_variants(cls, v: tuple[Variant, ...]) -> tuple[Variant, ...]:
+        names = [x.name for x in v]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"variant names must be unique; {', '.join(dupes)} repeats")
+        return v
 
 
 def json_schema() -> dict:
