@@ -572,6 +572,40 @@ def registry_referrers(ref: RefArg, registry_dir: RegistryDir = None, json_out: 
             out.print(f"  {where:<6} {d.get('artifactType', '?'):<45} {d['digest'][:19]}", highlight=False)
 
 
+@registry_app.command("select")
+def registry_select(
+    model: Annotated[str, typer.Argument(help="The recipe name whose variant matrix to read.", show_default=False)],
+    gpu_product: Annotated[str, typer.Option("--gpu-product", help="The node's nvidia.com/gpu.product label "
+                                             "(GFD), e.g. NVIDIA-L4, NVIDIA-L4-SHARED, NVIDIA-A100-SXM4-40GB-MIG-1g.5gb.",
+                                             show_default=False)],
+    registry: Annotated[Optional[str], typer.Option("--registry", help="Read the matrix from this OCI repository "
+                                                    "(oci://HOST/REPO, the recipe's publish.registry) instead of the "
+                                                    "embedded registry.")] = None,
+    registry_dir: RegistryDir = None, json_out: JsonOut = False,
+) -> None:
+    """Print the image digest to deploy on a node with this GPU; list every variant as runnable, runnable with
+    less memory, or incompatible (on stderr). Exit 2 if no variant runs there or the label is unknown."""
+    from forge.registry import matrix, select
+
+    mx = matrix.load(model, None if registry else _registry(registry_dir), registry)
+    sel = select.select(mx, gpu_product)
+    if json_out:
+        sys.stdout.write(json.dumps(sel.to_json(), indent=2) + "\n")
+    else:
+        if sel.chosen:
+            sys.stdout.write(sel.chosen.digest + "\n")   # alone on stdout: DIGEST=$(forge registry select …)
+        console.table(("variant", "verdict", "gpu", "status", "image", "why"),
+                      [(escape(c.tag), c.verdict, c.gpu, c.status, c.digest[:19] or "-", escape(c.why))
+                       for c in sel.candidates], console=err,
+                      title=f"{mx.name} on {escape(sel.node.describe())} (matrix {mx.digest[:19]}, {escape(mx.where)})")
+        if sel.chosen:
+            err.print(f"[green]✓[/] deploy {escape(sel.chosen.tag)}: {escape(sel.chosen.image)}", highlight=False)
+    if sel.chosen is None:
+        raise UsageError(f"no variant of {model} runs on {gpu_product} ({sel.node.describe()})",
+                         hint=f"Add a variant for {sel.node.gpu.name} to the recipe, or schedule on a GPU the "
+                              "table lists as runnable.")
+
+
 
 # ---------------------------------------------------------------------- deploy (issue 19: forge/deploy/)
 
