@@ -239,6 +239,8 @@ def test_variants_and_matrix_round_trip_through_a_remote_registry(tmp_path, reg,
     body, headers = _get(f"{base}/manifests/matrix")
     assert headers["Docker-Content-Digest"] == mx.image_digest == "sha256:" + hashlib.sha256(body).hexdigest()
     assert json.loads(body)["artifactType"] == MATRIX_TYPE
+    proc = forge_cli("registry", "verify", "tiny:matrix", "--remote", "--registry-dir", str(reg.root), check=0)
+    assert "here and in oci://" in proc.stdout
 
     # another machine: nothing local, only the registry
     empty = str(tmp_path / "empty-registry")

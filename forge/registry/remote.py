@@ -212,6 +212,9 @@ class Client:
                 problems.append((digest, role, f"the registry serves content hashing to {actual}"))
                 continue
             m = json.loads(got[0])
+            if "manifests" in m:   # a variant matrix: re-hash every image it lists, in turn
+                manifests += [(d["digest"], f"variant {d['digest'][7:19]} manifest") for d in m["manifests"]]
+                continue
             for blob in [m["config"], *m.get("layers", [])]:
                 actual = self.blob_digest(blob["digest"])
                 if actual != blob["digest"]:
