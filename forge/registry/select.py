@@ -151,4 +151,5 @@ def _judge(node: Node, d: dict, matrix: Matrix) -> Candidate:
         return out(INCOMPATIBLE, f"needs {need:.1f} GiB per GPU; {where} offers {budget:.1f} GiB "
                                  f"({node.memory_gib:.1f} GiB × {util:g} memory utilization)")
     return out(LESS_MEMORY, f"{where}: {node.memory_gib:.1f} GiB instead of {gpu}'s {memory:g} GiB; the fit model's "
-                            f"{need:.1f} GiB fits in {budget:.1f} GiB", node.memory_gib)
+                            f"{need:.1f} GiB fits in {budget:.1f} GiB"
+                            + ("; time-sliced: the pods on it share that memory" if node.shared else ""), node.memory_gib)
