@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -135,6 +136,12 @@ def test_the_matrix_is_an_index_with_the_forge_artifact_type_listing_the_tags(tm
     _, records, mx = published
     assert mx.kind == "matrix" and mx.tag == "matrix" and mx.status == "validated"
     assert reg.resolve("tiny:matrix").id == mx.id
+    with sqlite3.connect(reg.root / "index.sqlite") as db:   # make the matrix the newest record of the name:
+        db.execute("UPDATE artifacts SET created_at = '9999' WHERE id = ?", (mx.id,))
+    assert reg.resolve("tiny").kind == "image"               # NAME alone still means the newest image
+    shown = json.loads(forge_cli("registry", "show", "tiny:matrix", "--json", "--registry-dir", str(reg.root),
+                                 check=0).stdout)
+    assert shown["kind"] == "matrix" and shown["annotations"]["dev.forge.name"] == "tiny"
     index = json.loads(reg.blobs.read(mx.image_digest))
     assert index["mediaType"] == INDEX and index["artifactType"] == MATRIX_TYPE == \
         "application/vnd.forge.variant-matrix.v1+json"
@@ -154,6 +161,8 @@ def test_the_matrix_is_an_index_with_the_forge_artifact_type_listing_the_tags(tm
     assert proc.returncode == 2 and "variant matrix" in proc.stderr and "Traceback" not in proc.stderr
     proc = forge_cli("registry", "promote", "tiny:matrix", "--to", "prod", "--registry-dir", str(reg.root))
     assert proc.returncode == 2 and "variant matrix" in proc.stderr
+    proc = forge_cli("deploy", "tiny:matrix", "--out", str(tmp_path / "d"), "--registry-dir", str(reg.root))
+    assert proc.returncode == 2 and "variant matrix" in proc.stderr and "Traceback" not in proc.stderr
     # nothing publishable: no matrix
     assert publish_matrix(load_recipe(tmp_path / "tiny.yaml"), [records[REJECTED]], reg, None) is None
 
