@@ -55,6 +55,8 @@ _STREAM = 4 << 20
 
 Reporter = Callable[..., None]
 _down: set[str] = set()          # remotes found unreachable in this process: not asked again
+_up: set[str] = set()            # remotes that answered this process's probe
+_PROBE_TIMEOUT = (5, 30)         # connect, read (s)
 
 
 def _quiet(*a, **k) -> None:
@@ -174,7 +176,7 @@ class RemoteCache:
                   done: int, total: int) -> int:
         """Stream one layer to dest, hashing as it goes; refuse it when its bytes are not its digest."""
         h, size, want = hashlib.sha256(), 0, layer["size"]
-        with open(dest, "wb") as f, self._talking(f"pulling {rel} from {where}"):
+        with open(dest, "wb") as f, self._talking(f"pulling {rel}"):
             for chunk in client.stream_blob(layer["digest"], _STREAM):
                 size += len(chunk)
                 if size > want:
@@ -200,7 +202,7 @@ class RemoteCache:
                                      hint="Point --cache-remote at a repository that only forge writes step outputs to.")
         if not 0 <= desc.get("size", -1) <= _CONFIG_MAX:
             raise RemoteCacheCorrupt(f"remote step cache {where}: config blob of {desc.get('size')} bytes refused")
-        with self._talking(f"reading {where}"):
+        with self._talking("reading a step manifest"):
             data = client.get_blob(desc["digest"])
         if sha256_bytes(data) != desc["digest"]:
             raise RemoteCacheCorrupt(f"remote step cache {where}: step manifest (config blob {desc['digest']}) was served "
@@ -210,7 +212,7 @@ class RemoteCache:
 
     def _tagged(self, client: Client, key: str) -> tuple[str, dict] | None:
         """(manifest digest, manifest) the key's tag names, or None."""
-        with self._talking(f"looking up {self.tag(key)} in {self.url}"):
+        with self._talking(f"looking up {self.tag(key)[:17]}…"):
             got = client.get_manifest(self.tag(key))
         if got is None:
             return None
@@ -242,7 +244,7 @@ class RemoteCache:
         ours = sha256_bytes(manifest)
         where = f"{self.url}:{self.tag(entry.key)}"
         total, done = sum(n for *_, n in blobs), 0
-        with self._talking(f"pushing to {where}"):
+        with self._talking(f"pushing {entry.step}"):
             for rel, path, digest, size in blobs:
                 report(f"pushing {rel}", completed=done, total=total, unit="B")
                 client.put_blob(path, digest, size)
@@ -292,8 +294,12 @@ class RemoteCache:
 
     # ------------------------------------------------------------------ plumbing
     def _client(self) -> Client:
-        with self._talking(f"connecting to {self.url}"):
-            return Client(self.remote)
+        with self._talking("connecting"):
+            client = Client(self.remote)
+            if self.url not in _up:
+                _probe(client)
+                _up.add(self.url)
+            return client
 
     @contextmanager
     def _talking(self, doing: str) -> Iterator[None]:
@@ -309,7 +315,25 @@ class RemoteCache:
             if isinstance(e, OSError) and not isinstance(e, requests.RequestException) and e.filename:
                 raise   # a local file problem is not the registry's
             _down.add(self.url)
-            message = getattr(e, "message", None) or str(e)
+            message = _reason(getattr(e, "message", None) or str(e))
             raise RemoteUnavailable(f"remote step cache {self.url}: {doing} failed: {message}",
                                     hint="Is the registry up and are the credentials right "
                                          "(FORGE_REGISTRY_USER/FORGE_REGISTRY_PASSWORD or auth.json)?") from None
+
+
+def _probe(client: Client) -> None:
+    """GET /v2/ once, with a timeout: an unreachable registry is found in seconds (the oras client retries
+    a refused connection for minutes). Any HTTP answer, 401 included, means it is up."""
+    import requests
+
+    requests.get(f"{client.reg.prefix}://{client.remote.host}/v2/", timeout=_PROBE_TIMEOUT,
+                 verify=not client.remote.insecure)
+
+
+def _reason(message: str) -> str:
+    """The gist of a requests/urllib3 error ("Connection refused"), not its three nested reprs."""
+    import re
+
+    if found := re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", message):
+        return found.group(1).strip()
+    return message if len(message) <= 300 else message[:300] + "…"

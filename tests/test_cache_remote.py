@@ -244,3 +244,17 @@ def test_a_large_blob_streams_through_without_being_held_in_memory(remote, tmp_p
     assert pulled.output_digest == entry.output_digest
     assert sha256_file(pulled.out / "weights.bin") == entry.manifest["output"]["files"]["weights.bin"]["sha256"]
     assert peak < 24 << 20, f"pulling a {size >> 20} MiB blob peaked at {peak >> 20} MiB of Python memory"
+
+
+def test_the_ci_example_sharing_the_cache_passes_actionlint(tmp_path):
+    from test_ci import _actionlint, _project
+
+    workflow = (REPO / "examples" / "ci" / "github" / "forge-remote-cache.yml").read_text()
+    assert "cache-remote: ${{ vars.FORGE_CACHE_REMOTE }}" in workflow and "FORGE_CACHE_REMOTE_MODE" in workflow
+    root = _project(tmp_path, workflow)
+    proc = subprocess.run([_actionlint(), "-no-color"], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # negative control: actionlint reads the action, so a misspelt input of it fails
+    (root / ".github" / "workflows" / "forge.yml").write_text(workflow.replace("cache-remote:", "cache-remotes:"))
+    proc = subprocess.run([_actionlint(), "-no-color"], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 1 and 'input "cache-remotes" is not defined' in proc.stdout
