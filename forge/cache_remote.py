@@ -18,7 +18,9 @@ and nothing is committed.
 
 Two writers of one key: Distribution 2.8 ignores ``If-None-Match`` on manifest PUTs (last writer wins), so
 ``share`` checks the tag before pushing (the runner checked it before building, too) and again right
-before the manifest PUT, and reads the tag back after it. When another writer's artifact is there first,
+before the manifest PUT, and reads the tag back a second after it (a writer whose check came just before
+our PUT has landed its own by then: the loser deletes its manifest, so one artifact is left). When another
+writer's artifact is there first,
 forge adopts it: same output digest → nothing is pushed (the local entry already holds the same files);
 a different output digest → the step is not reproducible: a warning, and the remote output replaces the
 local entry (so what this build uses and publishes is what others may already have used), recorded under
@@ -33,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -57,6 +60,7 @@ Reporter = Callable[..., None]
 _down: set[str] = set()          # remotes found unreachable in this process: not asked again
 _up: set[str] = set()            # remotes that answered this process's probe
 _PROBE_TIMEOUT = (5, 30)         # connect, read (s)
+_SETTLE_S = 1.0                  # after our manifest PUT, wait this long before reading the tag back
 
 
 def _quiet(*a, **k) -> None:
@@ -253,6 +257,7 @@ class RemoteCache:
             if (there := self._tagged(client, entry.key)) is not None:   # a writer got there first: keep theirs
                 return ours, there[0]
             client.put_manifest(manifest, MANIFEST, self.tag(entry.key))
+            time.sleep(_SETTLE_S)   # a writer that checked the tag just before our PUT lands its own PUT in this time
             after = self._tagged(client, entry.key)
         if after is not None and after[0] != ours:    # another writer's PUT landed after ours: theirs stands
             self._forget(client, ours)

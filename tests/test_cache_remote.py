@@ -141,7 +141,7 @@ def test_a_tampered_blob_is_refused_exit_5_and_nothing_is_committed(recipe, remo
         data.write_bytes(original)   # blobs are shared by every repository of the registry: leave it whole
 
 
-def test_two_concurrent_writers_leave_one_artifact_and_the_same_output(recipe, remote, tmp_path):
+def test_two_concurrent_writers_leave_one_artifact_and_the_same_output(recipe, remote, tmp_path, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in SECRETS}
     procs = [subprocess.Popen([sys.executable, "-m", "forge", "build", str(recipe), "--json", "--cache-remote", remote],
                               env={**env, "FORGE_CACHE_DIR": str(tmp_path / name), "HF_HUB_OFFLINE": "1"}, cwd=REPO,
@@ -152,6 +152,10 @@ def test_two_concurrent_writers_leave_one_artifact_and_the_same_output(recipe, r
     assert {s: v[1:] for s, v in a.items()} == {s: v[1:] for s, v in b.items()}    # same keys, same outputs
     # one artifact per key: one tag, naming a manifest whose output is what both builds committed
     assert _tags(remote) == sorted(f"step-{key}" for _, key, _ in a.values())
+    repo = remote.removeprefix("oci://").partition("/")[2]
+    revisions = list(tmp_path_factory.getbasetemp().glob(
+        f"oci-registry[0-9]*/data/docker/registry/v2/repositories/{repo}/_manifests/revisions/sha256/*/link"))
+    assert len(revisions) == len(a), revisions     # no second manifest left behind by the writer that lost
     for step, (_, key, output) in a.items():
         assert _manifest(remote, f"step-{key}")["annotations"]["dev.forge.step.output"] == output
         for cache in ("A", "B"):
