@@ -115,6 +115,13 @@ def build(
     report_dir: Annotated[Optional[Path], typer.Option(
         "--report-dir", envvar="FORGE_REPORT_DIR", show_envvar=True,
         help="Write report.html, junit.xml and summary.md here (default: <cache>/reports/<recipe name>).")] = None,
+    cache_remote: Annotated[Optional[str], typer.Option(
+        "--cache-remote", envvar="FORGE_CACHE_REMOTE", show_envvar=True, metavar="oci://HOST/REPO",
+        help="Remote step cache in an OCI registry: pull a step's output before building it, push what this build "
+             "makes. Unreachable: a warning, and the build goes on locally.")] = None,
+    cache_remote_mode: Annotated[str, typer.Option(
+        "--cache-remote-mode", envvar="FORGE_CACHE_REMOTE_MODE", show_envvar=True, metavar="readwrite|read",
+        help="read: pull only (untrusted builds never push).")] = "readwrite",
 ) -> None:
     """Build a recipe: run the steps whose inputs changed, reuse the rest, then publish the result and its status."""
     from forge import env, pipeline
@@ -130,6 +137,11 @@ def build(
     _progress = console.StepProgress(shown)
     loaded, _ = _load(recipe, ci, cache_dir)
     pipeline.check_target(publish_to)
+    remote = None
+    if cache_remote:
+        from forge.cache_remote import RemoteCache
+
+        remote = RemoteCache.parse(cache_remote, cache_remote_mode)   # a bad URL or mode: exit 2 before building
     store = _store(cache_dir)
     shown.print(f"[bold]{loaded.recipe.name}[/] · recipe {loaded.digest[7:19]} · cache {store.root}", highlight=False)
 
@@ -147,9 +159,12 @@ def build(
         outcome = pipeline.run(loaded, store, force={force} if force else set(), registry_dir=registry_dir,
                                publish_to=publish_to, on_start=on_start, on_done=on_done,
                                on_publish=lambda: _progress.start("publish"),
-                               report_dir=report_dir or store.root / "reports" / loaded.recipe.name)
+                               report_dir=report_dir or store.root / "reports" / loaded.recipe.name,
+                               cache_remote=remote)
     finally:
         _progress.stop()
+    for warning in outcome.build.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     _print_outcome(outcome, t0, json_out)
     if outcome.error is not None:
         raise outcome.error   # already recorded as rejected, with its reason
