@@ -115,6 +115,12 @@ def build(
     report_dir: Annotated[Optional[Path], typer.Option(
         "--report-dir", envvar="FORGE_REPORT_DIR", show_envvar=True,
         help="Write report.html, junit.xml and summary.md here (default: <cache>/reports/<recipe name>).")] = None,
+    executor: Annotated[str, typer.Option(
+        "--executor", metavar="local|ray", help="Where steps run: in this process, or as tasks on a Ray cluster "
+                                                "(needs --cache-remote; pip install 'forge-llm[ray]').")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option(
+        "--ray-address", envvar="RAY_ADDRESS", show_envvar=True,
+        help="The Ray cluster of --executor ray (default: the one started on this machine).")] = None,
 ) -> None:
     """Build a recipe: run the steps whose inputs changed, reuse the rest, then publish the result and its status."""
     from forge import env, pipeline
@@ -131,6 +137,7 @@ def build(
     loaded, _ = _load(recipe, ci, cache_dir)
     pipeline.check_target(publish_to)
     store = _store(cache_dir)
+    runner = _executor(executor, ray_address, loaded, store)
     shown.print(f"[bold]{loaded.recipe.name}[/] · recipe {loaded.digest[7:19]} · cache {store.root}", highlight=False)
 
     def on_start(spec, key):
@@ -145,7 +152,7 @@ def build(
 
     try:
         outcome = pipeline.run(loaded, store, force={force} if force else set(), registry_dir=registry_dir,
-                               publish_to=publish_to, on_start=on_start, on_done=on_done,
+                               publish_to=publish_to, executor=runner, on_start=on_start, on_done=on_done,
                                on_publish=lambda: _progress.start("publish"),
                                report_dir=report_dir or store.root / "reports" / loaded.recipe.name)
     finally:
@@ -153,6 +160,17 @@ def build(
     _print_outcome(outcome, t0, json_out)
     if outcome.error is not None:
         raise outcome.error   # already recorded as rejected, with its reason
+
+
+def _executor(name: str, ray_address: str | None, loaded, store):
+    """The executor --executor names (None: the pipeline's default, in this process)."""
+    if name == "local":
+        return None
+    if name == "ray":
+        from forge.executors.ray import RayExecutor
+
+        return RayExecutor(loaded, store, address=ray_address)
+    raise UsageError(f"--executor {name!r} is not an executor", hint="Use --executor local (default) or --executor ray.")
 
 
 def _print_outcome(outcome, t0: float, json_out: bool) -> None:
