@@ -115,6 +115,13 @@ def build(
     report_dir: Annotated[Optional[Path], typer.Option(
         "--report-dir", envvar="FORGE_REPORT_DIR", show_envvar=True,
         help="Write report.html, junit.xml and summary.md here (default: <cache>/reports/<recipe name>).")] = None,
+    cache_remote: Annotated[Optional[str], typer.Option(
+        "--cache-remote", envvar="FORGE_CACHE_REMOTE", show_envvar=True, metavar="oci://HOST/REPO",
+        help="Remote step cache in an OCI registry: pull a step's output before building it, push what this build "
+             "makes. Unreachable: a warning, and the build goes on locally.")] = None,
+    cache_remote_mode: Annotated[str, typer.Option(
+        "--cache-remote-mode", envvar="FORGE_CACHE_REMOTE_MODE", show_envvar=True, metavar="readwrite|read",
+        help="read: pull only (untrusted builds never push).")] = "readwrite",
     executor: Annotated[str, typer.Option(
         "--executor", metavar="local|ray", help="Where steps run: in this process, or as tasks on a Ray cluster "
                                                 "(needs --cache-remote; pip install 'forge-llm[ray]').")] = "local",
@@ -136,8 +143,13 @@ def build(
     _progress = console.StepProgress(shown)
     loaded, _ = _load(recipe, ci, cache_dir)
     pipeline.check_target(publish_to)
+    remote = None
+    if cache_remote:
+        from forge.cache_remote import RemoteCache
+
+        remote = RemoteCache.parse(cache_remote, cache_remote_mode)   # a bad URL or mode: exit 2 before building
     store = _store(cache_dir)
-    runner = _executor(executor, ray_address, loaded, store)
+    runner = _executor(executor, ray_address, loaded, store, remote)
     shown.print(f"[bold]{loaded.recipe.name}[/] · recipe {loaded.digest[7:19]} · cache {store.root}", highlight=False)
 
     def on_start(spec, key):
@@ -154,22 +166,25 @@ def build(
         outcome = pipeline.run(loaded, store, force={force} if force else set(), registry_dir=registry_dir,
                                publish_to=publish_to, executor=runner, on_start=on_start, on_done=on_done,
                                on_publish=lambda: _progress.start("publish"),
-                               report_dir=report_dir or store.root / "reports" / loaded.recipe.name)
+                               report_dir=report_dir or store.root / "reports" / loaded.recipe.name,
+                               cache_remote=remote)
     finally:
         _progress.stop()
+    for warning in outcome.build.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     _print_outcome(outcome, t0, json_out)
     if outcome.error is not None:
         raise outcome.error   # already recorded as rejected, with its reason
 
 
-def _executor(name: str, ray_address: str | None, loaded, store):
+def _executor(name: str, ray_address: str | None, loaded, store, remote):
     """The executor --executor names (None: the pipeline's default, in this process)."""
     if name == "local":
         return None
     if name == "ray":
         from forge.executors.ray import RayExecutor
 
-        return RayExecutor(loaded, store, address=ray_address)
+        return RayExecutor(loaded, store, address=ray_address, cache_remote=remote)
     raise UsageError(f"--executor {name!r} is not an executor", hint="Use --executor local (default) or --executor ray.")
 
 

@@ -25,6 +25,9 @@ VARS: dict[str, Var] = {v.name: v for v in (
     Var("FORGE_DEBUG", "Show the traceback of internal errors."),
     Var("FORGE_PLUGINS", "Extra backends/engines: KIND:NAME=module:attr, space- or comma-separated "
                          "(KIND backend or engine), e.g. engine:echo=my_engine:ENGINE."),
+    Var("FORGE_CACHE_REMOTE", "Remote step cache, as --cache-remote: oci://HOST[:PORT]/REPO (pull MISSes, push built steps)."),
+    Var("FORGE_CACHE_REMOTE_MODE", "As --cache-remote-mode: readwrite (default) or read (pull only, for untrusted builds).",
+        "readwrite"),
     Var("FORGE_PUBLISH_TO", "Publish here instead of the recipe's publish.registry (as --publish-to)."),
     Var("FORGE_GPU_PRICES", "Override catalog GPU prices for `forge fit`: a JSON object, GPU name -> USD per hour."),
     Var("FORGE_CPU_CALIBRATION_DTYPE", "Force the CPU calibration dtype (float32 or bfloat16)."),

@@ -44,6 +44,10 @@ MAX_RETRIES = 3                 # a step whose worker died is run again this man
 _POLL_S = 0.1                   # how often the driver drains progress events while it waits
 
 
+_NO_REMOTE = UsageError("--executor ray needs a remote step cache: Ray nodes share nothing but the registry",
+                        hint="Pass --cache-remote oci://HOST/REPO (or set FORGE_CACHE_REMOTE).")
+
+
 def _ray():
     try:
         import ray
@@ -104,7 +108,8 @@ def bundle(loaded: LoadedRecipe) -> bytes:
 
 
 class RayExecutor:
-    def __init__(self, loaded: LoadedRecipe, store: Store, *, address: str | None = None):
+    def __init__(self, loaded: LoadedRecipe, store: Store, *, address: str | None = None, cache_remote=None):
+        """``cache_remote``: the build's ``forge.cache_remote.RemoteCache`` (required: how outputs move)."""
         self.loaded, self.store = loaded, store
         from forge.steps.graph import active_steps
 
@@ -112,6 +117,8 @@ class RayExecutor:
         if ray.__version__ != RAY_VERSION:
             raise UsageError(f"forge needs Ray {RAY_VERSION}; this Python has Ray {ray.__version__}",
                              hint=f"pip install 'forge-llm[ray]' (ray=={RAY_VERSION}), the version the cluster runs too.")
+        if cache_remote is None:
+            raise _NO_REMOTE
         _connect(ray, address or env.get("RAY_ADDRESS"))
         from ray.util.queue import Queue
 
@@ -127,10 +134,8 @@ class RayExecutor:
     def submit(self, request: StepRequest, events: EventSink) -> None:
         from forge.steps.graph import spec_named
 
-        remote = getattr(request, "cache_remote", None)
-        if not remote:
-            raise UsageError("--executor ray needs a remote step cache: Ray nodes share nothing but the registry",
-                             hint="Pass --cache-remote oci://HOST/REPO (or set FORGE_CACHE_REMOTE).")
+        if not request.cache_remote:
+            raise _NO_REMOTE
         loaded = self._recipe(request)
         spec = spec_named(loaded, request.step)
         opts = resources(spec, loaded)
@@ -230,9 +235,9 @@ def _check_cluster(ray, opts: dict, step: str, loaded: LoadedRecipe) -> None:
 
 
 def _pull(store: Store, req: StepRequest, key: str, step: str):
-    from forge.cache_remote import RemoteCache
+    from forge.executors.runner import remote_of
 
-    entry = RemoteCache.parse(req.cache_remote, req.cache_remote_mode).pull(store, key)
+    entry = remote_of(req).pull(store, key)
     if entry is None:
         raise StepError(f"step {step} committed {key[:12]} on its Ray node, but the remote step cache "
                         f"{req.cache_remote} does not have it",
@@ -245,7 +250,7 @@ def _pull(store: Store, req: StepRequest, key: str, step: str):
 def _task(request_json: str, recipe_name: str, tarball: bytes, events, task_id: str) -> dict:
     """One step on a Ray node: unpack the recipe, pull the upstream entries, run the step; answer as JSON."""
     try:
-        from forge.executors.runner import run_step
+        from forge.executors.runner import remote_of, run_step
         from forge.recipe.load import load_recipe
         from forge.steps.graph import spec_named
         from forge.store import default_cache_dir
@@ -260,17 +265,10 @@ def _task(request_json: str, recipe_name: str, tarball: bytes, events, task_id: 
                              f"({loaded.digest[:19]}… vs {req.recipe_digest[:19]}…)", hint="Rerun the build.")
         upstream = {d: store.get(k) or _pull(store, req, k, d) for d, k in req.upstream.items()}
         done = run_step(spec_named(loaded, req.step), loaded, store, upstream, force=req.force,
-                        events=lambda e: events.put((task_id, asdict(e))), **_remote_kw(req))
+                        events=lambda e: events.put((task_id, asdict(e))), remote=remote_of(req))
         return {"done": asdict(done)}
     except Exception as e:  # noqa: BLE001 -- a step's failure is its answer (never retried); a dead worker is
         return {"error": error_to_json(e)}
-
-
-def _remote_kw(req: StepRequest) -> dict:
-    """How run_step is told to push to (and pull from) the remote step cache."""
-    from forge.cache_remote import RemoteCache
-
-    return {"remote": RemoteCache.parse(req.cache_remote, req.cache_remote_mode)}
 
 
 def _unpacked(store: Store, tarball: bytes) -> Path:

@@ -186,6 +186,18 @@ class Client:
             raise ToolError(f"registry GET blob {digest}: HTTP {r.status_code}")
         return r.content
 
+    def stream_blob(self, digest: str, chunk: int = 4 << 20) -> Iterator[bytes]:
+        """The blob's bytes as the registry serves them, in chunks: never whole in memory (the caller hashes them)."""
+        r = self._request("GET", f"blobs/{digest}", stream=True)
+        with r:
+            if r.status_code != 200:
+                raise ToolError(f"registry GET blob {digest}: HTTP {r.status_code}")
+            yield from r.iter_content(chunk)
+
+    def delete_manifest(self, digest: str) -> bool:
+        """DELETE a manifest by digest; False when the registry does not allow deletes."""
+        return self._request("DELETE", f"manifests/{digest}").status_code in (200, 202)
+
     def blob_digest(self, digest: str) -> str | None:
         """sha256 of the blob the registry serves under digest (streamed), None if it has none."""
         import hashlib
