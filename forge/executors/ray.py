@@ -124,7 +124,7 @@ class RayExecutor:
 
         for spec in active_steps(loaded):    # a GPU the cluster lacks fails now, before any step runs
             _check_cluster(ray, resources(spec, loaded), spec.name, loaded)
-        self._events = Queue()
+        self._events = Queue(actor_options={"num_cpus": 0})   # never waits for a CPU the steps hold
         self._task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False)(_task)
         self._running: dict = {}            # ObjectRef -> (request, sink, task id)
         self._sinks: dict[str, EventSink] = {}
