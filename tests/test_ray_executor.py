@@ -126,6 +126,31 @@ def test_without_ray_installed_forge_build_exits_2_with_the_pip_command(tmp_path
     assert "Traceback" not in proc.stderr
 
 
+def test_a_cluster_on_another_ray_version_is_an_error_naming_both_versions():
+    """What ray.init raises on a version mismatch (ray._private.utils.check_version_info's message) becomes
+    exit 5 with both versions and the pin, no traceback."""
+    from forge.errors import ToolError
+    from forge.executors import ray as ray_executor
+
+    class Ray:                                 # the ray module as _connect uses it, connecting to an older cluster
+        __version__ = "2.60.0"
+
+        @staticmethod
+        def is_initialized():
+            return False
+
+        @staticmethod
+        def init(**kw):
+            raise RuntimeError("Version mismatch: The cluster was started with:\n    Ray: 2.49.1\n    Python: 3.11.9\n"
+                               "This process on node 127.0.0.1 was started with:\n    Ray: 2.60.0\n    Python: 3.11.9\n")
+
+    with pytest.raises(ToolError) as e:
+        ray_executor._connect(Ray, "127.0.0.1:6379")
+    assert e.value.exit_code == 5
+    assert "Ray: 2.49.1" in e.value.message and "Ray: 2.60.0" in e.value.message and "127.0.0.1:6379" in e.value.message
+    assert "ray==2.60.0" in e.value.hint
+
+
 # ------------------------------------------------------------------------- inside the namespace
 
 
