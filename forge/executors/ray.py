@@ -175,8 +175,8 @@ class RayExecutor:
         return done
 
     def _drain(self) -> None:
-        while not self._events.empty():
-            task_id, event = self._events.get_nowait()
+        waiting = self._events.qsize()                       # one consumer: these many are there to take
+        for task_id, event in (self._events.get_nowait_batch(waiting) if waiting else ()):
             if (sink := self._sinks.get(task_id)) is not None:
                 sink(Event(**event))
 
@@ -188,6 +188,7 @@ class RayExecutor:
         return load_recipe(req.recipe_path, ci=req.ci, variant=req.variant, overrides=req.overrides)
 
     def close(self) -> None:
+        """Cancel what still runs (its worker is killed: nothing it staged is committed)."""
         for ref in self._running:
             self._ray.cancel(ref, force=True)
         self._running.clear()
