@@ -18,7 +18,9 @@ and nothing is committed.
 
 Two writers of one key: Distribution 2.8 ignores ``If-None-Match`` on manifest PUTs (last writer wins), so
 ``share`` checks the tag before pushing (the runner checked it before building, too) and again right
-before the manifest PUT, and reads the tag back after it. When another writer's artifact is there first,
+before the manifest PUT, and reads the tag back a second after it (a writer whose check came just before
+our PUT has landed its own by then: the loser deletes its manifest, so one artifact is left). When another
+writer's artifact is there first,
 forge adopts it: same output digest → nothing is pushed (the local entry already holds the same files);
 a different output digest → the step is not reproducible: a warning, and the remote output replaces the
 local entry (so what this build uses and publishes is what others may already have used), recorded under
@@ -33,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -55,6 +58,9 @@ _STREAM = 4 << 20
 
 Reporter = Callable[..., None]
 _down: set[str] = set()          # remotes found unreachable in this process: not asked again
+_up: set[str] = set()            # remotes that answered this process's probe
+_PROBE_TIMEOUT = (5, 30)         # connect, read (s)
+_SETTLE_S = 1.0                  # after our manifest PUT, wait this long before reading the tag back
 
 
 def _quiet(*a, **k) -> None:
@@ -174,7 +180,7 @@ class RemoteCache:
                   done: int, total: int) -> int:
         """Stream one layer to dest, hashing as it goes; refuse it when its bytes are not its digest."""
         h, size, want = hashlib.sha256(), 0, layer["size"]
-        with open(dest, "wb") as f, self._talking(f"pulling {rel} from {where}"):
+        with open(dest, "wb") as f, self._talking(f"pulling {rel}"):
             for chunk in client.stream_blob(layer["digest"], _STREAM):
                 size += len(chunk)
                 if size > want:
@@ -200,7 +206,7 @@ class RemoteCache:
                                      hint="Point --cache-remote at a repository that only forge writes step outputs to.")
         if not 0 <= desc.get("size", -1) <= _CONFIG_MAX:
             raise RemoteCacheCorrupt(f"remote step cache {where}: config blob of {desc.get('size')} bytes refused")
-        with self._talking(f"reading {where}"):
+        with self._talking("reading a step manifest"):
             data = client.get_blob(desc["digest"])
         if sha256_bytes(data) != desc["digest"]:
             raise RemoteCacheCorrupt(f"remote step cache {where}: step manifest (config blob {desc['digest']}) was served "
@@ -210,7 +216,7 @@ class RemoteCache:
 
     def _tagged(self, client: Client, key: str) -> tuple[str, dict] | None:
         """(manifest digest, manifest) the key's tag names, or None."""
-        with self._talking(f"looking up {self.tag(key)} in {self.url}"):
+        with self._talking(f"looking up {self.tag(key)[:17]}…"):
             got = client.get_manifest(self.tag(key))
         if got is None:
             return None
@@ -242,7 +248,7 @@ class RemoteCache:
         ours = sha256_bytes(manifest)
         where = f"{self.url}:{self.tag(entry.key)}"
         total, done = sum(n for *_, n in blobs), 0
-        with self._talking(f"pushing to {where}"):
+        with self._talking(f"pushing {entry.step}"):
             for rel, path, digest, size in blobs:
                 report(f"pushing {rel}", completed=done, total=total, unit="B")
                 client.put_blob(path, digest, size)
@@ -251,6 +257,7 @@ class RemoteCache:
             if (there := self._tagged(client, entry.key)) is not None:   # a writer got there first: keep theirs
                 return ours, there[0]
             client.put_manifest(manifest, MANIFEST, self.tag(entry.key))
+            time.sleep(_SETTLE_S)   # a writer that checked the tag just before our PUT lands its own PUT in this time
             after = self._tagged(client, entry.key)
         if after is not None and after[0] != ours:    # another writer's PUT landed after ours: theirs stands
             self._forget(client, ours)
@@ -292,8 +299,12 @@ class RemoteCache:
 
     # ------------------------------------------------------------------ plumbing
     def _client(self) -> Client:
-        with self._talking(f"connecting to {self.url}"):
-            return Client(self.remote)
+        with self._talking("connecting"):
+            client = Client(self.remote)
+            if self.url not in _up:
+                _probe(client)
+                _up.add(self.url)
+            return client
 
     @contextmanager
     def _talking(self, doing: str) -> Iterator[None]:
@@ -309,7 +320,25 @@ class RemoteCache:
             if isinstance(e, OSError) and not isinstance(e, requests.RequestException) and e.filename:
                 raise   # a local file problem is not the registry's
             _down.add(self.url)
-            message = getattr(e, "message", None) or str(e)
+            message = _reason(getattr(e, "message", None) or str(e))
             raise RemoteUnavailable(f"remote step cache {self.url}: {doing} failed: {message}",
                                     hint="Is the registry up and are the credentials right "
                                          "(FORGE_REGISTRY_USER/FORGE_REGISTRY_PASSWORD or auth.json)?") from None
+
+
+def _probe(client: Client) -> None:
+    """GET /v2/ once, with a timeout: an unreachable registry is found in seconds (the oras client retries
+    a refused connection for minutes). Any HTTP answer, 401 included, means it is up."""
+    import requests
+
+    requests.get(f"{client.reg.prefix}://{client.remote.host}/v2/", timeout=_PROBE_TIMEOUT,
+                 verify=not client.remote.insecure)
+
+
+def _reason(message: str) -> str:
+    """The gist of a requests/urllib3 error ("Connection refused"), not its three nested reprs."""
+    import re
+
+    if found := re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", message):
+        return found.group(1).strip()
+    return message if len(message) <= 300 else message[:300] + "…"
