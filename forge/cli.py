@@ -122,6 +122,12 @@ def build(
     cache_remote_mode: Annotated[str, typer.Option(
         "--cache-remote-mode", envvar="FORGE_CACHE_REMOTE_MODE", show_envvar=True, metavar="readwrite|read",
         help="read: pull only (untrusted builds never push).")] = "readwrite",
+    executor: Annotated[str, typer.Option(
+        "--executor", metavar="local|ray", help="Where steps run: in this process, or as tasks on a Ray cluster "
+                                                "(needs --cache-remote; pip install 'forge-llm[ray]').")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option(
+        "--ray-address", envvar="RAY_ADDRESS", show_envvar=True,
+        help="The Ray cluster of --executor ray (default: the one started on this machine).")] = None,
 ) -> None:
     """Build a recipe: run the steps whose inputs changed, reuse the rest, then publish the result and its status."""
     from forge import env, pipeline
@@ -143,6 +149,7 @@ def build(
 
         remote = RemoteCache.parse(cache_remote, cache_remote_mode)   # a bad URL or mode: exit 2 before building
     store = _store(cache_dir)
+    runner = _executor(executor, ray_address, loaded, store, remote)
     shown.print(f"[bold]{loaded.recipe.name}[/] · recipe {loaded.digest[7:19]} · cache {store.root}", highlight=False)
 
     def on_start(spec, key):
@@ -157,7 +164,7 @@ def build(
 
     try:
         outcome = pipeline.run(loaded, store, force={force} if force else set(), registry_dir=registry_dir,
-                               publish_to=publish_to, on_start=on_start, on_done=on_done,
+                               publish_to=publish_to, executor=runner, on_start=on_start, on_done=on_done,
                                on_publish=lambda: _progress.start("publish"),
                                report_dir=report_dir or store.root / "reports" / loaded.recipe.name,
                                cache_remote=remote)
@@ -168,6 +175,17 @@ def build(
     _print_outcome(outcome, t0, json_out)
     if outcome.error is not None:
         raise outcome.error   # already recorded as rejected, with its reason
+
+
+def _executor(name: str, ray_address: str | None, loaded, store, remote):
+    """The executor --executor names (None: the pipeline's default, in this process)."""
+    if name == "local":
+        return None
+    if name == "ray":
+        from forge.executors.ray import RayExecutor
+
+        return RayExecutor(loaded, store, address=ray_address, cache_remote=remote)
+    raise UsageError(f"--executor {name!r} is not an executor", hint="Use --executor local (default) or --executor ray.")
 
 
 def _print_outcome(outcome, t0: float, json_out: bool) -> None:

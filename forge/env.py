@@ -38,6 +38,7 @@ VARS: dict[str, Var] = {v.name: v for v in (
     Var("FORGE_PIP_FIND_LINKS", "Local wheel directory used when building forge's base images."),
     Var("FORGE_BUILDAH_ROOT", "buildah storage root (default: buildah's own)."),
     Var("FORGE_BUILDAH_STORAGE_DRIVER", "buildah storage driver.", "vfs"),
+    Var("RAY_ADDRESS", "Ray cluster `forge build --executor ray` connects to (as --ray-address; e.g. ray://head:10001, auto)."),
     Var("FORGE_TEST_STOP_BEFORE_COMMIT", "Test hook: stop a build after STEP wrote its outputs, before commit."),
     Var("TQDM_DISABLE", "Set to 1 by forge during a build (unless set): forge draws its own progress."),
     Var("TRANSFORMERS_VERBOSITY", "Set to error by forge during a build (unless set)."),

@@ -114,6 +114,7 @@ SPEC = StepSpec(
     identity=_identity,
     run="forge.steps.quantize:run",
     volatile=REPORTS,
+    gpu=True,
 )
 
 
