@@ -34,7 +34,7 @@ def _hash_files(files: list[Path]) -> None:
                 h.update(chunk)
 
 
-def _empty_image(layout: Path) -> None:
+def empty_image(layout: Path) -> None:
     """A minimal OCI layout with one empty image to append to (what the package step's buildah build gives)."""
     from forge.registry.layout import Layout, descriptor, manifest_bytes
 
@@ -79,7 +79,7 @@ def main() -> None:
     try:
         for i in range(args.runs):
             layout = work / f"oci-{i}"
-            _empty_image(layout)
+            empty_image(layout)
             t0 = time.perf_counter()
             append_weights_layer(layout, "bench", args.model, "/opt/forge/model", uid=10001,
                                  compression=args.compression)
