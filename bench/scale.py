@@ -17,9 +17,11 @@ Each measurement runs in its own child process, so its peak RSS (ru_maxrss from 
                and not buildable on a machine without it) and the buildah build of the Containerfile.
   raw_gptq / forge_gptq   the same for GPTQ W4 group 64 on the demo's calibration settings (--method gptq; slow)
 Prints JSON with every figure, the ratios forge/raw (the quantize step's and the whole process's time, peak
-RSS) and the load average before and after each measurement (the machine may be shared).
+RSS) and the load average before and after each measurement (the machine may be shared; --concurrent runs
+the raw baseline and forge at the same time, so that both see the same contention).
 
-    .venv/bin/python bench/scale.py [--model DIR | --shape llama-3.2-3b] [--method fp8 --method gptq] [--keep]
+    .venv/bin/python bench/scale.py [--model DIR | --shape llama-3.2-3b] [--method fp8 --method gptq]
+                                    [--concurrent] [--keep] [--out FILE.json]
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -205,12 +208,14 @@ def main() -> None:
     ap.add_argument("--gptq", action="store_true", help="same as --method fp8 --method gptq")
     ap.add_argument("--skip-raw", action="store_true", help="skip the raw-library baselines")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--concurrent", action="store_true",
+                    help="run the raw baseline and forge at the same time (a shared machine: same contention for both)")
     ap.add_argument("--out", type=Path, help="also write the JSON here (e.g. bench/results/scale-3b.json)")
     args = ap.parse_args()
     methods = args.method or (["fp8", "gptq"] if args.gptq else ["fp8"])
     work = Path(tempfile.mkdtemp(prefix="forge-bench-scale-", dir=os.environ.get("TMPDIR")))
     model = args.model
-    report: dict = {"benchmark": "scale", "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    report: dict = {"benchmark": "scale", "cpus": os.cpu_count(), "concurrent": args.concurrent, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "load_avg_1_5_15": {"start": _load()}}
     if model is None:
         model = work / "model"
@@ -224,10 +229,16 @@ def main() -> None:
     report["hashlib"] = hashlib_rate(model)
     for name in methods:
         q = {"fp8": {"method": "fp8"}, "gptq": GPTQ}[name]
-        if not args.skip_raw:
+        if args.concurrent and not args.skip_raw:
+            # both at once: on a shared machine they then see the same contention (each child's own peak RSS)
+            with ThreadPoolExecutor(2) as pool:
+                raw_run, forge_run = pool.submit(raw, model, work, name), pool.submit(forge, model, work, name, q)
+                report[f"raw_{name}"], report[f"forge_{name}"] = raw_run.result(), forge_run.result()
+        elif not args.skip_raw:
             report[f"raw_{name}"] = raw(model, work, name)
             report["load_avg_1_5_15"][f"after raw_{name}"] = _load()
-        report[f"forge_{name}"] = forge(model, work, name, q)
+        if f"forge_{name}" not in report:
+            report[f"forge_{name}"] = forge(model, work, name, q)
         report["load_avg_1_5_15"][f"after forge_{name}"] = _load()
         if not args.skip_raw:
             r, f = report[f"raw_{name}"], report[f"forge_{name}"]
