@@ -160,9 +160,9 @@ def execute(variants: list[LoadedRecipe], store: Store, *, force: set[str] = fro
         while progress:
             progress = False
             for name, v in state.items():
-                for step in [s for s in v.waiting if not v.stopped]:
+                for step in list(v.waiting):
                     spec = v.specs[step]
-                    if not all(d in v.results for d in spec.depends):
+                    if v.stopped or not all(d in v.results for d in spec.depends):   # a failed gate stops it
                         continue
                     digests = {d: v.results[d].output_digest for d in spec.depends}
                     key = _key(spec, v.loaded, store, digests)

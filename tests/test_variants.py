@@ -8,8 +8,9 @@ import pytest
 
 from conftest import REPO, forge_cli, write_recipe
 
-from forge import pipeline, variants
+from forge import variants
 from forge.build import execute
+from forge.executors.process import ProcessExecutor
 from forge.recipe.load import load_recipe
 from forge.registry import LocalRegistry
 from forge.store import Store
@@ -54,8 +55,10 @@ def test_plan_shows_resolve_and_the_baseline_eval_shared(two, tmp_path):
 def test_shared_steps_run_once_and_digests_equal_single_variant_builds(two, tmp_path):
     built = []
     loaded = [load_recipe(two, variant=n) for n in ("plain", "fp8")]
-    outcomes = variants.execute(loaded, Store(tmp_path / "cache"),
+    executor = ProcessExecutor(max_parallel=2)   # a worker process per step: answers come back in any order
+    outcomes = variants.execute(loaded, Store(tmp_path / "cache"), executor=executor,
                                 on_done=lambda name, r, vs: built.append((r.name, r.status, tuple(vs))))
+    assert executor.peak == 2   # independent nodes (the two quantizes, the baseline eval) were handed out together
     assert sorted(s for s, status, _ in built if status == "BUILT") == sorted(
         ["resolve", "eval_baseline", "quantize", "quantize", "eval_candidate", "eval_candidate", "gate", "gate"])
     assert ("resolve", "BUILT", ("plain", "fp8")) in built and ("eval_baseline", "BUILT", ("plain", "fp8")) in built
@@ -158,9 +161,19 @@ def test_demo_recipe_plans_three_variants_sharing_the_checkpoint(tmp_path):
     assert sorted(n["variants"][0] for n in out["nodes"] if n["step"] == "package") == sorted(out["variants"])
 
 
-def test_run_variants_exit_code_and_matrix_hook(two, tmp_path):
-    outcome = pipeline.run_variants([load_recipe(two, variant=n) for n in ("plain", "fp8")], Store(tmp_path / "c"),
-                                    registry_dir=tmp_path / "registry")
-    assert list(outcome.variants) == ["plain", "fp8"]
-    assert int(outcome.exit_code) == 3 and outcome.error is outcome.variants["fp8"].error
-    assert outcome.variants["plain"].record.status == "gated"
+@pytest.mark.e2e
+def test_demo_variants_build_cpu_and_two_gpu_images(tmp_path, standin_bases):
+    """The variants demo on the real SmolLM2: the CPU image (built and smoke-tested here) and two vLLM images on
+    stand-in bases; one FP8 checkpoint, eval and gate for all three; three records tagged by variant."""
+    reg = tmp_path / "registry"
+    proc = forge_cli("build", str(DEMO), "--registry-dir", str(reg), cache=tmp_path / "cache",
+                     env={**standin_bases}, timeout=3600)
+    (tmp_path / "demo-variants.log").write_text(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    records = {r.tag: r for r in LocalRegistry(reg).ls(name="smollm2-135m")}
+    assert set(records) == {"cpu-fp8", "vllm-fp8-l4-tp1", "vllm-fp8-h100-sxm-tp1"}
+    assert {r.status for r in records.values()} == {"unscanned"}      # scan.required: false (no Trivy here)
+    assert {r.target_gpu for r in records.values()} == {"CPU", "L4", "H100-SXM"}
+    assert len({r.model_digest for r in records.values()}) == 1 and len({r.image_digest for r in records.values()}) == 3
+    for step in ("resolve", "quantize", "eval_baseline", "eval_candidate", "gate"):
+        assert sum(f"{step} (shared: 3)" in line for line in proc.stdout.splitlines()) == 1, step
