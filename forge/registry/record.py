@@ -143,7 +143,7 @@ def collect(loaded, results: dict, finished_at: datetime | None = None) -> Colle
     ident = {"recipe": loaded.digest, "image": image_digest, "model": model_digest, "eval": eval_digest,
              "scan": scan_digest}
     rid = digest_of(ident).removeprefix("sha256:")
-    tag = (loaded.variant or rid[:12]) if image_digest and status != "rejected" else None   # <name>:<variant>
+    tag = (getattr(loaded, "variant", None) or rid[:12]) if image_digest and status != "rejected" else None   # <name>:<variant>
     record = Record(
         id=rid, name=r.name, tag=tag, status=status, reason=reason, image_digest=image_digest,
         recipe_digest=loaded.digest, recipe_path=str(loaded.path), model_source=r.model.source,
