@@ -176,4 +176,4 @@ def test_demo_variants_build_cpu_and_two_gpu_images(tmp_path, standin_bases):
     assert {r.target_gpu for r in records.values()} == {"CPU", "L4", "H100-SXM"}
     assert len({r.model_digest for r in records.values()}) == 1 and len({r.image_digest for r in records.values()}) == 3
     for step in ("resolve", "quantize", "eval_baseline", "eval_candidate", "gate"):
-        assert sum(f"{step} (shared: 3)" in line for line in proc.stdout.splitlines()) == 1, step
+        assert sum(f"{step} (shared: 3)" in line and "BUILT" in line for line in proc.stdout.splitlines()) == 1, step
