@@ -18,14 +18,14 @@ from typing import Callable
 
 from forge.cache_remote import RemoteCache
 from forge.errors import EvalGateError, ScanGateError, UsageError
-from forge.executors import Event, Executor, StepRequest
+from forge.executors import Event, Executor, StepDone, StepRequest
 from forge.executors.runner import key_material, key_of
 from forge.recipe.load import LoadedRecipe
 from forge.steps import StepSpec, Unprobed, no_probes, tool_versions
 from forge.steps.graph import active_steps, step_names
 from forge.store import Entry, Store
 
-__all__ = ["plan", "execute", "build", "PlannedStep", "StepResult", "BuildOutcome", "tool_versions",
+__all__ = ["plan", "execute", "build", "check_force", "result_of", "PlannedStep", "StepResult", "BuildOutcome", "tool_versions",
            "HIT", "MISS", "PENDING", "FORCED"]
 
 HIT, MISS, PENDING, FORCED = "HIT", "MISS", "PENDING", "FORCED"
@@ -41,7 +41,7 @@ class PlannedStep:
     reason: str | None = None          # PENDING: what the key still waits for
 
 
-def _check_force(force: set[str]) -> None:
+def check_force(force: set[str]) -> None:
     unknown = force - set(step_names()) - {"*"}
     if unknown:
         raise UsageError(f"--force names unknown step(s) {', '.join(sorted(unknown))}; steps: {', '.join(step_names())}")
@@ -49,7 +49,7 @@ def _check_force(force: set[str]) -> None:
 
 def plan(loaded: LoadedRecipe, store: Store, force: set[str] = frozenset()) -> list[PlannedStep]:
     """Each step's key and whether it is cached. Runs nothing: no step, no external tool."""
-    _check_force(set(force))
+    check_force(set(force))
     digests: dict[str, str] = {}
     out: list[PlannedStep] = []
     for spec in active_steps(loaded):
@@ -112,7 +112,7 @@ def execute(loaded: LoadedRecipe, store: Store, *, force: set[str] = frozenset()
     ones together), reuse HITs, and stop scheduling when a step's check (the eval or scan gate) fails.
     ``cache_remote`` travels in every request: the executor's workers pull MISSes from it and push what they build.
     A step's own failure (ForgeError) propagates after the executor was closed."""
-    _check_force(set(force))
+    check_force(set(force))
     specs = {s.name: s for s in active_steps(loaded)}
     reporters: dict[str, Reporter] = {}
     warnings: list[str] = []
@@ -149,15 +149,8 @@ def execute(loaded: LoadedRecipe, store: Store, *, force: set[str] = frozenset()
                 break
             done = executor.next_done()
             in_flight -= 1
-            entry = store.get(done.key)
-            if entry is None:
-                from forge.errors import StepError
-
-                raise StepError(f"the executor reported step {done.step} committed as {done.key[:12]}, "
-                                f"but the cache {store.root} has no such entry")
-            log = store.log_path(done.step, done.key)
-            result = StepResult(done.step, done.status, done.key, entry.output_digest, done.seconds, entry,
-                                log if log.exists() else None)
+            result = result_of(done, store)
+            entry = result.entry
             results[done.step] = result
             if on_done:
                 on_done(result)
@@ -170,6 +163,19 @@ def execute(loaded: LoadedRecipe, store: Store, *, force: set[str] = frozenset()
         executor.close()
         raise
     return BuildOutcome([results[n] for n in specs if n in results], stopped, warnings)
+
+
+def result_of(done: StepDone, store: Store) -> StepResult:
+    """The result an executor's answer names, read from the cache (its committed entry and log)."""
+    entry = store.get(done.key)
+    if entry is None:
+        from forge.errors import StepError
+
+        raise StepError(f"the executor reported step {done.step} committed as {done.key[:12]}, "
+                        f"but the cache {store.root} has no such entry")
+    log = store.log_path(done.step, done.key)
+    return StepResult(done.step, done.status, done.key, entry.output_digest, done.seconds, entry,
+                      log if log.exists() else None)
 
 
 def build(loaded: LoadedRecipe, store: Store, **kw) -> list[StepResult]:

@@ -34,6 +34,8 @@ Ci = Annotated[bool, typer.Option("--ci", envvar="FORGE_CI", callback=_ci_mode,
                                   help="CI mode: unpinned inputs are errors, not warnings; under GitHub Actions, "
                                        "workflow annotations and the job summary.")]
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
+VariantOpt = Annotated[Optional[list[str]], typer.Option(
+    "--variant", metavar="NAME", help="Only this variant of the recipe (repeatable; default: all its variants).")]
 RegistryDir = Annotated[Optional[Path], typer.Option("--registry-dir", envvar="FORGE_REGISTRY_DIR", show_envvar=True,
                                                      help="Embedded registry root (default: $XDG_DATA_HOME/forge/registry).")]
 
@@ -57,8 +59,18 @@ def _load(recipe: Path, ci: bool, cache_dir: Path | None = None):
 
 
 @app.command()
-def validate(recipe: RecipeArg, ci: Ci = False, cache_dir: CacheDir = None) -> None:
-    """Check a recipe (schema, files, model source, target-GPU contract and fit). Exit 0 if valid, 2 if not."""
+def validate(recipe: RecipeArg, ci: Ci = False, cache_dir: CacheDir = None, variant: VariantOpt = None) -> None:
+    """Check a recipe (schema, files, model source, target-GPU contract and fit; every variant against the GPU it
+    names). Exit 0 if valid, 2 if not."""
+    from forge import variants
+
+    if variant or variants.has_variants(recipe, ci=ci):
+        checked = variants.check(recipe, _store(cache_dir).root / "downloads", ci=ci, selected=variant)
+        console.variant_checks(checked)
+        if bad := [c for c in checked if c.error is not None]:
+            raise UsageError(f"{recipe}: {len(bad)} of {len(checked)} variant(s) invalid: "
+                             f"{', '.join(c.name for c in bad)}", hint=bad[0].error.hint)
+        return
     loaded, report = _load(recipe, ci, cache_dir)
     from forge.sources import check_local_weights
 
@@ -79,10 +91,24 @@ def schema() -> None:
 
 @app.command()
 def plan(recipe: RecipeArg, cache_dir: CacheDir = None, ci: Ci = False,
-         json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
-    """List the steps with their cache keys and HIT/MISS status. Runs nothing: no step, no external tool."""
+         json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+         variant: VariantOpt = None) -> None:
+    """List the steps with their cache keys and HIT/MISS status (for a recipe with variants: the graph of all
+    variants, shared steps once). Runs nothing: no step, no external tool."""
     from forge.build import plan as make_plan
+    from forge import variants
 
+    if variant or variants.has_variants(recipe, ci=ci):
+        store = _store(cache_dir)
+        checked = _variants(recipe, ci, store, variant)
+        nodes = variants.plan([c.loaded for c in checked], store)
+        if json_out:
+            sys.stdout.write(json.dumps({"variants": [c.name for c in checked], "nodes": [
+                {"id": n.id, "step": n.step, "variants": n.variants, "shared": n.shared, "status": n.status,
+                 "key": n.key, "reason": n.reason, "depends": n.depends} for n in nodes]}, indent=2) + "\n")
+            return
+        console.variant_plan(nodes, title=f"plan: {checked[0].loaded.recipe.name} ({len(checked)} variants)")
+        return
     loaded, _ = _load(recipe, ci, cache_dir)
     steps = make_plan(loaded, _store(cache_dir))
     if json_out:
@@ -128,6 +154,7 @@ def build(
     ray_address: Annotated[Optional[str], typer.Option(
         "--ray-address", envvar="RAY_ADDRESS", show_envvar=True,
         help="The Ray cluster of --executor ray (default: the one started on this machine).")] = None,
+    variant: VariantOpt = None,
 ) -> None:
     """Build a recipe: run the steps whose inputs changed, reuse the rest, then publish the result and its status."""
     from forge import env, pipeline
@@ -141,13 +168,18 @@ def build(
     t0 = time.monotonic()
     shown = err if json_out else out   # with --json, stdout holds only the JSON
     _progress = console.StepProgress(shown)
-    loaded, _ = _load(recipe, ci, cache_dir)
-    pipeline.check_target(publish_to)
+    from forge import variants
+
     remote = None
     if cache_remote:
         from forge.cache_remote import RemoteCache
 
         remote = RemoteCache.parse(cache_remote, cache_remote_mode)   # a bad URL or mode: exit 2 before building
+    if variant or variants.has_variants(recipe, ci=ci):
+        return _build_variants(recipe, ci, cache_dir, variant, force, registry_dir, publish_to, json_out, report_dir, t0,
+                               executor=executor, ray_address=ray_address, remote=remote)
+    loaded, _ = _load(recipe, ci, cache_dir)
+    pipeline.check_target(publish_to)
     store = _store(cache_dir)
     runner = _executor(executor, ray_address, loaded, store, remote)
     shown.print(f"[bold]{loaded.recipe.name}[/] · recipe {loaded.digest[7:19]} · cache {store.root}", highlight=False)
@@ -186,6 +218,67 @@ def _executor(name: str, ray_address: str | None, loaded, store, remote):
 
         return RayExecutor(loaded, store, address=ray_address, cache_remote=remote)
     raise UsageError(f"--executor {name!r} is not an executor", hint="Use --executor local (default) or --executor ray.")
+
+
+def _variants(recipe: Path, ci: bool, store, selected: list[str] | None):
+    """The recipe's (selected) variants, each checked against its GPU; warnings printed, problems exit 2."""
+    from forge import variants
+
+    checked = variants.load_variants(recipe, store.root / "downloads", ci=ci, selected=selected)
+    for c in checked:
+        for w in c.warnings:
+            err.print(f"[yellow]warning:[/] {escape(w)} (in variant {c.name!r})", highlight=False, soft_wrap=True)
+    return checked
+
+
+def _build_variants(recipe, ci, cache_dir, selected, force, registry_dir, publish_to, json_out, report_dir, t0, *,
+                    executor: str, ray_address: str | None, remote) -> None:
+    from forge import pipeline
+
+    store = _store(cache_dir)
+    checked = _variants(recipe, ci, store, selected)
+    pipeline.check_target(publish_to)
+    first = checked[0].loaded
+    runner = _executor(executor, ray_address, first, store, remote)
+    shown = _progress.console
+    shown.print(f"[bold]{first.recipe.name}[/] · {len(checked)} variant(s): {', '.join(c.name for c in checked)} · "
+                f"recipe {first.digest[7:19]} · cache {store.root}", highlight=False)
+
+    def on_done(name, result, _variants) -> None:
+        _progress.done(name, result.status, result.key, result.seconds, result.output_digest)
+        if result.name == "gate":
+            from forge.steps import gate
+
+            console.gate_table(json.loads(gate.Output.read(result.entry).verdict.read_text()), console=shown)
+
+    try:
+        outcome = pipeline.run_variants(
+            [c.loaded for c in checked], store, force={force} if force else set(), registry_dir=registry_dir,
+            publish_to=publish_to, on_start=lambda name, spec, key: _progress.start(name), on_done=on_done,
+            on_publish=lambda name: _progress.start(f"publish · {name}"), executor=runner, cache_remote=remote,
+            report_dir=report_dir or store.root / "reports" / first.recipe.name)
+    finally:
+        _progress.stop()
+    for warning in outcome.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+    for o in outcome.variants.values():
+        console.publish_line(o.record, o.registry_root, console=shown)
+    rows = {name: (o.record, o.gate and json.loads(o.gate.verdict.read_text())) for name, o in outcome.variants.items()}
+    console.variant_table(rows, console=shown)
+    results = {r.key: r for o in outcome.variants.values() for r in o.results}
+    built = sum(r.status == "BUILT" for r in results.values())
+    shown.print(f"[green]done[/] in {time.monotonic() - t0:.1f}s: {len(results)} steps for {len(checked)} variants, "
+                f"{built} built, {len(results) - built} reused", highlight=False)
+    if json_out:
+        sys.stdout.write(json.dumps({
+            "variants": {name: {"record": o.record.model_dump(mode="json"), "steps": [
+                {"step": r.name, "status": r.status, "key": r.key, "output_digest": r.output_digest} for r in o.results]}
+                for name, o in outcome.variants.items()},
+            "matrix": outcome.matrix.model_dump(mode="json") if outcome.matrix else None,
+            "registry": str(next(iter(outcome.variants.values())).registry_root),
+            "seconds": round(time.monotonic() - t0, 3)}, indent=2) + "\n")
+    if outcome.error is not None:
+        raise outcome.error   # every variant is recorded (the failed ones as rejected); the exit code says a gate failed
 
 
 def _print_outcome(outcome, t0: float, json_out: bool) -> None:

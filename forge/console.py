@@ -27,7 +27,8 @@ from rich.text import Text
 
 from forge import steplog
 
-__all__ = ["out", "err", "plain", "table", "StepProgress", "gate_table", "publish_line", "summary", "error", "human"]
+__all__ = ["out", "err", "plain", "table", "StepProgress", "gate_table", "publish_line", "summary", "error", "human",
+           "variant_plan", "variant_table", "variant_checks"]
 
 out = Console(file=steplog.terminal("stdout"), soft_wrap=True)
 err = Console(file=steplog.terminal("stderr"), soft_wrap=True)
@@ -219,6 +220,60 @@ def _files(files: Sequence[Path]) -> str:
     if len(files) > 1 and len(parents) == 1:
         return escape(f"{files[0].parent}/{{{', '.join(f.name for f in files)}}}")
     return escape(", ".join(str(f) for f in files))
+
+
+# ---------------------------------------------------------------------- variants
+
+_PLAN_COLOURS = {"HIT": "green", "MISS": "yellow", "PENDING": "dim", "FORCED": "yellow"}
+
+
+def variant_plan(nodes, *, title: str, console: Console = out) -> None:
+    """The graph of a recipe's variants (``forge.variants.PlanNode``): each node once, shared ones marked."""
+    steps = {n.id: n.step for n in nodes}
+    rows = [(n.step, f"shared by: {', '.join(n.variants)}" if n.shared else n.variants[0],
+             f"[{_PLAN_COLOURS[n.status]}]{n.status}[/]", n.key[:16] if n.key else (escape(n.reason or "after upstream")),
+             ", ".join(steps[d] for d in n.depends) or "-") for n in nodes]
+    table(("step", "variants", "status", "key", "depends on"), rows, title=title, console=console)
+    shared = sum(n.shared for n in nodes)
+    console.print(f"[dim]{len(nodes)} nodes, {shared} shared; then publish each variant (always runs: records it "
+                  "and its status)[/]", highlight=False)
+
+
+def _gate_cell(verdict: dict | None) -> str:
+    """The gate's decision and the degradation of its first failing (else first) rule."""
+    if verdict is None:
+        return "[dim]no gate[/]"
+    rules = verdict.get("rules", [])
+    shown = next((r for r in rules if not r["passed"]), rules[0] if rules else None)
+    delta = f" {shown['metric']} {shown['degradation']:+.3g}" if shown else ""
+    return ("[green]pass[/]" if verdict.get("passed") else "[red]FAIL[/]") + escape(delta)
+
+
+def variant_table(rows: dict, console: Console = out) -> None:
+    """One row per variant: ``rows`` maps a variant to (its registry Record, its gate's verdict.json or None)."""
+    lines = []
+    for name, (rec, verdict) in rows.items():
+        colour = _STATUS_COLOURS.get(rec.status, "cyan")
+        lines.append((escape(name), rec.target_gpu, rec.engine or "-", rec.method, _gate_cell(verdict),
+                      f"[{colour}]{rec.status}[/]", (rec.image_digest or "-")[:19],
+                      escape(f"{rec.name}:{rec.tag}") if rec.tag else "-"))
+    table(("variant", "GPU", "engine", "method", "gate", "status", "image", "tag"), lines, title="variants",
+          console=console)
+
+
+def variant_checks(checked, console: Console = out) -> None:
+    """``forge validate`` of a recipe with variants: one line per variant (``forge.variants.Checked``)."""
+    for c in checked:
+        if c.error is not None:
+            console.print(f"[red]✗[/] {escape(c.name)}: {escape(c.error.message)}", highlight=False, soft_wrap=True)
+            continue
+        t, fit = c.loaded.recipe.target, c.fit
+        fits = "" if fit is None else (f"; fits {fit.gpu}: {fit.weights_gb:.1f} GB weights, {fit.headroom_gb:.1f} GB "
+                                       f"headroom")
+        console.print(f"[green]✓[/] {escape(c.name)}: valid ({t.gpu}, {t.engine}, {c.loaded.recipe.quantize.method})"
+                      f"{fits}", highlight=False)
+        for w in c.warnings:
+            console.print(f"  [yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
 
 
 def error(message: str, hint: str | None = None, log: Path | None = None, console: Console = err) -> None:

@@ -22,7 +22,7 @@ from forge.store import Store
 if TYPE_CHECKING:
     from forge.report import BuildOutputs
 
-__all__ = ["Outcome", "run", "check_target"]
+__all__ = ["Outcome", "VariantsOutcome", "run", "run_variants", "check_target"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,12 @@ def run(loaded: LoadedRecipe, store: Store, *, force: set[str] = frozenset(), ex
     check_target(publish_to)
     outcome = execute(loaded, store, force=force, executor=executor, on_start=on_start, on_done=on_done,
                       cache_remote=cache_remote)   # a forge.cache_remote.RemoteCache, or None
+    return _publish(loaded, store, outcome, registry_dir=registry_dir, publish_to=publish_to, on_publish=on_publish,
+                    report_dir=report_dir)
+
+
+def _publish(loaded: LoadedRecipe, store: Store, outcome: BuildOutcome, *, registry_dir: Path | None,
+             publish_to: str | None, on_publish: Callable[[], Reporter] | None, report_dir: Path | None) -> Outcome:
     reg = LocalRegistry(registry_dir)
     report = on_publish() if on_publish else (lambda *a, **k: None)
     outputs = None
@@ -96,3 +102,60 @@ def run(loaded: LoadedRecipe, store: Store, *, force: set[str] = frozenset(), ex
                      attach=outputs.attach if outputs else None)
     summaries = outputs.finish() if outputs else None
     return Outcome(outcome, record, reg.root, loaded, outputs, summaries)
+
+
+@dataclass(frozen=True)
+class VariantsOutcome:
+    """A build of several variants: each variant's Outcome (in the recipe's order), and the variant matrix
+    published after them (None where this forge has no matrix publisher, or nothing was published)."""
+    variants: dict[str, Outcome]
+    matrix: Record | None = None
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the executor warned about during the build (the remote cache was down, ...), once each."""
+        return list(dict.fromkeys(w for o in self.variants.values() for w in o.build.warnings))
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """0 when every variant passed; else the failed gate's code (the eval gate's first: exit 3)."""
+        codes = sorted({o.exit_code for o in self.variants.values()} - {ExitCode.OK})
+        return codes[0] if codes else ExitCode.OK
+
+    @property
+    def error(self) -> EvalGateError | ScanGateError | None:
+        failed = [o.error for o in self.variants.values() if o.error is not None]
+        return min(failed, key=lambda e: e.exit_code) if failed else None
+
+
+def run_variants(variants: list[LoadedRecipe], store: Store, *, force: set[str] = frozenset(),
+                 executor: Executor | None = None, registry_dir: Path | None = None, publish_to: str | None = None,
+                 on_start: Callable[[str, StepSpec, str], Reporter] | None = None,
+                 on_done: Callable[[str, StepResult, list[str]], None] | None = None,
+                 on_publish: Callable[[str], Reporter] | None = None,
+                 report_dir: Path | None = None, cache_remote=None) -> VariantsOutcome:
+    """Build the variants as one graph (``forge.variants``), then publish each (a variant whose gate failed is
+    recorded as rejected, alone), then the variant matrix. Report files go to ``report_dir/<variant>``."""
+    from forge import variants as graph
+
+    check_target(publish_to)
+    outcomes = graph.execute(variants, store, force=force, executor=executor, on_start=on_start, on_done=on_done,
+                             cache_remote=cache_remote)
+    published = {}
+    for loaded in variants:
+        name = loaded.variant
+        published[name] = _publish(loaded, store, outcomes[name], registry_dir=registry_dir, publish_to=publish_to,
+                                   on_publish=(lambda n=name: on_publish(n)) if on_publish else None,
+                                   report_dir=report_dir / name if report_dir is not None else None)
+    return VariantsOutcome(published, _matrix(variants, published, registry_dir, publish_to))
+
+
+def _matrix(variants: list[LoadedRecipe], published: dict[str, Outcome], registry_dir: Path | None,
+            publish_to: str | None) -> Record | None:
+    """The variant matrix artifact (forge.registry.matrix), where this forge has it."""
+    from forge.recipe.load import load_recipe
+    from forge.registry.matrix import publish_matrix
+
+    base = load_recipe(variants[0].path, ci=variants[0].ci)
+    return publish_matrix(base, [o.record for o in published.values()], registry=LocalRegistry(registry_dir),
+                          target=publish_to)
