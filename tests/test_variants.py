@@ -142,7 +142,7 @@ def test_gpu_variants_package_on_standin_bases_tagged_by_variant(tmp_path, tiny_
     reg = tmp_path / "registry"
     proc = forge_cli("build", str(recipe), "--registry-dir", str(reg), cache=tmp_path / "cache", env=standin_bases)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    records = {r.tag: r for r in LocalRegistry(reg).ls(name="tiny")}
+    records = {r.variant: r for r in LocalRegistry(reg).ls(name="tiny") if r.kind == "image"}
     assert set(records) == {"vllm-fp8-l4-tp1", "vllm-fp8-h100-sxm-tp1"}
     l4, h100 = records["vllm-fp8-l4-tp1"], records["vllm-fp8-h100-sxm-tp1"]
     assert (l4.target_gpu, h100.target_gpu) == ("L4", "H100-SXM") and l4.status == h100.status == "unscanned"
@@ -162,18 +162,24 @@ def test_demo_recipe_plans_three_variants_sharing_the_checkpoint(tmp_path):
 
 
 @pytest.mark.e2e
-def test_demo_variants_build_cpu_and_two_gpu_images(tmp_path, standin_bases):
-    """The variants demo on the real SmolLM2: the CPU image (built and smoke-tested here) and two vLLM images on
-    stand-in bases; one FP8 checkpoint, eval and gate for all three; three records tagged by variant."""
+def test_demo_variants_build_cpu_and_two_gpu_images(tmp_path, standin_bases, demo_build):
+    """The variants demo on the real SmolLM2, in the demo build's cache: its shared sections are the demo's, so
+    the snapshot, the FP8 checkpoint, both evals and the gate are hits (each shown once, for all three variants);
+    the CPU image (smoke-tested here) and two vLLM images on stand-in bases are built; three records, each tagged
+    <name>:<variant>, and the variant matrix listing them."""
     reg = tmp_path / "registry"
-    proc = forge_cli("build", str(DEMO), "--registry-dir", str(reg), cache=tmp_path / "cache",
-                     env={**standin_bases}, timeout=3600)
+    proc = forge_cli("build", str(DEMO), "--registry-dir", str(reg), cache=demo_build["cache"],
+                     env={**demo_build["env"], **standin_bases}, timeout=3600)
     (tmp_path / "demo-variants.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    records = {r.tag: r for r in LocalRegistry(reg).ls(name="smollm2-135m")}
+    registry = LocalRegistry(reg)
+    records = {r.variant: r for r in registry.ls(name="smollm2-135m") if r.kind == "image"}
     assert set(records) == {"cpu-fp8", "vllm-fp8-l4-tp1", "vllm-fp8-h100-sxm-tp1"}
     assert {r.status for r in records.values()} == {"unscanned"}      # scan.required: false (no Trivy here)
     assert {r.target_gpu for r in records.values()} == {"CPU", "L4", "H100-SXM"}
     assert len({r.model_digest for r in records.values()}) == 1 and len({r.image_digest for r in records.values()}) == 3
     for step in ("resolve", "quantize", "eval_baseline", "eval_candidate", "gate"):
-        assert sum(f"{step} (shared: 3)" in line and "BUILT" in line for line in proc.stdout.splitlines()) == 1, step
+        assert sum(f"{step} (shared: 3)" in line for line in proc.stdout.splitlines()) == 1, step
+    assert {r.model_digest for r in records.values()} == {demo_build["digests"]["quantize"]}   # the demo's checkpoint
+    for name, rec in records.items():
+        assert registry.resolve(f"smollm2-135m:{name}").id == rec.id
