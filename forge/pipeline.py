@@ -20,6 +20,7 @@ from forge.steps import StepSpec
 from forge.store import Store
 
 if TYPE_CHECKING:
+    from forge.auto import Decision
     from forge.report import BuildOutputs
 
 __all__ = ["Outcome", "run", "check_target"]
@@ -33,6 +34,7 @@ class Outcome:
     build_recipe: LoadedRecipe | None = None
     report: "BuildOutputs | None" = None      # the HTML build report (attached to the record), junit, summary
     report_summaries: dict | None = None
+    decision: "Decision | None" = None       # method: auto: the walk that chose this build (forge.auto)
 
     @property
     def results(self) -> list[StepResult]:
@@ -76,11 +78,20 @@ def run(loaded: LoadedRecipe, store: Store, *, force: set[str] = frozenset(), ex
         registry_dir: Path | None = None, publish_to: str | None = None,
         on_start: Callable[[StepSpec, str], Reporter] | None = None,
         on_done: Callable[[StepResult], None] | None = None,
-        on_publish: Callable[[], Reporter] | None = None, report_dir: Path | None = None) -> Outcome:
+        on_publish: Callable[[], Reporter] | None = None, report_dir: Path | None = None,
+        evidence: dict[str, tuple[Path, ...]] | None = None, on_trial: Callable | None = None) -> Outcome:
     """Build the recipe and publish the result with its status. ``publish_to`` overrides publish.registry.
     With ``report_dir``, the HTML build report is rendered from the record-to-be and attached to it as
-    evidence; junit.xml and summary.md go beside it (a report that cannot be drawn never loses the record)."""
+    evidence; junit.xml and summary.md go beside it (a report that cannot be drawn never loses the record).
+    ``evidence``: more files to attach, by kind. A ``method: auto`` recipe walks its trials first
+    (``forge.auto.run``, which comes back here with the chosen trial; ``on_trial`` sees each trial)."""
     check_target(publish_to)
+    if loaded.recipe.quantize.method == "auto":
+        from forge import auto
+
+        return auto.run(loaded, store, force=force, executor=executor, registry_dir=registry_dir,
+                        publish_to=publish_to, on_start=on_start, on_done=on_done, on_publish=on_publish,
+                        report_dir=report_dir, on_trial=on_trial)
     outcome = execute(loaded, store, force=force, executor=executor, on_start=on_start, on_done=on_done)
     reg = LocalRegistry(registry_dir)
     report = on_publish() if on_publish else (lambda *a, **k: None)
@@ -90,7 +101,9 @@ def run(loaded: LoadedRecipe, store: Store, *, force: set[str] = frozenset(), ex
 
         outputs = BuildOutputs(report_dir, loaded, outcome.by_name, store.root / "downloads")
         report("writing the build report")
-    record = publish(loaded, outcome.by_name, report, registry=reg, target=publish_to,
-                     attach=outputs.attach if outputs else None)
+    def attach(collected) -> dict:
+        return {**(outputs.attach(collected) if outputs else {}), **(evidence or {})}
+
+    record = publish(loaded, outcome.by_name, report, registry=reg, target=publish_to, attach=attach)
     summaries = outputs.finish() if outputs else None
     return Outcome(outcome, record, reg.root, loaded, outputs, summaries)
