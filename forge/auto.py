@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Callable
 
 from forge.errors import EvalGateError, RecipeError
 from forge.methods import AUTO, METHODS, NAMES, scheme
-from forge.recipe.schema import Candidate
 
 if TYPE_CHECKING:
     from forge.pipeline import Outcome
@@ -163,7 +162,7 @@ def _requested(loaded: "LoadedRecipe") -> list[tuple[dict, bool]]:
     """(quantize overrides, explicit?) per candidate: the recipe's list, or every method and bits."""
     q = loaded.recipe.quantize
     if q.candidates:
-        return [(Candidate(method=c).overrides() if isinstance(c, str) else c.overrides(), True) for c in q.candidates]
+        return [(c.overrides(), True) for c in q.candidates]
     shared = {k: getattr(q, k) for k in _GROUPED_KEYS if getattr(q, k) is not None}
     out = []
     for name in NAMES[1:]:   # "none" (BF16) only when listed: auto means quantized

@@ -114,11 +114,17 @@ class Quantize(_Section):
     ignore: tuple[str, ...] = ("lm_head",)
     calibration: Calibration | None = None
     # method: auto only; excluded from dumps, so a trial's quantize key is the key of the same plain recipe
-    candidates: tuple[Literal[methods.NAMES] | Candidate, ...] = Field(  # type: ignore[valid-type]
+    candidates: tuple[Candidate, ...] = Field(
         (), exclude=True, description="method: auto: the schemes to try (method names, or {method, bits, "
                                       "group_size, ...}); default: every scheme legal on target.gpu and engine")
     max_trials: Annotated[int, Field(gt=0, le=64)] | None = Field(
         None, exclude=True, description="method: auto: the most trials (builds up to the gate) one walk may run")
+
+    @field_validator("candidates", mode="before")
+    @classmethod
+    def _named_candidates(cls, v):
+        """A bare method name is the candidate {method: name}."""
+        return [{"method": c} if isinstance(c, str) else c for c in v] if isinstance(v, (list, tuple)) else v
 
     @field_validator("backend")
     @classmethod
