@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from forge.recipe.load import LoadedRecipe
     from forge.store import Store
 
-__all__ = ["Scheme", "Trial", "Decision", "is_auto", "schemes", "check", "plan", "walk", "run", "EVIDENCE_KIND"]
+__all__ = ["Scheme", "Trial", "Decision", "is_auto", "schemes", "check_recipe", "plan", "walk", "run", "EVIDENCE_KIND"]
 
 MIX_STEPS = 3            # mixed-precision retries of one scheme: the top 1, 2, 4 damaged layers kept in BF16
 JUST_FAILS = 4.0         # a scheme "just fails" when its worst degradation is within this many times its limit
@@ -237,11 +237,12 @@ def schemes(loaded: "LoadedRecipe", downloads: Path) -> tuple[list[Scheme], list
     return [s for s, _ in legal], skipped
 
 
-def check(loaded: "LoadedRecipe", downloads: Path) -> list[str]:
-    """``forge validate`` of an auto recipe: its candidates (warnings name the ones skipped)."""
+def check_recipe(loaded: "LoadedRecipe", downloads: Path) -> tuple[None, list[str]]:
+    """``forge.fit.check_recipe`` for an auto recipe: its candidates (raises RecipeError; warnings name the
+    listed candidates that are skipped)."""
     order, skipped = schemes(loaded, downloads)
-    return [f"{loaded.where('quantize', 'method')}: method: auto skips {c}: {w}" for c, w in skipped
-            if loaded.recipe.quantize.candidates]
+    return None, [f"{loaded.where('quantize', 'method')}: method: auto skips {c}: {w}" for c, w in skipped
+                  if loaded.recipe.quantize.candidates]
 
 
 # ------------------------------------------------------------------ plan

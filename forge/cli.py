@@ -50,6 +50,8 @@ def _load(recipe: Path, ci: bool, cache_dir: Path | None = None):
     from forge.recipe.load import load_recipe
 
     loaded = load_recipe(recipe, ci=ci)
+    if loaded.recipe.quantize.method == "auto":   # each candidate checked as its own trial (forge.auto)
+        from forge.auto import check_recipe
     report, warnings = check_recipe(loaded, _store(cache_dir).root / "downloads")
     for w in (*loaded.warnings, *warnings):
         err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
@@ -173,11 +175,16 @@ def build(
 
             console.gate_table(json.loads(gate.Output.read(result.entry).verdict.read_text()), console=shown)
 
+    run, extra = pipeline.run, {}
+    if loaded.recipe.quantize.method == "auto":   # walk the trials, then build the chosen one (forge.auto)
+        from forge import auto
+
+        run, extra = auto.run, {"on_trial": _trial_line}
     try:
-        outcome = pipeline.run(loaded, store, force={force} if force else set(), registry_dir=registry_dir,
-                               publish_to=publish_to, on_start=on_start, on_done=on_done,
-                               on_publish=lambda: _progress.start("publish"), on_trial=_trial_line,
-                               report_dir=report_dir or store.root / "reports" / loaded.recipe.name)
+        outcome = run(loaded, store, force={force} if force else set(), registry_dir=registry_dir,
+                      publish_to=publish_to, on_start=on_start, on_done=on_done,
+                      on_publish=lambda: _progress.start("publish"), **extra,
+                      report_dir=report_dir or store.root / "reports" / loaded.recipe.name)
     finally:
         _progress.stop()
     _print_outcome(outcome, t0, json_out)

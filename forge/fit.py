@@ -226,10 +226,8 @@ def check_recipe(loaded, downloads) -> tuple[FitReport | None, list[str]]:
     from forge.steps.quantize import preflight
 
     r = loaded.recipe
-    if r.quantize.method == "auto":   # each candidate is checked as its own trial recipe
-        from forge import auto
-
-        return None, auto.check(loaded, downloads)
+    if r.quantize.method == "auto":   # forge.auto.check_recipe checks each candidate as its own trial recipe
+        return None, []
     g = catalog_gpu(r.target.gpu)
     warnings: list[str] = []
     verdict = check(g, r.target.engine, r.quantize.method, r.quantize.bits)

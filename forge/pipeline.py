@@ -79,19 +79,17 @@ def run(loaded: LoadedRecipe, store: Store, *, force: set[str] = frozenset(), ex
         on_start: Callable[[StepSpec, str], Reporter] | None = None,
         on_done: Callable[[StepResult], None] | None = None,
         on_publish: Callable[[], Reporter] | None = None, report_dir: Path | None = None,
-        evidence: dict[str, tuple[Path, ...]] | None = None, on_trial: Callable | None = None) -> Outcome:
+        evidence: dict[str, tuple[Path, ...]] | None = None) -> Outcome:
     """Build the recipe and publish the result with its status. ``publish_to`` overrides publish.registry.
     With ``report_dir``, the HTML build report is rendered from the record-to-be and attached to it as
     evidence; junit.xml and summary.md go beside it (a report that cannot be drawn never loses the record).
-    ``evidence``: more files to attach, by kind. A ``method: auto`` recipe walks its trials first
-    (``forge.auto.run``, which comes back here with the chosen trial; ``on_trial`` sees each trial)."""
+    ``evidence``: more files to attach, by kind. A ``method: auto`` recipe is built by ``forge.auto.run``,
+    which walks its trials and comes back here with the chosen one."""
     check_target(publish_to)
     if loaded.recipe.quantize.method == "auto":
-        from forge import auto
+        from forge.errors import UsageError
 
-        return auto.run(loaded, store, force=force, executor=executor, registry_dir=registry_dir,
-                        publish_to=publish_to, on_start=on_start, on_done=on_done, on_publish=on_publish,
-                        report_dir=report_dir, on_trial=on_trial)
+        raise UsageError(f"{loaded.path}: method: auto is built by forge.auto.run (it picks the trial to build)")
     outcome = execute(loaded, store, force=force, executor=executor, on_start=on_start, on_done=on_done)
     reg = LocalRegistry(registry_dir)
     report = on_publish() if on_publish else (lambda *a, **k: None)
