@@ -12,7 +12,7 @@ TOOLS  := buildah mmdebstrap skopeo umoci docker-registry chromium
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,ray]'
 	touch $@
 
 setup: $(STAMP) setup-tools

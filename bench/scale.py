@@ -5,11 +5,23 @@ Each measurement runs in its own child process, so its peak RSS (ru_maxrss from 
   raw_fp8      llm-compressor alone: load bf16, oneshot(QuantizationModifier FP8_DYNAMIC, ignore lm_head),
                save_pretrained(save_compressed=True)
   forge_fp8    `forge build` of a recipe {model.source: DIR, quantize: {method: fp8}} in a fresh cache
-               (resolve + quantize, load-and-verify included); per-step seconds and bytes from the manifests
-  raw_gptq / forge_gptq   the same for GPTQ W4 group 64 on the demo's calibration settings (--gptq; slow)
-Prints JSON with every figure and the ratios forge/raw (time, peak RSS).
+               (resolve + quantize, load-and-verify included); per-step seconds and bytes written from the
+               manifests. The build process's peak RSS is the quantize step's (resolve links files and reads
+               config.json). Then, in a child process of its own (wall time, peak RSS), the quantized checkpoint
+               is packaged and published with forge's own code: its weights layer appended to an image in an
+               OCI layout inside the step cache (forge/weights_layer.py, as the package step does) and that
+               image's blobs put into a LocalRegistry's blob store (as publish does).
+  disk         the whole build's disk growth per GB of checkpoint, each copy named: bytes of inodes new to
+               the step cache (per step), the image store and the registry, hard links counted once, files
+               linked from the source model not counted. Not in it: the base image (shared by every build,
+               and not buildable on a machine without it) and the buildah build of the Containerfile.
+  raw_gptq / forge_gptq   the same for GPTQ W4 group 64 on the demo's calibration settings (--method gptq; slow)
+Prints JSON with every figure, the ratios forge/raw (the quantize step's and the whole process's time, peak
+RSS) and the load average before and after each measurement (the machine may be shared; --concurrent runs
+the raw baseline and forge at the same time, so that both see the same contention).
 
-    .venv/bin/python bench/scale.py [--model DIR | --shape llama-3.2-3b] [--gptq] [--keep]
+    .venv/bin/python bench/scale.py [--model DIR | --shape llama-3.2-3b] [--method fp8 --method gptq]
+                                    [--concurrent] [--keep] [--out FILE.json]
 """
 from __future__ import annotations
 
@@ -22,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,22 +129,59 @@ def forge(model: Path, work: Path, name: str, quantize: dict) -> dict:
                                   "target": {"gpu": "CPU", "engine": "cpu"}, "quantize": quantize}))
     result = child_rss([sys.executable, "-m", "forge", "build", str(recipe), "--cache-dir", str(cache)],
                        {"FORGE_REGISTRY_DIR": str(work / f"registry-{name}")})
-    steps = {}
+    steps, outs = {}, {}
     for manifest in sorted(cache.glob("steps/*/manifest.json")):
         m = json.loads(manifest.read_text())
         if m.get("step") in steps or "output" not in m:
             continue
         steps[m["step"]] = {"seconds": m.get("seconds"),
                             "bytes": sum(f["size"] for f in m["output"]["files"].values())}
+        outs[m["step"]] = manifest.parent
     result["steps"] = steps
-    result["disk_bytes"] = _disk_usage(cache)
+    result["quantize_peak_rss_gb"] = result["peak_rss_gb"]
+    layout, registry = cache / "bench-image", work / f"registry-{name}"
+    result["package_publish"] = child_rss([sys.executable, __file__, "--_publish", str(outs["quantize"] / "out"),
+                                           str(layout), str(registry)])
+    result["package_publish"].pop("output", None)
+    result["disk"] = disk_growth(model, {**{f"step cache: {s}": d for s, d in outs.items()},
+                                         "image store (OCI layout, weights layer)": layout,
+                                         "registry blob store": registry})
     shutil.rmtree(cache, ignore_errors=True)
+    shutil.rmtree(registry, ignore_errors=True)
     return result
 
 
-def _disk_usage(path: Path) -> int:
-    """Bytes on disk, hard links counted once (as `du` does)."""
-    seen, total = set(), 0
+def _publish(checkpoint: Path, layout: Path, registry: Path) -> None:
+    """Package and publish a checkpoint with forge's code: the weights layer appended to an image in an OCI layout,
+    then the image's blobs put into a LocalRegistry's blob store (linked where they share a filesystem)."""
+    sys.path.insert(0, str(REPO))
+    from package import empty_image
+
+    from forge.registry.layout import Layout
+    from forge.registry.local import LocalRegistry
+    from forge.weights_layer import append_weights_layer
+
+    empty_image(layout)
+    layer = append_weights_layer(layout, "bench", checkpoint, "/opt/forge/model", uid=10001)
+    src, reg = Layout(layout), LocalRegistry(registry)
+    for digest, _ in src.image_blobs(layer["manifest_digest"]):
+        reg.blobs.put_file(src.blob_path(digest), digest)
+
+
+def disk_growth(model: Path, copies: dict[str, Path]) -> dict:
+    """Bytes on disk each named copy adds, in order: an inode already counted (the source model's, or an
+    earlier copy's) adds nothing, as `du` counts hard links once. Per GB of the source checkpoint."""
+    seen = {(st.st_dev, st.st_ino) for st in (p.lstat() for p in model.rglob("*") if p.is_file())}
+    source = _disk_usage(model, set())
+    added = {name: _disk_usage(path, seen) for name, path in copies.items()}
+    total = sum(added.values())
+    return {"source_bytes": source, "added_bytes": added, "total_added_bytes": total,
+            "gb_per_checkpoint_gb": round(total / source, 3)}
+
+
+def _disk_usage(path: Path, seen: set) -> int:
+    """Bytes on disk of the files under path whose inodes are not in seen (which it extends)."""
+    total = 0
     for p in path.rglob("*"):
         st = p.lstat()
         if p.is_file() and not p.is_symlink() and (st.st_dev, st.st_ino) not in seen:
@@ -140,39 +190,68 @@ def _disk_usage(path: Path) -> int:
     return total
 
 
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--_rss":
         _rss_wrapper(sys.argv[3:])
+    if len(sys.argv) == 5 and sys.argv[1] == "--_publish":
+        _publish(*map(Path, sys.argv[2:]))
+        return
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, help="an existing checkpoint directory (default: generate one)")
     ap.add_argument("--shape", default="llama-3.2-3b", help="shape to generate (scripts/make_random_checkpoint.py)")
-    ap.add_argument("--gptq", action="store_true", help="also GPTQ W4 g64 (20 x 512 calibration tokens; slow)")
+    ap.add_argument("--method", action="append", choices=("fp8", "gptq"),
+                    help="methods to measure (repeatable; default fp8). gptq: W4 g64, 20 x 512 calibration tokens, slow")
+    ap.add_argument("--gptq", action="store_true", help="same as --method fp8 --method gptq")
     ap.add_argument("--skip-raw", action="store_true", help="skip the raw-library baselines")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--concurrent", action="store_true",
+                    help="run the raw baseline and forge at the same time (a shared machine: same contention for both)")
+    ap.add_argument("--out", type=Path, help="also write the JSON here (e.g. bench/results/scale-3b.json)")
     args = ap.parse_args()
+    methods = args.method or (["fp8", "gptq"] if args.gptq else ["fp8"])
     work = Path(tempfile.mkdtemp(prefix="forge-bench-scale-", dir=os.environ.get("TMPDIR")))
     model = args.model
-    report: dict = {"benchmark": "scale", "cpus": os.cpu_count()}
+    report: dict = {"benchmark": "scale", "cpus": os.cpu_count(), "concurrent": args.concurrent, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "load_avg_1_5_15": {"start": _load()}}
     if model is None:
         model = work / "model"
         gen = measure([sys.executable, str(REPO / "scripts" / "make_random_checkpoint.py"), str(model),
                        "--shape", args.shape])
         report["generate_s"] = gen["seconds"]
-    report["model"] = {"dir": str(model), "shape": args.shape if args.model is None else None}
+    report["model"] = {"dir": str(model), "shape": args.shape if args.model is None else None,
+                       "config": {k: v for k, v in json.loads((model / "config.json").read_text()).items()
+                                  if k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                           "num_key_value_heads", "intermediate_size", "vocab_size")}}
     report["hashlib"] = hashlib_rate(model)
-    runs = [("fp8", {"method": "fp8"})] + ([("gptq", GPTQ)] if args.gptq else [])
-    for name, q in runs:
-        if not args.skip_raw:
+    for name in methods:
+        q = {"fp8": {"method": "fp8"}, "gptq": GPTQ}[name]
+        if args.concurrent and not args.skip_raw:
+            # both at once: on a shared machine they then see the same contention (each child's own peak RSS)
+            with ThreadPoolExecutor(2) as pool:
+                raw_run, forge_run = pool.submit(raw, model, work, name), pool.submit(forge, model, work, name, q)
+                report[f"raw_{name}"], report[f"forge_{name}"] = raw_run.result(), forge_run.result()
+        elif not args.skip_raw:
             report[f"raw_{name}"] = raw(model, work, name)
-        report[f"forge_{name}"] = forge(model, work, name, q)
+            report["load_avg_1_5_15"][f"after raw_{name}"] = _load()
+        if f"forge_{name}" not in report:
+            report[f"forge_{name}"] = forge(model, work, name, q)
+        report["load_avg_1_5_15"][f"after forge_{name}"] = _load()
         if not args.skip_raw:
             r, f = report[f"raw_{name}"], report[f"forge_{name}"]
-            report[f"ratio_{name}"] = {"time": round(f["seconds"] / r["seconds"], 3),
+            report[f"ratio_{name}"] = {"quantize_step_time": round(f["steps"]["quantize"]["seconds"] / r["seconds"], 3),
+                                       "whole_process_time": round(f["seconds"] / r["seconds"], 3),
                                        "peak_rss": round(f["peak_rss_gb"] / r["peak_rss_gb"], 3)}
     for value in report.values():
         if isinstance(value, dict):
             value.pop("output", None)
-    print(json.dumps(report, indent=2))
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

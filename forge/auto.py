@@ -279,12 +279,13 @@ def plan(loaded: "LoadedRecipe", store: "Store") -> dict:
 
 
 def _run_trial(s: Scheme, kept: tuple[str, ...], trial: "LoadedRecipe", overrides: dict, usd, size, store, *,
-               executor=None, on_start=None, on_done=None) -> Trial:
+               executor=None, on_start=None, on_done=None, cache_remote=None) -> Trial:
     from forge.build import HIT, execute
     from forge.steps import gate, quantize
 
     t0 = time.monotonic()
-    outcome = execute(_to_gate(trial), store, executor=executor, on_start=on_start, on_done=on_done)
+    outcome = execute(_to_gate(trial), store, executor=executor, on_start=on_start, on_done=on_done,
+                      cache_remote=cache_remote)
     res = outcome.by_name
     t = Trial(s.label, kept, overrides, usd, size, loaded=trial, seconds=time.monotonic() - t0,
               steps={r.name: r.status for r in outcome.results},
@@ -310,7 +311,7 @@ def _just_fails(t: Trial) -> bool:
 
 
 def walk(loaded: "LoadedRecipe", store: "Store", *, executor=None, on_start=None, on_done=None,
-         on_trial: Callable[[Trial], None] | None = None) -> Decision:
+         on_trial: Callable[[Trial], None] | None = None, cache_remote=None) -> Decision:
     """Build trials from the cheapest scheme up to the gate until one passes (see the module docstring)."""
     downloads = store.root / "downloads"
     order, skipped = schemes(loaded, downloads)
@@ -321,7 +322,7 @@ def walk(loaded: "LoadedRecipe", store: "Store", *, executor=None, on_start=None
 
     def attempt(s: Scheme, kept: tuple[str, ...], trial, overrides, usd, size) -> Trial:
         t = _run_trial(s, kept, trial, overrides, usd, size, store, executor=executor, on_start=on_start,
-                       on_done=on_done)
+                       on_done=on_done, cache_remote=cache_remote)
         d.trials.append(t)
         if on_trial:
             on_trial(t)
@@ -390,7 +391,7 @@ def run(loaded: "LoadedRecipe", store: "Store", *, report_dir: Path | None = Non
     from forge.build import BuildOutcome
 
     d = walk(loaded, store, executor=kw.get("executor"), on_start=kw.get("on_start"), on_done=kw.get("on_done"),
-             on_trial=on_trial)
+             on_trial=on_trial, cache_remote=kw.get("cache_remote"))
     files = d.files = write_decision(d, (report_dir or store.root / "reports" / loaded.recipe.name) / "auto")
     chosen = d.winner or d.closest
     if chosen is None:   # no trial reached the gate (max_trials 0 cannot happen; kept for safety)

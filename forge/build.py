@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from forge.cache_remote import RemoteCache
 from forge.errors import EvalGateError, ScanGateError, UsageError
 from forge.executors import Event, Executor, StepRequest
 from forge.executors.runner import key_material, key_of
@@ -75,7 +76,7 @@ def plan(loaded: LoadedRecipe, store: Store, force: set[str] = frozenset()) -> l
 @dataclass
 class StepResult:
     name: str
-    status: str          # HIT (reused) or BUILT
+    status: str          # HIT (reused), REMOTE (pulled from the remote step cache) or BUILT
     key: str
     output_digest: str
     seconds: float
@@ -89,6 +90,7 @@ class BuildOutcome:
     gate (eval or scan) whose failing verdict stopped it, if one did. Steps below it did not run."""
     results: list[StepResult]
     stopped_by: EvalGateError | ScanGateError | None = None
+    warnings: list[str] = field(default_factory=list)   # what the executor warned about (the remote cache was down, …)
 
     @property
     def by_name(self) -> dict[str, StepResult]:
@@ -104,16 +106,22 @@ Reporter = Callable[..., None]
 
 def execute(loaded: LoadedRecipe, store: Store, *, force: set[str] = frozenset(), executor: Executor | None = None,
             on_start: Callable[[StepSpec, str], Reporter] | None = None,
-            on_done: Callable[[StepResult], None] | None = None) -> BuildOutcome:
+            on_done: Callable[[StepResult], None] | None = None,
+            cache_remote: RemoteCache | None = None) -> BuildOutcome:
     """Run the graph: hand every step whose upstream steps are committed to the executor (independent
     ones together), reuse HITs, and stop scheduling when a step's check (the eval or scan gate) fails.
+    ``cache_remote`` travels in every request: the executor's workers pull MISSes from it and push what they build.
     A step's own failure (ForgeError) propagates after the executor was closed."""
     _check_force(set(force))
     specs = {s.name: s for s in active_steps(loaded)}
     reporters: dict[str, Reporter] = {}
+    warnings: list[str] = []
 
     def events(e: Event) -> None:
-        if e.kind == "start":
+        if e.kind == "warning":
+            if e.message not in warnings:
+                warnings.append(e.message)
+        elif e.kind == "start":
             reporters[e.step] = on_start(specs[e.step], e.key) if on_start else (lambda *a, **k: None)
         elif e.step in reporters:
             reporters[e.step](e.message, completed=e.completed, total=e.total, unit=e.unit)
@@ -134,7 +142,8 @@ def execute(loaded: LoadedRecipe, store: Store, *, force: set[str] = frozenset()
                     step=name, recipe_path=str(loaded.path), recipe_digest=loaded.digest, ci=loaded.ci,
                     cache_root=str(store.root), upstream={d: results[d].key for d in specs[name].depends},
                     force=bool({"*", name} & set(force)), variant=loaded.variant,
-                    overrides=dict(loaded.overrides)), events)
+                    overrides=dict(loaded.overrides), cache_remote=cache_remote.url if cache_remote else None,
+                    cache_remote_mode=cache_remote.mode if cache_remote else "readwrite"), events)
                 in_flight += 1
             if not in_flight:
                 break
@@ -160,7 +169,7 @@ def execute(loaded: LoadedRecipe, store: Store, *, force: set[str] = frozenset()
     except BaseException:
         executor.close()
         raise
-    return BuildOutcome([results[n] for n in specs if n in results], stopped)
+    return BuildOutcome([results[n] for n in specs if n in results], stopped, warnings)
 
 
 def build(loaded: LoadedRecipe, store: Store, **kw) -> list[StepResult]:

@@ -147,6 +147,19 @@ def build(
     report_dir: Annotated[Optional[Path], typer.Option(
         "--report-dir", envvar="FORGE_REPORT_DIR", show_envvar=True,
         help="Write report.html, junit.xml and summary.md here (default: <cache>/reports/<recipe name>).")] = None,
+    cache_remote: Annotated[Optional[str], typer.Option(
+        "--cache-remote", envvar="FORGE_CACHE_REMOTE", show_envvar=True, metavar="oci://HOST/REPO",
+        help="Remote step cache in an OCI registry: pull a step's output before building it, push what this build "
+             "makes. Unreachable: a warning, and the build goes on locally.")] = None,
+    cache_remote_mode: Annotated[str, typer.Option(
+        "--cache-remote-mode", envvar="FORGE_CACHE_REMOTE_MODE", show_envvar=True, metavar="readwrite|read",
+        help="read: pull only (untrusted builds never push).")] = "readwrite",
+    executor: Annotated[str, typer.Option(
+        "--executor", metavar="local|ray", help="Where steps run: in this process, or as tasks on a Ray cluster "
+                                                "(needs --cache-remote; pip install 'forge-llm[ray]').")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option(
+        "--ray-address", envvar="RAY_ADDRESS", show_envvar=True,
+        help="The Ray cluster of --executor ray (default: the one started on this machine).")] = None,
 ) -> None:
     """Build a recipe: run the steps whose inputs changed, reuse the rest, then publish the result and its status."""
     from forge import env, pipeline
@@ -162,7 +175,13 @@ def build(
     _progress = console.StepProgress(shown)
     loaded, _ = _load(recipe, ci, cache_dir)
     pipeline.check_target(publish_to)
+    remote = None
+    if cache_remote:
+        from forge.cache_remote import RemoteCache
+
+        remote = RemoteCache.parse(cache_remote, cache_remote_mode)   # a bad URL or mode: exit 2 before building
     store = _store(cache_dir)
+    runner = _executor(executor, ray_address, loaded, store, remote)
     shown.print(f"[bold]{loaded.recipe.name}[/] · recipe {loaded.digest[7:19]} · cache {store.root}", highlight=False)
 
     def on_start(spec, key):
@@ -182,17 +201,31 @@ def build(
         run, extra = auto.run, {"on_trial": _trial_line}
     try:
         outcome = run(loaded, store, force={force} if force else set(), registry_dir=registry_dir,
-                      publish_to=publish_to, on_start=on_start, on_done=on_done,
+                      publish_to=publish_to, executor=runner, on_start=on_start, on_done=on_done,
                       on_publish=lambda: _progress.start("publish"), **extra,
-                      report_dir=report_dir or store.root / "reports" / loaded.recipe.name)
+                      report_dir=report_dir or store.root / "reports" / loaded.recipe.name,
+                      cache_remote=remote)
     finally:
         _progress.stop()
+    for warning in outcome.build.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     _print_outcome(outcome, t0, json_out)
     if outcome.decision is not None:
         _progress.console.print(f"[bold]method: auto[/] {escape(outcome.decision.why)} Decision report: "
                                 f"{outcome.decision.files[-1]}", highlight=False)
     if outcome.error is not None:
         raise outcome.error   # already recorded as rejected, with its reason
+
+
+def _executor(name: str, ray_address: str | None, loaded, store, remote):
+    """The executor --executor names (None: the pipeline's default, in this process)."""
+    if name == "local":
+        return None
+    if name == "ray":
+        from forge.executors.ray import RayExecutor
+
+        return RayExecutor(loaded, store, address=ray_address, cache_remote=remote)
+    raise UsageError(f"--executor {name!r} is not an executor", hint="Use --executor local (default) or --executor ray.")
 
 
 def _print_outcome(outcome, t0: float, json_out: bool) -> None:
@@ -610,6 +643,40 @@ def registry_referrers(ref: RefArg, registry_dir: RegistryDir = None, json_out: 
     for where in ("local", "remote"):
         for d in found.get(where, []):
             out.print(f"  {where:<6} {d.get('artifactType', '?'):<45} {d['digest'][:19]}", highlight=False)
+
+
+@registry_app.command("select")
+def registry_select(
+    model: Annotated[str, typer.Argument(help="The recipe name whose variant matrix to read.", show_default=False)],
+    gpu_product: Annotated[str, typer.Option("--gpu-product", help="The node's nvidia.com/gpu.product label "
+                                             "(GFD), e.g. NVIDIA-L4, NVIDIA-L4-SHARED, NVIDIA-A100-SXM4-40GB-MIG-1g.5gb.",
+                                             show_default=False)],
+    registry: Annotated[Optional[str], typer.Option("--registry", help="Read the matrix from this OCI repository "
+                                                    "(oci://HOST/REPO, the recipe's publish.registry) instead of the "
+                                                    "embedded registry.")] = None,
+    registry_dir: RegistryDir = None, json_out: JsonOut = False,
+) -> None:
+    """Print the image digest to deploy on a node with this GPU; list every variant as runnable, runnable with
+    less memory, or incompatible (on stderr). Exit 2 if no variant runs there or the label is unknown."""
+    from forge.registry import matrix, select
+
+    mx = matrix.load(model, None if registry else _registry(registry_dir), registry)
+    sel = select.select(mx, gpu_product)
+    if json_out:
+        sys.stdout.write(json.dumps(sel.to_json(), indent=2) + "\n")
+    else:
+        if sel.chosen:
+            sys.stdout.write(sel.chosen.digest + "\n")   # alone on stdout: DIGEST=$(forge registry select …)
+        console.table(("variant", "verdict", "gpu", "status", "image", "why"),
+                      [(escape(c.tag), c.verdict, c.gpu, c.status, c.digest[:19] or "-", escape(c.why))
+                       for c in sel.candidates], console=err,
+                      title=f"{mx.name} on {escape(sel.node.describe())} (matrix {mx.digest[:19]}, {escape(mx.where)})")
+        if sel.chosen:
+            err.print(f"[green]✓[/] deploy {escape(sel.chosen.tag)}: {escape(sel.chosen.image)}", highlight=False)
+    if sel.chosen is None:
+        raise UsageError(f"no variant of {model} runs on {gpu_product} ({sel.node.describe()})",
+                         hint=f"Add a variant for {sel.node.gpu.name} to the recipe, or schedule on a GPU the "
+                              "table lists as runnable.")
 
 
 

@@ -133,7 +133,7 @@ class StepProgress:
     def done(self, name: str, status: str, key: str, seconds: float, output_digest: str) -> None:
         """Close the step's line and print its result line (format relied on by scripts: name, status, key)."""
         self._finish(name)
-        mark = "[green]✓[/]" if status == "HIT" else "[cyan]✓[/]"
+        mark = "[green]✓[/]" if status in ("HIT", "REMOTE") else "[cyan]✓[/]"   # REMOTE: pulled from the remote cache
         self.console.print(f"  {mark} {name:<10} {status:<6} {key[:12]}  {seconds:6.2f}s  {output_digest[7:19]}",
                            highlight=False)
 

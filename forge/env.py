@@ -25,6 +25,9 @@ VARS: dict[str, Var] = {v.name: v for v in (
     Var("FORGE_DEBUG", "Show the traceback of internal errors."),
     Var("FORGE_PLUGINS", "Extra backends/engines: KIND:NAME=module:attr, space- or comma-separated "
                          "(KIND backend or engine), e.g. engine:echo=my_engine:ENGINE."),
+    Var("FORGE_CACHE_REMOTE", "Remote step cache, as --cache-remote: oci://HOST[:PORT]/REPO (pull MISSes, push built steps)."),
+    Var("FORGE_CACHE_REMOTE_MODE", "As --cache-remote-mode: readwrite (default) or read (pull only, for untrusted builds).",
+        "readwrite"),
     Var("FORGE_PUBLISH_TO", "Publish here instead of the recipe's publish.registry (as --publish-to)."),
     Var("FORGE_GPU_PRICES", "Override catalog GPU prices for `forge fit`: a JSON object, GPU name -> USD per hour."),
     Var("FORGE_CPU_CALIBRATION_DTYPE", "Force the CPU calibration dtype (float32 or bfloat16)."),
@@ -35,6 +38,7 @@ VARS: dict[str, Var] = {v.name: v for v in (
     Var("FORGE_PIP_FIND_LINKS", "Local wheel directory used when building forge's base images."),
     Var("FORGE_BUILDAH_ROOT", "buildah storage root (default: buildah's own)."),
     Var("FORGE_BUILDAH_STORAGE_DRIVER", "buildah storage driver.", "vfs"),
+    Var("RAY_ADDRESS", "Ray cluster `forge build --executor ray` connects to (as --ray-address; e.g. ray://head:10001, auto)."),
     Var("FORGE_TEST_STOP_BEFORE_COMMIT", "Test hook: stop a build after STEP wrote its outputs, before commit."),
     Var("TQDM_DISABLE", "Set to 1 by forge during a build (unless set): forge draws its own progress."),
     Var("TRANSFORMERS_VERBOSITY", "Set to error by forge during a build (unless set)."),

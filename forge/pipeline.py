@@ -79,7 +79,7 @@ def run(loaded: LoadedRecipe, store: Store, *, force: set[str] = frozenset(), ex
         on_start: Callable[[StepSpec, str], Reporter] | None = None,
         on_done: Callable[[StepResult], None] | None = None,
         on_publish: Callable[[], Reporter] | None = None, report_dir: Path | None = None,
-        evidence: dict[str, tuple[Path, ...]] | None = None) -> Outcome:
+        cache_remote=None, evidence: dict[str, tuple[Path, ...]] | None = None) -> Outcome:
     """Build the recipe and publish the result with its status. ``publish_to`` overrides publish.registry.
     With ``report_dir``, the HTML build report is rendered from the record-to-be and attached to it as
     evidence; junit.xml and summary.md go beside it (a report that cannot be drawn never loses the record).
@@ -90,7 +90,8 @@ def run(loaded: LoadedRecipe, store: Store, *, force: set[str] = frozenset(), ex
         from forge.errors import UsageError
 
         raise UsageError(f"{loaded.path}: method: auto is built by forge.auto.run (it picks the trial to build)")
-    outcome = execute(loaded, store, force=force, executor=executor, on_start=on_start, on_done=on_done)
+    outcome = execute(loaded, store, force=force, executor=executor, on_start=on_start, on_done=on_done,
+                      cache_remote=cache_remote)   # a forge.cache_remote.RemoteCache, or None
     reg = LocalRegistry(registry_dir)
     report = on_publish() if on_publish else (lambda *a, **k: None)
     outputs = None

@@ -301,3 +301,47 @@ def test_quantize_never_holds_two_models(tmp_path, tiny_llama, cache_dir, monkey
     assert alive_at_load == [0, 0], f"models alive when the next was loaded: {alive_at_load}"
     verify = result.entry.manifest["facts"]["verify"]
     assert verify["tokens"] == 16 and verify["quantized_text"].strip()
+
+
+def test_teacher_forced_verification_reports_the_greedy_prefix(tmp_path, tiny_llama, cache_dir):
+    """The written checkpoint is verified in one forward pass over BF16's greedy tokens; up to the first mismatch
+    its predictions are the tokens its own greedy decoding writes, so the recorded prefix is the greedy one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from forge.steps.quantize import VERIFY_TOKENS, greedy_tokens
+
+    recipe = write_recipe(tmp_path / "r.yaml", str(tiny_llama), quantize={"method": "fp8"})
+    result = build(load_recipe(recipe), Store(cache_dir))[-1]
+    verify = result.entry.manifest["facts"]["verify"]
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    bf16 = greedy_tokens(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype="bfloat16"), tok)
+    quant = greedy_tokens(AutoModelForCausalLM.from_pretrained(result.entry.out, dtype="bfloat16"), tok)
+    prefix = next((i for i, (a, b) in enumerate(zip(bf16, quant)) if a != b), VERIFY_TOKENS)
+    assert verify["how"] == "teacher-forced" and verify["tokens"] == len(bf16) == VERIFY_TOKENS
+    assert verify["bf16_text"] == tok.decode(bf16, skip_special_tokens=True)
+    assert verify["matching_prefix"] == prefix
+
+
+def test_verification_stops_a_checkpoint_with_broken_scales(tmp_path, tiny_llama, cache_dir, monkeypatch):
+    """A checkpoint that loads but computes NaN (a broken weight scale) stops the step, naming the checkpoint."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from forge.backends.llmcompressor import LlmCompressor
+    from forge.errors import StepError
+
+    export = LlmCompressor.export
+
+    def broken(self, model, out, **kw):
+        export(self, model, out, **kw)
+        shard = next(out.glob("*.safetensors"))
+        tensors = load_file(shard)
+        name = next(k for k in tensors if k.endswith("mlp.down_proj.weight_scale"))
+        tensors[name] = torch.full_like(tensors[name], float("nan"))
+        save_file(tensors, shard, metadata={"format": "pt"})
+
+    monkeypatch.setattr(LlmCompressor, "export", broken)
+    recipe = write_recipe(tmp_path / "r.yaml", str(tiny_llama), quantize={"method": "fp8"})
+    with pytest.raises(StepError, match=r"non-finite logits .* weights or scales are broken") as e:
+        build(load_recipe(recipe), Store(cache_dir))
+    assert "the quantized checkpoint at" in str(e.value)

@@ -195,9 +195,50 @@ def _source_weights(model) -> Callable[[str], "torch.Tensor | None"]:
     return read
 
 
-def _layer_report(model, targets: set[str], originals, rows: dict, q) -> list[dict]:
+CHUNK_ELEMENTS = 1 << 19   # rows per step of the weight-error measure: ~2 MB of float32 temporaries, cache-sized
+
+
+def _rel_error(weight, scale, zp, args, ref) -> float:
+    """||fake_quantize(weight) - ref|| / ||ref||, a block of output rows at a time: each row's scales (channel
+    and group strategies) go with it, so the figure is the whole tensor's, without whole-tensor float32 copies.
+    Run on one thread (``_one_thread``): on 4096 x 3072 bf16, 2.4x faster than one whole-tensor pass on an idle
+    2-core machine and 2-4x on a busy one, where two-thread blocks wait on each other."""
     import torch
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    rows = weight.shape[0]
+    per_row = scale is not None and scale.dim() > 0 and scale.shape[0] == rows and rows > 1
+    step = max(1, CHUNK_ELEMENTS // max(1, weight[0].numel()))
+    num = torch.zeros((), dtype=torch.float64)
+    den = torch.zeros((), dtype=torch.float64)
+    for i in range(0, rows, step):
+        s, z = (scale[i:i + step], None if zp is None else zp[i:i + step]) if per_row else (scale, zp)
+        r = ref[i:i + step].float().reshape(-1)
+        d = fake_quantize(weight[i:i + step].float(), s.float(), z, args).reshape(-1).sub_(r)
+        num += torch.dot(d, d)
+        den += torch.dot(r, r)
+    return round(float(num.sqrt() / den.sqrt()), 6)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _layer_report(model, targets: set[str], originals, rows: dict, q) -> list[dict]:
+    with _one_thread():
+        return _layer_rows(model, targets, originals, rows, q)
+
+
+def _layer_rows(model, targets: set[str], originals, rows: dict, q) -> list[dict]:
+    import torch
 
     out = []
     for name, module in model.named_modules():
@@ -209,15 +250,14 @@ def _layer_report(model, targets: set[str], originals, rows: dict, q) -> list[di
         g_idx = getattr(module, "weight_g_idx", None)
         if g_idx is None or bool((g_idx == torch.arange(g_idx.numel(), device=g_idx.device) // args.group_size).all()):
             with torch.no_grad():  # group order permuted by actorder: fake_quantize cannot replay it, so no figure
-                zp = getattr(module, "weight_zero_point", None)
                 # The weight the quantizer saw: GPTQ rewrites weights in place, so its reference is the
                 # original; AWQ and FP8/RTN quantize at save time, so theirs is the current (AWQ-smoothed)
                 # weight. SmoothQuant + GPTQ (int8) leaves no reference: GPTQ's own error stands alone.
                 ref = None if q.method == "int8" else (originals(name) if originals else module.weight.detach())
-                ref = None if ref is None else ref.float().cpu()
-                qw = fake_quantize(module.weight.detach().float(), module.weight_scale.float(), zp, args)
+                zp = getattr(module, "weight_zero_point", None)
                 if ref is not None:
-                    err = round((torch.linalg.norm(qw.cpu() - ref) / torch.linalg.norm(ref)).item(), 6)
+                    err = _rel_error(module.weight.detach().cpu(), module.weight_scale.detach().cpu(),
+                                     None if zp is None else zp.detach().cpu(), args, ref.cpu())
         row = rows.get(name, {})
         out.append({"layer": name, "method": q.method, "bits": args.num_bits, "type": str(getattr(args.type, "value", args.type)),
                     "strategy": str(getattr(args.strategy, "value", args.strategy)), "group_size": args.group_size,

@@ -7,7 +7,7 @@ from importlib import resources
 
 from ruamel.yaml import YAML
 
-__all__ = ["Gpu", "gpus", "gpu"]
+__all__ = ["Gpu", "gpus", "gpu", "product_labels"]
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class Gpu:
     price_per_hour: float
     smi: tuple[str, ...] = ()                  # names nvidia-smi reports for it
     trtllm_cluster_keys: tuple[str, ...] = ()  # TensorRT-LLM build_config.auto_parallel_config.cluster_key
+    gfd_products: tuple[str, ...] = ()         # Kubernetes GFD nvidia.com/gpu.product values (smi, spaces as '-')
 
     @property
     def is_cpu(self) -> bool:
@@ -37,15 +38,22 @@ def _cc(value: str | None) -> tuple[int, int] | None:
 @cache
 def gpus() -> dict[str, Gpu]:
     text = resources.files(__package__).joinpath("gpus.yaml").read_text()
-    raw = YAML(typ="safe").load(text)["gpus"]
+    doc = YAML(typ="safe").load(text)
+    raw, products = doc["gpus"], doc.get("gfd_products") or {}
     return {
         name: Gpu(name=name, vendor=e["vendor"], memory_gib=float(e["memory_gib"]),
                   bandwidth_gbs=float(e["bandwidth_gbs"]), compute_capability=_cc(e["compute_capability"]),
                   fp8=bool(e["fp8"]), price_per_hour=float(e["price_per_hour"]), smi=tuple(e.get("smi", ())),
-                  trtllm_cluster_keys=tuple(e.get("trtllm_cluster_keys", ())))
+                  trtllm_cluster_keys=tuple(e.get("trtllm_cluster_keys", ())),
+                  gfd_products=tuple(products.get(name, ())))
         for name, e in raw.items()
     }
 
 
 def gpu(name: str) -> Gpu:
     return gpus()[name]
+
+
+def product_labels() -> dict[str, Gpu]:
+    """Every GFD ``nvidia.com/gpu.product`` value in the catalog → its GPU (the plain label: no -SHARED/-MIG-…)."""
+    return {label: g for g in gpus().values() for label in g.gfd_products}

@@ -46,6 +46,9 @@ def image_config(reg: LocalRegistry, image_digest: str) -> dict:
 
 
 def gather(reg: LocalRegistry, rec: Record, recipe_path: Path | None = None) -> Artifact:
+    if rec.kind == "matrix":   # issue 16: a variant matrix lists images; it is not one
+        raise UsageError(f"{rec.name}:{rec.tag} is a variant matrix, which no runtime can run",
+                         hint=f"`forge registry select {rec.name} --gpu-product LABEL` names the variant to deploy.")
     if rec.status not in PROMOTABLE:
         why = f": {rec.reason}" if rec.reason else ""
         raise UsageError(f"{rec.name} {rec.short()} is {rec.status}{why}; only a validated artifact can be deployed",

@@ -34,6 +34,8 @@ class StepRequest:
     force: bool = False           # rebuild even when the key is committed (replace that entry)
     variant: str | None = None    # the recipe's variant (load_recipe(..., variant=...))
     overrides: dict = field(default_factory=dict)   # programmatic overrides (load_recipe(..., overrides=...))
+    cache_remote: str | None = None   # oci://HOST/REPO: the remote step cache (forge.cache_remote), or None
+    cache_remote_mode: str = "readwrite"   # "readwrite" (pull and push) or "read" (pull only)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -47,14 +49,14 @@ class StepRequest:
 class StepDone:
     step: str
     key: str
-    status: str                   # HIT (reused) or BUILT
+    status: str                   # HIT (reused), REMOTE (pulled from the remote step cache) or BUILT
     seconds: float
 
 
 @dataclass(frozen=True)
 class Event:
     step: str
-    kind: str                     # "start" (the step will run: key known) or "progress"
+    kind: str                     # "start" (the step will run or be pulled: key known), "progress" or "warning"
     key: str | None = None
     message: str = ""
     completed: float | None = None

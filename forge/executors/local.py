@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import deque
 
 from forge.executors import EventSink, StepDone, StepRequest
-from forge.executors.runner import run_step
+from forge.executors.runner import remote_of, run_step
 from forge.recipe.load import LoadedRecipe
 from forge.store import Entry, Store
 
@@ -36,7 +36,8 @@ class LocalExecutor:
         req, events = self._queue.popleft()
         loaded = self._recipe(req)
         upstream = {d: committed(self.store, k, d) for d, k in req.upstream.items()}
-        return run_step(spec_named(loaded, req.step), loaded, self.store, upstream, force=req.force, events=events)
+        return run_step(spec_named(loaded, req.step), loaded, self.store, upstream, force=req.force, events=events,
+                        remote=remote_of(req))
 
     def _recipe(self, req: StepRequest) -> LoadedRecipe:
         """The recipe the request names: this executor's own, or another variant / trial of it."""

@@ -106,7 +106,7 @@ def _worker() -> int:
         from forge import env
         from forge.errors import UsageError
         from forge.executors.local import committed
-        from forge.executors.runner import run_step
+        from forge.executors.runner import remote_of, run_step
         from forge.recipe.load import load_recipe
         from forge.steps.graph import spec_named
         from forge.store import Store
@@ -120,7 +120,7 @@ def _worker() -> int:
         store = Store(Path(req.cache_root))
         upstream = {d: committed(store, k, d) for d, k in req.upstream.items()}
         done = run_step(spec_named(loaded, req.step), loaded, store, upstream, force=req.force,
-                        events=lambda e: send({"event": asdict(e)}))
+                        events=lambda e: send({"event": asdict(e)}), remote=remote_of(req))
         send({"done": asdict(done)})
         return 0
     except BaseException as e:  # noqa: BLE001 -- every failure goes back to the driver as an answer

@@ -15,12 +15,13 @@ from pathlib import Path
 
 from forge import __version__, env, steplog
 from forge.digests import digest_of, list_files, tree_digest
-from forge.executors import Event, EventSink, StepDone
+from forge.cache_remote import RemoteCache, RemoteUnavailable
+from forge.executors import Event, EventSink, StepDone, StepRequest
 from forge.recipe.load import LoadedRecipe
 from forge.steps import StepContext, StepSpec, tool_versions
 from forge.store import Entry, Store
 
-__all__ = ["key_material", "key_of", "run_step"]
+__all__ = ["key_material", "key_of", "run_step", "remote_of"]
 
 # Test hook: stop (SIGSTOP self) after a step wrote its outputs and before it is committed, so a
 # test can SIGKILL a build at its most dangerous instant. Never set in normal use.
@@ -49,9 +50,11 @@ def key_of(material: dict) -> str:
 
 
 def run_step(spec: StepSpec, loaded: LoadedRecipe, store: Store, upstream: dict[str, Entry], *,
-             force: bool = False, events: EventSink = lambda e: None) -> StepDone:
-    """Reuse the committed entry of the step's key, or build and commit it (one builder per key:
-    a concurrent build of the same key waits on the lock, then reuses)."""
+             force: bool = False, events: EventSink = lambda e: None,
+             remote: RemoteCache | None = None) -> StepDone:
+    """Reuse the committed entry of the step's key, or pull it from the remote step cache, or build and
+    commit it (one builder per key: a concurrent build of the same key waits on the lock, then reuses).
+    With a ``readwrite`` remote, a step built here is shared (``RemoteCache.share``) before it is returned."""
     t0 = time.monotonic()
     material = key_material(spec, loaded, store, {d: e.output_digest for d, e in upstream.items()})
     key = key_of(material)
@@ -67,10 +70,39 @@ def run_step(spec: StepSpec, loaded: LoadedRecipe, store: Store, upstream: dict[
                            unit: str | None = None) -> None:
                     events(Event(spec.name, "progress", key, message, completed, total, unit))
 
-                entry = _build(spec, key, material, loaded, store, upstream, report, replace=force)
-                status = "BUILT"
+                if remote is not None and not force:
+                    entry = _remotely(remote, spec.name, key, events, lambda: remote.pull(store, key, report))
+                    status = "REMOTE"
+                if entry is None:
+                    entry = _build(spec, key, material, loaded, store, upstream, report, replace=force)
+                    status = "BUILT"
+                    if remote is not None and remote.writable:
+                        shared = _remotely(remote, spec.name, key, events, lambda: remote.share(store, entry, report))
+                        if shared is not None:
+                            if shared.warning:
+                                events(Event(spec.name, "warning", key, shared.warning))
+                            if shared.outcome == "non-reproducible":
+                                entry, status = shared.entry, "REMOTE"
     store.touch(entry)
     return StepDone(spec.name, key, status, time.monotonic() - t0)
+
+
+def remote_of(request: StepRequest) -> RemoteCache | None:
+    """The remote step cache a request names (every executor's worker passes it to ``run_step``)."""
+    if not request.cache_remote:
+        return None
+    return RemoteCache.parse(request.cache_remote, request.cache_remote_mode)
+
+
+def _remotely(remote: RemoteCache, step: str, key: str, events: EventSink, call):
+    """Run a remote-cache call; a registry that is down is a warning (once per process), never a failed build."""
+    if not remote.available:
+        return None
+    try:
+        return call()
+    except RemoteUnavailable as e:
+        events(Event(step, "warning", key, f"{e.message}; building without the remote step cache"))
+        return None
 
 
 def _build(spec: StepSpec, key: str, material: dict, loaded: LoadedRecipe, store: Store,

@@ -18,6 +18,8 @@ from forge.registry.record import PROMOTABLE, STATUSES, Collected, EvidenceFiles
 __all__ = ["publish", "pull", "LocalRegistry", "Record", "STATUSES", "PROMOTABLE", "default_registry_dir"]
 
 MODEL_PREFIX = "opt/forge/model/"
+MATRIX_TAG = "matrix"   # <name>:matrix, the variant matrix (forge/registry/matrix.py)
+MATRIX_TYPE = "application/vnd.forge.variant-matrix.v1+json"   # its artifactType
 
 
 def publish(loaded, results: dict, report=lambda *a, **k: None, registry: LocalRegistry | None = None,
@@ -33,6 +35,10 @@ def publish(loaded, results: dict, report=lambda *a, **k: None, registry: LocalR
         extra = tuple(EvidenceFiles(kind, tuple(map(Path, f)) if isinstance(f, (tuple, list)) else (Path(f),))
                       for kind, f in attach(collected).items())
         collected = replace(collected, evidence=collected.evidence + extra)
+    variant = collected.record.variant
+    if variant == MATRIX_TAG:
+        raise UsageError(f"{loaded.path}: variant name {variant!r} is the tag of the variant matrix",
+                         hint="Rename the variant (e.g. vllm-fp8-h100-sxm-tp1).")
     reg = registry or LocalRegistry()
     target = target or loaded.recipe.publish.registry
     with reg.publishing(collected.record.id):
@@ -48,6 +54,12 @@ def publish(loaded, results: dict, report=lambda *a, **k: None, registry: LocalR
         stored, _ = reg.insert(rec.model_copy(update={"remote": pushed or rec.remote}))
         if pushed and stored.remote != pushed:
             stored = reg.update(stored.model_copy(update={"remote": pushed}), f"pushed to {pushed}")
+        if variant is not None and stored.tag:   # <name>:<variant> moves to this build (never to a rejected one)
+            reg.tag(stored, variant)
+            if pushed:
+                from forge.registry import remote
+
+                remote.promote(stored, remote.Remote.parse(target), variant)
     return stored
 
 
@@ -77,6 +89,9 @@ def pull(ref: str, dest: Path, reg: LocalRegistry | None = None) -> dict:
             return _extract(layout, image_digest, evidence, dest)
     reg = reg or LocalRegistry()
     rec = reg.resolve(ref)
+    if rec.kind == "matrix":
+        raise UsageError(f"{ref} is a variant matrix: it lists images, it holds no model",
+                         hint=f"`forge registry select {rec.name} --gpu-product LABEL` names the variant to pull.")
     if not rec.image_digest:
         raise UsageError(f"{rec.name} {rec.short()} has no image ({rec.status}: {rec.reason})")
     if problems := reg.verify(rec):
@@ -97,6 +112,9 @@ def _fetch_remote(ref: str, tmp: Path) -> tuple[Layout, str, dict]:
     if got is None:
         raise UsageError(f"{ref} not found in the registry", hint="Check the tag; `skopeo list-tags` shows them.")
     digest = sha256_bytes(got[0])
+    if json.loads(got[0]).get("artifactType") == MATRIX_TYPE:
+        raise UsageError(f"{ref} is a variant matrix: it lists images, it holds no model",
+                         hint="`forge registry select MODEL --gpu-product LABEL --registry oci://…` names the variant.")
     if what.startswith("sha256:") and digest != what:
         raise ToolError(f"{ref}: the registry's manifest hashes to {digest}")
     layout = Layout(tmp / "oci")

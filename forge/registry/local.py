@@ -82,7 +82,7 @@ class LocalRegistry:
             named.append({**descriptor(MANIFEST, self.blobs.read(ev.manifest_digest)), "artifactType": ev.artifact_type,
                           "annotations": {RECORD_ANNOTATION: rec.id}})
         if subject is not None:
-            ann = {RECORD_ANNOTATION: rec.id}
+            ann = {**rec.annotations, RECORD_ANNOTATION: rec.id}   # a variant's dev.forge.* (none for a plain recipe)
             if rec.tag:
                 ann[REF_NAME] = f"{rec.name}:{rec.tag}"
             named.append({**subject, "annotations": ann})
@@ -138,8 +138,27 @@ class LocalRegistry:
             self._event(db, rec.id, rec.status, detail)
         return rec
 
+    def tag(self, rec: Record, tag: str, media_type: str = MANIFEST, artifact_type: str | None = None) -> bool:
+        """Point ``name:tag`` at this record's manifest (index.json and the tags table): a variant's tag, a
+        matrix's. The tag moves if another record held it; False if it already named this one."""
+        with self._db() as db:
+            row = db.execute("SELECT id FROM tags WHERE name = ? AND tag = ?", (rec.name, tag)).fetchone()
+        named = {**descriptor(media_type, self.blobs.read(rec.image_digest)),
+                 **({"artifactType": artifact_type} if artifact_type else {}),
+                 "annotations": {**rec.annotations, REF_NAME: f"{rec.name}:{tag}", RECORD_ANNOTATION: rec.id}}
+        self.blobs.add_to_index([named])   # idempotent: an equal descriptor is not added twice
+        if row is not None and row[0] == rec.id:
+            return False
+        with self._db() as db:
+            db.execute("INSERT OR REPLACE INTO tags VALUES (?, ?, ?)", (rec.name, tag, rec.id))
+            self._event(db, rec.id, rec.status, f"tagged {rec.name}:{tag}")
+        return True
+
     def promote(self, rec: Record, tag: str) -> Record:
         """Give a validated artifact another tag (e.g. prod); the tag moves if another artifact held it."""
+        if rec.kind == "matrix":
+            raise UsageError(f"{rec.name}:{rec.tag} is a variant matrix, which no runtime can run",
+                             hint="Promote the variant to deploy (`forge registry select` names it).")
         if rec.status not in PROMOTABLE:
             why = f": {rec.reason}" if rec.reason else ""
             raise UsageError(f"{rec.name} {rec.short()} is {rec.status}{why}; only a validated artifact can be promoted",
@@ -186,7 +205,8 @@ class LocalRegistry:
                 rows = db.execute("SELECT a.record FROM tags t JOIN artifacts a ON a.id = t.id "
                                   "WHERE t.name = ? AND t.tag = ?", (name, tag)).fetchall()
             else:
-                rows = db.execute("SELECT record FROM artifacts WHERE name = ? ORDER BY created_at DESC",
+                rows = db.execute("SELECT record FROM artifacts WHERE name = ? AND "   # a matrix is not an image
+                                  "json_extract(record, '$.kind') IS NOT 'matrix' ORDER BY created_at DESC",
                                   (ref,)).fetchall()[:1]
                 if not rows and re.fullmatch(r"[0-9a-f]{6,64}", ref):
                     rows = db.execute("SELECT record FROM artifacts WHERE id LIKE ?", (ref + "%",)).fetchall()
@@ -203,8 +223,14 @@ class LocalRegistry:
         checks: list[tuple[str, str]] = []
         if rec.image_digest:
             if (p := self.blobs.verify(rec.image_digest)) is not None:
-                return [(rec.image_digest, "image manifest", p)]
-            checks += [(d, f"image {role}") for d, role in self.blobs.image_blobs(rec.image_digest)][1:]
+                return [(rec.image_digest, f"{rec.kind} manifest", p)]
+            images = [rec.image_digest]
+            if rec.kind == "matrix":   # the index, then every variant image it lists
+                images = [d["digest"] for d in json.loads(self.blobs.read(rec.image_digest))["manifests"]]
+                checks += [(d, f"variant {d[7:19]} manifest") for d in images]
+            for image in images:
+                if self.blobs.verify(image) is None:
+                    checks += [(d, f"image {role}") for d, role in self.blobs.image_blobs(image)][1:]
         for ev in rec.evidence:
             checks.append((ev.manifest_digest, f"{ev.kind} manifest"))
             checks += [(d, f"{ev.kind} {name}") for name, d in ev.files.items()]

@@ -74,6 +74,9 @@ class Record(BaseModel):
     evidence: tuple[Evidence, ...] = ()
     remote: str | None = None      # oci://host/repo@digest when pushed
     promoted_tags: tuple[str, ...] = ()
+    kind: Literal["image", "matrix"] = "image"   # matrix: a variant matrix (forge/registry/matrix.py), not runnable
+    variant: str | None = None     # the recipe variant this image is (tagged <name>:<variant>), None for a plain recipe
+    annotations: dict[str, str] = {}   # dev.forge.* (forge/registry/annotate.py): variants and matrices only
 
     def short(self) -> str:
         return self.id[:12]
@@ -155,6 +158,11 @@ def collect(loaded, results: dict, finished_at: datetime | None = None) -> Colle
         scan_verdict=_scan_verdict(scan), scan_digest=scan_digest, sbom_digest=sbom_digest,
         tool_versions=dict(sorted(tools.items())),
         created_at=(finished_at or datetime.now(timezone.utc)).isoformat(timespec="seconds"))
+    if (variant := getattr(loaded, "variant", None)) is not None:   # a plain recipe's record stays as it was
+        from forge.registry import annotate
+
+        record = record.model_copy(update={"variant": variant, "annotations": annotate.for_variant(
+            loaded, results, record.engine)})
     prov = provenance(record, loaded, results)
     record = record.model_copy(update={"provenance_digest": sha256_bytes(prov)})
     return Collected(record, image.oci_dir if image else None, tuple(evidence), prov)

@@ -186,6 +186,18 @@ class Client:
             raise ToolError(f"registry GET blob {digest}: HTTP {r.status_code}")
         return r.content
 
+    def stream_blob(self, digest: str, chunk: int = 4 << 20) -> Iterator[bytes]:
+        """The blob's bytes as the registry serves them, in chunks: never whole in memory (the caller hashes them)."""
+        r = self._request("GET", f"blobs/{digest}", stream=True)
+        with r:
+            if r.status_code != 200:
+                raise ToolError(f"registry GET blob {digest}: HTTP {r.status_code}")
+            yield from r.iter_content(chunk)
+
+    def delete_manifest(self, digest: str) -> bool:
+        """DELETE a manifest by digest; False when the registry does not allow deletes."""
+        return self._request("DELETE", f"manifests/{digest}").status_code in (200, 202)
+
     def blob_digest(self, digest: str) -> str | None:
         """sha256 of the blob the registry serves under digest (streamed), None if it has none."""
         import hashlib
@@ -212,6 +224,9 @@ class Client:
                 problems.append((digest, role, f"the registry serves content hashing to {actual}"))
                 continue
             m = json.loads(got[0])
+            if "manifests" in m:   # a variant matrix: re-hash every image it lists, in turn
+                manifests += [(d["digest"], f"variant {d['digest'][7:19]} manifest") for d in m["manifests"]]
+                continue
             for blob in [m["config"], *m.get("layers", [])]:
                 actual = self.blob_digest(blob["digest"])
                 if actual != blob["digest"]:

@@ -71,6 +71,7 @@ class StepSpec:
     check: str | None = None  # "module:function"(entry) run on a built or reused output; raises to stop the build
     volatile: tuple[str, ...] = ()  # output files that record how the build went (timings): kept and hashed,
                                     # but not part of the output digest, so identical results cut off downstream
+    gpu: bool = False         # runs on the recipe's target GPU (when it is not CPU): a distributed executor asks for it
 
     def runner(self) -> Callable[[StepContext], dict | None]:
         return _attr(self.run)

@@ -53,7 +53,7 @@ def _base(loaded):
 SPEC = StepSpec(
     name="compile", summary="trtllm-build an engine on the target GPU (legacy engine mode)",
     depends=("quantize",), tools=(), version=1, config=_config, identity=_identity, enabled=_enabled,
-    run="forge.steps.compile:run", check="forge.steps.compile:check")
+    run="forge.steps.compile:run", check="forge.steps.compile:check", gpu=True)
 
 
 def run(ctx: StepContext) -> dict:

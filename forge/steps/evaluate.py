@@ -65,7 +65,7 @@ def _spec(name: str, upstream: str, summary: str) -> StepSpec:
     return StepSpec(name=name, summary=summary, depends=(upstream,),
                     tools=("lm_eval", "torch", "transformers", "compressed-tensors", "vllm"), version=2,  # 2: batching
                     config=lambda loaded: {**_config(loaded), "model": upstream}, data=_data, identity=_identity,
-                    enabled=_enabled, run="forge.steps.evaluate:run")
+                    enabled=_enabled, run="forge.steps.evaluate:run", gpu=True)
 
 
 BASELINE = _spec("eval_baseline", "resolve", "lm-eval the BF16 snapshot (shared by every recipe on it)")

@@ -4,8 +4,8 @@ Pre-flight checks (``preflight``) read config.json only and run at validate time
 is loaded: group size divides every targeted layer, the backend supports the architecture, calibration is
 declared and large enough. The run is one skeleton for every backend: seed, calibration windows (tokenizer
 only), the model in the calibration dtype, the backend's quantize / export / validate, then a verification
-(greedy tokens of the written checkpoint, or of its dequantized weights, against BF16's), the reports and a
-manifest with the same keys whatever the backend.
+(the written checkpoint, or its dequantized weights, teacher-forced over BF16's greedy tokens: one forward pass),
+the reports and a manifest with the same keys whatever the backend.
 
 CPU policy: without an accelerator the model is calibrated in float32 unless the CPU has native bf16
 (AVX512-BF16/AMX): emulated bf16 matmuls are ~4.5x slower. The backend writes tensors in the recipe dtype.
@@ -22,6 +22,7 @@ from pathlib import Path
 
 from forge import env, host
 from forge.digests import list_files
+from forge.linking import place_tree
 from forge.methods import GROUPED
 from forge.steps import StepContext, StepSpec
 
@@ -114,6 +115,7 @@ SPEC = StepSpec(
     identity=_identity,
     run="forge.steps.quantize:run",
     volatile=REPORTS,
+    gpu=True,
 )
 
 
@@ -173,7 +175,7 @@ def run(ctx: StepContext) -> dict:
     src = ctx.inputs["resolve"]
     if q.method == "none":
         ctx.report("BF16 pass-through (method: none)")
-        _link_tree(src, ctx.out)
+        place_tree(src, ctx.out, list_files(src))  # bytes that do not change are linked, never copied
         return {"method": "none", "bytes": _size(ctx.out), "bf16_bytes": _size(src)}
 
     import torch
@@ -229,14 +231,15 @@ def run(ctx: StepContext) -> dict:
 
 
 def _verify(backend, src: Path, out: Path, q, tokenizer, report, reference, dtype) -> dict | None:
-    """Greedy tokens against BF16's: of the checkpoint loaded with transformers, or of its dequantized weights."""
+    """BF16's greedy tokens against the predictions of the checkpoint loaded with transformers, or of its
+    dequantized weights, teacher-forced over them."""
     if backend.loads_in_transformers:
-        report("verifying: load the written checkpoint with transformers and generate")
+        report("verifying: load the written checkpoint with transformers, one forward pass over BF16's tokens")
         return verify_generation(reference, out, tokenizer, dtype)
     weights = backend.dequantized(out, q)
     if weights is None:
         return None   # a packed format transformers cannot run on this machine
-    report("verifying: dequantized weights generate like BF16")
+    report("verifying: dequantized weights predict like BF16")
     return verify_dequantized(src, weights, tokenizer, dtype)
 
 
@@ -265,8 +268,9 @@ def _calibration_sha256(loaded) -> str | None:
 
 
 def verify_dequantized(bf16_dir: Path, weights, tokenizer, dtype) -> dict:
-    """Greedy tokens of the BF16 model, then of the same model with the dequantized weights copied in one tensor
-    at a time (``weights``: a dict or an iterator of (name, tensor)), so one model is ever in memory."""
+    """Greedy tokens of the BF16 model, then the same model with the dequantized weights copied in one tensor
+    at a time (``weights``: a dict or an iterator of (name, tensor)) teacher-forced over them, so one model is
+    ever in memory."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -280,34 +284,61 @@ def verify_dequantized(bf16_dir: Path, weights, tokenizer, dtype) -> dict:
             if name not in state:
                 raise StepError(f"quantized tensor {name} has no counterpart in the model")
             state[name].copy_(tensor.to(state[name].dtype))
-    tokens = greedy_tokens(model, tokenizer)
+    tokens = teacher_forced_tokens(model, tokenizer, reference, what="the dequantized weights")
     del model, state
     gc.collect()
     return {**_agreement(reference, tokens, tokenizer), "how": "dequantized weights"}
 
 
 def _agreement(a: list[int], b: list[int], tokenizer) -> dict:
-    """How far the quantized model's greedy tokens follow BF16's."""
+    """How far the quantized model's next-token predictions along BF16's greedy tokens follow them. Up to the
+    first mismatch they are the tokens its own greedy decoding writes: the matching prefix is the greedy one."""
     prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     return {"prompt": VERIFY_PROMPT, "tokens": VERIFY_TOKENS, "matching_prefix": prefix,
             "agreement": round(sum(x == y for x, y in zip(a, b)) / max(1, len(a)), 4),
             "bf16_text": tokenizer.decode(a, skip_special_tokens=True),
-            "quantized_text": tokenizer.decode(b, skip_special_tokens=True)}
+            "quantized_text": tokenizer.decode(b, skip_special_tokens=True), "how": "teacher-forced"}
+
+
+def _prompt_ids(model, tokenizer):
+    return tokenizer(VERIFY_PROMPT, return_tensors="pt")["input_ids"].to(model.device)
 
 
 def greedy_tokens(model, tokenizer) -> list[int]:
-    """The model's greedy continuation of VERIFY_PROMPT (VERIFY_TOKENS tokens)."""
+    """The model's greedy (argmax, no logits processors, no stop at EOS) continuation of VERIFY_PROMPT:
+    VERIFY_TOKENS tokens, one cached forward step each."""
     import torch
 
-    ids = tokenizer(VERIFY_PROMPT, return_tensors="pt").to(model.device)
+    ids, past, tokens = _prompt_ids(model, tokenizer), None, []
     with torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=VERIFY_TOKENS, do_sample=False)
-    return out[0, ids["input_ids"].shape[1]:].tolist()
+        for _ in range(VERIFY_TOKENS):
+            out = model(input_ids=ids, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            ids = out.logits[:, -1:].argmax(-1)
+            tokens.append(int(ids))
+    return tokens
+
+
+def teacher_forced_tokens(model, tokenizer, reference: list[int], *, what: str) -> list[int]:
+    """The model's argmax next token at each position of VERIFY_PROMPT + ``reference``, in one forward pass:
+    prediction i is what it writes after the prompt and the reference's first i tokens."""
+    import torch
+
+    from forge.errors import StepError
+
+    prompt = _prompt_ids(model, tokenizer)
+    ids = torch.cat([prompt, torch.tensor([reference[:-1]], dtype=prompt.dtype, device=prompt.device)], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits[0, prompt.shape[1] - 1:]
+    if not bool(torch.isfinite(logits).all()):
+        raise StepError(f"{what} compute non-finite logits (NaN or inf) for {VERIFY_PROMPT!r}: the quantized "
+                        "weights or scales are broken")
+    return logits.argmax(-1).tolist()
 
 
 def verify_generation(reference: list[int], quant_dir: Path, tokenizer, dtype) -> dict:
     """Load the written checkpoint with transformers (the only model in memory: the source model was freed and
-    its greedy tokens recorded before quantizing) and compare its greedy tokens with the reference."""
+    its greedy tokens recorded before quantizing) and compare its predictions along them, in one forward pass."""
     from transformers import AutoModelForCausalLM
 
     from forge.errors import StepError
@@ -316,12 +347,12 @@ def verify_generation(reference: list[int], quant_dir: Path, tokenizer, dtype) -
         m = AutoModelForCausalLM.from_pretrained(quant_dir, dtype=dtype, device_map=None)
     except Exception as e:
         raise StepError(f"the quantized checkpoint at {quant_dir} does not load with transformers: {type(e).__name__}: {e}") from None
-    tokens = greedy_tokens(m, tokenizer)
+    tokens = teacher_forced_tokens(m, tokenizer, reference, what=f"the quantized checkpoint at {quant_dir}")
     del m
     gc.collect()
     result = _agreement(reference, tokens, tokenizer)
     if not result["quantized_text"].strip():
-        raise StepError(f"the quantized checkpoint generated nothing for {VERIFY_PROMPT!r}")
+        raise StepError(f"the quantized checkpoint predicts nothing but special tokens for {VERIFY_PROMPT!r}")
     return result
 
 
@@ -339,7 +370,7 @@ def _write_reports(out: Path, facts: dict, result, title: str) -> None:
              f"size {facts['bytes'] / 1e6:.1f} MB vs BF16 {facts['bf16_bytes'] / 1e6:.1f} MB ({facts['size_ratio']:.2f}×) · "
              f"{facts['seconds']} s quantize + {facts['export_seconds']} s export on {facts['device']} "
              f"({facts['calibration_dtype']}) · {facts['layers']} quantized layers"
-             + (f" · greedy agreement with BF16 {v['agreement']:.0%} (first {v['matching_prefix']} tokens identical)"
+             + (f" · next-token agreement with BF16's greedy tokens {v['agreement']:.0%} (first {v['matching_prefix']} greedy tokens identical)"
                 if v else " · not verified by generation here"), ""]
     if result.layers:
         cols = list(result.layers[0])
@@ -352,15 +383,6 @@ def _write_reports(out: Path, facts: dict, result, title: str) -> None:
             lines += ["| " + " | ".join(str(r.get(c)) for c in cols) + " |" for r in rows]
     (out / REPORT_MD).write_text("\n".join(lines) + "\n")
     (out / QUANT_MANIFEST).write_text(json.dumps({k: facts[k] for k in MANIFEST_KEYS}, indent=2) + "\n")
-
-
-def _link_tree(src: Path, dst: Path) -> None:
-    for rel in list_files(src):
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(src / rel, dst / rel)  # both sides are immutable store entries: sharing inodes is safe
-        except OSError:
-            shutil.copyfile(src / rel, dst / rel)
 
 
 def _size(path: Path) -> int:

@@ -1,0 +1,88 @@
+"""The ``dev.forge.*`` annotations that say which GPU a published variant is for (README: "Variants").
+
+They are computed once, at publish, from the variant's merged recipe, the GPU catalog, the engine table and
+the fit model, and kept on the record and on every descriptor that points at the image: the embedded
+registry's ``index.json`` entry and the variant matrix (forge/registry/matrix.py). The image manifest itself is
+not rewritten: its digest is what the eval and scan evidence name. ``forge registry select`` reads only these
+annotations, so a matrix pulled from any registry can be matched without the recipe.
+"""
+from __future__ import annotations
+
+NS = "dev.forge."
+VARIANT = NS + "variant"                       # the variant's name (also its tag: <name>:<variant>)
+TAG = NS + "variant.tag"                       # <name>:<variant>
+GPU = NS + "gpu"                               # catalog name (H100-SXM, L4, CPU)
+PRODUCTS = NS + "gpu.products"                 # GFD nvidia.com/gpu.product values, comma-separated
+COMPUTE_CAPABILITY = NS + "gpu.compute-capability"
+MEMORY = NS + "gpu.memory-gib"                 # the catalog GPU's memory
+MIN_DRIVER = NS + "driver.min"                 # the base image's minimum NVIDIA driver
+METHOD = NS + "method"
+ENGINE = NS + "engine"
+KERNEL = NS + "kernel"                         # the kernel the engine is expected to run (forge.capability)
+TENSOR_PARALLEL = NS + "tensor-parallel"
+NEED = NS + "fit.need-gib"                     # per-GPU memory the fit model says it needs (weights, KV, overhead)
+UTILIZATION = NS + "fit.memory-utilization"    # the engine's share of GPU memory it was checked at
+STATUS = NS + "status"                         # the record's status when the matrix was written
+RECORD = "dev.forge.record"
+
+__all__ = ["for_variant"]
+
+
+def for_variant(loaded, results: dict, engine: str | None) -> dict[str, str]:
+    """The annotations of one variant's image; keys whose value forge cannot know are left out."""
+    from forge.capability import check
+    from forge.catalog import gpu as catalog_gpu
+
+    r = loaded.recipe
+    g = catalog_gpu(r.target.gpu)
+    engine = engine or r.target.engine
+    ann = {VARIANT: loaded.variant, TAG: f"{r.name}:{loaded.variant}", GPU: g.name,
+           PRODUCTS: ",".join(g.gfd_products), MEMORY: _num(g.memory_gib), METHOD: r.quantize.method,
+           ENGINE: engine, TENSOR_PARALLEL: str(r.target.tensor_parallel),
+           UTILIZATION: _num(r.target.gpu_memory_utilization)}
+    if g.compute_capability is not None:
+        ann[COMPUTE_CAPABILITY] = "%d.%d" % g.compute_capability
+    verdict = check(g, engine, r.quantize.method, r.quantize.bits)
+    if verdict.ok and verdict.kernel != "-":
+        ann[KERNEL] = verdict.kernel
+    if (driver := _min_driver(loaded)) is not None:
+        ann[MIN_DRIVER] = driver
+    if not g.is_cpu and (need := _need_gib(loaded, results, g)) is not None:
+        ann[NEED] = _num(need)
+    return ann
+
+
+def _num(x: float) -> str:
+    return f"{x:.2f}".rstrip("0").rstrip(".")
+
+
+def _min_driver(loaded) -> str | None:
+    from forge.containers import resolve_base
+
+    if loaded.recipe.container is None:
+        return None
+    try:
+        return resolve_base(loaded)[0].min_driver
+    except Exception:   # the base catalog changed since the build: the record still stands, without it
+        return None
+
+
+def _need_gib(loaded, results: dict, g) -> float | None:
+    """Per-GPU GiB the fit model says the variant needs, from the quantized checkpoint's own config.json."""
+    from forge import fit, modelshape
+    from forge.steps import quantize
+
+    if "quantize" not in results:
+        return None
+    config = quantize.Output.read(results["quantize"].entry).dir / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        shape = modelshape.from_config_file(config)
+    except (ValueError, KeyError, OSError):
+        return None
+    try:
+        report = fit.fit(shape, g, fit.plan_from_recipe(loaded.recipe))
+    except Exception:   # the build already passed validate; a fit that cannot be redone only drops this annotation
+        return None
+    return (report.budget_gb - report.headroom_gb) * 1e9 / fit.GIB
