@@ -52,6 +52,8 @@ def _load(recipe: Path, ci: bool, cache_dir: Path | None = None):
     from forge.recipe.load import load_recipe
 
     loaded = load_recipe(recipe, ci=ci)
+    if loaded.recipe.quantize.method == "auto":   # each candidate checked as its own trial (forge.auto)
+        from forge.auto import check_recipe
     report, warnings = check_recipe(loaded, _store(cache_dir).root / "downloads")
     for w in (*loaded.warnings, *warnings):
         err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
@@ -110,6 +112,8 @@ def plan(recipe: RecipeArg, cache_dir: CacheDir = None, ci: Ci = False,
         console.variant_plan(nodes, title=f"plan: {checked[0].loaded.recipe.name} ({len(checked)} variants)")
         return
     loaded, _ = _load(recipe, ci, cache_dir)
+    if loaded.recipe.quantize.method == "auto":
+        return _plan_auto(loaded, _store(cache_dir), json_out)
     steps = make_plan(loaded, _store(cache_dir))
     if json_out:
         sys.stdout.write(json.dumps([{"step": p.spec.name, "status": p.status, "key": p.key, "reason": p.reason,
@@ -122,6 +126,34 @@ def plan(recipe: RecipeArg, cache_dir: CacheDir = None, ci: Ci = False,
                   title=f"plan: {loaded.recipe.name}")
     out.print(f"[dim]then publish → {loaded.recipe.publish.registry} (always runs: records the build and its status)[/]",
               highlight=False)
+
+
+def _plan_auto(loaded, store, json_out: bool) -> None:
+    """`forge plan` of a method: auto recipe: the trials a walk may need, cheapest first (forge.auto)."""
+    from forge import auto
+
+    p = auto.plan(loaded, store)
+    if json_out:
+        sys.stdout.write(json.dumps(p, indent=2) + "\n")
+        return
+    verdicts = {"pass": "[green]passes[/]", "fail": "[red]fails[/]", None: "-"}
+    console.table(("#", "scheme", "$/1M tok", "weights", "cached", "gate"),
+                  [(str(i), t["scheme"], f"{t['usd_per_million_tokens']:.4g}" if t["usd_per_million_tokens"] else "-",
+                    console.human(t["fit_weight_bytes"]), "yes" if t["cached"] else "no", verdicts[t["gate"]])
+                   for i, t in enumerate(p["trials"], 1)], title=f"method: auto plan: {loaded.recipe.name} "
+                                                                f"({p['gpu']}/{p['engine']})")
+    out.print(f"[dim]walked cheapest first, stopping at the first that passes; a scheme that just fails is retried "
+              f"with its most damaged layers in BF16 (up to {p['mix_steps']} more trials each)"
+              + (f"; at most {p['max_trials']} trials" if p["max_trials"] else "") + "[/]", highlight=False)
+    for s in p["skipped"]:
+        out.print(f"[dim]not legal here: {escape(s['candidate'])}: {escape(s['why'])}[/]", highlight=False)
+
+
+def _trial_line(trial) -> None:
+    """One line per method: auto trial as the walk finishes it."""
+    verdict = "[green]passed[/]" if trial.passed else "[red]failed[/]"
+    _progress.console.print(f"[bold]trial[/] {escape(trial.name)}: gate {verdict}"
+                            f"{' (cached)' if trial.cached else ''} · {trial.seconds:.1f} s", highlight=False)
 
 
 @app.command()
@@ -194,17 +226,25 @@ def build(
 
             console.gate_table(json.loads(gate.Output.read(result.entry).verdict.read_text()), console=shown)
 
+    run, extra = pipeline.run, {}
+    if loaded.recipe.quantize.method == "auto":   # walk the trials, then build the chosen one (forge.auto)
+        from forge import auto
+
+        run, extra = auto.run, {"on_trial": _trial_line}
     try:
-        outcome = pipeline.run(loaded, store, force={force} if force else set(), registry_dir=registry_dir,
-                               publish_to=publish_to, executor=runner, on_start=on_start, on_done=on_done,
-                               on_publish=lambda: _progress.start("publish"),
-                               report_dir=report_dir or store.root / "reports" / loaded.recipe.name,
-                               cache_remote=remote)
+        outcome = run(loaded, store, force={force} if force else set(), registry_dir=registry_dir,
+                      publish_to=publish_to, executor=runner, on_start=on_start, on_done=on_done,
+                      on_publish=lambda: _progress.start("publish"), **extra,
+                      report_dir=report_dir or store.root / "reports" / loaded.recipe.name,
+                      cache_remote=remote)
     finally:
         _progress.stop()
     for warning in outcome.build.warnings:
         err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     _print_outcome(outcome, t0, json_out)
+    if outcome.decision is not None:
+        _progress.console.print(f"[bold]method: auto[/] {escape(outcome.decision.why)} Decision report: "
+                                f"{outcome.decision.files[-1]}", highlight=False)
     if outcome.error is not None:
         raise outcome.error   # already recorded as rejected, with its reason
 

@@ -45,9 +45,16 @@ class Plan:
 def weight_bytes(shape: ModelShape, plan: Plan) -> float:
     """Checkpoint bytes of the weights: Linear layers at the method's bytes per parameter (forge.methods,
     scales and zero points included); embeddings, norms and an ignored lm_head in BF16."""
-    linear = sum(count * bytes_per_linear(plan.method, fan_in, fan_out, bits=plan.bits, group_size=plan.group_size,
-                                          symmetric=plan.symmetric)
-                 for _, fan_in, fan_out, count in shape.linear_layers())
+    from forge.modelshape import ignored
+
+    linear = 0.0
+    for suffix, fan_in, fan_out, count in shape.linear_layers():
+        kept = sum(ignored(f"model.layers.{i}.{suffix}", plan.ignore) for i in range(shape.num_layers)) \
+            if plan.method != "none" else 0   # layers quantize.ignore keeps in BF16 (mixed precision)
+        kept = kept * count // shape.num_layers
+        linear += (count - kept) * bytes_per_linear(plan.method, fan_in, fan_out, bits=plan.bits,
+                                                    group_size=plan.group_size, symmetric=plan.symmetric)
+        linear += kept * 2.0 * fan_in * fan_out
     head = 2.0 * shape.lm_head_params
     if plan.method != "none" and "lm_head" not in plan.ignore and shape.lm_head_params:
         head = bytes_per_linear(plan.method, shape.hidden_size, shape.vocab_size, bits=plan.bits,
@@ -219,6 +226,8 @@ def check_recipe(loaded, downloads) -> tuple[FitReport | None, list[str]]:
     from forge.steps.quantize import preflight
 
     r = loaded.recipe
+    if r.quantize.method == "auto":   # forge.auto.check_recipe checks each candidate as its own trial recipe
+        return None, []
     g = catalog_gpu(r.target.gpu)
     warnings: list[str] = []
     verdict = check(g, r.target.engine, r.quantize.method, r.quantize.bits)

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["Method", "METHODS", "NAMES", "get", "scheme", "written_as", "bytes_per_linear", "KV_CACHE_ALGO", "GROUPED"]
+__all__ = ["Method", "METHODS", "NAMES", "AUTO", "get", "scheme", "written_as", "bytes_per_linear", "KV_CACHE_ALGO", "GROUPED"]
 
 Calibrates = Literal["nothing", "weights", "activations", "awq-smoothing", "smoothquant"]
 
@@ -53,6 +53,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            quant_algo="NVFP4", summary="FP4 E2M1 weights and activations, an E4M3 scale per 16 (Blackwell)"),
 )}
 NAMES: tuple[str, ...] = tuple(METHODS)
+AUTO = "auto"   # quantize.method: auto is not a method: forge.auto picks one of these per target (no row)
 GROUPED: tuple[str, ...] = tuple(n for n, m in METHODS.items() if m.group == "recipe")   # quantize.group_size applies
 KV_CACHE_ALGO = {"auto": None, "fp8": "FP8"}   # quantize.kv_cache -> kv_cache_quant_algo
 

@@ -20,6 +20,7 @@ from forge.steps import StepSpec
 from forge.store import Store
 
 if TYPE_CHECKING:
+    from forge.auto import Decision
     from forge.report import BuildOutputs
 
 __all__ = ["Outcome", "VariantsOutcome", "run", "run_variants", "check_target"]
@@ -33,6 +34,7 @@ class Outcome:
     build_recipe: LoadedRecipe | None = None
     report: "BuildOutputs | None" = None      # the HTML build report (attached to the record), junit, summary
     report_summaries: dict | None = None
+    decision: "Decision | None" = None       # method: auto: the walk that chose this build (forge.auto)
 
     @property
     def results(self) -> list[StepResult]:
@@ -77,11 +79,17 @@ def run(loaded: LoadedRecipe, store: Store, *, force: set[str] = frozenset(), ex
         on_start: Callable[[StepSpec, str], Reporter] | None = None,
         on_done: Callable[[StepResult], None] | None = None,
         on_publish: Callable[[], Reporter] | None = None, report_dir: Path | None = None,
-        cache_remote=None) -> Outcome:
+        cache_remote=None, evidence: dict[str, tuple[Path, ...]] | None = None) -> Outcome:
     """Build the recipe and publish the result with its status. ``publish_to`` overrides publish.registry.
     With ``report_dir``, the HTML build report is rendered from the record-to-be and attached to it as
-    evidence; junit.xml and summary.md go beside it (a report that cannot be drawn never loses the record)."""
+    evidence; junit.xml and summary.md go beside it (a report that cannot be drawn never loses the record).
+    ``evidence``: more files to attach, by kind. A ``method: auto`` recipe is built by ``forge.auto.run``,
+    which walks its trials and comes back here with the chosen one."""
     check_target(publish_to)
+    if loaded.recipe.quantize.method == "auto":
+        from forge.errors import UsageError
+
+        raise UsageError(f"{loaded.path}: method: auto is built by forge.auto.run (it picks the trial to build)")
     outcome = execute(loaded, store, force=force, executor=executor, on_start=on_start, on_done=on_done,
                       cache_remote=cache_remote)   # a forge.cache_remote.RemoteCache, or None
     return _publish(loaded, store, outcome, registry_dir=registry_dir, publish_to=publish_to, on_publish=on_publish,
@@ -98,8 +106,10 @@ def _publish(loaded: LoadedRecipe, store: Store, outcome: BuildOutcome, *, regis
 
         outputs = BuildOutputs(report_dir, loaded, outcome.by_name, store.root / "downloads")
         report("writing the build report")
-    record = publish(loaded, outcome.by_name, report, registry=reg, target=publish_to,
-                     attach=outputs.attach if outputs else None)
+    def attach(collected) -> dict:
+        return {**(outputs.attach(collected) if outputs else {}), **(evidence or {})}
+
+    record = publish(loaded, outcome.by_name, report, registry=reg, target=publish_to, attach=attach)
     summaries = outputs.finish() if outputs else None
     return Outcome(outcome, record, reg.root, loaded, outputs, summaries)
 

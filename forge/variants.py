@@ -258,6 +258,11 @@ def check(path, downloads, *, ci: bool = False, selected: list[str] | None = Non
     for name in _names(path, ci, selected):
         try:
             loaded = load_recipe(path, ci=ci, variant=name)
+            if loaded.recipe.quantize.method == "auto":
+                raise RecipeError([f"{loaded.where('quantize', 'method')}: method: auto cannot be used in a recipe with "
+                                   f"variants yet (in variant {name!r})"],
+                                  hint="Run the auto walk on a recipe without variants, then write the winning "
+                                       "scheme into the variant (its decision report names it).")
             report, warnings = check_recipe(loaded, downloads)
         except ForgeError as e:
             out.append(Checked(name, error=e))

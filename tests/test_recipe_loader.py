@@ -20,10 +20,10 @@ def test_schema_cli_prints_the_committed_schema():
         "schema/recipe-v1.json is stale: run `forge schema > schema/recipe-v1.json`"
     assert printed["additionalProperties"] is False
     assert {"apiVersion", "name", "model", "target"} <= set(printed["required"])
-    from forge.methods import NAMES
+    from forge.methods import AUTO, NAMES
 
-    assert printed["$defs"]["Quantize"]["properties"]["method"]["enum"] == list(NAMES) == \
-        ["none", "awq", "gptq", "fp8", "int8", "w4a8_awq", "nvfp4"]
+    assert printed["$defs"]["Quantize"]["properties"]["method"]["enum"] == [*NAMES, AUTO] == \
+        ["none", "awq", "gptq", "fp8", "int8", "w4a8_awq", "nvfp4", "auto"]
     # backends and engines are open sets (plugins register more): validated against the registries, with examples
     assert printed["$defs"]["Quantize"]["properties"]["backend"]["examples"] == ["auto", "llmcompressor", "modelopt"]
     assert printed["$defs"]["Target"]["properties"]["engine"]["examples"] == ["vllm", "tgi", "trtllm", "cpu"]

@@ -111,6 +111,8 @@ def problems(loaded: "LoadedRecipe") -> list[str]:
 
     r = loaded.recipe
     q, engine = r.quantize, r.target.engine
+    if q.method == "auto":
+        return []   # method: auto: every candidate is checked as its own trial recipe (forge.auto)
     loads = engines.get(engine).formats
     name = backend_for(q, engine)
     b = get(name)

@@ -69,9 +69,38 @@ class Calibration(_Section):
     seed: int = 0
 
 
+class Candidate(_Section):
+    """One scheme ``method: auto`` may try: a method and its parameters (the rest of quantize is shared)."""
+
+    method: Literal[methods.NAMES] = Field(description="A method name (not auto).")  # type: ignore[valid-type]
+    bits: Literal[4, 8] | None = None
+    group_size: Annotated[int, Field(gt=0)] | None = None
+    symmetric: bool | None = None
+    actorder: bool | None = None
+    fp8_scheme: Literal["dynamic", "static"] | None = None
+
+    @model_validator(mode="after")
+    def _bits_fit_method(self) -> "Candidate":
+        _check_bits(self.method, self.bits)
+        return self
+
+    def overrides(self) -> dict:
+        """The quantize keys a trial of this candidate sets."""
+        return self.model_dump(exclude_none=True)
+
+
+def _check_bits(method: str, bits: int | None) -> None:
+    options = methods.get(method).bits_options
+    if bits is not None and not options:
+        raise ValueError(f"bits does not apply to method {method}; remove it")
+    if bits is not None and bits not in options:
+        raise ValueError(f"{method} supports bits: {', '.join(map(str, options))}, found bits: {bits}")
+
+
 class Quantize(_Section):
-    method: Literal[methods.NAMES] = Field(  # type: ignore[valid-type]
-        "none", description="; ".join(f"{m.name}: {m.summary}" for m in methods.METHODS.values()))
+    method: Literal[(*methods.NAMES, methods.AUTO)] = Field(  # type: ignore[valid-type]
+        "none", description="; ".join(f"{m.name}: {m.summary}" for m in methods.METHODS.values())
+        + f"; {methods.AUTO}: the cheapest candidate for target.gpu that passes the eval gate (forge.auto)")
     backend: str = Field(
         "auto", description="llmcompressor (compressed-tensors), modelopt (unified HF checkpoint), or one a plugin "
                             "registers; auto: the first backend offering the method in a format target.engine loads",
@@ -84,6 +113,18 @@ class Quantize(_Section):
     kv_cache: Literal["auto", "fp8"] = "auto"
     ignore: tuple[str, ...] = ("lm_head",)
     calibration: Calibration | None = None
+    # method: auto only; excluded from dumps, so a trial's quantize key is the key of the same plain recipe
+    candidates: tuple[Candidate, ...] = Field(
+        (), exclude=True, description="method: auto: the schemes to try (method names, or {method, bits, "
+                                      "group_size, ...}); default: every scheme legal on target.gpu and engine")
+    max_trials: Annotated[int, Field(gt=0, le=64)] | None = Field(
+        None, exclude=True, description="method: auto: the most trials (builds up to the gate) one walk may run")
+
+    @field_validator("candidates", mode="before")
+    @classmethod
+    def _named_candidates(cls, v):
+        """A bare method name is the candidate {method: name}."""
+        return [{"method": c} if isinstance(c, str) else c for c in v] if isinstance(v, (list, tuple)) else v
 
     @field_validator("backend")
     @classmethod
@@ -92,11 +133,15 @@ class Quantize(_Section):
 
     @model_validator(mode="after")
     def _bits_fit_method(self) -> "Quantize":
-        options = methods.get(self.method).bits_options
-        if self.bits is not None and not options:
-            raise ValueError(f"bits does not apply to method {self.method}; remove it")
-        if self.bits is not None and self.bits not in options:
-            raise ValueError(f"{self.method} supports bits: {', '.join(map(str, options))}, found bits: {self.bits}")
+        if self.method == methods.AUTO:
+            if self.bits is not None:
+                raise ValueError("bits does not apply to method auto; give it per candidate, e.g. "
+                                 "candidates: [{method: gptq, bits: 4}, fp8]")
+            return self
+        if self.candidates or self.max_trials is not None:
+            raise ValueError(f"candidates and max_trials apply to method: auto only; found method {self.method}: "
+                             "remove them or set method: auto")
+        _check_bits(self.method, self.bits)
         return self
 
 

@@ -27,12 +27,13 @@ def publish(loaded, results: dict, report=lambda *a, **k: None, registry: LocalR
     """Record a finished (or gate-stopped) build; push it with its evidence when the recipe (or ``target``,
     which overrides ``publish.registry``) names a remote.
 
-    ``attach(collected) -> {kind: file}`` adds evidence made from the record-to-be (the build report)."""
+    ``attach(collected) -> {kind: file or files}`` adds evidence made from the record-to-be (the build report)."""
     collected: Collected = collect(loaded, results)
     if attach is not None:   # issue 18 hook: the HTML build report is evidence like the verdicts
         from dataclasses import replace
 
-        extra = tuple(EvidenceFiles(kind, (Path(f),)) for kind, f in attach(collected).items())
+        extra = tuple(EvidenceFiles(kind, tuple(map(Path, f)) if isinstance(f, (tuple, list)) else (Path(f),))
+                      for kind, f in attach(collected).items())
         collected = replace(collected, evidence=collected.evidence + extra)
     variant = collected.record.variant
     if variant == MATRIX_TAG:

@@ -33,6 +33,7 @@ EVIDENCE_TYPES = {
     "sbom": "application/vnd.cyclonedx+json",
     "provenance": "application/vnd.in-toto+json",
     "report": "application/vnd.forge.report.v1+html",   # the HTML build report (forge.report)
+    "auto-decision": "application/vnd.forge.auto.decision.v1+json",   # method: auto's trials (forge.auto)
 }
 
 

@@ -251,6 +251,9 @@ def _labels(ctx: StepContext, base, digest: str | None) -> tuple[tuple[str, str]
     }
     if digest:
         labels["org.opencontainers.image.base.digest"] = digest
+    if "quantize" in loaded.overrides:   # chosen by method: auto (forge.auto): its scheme and the layers kept in BF16
+        labels["dev.forge.quantization.auto"] = "true"
+        labels["dev.forge.quantization.bf16_layers"] = ",".join(r.quantize.ignore)
     return tuple(sorted(labels.items()))
 
 
