@@ -93,11 +93,12 @@ def run(loaded: LoadedRecipe, store: Store, *, force: set[str] = frozenset(), ex
     outcome = execute(loaded, store, force=force, executor=executor, on_start=on_start, on_done=on_done,
                       cache_remote=cache_remote)   # a forge.cache_remote.RemoteCache, or None
     return _publish(loaded, store, outcome, registry_dir=registry_dir, publish_to=publish_to, on_publish=on_publish,
-                    report_dir=report_dir)
+                    report_dir=report_dir, evidence=evidence)
 
 
 def _publish(loaded: LoadedRecipe, store: Store, outcome: BuildOutcome, *, registry_dir: Path | None,
-             publish_to: str | None, on_publish: Callable[[], Reporter] | None, report_dir: Path | None) -> Outcome:
+             publish_to: str | None, on_publish: Callable[[], Reporter] | None, report_dir: Path | None,
+             evidence: dict[str, tuple[Path, ...]] | None = None) -> Outcome:
     reg = LocalRegistry(registry_dir)
     report = on_publish() if on_publish else (lambda *a, **k: None)
     outputs = None
@@ -106,6 +107,7 @@ def _publish(loaded: LoadedRecipe, store: Store, outcome: BuildOutcome, *, regis
 
         outputs = BuildOutputs(report_dir, loaded, outcome.by_name, store.root / "downloads")
         report("writing the build report")
+
     def attach(collected) -> dict:
         return {**(outputs.attach(collected) if outputs else {}), **(evidence or {})}
 
