@@ -1,0 +1,41 @@
+"""The `forge` command line. Output only: every decision lives in the step and library modules.
+
+The commands live in submodules (build, tools, registry), registered on the apps of ``forge.cli._app`` when
+imported here, in the order ``forge --help`` lists them.
+"""
+from __future__ import annotations
+
+import sys
+
+from forge import console, env, steplog
+from forge.cli import build, registry, tools  # noqa: F401  (registers the commands)
+from forge.cli._app import app
+from forge.errors import ExitCode, ForgeError
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    try:
+        app()
+    except ForgeError as e:
+        build._progress.stop()
+        from forge import ci
+
+        ci.on_error(e)   # issue 18: a GitHub Actions annotation (at file:line for recipe problems) under --ci
+        console.error(e.message, e.hint, steplog.log_of(e))
+        sys.exit(int(e.exit_code))
+    except KeyboardInterrupt as e:
+        build._progress.stop()
+        console.error("interrupted: nothing partial was committed; rerun to continue", log=steplog.log_of(e))
+        sys.exit(130)
+    except Exception as e:
+        build._progress.stop()
+        if env.flag("FORGE_DEBUG"):
+            raise
+        import traceback
+
+        last = traceback.format_exc(limit=1).strip().splitlines()[-1]
+        console.error(f"internal error (a bug in forge): {last}",
+                      "rerun with FORGE_DEBUG=1 for the traceback, and report it.", steplog.log_of(e))
+        sys.exit(int(ExitCode.UNEXPECTED))

@@ -1,0 +1,59 @@
+"""What every `forge` command module shares: the typer apps, option types, helpers and consoles."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from forge.console import err
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="forge: build quantized, eval-gated, scanned LLM serving images from a recipe.")
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect and prune the step cache.")
+app.add_typer(cache_app, name="cache")
+registry_app = typer.Typer(no_args_is_help=True, help="Find, verify, pull and promote published artifacts.")
+app.add_typer(registry_app, name="registry")
+
+CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", envvar="FORGE_CACHE_DIR", show_envvar=True,
+                                                  help="Step cache root (default: $XDG_CACHE_HOME/forge).")]
+def _ci_mode(on: bool) -> bool:   # issue 18 hook: --ci also turns on GitHub Actions annotations (forge/ci.py)
+    from forge import ci
+
+    return ci.enable(on)
+
+
+Ci = Annotated[bool, typer.Option("--ci", envvar="FORGE_CI", callback=_ci_mode,
+                                  help="CI mode: unpinned inputs are errors, not warnings; under GitHub Actions, "
+                                       "workflow annotations and the job summary.")]
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
+VariantOpt = Annotated[Optional[list[str]], typer.Option(
+    "--variant", metavar="NAME", help="Only this variant of the recipe (repeatable; default: all its variants).")]
+RegistryDir = Annotated[Optional[Path], typer.Option("--registry-dir", envvar="FORGE_REGISTRY_DIR", show_envvar=True,
+                                                     help="Embedded registry root (default: $XDG_DATA_HOME/forge/registry).")]
+
+
+def _store(cache_dir: Path | None):
+    from forge.store import Store, default_cache_dir
+
+    return Store(cache_dir or default_cache_dir())
+
+
+def _load(recipe: Path, ci: bool, cache_dir: Path | None = None):
+    """Load a recipe and check its target-GPU contract; print warnings."""
+    from forge.fit import check_recipe
+    from forge.recipe.load import load_recipe
+
+    loaded = load_recipe(recipe, ci=ci)
+    if loaded.recipe.quantize.method == "auto":   # each candidate checked as its own trial (forge.auto)
+        from forge.auto import check_recipe
+    report, warnings = check_recipe(loaded, _store(cache_dir).root / "downloads")
+    for w in (*loaded.warnings, *warnings):
+        err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+    return loaded, report
+
+
+def _registry(registry_dir: Path | None):
+    from forge.registry import LocalRegistry
+
+    return LocalRegistry(registry_dir)
