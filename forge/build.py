@@ -138,12 +138,8 @@ def execute(loaded: LoadedRecipe, store: Store, *, force: set[str] = frozenset()
             ready = [] if stopped else [n for n in waiting if all(d in results for d in specs[n].depends)]
             for name in ready:
                 waiting.remove(name)
-                executor.submit(StepRequest(
-                    step=name, recipe_path=str(loaded.path), recipe_digest=loaded.digest, ci=loaded.ci,
-                    cache_root=str(store.root), upstream={d: results[d].key for d in specs[name].depends},
-                    force=bool({"*", name} & set(force)), variant=loaded.variant,
-                    overrides=dict(loaded.overrides), cache_remote=cache_remote.url if cache_remote else None,
-                    cache_remote_mode=cache_remote.mode if cache_remote else "readwrite"), events)
+                executor.submit(request_for(name, loaded, store, {d: results[d].key for d in specs[name].depends},
+                                            force=force, cache_remote=cache_remote), events)
                 in_flight += 1
             if not in_flight:
                 break
@@ -163,6 +159,18 @@ def execute(loaded: LoadedRecipe, store: Store, *, force: set[str] = frozenset()
         executor.close()
         raise
     return BuildOutcome([results[n] for n in specs if n in results], stopped, warnings)
+
+
+def request_for(step: str, loaded: LoadedRecipe, store: Store, upstream: dict[str, str], *,
+                force: set[str] = frozenset(), cache_remote: RemoteCache | None = None) -> StepRequest:
+    """What an executor needs to run one step of this recipe (variant, overrides and remote cache included);
+    ``upstream``: upstream step -> key of its committed entry."""
+    return StepRequest(
+        step=step, recipe_path=str(loaded.path), recipe_digest=loaded.digest, ci=loaded.ci,
+        cache_root=str(store.root), upstream=upstream, force=bool({"*", step} & set(force)),
+        variant=loaded.variant, overrides=dict(loaded.overrides),
+        cache_remote=cache_remote.url if cache_remote else None,
+        cache_remote_mode=cache_remote.mode if cache_remote else "readwrite")
 
 
 def result_of(done: StepDone, store: Store) -> StepResult:

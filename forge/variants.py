@@ -18,10 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable
 
-from forge.build import BuildOutcome, Reporter, StepResult, check_force, plan as plan_one, result_of
+from forge.build import BuildOutcome, Reporter, StepResult, check_force, plan as plan_one, request_for, result_of
 from forge.digests import digest_of
 from forge.errors import EvalGateError, ForgeError, RecipeError, ScanGateError, StepError, UsageError
-from forge.executors import Event, Executor, StepDone, StepRequest
+from forge.executors import Event, Executor, StepDone
 from forge.executors.runner import key_material, key_of
 from forge.recipe.load import LoadedRecipe, load_recipe
 from forge.steps import StepSpec, Unprobed, no_probes
@@ -182,15 +182,9 @@ def execute(variants: list[LoadedRecipe], store: Store, *, force: set[str] = fro
                                                for n in in_flight):
                             continue   # its answer could not be told from that one's: hand it out after
                         node = nodes[nid] = _Node(step, key, partial, [])
-                        executor.submit(StepRequest(
-                            step=step, recipe_path=str(v.loaded.path), recipe_digest=v.loaded.digest,
-                            ci=v.loaded.ci, cache_root=str(store.root),
-                            upstream={d: v.results[d].key for d in spec.depends},
-                            force=bool({"*", step} & set(force)), variant=v.loaded.variant,
-                            overrides=dict(v.loaded.overrides),
-                            cache_remote=cache_remote.url if cache_remote else None,
-                            cache_remote_mode=cache_remote.mode if cache_remote else "readwrite"),
-                            events_for(node, spec))
+                        executor.submit(request_for(step, v.loaded, store,
+                                                    {d: v.results[d].key for d in spec.depends},
+                                                    force=force, cache_remote=cache_remote), events_for(node, spec))
                         in_flight.append(node)
                     v.waiting.remove(step)
                     node.variants.append(name)
