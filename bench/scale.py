@@ -2,7 +2,7 @@
 
 Each measurement runs in its own child process, so its peak RSS (ru_maxrss from wait4) is its own:
   hashlib      SHA-256 over the checkpoint's files (Python hashlib, 16 MiB reads): the I/O baseline
-  raw_fp8      llm-compressor alone: load bf16, oneshot(QuantizationModifier FP8_DYNAMIC, ignore lm_head),
+  raw_fp8      llm-compressor alone: load bf16 (for GPTQ: the dtype forge loads in here), oneshot(QuantizationModifier FP8_DYNAMIC, ignore lm_head),
                save_pretrained(save_compressed=True)
   forge_fp8    `forge build` of a recipe {model.source: DIR, quantize: {method: fp8}} in a fresh cache
                (resolve + quantize, load-and-verify included); per-step seconds and bytes written from the
@@ -92,7 +92,7 @@ import sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmcompressor import oneshot
 src, out, method = sys.argv[1], sys.argv[2], sys.argv[3]
-model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, sys.argv[5]))
 tok = AutoTokenizer.from_pretrained(src)
 if method == "fp8":
     from llmcompressor.modifiers.quantization import QuantizationModifier
@@ -113,10 +113,27 @@ tok.save_pretrained(out)
 """
 
 
+def forge_dtype(model: Path, method: str) -> str:
+    """The dtype forge's quantize step loads this model in on this machine (forge.steps.quantize's CPU policy):
+    the raw library is run in it too, so both quantize the same numbers (GPTQ on a CPU without native bf16: float32
+    when it fits half of memory, 4.5x faster than emulated bf16)."""
+    sys.path.insert(0, str(REPO))
+    from forge import host
+    from forge.steps.quantize import calibration_dtype
+
+    if method == "fp8" or host.device() == "cuda" or host.cpu_has_native_bf16():
+        return "bfloat16"
+    if forced := os.environ.get("FORGE_CPU_CALIBRATION_DTYPE"):
+        return forced
+    return calibration_dtype(f"float32-if-fits:{host.memory_bytes() >> 30}GiB", model, "bfloat16")
+
+
 def raw(model: Path, work: Path, method: str) -> dict:
     out = work / f"raw-{method}"
-    result = child_rss([sys.executable, "-c", RAW, str(model), str(out), method, str(CALIB)],
+    dtype = forge_dtype(model, method)
+    result = child_rss([sys.executable, "-c", RAW, str(model), str(out), method, str(CALIB), dtype],
                        {"TQDM_DISABLE": "1", "LLM_COMPRESSOR_LOG_LEVEL": ""})
+    result["dtype"] = dtype
     result["bytes_written"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     shutil.rmtree(out, ignore_errors=True)
     return result

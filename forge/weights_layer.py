@@ -12,6 +12,7 @@ The tar is reproducible: sorted entries, mtime 0, fixed owner and modes, PAX for
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -133,6 +134,102 @@ def _compressor(kind: str, sink):
     raise ValueError(f"unknown weights compression {kind!r}; valid: {', '.join(MEDIA_TYPES)}")
 
 
+def _segments(entries) -> list[bytes | tuple[Path, int]]:
+    """The uncompressed tar as tarfile writes it (PAX): header and padding bytes, and (file, size) runs."""
+    out: list[bytes | tuple[Path, int]] = []
+    size = 0
+    for ti, path in entries:
+        header = ti.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+        out.append(header)
+        size += len(header)
+        if path is not None and ti.size:
+            pad = -ti.size % tarfile.BLOCKSIZE
+            out += [(path, ti.size), b"\0" * pad] if pad else [(path, ti.size)]
+            size += ti.size + pad
+    end = 2 * tarfile.BLOCKSIZE
+    out.append(b"\0" * (end + -(size + end) % tarfile.RECORDSIZE))   # tarfile.close(): two zero blocks, one record
+    return out
+
+
+def _copy_range(src: int, dst: int, count: int, stop) -> None:
+    """count bytes from src's start to dst's position, in the kernel where it can (copy_file_range: no
+    user-space buffer, and a reflink where the filesystem shares extents), else through a buffer."""
+    done = 0
+    kernel = hasattr(os, "copy_file_range")
+    while done < count and not stop.is_set():
+        step = min(count - done, 64 << 20)
+        n = 0
+        if kernel:
+            try:
+                n = os.copy_file_range(src, dst, step, done)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM):
+                    raise
+                kernel = False   # another filesystem or an old kernel: through a buffer from here on
+        if not kernel:
+            data = os.pread(src, step, done)
+            n = len(data)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(dst, view):]
+        if n == 0:
+            raise ValueError(f"a file of the checkpoint shrank while it was packaged ({done} of {count} bytes)")
+        done += n
+
+
+def _write_plain(segments, tmp: Path, progress: Callable[[int], None] | None) -> tuple[str, int]:
+    """Write the uncompressed tar: a second thread lays it down (copy_file_range for file contents) while this
+    one hashes the same bytes from the page cache, so the layer is written at about the speed of hashing it.
+    Returns the digest and the size."""
+    import threading
+
+    stop, failed = threading.Event(), []
+
+    def lay_down() -> None:
+        try:
+            with open(tmp, "wb", buffering=0) as out:
+                for seg in segments:
+                    if stop.is_set():
+                        return
+                    if isinstance(seg, bytes):
+                        out.write(seg)
+                    else:
+                        with open(seg[0], "rb", buffering=0) as f:
+                            _copy_range(f.fileno(), out.fileno(), seg[1], stop)
+        except BaseException as e:  # raised in the caller's thread below
+            failed.append(e)
+
+    writer = threading.Thread(target=lay_down, name="forge-layer-writer", daemon=True)
+    writer.start()
+    sha, size, buf = hashlib.sha256(), 0, bytearray(16 << 20)
+    view = memoryview(buf)
+    try:
+        for seg in segments:
+            if isinstance(seg, bytes):
+                sha.update(seg)
+                size += len(seg)
+                continue
+            path, want = seg
+            got = 0
+            with open(path, "rb", buffering=0) as f:
+                while got < want and (n := f.readinto(view[:min(len(buf), want - got)])):
+                    sha.update(view[:n])
+                    got += n
+                    if progress is not None:
+                        progress(n)
+            if got != want:
+                raise ValueError(f"{path}: {got} bytes read, {want} expected: the file changed while it was packaged")
+            size += want
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        writer.join()
+    if failed:
+        raise failed[0]
+    return "sha256:" + sha.hexdigest(), size
+
+
 def write_layer(src: Path, dest: str, blobs: Path, *, uid: int, compression: str = "none",
                 progress: Callable[[int], None] | None = None) -> dict:
     """Write the layer blob for src (installed at dest) into blobs/ (an OCI layout's blobs/sha256).
@@ -140,30 +237,36 @@ def write_layer(src: Path, dest: str, blobs: Path, *, uid: int, compression: str
     entries = _entries(src, dest, uid)
     tmp = blobs / f".forge-layer-{uuid.uuid4().hex}.tmp"
     try:
-        with open(tmp, "wb", buffering=0) as raw:
-            sink = _BackgroundWriter(raw)
-            blob = _HashingWriter(sink, progress if compression == "none" else None)  # the stored bytes: digest
-            packed = _compressor(compression, blob)
-            # uncompressed, the stored bytes are the tar: one hash serves as digest and diff_id
-            tar_stream = blob if packed is blob else _HashingWriter(packed, progress)
-            with tarfile.open(fileobj=tar_stream, mode="w", format=tarfile.PAX_FORMAT, copybufsize=_CHUNK) as tar:
-                for ti, path in entries:
-                    if path is None:
-                        tar.addfile(ti)
-                    else:
-                        with open(path, "rb", buffering=0) as f:
-                            tar.addfile(ti, f)
-            if packed is not blob:
-                packed.close()
-            sink.close()
-        digest = "sha256:" + blob.sha.hexdigest()
+        if compression == "none":   # the stored bytes are the tar: one hash is the digest and the diff_id
+            digest, size = _write_plain(_segments(entries), tmp, progress)
+            diff_id, tar_bytes = digest, size
+        else:
+            digest, size, diff_id, tar_bytes = _write_packed(entries, tmp, compression, progress)
         tmp.rename(blobs / digest.split(":", 1)[1])  # fsynced with the step's output when it is committed
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    diff_id = "sha256:" + tar_stream.sha.hexdigest()
-    return {"digest": digest, "diff_id": diff_id, "size": blob.size, "tar_bytes": tar_stream.size,
+    return {"digest": digest, "diff_id": diff_id, "size": size, "tar_bytes": tar_bytes,
             "mediaType": MEDIA_TYPES[compression], "files": sum(1 for _, p in entries if p is not None)}
+
+
+def _write_packed(entries, tmp: Path, compression: str, progress) -> tuple[str, int, str, int]:
+    """A compressed layer: tarfile into the compressor, hashing the tar (diff_id) and the stored bytes (digest)."""
+    with open(tmp, "wb", buffering=0) as raw:
+        sink = _BackgroundWriter(raw)
+        blob = _HashingWriter(sink)
+        packed = _compressor(compression, blob)
+        tar_stream = _HashingWriter(packed, progress)
+        with tarfile.open(fileobj=tar_stream, mode="w", format=tarfile.PAX_FORMAT, copybufsize=_CHUNK) as tar:
+            for ti, path in entries:
+                if path is None:
+                    tar.addfile(ti)
+                else:
+                    with open(path, "rb", buffering=0) as f:
+                        tar.addfile(ti, f)
+        packed.close()
+        sink.close()
+    return "sha256:" + blob.sha.hexdigest(), blob.size, "sha256:" + tar_stream.sha.hexdigest(), tar_stream.size
 
 
 def _write_blob(blobs: Path, data: bytes) -> str:

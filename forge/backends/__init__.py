@@ -11,16 +11,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol
 
 from forge.plugins import Registry
 
 if TYPE_CHECKING:
+    import torch
+
     from forge.modelshape import ModelShape
     from forge.recipe.load import LoadedRecipe
 
 __all__ = ["Backend", "Quantized", "REGISTRY", "get", "backend_for", "checkpoint_format", "problems",
-           "needs_calibration", "architecture_problems", "cast_float32"]
+           "needs_calibration", "architecture_problems", "cast_float32", "fp8_to_float", "fp8_dequantized"]
 
 
 @dataclass
@@ -172,3 +174,52 @@ def cast_float32(out: Path, dtype, only: Callable[[str], bool] = lambda name: Tr
     cfg["dtype"] = str(dtype).removeprefix("torch.")
     cfg.pop("torch_dtype", None)
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+FP8_ROWS = 1 << 20   # elements per step of the fp8 decode: its temporaries stay in the CPU cache (fastest of 2^18-2^22)
+
+
+def fp8_to_float(q: "torch.Tensor", out: "torch.Tensor | None" = None, scale=1.0) -> "torch.Tensor":
+    """float8_e4m3fn -> float32 (times ``scale``, into ``out`` when given), exactly: each fp8 byte sign-extended to
+    16 bits and shifted by 7 is a float16 with the same sign, exponent and mantissa (bit 14 cleared), worth 2^-8
+    of the fp8 value (exponent biases 7 and 15); subnormals come out right, the two NaN codes stay NaN. torch's
+    own cast is scalar on a CPU: in cache-sized blocks this is 4-5x faster."""
+    import torch
+
+    half = q.view(torch.int8).to(torch.int16).bitwise_left_shift_(7).bitwise_and_(-0x4001).view(torch.float16)
+    out = torch.empty(q.shape, dtype=torch.float32) if out is None else out
+    out.copy_(half).mul_(torch.as_tensor(scale, dtype=torch.float32) * 256.0)
+    nan = torch.eq(q.view(torch.uint8).bitwise_and(0x7F), 0x7F)
+    return out.masked_fill_(nan, float("nan")) if bool(nan.any()) else out
+
+
+def fp8_dequantized(path) -> "Iterator[tuple[str, torch.Tensor]]":
+    """An FP8 checkpoint's quantized weights back in float32 (fp8 × weight_scale, per tensor or per output
+    channel), one tensor at a time, decoded in cache-sized row blocks. compressed-tensors and ModelOpt's unified
+    checkpoint both store ``<layer>.weight`` (float8_e4m3fn) beside ``<layer>.weight_scale``. Each tensor lives in
+    one buffer reused for the next: copy it before taking the next (a fresh 12 GB of float32 pages for a 3B
+    model would cost more than the decode)."""
+    import torch
+    from safetensors import safe_open
+
+    buffer = torch.empty(0, dtype=torch.float32)
+    for shard in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            for key in f.keys():
+                if not key.endswith(".weight_scale"):
+                    continue
+                name = key.removesuffix("_scale")
+                q, scale = f.get_tensor(name), f.get_tensor(key).float()
+                if q.dtype != torch.float8_e4m3fn:
+                    raise ValueError(f"{shard.name}: {name} is {q.dtype}, not float8_e4m3fn, beside {key}")
+                if buffer.numel() < q.numel():
+                    buffer = torch.empty(q.numel(), dtype=torch.float32)
+                out = buffer[:q.numel()].view(q.shape)
+                rows = max(1, FP8_ROWS // max(1, q[0].numel())) if q.dim() > 1 else q.numel()
+                per_row = scale.numel() > 1
+                if per_row and tuple(scale.shape) != (q.shape[0], 1):
+                    raise ValueError(f"{shard.name}: {key} has shape {tuple(scale.shape)}: only per-tensor and "
+                                     "per-channel FP8 scales are dequantized here")
+                for i in range(0, q.shape[0], rows):
+                    fp8_to_float(q[i:i + rows], out=out[i:i + rows], scale=scale[i:i + rows] if per_row else scale)
+                yield name, out

@@ -14,9 +14,9 @@ import copy
 import json
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-from forge.backends import Quantized, architecture_problems, cast_float32
+from forge.backends import Quantized, architecture_problems, cast_float32, fp8_dequantized
 from forge.methods import KV_CACHE_ALGO as KV_ALGO
 from forge.methods import GROUPED, METHODS, written_as
 from forge.modelshape import DECODERS
@@ -162,18 +162,6 @@ def validate_checkpoint(path, q) -> dict:
             "producer": hf.get("producer", {}), "group_size": quant.get("group_size")}
 
 
-def dequantized_state(path) -> Iterator[tuple[str, "torch.Tensor"]]:
-    """FP8 checkpoints only: each quantized weight back in float32 (fp8 × weight_scale), one at a time."""
-    from safetensors import safe_open
-
-    for shard in sorted(Path(path).glob("*.safetensors")):
-        with safe_open(shard, "pt") as f:
-            for key in f.keys():
-                if key.endswith(".weight_scale"):
-                    layer = key.removesuffix(".weight_scale")
-                    yield f"{layer}.weight", f.get_tensor(f"{layer}.weight").float() * f.get_tensor(key).float()
-
-
 class ModelOpt:
     name = "modelopt"
     title = "ModelOpt"
@@ -208,7 +196,7 @@ class ModelOpt:
 
     def dequantized(self, out: Path, q):
         # FP8 dequantizes exactly (fp8 × scale); the 4-bit packed formats need ModelOpt's kernels
-        return dequantized_state(out) if q.method == "fp8" else None
+        return fp8_dequantized(out) if q.method == "fp8" else None
 
 
 BACKEND = ModelOpt()
