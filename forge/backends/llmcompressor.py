@@ -252,16 +252,16 @@ def _one_thread() -> Iterator[int]:
         torch.set_num_threads(threads)
 
 
-def _layer_report(model, targets: set[str], originals, rows: dict, q) -> list[dict]:
-    """One row per quantized layer; the weight errors are measured on as many threads as torch had, one layer
-    each, every op single-threaded (torch releases the GIL in its ops)."""
+def _layer_report(model, targets: set[str], originals, rows: dict, q, *, measure: bool = True) -> list[dict]:
+    """One row per quantized layer; the weight errors (unless not ``measure``d here) are measured on as many
+    threads as torch had, one layer each, every op single-threaded (torch releases the GIL in its ops)."""
     from concurrent.futures import ThreadPoolExecutor
 
     layers = [(n, m) for n, m in model.named_modules()
               if n in targets and getattr(m, "quantization_scheme", None) is not None
               and m.quantization_scheme.weights is not None]
     with _one_thread() as threads, ThreadPoolExecutor(max(1, threads), thread_name_prefix="forge-layer-error") as pool:
-        errors = list(pool.map(lambda nm: _layer_error(*nm, originals, q), layers))
+        errors = list(pool.map(lambda nm: _layer_error(*nm, originals, q), layers)) if measure else [None] * len(layers)
     out = []
     for (name, module), err in zip(layers, errors):
         args = module.quantization_scheme.weights
@@ -329,11 +329,15 @@ class LlmCompressor:
                            report=report, total_layers=len(targets))
         finally:
             logger.remove(log_id)
-        report("measuring per-layer weight error")
+        # FP8 leaves the weights as they were and is verified on its written, dequantized weights, next to the
+        # BF16 ones: the verification measures the error there (forge.steps.quantize), on what ships
+        measure = q.method != "fp8"
+        if measure:
+            report("measuring per-layer weight error")
         # GPTQ rewrites weights in place: its reference is the original, read back one tensor at a time from the
         # snapshot the model was loaded from (no copy of the whole model is kept while it quantizes)
         originals = _source_weights(model) if q.method == "gptq" else None
-        layers = _layer_report(model, set(targets), originals, log.rows, q)
+        layers = _layer_report(model, set(targets), originals, log.rows, q, measure=measure)
         errors = [r["weight_rel_error"] for r in layers if r["weight_rel_error"] is not None]
         mean = round(sum(errors) / len(errors), 6) if errors else None
         return Quantized(layers, summary={"mean_weight_rel_error": mean},

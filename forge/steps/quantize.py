@@ -215,7 +215,9 @@ def run(ctx: StepContext) -> dict:
         checkpoint = backend.validate(ctx.out, q)
     except ValueError as e:
         raise StepError(f"{backend.title} wrote a checkpoint that does not match the recipe: {e}") from None
-    verify = _verify(backend, src, ctx.out, q, tokenizer, ctx.report, reference, recipe_dtype)
+    measured: dict[str, float] = {}
+    verify = _verify(backend, src, ctx.out, q, tokenizer, ctx.report, reference, recipe_dtype, measured)
+    _merge_errors(result, measured)
     facts = {
         "method": q.method, "backend": name, "format": fmt, "scheme": _scheme(q), "seconds": round(seconds, 1),
         "export_seconds": round(export_s, 1), "calibration_dtype": str(dtype).removeprefix("torch."),
@@ -230,7 +232,17 @@ def run(ctx: StepContext) -> dict:
     return facts
 
 
-def _verify(backend, src: Path, out: Path, q, tokenizer, report, reference, dtype) -> dict | None:
+def _merge_errors(result, measured: dict[str, float]) -> None:
+    """Weight errors the verification measured on the written weights fill the layer rows the backend left empty."""
+    for row in result.layers:
+        if row.get("weight_rel_error") is None and row.get("layer") in measured:
+            row["weight_rel_error"] = measured[row["layer"]]
+    errors = [r["weight_rel_error"] for r in result.layers if r.get("weight_rel_error") is not None]
+    if measured and errors and result.summary.get("mean_weight_rel_error") is None:
+        result.summary["mean_weight_rel_error"] = round(sum(errors) / len(errors), 6)
+
+
+def _verify(backend, src: Path, out: Path, q, tokenizer, report, reference, dtype, errors: dict) -> dict | None:
     """BF16's greedy tokens against the predictions of the written checkpoint, teacher-forced over them: its
     dequantized weights in the BF16 model where the backend dequantizes it (FP8: exact, and 4x faster than the
     library's decompression on a CPU; the checkpoint is first loaded with transformers to prove it loads), else
@@ -244,8 +256,8 @@ def _verify(backend, src: Path, out: Path, q, tokenizer, report, reference, dtyp
     if backend.loads_in_transformers:
         report("verifying: the written checkpoint loads with transformers")
         check_loads(out, dtype)
-    report("verifying: its dequantized weights in the BF16 model, one forward pass over BF16's tokens")
-    return verify_dequantized(src, weights, tokenizer, dtype, reference=reference,
+    report("verifying: its dequantized weights in the BF16 model (and their error), one forward pass over BF16's tokens")
+    return verify_dequantized(src, weights, tokenizer, dtype, reference=reference, errors=errors,
                               what=f"the dequantized weights of the quantized checkpoint at {out}")
 
 
@@ -292,12 +304,13 @@ def _calibration_sha256(loaded) -> str | None:
 
 
 def verify_dequantized(bf16_dir: Path, weights, tokenizer, dtype, reference: list[int] | None = None,
-                       what: str = "the dequantized weights") -> dict:
+                       what: str = "the dequantized weights", errors: dict | None = None) -> dict:
     """Greedy tokens of the BF16 model (unless ``reference`` already holds them), then the same model with the
     dequantized weights put in one tensor at a time (``weights``: a dict or an iterator of (name, tensor), each
     read before the next is taken) teacher-forced over them, so one model is ever in memory. Each weight goes
     into a new tensor that replaces the parameter's: the loaded ones map the snapshot's files, and writing into
-    them would copy every page first."""
+    them would copy every page first. ``errors``, when given, receives each layer's relative weight error
+    ||dequantized - BF16|| / ||BF16|| (layer name -> figure), measured as the weight is put in."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -310,11 +323,27 @@ def verify_dequantized(bf16_dir: Path, weights, tokenizer, dtype, reference: lis
         for name, tensor in (weights.items() if isinstance(weights, dict) else weights):
             if name not in params:
                 raise StepError(f"quantized tensor {name} has no counterpart in the model")
+            if errors is not None and name.endswith(".weight"):
+                errors[name.removesuffix(".weight")] = relative_error(tensor, params[name])
             params[name].data = torch.empty_like(params[name]).copy_(tensor)   # one pass, converting the dtype
     tokens = teacher_forced_tokens(model, tokenizer, reference, what=what)
     del model, params
     gc.collect()
     return {**_agreement(reference, tokens, tokenizer), "how": "dequantized weights"}
+
+
+def relative_error(new, old, block: int = 1 << 20) -> float:
+    """||new - old|| / ||old|| in float32 blocks of ``block`` elements, accumulated in float64."""
+    import torch
+
+    a, b = new.reshape(-1), old.reshape(-1)
+    num = den = 0.0
+    for i in range(0, a.numel(), block):
+        ref = b[i:i + block].float()
+        diff = torch.sub(a[i:i + block].float(), ref)   # new may be a float32 buffer its producer reuses: not in place
+        num += float(torch.dot(diff, diff))
+        den += float(torch.dot(ref, ref))
+    return round((num / den) ** 0.5, 6) if den else 0.0
 
 
 def _agreement(a: list[int], b: list[int], tokenizer) -> dict:
