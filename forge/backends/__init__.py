@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from forge.recipe.load import LoadedRecipe
 
 __all__ = ["Backend", "Quantized", "REGISTRY", "get", "backend_for", "checkpoint_format", "problems",
-           "needs_calibration", "architecture_problems", "cast_float32", "fp8_to_float", "fp8_dequantized"]
+           "needs_calibration", "architecture_problems", "cast_float32", "fp8_to_float", "fp8_dequantized", "tensor_reader"]
 
 
 @dataclass
@@ -176,6 +176,24 @@ def cast_float32(out: Path, dtype, only: Callable[[str], bool] = lambda name: Tr
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+def tensor_reader(directory) -> Callable[[str], "torch.Tensor | None"]:
+    """Tensor name -> a copy of it as stored in a checkpoint directory's safetensors (None when absent). Each read
+    maps its shard only while it copies the tensor: reading every tensor never leaves the checkpoint resident."""
+    from safetensors import safe_open
+
+    where = {}
+    for shard in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            where.update(dict.fromkeys(f.keys(), shard))
+
+    def read(name: str):
+        if (shard := where.get(name)) is None:
+            return None
+        with safe_open(shard, "pt") as f:
+            return f.get_tensor(name)
+    return read
+
+
 FP8_ROWS = 1 << 20   # elements per step of the fp8 decode: its temporaries stay in the CPU cache (fastest of 2^18-2^22)
 
 
@@ -203,23 +221,23 @@ def fp8_dequantized(path) -> "Iterator[tuple[str, torch.Tensor]]":
     from safetensors import safe_open
 
     buffer = torch.empty(0, dtype=torch.float32)
+    read, scales = tensor_reader(path), []
     for shard in sorted(Path(path).glob("*.safetensors")):
         with safe_open(shard, "pt") as f:
-            for key in f.keys():
-                if not key.endswith(".weight_scale"):
-                    continue
-                name = key.removesuffix("_scale")
-                q, scale = f.get_tensor(name), f.get_tensor(key).float()
-                if q.dtype != torch.float8_e4m3fn:
-                    raise ValueError(f"{shard.name}: {name} is {q.dtype}, not float8_e4m3fn, beside {key}")
-                if buffer.numel() < q.numel():
-                    buffer = torch.empty(q.numel(), dtype=torch.float32)
-                out = buffer[:q.numel()].view(q.shape)
-                rows = max(1, FP8_ROWS // max(1, q[0].numel())) if q.dim() > 1 else q.numel()
-                per_row = scale.numel() > 1
-                if per_row and tuple(scale.shape) != (q.shape[0], 1):
-                    raise ValueError(f"{shard.name}: {key} has shape {tuple(scale.shape)}: only per-tensor and "
-                                     "per-channel FP8 scales are dequantized here")
-                for i in range(0, q.shape[0], rows):
-                    fp8_to_float(q[i:i + rows], out=out[i:i + rows], scale=scale[i:i + rows] if per_row else scale)
-                yield name, out
+            scales += [(shard.name, key) for key in f.keys() if key.endswith(".weight_scale")]
+    for shard, key in scales:   # one tensor mapped at a time: the checkpoint never becomes resident as a whole
+        name = key.removesuffix("_scale")
+        q, scale = read(name), read(key).float()
+        if q is None or q.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"{shard}: {name} is {'missing' if q is None else q.dtype}, not float8_e4m3fn, beside {key}")
+        if buffer.numel() < q.numel():
+            buffer = torch.empty(q.numel(), dtype=torch.float32)
+        out = buffer[:q.numel()].view(q.shape)
+        rows = max(1, FP8_ROWS // max(1, q[0].numel())) if q.dim() > 1 else q.numel()
+        per_row = scale.numel() > 1
+        if per_row and tuple(scale.shape) != (q.shape[0], 1):
+            raise ValueError(f"{shard}: {key} has shape {tuple(scale.shape)}: only per-tensor and per-channel FP8 "
+                             "scales are dequantized here")
+        for i in range(0, q.shape[0], rows):
+            fp8_to_float(q[i:i + rows], out=out[i:i + rows], scale=scale[i:i + rows] if per_row else scale)
+        yield name, out

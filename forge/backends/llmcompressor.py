@@ -179,20 +179,10 @@ def _fx_wrapped() -> dict:
 
 def _source_weights(model) -> Callable[[str], "torch.Tensor | None"]:
     """Layer name -> its weight as stored in the snapshot the model was loaded from (model.name_or_path)."""
-    from safetensors import safe_open
+    from forge.backends import tensor_reader
 
-    where = {}
-    for shard in sorted(Path(model.name_or_path).glob("*.safetensors")):
-        with safe_open(shard, "pt") as f:
-            where.update(dict.fromkeys(f.keys(), shard))
-
-    def read(layer: str):
-        shard = where.get(f"{layer}.weight")
-        if shard is None:
-            return None
-        with safe_open(shard, "pt") as f:
-            return f.get_tensor(f"{layer}.weight")
-    return read
+    read = tensor_reader(model.name_or_path)
+    return lambda layer: read(f"{layer}.weight")
 
 
 CHUNK_ELEMENTS = 1 << 19   # rows per step of the weight-error measure: ~2 MB of float32 temporaries, cache-sized
