@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from forge.recipe.load import LoadedRecipe
 
 __all__ = ["Backend", "Quantized", "REGISTRY", "get", "backend_for", "checkpoint_format", "problems",
-           "needs_calibration", "architecture_problems", "cast_float32", "fp8_to_float", "fp8_dequantized", "tensor_reader"]
+           "needs_calibration", "architecture_problems", "cast_float32", "fp8_to_float", "fp8_dequantized", "TensorReader"]
 
 
 @dataclass
@@ -176,22 +176,27 @@ def cast_float32(out: Path, dtype, only: Callable[[str], bool] = lambda name: Tr
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def tensor_reader(directory) -> Callable[[str], "torch.Tensor | None"]:
+class TensorReader:
     """Tensor name -> a copy of it as stored in a checkpoint directory's safetensors (None when absent). Each read
-    maps its shard only while it copies the tensor: reading every tensor never leaves the checkpoint resident."""
-    from safetensors import safe_open
+    maps its shard only while it copies the tensor: reading every tensor never leaves the checkpoint resident.
+    ``shards``: every tensor name -> its shard, in shard order."""
 
-    where = {}
-    for shard in sorted(Path(directory).glob("*.safetensors")):
-        with safe_open(shard, "pt") as f:
-            where.update(dict.fromkeys(f.keys(), shard))
+    def __init__(self, directory):
+        from safetensors import safe_open
 
-    def read(name: str):
-        if (shard := where.get(name)) is None:
+        self.shards: dict[str, Path] = {}
+        for shard in sorted(Path(directory).glob("*.safetensors")):
+            with safe_open(shard, "pt") as f:
+                self.shards.update(dict.fromkeys(f.keys(), shard))
+
+    def __call__(self, name: str) -> "torch.Tensor | None":
+        from safetensors import safe_open
+
+        if (shard := self.shards.get(name)) is None:
             return None
         with safe_open(shard, "pt") as f:
             return f.get_tensor(name)
-    return read
+
 
 
 FP8_ROWS = 1 << 20   # elements per step of the fp8 decode: its temporaries stay in the CPU cache (fastest of 2^18-2^22)
@@ -218,13 +223,10 @@ def fp8_dequantized(path) -> "Iterator[tuple[str, torch.Tensor]]":
     one buffer reused for the next: copy it before taking the next (a fresh 12 GB of float32 pages for a 3B
     model would cost more than the decode)."""
     import torch
-    from safetensors import safe_open
 
     buffer = torch.empty(0, dtype=torch.float32)
-    read, scales = tensor_reader(path), []
-    for shard in sorted(Path(path).glob("*.safetensors")):
-        with safe_open(shard, "pt") as f:
-            scales += [(shard.name, key) for key in f.keys() if key.endswith(".weight_scale")]
+    read = TensorReader(path)
+    scales = [(file.name, key) for key, file in read.shards.items() if key.endswith(".weight_scale")]
     for shard, key in scales:   # one tensor mapped at a time: the checkpoint never becomes resident as a whole
         name = key.removesuffix("_scale")
         q, scale = read(name), read(key).float()

@@ -179,9 +179,9 @@ def _fx_wrapped() -> dict:
 
 def _source_weights(model) -> Callable[[str], "torch.Tensor | None"]:
     """Layer name -> its weight as stored in the snapshot the model was loaded from (model.name_or_path)."""
-    from forge.backends import tensor_reader
+    from forge.backends import TensorReader
 
-    read = tensor_reader(model.name_or_path)
+    read = TensorReader(model.name_or_path)
     return lambda layer: read(f"{layer}.weight")
 
 

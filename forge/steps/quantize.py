@@ -263,20 +263,27 @@ def _verify(backend, src: Path, out: Path, q, tokenizer, report, reference, dtyp
 
 def check_loads(quant_dir: Path, dtype) -> None:
     """transformers loads the checkpoint with no missing, unexpected or mis-shaped tensor (it is then freed)."""
-    from transformers import AutoModelForCausalLM
-
     from forge.errors import StepError
 
-    try:
-        m, info = AutoModelForCausalLM.from_pretrained(quant_dir, dtype=dtype, device_map=None, output_loading_info=True)
-    except Exception as e:
-        raise StepError(f"the quantized checkpoint at {quant_dir} does not load with transformers: {type(e).__name__}: {e}") from None
+    m, info = _load_checkpoint(quant_dir, dtype, output_loading_info=True)
     del m
     gc.collect()
     wrong = {k: list(v)[:5] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if (v := info.get(k))}
     if wrong:
         raise StepError(f"the quantized checkpoint at {quant_dir} does not match its model in transformers: "
                         + "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v))}" for k, v in wrong.items()))
+
+
+def _load_checkpoint(quant_dir: Path, dtype, **kwargs):
+    """The written checkpoint loaded with transformers on the CPU, or a StepError saying why it does not load."""
+    from transformers import AutoModelForCausalLM
+
+    from forge.errors import StepError
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(quant_dir, dtype=dtype, device_map=None, **kwargs)
+    except Exception as e:
+        raise StepError(f"the quantized checkpoint at {quant_dir} does not load with transformers: {type(e).__name__}: {e}") from None
 
 
 def _calibration_windows(ctx: StepContext, tokenizer) -> list[list[int]]:
@@ -314,7 +321,7 @@ def verify_dequantized(bf16_dir: Path, weights, tokenizer, dtype, reference: lis
     import torch
     from transformers import AutoModelForCausalLM
 
-    from forge.backends import tensor_reader
+    from forge.backends import TensorReader
     from forge.errors import StepError
 
     model = AutoModelForCausalLM.from_pretrained(bf16_dir, dtype=dtype, device_map=None)
@@ -322,7 +329,7 @@ def verify_dequantized(bf16_dir: Path, weights, tokenizer, dtype, reference: lis
     params = dict(model.named_parameters())
     # the BF16 weights, read as copies: the model's own map the snapshot, and reading every one of them would
     # leave the whole snapshot resident beside the dequantized weights (peak RSS 1.5x the library's on 3B)
-    original = tensor_reader(bf16_dir)
+    original = TensorReader(bf16_dir)
     with torch.no_grad():
         for name, tensor in (weights.items() if isinstance(weights, dict) else weights):
             if name not in params:
@@ -399,14 +406,9 @@ def teacher_forced_tokens(model, tokenizer, reference: list[int], *, what: str) 
 def verify_generation(reference: list[int], quant_dir: Path, tokenizer, dtype) -> dict:
     """Load the written checkpoint with transformers (the only model in memory: the source model was freed and
     its greedy tokens recorded before quantizing) and compare its predictions along them, in one forward pass."""
-    from transformers import AutoModelForCausalLM
-
     from forge.errors import StepError
 
-    try:
-        m = AutoModelForCausalLM.from_pretrained(quant_dir, dtype=dtype, device_map=None)
-    except Exception as e:
-        raise StepError(f"the quantized checkpoint at {quant_dir} does not load with transformers: {type(e).__name__}: {e}") from None
+    m = _load_checkpoint(quant_dir, dtype)
     tokens = teacher_forced_tokens(m, tokenizer, reference, what=f"the quantized checkpoint at {quant_dir}")
     del m
     gc.collect()
