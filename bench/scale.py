@@ -5,9 +5,10 @@ Each measurement runs in its own child process, so its peak RSS (ru_maxrss from 
   raw_fp8      llm-compressor alone: load bf16 (for GPTQ: the dtype forge loads in here), oneshot(QuantizationModifier FP8_DYNAMIC, ignore lm_head),
                save_pretrained(save_compressed=True)
   forge_fp8    `forge build` of a recipe {model.source: DIR, quantize: {method: fp8}} in a fresh cache
-               (resolve + quantize, load-and-verify included); per-step seconds and bytes written from the
-               manifests. The build process's peak RSS is the quantize step's (resolve links files and reads
-               config.json). Then, in a child process of its own (wall time, peak RSS), the quantized checkpoint
+               (resolve, reference, quantize; load-and-verify included); per-step seconds and bytes written from
+               the manifests. The build process's peak RSS is the quantize step's (resolve links files and reads
+               config.json; reference holds the BF16 model alone, and its greedy tokens are recorded once per
+               snapshot for every variant: its time is reported beside the quantize step's, and with it). Then, in a child process of its own (wall time, peak RSS), the quantized checkpoint
                is packaged and published with forge's own code: its weights layer appended to an image in an
                OCI layout inside the step cache (forge/weights_layer.py, as the package step does) and that
                image's blobs put into a LocalRegistry's blob store (as publish does).
@@ -259,7 +260,10 @@ def main() -> None:
         report["load_avg_1_5_15"][f"after forge_{name}"] = _load()
         if not args.skip_raw:
             r, f = report[f"raw_{name}"], report[f"forge_{name}"]
+            reference_s = f["steps"].get("reference", {}).get("seconds") or 0.0   # once per snapshot, all variants
             report[f"ratio_{name}"] = {"quantize_step_time": round(f["steps"]["quantize"]["seconds"] / r["seconds"], 3),
+                                       "quantize_and_reference_time": round(
+                                           (f["steps"]["quantize"]["seconds"] + reference_s) / r["seconds"], 3),
                                        "whole_process_time": round(f["seconds"] / r["seconds"], 3),
                                        "peak_rss": round(f["peak_rss_gb"] / r["peak_rss_gb"], 3)}
     for value in report.values():

@@ -33,7 +33,7 @@ def test_build_log_is_forges_lines_and_each_steps_log_holds_the_library_output(t
     assert not re.search(r"^(INFO|WARNING|DEBUG|ERROR)[: ]|\| (INFO|WARNING|DEBUG|SUCCESS)\s+\|", shown, re.M), shown
     assert proc.stderr == "", proc.stderr
     # forge's own lines: one result line per step, the gate's table although it passed, then the summary
-    for step in ("resolve", "quantize", "eval_baseline", "eval_candidate", "gate"):
+    for step in ("resolve", "reference", "quantize", "eval_baseline", "eval_candidate", "gate"):
         assert re.search(rf"✓ {step}\s+BUILT\s+[0-9a-f]{{12}}", proc.stdout), proc.stdout
     assert "eval gate passed" in proc.stdout
     assert re.search(r"^heldout_ppl\.word_perplexity\s+max_rel_increase 5\s+\S+\s+\S+\s+.*\s4\s+pass\s*$",
@@ -44,7 +44,7 @@ def test_build_log_is_forges_lines_and_each_steps_log_holds_the_library_output(t
     assert re.search(r"^\s+eval gate\s+/\S+/out/\{summary\.md, verdict\.json, junit\.xml\}$", summary, re.M), summary
     assert re.search(r"^\s+quantize\s+/\S+/out/\{quantize-report\.md, quantize-report\.json\}$", summary, re.M)
     last = proc.stdout.rstrip().splitlines()[-1]
-    assert re.fullmatch(r"done in \d+\.\ds: 5 built, 0 reused", last), last
+    assert re.fullmatch(r"done in \d+\.\ds: 6 built, 0 reused", last), last
     # the logs the summary names exist, in the store, and hold what the libraries wrote
     logs = _log_paths(summary)
     assert {"quantize", "eval_baseline", "eval_candidate"} <= set(logs), summary
@@ -54,9 +54,9 @@ def test_build_log_is_forges_lines_and_each_steps_log_holds_the_library_output(t
     assert "Running loglikelihood requests" in logs["eval_candidate"].read_text()
     # the logs are forge's too: a rebuild that reuses everything still names them, and prints only forge lines
     again = forge_cli("build", str(recipe), cache=cache_dir, env=CI, check=0)
-    assert again.stdout.count(" HIT ") == 5 and "eval gate passed" in again.stdout
+    assert again.stdout.count(" HIT ") == 6 and "eval gate passed" in again.stdout
     assert _log_paths(again.stdout) == logs
-    assert again.stdout.rstrip().splitlines()[-1].endswith("0 built, 5 reused")
+    assert again.stdout.rstrip().splitlines()[-1].endswith("0 built, 6 reused")
 
 
 def test_a_failing_step_prints_where_its_log_is(tmp_path, tiny_llama, cache_dir):
@@ -116,7 +116,7 @@ def test_registry_cache_and_plan_tables_in_a_pipe_show_every_cell_whole(long_nam
     planned = forge_cli("plan", str(recipe), env=CI, cache=cache_dir, check=0).stdout
     from forge.steps.graph import STEPS
 
-    for spec in STEPS[:2]:   # resolve, quantize: every cell of their rows, the long "what it does" too
+    for spec in (s for s in STEPS if s.name in ("resolve", "quantize")):   # every cell of their rows, the long "what it does" too
         assert re.search(rf"^{spec.name}\s+HIT\s+[0-9a-f]{{16}}\s+.*{re.escape(spec.summary)}\s*$", planned, re.M), planned
     for out in (shown, cached, planned):
         assert "…" not in out and not BOX.search(out) and "\x1b[" not in out, out

@@ -15,7 +15,7 @@ from forge.steps.graph import STEPS
 from forge.store import Store
 
 TASKS = REPO / "evals" / "tasks"
-GRAPH = ["resolve", "quantize", "eval_baseline", "eval_candidate", "gate"]
+GRAPH = ["resolve", "reference", "quantize", "eval_baseline", "eval_candidate", "gate"]
 
 
 def _recipe(tmp_path, tiny_llama, name="tiny", max_rel_increase=5.0):

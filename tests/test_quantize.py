@@ -101,20 +101,28 @@ def test_calibration_shorter_than_max_seq_len_at_validate(tmp_path):
 
 
 def test_calibration_token_windows_checked_before_weights_load(tmp_path, tiny_llama, cache_dir, monkeypatch):
+    """The quantize step tokenizes its calibration data before it loads the model. The only load is the reference
+    step's (BF16's greedy tokens), which stays cached: fixing the calibration does not record them again."""
     # enough bytes for the validate-time estimate, too few tokens once tokenized
     (tmp_path / "c.jsonl").write_text(json.dumps({"text": "the " * 750}) + "\n")
     recipe = write_recipe(tmp_path / "r.yaml", str(tiny_llama), quantize={"method": "gptq", "group_size": 32,
                           "calibration": {"data": "c.jsonl", "samples": 4, "max_seq_len": 700}})
     import transformers
 
-    def no_weights(*a, **k):
-        raise AssertionError("weights were loaded before the calibration check")
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    from forge.build import plan
     from forge.errors import RecipeError
 
+    load, loads = transformers.AutoModelForCausalLM.from_pretrained, []
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: loads.append(a[0]) or load(*a, **k))
     with pytest.raises(RecipeError, match=r"window\(s\) of max_seq_len 700, but samples is 4"):
         build(load_recipe(recipe), Store(cache_dir))
+    assert len(loads) == 1, loads
+    (tmp_path / "c.jsonl").write_text(CALIB.read_text())
+    fixed = write_recipe(tmp_path / "r.yaml", str(tiny_llama), quantize={"method": "gptq", "group_size": 32,
+                         "calibration": {"data": "c.jsonl", "samples": 4, "max_seq_len": 64}})
+    assert [(p.spec.name, p.status) for p in plan(load_recipe(fixed), Store(cache_dir))][:3] == \
+        [("resolve", "HIT"), ("reference", "HIT"), ("quantize", "MISS")]
 
 
 def test_unsupported_architecture_for_awq(tmp_path):
@@ -188,9 +196,9 @@ def test_calibration_is_part_of_the_key(tmp_path, tiny_llama, cache_dir):
                           "calibration": {"data": str(calib), "samples": 4, "max_seq_len": 64}})
     store = Store(cache_dir)
     build(load_recipe(recipe), store)
-    assert [p.status for p in plan(load_recipe(recipe), store)] == ["HIT", "HIT"]
+    assert [p.status for p in plan(load_recipe(recipe), store)] == ["HIT", "HIT", "HIT"]
     calib.write_text(CALIB.read_text().replace("the", "teh", 1))
-    assert [p.status for p in plan(load_recipe(recipe), store)] == ["HIT", "MISS"]
+    assert [p.status for p in plan(load_recipe(recipe), store)] == ["HIT", "HIT", "MISS"]
 
 
 # ------------------------------------------------------------------ the CPU shim
@@ -275,8 +283,8 @@ def test_a_forced_requantize_with_the_same_result_keeps_the_output_digest(tmp_pa
 
 @pytest.mark.parametrize("quantize", [{"method": "fp8"}, _calibrated(method="gptq", group_size=32)], ids=["fp8", "gptq"])
 def test_quantize_never_holds_two_models(tmp_path, tiny_llama, cache_dir, monkeypatch, quantize):
-    """The verification records the reference tokens from the model as loaded and then loads the written checkpoint
-    alone: every model forge loads is gone (weakref dead after a collection) before the next one is loaded."""
+    """The reference step records BF16's greedy tokens and frees its model; the quantize step then loads the written
+    checkpoint alone: every model forge loads is gone (weakref dead after a collection) before the next one is loaded."""
     import gc
     import weakref
 
@@ -297,9 +305,9 @@ def test_quantize_never_holds_two_models(tmp_path, tiny_llama, cache_dir, monkey
     recipe = write_recipe(tmp_path / "r.yaml", str(tiny_llama), quantize=quantize)
     result = build(load_recipe(recipe), Store(cache_dir))[-1]
     assert result.name == "quantize" and result.status == "BUILT"
-    # one load to quantize; then the written checkpoint (FP8: loaded to prove it loads, freed, then its dequantized
-    # weights verified in the BF16 model, loaded again)
-    assert len(alive_at_load) == (3 if quantize["method"] == "fp8" else 2), alive_at_load
+    # the reference step's BF16 model (its greedy tokens); one load to quantize; then the written checkpoint (FP8:
+    # loaded to prove it loads, freed, then its dequantized weights verified in the BF16 model, loaded again)
+    assert len(alive_at_load) == (4 if quantize["method"] == "fp8" else 3), alive_at_load
     assert set(alive_at_load) == {0}, f"models alive when the next was loaded: {alive_at_load}"
     verify = result.entry.manifest["facts"]["verify"]
     assert verify["tokens"] == 16 and verify["quantized_text"].strip()
@@ -310,7 +318,7 @@ def test_teacher_forced_verification_reports_the_greedy_prefix(tmp_path, tiny_ll
     its predictions are the tokens its own greedy decoding writes, so the recorded prefix is the greedy one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from forge.steps.quantize import VERIFY_TOKENS, greedy_tokens
+    from forge.steps.reference import VERIFY_TOKENS, greedy_tokens
 
     recipe = write_recipe(tmp_path / "r.yaml", str(tiny_llama), quantize={"method": "fp8"})
     result = build(load_recipe(recipe), Store(cache_dir))[-1]
@@ -386,3 +394,92 @@ def test_fp8_layer_error_and_dequantization_match_compressed_tensors(tmp_path):
     save_file({"m.weight": q, "m.weight_scale": scale, "norm.weight": torch.ones(96)}, tmp_path / "model.safetensors")
     (name, deq), = list(fp8_dequantized(tmp_path))
     assert name == "m.weight" and torch.equal(deq, q.float() * scale.float())
+
+
+# ------------------------------------------------------------------ forge's CPU kernel in compressed-tensors
+
+
+def _weights_with_specials(dtype):
+    import torch
+
+    torch.manual_seed(1)
+    x = (torch.randn(1024, 512) * 0.02).to(dtype)
+    x[0, :10] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-30, -1e-30, 0.0, -0.0, 3.0, 1e4, -1e4])
+    return x
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("case", ["fp8-channel", "fp8-tensor", "int4-group-asym", "int8-channel"])
+def test_cpu_quantize_kernel_is_the_library_bit_for_bit(dtype, case):
+    """forge's ``_quantize`` kernel returns the library's eager result, byte for byte, rounded (dtype None) and
+    cast to the quantized dtype, with NaN, inf, subnormal and out-of-range values among the weights."""
+    import torch
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.utils.helpers import calculate_range
+    from compressed_tensors.utils.impl_backend import ImplBackend
+
+    from forge.backends.cpu_quantize import _applies, forge_quantize_cpu
+
+    x = _weights_with_specials(getattr(torch, dtype))
+    finite = x.float().nan_to_num(0, 0, 0).abs()
+    zp = None
+    if case.startswith("fp8"):
+        args = QuantizationArgs(num_bits=8, type="float", strategy=case.split("-")[1], symmetric=True)
+        scale = (finite.amax(dim=1, keepdim=True) / 448 if case == "fp8-channel" else finite.max() / 448).to(x.dtype)
+        out_dtype = torch.float8_e4m3fn
+    elif case == "int4-group-asym":
+        args = QuantizationArgs(num_bits=4, type="int", strategy="group", group_size=64, symmetric=False)
+        x = x.view(1024, 8, 64)   # as compressed-tensors hands a grouped weight to _quantize
+        scale = (finite.view(1024, 8, 64).amax(-1, keepdim=True) / 7).to(x.dtype)
+        zp = torch.randint(-3, 3, (1024, 8, 1), dtype=torch.int8)
+        out_dtype = torch.int8
+    else:
+        args = QuantizationArgs(num_bits=8, type="int", strategy="channel", symmetric=True)
+        scale = (finite.amax(dim=1, keepdim=True) / 127).to(x.dtype)
+        out_dtype = torch.int8
+    q_min, q_max = calculate_range(args, "cpu")
+    for target in (None, out_dtype):
+        assert _applies(x, scale, zp, q_min, q_max, args, target)
+        theirs = ImplBackend.call("_quantize", x, scale, zp, q_min, q_max, args, target)   # the eager fallback
+        ours = forge_quantize_cpu(x, scale, zp, q_min, q_max, args, target)
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+        bits = torch.uint8 if ours.element_size() == 1 else torch.int16
+        assert torch.equal(ours.view(bits), theirs.view(bits)), (case, target)
+    # float32 weights have no table: the library keeps the call
+    assert not _applies(x.float(), scale.float(), zp, q_min, q_max, args, out_dtype)
+
+
+def test_fp8_checkpoint_written_with_forge_kernel_is_the_librarys(tmp_path, tiny_llama, monkeypatch):
+    """A model whose layers are large enough for the kernel, quantized FP8 and saved compressed twice: through
+    compressed-tensors' eager path and with forge's kernel registered. The safetensors files are identical."""
+    import shutil
+
+    import compressed_tensors.utils.impl_backend as impl
+    import torch
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from forge.backends import cpu_quantize
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=1, num_attention_heads=8,
+                      num_key_value_heads=8, vocab_size=256)
+    src = tmp_path / "src"
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(src)
+    for f in tiny_llama.glob("tokenizer*"):
+        shutil.copy(f, src / f.name)
+
+    def write(out: Path) -> bytes:
+        model = LlamaForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+        oneshot(model=model, recipe=[QuantizationModifier(targets=["Linear"], scheme="FP8_DYNAMIC", ignore=["lm_head"])])
+        model.save_pretrained(out, save_compressed=True)
+        return b"".join(p.read_bytes() for p in sorted(out.glob("*.safetensors")))
+
+    cpu_quantize.register()
+    calls = []
+    monkeypatch.setattr(cpu_quantize, "quantize_rows", lambda *a, q=cpu_quantize.quantize_rows: calls.append(1) or q(*a))
+    ours = write(tmp_path / "forge")
+    assert len(calls) == 7   # q, k, v, o, gate, up, down: each at least 512 x 512
+    monkeypatch.setattr(impl, "ENFORCE_EAGER", True)
+    assert write(tmp_path / "eager") == ours and len(calls) == 7

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-GRAPH = ["resolve", "quantize", "eval_baseline", "eval_candidate", "gate"]
+GRAPH = ["resolve", "reference", "quantize", "eval_baseline", "eval_candidate", "gate"]
 # the GPU variant first: its GPU steps are built (on the H100 node); the CPU variant then reuses the shared ones
 VARIANTS = {"h100": {"target": {"gpu": "H100-SXM", "engine": "vllm"}},
             "cpu": {"target": {"gpu": "CPU", "engine": "cpu"}}}
@@ -81,7 +81,7 @@ def test_a_two_variant_recipe_builds_through_ray_with_the_local_digests(cluster_
                [(s["step"], s["key"], s["output_digest"]) for s in local["steps"]], variant
     # the GPU variant's GPU steps ran on the node declaring the H100; its CPU steps and the CPU variant anywhere
     where = cluster_run["ray"]["h100"]["nodes"]
-    for step in ("quantize", "eval_baseline", "eval_candidate"):
+    for step in ("reference", "quantize", "eval_baseline", "eval_candidate"):
         assert where[step] == "gpu", (step, where)
     # one graph: the snapshot both variants share was built once, for both; each variant's GPU/CPU steps ran
     statuses = {v: {s["step"]: s["status"] for s in cluster_run["ray"][v]["steps"]} for v in VARIANTS}

@@ -49,7 +49,8 @@ def test_plan_shows_resolve_and_the_baseline_eval_shared(two, tmp_path):
     ids = {n["id"]: n["step"] for n in nodes}
     assert {ids[d] for d in by_step["eval_baseline"][0]["depends"]} == {"resolve"}
     text = forge_cli("plan", str(two), cache=tmp_path / "cache", check=0).stdout
-    assert "shared by: plain, fp8" in text and "8 nodes, 2 shared" in text
+    assert [n["variants"] for n in by_step["reference"]] == [["fp8"]]   # plain quantizes nothing: no reference
+    assert "shared by: plain, fp8" in text and "9 nodes, 2 shared" in text
 
 
 def test_shared_steps_run_once_and_digests_equal_single_variant_builds(two, tmp_path):
@@ -60,7 +61,8 @@ def test_shared_steps_run_once_and_digests_equal_single_variant_builds(two, tmp_
                                 on_done=lambda name, r, vs: built.append((r.name, r.status, tuple(vs))))
     assert executor.peak == 2   # independent nodes (the two quantizes, the baseline eval) were handed out together
     assert sorted(s for s, status, _ in built if status == "BUILT") == sorted(
-        ["resolve", "eval_baseline", "quantize", "quantize", "eval_candidate", "eval_candidate", "gate", "gate"])
+        ["resolve", "reference", "eval_baseline", "quantize", "quantize", "eval_candidate", "eval_candidate", "gate",
+         "gate"])
     assert ("resolve", "BUILT", ("plain", "fp8")) in built and ("eval_baseline", "BUILT", ("plain", "fp8")) in built
     assert outcomes["plain"].passed and not outcomes["fp8"].passed     # fp8 moved the perplexity; 0.0 allowed
     # a variant's steps, shared or not, are what a build of that variant alone makes (in a fresh cache)
@@ -148,7 +150,7 @@ def test_gpu_variants_package_on_standin_bases_tagged_by_variant(tmp_path, tiny_
     assert (l4.target_gpu, h100.target_gpu) == ("L4", "H100-SXM") and l4.status == h100.status == "unscanned"
     assert l4.model_digest == h100.model_digest and l4.image_digest != h100.image_digest
     assert LocalRegistry(reg).resolve("tiny:vllm-fp8-h100-sxm-tp1").id == h100.id
-    for step in ("resolve", "quantize", "eval_baseline", "eval_candidate", "gate"):
+    for step in ("resolve", "reference", "quantize", "eval_baseline", "eval_candidate", "gate"):
         assert f"{step} (shared: 2)" in proc.stdout, step
     assert "package · vllm-fp8-l4-tp1" in proc.stdout and "package · vllm-fp8-h100-sxm-tp1" in proc.stdout
 
@@ -157,7 +159,7 @@ def test_demo_recipe_plans_three_variants_sharing_the_checkpoint(tmp_path):
     out = json.loads(forge_cli("plan", str(DEMO), "--json", cache=tmp_path / "cache", check=0).stdout)
     assert out["variants"] == ["cpu-fp8", "vllm-fp8-l4-tp1", "vllm-fp8-h100-sxm-tp1"]
     shared = {n["step"] for n in out["nodes"] if n["shared"]}
-    assert {"resolve", "eval_baseline", "quantize", "eval_candidate", "gate"} <= shared
+    assert {"resolve", "reference", "eval_baseline", "quantize", "eval_candidate", "gate"} <= shared
     assert sorted(n["variants"][0] for n in out["nodes"] if n["step"] == "package") == sorted(out["variants"])
 
 
@@ -178,7 +180,7 @@ def test_demo_variants_build_cpu_and_two_gpu_images(tmp_path, standin_bases, dem
     assert {r.status for r in records.values()} == {"unscanned"}      # scan.required: false (no Trivy here)
     assert {r.target_gpu for r in records.values()} == {"CPU", "L4", "H100-SXM"}
     assert len({r.model_digest for r in records.values()}) == 1 and len({r.image_digest for r in records.values()}) == 3
-    for step in ("resolve", "quantize", "eval_baseline", "eval_candidate", "gate"):
+    for step in ("resolve", "reference", "quantize", "eval_baseline", "eval_candidate", "gate"):
         assert sum(f"{step} (shared: 3)" in line for line in proc.stdout.splitlines()) == 1, step
     assert {r.model_digest for r in records.values()} == {demo_build["digests"]["quantize"]}   # the demo's checkpoint
     for name, rec in records.items():

@@ -4,15 +4,15 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from forge.steps import StepSpec, compile, evaluate, gate, package, quantize, resolve, scan
+from forge.steps import StepSpec, compile, evaluate, gate, package, quantize, reference, resolve, scan
 
 if TYPE_CHECKING:
     from forge.recipe.load import LoadedRecipe
 
 __all__ = ["STEPS", "step_names", "active_steps", "spec_named"]
 
-STEPS: list[StepSpec] = [resolve.SPEC, quantize.SPEC, compile.SPEC, evaluate.BASELINE, evaluate.CANDIDATE, gate.SPEC,
-                         package.BASE, package.SPEC, scan.SPEC]
+STEPS: list[StepSpec] = [resolve.SPEC, reference.SPEC, quantize.SPEC, compile.SPEC, evaluate.BASELINE, evaluate.CANDIDATE,
+                         gate.SPEC, package.BASE, package.SPEC, scan.SPEC]
 
 
 def step_names() -> list[str]:

@@ -4,7 +4,8 @@ Pre-flight checks (``preflight``) read config.json only and run at validate time
 is loaded: group size divides every targeted layer, the backend supports the architecture, calibration is
 declared and large enough. The run is one skeleton for every backend: seed, calibration windows (tokenizer
 only), the model in the calibration dtype, the backend's quantize / export / validate, then a verification
-(the written checkpoint, or its dequantized weights, teacher-forced over BF16's greedy tokens: one forward pass),
+(the written checkpoint, or its dequantized weights, teacher-forced over BF16's greedy tokens, which the
+reference step records: one forward pass),
 the reports and a manifest with the same keys whatever the backend.
 
 CPU policy: without an accelerator the model is calibrated in float32 unless the CPU has native bf16
@@ -25,9 +26,8 @@ from forge.digests import list_files
 from forge.linking import place_tree
 from forge.methods import GROUPED
 from forge.steps import StepContext, StepSpec
+from forge.steps.reference import VERIFY_PROMPT, VERIFY_TOKENS, greedy_tokens, prompt_ids
 
-VERIFY_PROMPT = "The capital of France is"
-VERIFY_TOKENS = 16
 REPORT_JSON, REPORT_MD, QUANT_MANIFEST = "quantize-report.json", "quantize-report.md", "forge-quantization.json"
 REPORTS = (REPORT_JSON, REPORT_MD)  # build evidence beside the checkpoint; not shipped in the image
 MANIFEST_KEYS = ("method", "backend", "format", "scheme", "device", "calibration_dtype", "calibration_sha256", "tools")
@@ -105,7 +105,7 @@ def _identity(loaded) -> dict:
 SPEC = StepSpec(
     name="quantize",
     summary="quantize through a backend (llm-compressor → compressed-tensors, ModelOpt → unified HF checkpoint), verify it",
-    depends=("resolve",),
+    depends=("resolve", "reference"),
     # forge's own backends' libraries, in every quantize key and so in every record's provenance (a plugin
     # backend's enter the key through _identity)
     tools=("llmcompressor", "compressed-tensors", "nvidia-modelopt", "torch", "transformers"),
@@ -197,8 +197,8 @@ def run(ctx: StepContext) -> dict:
     windows = _calibration_windows(ctx, tokenizer) if backend.needs_calibration(q) else None
     ctx.report(f"loading the model ({'cuda' if cuda else 'cpu'}, {str(dtype).removeprefix('torch.')})")
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, device_map="cuda" if cuda else None)
-    # the reference for the verification, from the model as loaded: no second model is ever loaded beside it
-    reference = greedy_tokens(model, tokenizer) if backend.loads_in_transformers else None
+    # BF16's greedy tokens, recorded by the reference step from the snapshot alone (once for every variant on it)
+    reference = _reference(ctx)
     t0 = time.monotonic()
     result = backend.quantize(model, q, windows, report=ctx.report, log_dir=ctx.out.parent)
     seconds = time.monotonic() - t0
@@ -230,6 +230,12 @@ def run(ctx: StepContext) -> dict:
     facts["size_ratio"] = round(facts["bytes"] / facts["bf16_bytes"], 4)
     _write_reports(ctx.out, facts, result, backend.title)
     return facts
+
+
+def _reference(ctx: StepContext) -> list[int]:
+    from forge.steps import reference
+
+    return reference.Output.read(ctx.upstream["reference"]).tokens
 
 
 def _merge_errors(result, measured: dict[str, float]) -> None:
@@ -367,25 +373,6 @@ def _agreement(a: list[int], b: list[int], tokenizer) -> dict:
             "quantized_text": tokenizer.decode(b, skip_special_tokens=True), "how": "teacher-forced"}
 
 
-def _prompt_ids(model, tokenizer):
-    return tokenizer(VERIFY_PROMPT, return_tensors="pt")["input_ids"].to(model.device)
-
-
-def greedy_tokens(model, tokenizer) -> list[int]:
-    """The model's greedy (argmax, no logits processors, no stop at EOS) continuation of VERIFY_PROMPT:
-    VERIFY_TOKENS tokens, one cached forward step each."""
-    import torch
-
-    ids, past, tokens = _prompt_ids(model, tokenizer), None, []
-    with torch.no_grad():
-        for _ in range(VERIFY_TOKENS):
-            out = model(input_ids=ids, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            ids = out.logits[:, -1:].argmax(-1)
-            tokens.append(int(ids))
-    return tokens
-
-
 def teacher_forced_tokens(model, tokenizer, reference: list[int], *, what: str) -> list[int]:
     """The model's argmax next token at each position of VERIFY_PROMPT + ``reference``, in one forward pass:
     prediction i is what it writes after the prompt and the reference's first i tokens."""
@@ -393,7 +380,7 @@ def teacher_forced_tokens(model, tokenizer, reference: list[int], *, what: str) 
 
     from forge.errors import StepError
 
-    prompt = _prompt_ids(model, tokenizer)
+    prompt = prompt_ids(model, tokenizer)
     ids = torch.cat([prompt, torch.tensor([reference[:-1]], dtype=prompt.dtype, device=prompt.device)], dim=1)
     with torch.no_grad():
         logits = model(input_ids=ids, use_cache=False).logits[0, prompt.shape[1] - 1:]
