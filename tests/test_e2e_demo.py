@@ -28,7 +28,7 @@ def _rebuild(demo, recipe: Path):
 
 def test_demo_rebuild_is_all_hits(demo):
     again = _rebuild(demo, DEMO)
-    assert "BUILT" not in again.stdout and again.stdout.count("HIT") == 8
+    assert "BUILT" not in again.stdout and again.stdout.count("HIT") == 9
 
 
 def test_demo_snapshot_is_a_bf16_checkpoint_that_generates(demo):
