@@ -8,10 +8,11 @@ Each measurement runs in its own child process, so its peak RSS (ru_maxrss from 
                (resolve, reference, quantize; load-and-verify included); per-step seconds and bytes written from
                the manifests. The build process's peak RSS is the quantize step's (resolve links files and reads
                config.json; reference holds the BF16 model alone, and its greedy tokens are recorded once per
-               snapshot for every variant: its time is reported beside the quantize step's, and with it). Then, in a child process of its own (wall time, peak RSS), the quantized checkpoint
-               is packaged and published with forge's own code: its weights layer appended to an image in an
-               OCI layout inside the step cache (forge/weights_layer.py, as the package step does) and that
-               image's blobs put into a LocalRegistry's blob store (as publish does).
+               snapshot for every variant: its time is reported beside the quantize step's, and with it).
+               Then, in a child process of its own (wall time, peak RSS), the quantized checkpoint is packaged
+               and published with forge's own code: its weights layer appended to an image in an OCI layout
+               inside the step cache (forge/weights_layer.py, as the package step does) and that image's blobs
+               put into a LocalRegistry's blob store (as publish does).
   disk         the whole build's disk growth per GB of checkpoint, each copy named: bytes of inodes new to
                the step cache (per step), the image store and the registry, hard links counted once, files
                linked from the source model not counted. Not in it: the base image (shared by every build,

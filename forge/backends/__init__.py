@@ -9,6 +9,7 @@ Which backend runs is decided here, from the recipe alone.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol
@@ -22,7 +23,8 @@ if TYPE_CHECKING:
     from forge.recipe.load import LoadedRecipe
 
 __all__ = ["Backend", "Quantized", "REGISTRY", "get", "backend_for", "checkpoint_format", "problems",
-           "needs_calibration", "architecture_problems", "cast_float32", "fp8_to_float", "fp8_dequantized", "TensorReader"]
+           "needs_calibration", "architecture_problems", "cast_float32", "fp8_to_float", "fp8_dequantized", "TensorReader",
+           "one_torch_thread"]
 
 
 @dataclass
@@ -197,6 +199,19 @@ class TensorReader:
         with safe_open(shard, "pt") as f:
             return f.get_tensor(name)
 
+
+@contextmanager
+def one_torch_thread() -> Iterator[int]:
+    """torch's intra-op pool at one thread; yields how many it had, so that as many Python threads can run
+    single-threaded ops side by side (torch releases the GIL in its ops)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(threads)
 
 
 FP8_ROWS = 1 << 20   # elements per step of the fp8 decode: its temporaries stay in the CPU cache (fastest of 2^18-2^22)

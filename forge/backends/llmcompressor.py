@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from forge.backends import Quantized, architecture_problems, cast_float32
+from forge.backends import Quantized, architecture_problems, cast_float32, one_torch_thread
 from forge.methods import METHODS, written_as
 from forge.modelshape import DECODERS, ignored
 
@@ -229,19 +229,6 @@ def _rel_error(weight, scale, zp, args, ref) -> float:
     return round(float(num.sqrt() / den.sqrt()), 6)
 
 
-@contextmanager
-def _one_thread() -> Iterator[int]:
-    """torch's intra-op pool at one thread; yields how many it had (the layers then run that many at a time)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield threads
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _layer_report(model, targets: set[str], originals, rows: dict, q, *, measure: bool = True) -> list[dict]:
     """One row per quantized layer; the weight errors (unless not ``measure``d here) are measured on as many
     threads as torch had, one layer each, every op single-threaded (torch releases the GIL in its ops)."""
@@ -250,7 +237,7 @@ def _layer_report(model, targets: set[str], originals, rows: dict, q, *, measure
     layers = [(n, m) for n, m in model.named_modules()
               if n in targets and getattr(m, "quantization_scheme", None) is not None
               and m.quantization_scheme.weights is not None]
-    with _one_thread() as threads, ThreadPoolExecutor(max(1, threads), thread_name_prefix="forge-layer-error") as pool:
+    with one_torch_thread() as threads, ThreadPoolExecutor(max(1, threads), thread_name_prefix="forge-layer-error") as pool:
         errors = list(pool.map(lambda nm: _layer_error(*nm, originals, q), layers)) if measure else [None] * len(layers)
     out = []
     for (name, module), err in zip(layers, errors):

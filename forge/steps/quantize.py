@@ -26,7 +26,7 @@ from forge.digests import list_files
 from forge.linking import place_tree
 from forge.methods import GROUPED
 from forge.steps import StepContext, StepSpec
-from forge.steps.reference import VERIFY_PROMPT, VERIFY_TOKENS, greedy_tokens, prompt_ids
+from forge.steps.reference import VERIFY_PROMPT, VERIFY_TOKENS, prompt_ids
 
 REPORT_JSON, REPORT_MD, QUANT_MANIFEST = "quantize-report.json", "quantize-report.md", "forge-quantization.json"
 REPORTS = (REPORT_JSON, REPORT_MD)  # build evidence beside the checkpoint; not shipped in the image
@@ -316,11 +316,11 @@ def _calibration_sha256(loaded) -> str | None:
     return sha256_file(data["calibration"]) if data else None
 
 
-def verify_dequantized(bf16_dir: Path, weights, tokenizer, dtype, reference: list[int] | None = None,
+def verify_dequantized(bf16_dir: Path, weights, tokenizer, dtype, reference: list[int],
                        what: str = "the dequantized weights", errors: dict | None = None) -> dict:
-    """Greedy tokens of the BF16 model (unless ``reference`` already holds them), then the same model with the
-    dequantized weights put in one tensor at a time (``weights``: a dict or an iterator of (name, tensor), each
-    read before the next is taken) teacher-forced over them, so one model is ever in memory. Each weight goes
+    """The BF16 model with the dequantized weights put in one tensor at a time (``weights``: a dict or an iterator
+    of (name, tensor), each read before the next is taken), teacher-forced over BF16's greedy tokens
+    (``reference``), so one model is ever in memory. Each weight goes
     into a new tensor that replaces the parameter's: the loaded ones map the snapshot's files, and writing into
     them would copy every page first. ``errors``, when given, receives each layer's relative weight error
     ||dequantized - BF16|| / ||BF16|| (layer name -> figure), measured as the weight is put in."""
@@ -331,7 +331,6 @@ def verify_dequantized(bf16_dir: Path, weights, tokenizer, dtype, reference: lis
     from forge.errors import StepError
 
     model = AutoModelForCausalLM.from_pretrained(bf16_dir, dtype=dtype, device_map=None)
-    reference = reference or greedy_tokens(model, tokenizer)
     params = dict(model.named_parameters())
     # the BF16 weights, read as copies: the model's own map the snapshot, and reading every one of them would
     # leave the whole snapshot resident beside the dequantized weights (peak RSS 1.5x the library's on 3B)
