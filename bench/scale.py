@@ -246,6 +246,12 @@ def main() -> None:
                                   if k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                            "num_key_value_heads", "intermediate_size", "vocab_size")}}
     report["hashlib"] = hashlib_rate(model)
+
+    def save() -> None:
+        """Write what is measured so far (a long GPTQ pair keeps its raw figures if forge's run is stopped)."""
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
     for name in methods:
         q = {"fp8": {"method": "fp8"}, "gptq": GPTQ}[name]
         if args.concurrent and not args.skip_raw:
@@ -256,6 +262,8 @@ def main() -> None:
         elif not args.skip_raw:
             report[f"raw_{name}"] = raw(model, work, name)
             report["load_avg_1_5_15"][f"after raw_{name}"] = _load()
+            report[f"raw_{name}"].pop("output", None)
+            save()
         if f"forge_{name}" not in report:
             report[f"forge_{name}"] = forge(model, work, name, q)
         report["load_avg_1_5_15"][f"after forge_{name}"] = _load()
@@ -267,6 +275,7 @@ def main() -> None:
                                            (f["steps"]["quantize"]["seconds"] + reference_s) / r["seconds"], 3),
                                        "whole_process_time": round(f["seconds"] / r["seconds"], 3),
                                        "peak_rss": round(f["peak_rss_gb"] / r["peak_rss_gb"], 3)}
+        save()
     for value in report.values():
         if isinstance(value, dict):
             value.pop("output", None)

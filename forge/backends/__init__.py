@@ -49,6 +49,11 @@ class Backend(Protocol):
 
     def needs_calibration(self, q) -> bool: ...
 
+    def verifies(self, q) -> bool:
+        """Whether the quantize step can run what it writes for ``q`` on this machine (it loads in transformers,
+        or ``dequantized`` gives its float weights): only then does the reference step record BF16's tokens."""
+        ...
+
     def preflight(self, loaded: "LoadedRecipe", shape: "ModelShape") -> list[str]:
         """Problems from config.json alone (architecture support), located in the recipe."""
         ...
@@ -107,6 +112,11 @@ def checkpoint_format(loaded: "LoadedRecipe") -> str:
 
 def needs_calibration(quantize, engine: str) -> bool:
     return quantize.method != "none" and get(backend_for(quantize, engine)).needs_calibration(quantize)
+
+
+def verifies(quantize, engine: str) -> bool:
+    """Whether the quantize step verifies this recipe's checkpoint by generation (the reference step then runs)."""
+    return quantize.method != "none" and get(backend_for(quantize, engine)).verifies(quantize)
 
 
 def problems(loaded: "LoadedRecipe") -> list[str]:

@@ -282,6 +282,9 @@ class LlmCompressor:
     def needs_calibration(self, q) -> bool:
         return needs_calibration(q)
 
+    def verifies(self, q) -> bool:
+        return True   # every compressed-tensors checkpoint loads in transformers (FP8 also dequantizes)
+
     def preflight(self, loaded, shape) -> list[str]:
         supported = AWQ_ARCHITECTURES if loaded.recipe.quantize.method == "awq" else DECODERS
         return architecture_problems(loaded, shape, self.title, supported)

@@ -194,9 +194,12 @@ class ModelOpt:
     def validate(self, out: Path, q) -> dict:
         return validate_checkpoint(out, q)
 
-    def dequantized(self, out: Path, q):
+    def verifies(self, q) -> bool:
         # FP8 dequantizes exactly (fp8 × scale); the 4-bit packed formats need ModelOpt's kernels
-        return fp8_dequantized(out) if q.method == "fp8" else None
+        return q.method == "fp8"
+
+    def dequantized(self, out: Path, q):
+        return fp8_dequantized(out) if self.verifies(q) else None
 
 
 BACKEND = ModelOpt()

@@ -198,7 +198,7 @@ def run(ctx: StepContext) -> dict:
     ctx.report(f"loading the model ({'cuda' if cuda else 'cpu'}, {str(dtype).removeprefix('torch.')})")
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, device_map="cuda" if cuda else None)
     # BF16's greedy tokens, recorded by the reference step from the snapshot alone (once for every variant on it)
-    reference = _reference(ctx)
+    reference = _reference(ctx) if backend.verifies(q) else None
     t0 = time.monotonic()
     result = backend.quantize(model, q, windows, report=ctx.report, log_dir=ctx.out.parent)
     seconds = time.monotonic() - t0
@@ -253,12 +253,14 @@ def _verify(backend, src: Path, out: Path, q, tokenizer, report, reference, dtyp
     dequantized weights in the BF16 model where the backend dequantizes it (FP8: exact, and 4x faster than the
     library's decompression on a CPU; the checkpoint is first loaded with transformers to prove it loads), else
     the checkpoint as transformers runs it."""
+    if reference is None:
+        return None   # a packed format transformers cannot run on this machine (no reference step in the graph)
     weights = backend.dequantized(out, q)
     if backend.loads_in_transformers and weights is None:
         report("verifying: load the written checkpoint with transformers, one forward pass over BF16's tokens")
         return verify_generation(reference, out, tokenizer, dtype)
     if weights is None:
-        return None   # a packed format transformers cannot run on this machine
+        return None   # a backend that says it verifies, yet neither loads in transformers nor dequantizes
     if backend.loads_in_transformers:
         report("verifying: the written checkpoint loads with transformers")
         check_loads(out, dtype)

@@ -4,7 +4,8 @@ The quantize step verifies what it wrote against these tokens (forge.steps.quant
 quantized weights, teacher-forced over them. Recording them here, from the snapshot alone, means no quantize run
 generates with the source model before quantizing it (16 cached forward steps, 9 s of a 3B model on a 2-core CPU),
 and every variant built on the same snapshot shares one recording: the key holds the snapshot, the dtype, the
-prompt and the device, nothing of the quantize section.
+prompt and the device, nothing of the quantize section. Not part of a graph whose checkpoint cannot be run here
+(ModelOpt's packed 4-bit formats: forge.backends.Backend.verifies).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forge import host
+from forge.backends import verifies
 from forge.steps import StepContext, StepSpec
 
 VERIFY_PROMPT = "The capital of France is"
@@ -28,7 +30,7 @@ SPEC = StepSpec(
     version=1,
     config=lambda loaded: {"dtype": loaded.recipe.model.dtype, "prompt": VERIFY_PROMPT, "tokens": VERIFY_TOKENS},
     identity=lambda loaded: {"device": host.device()},
-    enabled=lambda loaded: loaded.recipe.quantize.method != "none",
+    enabled=lambda loaded: verifies(loaded.recipe.quantize, loaded.recipe.target.engine),
     run="forge.steps.reference:run",
     gpu=True,
 )

@@ -27,6 +27,9 @@ class Echo:
     def needs_calibration(self, q) -> bool:
         return False
 
+    def verifies(self, q) -> bool:
+        return True   # a plain BF16 checkpoint: the quantize step loads it with transformers
+
     def preflight(self, loaded, shape) -> list[str]:
         return []
 
