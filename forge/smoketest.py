@@ -1,20 +1,26 @@
 """The smoke test of a built image, against its running server: /health, GET /v1/models, one chat completion.
 
-``check_server`` speaks HTTP only (who started the server and how is the package step's business), so a
-test can point it at any server. A failure is a SmokeTestError (exit 6) whose message carries the HTTP
+``smoke_test`` serves the image with its builder (forge.builders) and runs ``check_server``, which speaks HTTP
+only, so a test can point it at any server. A failure is a SmokeTestError (exit 6) whose message carries the HTTP
 status, the response body and the tail of the server's log; the transcript and the log are kept.
 """
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from forge.builders import free_port, load_image, start_server, unload_image
 from forge.errors import SmokeTestError
 
-__all__ = ["check_server", "TRANSCRIPT", "SERVER_LOG", "SMOKE_QUESTION"]
+if TYPE_CHECKING:
+    from forge.containers import ImageSpec
+
+__all__ = ["smoke_test", "check_server", "TRANSCRIPT", "SERVER_LOG", "SMOKE_QUESTION"]
 
 TRANSCRIPT, SERVER_LOG = "smoke-test.json", "server.log"
 SMOKE_QUESTION = "What is the capital of France?"
@@ -110,3 +116,45 @@ def _request_or_fail(fail, stage: str, method: str, url: str, body: dict | None 
     if status != 200:
         fail(stage, f"HTTP {status}", status, text)
     return status, text
+
+
+# ------------------------------------------------------------------ an image's smoke test
+
+
+def smoke_test(tag: str, spec: "ImageSpec", report, *, keep: Path, builder: str = "buildah", timeout_s: float = 300,
+               layout: tuple[Path, str] | None = None) -> dict:
+    """Serve from the image, check it (check_server: health route, /v1/models, one chat), stop everything.
+    keep: where the server log goes, and where it stays with the transcript when the check fails (removed
+    when it passes). layout: (OCI layout, ref) to load the image from into the builder's storage first; it is
+    removed again afterwards (the layout is the artifact: no second copy of the weights stays behind)."""
+    from forge.engines import get
+
+    engine = get(spec.base.engine)
+    if not engine.smoke_test:
+        why = ("cannot be smoke-tested here (its engine says so)" if engine.cpu
+               else "need their GPU to serve; smoke test not run here")
+        return {"passed": False, "skipped": f"{engine.name} images {why}", "answer": None, "health_seconds": None,
+                "models": None}
+    if layout is not None:
+        report("loading the image into the builder's storage for the smoke test")
+        load_image(builder, layout[0], layout[1], tag)
+    try:
+        return _serve_and_check(tag, spec, report, keep=keep, builder=builder, timeout_s=timeout_s)
+    finally:
+        if layout is not None:
+            unload_image(builder, tag)
+
+
+def _serve_and_check(tag: str, spec: "ImageSpec", report, *, keep: Path, builder: str, timeout_s: float) -> dict:
+    keep.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    with open(keep / SERVER_LOG, "wb") as log:
+        server, args, stop = start_server(builder, tag, spec.engine_args, port, log)
+        try:
+            transcript = check_server(f"http://127.0.0.1:{port}", spec.served_name, report, exited=server.poll,
+                                      keep=keep, timeout_s=timeout_s, context={"image": tag, "command": args},
+                                      health_route=spec.health_route)
+        finally:
+            stop()
+    shutil.rmtree(keep, ignore_errors=True)
+    return transcript

@@ -260,7 +260,7 @@ def test_pytorch_mode_packages_the_modelopt_checkpoint_for_trtllm_serve(tmp_path
     parsed = json.loads(subprocess.run([str(FAKE_BIN / "trtllm-serve"), *_serve_args(config)[1:]],
                                        capture_output=True, text=True, check=True).stdout)
     assert parsed["backend"] == "pytorch" and parsed["model"] == "/opt/forge/model" and parsed["max_batch_size"] == 4
-    from forge.steps.package import file_digests_in_layer
+    from forge.builders import file_digests_in_layer
     from forge.steps.quantize import REPORTS
 
     image = json.loads((entries["package"] / "image.json").read_text())

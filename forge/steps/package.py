@@ -7,36 +7,32 @@ reproducible layers), exports an OCI layout directory (what Trivy and the regist
 default smoke-tests it: start the image's server, wait for /health, require GET /v1/models to list the
 served model, ask one chat question by that id, require an answer, stop the whole process group, keep the
 transcript. A failed smoke test is exit 6 with the HTTP status, the body and the server log's tail in the
-message; the transcript and the full server log are kept beside the step's staging directory.
+message; the transcript and the full server log are kept beside the step's staging directory. The container tool
+calls are forge.builders'; the smoke test is forge.smoketest's.
 
 Secrets never reach the image: builds run with a scrubbed environment; the host's CA bundle and
 wheel sources are bind-mounted read-only into the pip step only, never copied into a layer.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import time
-import uuid
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 from forge import env as fenv
-from forge.containers import MODEL_DIR, PORT, UID, ImageSpec, containerfile, image_spec, require_cuda, resolve_base
+from forge.builders import (CONTAINERFILE, build_image, buildah, choose_builder, clean_env, describe_layout,
+                            pull_layout, tool_version)
+from forge.containers import MODEL_DIR, UID, containerfile, image_spec, require_cuda, resolve_base
 from forge.errors import ToolError
-from forge.smoketest import SERVER_LOG, TRANSCRIPT, check_server
+from forge.smoketest import TRANSCRIPT, smoke_test
 from forge.steps import StepContext, StepSpec
 
-OCI_DIR, CONTAINERFILE, IMAGE_JSON = "oci", "Containerfile", "image.json"
+OCI_DIR, IMAGE_JSON = "oci", "image.json"
 SMOKE_KEEP = ".smoke-test"   # suffix of the directory beside the staging dir that keeps a failed smoke test
-SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "REGISTRY_PASSWORD", "REGISTRY_AUTH_FILE", "DOCKER_CONFIG",
-              "AWS_SECRET_ACCESS_KEY", "GITHUB_TOKEN")
 
 
 def _enabled(loaded) -> bool:
@@ -62,8 +58,8 @@ def _pip_sources() -> dict:
 
 BASE = StepSpec(
     name="base_image", summary="build forge's CPU base image (mmdebstrap + venv)", depends=(), tools=(), version=1,
-    config=_base_config, identity=lambda loaded: {"pip": _pip_sources(), "buildah": _tool_version("buildah"),
-                                                  "mmdebstrap": _tool_version("mmdebstrap")},
+    config=_base_config, identity=lambda loaded: {"pip": _pip_sources(), "buildah": tool_version("buildah"),
+                                                  "mmdebstrap": tool_version("mmdebstrap")},
     enabled=_base_enabled, run="forge.steps.package:run_base")
 
 
@@ -82,7 +78,7 @@ def _identity(loaded) -> dict:
         builder = choose_builder(loaded, base)
     except ToolError:
         builder = "absent"   # the step itself reports it when it runs
-    return {"builder": builder, builder: _tool_version(builder) if builder != "absent" else "absent"}
+    return {"builder": builder, builder: tool_version(builder) if builder != "absent" else "absent"}
 
 
 SPEC = StepSpec(
@@ -93,72 +89,6 @@ SPEC = StepSpec(
 
 
 # ------------------------------------------------------------------ buildah
-
-
-@lru_cache(maxsize=None)  # asked for by several steps' keys in one build
-def _tool_version(tool: str) -> str:
-    """`tool --version`, remembered by the binary's (path, size, mtime): a no-op rebuild runs no subprocess."""
-    path = shutil.which(tool)
-    if path is None:
-        return "absent"
-    st = os.stat(path)
-    ident = f"{path}:{st.st_size}:{st.st_mtime_ns}"
-    from forge.store import default_cache_dir
-
-    memo = default_cache_dir() / "tool-versions.json"
-    try:
-        known = json.loads(memo.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if ident in known:
-        return known[ident]
-    from forge.steps import Unprobed, probes_allowed
-
-    if not probes_allowed():
-        raise Unprobed(f"`{tool} --version` (not remembered yet)")
-    try:
-        out = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    version = out.splitlines()[0] if out else "unknown"
-    try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**known, ident: version}))
-        tmp.replace(memo)
-    except OSError:
-        pass
-    return version
-
-
-def _clean_env() -> dict:
-    clean = fenv.passthrough(SECRET_ENV, ("HF_", "AWS_"))
-    clean.setdefault("BUILDAH_ISOLATION", "chroot")
-    return clean
-
-
-def _storage_flags() -> list[str]:
-    """buildah's storage options, shared by every buildah call forge makes (FORGE_BUILDAH_* pick them)."""
-    root = fenv.get("FORGE_BUILDAH_ROOT")
-    flags = ["--storage-driver", fenv.get("FORGE_BUILDAH_STORAGE_DRIVER")]
-    return flags + (["--root", root, "--runroot", root + "-run"] if root else [])
-
-
-def buildah(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    if shutil.which("buildah") is None:
-        raise ToolError("buildah is not on PATH: the package step cannot build images",
-                        hint="Install it (Debian/Ubuntu: apt-get install buildah; `make setup-tools` does it here), "
-                             "or remove the container section to stop before packaging.")
-    return _run(["buildah", *_storage_flags(), *args], shown=("buildah", *args[:3]), check=check, **kw)
-
-
-def _run(argv: list[str], *, shown: tuple[str, ...], check: bool = True, env: dict | None = None,
-         **kw) -> subprocess.CompletedProcess:
-    """Run a container tool with the scrubbed environment; a failure is exit 5 showing the command's start."""
-    proc = subprocess.run(argv, capture_output=True, text=True, env={**_clean_env(), **(env or {})}, **kw)
-    if check and proc.returncode != 0:
-        raise ToolError(f"`{' '.join(shown)} …` failed (exit {proc.returncode}): {proc.stderr.strip()[-1500:]}")
-    return proc
 
 
 def _host_pip_mounts() -> tuple[list[str], list[str]]:
@@ -185,7 +115,7 @@ def run_base(ctx: StepContext) -> dict:
     rootfs = ctx.out.parent / "rootfs.tar"
     ctx.report(f"mmdebstrap {base.suite} ({', '.join(base.packages)})")
     proc = subprocess.run(["mmdebstrap", "--variant=apt", f"--include={','.join(base.packages)}", base.suite, str(rootfs)],
-                          capture_output=True, text=True, env=_clean_env())
+                          capture_output=True, text=True, env=clean_env())
     if proc.returncode != 0:
         raise ToolError(f"mmdebstrap failed: {proc.stderr.strip()[-1500:]}")
     ctr = buildah("from", "scratch").stdout.strip()
@@ -220,7 +150,7 @@ def _image_ref(ctx: StepContext, base, digest: str | None) -> str:
         # else loaded from the step's OCI layout
         tag = f"localhost/forge-base/{base.name}:{ctx.inputs['base_image'].parent.name[:12]}"
         if buildah("inspect", "--type", "image", tag, check=False).returncode != 0:
-            image_id = _pull_layout(ctx.inputs["base_image"] / OCI_DIR, base.name)
+            image_id = pull_layout(ctx.inputs["base_image"] / OCI_DIR, base.name)
             buildah("tag", image_id, tag)
         return tag
     if digest:
@@ -334,188 +264,7 @@ def _weights_layer(ctx: StepContext, model: Path, ref: str) -> dict:
             "mb_s": round(layer["tar_bytes"] / max(seconds, 1e-9) / 1e6, 1)}
 
 
-def load_image(builder: str, layout: Path, ref: str, tag: str) -> None:
-    """Make ``tag`` in the builder's storage the image in the OCI layout (what the smoke test and a user run)."""
-    if builder == "buildah":
-        buildah("tag", _pull_layout(layout, ref), tag)
-    elif builder == "podman":
-        image_id = _tool("podman", "pull", "--quiet", f"oci:{layout}:{ref}").stdout.strip().splitlines()[-1]
-        _tool("podman", "tag", image_id, tag)
-    else:
-        _tool("skopeo", "copy", "--quiet", f"oci:{layout}:{ref}", f"docker-daemon:{tag}")
-
-
-def unload_image(builder: str, tag: str) -> None:
-    if builder == "buildah":
-        buildah("rmi", "--force", tag, check=False)
-    else:
-        subprocess.run([builder, "rmi", "--force", tag], capture_output=True, env=_clean_env())
-
-
-def _pull_layout(layout: Path, ref: str) -> str:
-    """buildah pull of an OCI layout; returns the image id. buildah names a pulled oci: image after its path,
-    which must then be a valid reference (no '.cache' components): pull through a plain, lower-case symlink."""
-    import tempfile
-
-    link = Path(tempfile.gettempdir()) / f"forge-oci-{uuid.uuid4().hex}"
-    link.symlink_to(layout)
-    try:
-        return buildah("pull", "--quiet", f"oci:{link}:{ref}").stdout.strip().splitlines()[-1]
-    finally:
-        link.unlink()
-
-
-def choose_builder(loaded, base) -> str:
-    """container.builder resolved: auto takes buildah, then podman, then docker, whichever is on PATH.
-    forge's own bases live in buildah's storage, so they are built on with buildah."""
-    want = loaded.recipe.container.builder
-    if base.built:   # resolve_base refused any other builder for it
-        return "buildah"
-    order = ("buildah", "podman", "docker") if want == "auto" else (want,)
-    for tool in order:
-        if shutil.which(tool):
-            return tool
-    raise ToolError(f"no image builder on PATH (container.builder: {want}; looked for {', '.join(order)})",
-                    hint="Install buildah (`make setup-tools`), podman or docker.")
-
-
-def _tool(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return _run(list(argv), shown=argv[:3], env=env)
-
-
-def build_image(builder: str, context: Path, tag: str, layout: Path, ref: str, *, local_base: bool) -> None:
-    """Build the Containerfile in context as tag, then export it as an OCI layout (what Trivy and the registry read).
-    forge's own base is in local storage already; a published one is pulled once (by digest when locked)."""
-    cf = str(context / CONTAINERFILE)
-    if builder == "buildah":
-        buildah("bud", "--isolation", "chroot", "--timestamp", "0", "--layers=false",
-                "--pull=never" if local_base else "--pull=missing", "-f", cf, "-t", tag, str(context))
-        buildah("push", "--quiet", tag, f"oci:{layout}:{ref}")
-    elif builder == "podman":
-        _tool("podman", "build", "--timestamp", "0", "--layers=false", "--pull=missing", "-f", cf, "-t", tag, str(context))
-        _tool("podman", "push", "--quiet", tag, f"oci:{layout}:{ref}")
-    else:  # docker: BuildKit honours SOURCE_DATE_EPOCH for the image's timestamps; the archive goes through skopeo
-        _tool("docker", "build", "--build-arg", "SOURCE_DATE_EPOCH=0", "-f", cf, "-t", tag, str(context),
-              env={"SOURCE_DATE_EPOCH": "0", "DOCKER_BUILDKIT": "1"})
-        archive = layout.parent / f".{ref}.docker.tar"
-        try:
-            _tool("docker", "save", "-o", str(archive), tag)
-            if shutil.which("skopeo") is None:
-                raise ToolError("skopeo is not on PATH: forge converts docker's archive to an OCI layout with it",
-                                hint="apt-get install skopeo")
-            _tool("skopeo", "copy", "--quiet", f"docker-archive:{archive}", f"oci:{layout}:{ref}")
-        finally:
-            archive.unlink(missing_ok=True)
-
-
-def describe_layout(layout: Path, ref: str) -> dict:
-    """Manifest digest, config digest, and layer digests of one image in an OCI layout."""
-    index = json.loads((layout / "index.json").read_text())
-    desc = next((m for m in index["manifests"]
-                 if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == ref), index["manifests"][0])
-    manifest = json.loads(_blob(layout, desc["digest"]).read_text())
-    layers = [layer["digest"] for layer in manifest["layers"]]
-    return {"manifest_digest": desc["digest"], "config_digest": manifest["config"]["digest"], "layers": layers,
-            "weights_layer": layers[-1], "oci_ref": ref}
-
-
-def _blob(layout: Path, digest: str) -> Path:
-    algo, hexd = digest.split(":", 1)
-    return layout / "blobs" / algo / hexd
-
-
 # ------------------------------------------------------------------ smoke test
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(builder: str, tag: str, engine_args, port: int, log):
-    """Start the image's server (engine_args: its entrypoint) reachable on 127.0.0.1:port, its output to log;
-    returns (process, args, stop). stop() ends the whole process group and removes the container."""
-    if builder == "buildah":  # no port mapping: the server shares the host network, so it listens on port
-        args = [a if a != str(PORT) else str(port) for a in engine_args]
-        ctr = buildah("from", "--pull=never", tag).stdout.strip().splitlines()[-1]
-        server = subprocess.Popen(["buildah", *_storage_flags(), "run", "--isolation", "chroot", ctr, "--", *args],
-                                  stdout=log, stderr=subprocess.STDOUT, env=_clean_env(), start_new_session=True)
-
-        def stop() -> None:
-            _stop_group(server)   # buildah run leaves the server behind: stop the whole group
-            buildah("rm", ctr, check=False)
-        return server, args, stop
-    name = f"forge-smoke-{uuid.uuid4().hex[:12]}"
-    server = subprocess.Popen([builder, "run", "--rm", "--name", name, "-p", f"127.0.0.1:{port}:{PORT}", tag],
-                              stdout=log, stderr=subprocess.STDOUT, env=_clean_env(), start_new_session=True)
-
-    def stop() -> None:
-        subprocess.run([builder, "rm", "-f", name], capture_output=True, env=_clean_env())
-        _stop_group(server)
-    return server, list(engine_args), stop
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def smoke_test(tag: str, spec: ImageSpec, report, *, keep: Path, builder: str = "buildah", timeout_s: float = 300,
-               layout: tuple[Path, str] | None = None) -> dict:
-    """Serve from the image, check it (check_server: health route, /v1/models, one chat), stop everything.
-    keep: where the server log goes, and where it stays with the transcript when the check fails (removed
-    when it passes). layout: (OCI layout, ref) to load the image from into the builder's storage first; it is
-    removed again afterwards (the layout is the artifact: no second copy of the weights stays behind)."""
-    from forge.engines import get
-
-    engine = get(spec.base.engine)
-    if not engine.smoke_test:
-        why = ("cannot be smoke-tested here (its engine says so)" if engine.cpu
-               else "need their GPU to serve; smoke test not run here")
-        return {"passed": False, "skipped": f"{engine.name} images {why}", "answer": None, "health_seconds": None,
-                "models": None}
-    if layout is not None:
-        report("loading the image into the builder's storage for the smoke test")
-        load_image(builder, layout[0], layout[1], tag)
-    try:
-        return _serve_and_check(tag, spec, report, keep=keep, builder=builder, timeout_s=timeout_s)
-    finally:
-        if layout is not None:
-            unload_image(builder, tag)
-
-
-def _serve_and_check(tag: str, spec: ImageSpec, report, *, keep: Path, builder: str, timeout_s: float) -> dict:
-    keep.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    with open(keep / SERVER_LOG, "wb") as log:
-        server, args, stop = start_server(builder, tag, spec.engine_args, port, log)
-        try:
-            transcript = check_server(f"http://127.0.0.1:{port}", spec.served_name, report, exited=server.poll,
-                                      keep=keep, timeout_s=timeout_s, context={"image": tag, "command": args},
-                                      health_route=spec.health_route)
-        finally:
-            stop()
-    shutil.rmtree(keep, ignore_errors=True)
-    return transcript
-
-
-def file_digests_in_layer(layout: Path, layer_digest: str) -> dict[str, str]:
-    """sha256 of every regular file in one layer blob (for checking the weights layer against the model)."""
-    import tarfile
-
-    out = {}
-    with tarfile.open(_blob(layout, layer_digest)) as tf:
-        for m in tf:
-            if m.isfile():
-                out[m.name.lstrip("./")] = hashlib.sha256(tf.extractfile(m).read()).hexdigest()
-    return out
 
 
 # ------------------------------------------------------------------ readers (what downstream steps and the registry read)
