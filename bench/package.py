@@ -1,7 +1,7 @@
 """Benchmark: writing the weights layer vs hashing the same files (Python hashlib SHA-256), in one run.
 
   forge      forge's weights layer: a deterministic tar of the checkpoint streamed into an OCI layout's
-             blob store, hashed while written, appended to an image (forge/weights_layer.py), uncompressed
+             blob store, hashed while written, appended to an image (forge/image/weights_layer.py), uncompressed
              (the default) — the part of packaging that grows with the model
   hashlib    SHA-256 over the same files, 16 MiB reads: the floor any content-addressed packaging pays
   buildah    (--buildah) the previous path: buildah bud `COPY model/` + push to an OCI layout (gzip)
@@ -37,7 +37,7 @@ def _hash_files(files: list[Path]) -> None:
 
 def empty_image(layout: Path) -> None:
     """A minimal OCI layout with one empty image to append to (what the package step's buildah build gives)."""
-    from forge.registry.layout import Layout, descriptor, manifest_bytes
+    from forge.oci.layout import Layout, descriptor, manifest_bytes
 
     store = Layout(layout).init()
     config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
@@ -65,7 +65,7 @@ def _buildah(model: Path, work: Path, i: int) -> float:
 
 
 def main() -> None:
-    from forge.weights_layer import append_weights_layer
+    from forge.image.weights_layer import append_weights_layer
 
     ap = argparse.ArgumentParser()
     ap.add_argument("model", type=Path)

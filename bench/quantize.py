@@ -36,9 +36,9 @@ def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "")
 
-    from forge.build import build
+    from forge.orchestrate.build import build
     from forge.recipe.load import load_recipe
-    from forge.store import Store, default_cache_dir
+    from forge.store.local import Store, default_cache_dir
 
     work = Path(tempfile.mkdtemp(prefix="forge-bench-q-"))
     store = Store(args.cache_dir or default_cache_dir())
@@ -61,7 +61,7 @@ def main() -> None:
         from llmcompressor.modifiers.quantization import GPTQModifier
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from forge.calibration import read_texts, windows
+        from forge.model.calibration import read_texts, windows
 
         tok = AutoTokenizer.from_pretrained(snapshot)
         chunks = windows(read_texts(CALIB), tok, samples=args.samples, max_seq_len=args.max_seq_len, seed=0, where="bench")

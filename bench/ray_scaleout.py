@@ -65,11 +65,11 @@ def _recipes(models: list[Path]) -> list[Path]:
 
 
 def _inside(work: Path) -> dict:
-    from forge.build import execute
-    from forge.cache_remote import RemoteCache
+    from forge.orchestrate.build import execute
+    from forge.store.remote import RemoteCache
     from forge.executors.ray import RayExecutor
     from forge.recipe.load import load_recipe
-    from forge.store import Store
+    from forge.store.local import Store
     from test_ray_executor import cluster
 
     recipes = _recipes(_models(work))

@@ -11,7 +11,7 @@ Each measurement runs in its own child process, so its peak RSS (ru_maxrss from 
                snapshot for every variant: its time is reported beside the quantize step's, and with it).
                Then, in a child process of its own (wall time, peak RSS), the quantized checkpoint is packaged
                and published with forge's own code: its weights layer appended to an image in an OCI layout
-               inside the step cache (forge/weights_layer.py, as the package step does) and that image's blobs
+               inside the step cache (forge/image/weights_layer.py, as the package step does) and that image's blobs
                put into a LocalRegistry's blob store (as publish does).
   disk         the whole build's disk growth per GB of checkpoint, each copy named: bytes of inodes new to
                the step cache (per step), the image store and the registry, hard links counted once, files
@@ -120,7 +120,7 @@ def forge_dtype(model: Path, method: str) -> str:
     the raw library is run in it too, so both quantize the same numbers (GPTQ on a CPU without native bf16: float32
     when it fits half of memory, 4.5x faster than emulated bf16)."""
     sys.path.insert(0, str(REPO))
-    from forge import host
+    from forge.core import host
     from forge.steps.quantize import calibration_dtype
 
     if method == "fp8" or host.device() == "cuda" or host.cpu_has_native_bf16():
@@ -176,9 +176,9 @@ def _publish(checkpoint: Path, layout: Path, registry: Path) -> None:
     sys.path.insert(0, str(REPO))
     from package import empty_image
 
-    from forge.registry.layout import Layout
+    from forge.oci.layout import Layout
     from forge.registry.local import LocalRegistry
-    from forge.weights_layer import append_weights_layer
+    from forge.image.weights_layer import append_weights_layer
 
     empty_image(layout)
     layer = append_weights_layer(layout, "bench", checkpoint, "/opt/forge/model", uid=10001)

@@ -40,8 +40,8 @@ def main() -> None:
     ap.add_argument("--findings", type=int, default=20_000)
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
-    from forge.scanpolicy import judge, markdown
-    from forge.trivy import parse_report
+    from forge.image.scanpolicy import judge, markdown
+    from forge.image.trivy import parse_report
 
     data = generate(args.findings)
     samples, parse_s, judge_s = [], [], []

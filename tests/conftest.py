@@ -163,7 +163,7 @@ def standin_bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("buildah") / "storage"
     old = os.environ.get("FORGE_BUILDAH_ROOT")
     os.environ["FORGE_BUILDAH_ROOT"] = str(root)   # only while the stand-ins are made; builds get it via env
-    from forge.builders import buildah
+    from forge.image.builders import buildah
 
     try:
         for ref, cuda in STANDINS.values():

@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO, forge_cli, write_recipe
 
 from forge.recipe.load import load_recipe
-from forge.store import Store
+from forge.store.local import Store
 
 TASKS = REPO / "evals" / "tasks"
 CALIB = REPO / "evals" / "data" / "calib-pydoc.jsonl"
@@ -140,9 +140,9 @@ def test_auto_recipe_validation_names_field_and_fix(tmp_path, tiny_llama):
 
 @pytest.mark.parametrize("gpu", ["L4", "H100-SXM"])
 def test_gpu_target_plans_its_trials_in_cost_order(tmp_path, tiny_llama, cache_dir, gpu):
-    from forge import fit
-    from forge.catalog import gpu as catalog_gpu
-    from forge.modelshape import from_config_file
+    from forge.gpu import fit
+    from forge.gpu.catalog import gpu as catalog_gpu
+    from forge.model.shape import from_config_file
 
     recipe = write_recipe(tmp_path / "gpu.yaml", str(tiny_llama), name="auto-gpu",
                           target={"gpu": gpu, "engine": "vllm", "max_num_seqs": 8},

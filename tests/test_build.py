@@ -13,10 +13,10 @@ import pytest
 
 from conftest import REPO, forge_cli, write_recipe
 
-from forge.build import build, plan
-from forge.digests import sha256_file
+from forge.orchestrate.build import build, plan
+from forge.core.digests import sha256_file
 from forge.recipe.load import load_recipe
-from forge.store import Store
+from forge.store.local import Store
 
 
 @pytest.fixture

@@ -16,12 +16,12 @@ import pytest
 
 from conftest import REPO, SECRETS, forge_cli, free_port, write_recipe
 
-from forge.build import execute
-from forge.cache_remote import ARTIFACT_TYPE, RemoteCache, RemoteCacheCorrupt
-from forge.digests import sha256_file, tree_digest
+from forge.orchestrate.build import execute
+from forge.store.remote import ARTIFACT_TYPE, RemoteCache, RemoteCacheCorrupt
+from forge.core.digests import sha256_file, tree_digest
 from forge.executors.process import ProcessExecutor
 from forge.recipe.load import load_recipe
-from forge.store import Store
+from forge.store.local import Store
 
 STEPS = ["resolve", "quantize"]
 

@@ -13,11 +13,11 @@ import pytest
 
 from conftest import REPO, forge_cli, write_recipe
 
-from forge import ci
-from forge.gatestats import judge_rule
+from forge.cli import ci
+from forge.evaluation.gatestats import judge_rule
 from forge.recipe.load import load_recipe
-from forge.scanpolicy import judge
-from forge.trivy import parse_report
+from forge.image.scanpolicy import judge
+from forge.image.trivy import parse_report
 
 BAD_GPU = (REPO / "tests" / "bad_recipes" / "unknown-gpu" / "recipe.yaml").read_text()
 

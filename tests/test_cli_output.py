@@ -136,7 +136,7 @@ CAPTURE_SCRIPT = r'''
 import logging, os, subprocess, sys, warnings
 from pathlib import Path
 from loguru import logger
-from forge import steplog
+from forge.core import steplog
 
 logging.basicConfig()                      # a handler made before the step, on the original sys.stderr
 log = Path(sys.argv[1])

@@ -15,8 +15,8 @@ import pytest
 from conftest import REPO, forge_cli
 
 from forge import deploy
-from forge.containers import PORT, UID, resolve_base
-from forge.errors import UsageError
+from forge.image.containers import PORT, UID, resolve_base
+from forge.core.errors import UsageError
 from forge.deploy.kustomize import read_dir
 from forge.deploy.validate import problems, schema_problems
 from forge.registry import LocalRegistry, publish

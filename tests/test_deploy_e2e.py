@@ -65,7 +65,7 @@ def test_demo_image_runs_as_its_deployment_says_and_its_probes_answer(demo_image
     from forge import deploy
     from forge.deploy.kustomize import read_dir
     from forge.registry import LocalRegistry
-    from forge.builders import buildah
+    from forge.image.builders import buildah
 
     monkeypatch.setenv("FORGE_BUILDAH_ROOT", demo_image["env"]["FORGE_BUILDAH_ROOT"])
     reg = LocalRegistry(tmp_path / "registry")
@@ -83,7 +83,7 @@ def test_demo_image_runs_as_its_deployment_says_and_its_probes_answer(demo_image
     envs = [x for e in c.get("env", []) for x in ("--env", f"{e['name']}={e['value']}")]
 
     image = json.loads((demo_image["steps"]["package"][0] / "image.json").read_text())
-    from forge.builders import load_image
+    from forge.image.builders import load_image
 
     load_image("buildah", demo_image["steps"]["package"][0] / "oci", image["oci_ref"], image["tag"])  # the layout is the artifact
     ctr = buildah("from", "--pull=never", image["tag"]).stdout.strip().splitlines()[-1]

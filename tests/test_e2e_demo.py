@@ -72,7 +72,7 @@ def test_image_labels_weights_layer_and_smoke_test(demo):
     assert labels["dev.forge.eval.verdict.digest"].startswith("sha256:")
     assert labels["org.opencontainers.image.title"] == "smollm2-135m-demo"
     # the files in the weights layer hash to the quantized checkpoint's manifest
-    from forge.builders import file_digests_in_layer
+    from forge.image.builders import file_digests_in_layer
 
     layer = file_digests_in_layer(out / "oci", image["weights_layer"])
     model_files = {k.removeprefix("opt/forge/model/"): v for k, v in layer.items() if k.startswith("opt/forge/model/")}
@@ -88,7 +88,7 @@ def test_demo_image_serves_the_openai_client(demo, tmp_path, monkeypatch):
     import openai
 
     from conftest import free_port
-    from forge.builders import load_image, start_server, unload_image
+    from forge.image.builders import load_image, start_server, unload_image
 
     monkeypatch.setenv("FORGE_BUILDAH_ROOT", demo["env"]["FORGE_BUILDAH_ROOT"])
     image = json.loads((demo["steps"]["package"] / "image.json").read_text())
@@ -229,7 +229,7 @@ def test_trtllm_recipe_modelopt_fp8_on_cpu_validated_and_packaged(demo, standin_
     serve = subprocess.run([str(REPO / "tests" / "fake_bin" / "trtllm-serve"), *entry[1:]], capture_output=True, text=True)
     assert entry[0] == "trtllm-serve" and serve.returncode == 0, serve.stderr
     assert json.loads(serve.stdout)["backend"] == "pytorch"
-    from forge.builders import file_digests_in_layer
+    from forge.image.builders import file_digests_in_layer
 
     image = json.loads((steps["package"] / "image.json").read_text())
     layer = file_digests_in_layer(steps["package"] / "oci", image["weights_layer"])

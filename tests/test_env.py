@@ -1,4 +1,4 @@
-"""Environment variables: read only through forge/env.py, every one declared there and documented in the README."""
+"""Environment variables: read only through forge/core/options.py, every one declared there and documented in the README."""
 from __future__ import annotations
 
 import ast
@@ -8,7 +8,7 @@ import pytest
 
 from conftest import REPO
 
-from forge import env
+from forge.core import options as env
 
 FORGE = REPO / "forge"
 
@@ -21,7 +21,7 @@ def _sources():
 def test_no_module_but_env_reads_the_environment():
     offenders = []
     for path, text in _sources():
-        if path == FORGE / "env.py":
+        if path == FORGE / "core" / "options.py":
             continue
         for node in ast.walk(ast.parse(text)):
             # os.environ / os.getenv / os.putenv, or `from os import environ, getenv`
@@ -30,7 +30,7 @@ def test_no_module_but_env_reads_the_environment():
             if isinstance(node, ast.ImportFrom) and node.module == "os" and \
                     {a.name for a in node.names} & {"environ", "getenv", "environb"}:
                 offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: {ast.unparse(node)}")
-    assert offenders == [], "read environment variables through forge.env (declare them there):\n" + "\n".join(offenders)
+    assert offenders == [], "read environment variables through forge.core.options (declare them there):\n" + "\n".join(offenders)
 
 
 def test_every_name_forge_asks_for_is_declared():
@@ -54,7 +54,7 @@ def test_readme_documents_exactly_the_declared_variables():
     readme = (REPO / "README.md").read_text()
     section = readme.split("## Environment variables", 1)[1].split("\n## ", 1)[0]
     documented = re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", section, flags=re.M)
-    assert sorted(documented) == sorted(env.VARS), "README's environment table and forge/env.py differ"
+    assert sorted(documented) == sorted(env.VARS), "README's environment table and forge/core/options.py differ"
 
 
 def test_undeclared_name_is_a_bug_and_defaults_apply(monkeypatch):

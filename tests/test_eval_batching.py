@@ -8,9 +8,9 @@ import pytest
 
 from conftest import REPO, write_recipe
 
-from forge.build import build
+from forge.orchestrate.build import build
 from forge.recipe.load import load_recipe
-from forge.store import Store
+from forge.store.local import Store
 
 HELDOUT = REPO / "evals" / "tasks" / "heldout_ppl.yaml"
 
@@ -43,7 +43,7 @@ def test_fp8_eval_is_the_same_at_batch_1_and_8_and_the_verdict_records_it(tmp_pa
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from forge.evaltasks import load_task
+    from forge.evaluation.tasks import load_task
     from forge.steps.evaluate import load_samples, simple_evaluate
 
     recipe = write_recipe(tmp_path / "r.yaml", str(batch_sensitive_llama), quantize={"method": "fp8"},

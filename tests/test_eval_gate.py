@@ -8,10 +8,10 @@ import pytest
 
 from conftest import REPO, forge_cli, write_recipe
 
-from forge.build import build, plan
-from forge.errors import EvalGateError
+from forge.orchestrate.build import build, plan
+from forge.core.errors import EvalGateError
 from forge.recipe.load import load_recipe
-from forge.store import Store
+from forge.store.local import Store
 
 TASKS = REPO / "evals" / "tasks"
 CALIB = REPO / "evals" / "data" / "calib-pydoc.jsonl"
@@ -101,7 +101,7 @@ def test_unknown_task_file_and_registered_name(tmp_path):
 
 
 def test_task_yaml_data_files_resolved_and_string_form_fixed(tmp_path):
-    from forge.evaltasks import load_task
+    from forge.evaluation.tasks import load_task
 
     (tmp_path / "d.jsonl").write_text('{"text": "hello"}\n')
     (tmp_path / "t.yaml").write_text("task: mine\ndataset_path: json\ndataset_kwargs:\n  data_files: d.jsonl\n"
@@ -111,7 +111,7 @@ def test_task_yaml_data_files_resolved_and_string_form_fixed(tmp_path):
     assert spec.config["dataset_kwargs"]["data_files"] == {"test": str((tmp_path / "d.jsonl").resolve())}
     assert spec.metrics == {"word_perplexity": False}
     (tmp_path / "f.yaml").write_text("task: x\nprocess_docs: !function utils.process\n")
-    from forge.errors import RecipeError
+    from forge.core.errors import RecipeError
 
     with pytest.raises(RecipeError, match="cannot read the task YAML.*'!function'") as e:
         load_task("f.yaml", tmp_path, "r.yaml:1:1: eval.tasks[0]")

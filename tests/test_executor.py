@@ -6,13 +6,13 @@ import pytest
 
 from conftest import REPO, write_recipe
 
-from forge import errors
-from forge.build import execute
+from forge.core import errors
+from forge.orchestrate.build import execute
 from forge.executors import error_from_json, error_to_json
 from forge.executors.process import ProcessExecutor
 from forge.recipe.load import load_recipe
 from forge.steps.graph import STEPS
-from forge.store import Store
+from forge.store.local import Store
 
 TASKS = REPO / "evals" / "tasks"
 GRAPH = ["resolve", "reference", "quantize", "eval_baseline", "eval_candidate", "gate"]

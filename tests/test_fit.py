@@ -8,9 +8,9 @@ import pytest
 
 from conftest import forge_cli, write_recipe
 
-from forge import capability, fit
-from forge.catalog import gpu, gpus
-from forge.modelshape import from_config_file
+from forge.gpu import capability, fit
+from forge.gpu.catalog import gpu, gpus
+from forge.model.shape import from_config_file
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 
@@ -126,7 +126,7 @@ def test_fit_check_uses_the_same_capability_table(monkeypatch, tmp_path):
     from forge import engines
 
     monkeypatch.setitem(engines.get("trtllm").kernels, "BF16", engines.Kernel((9, 0), "native"))
-    from forge.errors import RecipeError
+    from forge.core.errors import RecipeError
 
     with pytest.raises(RecipeError, match="needs compute capability >= 9.0"):
         fit.check_recipe(loaded, tmp_path)
@@ -167,7 +167,7 @@ def test_shape_from_gguf_header_matches_config(tmp_path):
     w.add_head_count(4); w.add_head_count_kv(2); w.add_context_length(256); w.add_vocab_size(100)
     w.add_tensor("token_embd.weight", np.zeros((100, 64), dtype=np.float32))
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    from forge.modelshape import from_gguf
+    from forge.model.shape import from_gguf
 
     s = from_gguf(path)
     assert (s.hidden_size, s.num_layers, s.num_heads, s.num_kv_heads, s.head_dim, s.vocab_size) == (64, 2, 4, 2, 16, 100)
@@ -194,7 +194,7 @@ def test_fit_cli_weights_for_every_method(method, engine, gb):
 
 def test_no_method_falls_back_to_bf16_bytes():
     """Every method in the table has its own bytes per parameter: none is ever counted as BF16 by default."""
-    from forge.methods import NAMES
+    from forge.gpu.methods import NAMES
 
     bf16 = fit.weight_bytes(shape("llama-3-8b"), fit.Plan())
     for method in NAMES:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from forge.gatestats import aggregate, judge_rule, junit, markdown
+from forge.evaluation.gatestats import aggregate, judge_rule, junit, markdown
 
 
 def _acc(n, p, seed):

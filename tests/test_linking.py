@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from forge.linking import COPIED, LINKED, place, place_tree
-from forge.registry.layout import DigestMismatch, Layout
+from forge.core.linking import COPIED, LINKED, place, place_tree
+from forge.oci.layout import DigestMismatch, Layout
 
 
 def _files(root: Path) -> Path:

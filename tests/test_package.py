@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO, forge_cli, write_recipe
 
-from forge.containers import ImageSpec, containerfile, engine_command, require_cuda, resolve_base
+from forge.image.containers import ImageSpec, containerfile, engine_command, require_cuda, resolve_base
 from forge.recipe.load import load_recipe
 
 CONFIGS = REPO / "tests" / "data" / "configs"
@@ -156,7 +156,7 @@ def test_forge_lock_pins_a_base_from_a_real_registry(tmp_path, oci_registry):
     assert json.loads((tmp_path / "containers" / "bases.lock.json").read_text()) == {"vllm-local": digest}
     proc = forge_cli("validate", "r.yaml", "--ci", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    from forge.containers import resolve_base
+    from forge.image.containers import resolve_base
     from forge.recipe.load import load_recipe
 
     assert resolve_base(load_recipe(tmp_path / "r.yaml"))[1] == digest
@@ -208,8 +208,8 @@ def test_smoke_test_http_500_is_classified_with_body_and_log_tail(standin_server
     request, the status, the body and the server's last log lines, and the transcript is kept."""
     import json
 
-    from forge.errors import ExitCode, SmokeTestError
-    from forge.smoketest import check_server
+    from forge.core.errors import ExitCode, SmokeTestError
+    from forge.image.smoketest import check_server
 
     url, routes = standin_server
     routes["/v1/models"] = (200, {"object": "list", "data": [{"id": "tiny", "object": "model"}]})
@@ -230,8 +230,8 @@ def test_smoke_test_http_500_is_classified_with_body_and_log_tail(standin_server
 
 
 def test_smoke_test_requires_the_served_model_in_v1_models(standin_server, tmp_path):
-    from forge.errors import SmokeTestError
-    from forge.smoketest import check_server
+    from forge.core.errors import SmokeTestError
+    from forge.image.smoketest import check_server
 
     url, routes = standin_server
     routes["/v1/models"] = (500, "Internal Server Error")        # what transformers serve answered before
@@ -247,8 +247,8 @@ def test_smoke_test_requires_the_served_model_in_v1_models(standin_server, tmp_p
 
 
 def test_smoke_test_server_that_exits_is_classified(tmp_path):
-    from forge.errors import SmokeTestError
-    from forge.smoketest import check_server
+    from forge.core.errors import SmokeTestError
+    from forge.image.smoketest import check_server
 
     (tmp_path / "server.log").write_text("OSError: /opt/forge/model does not appear to have a file named config.json\n")
     with pytest.raises(SmokeTestError, match=r"(?s)failed at start: the server exited with 1 before answering "
@@ -304,7 +304,7 @@ def test_cpu_image_hub_entry_lists_the_served_model_to_the_openai_client(tmp_pat
     import openai
 
     from forge.engines.cpu import HUB_DIR, MODEL_DIR, write_hub_entry
-    from forge.smoketest import check_server
+    from forge.image.smoketest import check_server
 
     root = tmp_path / "root"      # stands for / in the image: root/opt/forge/{model,hub}
     model = root / MODEL_DIR.lstrip("/")
@@ -341,7 +341,7 @@ def test_cpu_containerfile_serves_the_model_by_its_hub_id(tmp_path, tiny_llama):
     recipe = write_recipe(tmp_path / "r.yaml", str(tiny_llama), name="tiny--demo", container={"base": "cpu-python311"})
     loaded = load_recipe(recipe)
     base, _ = resolve_base(loaded)
-    from forge.containers import image_spec
+    from forge.image.containers import image_spec
 
     spec = image_spec(loaded, base, base_ref="localhost/forge-base/cpu-python311:abc", labels=(), env=(),
                       context=tmp_path / "context")

@@ -133,7 +133,7 @@ def test_a_malformed_plugin_entry_is_a_usage_error(tmp_path, tiny_llama):
 
 def test_registries_are_lazy_and_never_import_torch():
     """Every built-in backend and engine resolves without importing torch (forge --help, plan and no-op builds)."""
-    code = ("import sys; from forge import backends, engines, capability; "
+    code = ("import sys; from forge import backends, engines; from forge.gpu import capability; "
             "[backends.get(n) for n in backends.REGISTRY.names()]; [engines.get(n) for n in engines.names()]; "
             "assert 'torch' not in sys.modules, 'torch imported'; print(backends.REGISTRY.names(), engines.names())")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
@@ -143,7 +143,8 @@ def test_registries_are_lazy_and_never_import_torch():
 
 def test_every_method_has_a_backend_and_every_engine_loads_some_backends_format():
     """The method table and the registries agree: no method is offered by nobody, no engine loads nothing."""
-    from forge import backends, engines, methods
+    from forge import backends, engines
+    from forge.gpu import methods
 
     offered = {m for n in backends.REGISTRY.names() for m in backends.get(n).methods}
     assert offered == set(methods.NAMES)

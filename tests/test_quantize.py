@@ -9,10 +9,10 @@ import pytest
 
 from conftest import forge_cli, write_recipe
 
-from forge.build import build
+from forge.orchestrate.build import build
 from forge.recipe.load import load_recipe
 from forge.steps.quantize import REPORTS
-from forge.store import Store
+from forge.store.local import Store
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 CALIB = Path(__file__).resolve().parents[1] / "evals" / "data" / "calib-pydoc.jsonl"
@@ -109,8 +109,8 @@ def test_calibration_token_windows_checked_before_weights_load(tmp_path, tiny_ll
                           "calibration": {"data": "c.jsonl", "samples": 4, "max_seq_len": 700}})
     import transformers
 
-    from forge.build import plan
-    from forge.errors import RecipeError
+    from forge.orchestrate.build import plan
+    from forge.core.errors import RecipeError
 
     load, loads = transformers.AutoModelForCausalLM.from_pretrained, []
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
@@ -188,7 +188,7 @@ def test_quantized_checkpoint_loads_and_generates_with_transformers(tmp_path, ti
 
 
 def test_calibration_is_part_of_the_key(tmp_path, tiny_llama, cache_dir):
-    from forge.build import plan
+    from forge.orchestrate.build import plan
 
     calib = tmp_path / "c.jsonl"
     calib.write_text(CALIB.read_text())
@@ -249,7 +249,7 @@ def test_hf_dataset_calibration_is_pinned_and_fails_clearly_offline(tmp_path, ti
     (False, "awq", "bfloat16", 24, "bfloat16"),
 ])
 def test_cpu_calibration_dtype_policy(tmp_path, tiny_llama, monkeypatch, native, method, env, memory_gib, expected):
-    from forge import host
+    from forge.core import host
     from forge.steps import quantize as qstep
 
     monkeypatch.setattr(host, "cpu_has_native_bf16", lambda: native)
@@ -339,7 +339,7 @@ def test_verification_stops_a_checkpoint_with_broken_scales(tmp_path, tiny_llama
     from safetensors.torch import load_file, save_file
 
     from forge.backends.llmcompressor import LlmCompressor
-    from forge.errors import StepError
+    from forge.core.errors import StepError
 
     export = LlmCompressor.export
 

@@ -130,7 +130,7 @@ def test_without_ray_installed_forge_build_exits_2_with_the_pip_command(tmp_path
 def test_a_cluster_on_another_ray_version_is_an_error_naming_both_versions():
     """What ray.init raises on a version mismatch (ray._private.utils.check_version_info's message) becomes
     exit 5 with both versions and the pin, no traceback."""
-    from forge.errors import ToolError
+    from forge.core.errors import ToolError
     from forge.executors import ray as ray_executor
 
     class Ray:                                 # the ray module as _connect uses it, connecting to an older cluster
@@ -221,9 +221,9 @@ def _steps(outcome) -> list[dict]:
 
 
 def _ray_build(path: Path, store, address: str, remote: str, started: list, messages: dict) -> dict:
-    """Every variant of the recipe as one graph (forge.variants) through one RayExecutor: each variant's outcome."""
-    from forge import variants
-    from forge.cache_remote import RemoteCache
+    """Every variant of the recipe as one graph (forge.orchestrate.variants) through one RayExecutor: each variant's outcome."""
+    from forge.orchestrate import variants
+    from forge.store.remote import RemoteCache
     from forge.executors.ray import RayExecutor
     from forge.recipe.load import load_recipe
 
@@ -239,9 +239,9 @@ def _ray_build(path: Path, store, address: str, remote: str, started: list, mess
 
 
 def _ray_build_one(loaded, store, address: str, remote: str):
-    """One recipe through a RayExecutor (forge.build.execute)."""
-    from forge.build import execute
-    from forge.cache_remote import RemoteCache
+    """One recipe through a RayExecutor (forge.orchestrate.build.execute)."""
+    from forge.orchestrate.build import execute
+    from forge.store.remote import RemoteCache
     from forge.executors.ray import RayExecutor
 
     cache_remote = RemoteCache.parse(remote, "readwrite")
@@ -259,9 +259,9 @@ def _nodes(caches: dict[str, Path], steps: list[dict]) -> dict[str, str]:
 def main(config_path: str) -> int:
     import ray
 
-    from forge.build import execute
+    from forge.orchestrate.build import execute
     from forge.recipe.load import load_recipe
-    from forge.store import Store
+    from forge.store.local import Store
 
     cfg = json.loads(Path(config_path).read_text())
     work, recipes = Path(cfg["work"]), {k: Path(v) for k, v in cfg["recipes"].items()}
@@ -312,7 +312,7 @@ def _kill_scenario(recipe: Path, work: Path, address: str, remote: str, caches: 
     import ray
 
     from forge.recipe.load import load_recipe
-    from forge.store import Store
+    from forge.store.local import Store
 
     ray.shutdown()
     ray.init(address=address, runtime_env={"env_vars": {HOOK: "gate"}}, logging_level="ERROR",
@@ -350,7 +350,7 @@ def _kill_scenario(recipe: Path, work: Path, address: str, remote: str, caches: 
 
 def _remote_has_candidate(cache: Path, remote: str) -> bool | None:
     """Whether the remote step cache holds the stopped gate's key (its staging dir names the key)."""
-    from forge.cache_remote import RemoteCache
+    from forge.store.remote import RemoteCache
 
     staged = [p.name for p in (cache / "staging").glob("*")] if (cache / "staging").exists() else []
     keys = [n.split(".")[0] for n in staged]

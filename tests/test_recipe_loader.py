@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from conftest import REPO, forge_cli
 
-from forge.errors import RecipeError
+from forge.core.errors import RecipeError
 from forge.recipe.load import load_recipe
 from forge.recipe.schema import json_schema
 
@@ -20,7 +20,7 @@ def test_schema_cli_prints_the_committed_schema():
         "schema/recipe-v1.json is stale: run `forge schema > schema/recipe-v1.json`"
     assert printed["additionalProperties"] is False
     assert {"apiVersion", "name", "model", "target"} <= set(printed["required"])
-    from forge.methods import AUTO, NAMES
+    from forge.gpu.methods import AUTO, NAMES
 
     assert printed["$defs"]["Quantize"]["properties"]["method"]["enum"] == [*NAMES, AUTO] == \
         ["none", "awq", "gptq", "fp8", "int8", "w4a8_awq", "nvfp4", "auto"]

@@ -14,7 +14,7 @@ import pytest
 from conftest import forge_cli, make_image
 
 from forge.registry import LocalRegistry, publish
-from forge.registry.layout import REF_NAME
+from forge.oci.layout import REF_NAME
 from forge.registry.record import decide
 
 
@@ -270,7 +270,7 @@ def test_unreachable_registry_is_exit_5_and_records_nothing(tmp_path, reg):
     from conftest import free_port
 
     loaded, results = make_build(tmp_path / "b", registry=f"oci://127.0.0.1:{free_port()}/forge")
-    from forge.errors import ToolError
+    from forge.core.errors import ToolError
 
     with pytest.raises(ToolError, match="unreachable"):
         publish(loaded, results, registry=reg)

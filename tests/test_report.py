@@ -17,11 +17,11 @@ import pytest
 
 from conftest import REPO, _blob, _tar, forge_cli, write_recipe
 
-from forge.build import build
+from forge.orchestrate.build import build
 from forge.recipe.load import load_recipe
 from forge.registry import LocalRegistry, publish
 from forge.report import BuildOutputs, EVIDENCE_KIND
-from forge.store import Store
+from forge.store.local import Store
 
 TASKS = REPO / "evals" / "tasks"
 LABELS = {"dev.forge.cuda.version": "12.8", "dev.forge.driver.min": "570.26", "dev.forge.engine.version": "0.11.0",
@@ -161,9 +161,9 @@ def _chromium() -> str:
 def test_the_report_in_a_browser(known, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    from forge import fit
-    from forge.catalog import gpus
-    from forge.modelshape import from_config_file
+    from forge.gpu import fit
+    from forge.gpu.catalog import gpus
+    from forge.model.shape import from_config_file
     from forge.steps.quantize import REPORT_JSON
 
     verdict = json.loads((known.results["gate"].entry.out / "verdict.json").read_text())

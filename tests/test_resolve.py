@@ -14,9 +14,9 @@ import pytest
 
 from conftest import REPO, forge_cli, write_recipe
 
-from forge.digests import list_files
-from forge.errors import UsageError
-from forge.safetensors_check import check_file
+from forge.core.digests import list_files
+from forge.core.errors import UsageError
+from forge.model.safetensors_check import check_file
 
 
 def _write(path: Path, header: dict | bytes, data: bytes = b"", *, pad: bytes = b"") -> Path:

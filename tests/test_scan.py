@@ -11,9 +11,9 @@ import pytest
 
 from conftest import REPO, forge_cli, write_recipe
 
-from forge.errors import ToolError, UsageError
-from forge.scanpolicy import judge, load_ignore_file
-from forge.trivy import TrivyOptions, parse_report
+from forge.core.errors import ToolError, UsageError
+from forge.image.scanpolicy import judge, load_ignore_file
+from forge.image.trivy import TrivyOptions, parse_report
 
 DATA = Path(__file__).parent / "data" / "trivy"             # forge's own reports, in Trivy's format
 GOLDEN = REPO.parent / "shared" / "fixtures" / "trivy"         # Trivy's own golden reports, beside the project

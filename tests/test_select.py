@@ -14,12 +14,12 @@ import pytest
 
 from conftest import REPO, forge_cli, make_image
 
-from forge.catalog import gpus, product_labels
-from forge.errors import UsageError
+from forge.gpu.catalog import gpus, product_labels
+from forge.core.errors import UsageError
 from forge.recipe.load import load_recipe
 from forge.registry import LocalRegistry, publish
 from forge.registry import annotate as ann
-from forge.registry.layout import INDEX, REF_NAME
+from forge.oci.layout import INDEX, REF_NAME
 from forge.registry.matrix import MATRIX_TYPE, Matrix, publish_matrix
 from forge.registry.select import LESS_MEMORY, INCOMPATIBLE, RUNNABLE, select
 

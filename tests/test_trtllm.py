@@ -13,9 +13,9 @@ import pytest
 
 from conftest import REPO, forge_cli, image_config, write_recipe
 
-from forge.build import build
+from forge.orchestrate.build import build
 from forge.recipe.load import load_recipe
-from forge.store import Store
+from forge.store.local import Store
 
 CALIB = REPO / "evals" / "data" / "calib-pydoc.jsonl"
 FAKE_BIN = REPO / "tests" / "fake_bin"
@@ -145,8 +145,8 @@ def engine_recipe(tmp_path, tiny_llama):
     ({"tp": 2}, "engine tp_size 2; the recipe's target.tensor_parallel is 1"),
 ])
 def test_engine_validation_names_both_sides(tmp_path, engine_recipe, kwargs, message):
-    from forge.containers import resolve_base
-    from forge.trtllm import EngineFacts, check_engine
+    from forge.image.containers import resolve_base
+    from forge.engines.trtllm_build import EngineFacts, check_engine
 
     problems = check_engine(EngineFacts.read(_engine_dir(tmp_path, **kwargs)), engine_recipe, resolve_base(engine_recipe)[0])
     if message is None:
@@ -156,7 +156,7 @@ def test_engine_validation_names_both_sides(tmp_path, engine_recipe, kwargs, mes
 
 
 def test_an_engine_dir_without_a_valid_config_is_refused(tmp_path):
-    from forge.trtllm import EngineFacts
+    from forge.engines.trtllm_build import EngineFacts
 
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "config.json").write_text('{"version": "1.0.0"}')
@@ -260,7 +260,7 @@ def test_pytorch_mode_packages_the_modelopt_checkpoint_for_trtllm_serve(tmp_path
     parsed = json.loads(subprocess.run([str(FAKE_BIN / "trtllm-serve"), *_serve_args(config)[1:]],
                                        capture_output=True, text=True, check=True).stdout)
     assert parsed["backend"] == "pytorch" and parsed["model"] == "/opt/forge/model" and parsed["max_batch_size"] == 4
-    from forge.builders import file_digests_in_layer
+    from forge.image.builders import file_digests_in_layer
     from forge.steps.quantize import REPORTS
 
     image = json.loads((entries["package"] / "image.json").read_text())

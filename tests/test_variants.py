@@ -8,12 +8,12 @@ import pytest
 
 from conftest import REPO, forge_cli, write_recipe
 
-from forge import variants
-from forge.build import execute
+from forge.orchestrate import variants
+from forge.orchestrate.build import execute
 from forge.executors.process import ProcessExecutor
 from forge.recipe.load import load_recipe
 from forge.registry import LocalRegistry
-from forge.store import Store
+from forge.store.local import Store
 
 TASKS = REPO / "evals" / "tasks"
 DEMO = REPO / "recipes" / "smollm2-135m-variants.yaml"

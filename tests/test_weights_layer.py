@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from forge.weights_layer import MEDIA_TYPES, append_weights_layer
+from forge.image.weights_layer import MEDIA_TYPES, append_weights_layer
 
 MODEL = {"config.json": b'{"architectures": ["LlamaForCausalLM"]}\n',
          "model-00001-of-00002.safetensors": bytes(range(256)) * 4096,
@@ -61,7 +61,7 @@ def test_uncompressed_weights_layer_round_trips_through_a_real_registry(tmp_path
     assert config["config"]["Labels"]["dev.forge.test"] == "1"   # the base image's config is kept
 
     # push with forge's registry client (blobs as they are, manifest as the exact bytes), pull with skopeo
-    from forge.registry.remote import Client, Remote
+    from forge.oci.client import Client, Remote
 
     client = Client(Remote.parse(f"oci://{oci_registry}/forge/wl"))
     for desc in [raw["config"], *raw["layers"]]:
@@ -97,7 +97,7 @@ def test_weights_layer_is_reproducible_and_compressions_differ_only_in_storage(t
     for i, kind in enumerate(("none", "none", "gzip")):
         layout = tmp_path / f"l{i}"
         (layout / "blobs" / "sha256").mkdir(parents=True)
-        from forge.weights_layer import write_layer
+        from forge.image.weights_layer import write_layer
 
         blobs[i] = write_layer(model, "/opt/forge/model", layout / "blobs" / "sha256", uid=10001, compression=kind)
     assert blobs[0]["digest"] == blobs[1]["digest"]                 # same files -> same layer, byte for byte
@@ -111,7 +111,7 @@ def test_a_symlink_in_the_checkpoint_is_refused_and_nothing_is_left(tmp_path):
     (model / "link.safetensors").symlink_to(model / "model-00002-of-00002.safetensors")
     blobs = tmp_path / "blobs"
     blobs.mkdir()
-    from forge.weights_layer import write_layer
+    from forge.image.weights_layer import write_layer
 
     with pytest.raises(ValueError, match="symbolic link"):
         write_layer(model, "/opt/forge/model", blobs, uid=10001)

@@ -1,7 +1,7 @@
 """Quantization backends: llm-compressor (compressed-tensors, for vLLM/TGI/CPU) and ModelOpt (the unified HF
 checkpoint TensorRT-LLM and vLLM serve), plus any a plugin registers. One module each, found by name.
 
-A backend is an object with the ``Backend`` protocol: the methods it offers (names in forge.methods), the
+A backend is an object with the ``Backend`` protocol: the methods it offers (names in forge.gpu.methods), the
 checkpoint format it writes, its config.json pre-flight, and the three stages the quantize step drives
 (``quantize`` in place, ``export``, ``validate`` what was written). Everything else (seed, dtype, tokenizer,
 calibration windows, loading, verification, reports, manifest) is the quantize step's, the same for all.
@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol
 
-from forge.plugins import Registry
+from forge.core.plugins import Registry
 
 if TYPE_CHECKING:
     import torch
 
-    from forge.modelshape import ModelShape
+    from forge.model.shape import ModelShape
     from forge.recipe.load import LoadedRecipe
 
 __all__ = ["Backend", "Quantized", "REGISTRY", "get", "backend_for", "checkpoint_format", "problems",
@@ -39,12 +39,12 @@ class Quantized:
 class Backend(Protocol):
     name: str                        # the registry name (quantize.backend)
     title: str                       # shown to people: "llm-compressor"
-    methods: tuple[str, ...]         # forge.methods names it offers ("none" included)
+    methods: tuple[str, ...]         # forge.gpu.methods names it offers ("none" included)
     tools: tuple[str, ...]           # distributions whose versions enter the key and the manifest
     loads_in_transformers: bool      # its checkpoints load with transformers (then verified by generating)
 
     def format(self, q) -> str:
-        """The checkpoint format it writes for this quantize section (a forge.methods format name)."""
+        """The checkpoint format it writes for this quantize section (a forge.gpu.methods format name)."""
         ...
 
     def needs_calibration(self, q) -> bool: ...
@@ -126,7 +126,7 @@ def problems(loaded: "LoadedRecipe") -> list[str]:
     r = loaded.recipe
     q, engine = r.quantize, r.target.engine
     if q.method == "auto":
-        return []   # method: auto: every candidate is checked as its own trial recipe (forge.auto)
+        return []   # method: auto: every candidate is checked as its own trial recipe (forge.orchestrate.auto)
     loads = engines.get(engine).formats
     name = backend_for(q, engine)
     b = get(name)

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from forge.backends import Quantized, architecture_problems, cast_float32, one_torch_thread
-from forge.methods import METHODS, written_as
-from forge.modelshape import DECODERS, ignored
+from forge.gpu.methods import METHODS, written_as
+from forge.model.shape import DECODERS, ignored
 
 # Architectures with AWQ smoothing mappings in llm-compressor 0.14 (AWQ_MAPPING_REGISTRY).
 AWQ_ARCHITECTURES = frozenset({
@@ -290,7 +290,7 @@ class LlmCompressor:
         return architecture_problems(loaded, shape, self.title, supported)
 
     def quantize(self, model, q, windows, *, report, log_dir: Path) -> Quantized:
-        from forge import env
+        from forge.core import options as env
 
         env.quiet_libraries()  # forge shows progress; per-layer tqdm bars and loguru chatter would interleave with it
         import llmcompressor  # noqa: F401  (configures loguru on import, removing earlier handlers: import it first)

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Callable
 
 from forge.backends import Quantized, architecture_problems, cast_float32, fp8_dequantized
-from forge.methods import KV_CACHE_ALGO as KV_ALGO
-from forge.methods import GROUPED, METHODS, written_as
-from forge.modelshape import DECODERS
+from forge.gpu.methods import KV_CACHE_ALGO as KV_ALGO
+from forge.gpu.methods import GROUPED, METHODS, written_as
+from forge.model.shape import DECODERS
 
 CONFIGS = {"fp8": "FP8_DEFAULT_CFG", "awq": "INT4_AWQ_CFG", "w4a8_awq": "W4A8_AWQ_BETA_CFG", "nvfp4": "NVFP4_DEFAULT_CFG"}
 
@@ -98,7 +98,7 @@ def export_trtllm(model, out, dtype, tensor_parallel: int) -> None:
     """ModelOpt's TensorRT-LLM checkpoint (config.json + rank<N>.safetensors), what trtllm-build reads."""
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
 
-    from forge.trtllm import DECODER
+    from forge.engines.trtllm_build import DECODER
 
     arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
     if arch not in DECODER:
@@ -183,7 +183,7 @@ class ModelOpt:
         return Quantized(result["layers"], summary={"calibration_seconds": round(result["seconds"], 1)})
 
     def export(self, model, out: Path, *, dtype, loaded) -> None:
-        from forge.trtllm import TRTLLM_CKPT, mode
+        from forge.engines.trtllm_build import TRTLLM_CKPT, mode
 
         if loaded.recipe.target.engine == "trtllm" and mode(loaded) == "engine":
             export_trtllm(model, out / TRTLLM_CKPT, dtype, loaded.recipe.target.tensor_parallel)  # for trtllm-build

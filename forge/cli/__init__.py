@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import sys
 
-from forge import console, env, steplog
+from forge.cli import console
+from forge.core import options as env, steplog
 from forge.cli import build, registry, tools  # noqa: F401  (registers the commands)
 from forge.cli._app import app
-from forge.errors import ExitCode, ForgeError
+from forge.core.errors import ExitCode, ForgeError
 
 __all__ = ["app", "main"]
 
@@ -20,7 +21,7 @@ def main() -> None:
         app()
     except ForgeError as e:
         build._progress.stop()
-        from forge import ci
+        from forge.cli import ci
 
         ci.on_error(e)   # issue 18: a GitHub Actions annotation (at file:line for recipe problems) under --ci
         console.error(e.message, e.hint, steplog.log_of(e))

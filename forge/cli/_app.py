@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from forge.console import err
+from forge.cli.console import err
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="forge: build quantized, eval-gated, scanned LLM serving images from a recipe.")
@@ -17,8 +17,8 @@ app.add_typer(registry_app, name="registry")
 
 CacheDir = Annotated[Optional[Path], typer.Option("--cache-dir", envvar="FORGE_CACHE_DIR", show_envvar=True,
                                                   help="Step cache root (default: $XDG_CACHE_HOME/forge).")]
-def _ci_mode(on: bool) -> bool:   # issue 18 hook: --ci also turns on GitHub Actions annotations (forge/ci.py)
-    from forge import ci
+def _ci_mode(on: bool) -> bool:   # issue 18 hook: --ci also turns on GitHub Actions annotations (forge/cli/ci.py)
+    from forge.cli import ci
 
     return ci.enable(on)
 
@@ -34,19 +34,19 @@ RegistryDir = Annotated[Optional[Path], typer.Option("--registry-dir", envvar="F
 
 
 def _store(cache_dir: Path | None):
-    from forge.store import Store, default_cache_dir
+    from forge.store.local import Store, default_cache_dir
 
     return Store(cache_dir or default_cache_dir())
 
 
 def _load(recipe: Path, ci: bool, cache_dir: Path | None = None):
     """Load a recipe and check its target-GPU contract; print warnings."""
-    from forge.fit import check_recipe
+    from forge.gpu.fit import check_recipe
     from forge.recipe.load import load_recipe
 
     loaded = load_recipe(recipe, ci=ci)
-    if loaded.recipe.quantize.method == "auto":   # each candidate checked as its own trial (forge.auto)
-        from forge.auto import check_recipe
+    if loaded.recipe.quantize.method == "auto":   # each candidate checked as its own trial (forge.orchestrate.auto)
+        from forge.orchestrate.auto import check_recipe
     report, warnings = check_recipe(loaded, _store(cache_dir).root / "downloads")
     for w in (*loaded.warnings, *warnings):
         err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)

@@ -10,17 +10,17 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from forge import console
+from forge.cli import console
 from forge.cli._app import CacheDir, Ci, RecipeArg, RegistryDir, VariantOpt, _load, _registry, _store, app
-from forge.console import err, out
-from forge.errors import UsageError
+from forge.cli.console import err, out
+from forge.core.errors import UsageError
 
 
 @app.command()
 def validate(recipe: RecipeArg, ci: Ci = False, cache_dir: CacheDir = None, variant: VariantOpt = None) -> None:
     """Check a recipe (schema, files, model source, target-GPU contract and fit; every variant against the GPU it
     names). Exit 0 if valid, 2 if not."""
-    from forge import variants
+    from forge.orchestrate import variants
 
     if variant or variants.has_variants(recipe, ci=ci):
         checked = variants.check(recipe, _store(cache_dir).root / "downloads", ci=ci, selected=variant)
@@ -30,7 +30,7 @@ def validate(recipe: RecipeArg, ci: Ci = False, cache_dir: CacheDir = None, vari
                              f"{', '.join(c.name for c in bad)}", hint=bad[0].error.hint)
         return
     loaded, report = _load(recipe, ci, cache_dir)
-    from forge.sources import check_local_weights
+    from forge.model.sources import check_local_weights
 
     check_local_weights(loaded)   # safetensors headers against file sizes; a build checks them in its resolve step
     fits = "" if report is None else (f"; fits {report.gpu}: {report.weights_gb:.1f} GB weights, "
@@ -53,8 +53,8 @@ def plan(recipe: RecipeArg, cache_dir: CacheDir = None, ci: Ci = False,
          variant: VariantOpt = None) -> None:
     """List the steps with their cache keys and HIT/MISS status (for a recipe with variants: the graph of all
     variants, shared steps once). Runs nothing: no step, no external tool."""
-    from forge.build import plan as make_plan
-    from forge import variants
+    from forge.orchestrate.build import plan as make_plan
+    from forge.orchestrate import variants
 
     if variant or variants.has_variants(recipe, ci=ci):
         store = _store(cache_dir)
@@ -85,8 +85,8 @@ def plan(recipe: RecipeArg, cache_dir: CacheDir = None, ci: Ci = False,
 
 
 def _plan_auto(loaded, store, json_out: bool) -> None:
-    """`forge plan` of a method: auto recipe: the trials a walk may need, cheapest first (forge.auto)."""
-    from forge import auto
+    """`forge plan` of a method: auto recipe: the trials a walk may need, cheapest first (forge.orchestrate.auto)."""
+    from forge.orchestrate import auto
 
     p = auto.plan(loaded, store)
     if json_out:
@@ -145,7 +145,8 @@ def build(
     variant: VariantOpt = None,
 ) -> None:
     """Build a recipe: run the steps whose inputs changed, reuse the rest, then publish the result and its status."""
-    from forge import env, pipeline
+    from forge.core import options as env
+    from forge.orchestrate import pipeline
 
     global _progress
 
@@ -156,11 +157,11 @@ def build(
     t0 = time.monotonic()
     shown = err if json_out else out   # with --json, stdout holds only the JSON
     _progress = console.StepProgress(shown)
-    from forge import variants
+    from forge.orchestrate import variants
 
     remote = None
     if cache_remote:
-        from forge.cache_remote import RemoteCache
+        from forge.store.remote import RemoteCache
 
         remote = RemoteCache.parse(cache_remote, cache_remote_mode)   # a bad URL or mode: exit 2 before building
     if variant or variants.has_variants(recipe, ci=ci):
@@ -183,8 +184,8 @@ def build(
             console.gate_table(json.loads(gate.Output.read(result.entry).verdict.read_text()), console=shown)
 
     run, extra = pipeline.run, {}
-    if loaded.recipe.quantize.method == "auto":   # walk the trials, then build the chosen one (forge.auto)
-        from forge import auto
+    if loaded.recipe.quantize.method == "auto":   # walk the trials, then build the chosen one (forge.orchestrate.auto)
+        from forge.orchestrate import auto
 
         run, extra = auto.run, {"on_trial": _trial_line}
     try:
@@ -218,7 +219,7 @@ def _executor(name: str, ray_address: str | None, loaded, store, remote):
 
 def _variants(recipe: Path, ci: bool, store, selected: list[str] | None):
     """The recipe's (selected) variants, each checked against its GPU; warnings printed, problems exit 2."""
-    from forge import variants
+    from forge.orchestrate import variants
 
     checked = variants.load_variants(recipe, store.root / "downloads", ci=ci, selected=selected)
     for c in checked:
@@ -229,7 +230,7 @@ def _variants(recipe: Path, ci: bool, store, selected: list[str] | None):
 
 def _build_variants(recipe, ci, cache_dir, selected, force, registry_dir, publish_to, json_out, report_dir, t0, *,
                     executor: str, ray_address: str | None, remote) -> None:
-    from forge import pipeline
+    from forge.orchestrate import pipeline
 
     store = _store(cache_dir)
     checked = _variants(recipe, ci, store, selected)
@@ -295,7 +296,7 @@ def _print_outcome(outcome, t0: float, json_out: bool) -> None:
     console.summary(rec, registry_root=root, reports=reports, logs=logs, built=built,
                     reused=len(results) - built, seconds=time.monotonic() - t0, console=shown)
     if outcome.report is not None and outcome.report.data is not None:
-        from forge import ci
+        from forge.cli import ci
 
         ci.on_build(outcome.build_recipe, outcome.report.data,
                     outcome.report.html if outcome.report.error is None else None, outcome.report_summaries)

@@ -9,10 +9,10 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from forge import console
+from forge.cli import console
 from forge.cli._app import RegistryDir, _registry, registry_app
-from forge.console import err, out
-from forge.errors import UsageError
+from forge.cli.console import err, out
+from forge.core.errors import UsageError
 
 
 JsonOut = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
@@ -70,7 +70,7 @@ def registry_verify(ref: RefArg, registry_dir: RegistryDir = None,
                     remote: Annotated[bool, typer.Option("--remote", help="Also re-hash what the OCI registry serves.")] = False,
                     ) -> None:
     """Re-hash every blob of the image and of its evidence against the recorded digests (exit 5 on a mismatch)."""
-    from forge.errors import ToolError
+    from forge.core.errors import ToolError
 
     reg = _registry(registry_dir)
     rec = reg.resolve(ref)
@@ -81,7 +81,7 @@ def registry_verify(ref: RefArg, registry_dir: RegistryDir = None,
         from forge.registry import remote as remote_mod
 
         client = remote_mod.Client(remote_mod.Remote.parse(rec.remote.split("@")[0]))
-        problems += [(d, f"remote {role}", what) for d, role, what in client.verify(rec)]
+        problems += [(d, f"remote {role}", what) for d, role, what in remote_mod.verify(client, rec)]
     n = len(rec.evidence) + (1 if rec.image_digest else 0)
     if problems:
         for digest, role, what in problems:

@@ -9,11 +9,12 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from forge import __version__, console
+from forge import __version__
+from forge.cli import console
 from forge.cli._app import CacheDir, RegistryDir, _load, _registry, _store, app, cache_app
-from forge.console import err, out
-from forge.errors import ExitCode, UsageError
-from forge.methods import NAMES as METHOD_NAMES
+from forge.cli.console import err, out
+from forge.core.errors import ExitCode, UsageError
+from forge.gpu.methods import NAMES as METHOD_NAMES
 
 
 @cache_app.command("ls")
@@ -73,8 +74,8 @@ def fit_cmd(
     """Capacity plan: does the model fit the GPU, how many sequences, what decode speed and cost."""
     from dataclasses import replace
 
-    from forge import fit as fitmod
-    from forge.catalog import gpus
+    from forge.gpu import fit as fitmod
+    from forge.gpu.catalog import gpus
 
     catalog = gpus()
     if list_gpus:
@@ -166,9 +167,9 @@ def scan_cmd(
     """Scan an image with Trivy (or judge a Trivy report) under forge's policy. Exit 4 when it fails."""
     from dataclasses import replace
 
-    from forge.scanpolicy import SEVERITIES, load_ignore_file
+    from forge.image.scanpolicy import SEVERITIES, load_ignore_file
     from forge.steps import scan as scanstep
-    from forge.trivy import TrivyOptions
+    from forge.image.trivy import TrivyOptions
 
     if (image is None) == (report is None):
         raise UsageError("give exactly one of --input IMAGE (scan it) or --report REPORT.json (judge it)",
@@ -204,7 +205,7 @@ def scan_cmd(
         err.print(f"[yellow]warning:[/] ignore entry {e['id']} (line {e['line']}) expired on {e['expired_at']}; "
                   "it no longer ignores anything: fix the finding or renew the entry with a new expired_at", highlight=False)
     if not verdict.passed:
-        from forge.errors import ScanGateError
+        from forge.core.errors import ScanGateError
 
         raise ScanGateError(f"scan gate {verdict.summary}",
                             hint=f"See {out_dir}/{scanstep.SUMMARY}. Fix or upgrade the packages, or accept a finding "
@@ -217,8 +218,8 @@ def lock_cmd(
     base: Annotated[Optional[list[str]], typer.Option(help="Lock only these bases (repeatable).")] = None,
 ) -> None:
     """Resolve the published base images' tags to digests with skopeo and write bases.lock.json."""
-    from forge.containers import find_catalog, lock_bases
-    from forge.registry.remote import insecure_host
+    from forge.image.containers import find_catalog, lock_bases
+    from forge.oci.client import insecure_host
 
     path = lock_bases(catalog or find_catalog(Path.cwd()), base, plain_http=insecure_host,
                       on_locked=lambda n, image, digest: out.print(f"  {n:<20} {image} -> {digest}", highlight=False))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forge.deploy.validate import KUBE_VERSION
-from forge.errors import StepError, UsageError
+from forge.core.errors import StepError, UsageError
 
 __all__ = ["Options", "Generated", "generate", "write", "check", "KUBE_VERSION"]
 

@@ -11,7 +11,7 @@ from forge.deploy.gather import Artifact
 from forge.deploy.labels import Names, meta
 from forge.deploy.sizing import Sizing
 from forge.deploy.workload import PORT_NAME
-from forge.errors import UsageError
+from forge.core.errors import UsageError
 
 AUTOSCALERS = ("auto", "keda", "hpa", "none")
 PROMETHEUS = "http://prometheus-operated.monitoring.svc:9090"   # the Prometheus Operator's default Service

@@ -17,7 +17,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from forge.errors import UsageError
+from forge.core.errors import UsageError
 from forge.registry import PROMOTABLE, LocalRegistry, Record
 
 __all__ = ["Artifact", "gather", "image_config"]

@@ -46,9 +46,9 @@ class Sizing:
 
 
 def size(art: Artifact, srv: Serving) -> Sizing:
-    from forge.catalog import gpu as catalog_gpu
-    from forge.fit import fit, plan_from_recipe, weight_bytes
-    from forge.modelshape import from_config
+    from forge.gpu.catalog import gpu as catalog_gpu
+    from forge.gpu.fit import fit, plan_from_recipe, weight_bytes
+    from forge.model.shape import from_config
 
     r = art.recipe
     t = r.target

@@ -38,7 +38,7 @@ def require_version(kube_version: str) -> None:
     """A usage error unless kubernetes-validate has the schemas of that Kubernetes minor version."""
     from kubernetes_validate.utils import all_versions
 
-    from forge.errors import UsageError
+    from forge.core.errors import UsageError
 
     known = all_versions()
     if not any(v == kube_version or v.startswith(kube_version + ".") for v in known):
@@ -117,7 +117,7 @@ def _ns(obj: dict) -> str | None:
 
 
 def cross_problems(objects: list[dict], image_of: ImageLookup | None) -> list[str]:
-    from forge.errors import UsageError
+    from forge.core.errors import UsageError
 
     problems: list[str] = []
     by_kind: dict[str, list[dict]] = {}

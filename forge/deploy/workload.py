@@ -8,7 +8,7 @@ from forge.deploy.engines import Serving
 from forge.deploy.gather import Artifact
 from forge.deploy.labels import Names, meta
 from forge.deploy.sizing import ENDPOINT_DELAY, PROBE_PERIOD, Sizing
-from forge.errors import UsageError
+from forge.core.errors import UsageError
 
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT = "nvidia.com/gpu.product"      # GPU Feature Discovery's node label
@@ -22,7 +22,7 @@ __all__ = ["deployment", "service", "pod_disruption_budget", "gpu_products", "GP
 def _products() -> dict[str, tuple[str, ...]]:
     from ruamel.yaml import YAML
 
-    raw = YAML(typ="safe").load(resources.files("forge.catalog").joinpath("gpus.yaml").read_text())
+    raw = YAML(typ="safe").load(resources.files("forge.gpu.catalog").joinpath("gpus.yaml").read_text())
     return {k: tuple(v) for k, v in (raw.get("gfd_products") or {}).items()}
 
 
@@ -31,7 +31,7 @@ def gpu_products(gpu: str) -> tuple[str, ...]:
     products = _products().get(gpu)
     if not products:
         raise UsageError(f"the GPU catalog has no GPU Feature Discovery product names for {gpu}",
-                         hint="Add them under gfd_products in forge/catalog/gpus.yaml (nvidia-smi's name, spaces as '-').")
+                         hint="Add them under gfd_products in forge/gpu/catalog/gpus.yaml (nvidia-smi's name, spaces as '-').")
     return products
 
 

@@ -2,9 +2,9 @@
 
 An engine says how its image serves a checkpoint (``serve_command``), which checkpoint formats it loads,
 its health route, which schemes it runs on which GPUs (its capability rows), and whether its image can be
-smoke-tested on a machine without a GPU. The Containerfile (forge.containers) stays engine-neutral and
+smoke-tested on a machine without a GPU. The Containerfile (forge.image.containers) stays engine-neutral and
 asks the engine for these. Adding an engine: one module with an ``ENGINE`` object, plus a line in
-``REGISTRY`` (or an entry point / FORGE_PLUGINS, see forge.plugins).
+``REGISTRY`` (or an entry point / FORGE_PLUGINS, see forge.core.plugins).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Protocol
 
-from forge.plugins import Registry
+from forge.core.plugins import Registry
 
 if TYPE_CHECKING:
     from forge.recipe.load import LoadedRecipe
@@ -75,7 +75,7 @@ def version_tuple(v: str | None) -> tuple[int, ...]:
 
 class Engine(Protocol):
     name: str
-    formats: tuple[str, ...]          # checkpoint formats it loads (forge.methods formats; "bf16" = unquantized)
+    formats: tuple[str, ...]          # checkpoint formats it loads (forge.gpu.methods formats; "bf16" = unquantized)
     kernels: Mapping[str, Kernel]     # scheme -> capability row; a scheme not here cannot run on it
     rocm: frozenset[str]              # schemes its ROCm build runs on AMD GPUs (empty: none)
     cpu: bool                         # serves on CPU (weights decompressed at load): no GPU contract applies
@@ -124,7 +124,7 @@ class GpuEngine:
         return ()
 
     def serving(self, version: str | None) -> Serving:
-        from forge.errors import UsageError
+        from forge.core.errors import UsageError
 
         raise UsageError(f"the serving engine {self.name!r} declares no deployment facts (health, metrics, queue)",
                          hint="Give its engine module a serving(version) method (see forge/engines/vllm.py).")

@@ -1,5 +1,5 @@
 """TensorRT-LLM (`trtllm-serve`): the PyTorch backend on a ModelOpt checkpoint, or the TensorRT backend on
-an engine built by the compile step (legacy engine mode). The command lines live in forge.trtllm."""
+an engine built by the compile step (legacy engine mode). The command lines live in forge.engines.trtllm_build."""
 from __future__ import annotations
 
 from forge.engines import GpuEngine, Kernel, ServeAt, Serving, version_tuple
@@ -19,7 +19,7 @@ class TrtLlm(GpuEngine):
     }
 
     def serve_command(self, loaded, fmt: str, at: ServeAt) -> tuple[str, ...]:
-        from forge.trtllm import mode, serve_command
+        from forge.engines.trtllm_build import mode, serve_command
 
         # trtllm-serve names the model after its path; 1.0 has no --served_model_name
         return serve_command(loaded, at.model_dir, at.port, engine_dir=at.engine_dir if mode(loaded) == "engine" else None)

@@ -1,6 +1,6 @@
-"""Executors run the steps of a build wherever they run; ``forge.build`` only plans and hands them out.
+"""Executors run the steps of a build wherever they run; ``forge.orchestrate.build`` only plans and hands them out.
 
-The driver (``forge.build.execute``) submits a ``StepRequest`` for every step whose upstream steps are
+The driver (``forge.orchestrate.build.execute``) submits a ``StepRequest`` for every step whose upstream steps are
 committed -- several at once when they are independent -- and takes ``StepDone`` answers back in the
 order they finish. A request names the step, the recipe (path and digest: a remote executor ships the bytes
 and checks them against it) and the *keys* of the committed upstream entries; the executor computes the step's key where the step runs (device, GPUs,
@@ -18,7 +18,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Protocol
 
-from forge import errors
+from forge.core import errors
 
 __all__ = ["StepRequest", "StepDone", "Event", "EventSink", "Executor", "error_to_json", "error_from_json"]
 
@@ -34,7 +34,7 @@ class StepRequest:
     force: bool = False           # rebuild even when the key is committed (replace that entry)
     variant: str | None = None    # the recipe's variant (load_recipe(..., variant=...))
     overrides: dict = field(default_factory=dict)   # programmatic overrides (load_recipe(..., overrides=...))
-    cache_remote: str | None = None   # oci://HOST/REPO: the remote step cache (forge.cache_remote), or None
+    cache_remote: str | None = None   # oci://HOST/REPO: the remote step cache (forge.store.remote), or None
     cache_remote_mode: str = "readwrite"   # "readwrite" (pull and push) or "read" (pull only)
 
     def to_json(self) -> str:

@@ -6,7 +6,7 @@ from collections import deque
 from forge.executors import EventSink, StepDone, StepRequest
 from forge.executors.runner import remote_of, run_step
 from forge.recipe.load import LoadedRecipe
-from forge.store import Entry, Store
+from forge.store.local import Entry, Store
 
 __all__ = ["LocalExecutor", "committed"]
 
@@ -15,7 +15,7 @@ def committed(store: Store, key: str, step: str) -> Entry:
     """The committed entry an upstream key names (a request only carries keys)."""
     entry = store.get(key)
     if entry is None:
-        from forge.errors import StepError
+        from forge.core.errors import StepError
 
         raise StepError(f"upstream entry {key[:12]} of step {step} is not in the cache {store.root}",
                         hint="It was pruned while the build ran: rerun the build.")

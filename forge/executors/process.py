@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 
-from forge import env as fenv
+from forge.core import options as fenv
 from forge.executors import Event, EventSink, StepDone, StepRequest, error_from_json, error_to_json
 
 __all__ = ["ProcessExecutor"]
@@ -83,7 +83,7 @@ class ProcessExecutor:
 
 
 def _answer(req: StepRequest, answer: list, code: int) -> StepDone:
-    from forge.errors import StepError
+    from forge.core.errors import StepError
 
     if answer and "done" in answer[-1]:
         return StepDone(**answer[-1]["done"])
@@ -103,13 +103,13 @@ def _worker() -> int:
         proto.flush()
 
     try:
-        from forge import env
-        from forge.errors import UsageError
+        from forge.core import options as env
+        from forge.core.errors import UsageError
         from forge.executors.local import committed
         from forge.executors.runner import remote_of, run_step
         from forge.recipe.load import load_recipe
         from forge.steps.graph import spec_named
-        from forge.store import Store
+        from forge.store.local import Store
 
         env.quiet_libraries()
         req = StepRequest.from_json(sys.stdin.read())

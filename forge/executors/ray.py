@@ -2,7 +2,7 @@
 
 A step the recipe's GPU runs (``StepSpec.gpu``, when the target is not CPU) asks for ``num_gpus`` =
 ``target.tensor_parallel`` and the GPU's Ray accelerator type (``ray_accelerators`` in
-forge/catalog/gpus.yaml, Ray's ``accelerator_type:<name>`` node resource); every other step asks for one
+forge/gpu/catalog/gpus.yaml, Ray's ``accelerator_type:<name>`` node resource); every other step asks for one
 CPU. Before a task is submitted, the cluster's nodes are checked for those resources: a GPU type or count
 no node has fails at once (exit 5, naming it), instead of a task waiting forever.
 
@@ -31,11 +31,11 @@ import uuid
 from dataclasses import asdict
 from pathlib import Path
 
-from forge import env
-from forge.errors import StepError, ToolError, UsageError
+from forge.core import options as env
+from forge.core.errors import StepError, ToolError, UsageError
 from forge.executors import Event, EventSink, StepDone, StepRequest, error_from_json, error_to_json
 from forge.recipe.load import LoadedRecipe
-from forge.store import Store
+from forge.store.local import Store
 
 __all__ = ["RayExecutor", "RAY_VERSION", "resources", "bundle"]
 
@@ -63,16 +63,16 @@ def ray_accelerator(gpu: str) -> str:
 
     from ruamel.yaml import YAML
 
-    table = YAML(typ="safe").load(res.files("forge.catalog").joinpath("gpus.yaml").read_text()).get("ray_accelerators") or {}
+    table = YAML(typ="safe").load(res.files("forge.gpu.catalog").joinpath("gpus.yaml").read_text()).get("ray_accelerators") or {}
     if gpu not in table:
         raise UsageError(f"GPU {gpu} has no Ray accelerator type in forge's catalog, so no Ray node can be chosen for it",
-                         hint="Add it under ray_accelerators in forge/catalog/gpus.yaml (a name from ray.util.accelerators).")
+                         hint="Add it under ray_accelerators in forge/gpu/catalog/gpus.yaml (a name from ray.util.accelerators).")
     return table[gpu]
 
 
 def resources(spec, loaded: LoadedRecipe) -> dict:
     """The Ray task options a step needs: the recipe's GPU type and count for a GPU step, else one CPU."""
-    from forge.catalog import gpu
+    from forge.gpu.catalog import gpu
 
     target = loaded.recipe.target
     if spec.gpu and not gpu(target.gpu).is_cpu:
@@ -109,7 +109,7 @@ def bundle(loaded: LoadedRecipe) -> bytes:
 
 class RayExecutor:
     def __init__(self, loaded: LoadedRecipe, store: Store, *, address: str | None = None, cache_remote=None):
-        """``cache_remote``: the build's ``forge.cache_remote.RemoteCache`` (required: how outputs move)."""
+        """``cache_remote``: the build's ``forge.store.remote.RemoteCache`` (required: how outputs move)."""
         self.loaded, self.store = loaded, store
         from forge.steps.graph import active_steps
 
@@ -254,7 +254,7 @@ def _task(request_json: str, recipe_name: str, tarball: bytes, events, task_id: 
         from forge.executors.runner import remote_of, run_step
         from forge.recipe.load import load_recipe
         from forge.steps.graph import spec_named
-        from forge.store import default_cache_dir
+        from forge.store.local import default_cache_dir
 
         env.quiet_libraries()
         req = StepRequest.from_json(request_json)

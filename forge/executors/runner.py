@@ -1,6 +1,6 @@
 """Run one step where it runs: its key from key material probed here, reuse or build, commit atomically.
 
-Every executor's worker ends up in ``run_step``; ``forge.build.plan`` uses ``key_material`` under
+Every executor's worker ends up in ``run_step``; ``forge.orchestrate.build.plan`` uses ``key_material`` under
 ``no_probes()`` (a plan starts no external tool).
 """
 from __future__ import annotations
@@ -13,13 +13,14 @@ from datetime import datetime, timezone
 
 from pathlib import Path
 
-from forge import __version__, env, steplog
-from forge.digests import digest_of, list_files, tree_digest
-from forge.cache_remote import RemoteCache, RemoteUnavailable
+from forge import __version__
+from forge.core import options as env, steplog
+from forge.core.digests import digest_of, list_files, tree_digest
+from forge.store.remote import RemoteCache, RemoteUnavailable
 from forge.executors import Event, EventSink, StepDone, StepRequest
 from forge.recipe.load import LoadedRecipe
 from forge.steps import StepContext, StepSpec, tool_versions
-from forge.store import Entry, Store
+from forge.store.local import Entry, Store
 
 __all__ = ["key_material", "key_of", "run_step", "remote_of"]
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import difflib
 from typing import TYPE_CHECKING
 
-from forge.catalog import gpus
-from forge.errors import RecipeError
-from forge.sources import (SOURCE_FORMS, GgufSource, HfSource, LocalDirSource, local_dir_problems,
+from forge.gpu.catalog import gpus
+from forge.core.errors import RecipeError
+from forge.model.sources import (SOURCE_FORMS, GgufSource, HfSource, LocalDirSource, local_dir_problems,
                            parse_source)
 
 if TYPE_CHECKING:
@@ -59,12 +59,12 @@ def complete(loaded: "LoadedRecipe") -> list[str]:
 
     problems.extend(backend_problems(loaded))
     if not problems:
-        from forge.trtllm import recipe_problems
+        from forge.engines.trtllm_build import recipe_problems
 
         problems.extend(recipe_problems(loaded))
 
     cal = r.quantize.calibration
-    from forge.calibration import parse_hf_dataset
+    from forge.model.calibration import parse_hf_dataset
 
     hf_cal = parse_hf_dataset(cal.data) if cal is not None else None
     if hf_cal is not None and not hf_cal[2]:
@@ -79,7 +79,7 @@ def complete(loaded: "LoadedRecipe") -> list[str]:
                         "does not exist; create it or remove the key")
 
     if r.eval is not None and not problems:
-        from forge.evaltasks import check_gate, load_tasks
+        from forge.evaluation.tasks import check_gate, load_tasks
 
         try:
             tasks = load_tasks(loaded)
@@ -92,7 +92,7 @@ def complete(loaded: "LoadedRecipe") -> list[str]:
                                 "but nothing is gated")
 
     if r.container is not None and not problems:
-        from forge.containers import resolve_base
+        from forge.image.containers import resolve_base
 
         try:
             base, digest = resolve_base(loaded)

@@ -20,7 +20,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from forge.errors import RecipeError
+from forge.core.errors import RecipeError
 from forge.recipe.schema import API_VERSION, Recipe
 
 # A recipe is a few dozen nodes. Aliases that expand past this are an attack or a mistake.
@@ -110,7 +110,7 @@ def _merged(path: Path, data: dict, positions: dict, recipe: Recipe, variant: st
             overrides: dict) -> tuple[dict, dict]:
     """The recipe's data with a variant's overrides (and then ``overrides``) merged key by key into the
     shared sections; positions of overridden keys point at the variant's lines."""
-    from forge.errors import UsageError
+    from forge.core.errors import UsageError
     from forge.recipe.schema import VARIANT_SECTIONS
 
     merged = copy.deepcopy(data)

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from forge import methods
+from forge.gpu import methods
 
 API_VERSION = "forge/v1"
 
@@ -100,7 +100,7 @@ def _check_bits(method: str, bits: int | None) -> None:
 class Quantize(_Section):
     method: Literal[(*methods.NAMES, methods.AUTO)] = Field(  # type: ignore[valid-type]
         "none", description="; ".join(f"{m.name}: {m.summary}" for m in methods.METHODS.values())
-        + f"; {methods.AUTO}: the cheapest candidate for target.gpu that passes the eval gate (forge.auto)")
+        + f"; {methods.AUTO}: the cheapest candidate for target.gpu that passes the eval gate (forge.orchestrate.auto)")
     backend: str = Field(
         "auto", description="llmcompressor (compressed-tensors), modelopt (unified HF checkpoint), or one a plugin "
                             "registers; auto: the first backend offering the method in a format target.engine loads",

@@ -10,8 +10,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from forge.errors import ToolError, UsageError
-from forge.registry.layout import Layout
+from forge.core.errors import ToolError, UsageError
+from forge.oci.layout import Layout
 from forge.registry.local import LocalRegistry, default_registry_dir
 from forge.registry.record import PROMOTABLE, STATUSES, Collected, EvidenceFiles, Record, collect
 
@@ -104,7 +104,7 @@ def pull(ref: str, dest: Path, reg: LocalRegistry | None = None) -> dict:
 
 def _fetch_remote(ref: str, tmp: Path) -> tuple[Layout, str, dict]:
     from forge.registry import remote
-    from forge.registry.layout import sha256_bytes
+    from forge.oci.layout import sha256_bytes
 
     r, what = remote.parse_ref(ref)
     client = remote.Client(r)

@@ -18,7 +18,7 @@ MEMORY = NS + "gpu.memory-gib"                 # the catalog GPU's memory
 MIN_DRIVER = NS + "driver.min"                 # the base image's minimum NVIDIA driver
 METHOD = NS + "method"
 ENGINE = NS + "engine"
-KERNEL = NS + "kernel"                         # the kernel the engine is expected to run (forge.capability)
+KERNEL = NS + "kernel"                         # the kernel the engine is expected to run (forge.gpu.capability)
 TENSOR_PARALLEL = NS + "tensor-parallel"
 NEED = NS + "fit.need-gib"                     # per-GPU memory the fit model says it needs (weights, KV, overhead)
 UTILIZATION = NS + "fit.memory-utilization"    # the engine's share of GPU memory it was checked at
@@ -30,8 +30,8 @@ __all__ = ["for_variant"]
 
 def for_variant(loaded, results: dict, engine: str | None) -> dict[str, str]:
     """The annotations of one variant's image; keys whose value forge cannot know are left out."""
-    from forge.capability import check
-    from forge.catalog import gpu as catalog_gpu
+    from forge.gpu.capability import check
+    from forge.gpu.catalog import gpu as catalog_gpu
 
     r = loaded.recipe
     g = catalog_gpu(r.target.gpu)
@@ -57,7 +57,7 @@ def _num(x: float) -> str:
 
 
 def _min_driver(loaded) -> str | None:
-    from forge.containers import resolve_base
+    from forge.image.containers import resolve_base
 
     if loaded.recipe.container is None:
         return None
@@ -69,7 +69,8 @@ def _min_driver(loaded) -> str | None:
 
 def _need_gib(loaded, results: dict, g) -> float | None:
     """Per-GPU GiB the fit model says the variant needs, from the quantized checkpoint's own config.json."""
-    from forge import fit, modelshape
+    from forge.gpu import fit
+    from forge.model import shape as modelshape
     from forge.steps import quantize
 
     if "quantize" not in results:

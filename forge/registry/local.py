@@ -19,8 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from forge.errors import UsageError
-from forge.registry.layout import (
+from forge.core.errors import UsageError
+from forge.oci.layout import (
     EMPTY_BYTES, MANIFEST, REF_NAME, Layout, artifact_manifest, descriptor, manifest_bytes, sha256_bytes)
 from forge.registry.record import EVIDENCE_TYPES, PROMOTABLE, Collected, Evidence, Record
 
@@ -39,7 +39,7 @@ _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
 def default_registry_dir() -> Path:
-    from forge import env
+    from forge.core import options as env
 
     if root := env.get("FORGE_REGISTRY_DIR"):
         return Path(root).expanduser()

@@ -21,10 +21,10 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from forge.errors import ToolError, UsageError
+from forge.core.errors import ToolError, UsageError
 from forge.registry import MATRIX_TAG, MATRIX_TYPE
 from forge.registry import annotate as ann
-from forge.registry.layout import INDEX, MANIFEST, descriptor, manifest_bytes, sha256_bytes
+from forge.oci.layout import INDEX, MANIFEST, descriptor, manifest_bytes, sha256_bytes
 from forge.registry.local import LocalRegistry
 from forge.registry.record import PROMOTABLE, Record
 

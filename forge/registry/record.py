@@ -19,8 +19,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from forge import __version__
-from forge.digests import digest_of
-from forge.registry.layout import sha256_bytes, sha256_file
+from forge.core.digests import digest_of
+from forge.oci.layout import sha256_bytes, sha256_file
 
 Status = Literal["built", "gated", "scanned", "validated", "promoted", "rejected", "unscanned"]
 STATUSES: tuple[str, ...] = ("built", "gated", "scanned", "validated", "promoted", "rejected", "unscanned")
@@ -33,7 +33,7 @@ EVIDENCE_TYPES = {
     "sbom": "application/vnd.cyclonedx+json",
     "provenance": "application/vnd.in-toto+json",
     "report": "application/vnd.forge.report.v1+html",   # the HTML build report (forge.report)
-    "auto-decision": "application/vnd.forge.auto.decision.v1+json",   # method: auto's trials (forge.auto)
+    "auto-decision": "application/vnd.forge.auto.decision.v1+json",   # method: auto's trials (forge.orchestrate.auto)
 }
 
 
@@ -210,7 +210,7 @@ def _scan_verdict(scan: dict | None) -> str:
 
 
 def _engine_version(loaded) -> str | None:
-    from forge.containers import resolve_base
+    from forge.image.containers import resolve_base
 
     try:
         return resolve_base(loaded)[0].engine_version

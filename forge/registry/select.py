@@ -1,6 +1,6 @@
 """Which published variant a Kubernetes node should run, from its GFD ``nvidia.com/gpu.product`` label.
 
-The node's label is read as GFD writes it (forge/catalog/gpus.yaml documents the rule): a trailing ``-SHARED``
+The node's label is read as GFD writes it (forge/gpu/catalog/gpus.yaml documents the rule): a trailing ``-SHARED``
 (time-slicing / MPS) is stripped first, then a ``-MIG-<profile>`` suffix (mig.strategy=single), whose profile
 (e.g. ``1g.5gb``) gives the slice's memory; the rest must be, exactly, a product label of a catalog GPU. Each
 variant in the matrix is then
@@ -22,8 +22,8 @@ import difflib
 import re
 from dataclasses import asdict, dataclass
 
-from forge.catalog import Gpu, product_labels
-from forge.errors import UsageError
+from forge.gpu.catalog import Gpu, product_labels
+from forge.core.errors import UsageError
 from forge.registry import annotate as ann
 from forge.registry.matrix import Matrix
 from forge.registry.record import PROMOTABLE

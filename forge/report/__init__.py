@@ -17,7 +17,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-from forge.errors import UsageError
+from forge.core.errors import UsageError
 
 __all__ = ["BuildOutputs", "data_for", "render", "html_for", "html_for_recipe", "html_from_registry", "markdown",
            "write", "EVIDENCE_KIND", "FILE_NAME", "JUNIT", "SUMMARY"]
@@ -63,7 +63,7 @@ class BuildOutputs:
     def attach(self, collected) -> dict[str, Path]:
         """The page as evidence. A page that cannot be drawn never costs the build its record: the error is
         kept for the CLI to print (and raised under FORGE_DEBUG)."""
-        from forge import env
+        from forge.core import options as env
 
         try:
             self.data = data_for(self.loaded, self.results, collected, self.downloads)
@@ -96,7 +96,7 @@ class BuildOutputs:
 def html_for_recipe(loaded, store, registry=None) -> str:
     """The report of the recipe's last build, from the cache: every step whose output is cached for the
     recipe as it is now (a build stopped at a gate has no image: the page says so)."""
-    from forge.build import HIT, plan
+    from forge.orchestrate.build import HIT, plan
     from forge.registry.record import collect
 
     results = {}
@@ -123,7 +123,7 @@ def html_from_registry(registry, ref: str) -> bytes:
                          hint=f"Render it from the cache instead: forge report {rec.recipe_path}")
     digest = ev.files[FILE_NAME]
     if (problem := registry.blobs.verify(digest)) is not None:
-        from forge.errors import ToolError
+        from forge.core.errors import ToolError
 
         raise ToolError(f"the report blob {digest} of {rec.name} {rec.short()} does not verify: {problem}",
                         hint="`forge registry verify` lists every bad blob; rebuild and publish again.")

@@ -1,7 +1,7 @@
 """The build report's data: one JSON-able dict read from a build's step outputs (never re-running a step).
 
 ``gather(loaded, results, record)`` takes the step results by name (objects with ``status``, ``key``,
-``seconds``, ``output_digest`` and ``entry.out`` / ``entry.manifest``, as ``forge.build`` returns them) and
+``seconds``, ``output_digest`` and ``entry.out`` / ``entry.manifest``, as ``forge.orchestrate.build`` returns them) and
 the registry record (to be) of the build. Each section is None when its step is not part of the recipe
 or did not run (the build stopped at a gate); ``render`` says which.
 
@@ -86,8 +86,8 @@ def _quantize(loaded, results: dict) -> dict | None:
 
 def load_fit(loaded, downloads: Path) -> dict | None:
     """The recipe's capacity plan on its target GPU and on every catalog GPU that can run its scheme."""
-    from forge import fit
-    from forge.catalog import gpus
+    from forge.gpu import fit
+    from forge.gpu.catalog import gpus
 
     r = loaded.recipe
     try:

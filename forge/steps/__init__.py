@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
-from forge.host import device, tool_versions  # host probes live in forge.host; re-exported for step modules
+from forge.core.host import device, tool_versions  # host probes live in forge.core.host; re-exported for step modules
 
 if TYPE_CHECKING:
     from forge.recipe.load import LoadedRecipe
-    from forge.store import Entry
+    from forge.store.local import Entry
 
 __all__ = ["StepSpec", "StepContext", "Reporter", "tool_versions", "device", "Unprobed", "no_probes",
            "probes_allowed"]

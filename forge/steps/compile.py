@@ -19,7 +19,7 @@ ENGINE_DIR = "engine"
 
 
 def _enabled(loaded) -> bool:
-    from forge.trtllm import mode
+    from forge.engines.trtllm_build import mode
 
     return loaded.recipe.target.engine == "trtllm" and mode(loaded) == "engine"
 
@@ -27,14 +27,14 @@ def _enabled(loaded) -> bool:
 def _config(loaded) -> dict:
     from dataclasses import asdict
 
-    from forge.trtllm import BuildSettings
+    from forge.engines.trtllm_build import BuildSettings
 
     r = loaded.recipe
     return {"gpu": r.target.gpu, "tensor_parallel": r.target.tensor_parallel, "build": asdict(BuildSettings.from_recipe(loaded))}
 
 
 def _identity(loaded) -> dict:
-    from forge.host import local_gpus
+    from forge.core.host import local_gpus
     from forge.steps import probe
 
     gpus = probe("this host's GPUs (nvidia-smi)", local_gpus)
@@ -45,7 +45,7 @@ def _identity(loaded) -> dict:
 def _base(loaded):
     if loaded.recipe.container is None:
         return None
-    from forge.containers import resolve_base
+    from forge.image.containers import resolve_base
 
     return resolve_base(loaded)[0]
 
@@ -57,9 +57,9 @@ SPEC = StepSpec(
 
 
 def run(ctx: StepContext) -> dict:
-    from forge.containers import resolve_base
-    from forge.errors import StepError, ToolError
-    from forge.trtllm import TRTLLM_CKPT, BuildSettings, EngineFacts, build_command, check_engine, find_runner
+    from forge.image.containers import resolve_base
+    from forge.core.errors import StepError, ToolError
+    from forge.engines.trtllm_build import TRTLLM_CKPT, BuildSettings, EngineFacts, build_command, check_engine, find_runner
 
     loaded = ctx.recipe
     base, digest = resolve_base(loaded)
@@ -98,8 +98,8 @@ def run(ctx: StepContext) -> dict:
 def check(entry) -> None:
     """A cached engine is re-read and re-checked: the recipe or the base catalog may have moved since."""
     # the recipe and base used for this key are fixed by the key itself; re-reading proves the files are intact
-    from forge.errors import ToolError
-    from forge.trtllm import EngineFacts
+    from forge.core.errors import ToolError
+    from forge.engines.trtllm_build import EngineFacts
 
     try:
         EngineFacts.read(Path(entry.out) / ENGINE_DIR)

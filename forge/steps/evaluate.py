@@ -38,7 +38,7 @@ def _enabled(loaded) -> bool:
 
 
 def _config(loaded) -> dict:
-    from forge.evaltasks import load_tasks
+    from forge.evaluation.tasks import load_tasks
 
     ev = loaded.recipe.eval
     # Task *names*: where a recipe keeps its task files must not matter; their bytes enter via `data`.
@@ -47,7 +47,7 @@ def _config(loaded) -> dict:
 
 
 def _data(loaded) -> dict[str, Path]:
-    from forge.evaltasks import load_tasks
+    from forge.evaluation.tasks import load_tasks
 
     files: dict[str, Path] = {}
     for t in load_tasks(loaded):
@@ -56,7 +56,7 @@ def _data(loaded) -> dict[str, Path]:
 
 
 def _identity(loaded) -> dict:
-    from forge.host import device
+    from forge.core.host import device
 
     return {"device": device()}
 
@@ -78,7 +78,7 @@ def pick_backend(requested: str) -> tuple[str, str]:
 
     cuda = torch.cuda.is_available()
     if requested == "vllm" and not (cuda and importlib.util.find_spec("vllm")):
-        from forge.errors import ToolError
+        from forge.core.errors import ToolError
 
         raise ToolError("eval.backend is vllm, but vllm or a CUDA GPU is missing here",
                         hint="Use backend: auto (hf on CPU) or run where vllm and a GPU are available.")
@@ -129,7 +129,7 @@ def simple_evaluate(model_dir: Path, tasks, backend: str, device: str, *, limit,
 
 
 def run(ctx: StepContext) -> dict:
-    from forge.evaltasks import load_tasks
+    from forge.evaluation.tasks import load_tasks
     from forge.steps import quantize
 
     ev = ctx.recipe.recipe.eval
@@ -137,7 +137,7 @@ def run(ctx: StepContext) -> dict:
     tasks = load_tasks(ctx.recipe)
     backend, device = pick_backend(ev.backend)
     if backend == "hf" and "quantize" in ctx.upstream and quantize.Output.read(ctx.upstream["quantize"]).modelopt_checkpoint:
-        from forge.errors import ToolError
+        from forge.core.errors import ToolError
 
         raise ToolError("a ModelOpt checkpoint cannot be evaluated with the hf backend (transformers has no "
                         "'modelopt' quantization loader)",

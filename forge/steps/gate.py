@@ -38,7 +38,7 @@ def _paired(base: dict, cand: dict, task: str, metric: str):
 
     docs = sorted(set(base) & set(cand), key=lambda d: (len(str(d)), str(d)))
     if set(base) != set(cand):
-        from forge.errors import StepError
+        from forge.core.errors import StepError
 
         raise StepError(f"{task}: baseline and candidate were evaluated on different documents "
                         f"({len(base)} vs {len(cand)}); they must share eval settings")
@@ -47,7 +47,7 @@ def _paired(base: dict, cand: dict, task: str, metric: str):
 
 
 def run(ctx: StepContext) -> dict:
-    from forge.gatestats import judge_rule, junit, markdown
+    from forge.evaluation.gatestats import judge_rule, junit, markdown
     from forge.steps import evaluate
 
     ev = ctx.recipe.recipe.eval
@@ -81,7 +81,7 @@ def run(ctx: StepContext) -> dict:
 def check(entry) -> None:
     out = Output.read(entry)
     if not out.passed:
-        from forge.errors import EvalGateError
+        from forge.core.errors import EvalGateError
 
         raise EvalGateError("eval gate failed:\n  " + "\n  ".join(out.failed),
                             hint=f"Full report: {out.summary} (JUnit: {out.junit}).")

@@ -8,7 +8,7 @@ default smoke-tests it: start the image's server, wait for /health, require GET 
 served model, ask one chat question by that id, require an answer, stop the whole process group, keep the
 transcript. A failed smoke test is exit 6 with the HTTP status, the body and the server log's tail in the
 message; the transcript and the full server log are kept beside the step's staging directory. The container tool
-calls are forge.builders'; the smoke test is forge.smoketest's.
+calls are forge.image.builders'; the smoke test is forge.image.smoketest's.
 
 Secrets never reach the image: builds run with a scrubbed environment; the host's CA bundle and
 wheel sources are bind-mounted read-only into the pip step only, never copied into a layer.
@@ -23,12 +23,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from forge import env as fenv
-from forge.builders import (CONTAINERFILE, build_image, buildah, choose_builder, clean_env, describe_layout,
+from forge.core import options as fenv
+from forge.image.builders import (CONTAINERFILE, build_image, buildah, choose_builder, clean_env, describe_layout,
                             pull_layout, tool_version)
-from forge.containers import MODEL_DIR, UID, containerfile, image_spec, require_cuda, resolve_base
-from forge.errors import ToolError
-from forge.smoketest import TRANSCRIPT, smoke_test
+from forge.image.containers import MODEL_DIR, UID, containerfile, image_spec, require_cuda, resolve_base
+from forge.core.errors import ToolError
+from forge.image.smoketest import TRANSCRIPT, smoke_test
 from forge.steps import StepContext, StepSpec
 
 OCI_DIR, IMAGE_JSON = "oci", "image.json"
@@ -181,7 +181,7 @@ def _labels(ctx: StepContext, base, digest: str | None) -> tuple[tuple[str, str]
     }
     if digest:
         labels["org.opencontainers.image.base.digest"] = digest
-    if "quantize" in loaded.overrides:   # chosen by method: auto (forge.auto): its scheme and the layers kept in BF16
+    if "quantize" in loaded.overrides:   # chosen by method: auto (forge.orchestrate.auto): its scheme and the layers kept in BF16
         labels["dev.forge.quantization.auto"] = "true"
         labels["dev.forge.quantization.bf16_layers"] = ",".join(r.quantize.ignore)
     return tuple(sorted(labels.items()))
@@ -203,7 +203,7 @@ def run(ctx: StepContext) -> dict:
     engine = ctx.inputs.get("compile")
     if engine is not None:  # legacy TensorRT-LLM engine: checked against the recipe and this base before anything is built
         from forge.steps import compile
-        from forge.trtllm import EngineFacts, check_engine
+        from forge.engines.trtllm_build import EngineFacts, check_engine
 
         engine = compile.Output.read(ctx.upstream["compile"]).engine_dir
         if problems := check_engine(EngineFacts.read(engine), loaded, base):
@@ -240,8 +240,8 @@ def run(ctx: StepContext) -> dict:
 
 
 def _weights_layer(ctx: StepContext, model: Path, ref: str) -> dict:
-    """Append the checkpoint to the built image as its last layer, written in one pass (forge/weights_layer.py)."""
-    from forge.weights_layer import append_weights_layer
+    """Append the checkpoint to the built image as its last layer, written in one pass (forge/image/weights_layer.py)."""
+    from forge.image.weights_layer import append_weights_layer
 
     compression = ctx.recipe.recipe.container.weights_compression
     total = sum(p.stat().st_size for p in model.rglob("*") if p.is_file())

@@ -21,10 +21,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from forge import env, host
-from forge.digests import list_files
-from forge.linking import place_tree
-from forge.methods import GROUPED
+from forge.core import options as env, host
+from forge.core.digests import list_files
+from forge.core.linking import place_tree
+from forge.gpu.methods import GROUPED
 from forge.steps import StepContext, StepSpec
 from forge.steps.reference import VERIFY_PROMPT, VERIFY_TOKENS, prompt_ids
 
@@ -41,7 +41,7 @@ def _backend(loaded) -> str:
 
 
 def _config(loaded) -> dict:
-    from forge.trtllm import mode
+    from forge.engines.trtllm_build import mode
 
     cfg = {**loaded.recipe.quantize.model_dump(mode="json"), "backend": _backend(loaded)}
     if loaded.recipe.target.engine == "trtllm" and mode(loaded) == "engine":
@@ -50,7 +50,7 @@ def _config(loaded) -> dict:
 
 
 def _data(loaded) -> dict[str, Path]:
-    from forge.calibration import parse_hf_dataset
+    from forge.model.calibration import parse_hf_dataset
 
     cal = loaded.recipe.quantize.calibration
     if cal is None or parse_hf_dataset(cal.data) is not None:
@@ -154,8 +154,8 @@ def preflight(loaded, shape) -> list[str]:
                         f"`calibration: {{data: {data}, samples: 128, max_seq_len: 512}}` "
                         "(path relative to the recipe)")
     elif calibrates and q.calibration is not None:
-        from forge.calibration import check_size, parse_hf_dataset
-        from forge.errors import RecipeError
+        from forge.model.calibration import check_size, parse_hf_dataset
+        from forge.core.errors import RecipeError
 
         path = loaded.resolve_path(q.calibration.data)
         if parse_hf_dataset(q.calibration.data) is None and path.is_file():
@@ -182,7 +182,7 @@ def run(ctx: StepContext) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from forge.backends import get
-    from forge.errors import StepError
+    from forge.core.errors import StepError
 
     loaded = ctx.recipe
     name = _backend(loaded)
@@ -271,7 +271,7 @@ def _verify(backend, src: Path, out: Path, q, tokenizer, report, reference, dtyp
 
 def check_loads(quant_dir: Path, dtype) -> None:
     """transformers loads the checkpoint with no missing, unexpected or mis-shaped tensor (it is then freed)."""
-    from forge.errors import StepError
+    from forge.core.errors import StepError
 
     m, info = _load_checkpoint(quant_dir, dtype, output_loading_info=True)
     del m
@@ -286,7 +286,7 @@ def _load_checkpoint(quant_dir: Path, dtype, **kwargs):
     """The written checkpoint loaded with transformers on the CPU, or a StepError saying why it does not load."""
     from transformers import AutoModelForCausalLM
 
-    from forge.errors import StepError
+    from forge.core.errors import StepError
 
     try:
         return AutoModelForCausalLM.from_pretrained(quant_dir, dtype=dtype, device_map=None, **kwargs)
@@ -295,7 +295,7 @@ def _load_checkpoint(quant_dir: Path, dtype, **kwargs):
 
 
 def _calibration_windows(ctx: StepContext, tokenizer) -> list[list[int]]:
-    from forge.calibration import calibration_texts, windows
+    from forge.model.calibration import calibration_texts, windows
 
     cal = ctx.recipe.recipe.quantize.calibration
     ctx.report("tokenizing calibration data")
@@ -312,7 +312,7 @@ def _copy_extras(src: Path, out: Path) -> None:
 
 def _calibration_sha256(loaded) -> str | None:
     """The local calibration file's digest (an hf:// dataset is named by its pinned commit instead)."""
-    from forge.digests import sha256_file
+    from forge.core.digests import sha256_file
 
     data = _data(loaded)
     return sha256_file(data["calibration"]) if data else None
@@ -330,7 +330,7 @@ def verify_dequantized(bf16_dir: Path, weights, tokenizer, dtype, reference: lis
     from transformers import AutoModelForCausalLM
 
     from forge.backends import TensorReader
-    from forge.errors import StepError
+    from forge.core.errors import StepError
 
     model = AutoModelForCausalLM.from_pretrained(bf16_dir, dtype=dtype, device_map=None)
     params = dict(model.named_parameters())
@@ -379,7 +379,7 @@ def teacher_forced_tokens(model, tokenizer, reference: list[int], *, what: str) 
     prediction i is what it writes after the prompt and the reference's first i tokens."""
     import torch
 
-    from forge.errors import StepError
+    from forge.core.errors import StepError
 
     prompt = prompt_ids(model, tokenizer)
     ids = torch.cat([prompt, torch.tensor([reference[:-1]], dtype=prompt.dtype, device=prompt.device)], dim=1)
@@ -394,7 +394,7 @@ def teacher_forced_tokens(model, tokenizer, reference: list[int], *, what: str) 
 def verify_generation(reference: list[int], quant_dir: Path, tokenizer, dtype) -> dict:
     """Load the written checkpoint with transformers (the only model in memory: the source model was freed and
     its greedy tokens recorded before quantizing) and compare its predictions along them, in one forward pass."""
-    from forge.errors import StepError
+    from forge.core.errors import StepError
 
     m = _load_checkpoint(quant_dir, dtype)
     tokens = teacher_forced_tokens(m, tokenizer, reference, what=f"the quantized checkpoint at {quant_dir}")
@@ -407,7 +407,7 @@ def verify_generation(reference: list[int], quant_dir: Path, tokenizer, dtype) -
 
 
 def _scheme(q) -> str:
-    from forge.methods import scheme
+    from forge.gpu.methods import scheme
 
     return scheme(q.method, q.bits) + (f" g{q.group_size or 128}" if q.method in GROUPED else "")
 
@@ -460,7 +460,7 @@ class Output:
     @property
     def trtllm_checkpoint(self) -> Path | None:
         """ModelOpt's TensorRT-LLM checkpoint (engine mode), when the backend wrote one."""
-        from forge.trtllm import TRTLLM_CKPT
+        from forge.engines.trtllm_build import TRTLLM_CKPT
 
         return self.dir / TRTLLM_CKPT if (self.dir / TRTLLM_CKPT).exists() else None
 

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from forge import host
+from forge.core import host
 from forge.backends import verifies
 from forge.steps import StepContext, StepSpec
 

@@ -1,6 +1,6 @@
 """scan: OCI image -> Trivy JSON report, CycloneDX SBOM, forge's verdict (verdict.json + summary.md).
 
-The policy is forge's (``forge.scanpolicy``), decided on the full report. The step joins the build
+The policy is forge's (``forge.image.scanpolicy``), decided on the full report. The step joins the build
 graph once the package step produces an image; until then ``forge scan`` runs it on any OCI layout
 directory or docker-archive tar, or judges an existing Trivy report.
 """
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from forge import trivy
-from forge.scanpolicy import IgnoreEntry, Verdict, judge, load_ignore_file, markdown
+from forge.image import trivy
+from forge.image.scanpolicy import IgnoreEntry, Verdict, judge, load_ignore_file, markdown
 from forge.steps import StepContext, StepSpec
 
 REPORT, SBOM, VERDICT, SUMMARY = "trivy-report.json", "sbom.cdx.json", "verdict.json", "summary.md"
@@ -77,7 +77,7 @@ def run(ctx: StepContext) -> dict:
 def check(entry) -> None:
     out = Output.read(entry)
     if out.passed is False:
-        from forge.errors import ScanGateError
+        from forge.core.errors import ScanGateError
 
         raise ScanGateError(f"scan gate {out.summary}", hint=f"Findings that decided it: {out.summary_md}")
 

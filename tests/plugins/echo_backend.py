@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from forge.backends import Quantized
-from forge.modelshape import ignored
+from forge.model.shape import ignored
 
 
 class Echo:

@@ -1,0 +1,3 @@
+"""The ground floor: errors, options (the environment, read in one place), digests, linking, step logs,
+plugin registries and host probes. Imports nothing else of forge.
+"""

@@ -1,0 +1,97 @@
+"""Probes of the machine a step runs on: what steps put into their key material so that a key describes
+the machine that built the output (device, CPU bf16 support, GPUs, tool and distribution versions).
+
+One place for them: steps call these, never each other's helpers. All are cheap: no torch import.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from forge.core import options as env
+
+__all__ = ["device", "cpu_has_native_bf16", "LocalGpu", "local_gpus", "tool_versions", "trtllm_version"]
+
+
+def device() -> str:
+    """"cuda" when torch is installed and an NVIDIA device is visible, else "cpu"."""
+    if importlib.util.find_spec("torch") is None:
+        return "cpu"
+    # torch.cuda.is_available() imports torch (~1 s); CUDA_VISIBLE_DEVICES and /dev/nvidia0 are free.
+    if env.get("CUDA_VISIBLE_DEVICES") != "" and Path("/dev/nvidia0").exists():
+        return "cuda"
+    return "cpu"
+
+
+def memory_bytes() -> int:
+    """Physical memory of this machine, or the cgroup's limit when one is set lower (a container, a CI runner)."""
+    import os
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            value = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if value.isdigit():
+            total = min(total, int(value))
+    return total
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16: bf16 matmuls run in hardware; without them PyTorch emulates bf16 on CPU."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+@dataclass(frozen=True)
+class LocalGpu:
+    name: str
+    compute_capability: str
+    driver: str
+
+
+def local_gpus() -> list[LocalGpu]:
+    """GPUs nvidia-smi reports on this machine (none without nvidia-smi)."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    proc = subprocess.run([exe, "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return []
+    out = []
+    for line in proc.stdout.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 3:
+            out.append(LocalGpu(*parts))
+    return out
+
+
+def tool_versions(names: tuple[str, ...]) -> dict[str, str]:
+    """Installed versions of Python distributions ("absent" when not installed)."""
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def trtllm_version() -> str:
+    """The TensorRT-LLM installed here (the Python distribution, else `trtllm-build --version`)."""
+    try:
+        return metadata.version("tensorrt_llm")
+    except Exception:
+        proc = subprocess.run(["trtllm-build", "--version"], capture_output=True, text=True)
+        m = re.search(r"\d+\.\d+\.\d+\S*", proc.stdout + proc.stderr)
+        return m.group(0) if m else "unknown"

@@ -1,0 +1,2 @@
+"""Eval task packs and the gate's statistics. May import forge.core.
+"""

@@ -1,0 +1,2 @@
+"""The GPU catalog, the method table, the capability check and the fit model. May import forge.core and forge.model.
+"""

@@ -1,0 +1,238 @@
+"""The container tools forge drives (buildah, podman, docker, skopeo): each call with a scrubbed environment
+and a failure shown as exit 5, image build, load and unload, OCI layout reading, and an image's server started
+and stopped as a process group (`buildah run` leaves servers behind otherwise).
+
+The package and base_image steps build with these, the smoke test (forge.image.smoketest) serves with them, and the
+tests use them to run what forge built.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import uuid
+from functools import lru_cache
+from pathlib import Path
+
+from forge.core import options as fenv
+from forge.image.containers import PORT
+from forge.core.errors import ToolError
+
+CONTAINERFILE = "Containerfile"
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "REGISTRY_PASSWORD", "REGISTRY_AUTH_FILE", "DOCKER_CONFIG",
+              "AWS_SECRET_ACCESS_KEY", "GITHUB_TOKEN")
+
+
+@lru_cache(maxsize=None)  # asked for by several steps' keys in one build
+def tool_version(tool: str) -> str:
+    """`tool --version`, remembered by the binary's (path, size, mtime): a no-op rebuild runs no subprocess."""
+    path = shutil.which(tool)
+    if path is None:
+        return "absent"
+    st = os.stat(path)
+    ident = f"{path}:{st.st_size}:{st.st_mtime_ns}"
+    from forge.store.local import default_cache_dir
+
+    memo = default_cache_dir() / "tool-versions.json"
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if ident in known:
+        return known[ident]
+    from forge.steps import Unprobed, probes_allowed
+
+    if not probes_allowed():
+        raise Unprobed(f"`{tool} --version` (not remembered yet)")
+    try:
+        out = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    version = out.splitlines()[0] if out else "unknown"
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**known, ident: version}))
+        tmp.replace(memo)
+    except OSError:
+        pass
+    return version
+
+
+def clean_env() -> dict:
+    clean = fenv.passthrough(SECRET_ENV, ("HF_", "AWS_"))
+    clean.setdefault("BUILDAH_ISOLATION", "chroot")
+    return clean
+
+
+def storage_flags() -> list[str]:
+    """buildah's storage options, shared by every buildah call forge makes (FORGE_BUILDAH_* pick them)."""
+    root = fenv.get("FORGE_BUILDAH_ROOT")
+    flags = ["--storage-driver", fenv.get("FORGE_BUILDAH_STORAGE_DRIVER")]
+    return flags + (["--root", root, "--runroot", root + "-run"] if root else [])
+
+
+def buildah(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    if shutil.which("buildah") is None:
+        raise ToolError("buildah is not on PATH: the package step cannot build images",
+                        hint="Install it (Debian/Ubuntu: apt-get install buildah; `make setup-tools` does it here), "
+                             "or remove the container section to stop before packaging.")
+    return _run(["buildah", *storage_flags(), *args], shown=("buildah", *args[:3]), check=check, **kw)
+
+
+def _run(argv: list[str], *, shown: tuple[str, ...], check: bool = True, env: dict | None = None,
+         **kw) -> subprocess.CompletedProcess:
+    """Run a container tool with the scrubbed environment; a failure is exit 5 showing the command's start."""
+    proc = subprocess.run(argv, capture_output=True, text=True, env={**clean_env(), **(env or {})}, **kw)
+    if check and proc.returncode != 0:
+        raise ToolError(f"`{' '.join(shown)} …` failed (exit {proc.returncode}): {proc.stderr.strip()[-1500:]}")
+    return proc
+
+
+def load_image(builder: str, layout: Path, ref: str, tag: str) -> None:
+    """Make ``tag`` in the builder's storage the image in the OCI layout (what the smoke test and a user run)."""
+    if builder == "buildah":
+        buildah("tag", pull_layout(layout, ref), tag)
+    elif builder == "podman":
+        image_id = _tool("podman", "pull", "--quiet", f"oci:{layout}:{ref}").stdout.strip().splitlines()[-1]
+        _tool("podman", "tag", image_id, tag)
+    else:
+        _tool("skopeo", "copy", "--quiet", f"oci:{layout}:{ref}", f"docker-daemon:{tag}")
+
+
+def unload_image(builder: str, tag: str) -> None:
+    if builder == "buildah":
+        buildah("rmi", "--force", tag, check=False)
+    else:
+        subprocess.run([builder, "rmi", "--force", tag], capture_output=True, env=clean_env())
+
+
+def pull_layout(layout: Path, ref: str) -> str:
+    """buildah pull of an OCI layout; returns the image id. buildah names a pulled oci: image after its path,
+    which must then be a valid reference (no '.cache' components): pull through a plain, lower-case symlink."""
+    import tempfile
+
+    link = Path(tempfile.gettempdir()) / f"forge-oci-{uuid.uuid4().hex}"
+    link.symlink_to(layout)
+    try:
+        return buildah("pull", "--quiet", f"oci:{link}:{ref}").stdout.strip().splitlines()[-1]
+    finally:
+        link.unlink()
+
+
+def choose_builder(loaded, base) -> str:
+    """container.builder resolved: auto takes buildah, then podman, then docker, whichever is on PATH.
+    forge's own bases live in buildah's storage, so they are built on with buildah."""
+    want = loaded.recipe.container.builder
+    if base.built:   # resolve_base refused any other builder for it
+        return "buildah"
+    order = ("buildah", "podman", "docker") if want == "auto" else (want,)
+    for tool in order:
+        if shutil.which(tool):
+            return tool
+    raise ToolError(f"no image builder on PATH (container.builder: {want}; looked for {', '.join(order)})",
+                    hint="Install buildah (`make setup-tools`), podman or docker.")
+
+
+def _tool(*argv: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return _run(list(argv), shown=argv[:3], env=env)
+
+
+def build_image(builder: str, context: Path, tag: str, layout: Path, ref: str, *, local_base: bool) -> None:
+    """Build the Containerfile in context as tag, then export it as an OCI layout (what Trivy and the registry read).
+    forge's own base is in local storage already; a published one is pulled once (by digest when locked)."""
+    cf = str(context / CONTAINERFILE)
+    if builder == "buildah":
+        buildah("bud", "--isolation", "chroot", "--timestamp", "0", "--layers=false",
+                "--pull=never" if local_base else "--pull=missing", "-f", cf, "-t", tag, str(context))
+        buildah("push", "--quiet", tag, f"oci:{layout}:{ref}")
+    elif builder == "podman":
+        _tool("podman", "build", "--timestamp", "0", "--layers=false", "--pull=missing", "-f", cf, "-t", tag, str(context))
+        _tool("podman", "push", "--quiet", tag, f"oci:{layout}:{ref}")
+    else:  # docker: BuildKit honours SOURCE_DATE_EPOCH for the image's timestamps; the archive goes through skopeo
+        _tool("docker", "build", "--build-arg", "SOURCE_DATE_EPOCH=0", "-f", cf, "-t", tag, str(context),
+              env={"SOURCE_DATE_EPOCH": "0", "DOCKER_BUILDKIT": "1"})
+        archive = layout.parent / f".{ref}.docker.tar"
+        try:
+            _tool("docker", "save", "-o", str(archive), tag)
+            if shutil.which("skopeo") is None:
+                raise ToolError("skopeo is not on PATH: forge converts docker's archive to an OCI layout with it",
+                                hint="apt-get install skopeo")
+            _tool("skopeo", "copy", "--quiet", f"docker-archive:{archive}", f"oci:{layout}:{ref}")
+        finally:
+            archive.unlink(missing_ok=True)
+
+
+def describe_layout(layout: Path, ref: str) -> dict:
+    """Manifest digest, config digest, and layer digests of one image in an OCI layout."""
+    index = json.loads((layout / "index.json").read_text())
+    desc = next((m for m in index["manifests"]
+                 if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == ref), index["manifests"][0])
+    manifest = json.loads(blob_path(layout, desc["digest"]).read_text())
+    layers = [layer["digest"] for layer in manifest["layers"]]
+    return {"manifest_digest": desc["digest"], "config_digest": manifest["config"]["digest"], "layers": layers,
+            "weights_layer": layers[-1], "oci_ref": ref}
+
+
+def blob_path(layout: Path, digest: str) -> Path:
+    algo, hexd = digest.split(":", 1)
+    return layout / "blobs" / algo / hexd
+
+
+def file_digests_in_layer(layout: Path, layer_digest: str) -> dict[str, str]:
+    """sha256 of every regular file in one layer blob (for checking the weights layer against the model)."""
+    import tarfile
+
+    out = {}
+    with tarfile.open(blob_path(layout, layer_digest)) as tf:
+        for m in tf:
+            if m.isfile():
+                out[m.name.lstrip("./")] = hashlib.sha256(tf.extractfile(m).read()).hexdigest()
+    return out
+
+
+# ------------------------------------------------------------------ serving an image
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(builder: str, tag: str, engine_args, port: int, log):
+    """Start the image's server (engine_args: its entrypoint) reachable on 127.0.0.1:port, its output to log;
+    returns (process, args, stop). stop() ends the whole process group and removes the container."""
+    if builder == "buildah":  # no port mapping: the server shares the host network, so it listens on port
+        args = [a if a != str(PORT) else str(port) for a in engine_args]
+        ctr = buildah("from", "--pull=never", tag).stdout.strip().splitlines()[-1]
+        server = subprocess.Popen(["buildah", *storage_flags(), "run", "--isolation", "chroot", ctr, "--", *args],
+                                  stdout=log, stderr=subprocess.STDOUT, env=clean_env(), start_new_session=True)
+
+        def stop() -> None:
+            _stop_group(server)   # buildah run leaves the server behind: stop the whole group
+            buildah("rm", ctr, check=False)
+        return server, args, stop
+    name = f"forge-smoke-{uuid.uuid4().hex[:12]}"
+    server = subprocess.Popen([builder, "run", "--rm", "--name", name, "-p", f"127.0.0.1:{port}:{PORT}", tag],
+                              stdout=log, stderr=subprocess.STDOUT, env=clean_env(), start_new_session=True)
+
+    def stop() -> None:
+        subprocess.run([builder, "rm", "-f", name], capture_output=True, env=clean_env())
+        _stop_group(server)
+    return server, list(engine_args), stop
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

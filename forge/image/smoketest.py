@@ -1,0 +1,160 @@
+"""The smoke test of a built image, against its running server: /health, GET /v1/models, one chat completion.
+
+``smoke_test`` serves the image with its builder (forge.image.builders) and runs ``check_server``, which speaks HTTP
+only, so a test can point it at any server. A failure is a SmokeTestError (exit 6) whose message carries the HTTP
+status, the response body and the tail of the server's log; the transcript and the log are kept.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from forge.image.builders import free_port, load_image, start_server, unload_image
+from forge.core.errors import SmokeTestError
+
+if TYPE_CHECKING:
+    from forge.image.containers import ImageSpec
+
+__all__ = ["smoke_test", "check_server", "TRANSCRIPT", "SERVER_LOG", "SMOKE_QUESTION"]
+
+TRANSCRIPT, SERVER_LOG = "smoke-test.json", "server.log"
+SMOKE_QUESTION = "What is the capital of France?"
+
+
+def _http(method: str, url: str, body: dict | None = None, timeout: float = 300) -> tuple[int, str]:
+    """(status, body text) of one request; an HTTP error status is an answer too. Connection errors raise OSError."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+
+
+def _log_tail(path: Path, lines: int = 25) -> str:
+    try:
+        text = path.read_bytes()[-16384:].decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def check_server(url: str, model: str, report, *, exited, keep: Path, timeout_s: float = 300,
+                 context: dict | None = None, health_route: str = "/health") -> dict:
+    """The smoke test proper, against a server at url whose output goes to keep/server.log: /health answers 200,
+    GET /v1/models lists model, a chat completion by that id answers. exited() is the server's exit code (None
+    while it runs). Any failure writes keep/smoke-test.json (status, body, log tail) and raises SmokeTestError."""
+    t: dict = {**(context or {}), "url": url, "model": model, "question": SMOKE_QUESTION, "passed": False}
+
+    def fail(stage: str, problem: str, status: int | None = None, body: str | None = None):
+        tail = _log_tail(keep / SERVER_LOG)
+        t["failure"] = {"stage": stage, "problem": problem, "status": status, "body": body, "log_tail": tail}
+        (keep / TRANSCRIPT).write_text(json.dumps(t, indent=2) + "\n")
+        shown = f"\n  response body: {body.strip()[:2000]}" if body and body.strip() else ""
+        raise SmokeTestError(
+            f"smoke test of {t.get('image', url)} failed at {stage}: {problem}{shown}\n"
+            f"  server log, last lines ({keep / SERVER_LOG}):\n" + "\n".join(f"    {x}" for x in tail.splitlines())
+            + f"\n  kept in {keep}/ ({TRANSCRIPT}, {SERVER_LOG})",
+            hint="The image was built but does not serve as promised: read the server log above. "
+                 "`container.smoke_test: false` in the recipe skips this check.")
+
+    t0 = time.monotonic()
+    report(f"smoke test: waiting for {health_route} on {url}")
+    last = None
+    while True:
+        if (code := exited()) is not None:
+            fail("start", f"the server exited with {code} before answering {health_route}")
+        try:
+            status, text = _http("GET", f"{url}{health_route}", timeout=2)
+            if status == 200:
+                break
+            last = (status, text)
+        except OSError:
+            pass
+        if time.monotonic() - t0 > timeout_s:
+            fail(f"GET {health_route}", f"no 200 from {health_route} within {timeout_s:.0f} s"
+                 + (f" (last answer: HTTP {last[0]})" if last else " (no answer)"), *(last or (None, None)))
+        time.sleep(1)
+    t["health_seconds"] = round(time.monotonic() - t0, 1)
+
+    report("smoke test: GET /v1/models")
+    status, text = _request_or_fail(fail, "GET /v1/models", "GET", f"{url}/v1/models")
+    try:
+        t["models"] = [m["id"] for m in json.loads(text)["data"]]
+    except (ValueError, KeyError, TypeError):
+        fail("GET /v1/models", "the answer is not an OpenAI model list", status, text)
+    if model not in t["models"]:
+        fail("GET /v1/models", f"the served model {model!r} is not listed (listed: {t['models']})", status, text)
+
+    report("smoke test: one chat completion")
+    status, text = _request_or_fail(fail, "POST /v1/chat/completions", "POST", f"{url}/v1/chat/completions",
+                                    {"model": model, "messages": [{"role": "user", "content": SMOKE_QUESTION}],
+                                     "max_tokens": 24, "temperature": 0})
+    try:
+        reply = json.loads(text)
+        answer = reply["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        fail("POST /v1/chat/completions", "the answer is not an OpenAI chat completion", status, text)
+    t.update(answer=answer, response=reply)
+    if not (answer and answer.strip()):
+        fail("POST /v1/chat/completions", f"the server answered {SMOKE_QUESTION!r} with nothing", status, text)
+    t["passed"] = True
+    return t
+
+
+def _request_or_fail(fail, stage: str, method: str, url: str, body: dict | None = None) -> tuple[int, str]:
+    try:
+        status, text = _http(method, url, body)
+    except OSError as e:
+        fail(stage, f"no answer: {e}")
+    if status != 200:
+        fail(stage, f"HTTP {status}", status, text)
+    return status, text
+
+
+# ------------------------------------------------------------------ an image's smoke test
+
+
+def smoke_test(tag: str, spec: "ImageSpec", report, *, keep: Path, builder: str = "buildah", timeout_s: float = 300,
+               layout: tuple[Path, str] | None = None) -> dict:
+    """Serve from the image, check it (check_server: health route, /v1/models, one chat), stop everything.
+    keep: where the server log goes, and where it stays with the transcript when the check fails (removed
+    when it passes). layout: (OCI layout, ref) to load the image from into the builder's storage first; it is
+    removed again afterwards (the layout is the artifact: no second copy of the weights stays behind)."""
+    from forge.engines import get
+
+    engine = get(spec.base.engine)
+    if not engine.smoke_test:
+        why = ("cannot be smoke-tested here (its engine says so)" if engine.cpu
+               else "need their GPU to serve; smoke test not run here")
+        return {"passed": False, "skipped": f"{engine.name} images {why}", "answer": None, "health_seconds": None,
+                "models": None}
+    if layout is not None:
+        report("loading the image into the builder's storage for the smoke test")
+        load_image(builder, layout[0], layout[1], tag)
+    try:
+        return _serve_and_check(tag, spec, report, keep=keep, builder=builder, timeout_s=timeout_s)
+    finally:
+        if layout is not None:
+            unload_image(builder, tag)
+
+
+def _serve_and_check(tag: str, spec: "ImageSpec", report, *, keep: Path, builder: str, timeout_s: float) -> dict:
+    keep.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    with open(keep / SERVER_LOG, "wb") as log:
+        server, args, stop = start_server(builder, tag, spec.engine_args, port, log)
+        try:
+            transcript = check_server(f"http://127.0.0.1:{port}", spec.served_name, report, exited=server.poll,
+                                      keep=keep, timeout_s=timeout_s, context={"image": tag, "command": args},
+                                      health_route=spec.health_route)
+        finally:
+            stop()
+    shutil.rmtree(keep, ignore_errors=True)
+    return transcript

@@ -1,0 +1,259 @@
+"""The OCI Distribution registry client forge uses to publish, pull and share step outputs (``oci://host[:port]/repo``).
+
+- The image goes blob by blob with the oras client (large blobs in chunks) and its manifest as the exact
+  bytes recorded, so the remote digest is the one recorded and the uncompressed weights layer stays
+  uncompressed (a skopeo copy to a registry gzips it). Pulls use ``skopeo copy --preserve-digests``.
+- Each piece of evidence is an OCI image manifest with ``artifactType`` and ``subject`` → the image,
+  uploaded with the oras client (blobs) and PUT as the exact bytes forge hashed; the digest the registry
+  answers (Docker-Content-Digest) must equal it.
+- Referrers: a registry with the referrers API indexes them itself. One without it (Distribution 2.8
+  answers 404) gets the referrers tag schema the distribution spec asks of clients: an image index
+  tagged ``sha256-<hex of the subject>`` listing every referrer, which forge reads, extends and rewrites.
+- Credentials: ``FORGE_REGISTRY_USER``/``FORGE_REGISTRY_PASSWORD`` if set (handed to skopeo through
+  a private temporary auth file, never on a command line), otherwise the standard auth files
+  (containers auth.json, ~/.docker/config.json) that skopeo and oras read themselves. Nothing
+  forge prints or records contains them.
+- Plain HTTP only for loopback hosts, or hosts listed in ``FORGE_INSECURE_REGISTRIES``.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from forge.core import options as env
+from forge.core.errors import ToolError, UsageError
+from forge.oci.layout import INDEX, MANIFEST, Layout, manifest_bytes, sha256_bytes
+
+ACCEPT = ", ".join([MANIFEST, INDEX, "application/vnd.docker.distribution.manifest.v2+json"])
+_LOOPBACK = ("localhost", "127.0.0.1", "[::1]")
+
+
+@dataclass(frozen=True)
+class Remote:
+    host: str          # host[:port]
+    repo: str
+
+    @classmethod
+    def parse(cls, url: str) -> "Remote":
+        rest = url.removeprefix("oci://")
+        host, _, repo = rest.partition("/")
+        if not url.startswith("oci://") or not host or not repo or "@" in repo or ":" in repo:
+            raise UsageError(f"registry {url!r} is not oci://HOST[:PORT]/REPOSITORY",
+                             hint="For example publish: {registry: oci://127.0.0.1:5000/forge}; tags are chosen by forge.")
+        return cls(host, repo.rstrip("/"))
+
+    @property
+    def insecure(self) -> bool:
+        return insecure_host(self.host)
+
+    def ref(self, tag_or_digest: str) -> str:
+        sep = "@" if tag_or_digest.startswith("sha256:") else ":"
+        return f"{self.host}/{self.repo}{sep}{tag_or_digest}"
+
+    def url(self) -> str:
+        return f"oci://{self.host}/{self.repo}"
+
+
+def insecure_host(host: str) -> bool:
+    """Plain HTTP (no TLS verification) only for loopback hosts and those listed in FORGE_INSECURE_REGISTRIES."""
+    name = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
+    extra = [h.strip() for h in (env.get("FORGE_INSECURE_REGISTRIES") or "").split(",") if h.strip()]
+    return name in _LOOPBACK or host in extra or name in extra
+
+
+# ---------------------------------------------------------------------- credentials
+
+def _env_creds() -> tuple[str, str] | None:
+    user, password = env.get("FORGE_REGISTRY_USER"), env.get("FORGE_REGISTRY_PASSWORD")
+    return (user, password) if user and password else None
+
+
+@contextmanager
+def _skopeo_auth(remote: Remote) -> Iterator[list[str]]:
+    creds = _env_creds()
+    if creds is None:
+        yield []  # skopeo reads the standard auth files itself
+        return
+    with tempfile.TemporaryDirectory(prefix="forge-auth-") as d:
+        path = Path(d) / "auth.json"
+        token = base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"auths": {remote.host: {"auth": token}}}, f)
+        yield ["--authfile", str(path)]
+
+
+def _scrub(text: str) -> str:
+    if (creds := _env_creds()) is not None:
+        text = text.replace(creds[1], "***")
+    return text
+
+
+# ---------------------------------------------------------------------- skopeo
+
+def skopeo(*args: str) -> subprocess.CompletedProcess:
+    exe = shutil.which("skopeo")
+    if exe is None:
+        raise ToolError("skopeo is not on PATH; publishing to an OCI registry needs it",
+                        hint="`make setup-tools` (or apt-get install skopeo) installs it.")
+    proc = subprocess.run([exe, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ToolError(f"skopeo {args[0]} failed (exit {proc.returncode}): {_scrub(proc.stderr.strip())[-1500:]}",
+                        hint="Is the registry up and reachable, and are the credentials right?")
+    return proc
+
+
+def _tls(remote: Remote, flag: str) -> list[str]:
+    return [f"--{flag}-tls-verify=false"] if remote.insecure else []
+
+
+def fetch_image(remote: Remote, digest: str, layout: Path, ref: str) -> None:
+    with _skopeo_auth(remote) as auth:
+        skopeo("copy", "--quiet", "--preserve-digests", "--dest-oci-accept-uncompressed-layers", *auth,
+               *_tls(remote, "src"), f"docker://{remote.ref(digest)}", f"oci:{layout}:{ref}")
+
+
+# ---------------------------------------------------------------------- oras
+
+_CHUNK = 64 << 20   # blobs above this are uploaded in chunks of this size (PATCH), never read whole
+
+class Client:
+    """The oras registry client for one remote, plus the few calls oras-py lacks (exact-bytes manifest
+    PUT with any media type, the referrers API)."""
+
+    def __init__(self, remote: Remote):
+        import oras.container
+        import oras.provider
+
+        self.remote = remote
+        self.reg = oras.provider.Registry(hostname=remote.host, insecure=remote.insecure)
+        self.container = oras.container.Container(remote.ref("latest"))
+        if (creds := _env_creds()) is not None:
+            self.reg.auth.set_basic_auth(*creds)
+        else:
+            configs = [p for p in _auth_files() if p.exists()]
+            self.reg.auth.load_configs(self.container, configs=[str(p) for p in configs])
+        self.base = f"{self.reg.prefix}://{remote.host}/v2/{remote.repo}"
+
+    def _request(self, method: str, path: str, **kw):
+        import requests
+
+        try:
+            return self.reg.do_request(f"{self.base}/{path}", method, **kw)
+        except requests.RequestException as e:
+            raise ToolError(f"registry {self.remote.url()} unreachable: {_scrub(str(e))}",
+                            hint="Is the registry up? Is publish.registry right?") from None
+
+    def put_blob(self, path: Path, digest: str, size: int) -> None:
+        """Upload a blob as it is (never recompressed); large ones in chunks, never whole in memory."""
+        if self._request("HEAD", f"blobs/{digest}").status_code == 200:
+            return
+        r = self.reg.upload_blob(str(path), self.container, {"digest": digest, "size": size},
+                                 do_chunked=size > _CHUNK, chunk_size=_CHUNK)
+        if r.status_code not in (200, 201, 202):
+            raise ToolError(f"registry refused blob {digest}: HTTP {r.status_code} {r.text[:300]}")
+
+    def put_manifest(self, data: bytes, media_type: str, reference: str) -> str:
+        r = self._request("PUT", f"manifests/{reference}", data=data, headers={"Content-Type": media_type})
+        if r.status_code not in (200, 201):
+            raise ToolError(f"registry refused manifest {reference}: HTTP {r.status_code} {r.text[:300]}",
+                            hint="The registry may not accept OCI artifacts with a subject; see `forge registry --help`.")
+        stored = r.headers.get("Docker-Content-Digest")
+        if stored and stored != sha256_bytes(data):
+            raise ToolError(f"registry stored manifest {reference} as {stored}, not {sha256_bytes(data)}")
+        return sha256_bytes(data)
+
+    def get_manifest(self, reference: str) -> tuple[bytes, str] | None:
+        r = self._request("GET", f"manifests/{reference}", headers={"Accept": ACCEPT})
+        if r.status_code == 404:
+            return None
+        if r.status_code != 200:
+            raise ToolError(f"registry GET manifest {reference}: HTTP {r.status_code} {r.text[:300]}")
+        return r.content, r.headers.get("Content-Type", "").split(";")[0]
+
+    def get_blob(self, digest: str) -> bytes:
+        r = self._request("GET", f"blobs/{digest}")
+        if r.status_code != 200:
+            raise ToolError(f"registry GET blob {digest}: HTTP {r.status_code}")
+        return r.content
+
+    def stream_blob(self, digest: str, chunk: int = 4 << 20) -> Iterator[bytes]:
+        """The blob's bytes as the registry serves them, in chunks: never whole in memory (the caller hashes them)."""
+        r = self._request("GET", f"blobs/{digest}", stream=True)
+        with r:
+            if r.status_code != 200:
+                raise ToolError(f"registry GET blob {digest}: HTTP {r.status_code}")
+            yield from r.iter_content(chunk)
+
+    def delete_manifest(self, digest: str) -> bool:
+        """DELETE a manifest by digest; False when the registry does not allow deletes."""
+        return self._request("DELETE", f"manifests/{digest}").status_code in (200, 202)
+
+    def blob_digest(self, digest: str) -> str | None:
+        """sha256 of the blob the registry serves under digest (streamed), None if it has none."""
+        import hashlib
+
+        r = self._request("GET", f"blobs/{digest}", stream=True)
+        if r.status_code != 200:
+            return None
+        h = hashlib.sha256()
+        for chunk in r.iter_content(4 << 20):
+            h.update(chunk)
+        return "sha256:" + h.hexdigest()
+
+    def referrers(self, subject: str) -> tuple[list[dict], str]:
+        """(descriptors of the manifests that refer to subject, "api" or "tag-schema")."""
+        r = self._request("GET", f"referrers/{subject}", headers={"Accept": INDEX})
+        if r.status_code == 200 and r.headers.get("Content-Type", "").startswith(INDEX):
+            return r.json().get("manifests", []), "api"
+        got = self.get_manifest(_fallback_tag(subject))
+        return (json.loads(got[0]).get("manifests", []) if got else []), "tag-schema"
+
+    def add_referrers(self, subject: str, descriptors: list[dict]) -> str:
+        """Make descriptors findable as referrers of subject; returns how ("api" or "tag-schema")."""
+        current, how = self.referrers(subject)
+        if how == "api":
+            return how
+        have = {d["digest"] for d in current}
+        merged = current + [d for d in descriptors if d["digest"] not in have]
+        if len(merged) != len(current) or not current:
+            index = {"schemaVersion": 2, "mediaType": INDEX, "manifests": merged}
+            self.put_manifest(manifest_bytes(index), INDEX, _fallback_tag(subject))
+        return how
+
+
+def _fallback_tag(digest: str) -> str:
+    algo, _, hexd = digest.partition(":")
+    return f"{algo}-{hexd}"
+
+
+def _auth_files() -> list[Path]:
+    paths = []
+    if auth := env.get("REGISTRY_AUTH_FILE"):
+        paths.append(Path(auth))
+    if run := env.get("XDG_RUNTIME_DIR"):
+        paths.append(Path(run) / "containers" / "auth.json")
+    paths.append(Path.home() / ".config" / "containers" / "auth.json")
+    return paths
+
+
+def parse_ref(ref: str) -> tuple[Remote, str]:
+    """oci://host/repo:tag or oci://host/repo@sha256:… → (remote, tag or digest)."""
+    body = ref.removeprefix("oci://")
+    if "@" in body:
+        repo_part, _, what = body.partition("@")
+    else:
+        host, _, path = body.partition("/")
+        path, sep, what = path.rpartition(":")
+        if not sep:
+            raise UsageError(f"{ref!r} names no tag or digest", hint="Use oci://HOST/REPO:TAG or oci://HOST/REPO@sha256:….")
+        repo_part = f"{host}/{path}"
+    return Remote.parse("oci://" + repo_part), what

@@ -1,0 +1,3 @@
+"""Plans and runs step graphs: the scheduler, variants, method: auto and the build-to-record pipeline.
+May import everything below the CLI.
+"""
