@@ -99,6 +99,16 @@ def tiny_qwen2(tmp_path_factory) -> Path:
     return _tiny_model(tmp_path_factory, "tiny-qwen2", "Qwen2Config", "Qwen2ForCausalLM")
 
 
+TEST_DOWNLOADS = Path(__import__("tempfile").mkdtemp(prefix="forge-test-downloads-"))
+
+
+def resolved(path, *, downloads: Path | None = None, **kw):
+    """A recipe through the resolution stage (forge.recipe.resolve), as every build reads it."""
+    from forge.recipe.resolve import resolve
+
+    return resolve(path, downloads=downloads or TEST_DOWNLOADS, **kw)
+
+
 def write_recipe(path: Path, model_source: str, **sections) -> Path:
     """Write a minimal valid recipe; keyword sections are merged over the defaults (as YAML via JSON)."""
     doc = {"apiVersion": "forge/v1", "name": "tiny", "model": {"source": model_source},

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO, forge_cli, write_recipe
 
-from forge.recipe.load import load_recipe
+from conftest import resolved
 from forge.store.local import Store
 
 TASKS = REPO / "evals" / "tasks"
@@ -180,7 +180,7 @@ def test_a_mixed_precision_winner_labels_its_bf16_layers(tmp_path, tiny_llama):
     manifests = {"quantize": {"output": {"digest": "sha256:00"}}}
 
     def labels(**overrides) -> dict:
-        loaded = load_recipe(recipe, overrides=overrides)
+        loaded = resolved(recipe, overrides=overrides)
         return dict(_labels(SimpleNamespace(recipe=loaded, input_manifests=manifests), base, None))
 
     trial = labels(quantize={**W4, "candidates": [], "ignore": ["lm_head", DAMAGED]})

@@ -15,7 +15,7 @@ from conftest import REPO, forge_cli, write_recipe
 
 from forge.orchestrate.build import build, plan
 from forge.core.digests import sha256_file
-from forge.recipe.load import load_recipe
+from conftest import resolved
 from forge.store.local import Store
 
 
@@ -30,25 +30,25 @@ def _statuses(results) -> dict[str, str]:
 
 def test_second_build_reuses_everything(recipe, cache_dir):
     store = Store(cache_dir)
-    first = build(load_recipe(recipe), store)
+    first = build(resolved(recipe), store)
     assert _statuses(first) == {"resolve": "BUILT", "quantize": "BUILT"}
-    second = build(load_recipe(recipe), store)
+    second = build(resolved(recipe), store)
     assert _statuses(second) == {"resolve": "HIT", "quantize": "HIT"}
     assert [r.key for r in first] == [r.key for r in second]
-    assert [p.status for p in plan(load_recipe(recipe), store)] == ["HIT", "HIT"]
+    assert [p.status for p in plan(resolved(recipe), store)] == ["HIT", "HIT"]
 
 
 def test_plan_before_build_shows_miss_then_pending(recipe, cache_dir):
-    steps = plan(load_recipe(recipe), Store(cache_dir))
+    steps = plan(resolved(recipe), Store(cache_dir))
     assert [(p.spec.name, p.status) for p in steps] == [("resolve", "MISS"), ("quantize", "PENDING")]
 
 
 def test_downstream_setting_reruns_only_downstream(recipe, tmp_path, tiny_llama, cache_dir):
     store = Store(cache_dir)
-    build(load_recipe(recipe), store)
+    build(resolved(recipe), store)
     changed = write_recipe(tmp_path / "changed.yaml", str(tiny_llama), quantize={"ignore": ["lm_head", "embed_tokens"]})
-    assert [p.status for p in plan(load_recipe(changed), store)] == ["HIT", "MISS"]
-    assert _statuses(build(load_recipe(changed), store)) == {"resolve": "HIT", "quantize": "BUILT"}
+    assert [p.status for p in plan(resolved(changed), store)] == ["HIT", "MISS"]
+    assert _statuses(build(resolved(changed), store)) == {"resolve": "HIT", "quantize": "BUILT"}
 
 
 def test_upstream_data_change_reruns_and_early_cutoff(tmp_path, tiny_llama, cache_dir):
@@ -58,33 +58,33 @@ def test_upstream_data_change_reruns_and_early_cutoff(tmp_path, tiny_llama, cach
     shutil.copytree(tiny_llama, model)
     recipe = write_recipe(tmp_path / "r.yaml", str(model))
     store = Store(cache_dir)
-    build(load_recipe(recipe), store)
+    build(resolved(recipe), store)
     # touching a file without changing its bytes: re-hashed (stat changed), same digest, all HIT
     os.utime(model / "config.json", ns=(time.time_ns(), time.time_ns()))
-    assert _statuses(build(load_recipe(recipe), store)) == {"resolve": "HIT", "quantize": "HIT"}
+    assert _statuses(build(resolved(recipe), store)) == {"resolve": "HIT", "quantize": "HIT"}
     # changing a byte of the weights: resolve and everything below it rebuild
     cfg = json.loads((model / "config.json").read_text())
     cfg["rope_theta"] = 12345.0
     (model / "config.json").write_text(json.dumps(cfg))
-    assert _statuses(build(load_recipe(recipe), store)) == {"resolve": "BUILT", "quantize": "BUILT"}
+    assert _statuses(build(resolved(recipe), store)) == {"resolve": "BUILT", "quantize": "BUILT"}
 
 
 def test_tool_version_is_part_of_the_key(recipe, cache_dir, monkeypatch):
     import forge.executors.runner as runner
 
     store = Store(cache_dir)
-    build(load_recipe(recipe), store)
+    build(resolved(recipe), store)
     real = runner.tool_versions
     monkeypatch.setattr(runner, "tool_versions", lambda names: {**real(names), **({"transformers": "0.0.0"} if "transformers" in names else {})})
-    assert [p.status for p in plan(load_recipe(recipe), store)] == ["MISS", "PENDING"]
+    assert [p.status for p in plan(resolved(recipe), store)] == ["MISS", "PENDING"]
 
 
 def test_force_one_step(recipe, cache_dir):
     store = Store(cache_dir)
-    build(load_recipe(recipe), store)
-    first = build(load_recipe(recipe), store)[-1].entry
+    build(resolved(recipe), store)
+    first = build(resolved(recipe), store)[-1].entry
     (first.path / "stale-marker").write_text("from the first build")
-    forced = build(load_recipe(recipe), store, force={"quantize"})
+    forced = build(resolved(recipe), store, force={"quantize"})
     assert _statuses(forced) == {"resolve": "HIT", "quantize": "BUILT"}
     # the forced output replaced the cached entry under the same key; nothing of the old one is left
     assert forced[-1].key == first.key and not (first.path / "stale-marker").exists()
@@ -93,7 +93,7 @@ def test_force_one_step(recipe, cache_dir):
 
 
 def test_manifest_records_inputs_outputs_and_tools(recipe, cache_dir):
-    results = build(load_recipe(recipe), Store(cache_dir))
+    results = build(resolved(recipe), Store(cache_dir))
     m = results[0].entry.manifest
     assert m["step"] == "resolve" and m["key"] == results[0].key
     assert set(m["inputs"]["tools"]) == {"transformers", "torch", "gguf", "safetensors", "huggingface_hub"}
@@ -141,12 +141,12 @@ def test_sigkill_before_commit_leaves_nothing_trusted(recipe, cache_dir):
     store = Store(cache_dir)
     # the staged quantize output is complete on disk, but it was never committed: not trusted
     assert any((cache_dir / "staging").iterdir())
-    assert [p.status for p in plan(load_recipe(recipe), store)] == ["HIT", "MISS"]
-    results = build(load_recipe(recipe), store)
+    assert [p.status for p in plan(resolved(recipe), store)] == ["HIT", "MISS"]
+    results = build(resolved(recipe), store)
     assert _statuses(results) == {"resolve": "HIT", "quantize": "BUILT"}
     removed = store.prune(older_than_s=None, everything=False, dry_run=False)
     assert [w for w, *_ in removed] == ["staging"]
-    assert _statuses(build(load_recipe(recipe), store)) == {"resolve": "HIT", "quantize": "HIT"}
+    assert _statuses(build(resolved(recipe), store)) == {"resolve": "HIT", "quantize": "HIT"}
 
 
 def test_concurrent_builds_share_one_result(recipe, cache_dir):
@@ -229,5 +229,5 @@ def test_plan_starts_no_external_tool(tmp_path, tiny_llama, cache_dir, monkeypat
     # trivy's DB date is key material and is never remembered: a plan does not ask, the build does
     monkeypatch.setenv("PATH", env["PATH"])
     with no_probes(), pytest.raises(Unprobed, match="trivy version"):
-        scan_step.SPEC.identity(load_recipe(recipe))
+        scan_step.SPEC.identity(resolved(recipe))
     assert not log.exists()

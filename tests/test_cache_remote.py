@@ -16,11 +16,11 @@ import pytest
 
 from conftest import REPO, SECRETS, forge_cli, free_port, write_recipe
 
-from forge.orchestrate.build import execute
+from forge.orchestrate.build import execute_one as execute
 from forge.store.remote import ARTIFACT_TYPE, RemoteCache, RemoteCacheCorrupt
 from forge.core.digests import sha256_file, tree_digest
 from forge.executors.process import ProcessExecutor
-from forge.recipe.load import load_recipe
+from conftest import resolved
 from forge.store.local import Store
 
 STEPS = ["resolve", "quantize"]
@@ -107,8 +107,8 @@ def test_a_fresh_cache_pulls_every_step_with_identical_digests(recipe, remote, t
 
 def test_the_remote_travels_with_the_request_to_worker_processes(recipe, remote, tmp_path):
     cache = RemoteCache.parse(remote)
-    built = execute(load_recipe(recipe), Store(tmp_path / "A"), cache_remote=cache)
-    pulled = execute(load_recipe(recipe), Store(tmp_path / "B"), cache_remote=cache, executor=ProcessExecutor())
+    built = execute(resolved(recipe), Store(tmp_path / "A"), remote=cache)
+    pulled = execute(resolved(recipe), Store(tmp_path / "B"), remote=cache, executor=ProcessExecutor())
     assert [r.status for r in built.results] == ["BUILT", "BUILT"]
     assert [r.status for r in pulled.results] == ["REMOTE", "REMOTE"]
     assert [(r.key, r.output_digest) for r in pulled.results] == [(r.key, r.output_digest) for r in built.results]
@@ -166,7 +166,7 @@ def test_a_step_that_differs_from_the_remote_is_reported_and_the_remote_kept(rec
     """Another writer published different bytes under the same key (a non-reproducible step): forge adopts the
     remote output locally, says so, records it, and never overwrites the registry."""
     cache = RemoteCache.parse(remote)
-    loaded = load_recipe(recipe)
+    loaded = resolved(recipe)
     first = execute(loaded, Store(tmp_path / "A"))            # built here, not pushed
     mine = first.by_name["resolve"].entry
     # the other writer: the same key, one file different
@@ -183,9 +183,9 @@ def test_a_step_that_differs_from_the_remote_is_reported_and_the_remote_kept(rec
         theirs = other.commit(mine.key, staged, manifest)
     tagged = cache.push(other, theirs)
 
-    again = execute(loaded, Store(tmp_path / "A"), force={"resolve"}, cache_remote=cache)
-    resolved = again.by_name["resolve"]
-    assert resolved.status == "REMOTE" and resolved.output_digest == theirs.output_digest
+    again = execute(loaded, Store(tmp_path / "A"), force={"resolve"}, remote=cache)
+    pulled = again.by_name["resolve"]
+    assert pulled.status == "REMOTE" and pulled.output_digest == theirs.output_digest
     assert any("not reproducible" in w and "resolve" in w for w in again.warnings), again.warnings
     local = Store(tmp_path / "A").get(mine.key)
     assert (local.out / "config.json").read_text() == '{"theirs": true}'
@@ -196,14 +196,14 @@ def test_a_step_that_differs_from_the_remote_is_reported_and_the_remote_kept(rec
 
 def test_read_mode_pulls_but_never_pushes(recipe, remote, tmp_path):
     read = RemoteCache.parse(remote, mode="read")
-    built = execute(load_recipe(recipe), Store(tmp_path / "A"), cache_remote=read)
+    built = execute(resolved(recipe), Store(tmp_path / "A"), remote=read)
     assert [r.status for r in built.results] == ["BUILT", "BUILT"]
     assert _tags(remote) == []
     forge_cli("build", str(recipe), "--cache-remote", remote, "--cache-remote-mode", "read", cache=tmp_path / "B",
               check=0)
     assert _tags(remote) == []
-    execute(load_recipe(recipe), Store(tmp_path / "C"), cache_remote=RemoteCache.parse(remote))   # a trusted writer
-    pulled = execute(load_recipe(recipe), Store(tmp_path / "D"), cache_remote=read)
+    execute(resolved(recipe), Store(tmp_path / "C"), remote=RemoteCache.parse(remote))   # a trusted writer
+    pulled = execute(resolved(recipe), Store(tmp_path / "D"), remote=read)
     assert [r.status for r in pulled.results] == ["REMOTE", "REMOTE"]
 
 

@@ -15,7 +15,7 @@ from conftest import REPO, forge_cli, write_recipe
 
 from forge.cli import ci
 from forge.evaluation.gatestats import judge_rule
-from forge.recipe.load import load_recipe
+from conftest import resolved
 from forge.image.scanpolicy import judge
 from forge.image.trivy import parse_report
 
@@ -75,7 +75,7 @@ def _gated_recipe(tmp_path: Path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text((REPO / "tests" / "data" / "configs" / "smollm2-135m.json").read_text())
     tasks = [str(REPO / "evals" / "tasks" / f"{t}.yaml") for t in ("heldout_ppl", "capitals_mc")]
-    return load_recipe(write_recipe(tmp_path / "r.yaml", "./model", eval={"tasks": tasks, "gate": [
+    return resolved(write_recipe(tmp_path / "r.yaml", "./model", eval={"tasks": tasks, "gate": [
         {"task": "heldout_ppl", "metric": "word_perplexity", "max_rel_increase": 0.05},
         {"task": "capitals_mc", "metric": "acc", "max_abs_drop": 0.05}]}, container={"base": "cpu-python311"},
         scan={"fail_on": ["CRITICAL", "HIGH"]}))

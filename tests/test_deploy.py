@@ -15,12 +15,12 @@ import pytest
 from conftest import REPO, forge_cli
 
 from forge import deploy
-from forge.image.containers import PORT, UID, resolve_base
+from forge.image.containers import PORT, UID
 from forge.core.errors import UsageError
 from forge.deploy.kustomize import read_dir
 from forge.deploy.validate import problems, schema_problems
 from forge.registry import LocalRegistry, publish
-from forge.recipe.load import load_recipe
+from conftest import resolved
 
 DATA = REPO / "tests" / "data" / "deploy"
 GOLDEN = DATA / "golden"
@@ -87,8 +87,8 @@ def _result(out: Path, facts: dict, digest: str):
 def make_record(root: Path, reg: LocalRegistry, recipe: Path, model_config: bytes, entrypoint: list[str], *,
                 gate=True, scan="pass", user: str = f"{UID}:{UID}"):
     """Publish a build of ``recipe`` whose image runs ``entrypoint``."""
-    loaded = load_recipe(recipe)
-    base, _ = resolve_base(loaded)
+    loaded = resolved(recipe)
+    base = loaded.base
     root.mkdir(parents=True)
     (root / "package").mkdir()
     digest = image_with_config(root / "package" / "oci", loaded.recipe.name,

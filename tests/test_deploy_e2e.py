@@ -31,7 +31,7 @@ def demo_image(demo_build):
 def _validated(demo_image, reg, tmp_path):
     """A validated record of the real demo image (the gate and scan recorded as passed, as on a machine with
     an eval run and Trivy)."""
-    from forge.recipe.load import load_recipe
+    from conftest import resolved
     from forge.registry import publish
 
     (tmp_path / "gate").mkdir()
@@ -44,7 +44,7 @@ def _validated(demo_image, reg, tmp_path):
     results = {name: _result(out, {}, digest) for name, (out, digest) in steps.items()}
     results["gate"] = _result(tmp_path / "gate", {"passed": True, "failed": []}, "sha256:" + "22" * 32)
     results["scan"] = _result(tmp_path / "scan", facts, "sha256:" + "44" * 32)
-    return publish(load_recipe(demo_image["recipe"]), results, registry=reg)
+    return publish(resolved(demo_image["recipe"]), results, registry=reg)
 
 
 def _free_port() -> int:

@@ -33,16 +33,31 @@ def test_no_module_but_env_reads_the_environment():
     assert offenders == [], "read environment variables through forge.core.options (declare them there):\n" + "\n".join(offenders)
 
 
+def _reads(tree) -> list[tuple[int, str]]:
+    """(line, NAME) of every ``get("NAME")`` / ``flag("NAME")`` call, bare or as an attribute of any module."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str) and re.fullmatch(r"[A-Z][A-Z0-9_]+", node.args[0].value):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if name in ("get", "flag") and (isinstance(func, ast.Name) or isinstance(func.value, ast.Name)):
+                out.append((node.lineno, node.args[0].value))
+    return out
+
+
+def test_the_environment_is_read_in_the_options_module_only():
+    """Options are read from the environment in one place and passed down: outside forge/core/options.py there is
+    no ``env.get("NAME")`` (the typed ``Options`` fields are what modules read)."""
+    outside = [f"{path.relative_to(REPO)}:{line}: {name}" for path, text in _sources()
+               if path != FORGE / "core" / "options.py" for line, name in _reads(ast.parse(text))
+               if name in env.VARS]
+    assert outside == [], "read these through forge.core.options.current() instead:\n" + "\n".join(outside)
+
+
 def test_every_name_forge_asks_for_is_declared():
-    asked = set()
-    for path, text in _sources():
-        for node in ast.walk(ast.parse(text)):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("get", "flag") \
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id in ("env", "fenv") \
-                    and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str) \
-                    and re.fullmatch(r"[A-Z][A-Z0-9_]+", node.args[0].value):
-                asked.add(node.args[0].value)
-    assert asked, "the scan found no env.get calls: it is broken"
+    asked = {name for _, name in _reads(ast.parse((FORGE / "core" / "options.py").read_text()))}
+    assert asked, "the scan found no get calls in forge/core/options.py: it is broken"
     assert asked - set(env.VARS) == set()
     # typer options read these through envvar= (the forge/cli/ package's modules): declared as well
     envvars = {name for _, text in _sources() for name in re.findall(r'envvar="([A-Z_]+)"', text)}

@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO, write_recipe
 
 from forge.orchestrate.build import build
-from forge.recipe.load import load_recipe
+from conftest import resolved
 from forge.store.local import Store
 
 HELDOUT = REPO / "evals" / "tasks" / "heldout_ppl.yaml"
@@ -49,7 +49,7 @@ def test_fp8_eval_is_the_same_at_batch_1_and_8_and_the_verdict_records_it(tmp_pa
     recipe = write_recipe(tmp_path / "r.yaml", str(batch_sensitive_llama), quantize={"method": "fp8"},
                           eval={"tasks": [str(HELDOUT)],
                                 "gate": [{"task": "heldout_ppl", "metric": "word_perplexity", "max_rel_increase": 5.0}]})
-    results = {r.name: r for r in build(load_recipe(recipe), Store(tmp_path / "cache"))}
+    results = {r.name: r for r in build(resolved(recipe), Store(tmp_path / "cache"))}
     checkpoint = results["quantize"].entry.out
     cand = json.loads((results["eval_candidate"].entry.out / "results.json").read_text())
     base = json.loads((results["eval_baseline"].entry.out / "results.json").read_text())

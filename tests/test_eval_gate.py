@@ -10,7 +10,7 @@ from conftest import REPO, forge_cli, write_recipe
 
 from forge.orchestrate.build import build, plan
 from forge.core.errors import EvalGateError
-from forge.recipe.load import load_recipe
+from conftest import resolved
 from forge.store.local import Store
 
 TASKS = REPO / "evals" / "tasks"
@@ -39,7 +39,7 @@ def test_second_recipe_reuses_the_baseline_and_gate_failure_is_cached(gated, cac
     store = Store(cache_dir)
     loose = [{"task": "heldout_ppl", "metric": "word_perplexity", "max_rel_increase": 5.0}]
     a = gated("a", {"method": "fp8"}, loose)
-    results = {r.name: r for r in build(load_recipe(a), store)}
+    results = {r.name: r for r in build(resolved(a), store)}
     assert results["eval_baseline"].status == "BUILT" and results["gate"].status == "BUILT"
     verdict = json.loads((results["gate"].entry.out / "verdict.json").read_text())
     assert verdict["passed"] and verdict["rules"][0]["metric"] == "word_perplexity"
@@ -52,12 +52,12 @@ def test_second_recipe_reuses_the_baseline_and_gate_failure_is_cached(gated, cac
     # the second recipe lives elsewhere and names the same task files by relative paths
     b = gated("b", {"method": "gptq", "group_size": 32,
                     "calibration": {"data": str(CALIB), "samples": 2, "max_seq_len": 64}}, strict, subdir="elsewhere")
-    steps = {p.spec.name: p.status for p in plan(load_recipe(b), store)}
+    steps = {p.spec.name: p.status for p in plan(resolved(b), store)}
     assert steps["eval_baseline"] == "HIT"  # a different recipe on the same base model
     with pytest.raises(EvalGateError, match=r"heldout_ppl.word_perplexity: baseline .* candidate .* delta"):
-        build(load_recipe(b), store)
+        build(resolved(b), store)
     # the failing verdict is cached: a rerun fails again at once, from the cache
-    steps = {p.spec.name: p.status for p in plan(load_recipe(b), store)}
+    steps = {p.spec.name: p.status for p in plan(resolved(b), store)}
     assert set(steps.values()) == {"HIT"}
     proc = forge_cli("build", str(b), cache=cache_dir)
     assert proc.returncode == 3

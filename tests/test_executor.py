@@ -7,10 +7,10 @@ import pytest
 from conftest import REPO, write_recipe
 
 from forge.core import errors
-from forge.orchestrate.build import execute
+from forge.orchestrate.build import execute_one as execute
 from forge.executors import error_from_json, error_to_json
 from forge.executors.process import ProcessExecutor
-from forge.recipe.load import load_recipe
+from conftest import resolved
 from forge.steps.graph import STEPS
 from forge.store.local import Store
 
@@ -27,7 +27,7 @@ def _recipe(tmp_path, tiny_llama, name="tiny", max_rel_increase=5.0):
 
 def test_process_executor_builds_the_same_keys_and_digests_as_the_local_one(tmp_path, tiny_llama):
     recipe = _recipe(tmp_path, tiny_llama)
-    local = execute(load_recipe(recipe), Store(tmp_path / "local-cache"))
+    local = execute(resolved(recipe), Store(tmp_path / "local-cache"))
     started, messages = [], []
 
     def on_start(spec, key):
@@ -35,7 +35,7 @@ def test_process_executor_builds_the_same_keys_and_digests_as_the_local_one(tmp_
         return lambda message, **kw: messages.append((spec.name, message))
 
     executor = ProcessExecutor(max_parallel=2)
-    remote = execute(load_recipe(recipe), Store(tmp_path / "process-cache"), executor=executor, on_start=on_start)
+    remote = execute(resolved(recipe), Store(tmp_path / "process-cache"), executor=executor, on_start=on_start)
 
     assert [r.name for r in local.results] == [r.name for r in remote.results] == GRAPH
     assert local.passed and remote.passed
@@ -55,12 +55,12 @@ def test_process_executor_builds_the_same_keys_and_digests_as_the_local_one(tmp_
     assert executor.peak == 2
 
     # a second build through workers reuses every committed entry
-    again = execute(load_recipe(recipe), Store(tmp_path / "process-cache"), executor=ProcessExecutor())
+    again = execute(resolved(recipe), Store(tmp_path / "process-cache"), executor=ProcessExecutor())
     assert {r.name: r.status for r in again.results} == dict.fromkeys(GRAPH, "HIT")
 
     # a failed gate in a worker is the build's outcome (the verdict committed first), not a crash
     strict = _recipe(tmp_path, tiny_llama, name="strict", max_rel_increase=0.0)
-    outcome = execute(load_recipe(strict), Store(tmp_path / "process-cache"), executor=ProcessExecutor())
+    outcome = execute(resolved(strict), Store(tmp_path / "process-cache"), executor=ProcessExecutor())
     assert isinstance(outcome.stopped_by, errors.EvalGateError)
     assert "heldout_ppl.word_perplexity" in outcome.stopped_by.message
     assert {r.name: r.status for r in outcome.results} == {**dict.fromkeys(GRAPH, "HIT"), "gate": "BUILT"}

@@ -119,17 +119,16 @@ def test_fit_check_uses_the_same_capability_table(monkeypatch, tmp_path):
     r = json.loads(recipe.read_text())
     r["quantize"] = {"method": "none"}
     recipe.write_text(json.dumps(r))
-    from forge.recipe.load import load_recipe
+    from conftest import resolved
 
-    loaded = load_recipe(recipe)
-    assert fit.check_recipe(loaded, tmp_path)[0].fits
+    assert resolved(recipe).fit.fits
     from forge import engines
 
     monkeypatch.setitem(engines.get("trtllm").kernels, "BF16", engines.Kernel((9, 0), "native"))
     from forge.core.errors import RecipeError
 
     with pytest.raises(RecipeError, match="needs compute capability >= 9.0"):
-        fit.check_recipe(loaded, tmp_path)
+        resolved(recipe)
 
 
 def test_validate_fails_a_recipe_that_does_not_fit(tmp_path):

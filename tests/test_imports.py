@@ -1,19 +1,23 @@
 """No import circles in forge/.
 
-What counts: every ``import``/``from … import`` of a forge module anywhere in a file -- at module level
-and inside functions alike (a lazy import hides the cost of a dependency, not the dependency). Not
-counted: imports under ``if TYPE_CHECKING:`` (types only, never executed), and the implicit import of
-a package's ``__init__`` when one of its submodules is imported (Python's, not the code's). So a step
-module may import its contract from ``forge.steps``, and ``forge.steps`` must then import no step.
+What counts: every ``import``/``from … import`` of a forge module anywhere in a file -- at module level,
+inside functions and under ``if TYPE_CHECKING:`` alike (a lazy import hides the cost of a dependency, not
+the dependency; a type-only import is still a dependency of the code's meaning) -- and every string that
+names a forge module, such as a registry's lazy ``"forge.engines.vllm:ENGINE"`` entry or a step's
+``run="forge.steps.gate:run"`` (an import deferred to run time is an import). Not counted: the implicit
+import of a package's ``__init__`` when one of its submodules is imported (Python's, not the code's). So
+a step module may import its contract from ``forge.steps``, and ``forge.steps`` must then import no step.
 """
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from conftest import REPO
 
 FORGE = REPO / "forge"
+_NAMED = re.compile(r"forge(\.[A-Za-z_]\w*)+(:[A-Za-z_]\w*)?")   # "forge.x.y" or "forge.x.y:attr" in a string
 
 
 def _module(path: Path, top: Path) -> str:
@@ -27,13 +31,11 @@ def import_graph(root: Path = FORGE) -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {m: set() for m in mods}
     for mod, path in mods.items():
         tree = ast.parse(path.read_text())
-        type_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-                     for n in ast.walk(node)}
         package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
         for node in ast.walk(tree):
-            if id(node) in type_only:
-                continue
-            if isinstance(node, ast.Import):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and _NAMED.fullmatch(node.value):
+                targets = [node.value.split(":")[0]]
+            elif isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
@@ -105,7 +107,7 @@ def test_forge_has_no_import_cycles():
     assert found == [], "import cycles in forge/:\n" + "\n".join(" -> ".join(c) for c in found)
 
 
-def test_the_checker_sees_function_level_imports_and_skips_type_only_ones(tmp_path):
+def test_the_checker_sees_function_level_type_only_and_registry_string_imports(tmp_path):
     pkg = tmp_path / "forge"
     (pkg / "steps").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
@@ -113,7 +115,9 @@ def test_the_checker_sees_function_level_imports_and_skips_type_only_ones(tmp_pa
     (pkg / "b.py").write_text("def f():\n    from forge.steps import c\n")
     (pkg / "steps" / "__init__.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from forge import a\n")
     (pkg / "steps" / "c.py").write_text("from .. import a\nfrom forge.steps import x\n")
+    (pkg / "reg.py").write_text("ENTRIES = {'x': 'forge.steps.c:run'}\n")
     graph = import_graph(pkg)
-    assert graph["forge.steps"] == set()                       # type-only import: not an edge
+    assert graph["forge.steps"] == {"forge.a"}                  # a type-only import is an edge
     assert graph["forge.steps.c"] == {"forge.a", "forge.steps"}  # relative import resolved
+    assert graph["forge.reg"] == {"forge.steps.c"}              # a registry string names a module
     assert cycles(graph) == [["forge.a", "forge.b", "forge.steps.c", "forge.a"]]

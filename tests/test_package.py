@@ -9,8 +9,8 @@ import pytest
 
 from conftest import REPO, forge_cli, write_recipe
 
-from forge.image.containers import ImageSpec, containerfile, engine_command, require_cuda, resolve_base
-from forge.recipe.load import load_recipe
+from forge.image.containers import ImageSpec, containerfile, engine_command, require_cuda
+from conftest import resolved
 
 CONFIGS = REPO / "tests" / "data" / "configs"
 
@@ -25,10 +25,10 @@ def test_containerfile_golden_for_a_vllm_base(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", "./model", name="llama3-fp8",
                           target={"gpu": "L40S", "engine": "vllm", "max_model_len": 8192, "max_num_seqs": 16},
                           quantize={"method": "fp8", "kv_cache": "fp8"}, container={"base": "vllm-0.11-cu128"})
-    loaded = load_recipe(recipe)
-    base, digest = resolve_base(loaded)
+    loaded = resolved(recipe)
+    base = loaded.base
     spec = ImageSpec(base_ref="docker.io/vllm/vllm-openai@sha256:" + "a" * 64, base=base, served_name="llama3-fp8",
-                     engine_args=engine_command(loaded, base, "llama3-fp8"),
+                     engine_args=engine_command(loaded, "llama3-fp8"),
                      labels=(("dev.forge.engine", "vllm"), ("dev.forge.target.gpu", "L40S")),
                      env=(("HF_HUB_OFFLINE", "1"), ("NVIDIA_REQUIRE_CUDA", require_cuda(base))))
     assert containerfile(spec) == (
@@ -61,9 +61,9 @@ def test_engine_command_lines(tmp_path, engine, base, expected):
     _config_only(tmp_path)
     recipe = write_recipe(tmp_path / "r.yaml", "./model", target={"gpu": "H100-SXM", "engine": engine},
                           container={"base": base})
-    loaded = load_recipe(recipe)
-    b, _ = resolve_base(loaded)
-    cmd = engine_command(loaded, b, "x")
+    loaded = resolved(recipe)
+    b = loaded.base
+    cmd = engine_command(loaded, "x")
     assert all(x in cmd for x in expected) and cmd[0] == expected[0]
     assert require_cuda(b).startswith("cuda>=12.")
 
@@ -81,9 +81,8 @@ def test_vllm_quantization_flag_follows_the_checkpoint_format(tmp_path, quantize
     q = {**quantize, "calibration": {"data": str(calib), "samples": 4, "max_seq_len": 64}}
     recipe = write_recipe(tmp_path / "r.yaml", "./model", target={"gpu": gpu, "engine": "vllm", "max_num_seqs": 4},
                           quantize=q, container={"base": "vllm-0.11-cu128"})
-    loaded = load_recipe(recipe)
-    base, _ = resolve_base(loaded)
-    cmd = list(engine_command(loaded, base, "x"))
+    loaded = resolved(recipe)
+    cmd = list(engine_command(loaded, "x"))
     if flag is None:
         assert "--quantization" not in cmd
     else:
@@ -156,10 +155,9 @@ def test_forge_lock_pins_a_base_from_a_real_registry(tmp_path, oci_registry):
     assert json.loads((tmp_path / "containers" / "bases.lock.json").read_text()) == {"vllm-local": digest}
     proc = forge_cli("validate", "r.yaml", "--ci", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    from forge.image.containers import resolve_base
-    from forge.recipe.load import load_recipe
+    from conftest import resolved
 
-    assert resolve_base(load_recipe(tmp_path / "r.yaml"))[1] == digest
+    assert resolved(tmp_path / "r.yaml").base_digest == digest
 
 
 # ------------------------------------------------------------------ smoke test: classified failures, /v1/models
@@ -339,11 +337,10 @@ def test_cpu_image_hub_entry_lists_the_served_model_to_the_openai_client(tmp_pat
 
 def test_cpu_containerfile_serves_the_model_by_its_hub_id(tmp_path, tiny_llama):
     recipe = write_recipe(tmp_path / "r.yaml", str(tiny_llama), name="tiny--demo", container={"base": "cpu-python311"})
-    loaded = load_recipe(recipe)
-    base, _ = resolve_base(loaded)
+    loaded = resolved(recipe)
     from forge.image.containers import image_spec
 
-    spec = image_spec(loaded, base, base_ref="localhost/forge-base/cpu-python311:abc", labels=(), env=(),
+    spec = image_spec(loaded, base_ref="localhost/forge-base/cpu-python311:abc", labels=(), env=(),
                       context=tmp_path / "context")
     text = containerfile(spec)
     assert spec.served_name == "tiny-demo"

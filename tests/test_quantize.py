@@ -10,7 +10,7 @@ import pytest
 from conftest import forge_cli, write_recipe
 
 from forge.orchestrate.build import build
-from forge.recipe.load import load_recipe
+from conftest import resolved
 from forge.steps.quantize import REPORTS
 from forge.store.local import Store
 
@@ -116,12 +116,12 @@ def test_calibration_token_windows_checked_before_weights_load(tmp_path, tiny_ll
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
                         lambda *a, **k: loads.append(a[0]) or load(*a, **k))
     with pytest.raises(RecipeError, match=r"window\(s\) of max_seq_len 700, but samples is 4"):
-        build(load_recipe(recipe), Store(cache_dir))
+        build(resolved(recipe), Store(cache_dir))
     assert len(loads) == 1, loads
     (tmp_path / "c.jsonl").write_text(CALIB.read_text())
     fixed = write_recipe(tmp_path / "r.yaml", str(tiny_llama), quantize={"method": "gptq", "group_size": 32,
                          "calibration": {"data": "c.jsonl", "samples": 4, "max_seq_len": 64}})
-    assert [(p.spec.name, p.status) for p in plan(load_recipe(fixed), Store(cache_dir))][:3] == \
+    assert [(p.spec.name, p.status) for p in plan(resolved(fixed), Store(cache_dir))][:3] == \
         [("resolve", "HIT"), ("reference", "HIT"), ("quantize", "MISS")]
 
 
@@ -151,7 +151,7 @@ METHODS = [
 def test_method_on_tiny_model(request, model, quantize, fmt, bits, tmp_path, cache_dir):
     path = request.getfixturevalue(model)
     recipe = write_recipe(tmp_path / "r.yaml", str(path), quantize=quantize)
-    result = build(load_recipe(recipe), Store(cache_dir))[-1]
+    result = build(resolved(recipe), Store(cache_dir))[-1]
     out = result.entry.out
     cfg = json.loads((out / "config.json").read_text())
     qc = cfg["quantization_config"]
@@ -180,7 +180,7 @@ def test_quantized_checkpoint_loads_and_generates_with_transformers(tmp_path, ti
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     recipe = write_recipe(tmp_path / "r.yaml", str(tiny_llama), quantize=_calibrated(method="gptq", group_size=32))
-    out = build(load_recipe(recipe), Store(cache_dir))[-1].entry.out
+    out = build(resolved(recipe), Store(cache_dir))[-1].entry.out
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(out)
     gen = model.generate(**tok("import os", return_tensors="pt"), max_new_tokens=4, do_sample=False)
@@ -195,10 +195,10 @@ def test_calibration_is_part_of_the_key(tmp_path, tiny_llama, cache_dir):
     recipe = write_recipe(tmp_path / "r.yaml", str(tiny_llama), quantize={"method": "gptq", "group_size": 32,
                           "calibration": {"data": str(calib), "samples": 4, "max_seq_len": 64}})
     store = Store(cache_dir)
-    build(load_recipe(recipe), store)
-    assert [p.status for p in plan(load_recipe(recipe), store)] == ["HIT", "HIT", "HIT"]
+    build(resolved(recipe), store)
+    assert [p.status for p in plan(resolved(recipe), store)] == ["HIT", "HIT", "HIT"]
     calib.write_text(CALIB.read_text().replace("the", "teh", 1))
-    assert [p.status for p in plan(load_recipe(recipe), store)] == ["HIT", "HIT", "MISS"]
+    assert [p.status for p in plan(resolved(recipe), store)] == ["HIT", "HIT", "MISS"]
 
 
 # ------------------------------------------------------------------ the CPU shim
@@ -260,7 +260,7 @@ def test_cpu_calibration_dtype_policy(tmp_path, tiny_llama, monkeypatch, native,
     q = {"method": method}
     if method != "fp8":
         q.update(group_size=32, calibration={"data": str(CALIB), "samples": 2, "max_seq_len": 64})
-    loaded = load_recipe(write_recipe(tmp_path / "r.yaml", str(tiny_llama), quantize=q))
+    loaded = resolved(write_recipe(tmp_path / "r.yaml", str(tiny_llama), quantize=q))
     policy = qstep.calibration_policy(loaded)
     assert qstep.SPEC.identity(loaded)["calibration_dtype"] == policy   # the policy (and the memory) is in the key
     assert qstep.calibration_dtype(policy, tiny_llama, "bfloat16") == expected
@@ -271,9 +271,9 @@ def test_a_forced_requantize_with_the_same_result_keeps_the_output_digest(tmp_pa
     so a forced rebuild that writes the same weights leaves every downstream key as it was."""
     recipe = write_recipe(tmp_path / "r.yaml", str(tiny_llama), quantize={"method": "fp8"})
     store = Store(cache_dir)
-    first = build(load_recipe(recipe), store)[-1]
+    first = build(resolved(recipe), store)[-1]
     files_first = dict(first.entry.manifest["output"]["files"])
-    again = build(load_recipe(recipe), store, force={"quantize"})[-1]
+    again = build(resolved(recipe), store, force={"quantize"})[-1]
     assert again.status == "BUILT" and again.output_digest == first.output_digest
     files_again = again.entry.manifest["output"]["files"]
     assert "quantize-report.json" in files_again   # kept and hashed, just not in the digest
@@ -303,7 +303,7 @@ def test_quantize_never_holds_two_models(tmp_path, tiny_llama, cache_dir, monkey
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", audited)
     recipe = write_recipe(tmp_path / "r.yaml", str(tiny_llama), quantize=quantize)
-    result = build(load_recipe(recipe), Store(cache_dir))[-1]
+    result = build(resolved(recipe), Store(cache_dir))[-1]
     assert result.name == "quantize" and result.status == "BUILT"
     # the reference step's BF16 model (its greedy tokens); one load to quantize; then the written checkpoint (FP8:
     # loaded to prove it loads, freed, then its dequantized weights verified in the BF16 model, loaded again)
@@ -321,7 +321,7 @@ def test_teacher_forced_verification_reports_the_greedy_prefix(tmp_path, tiny_ll
     from forge.steps.reference import VERIFY_TOKENS, greedy_tokens
 
     recipe = write_recipe(tmp_path / "r.yaml", str(tiny_llama), quantize={"method": "fp8"})
-    result = build(load_recipe(recipe), Store(cache_dir))[-1]
+    result = build(resolved(recipe), Store(cache_dir))[-1]
     verify = result.entry.manifest["facts"]["verify"]
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     bf16 = greedy_tokens(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype="bfloat16"), tok)
@@ -354,7 +354,7 @@ def test_verification_stops_a_checkpoint_with_broken_scales(tmp_path, tiny_llama
     monkeypatch.setattr(LlmCompressor, "export", broken)
     recipe = write_recipe(tmp_path / "r.yaml", str(tiny_llama), quantize={"method": "fp8"})
     with pytest.raises(StepError, match=r"non-finite logits .* weights or scales are broken") as e:
-        build(load_recipe(recipe), Store(cache_dir))
+        build(resolved(recipe), Store(cache_dir))
     assert "the quantized checkpoint at" in str(e.value)
 
 

@@ -221,32 +221,31 @@ def _steps(outcome) -> list[dict]:
 
 
 def _ray_build(path: Path, store, address: str, remote: str, started: list, messages: dict) -> dict:
-    """Every variant of the recipe as one graph (forge.orchestrate.variants) through one RayExecutor: each variant's outcome."""
-    from forge.orchestrate import variants
+    """Every variant of the recipe as one graph (the one scheduler) through one RayExecutor: each variant's outcome."""
+    from forge.orchestrate.build import execute
     from forge.store.remote import RemoteCache
     from forge.executors.ray import RayExecutor
-    from forge.recipe.load import load_recipe
+    from conftest import resolved
 
     def on_start(label, spec, key):
         started.append(spec.name)
         return lambda message, **kw: messages.setdefault(spec.name, []).append(message)
 
-    loaded = [load_recipe(path, variant=name) for name in VARIANTS]
+    loaded = [resolved(path, variant=name) for name in VARIANTS]
     cache_remote = RemoteCache.parse(remote, "readwrite")
-    return variants.execute(loaded, store, executor=RayExecutor(loaded[0], store, address=address,
-                                                                 cache_remote=cache_remote),
-                            on_start=on_start, cache_remote=cache_remote)
+    return execute(loaded, store, executor=RayExecutor(loaded[0], store, address=address, cache_remote=cache_remote),
+                   on_start=on_start, remote=cache_remote)
 
 
 def _ray_build_one(loaded, store, address: str, remote: str):
     """One recipe through a RayExecutor (forge.orchestrate.build.execute)."""
-    from forge.orchestrate.build import execute
+    from forge.orchestrate.build import execute_one
     from forge.store.remote import RemoteCache
     from forge.executors.ray import RayExecutor
 
     cache_remote = RemoteCache.parse(remote, "readwrite")
-    return execute(loaded, store, executor=RayExecutor(loaded, store, address=address, cache_remote=cache_remote),
-                   cache_remote=cache_remote)
+    return execute_one(loaded, store, executor=RayExecutor(loaded, store, address=address, cache_remote=cache_remote),
+                       remote=cache_remote)
 
 
 def _nodes(caches: dict[str, Path], steps: list[dict]) -> dict[str, str]:
@@ -259,8 +258,8 @@ def _nodes(caches: dict[str, Path], steps: list[dict]) -> dict[str, str]:
 def main(config_path: str) -> int:
     import ray
 
-    from forge.orchestrate.build import execute
-    from forge.recipe.load import load_recipe
+    from forge.orchestrate.build import execute_one as execute
+    from conftest import resolved
     from forge.store.local import Store
 
     cfg = json.loads(Path(config_path).read_text())
@@ -274,8 +273,8 @@ def main(config_path: str) -> int:
     try:
         local = Store(work / "local-cache")
         for variant in VARIANTS:
-            result["local"][variant] = {"steps": _steps(execute(load_recipe(recipes["variants"], variant=variant), local))}
-        result["local"]["kill"] = {"steps": _steps(execute(load_recipe(recipes["kill"]), local))}
+            result["local"][variant] = {"steps": _steps(execute(resolved(recipes["variants"], variant=variant), local))}
+        result["local"]["kill"] = {"steps": _steps(execute(resolved(recipes["kill"]), local))}
         lap("local builds")
         with cluster(work) as (address, registry, caches):
             lap("cluster start")
@@ -311,7 +310,7 @@ def _kill_scenario(recipe: Path, work: Path, address: str, remote: str, caches: 
     there); Ray runs the task again; that attempt (stopped at the same point) is let go on: the build completes."""
     import ray
 
-    from forge.recipe.load import load_recipe
+    from conftest import resolved
     from forge.store.local import Store
 
     ray.shutdown()
@@ -339,7 +338,7 @@ def _kill_scenario(recipe: Path, work: Path, address: str, remote: str, caches: 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        out = _ray_build_one(load_recipe(recipe), Store(work / "kill-driver-cache"), address, remote)
+        out = _ray_build_one(resolved(recipe), Store(work / "kill-driver-cache"), address, remote)
         return {"steps": _steps(out), "stopped_pids": seen, "remote_had_key_after_kill": state.get("remote_had_key")}
     except Exception as e:  # noqa: BLE001
         return {"error": f"{type(e).__name__}: {e}", "stopped_pids": seen}

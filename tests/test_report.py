@@ -18,7 +18,7 @@ import pytest
 from conftest import REPO, _blob, _tar, forge_cli, write_recipe
 
 from forge.orchestrate.build import build
-from forge.recipe.load import load_recipe
+from conftest import resolved
 from forge.registry import LocalRegistry, publish
 from forge.report import BuildOutputs, EVIDENCE_KIND
 from forge.store.local import Store
@@ -86,7 +86,7 @@ def known(tmp_path_factory, tiny_llama):
                           eval={"tasks": [str(TASKS / "heldout_ppl.yaml"), str(TASKS / "capitals_mc.yaml")], "limit": 6,
                                 "gate": [{"task": "heldout_ppl", "metric": "word_perplexity", "max_rel_increase": 5.0},
                                          {"task": "capitals_mc", "metric": "acc", "max_abs_drop": 0.5}]})
-    loaded, store = load_recipe(recipe), Store(root / "cache")
+    loaded, store = resolved(recipe), Store(root / "cache")
     results = {r.name: r for r in build(loaded, store)}
     (root / "package").mkdir()
     _image(root / "package", loaded.recipe.name)
@@ -259,7 +259,7 @@ def test_the_report_in_a_browser(known, tmp_path):
 
 def test_a_report_that_cannot_be_drawn_does_not_lose_the_record(tmp_path, tiny_llama, monkeypatch):
     monkeypatch.delenv("FORGE_DEBUG", raising=False)
-    loaded = load_recipe(write_recipe(tmp_path / "r.yaml", str(tiny_llama)))
+    loaded = resolved(write_recipe(tmp_path / "r.yaml", str(tiny_llama)))
     (tmp_path / "gate").mkdir()
     (tmp_path / "gate" / "verdict.json").write_text("{not json")
     results = {"gate": _result("gate", tmp_path / "gate", {"passed": True}, "sha256:" + "c" * 64)}

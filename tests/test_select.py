@@ -16,7 +16,7 @@ from conftest import REPO, forge_cli, make_image
 
 from forge.gpu.catalog import gpus, product_labels
 from forge.core.errors import UsageError
-from forge.recipe.load import load_recipe
+from conftest import resolved
 from forge.registry import LocalRegistry, publish
 from forge.registry import annotate as ann
 from forge.oci.layout import INDEX, REF_NAME
@@ -75,9 +75,9 @@ def publish_build(root: Path, reg: LocalRegistry, loaded, *, gate: bool = True):
 
 def publish_all(tmp_path: Path, reg: LocalRegistry, registry: str = "local"):
     recipe = write_recipe(tmp_path / "tiny.yaml", registry)
-    records = {v: publish_build(tmp_path / "builds" / v, reg, load_recipe(recipe, variant=v), gate=v != REJECTED)
+    records = {v: publish_build(tmp_path / "builds" / v, reg, resolved(recipe, variant=v), gate=v != REJECTED)
                for v in VARIANTS}
-    return recipe, records, publish_matrix(load_recipe(recipe), list(records.values()), reg, None)
+    return recipe, records, publish_matrix(resolved(recipe), list(records.values()), reg, None)
 
 
 @pytest.fixture
@@ -125,7 +125,7 @@ def test_a_variant_is_tagged_and_annotated_and_a_plain_recipe_is_not(tmp_path, r
     with pytest.raises(UsageError):
         reg.resolve(f"tiny:{REJECTED}")
 
-    plain = publish_build(tmp_path / "plain", reg, load_recipe(recipe))
+    plain = publish_build(tmp_path / "plain", reg, resolved(recipe))
     assert plain.variant is None and plain.annotations == {}
     d = next(d for d in reg.blobs.index()["manifests"] if d["digest"] == plain.image_digest)
     assert d["annotations"] == {REF_NAME: f"tiny:{plain.tag}", "dev.forge.record": plain.id}   # as before variants
@@ -151,7 +151,7 @@ def test_the_matrix_is_an_index_with_the_forge_artifact_type_listing_the_tags(tm
     assert all("platform" not in d for d in index["manifests"])   # nothing a runtime could pick by
     assert "eval gate failed" in json.loads(index["annotations"]["dev.forge.matrix.left-out"])[REJECTED]
     # the same variants make the same matrix
-    again = publish_matrix(load_recipe(tmp_path / "tiny.yaml"), list(records.values()), reg, None)
+    again = publish_matrix(resolved(tmp_path / "tiny.yaml"), list(records.values()), reg, None)
     assert again.id == mx.id and len(reg.ls(name="tiny")) == len(VARIANTS) + 1
     # the layout names it; verify re-hashes it and every image it lists; it cannot be pulled or promoted
     assert any(d.get("artifactType") == MATRIX_TYPE and d["annotations"][REF_NAME] == "tiny:matrix"
@@ -164,7 +164,7 @@ def test_the_matrix_is_an_index_with_the_forge_artifact_type_listing_the_tags(tm
     proc = forge_cli("deploy", "tiny:matrix", "--out", str(tmp_path / "d"), "--registry-dir", str(reg.root))
     assert proc.returncode == 2 and "variant matrix" in proc.stderr and "Traceback" not in proc.stderr
     # nothing publishable: no matrix
-    assert publish_matrix(load_recipe(tmp_path / "tiny.yaml"), [records[REJECTED]], reg, None) is None
+    assert publish_matrix(resolved(tmp_path / "tiny.yaml"), [records[REJECTED]], reg, None) is None
 
 
 # ---------------------------------------------------------------------- forge registry select

@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO, forge_cli, image_config, write_recipe
 
 from forge.orchestrate.build import build
-from forge.recipe.load import load_recipe
+from conftest import resolved
 from forge.store.local import Store
 
 CALIB = REPO / "evals" / "data" / "calib-pydoc.jsonl"
@@ -41,7 +41,7 @@ def _trt_recipe(tmp_path, model, method="fp8", gpu="H100-SXM", name="tiny-trt", 
 ])
 def test_modelopt_quantizes_exports_and_validates_on_cpu(tmp_path, tiny_llama, cache_dir, method, gpu, algo):
     recipe = _trt_recipe(tmp_path, tiny_llama, method, gpu)
-    results = {r.name: r for r in build(load_recipe(recipe), Store(cache_dir))}
+    results = {r.name: r for r in build(resolved(recipe), Store(cache_dir))}
     result = results["quantize"]
     out, facts = result.entry.out, result.entry.manifest["facts"]
     hf = json.loads((out / "hf_quant_config.json").read_text())
@@ -60,7 +60,7 @@ def test_modelopt_quantizes_exports_and_validates_on_cpu(tmp_path, tiny_llama, c
 
 def test_modelopt_fp8_kv_cache_and_a_qwen2_model(tmp_path, tiny_qwen2, cache_dir):
     recipe = _trt_recipe(tmp_path, tiny_qwen2, "fp8", quantize={"kv_cache": "fp8"})
-    out = build(load_recipe(recipe), Store(cache_dir))[-1].entry.out
+    out = build(resolved(recipe), Store(cache_dir))[-1].entry.out
     hf = json.loads((out / "hf_quant_config.json").read_text())
     assert hf["quantization"]["kv_cache_quant_algo"] == "FP8"
 
@@ -69,7 +69,7 @@ def test_a_checkpoint_that_does_not_match_the_recipe_is_refused(tmp_path, tiny_l
     from forge.backends.modelopt import validate_checkpoint
     from forge.recipe.schema import Quantize
 
-    out = build(load_recipe(_trt_recipe(tmp_path, tiny_llama, "fp8")), Store(cache_dir))[-1].entry.out
+    out = build(resolved(_trt_recipe(tmp_path, tiny_llama, "fp8")), Store(cache_dir))[-1].entry.out
     copy = tmp_path / "ckpt"
     shutil.copytree(out, copy)
     with pytest.raises(ValueError, match=r"quant_algo is 'FP8'; the recipe's nvfp4 means 'NVFP4'"):
@@ -127,7 +127,7 @@ def _engine_dir(tmp_path, *, cluster="H100-SXM", version="1.0.0", quant="FP8", k
 
 @pytest.fixture
 def engine_recipe(tmp_path, tiny_llama):
-    return load_recipe(_trt_recipe(tmp_path, tiny_llama, "fp8", container={"base": "trtllm-1.0-cu129"},
+    return resolved(_trt_recipe(tmp_path, tiny_llama, "fp8", container={"base": "trtllm-1.0-cu129"},
                                    trtllm={"mode": "engine"}))
 
 
@@ -145,10 +145,9 @@ def engine_recipe(tmp_path, tiny_llama):
     ({"tp": 2}, "engine tp_size 2; the recipe's target.tensor_parallel is 1"),
 ])
 def test_engine_validation_names_both_sides(tmp_path, engine_recipe, kwargs, message):
-    from forge.image.containers import resolve_base
     from forge.engines.trtllm_build import EngineFacts, check_engine
 
-    problems = check_engine(EngineFacts.read(_engine_dir(tmp_path, **kwargs)), engine_recipe, resolve_base(engine_recipe)[0])
+    problems = check_engine(EngineFacts.read(_engine_dir(tmp_path, **kwargs)), engine_recipe.recipe, engine_recipe.base)
     if message is None:
         assert problems == []
     else:

@@ -8,10 +8,9 @@ import pytest
 
 from conftest import REPO, forge_cli, write_recipe
 
-from forge.orchestrate import variants
-from forge.orchestrate.build import execute
+from forge.orchestrate.build import execute, execute_one, plan
 from forge.executors.process import ProcessExecutor
-from forge.recipe.load import load_recipe
+from conftest import resolved
 from forge.registry import LocalRegistry
 from forge.store.local import Store
 
@@ -55,10 +54,10 @@ def test_plan_shows_resolve_and_the_baseline_eval_shared(two, tmp_path):
 
 def test_shared_steps_run_once_and_digests_equal_single_variant_builds(two, tmp_path):
     built = []
-    loaded = [load_recipe(two, variant=n) for n in ("plain", "fp8")]
+    loaded = [resolved(two, variant=n) for n in ("plain", "fp8")]
     executor = ProcessExecutor(max_parallel=2)   # a worker process per step: answers come back in any order
-    outcomes = variants.execute(loaded, Store(tmp_path / "cache"), executor=executor,
-                                on_done=lambda name, r, vs: built.append((r.name, r.status, tuple(vs))))
+    outcomes = execute(loaded, Store(tmp_path / "cache"), executor=executor,
+                       on_done=lambda name, r, vs: built.append((r.name, r.status, tuple(vs))))
     assert executor.peak == 2   # independent nodes (the two quantizes, the baseline eval) were handed out together
     assert sorted(s for s, status, _ in built if status == "BUILT") == sorted(
         ["resolve", "reference", "eval_baseline", "quantize", "quantize", "eval_candidate", "eval_candidate", "gate",
@@ -66,13 +65,13 @@ def test_shared_steps_run_once_and_digests_equal_single_variant_builds(two, tmp_
     assert ("resolve", "BUILT", ("plain", "fp8")) in built and ("eval_baseline", "BUILT", ("plain", "fp8")) in built
     assert outcomes["plain"].passed and not outcomes["fp8"].passed     # fp8 moved the perplexity; 0.0 allowed
     # a variant's steps, shared or not, are what a build of that variant alone makes (in a fresh cache)
-    alone = execute(load_recipe(two, variant="fp8"), Store(tmp_path / "alone"))
+    alone = execute_one(resolved(two, variant="fp8"), Store(tmp_path / "alone"))
     assert [(r.name, r.key, r.output_digest) for r in alone.results] == \
            [(r.name, r.key, r.output_digest) for r in outcomes["fp8"].results]
     for step in ("resolve", "eval_baseline"):   # the shared ones are the same entries in both variants
         assert outcomes["plain"].by_name[step].key == alone.by_name[step].key
     # the plan after the build: every node a HIT, shared ones still once
-    nodes = variants.plan(loaded, Store(tmp_path / "cache"))
+    nodes = plan(loaded, Store(tmp_path / "cache"))
     assert {n.status for n in nodes} == {"HIT"} and [n.step for n in nodes if n.shared] == ["resolve", "eval_baseline"]
 
 

@@ -18,7 +18,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from forge.backends import one_torch_thread
+from forge.backends.tensors import one_torch_thread
 
 if TYPE_CHECKING:
     import torch

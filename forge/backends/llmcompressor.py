@@ -15,11 +15,15 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
-from forge.backends import Quantized, architecture_problems, cast_float32, one_torch_thread
+from forge.backends.base import Quantized, architecture_problems
+from forge.backends.tensors import cast_float32, one_torch_thread
 from forge.gpu.methods import METHODS, written_as
 from forge.model.shape import DECODERS, ignored
+
+if TYPE_CHECKING:
+    import torch
 
 # Architectures with AWQ smoothing mappings in llm-compressor 0.14 (AWQ_MAPPING_REGISTRY).
 AWQ_ARCHITECTURES = frozenset({
@@ -179,7 +183,7 @@ def _fx_wrapped() -> dict:
 
 def _source_weights(model) -> Callable[[str], "torch.Tensor | None"]:
     """Layer name -> its weight as stored in the snapshot the model was loaded from (model.name_or_path)."""
-    from forge.backends import TensorReader
+    from forge.backends.tensors import TensorReader
 
     read = TensorReader(model.name_or_path)
     return lambda layer: read(f"{layer}.weight")
@@ -199,7 +203,7 @@ def _fake_fp8(weight, scale):
     rounded to float8_e4m3fn, times scale), with forge's fp8 decode in place of torch's scalar cast: 4x faster."""
     import torch
 
-    from forge.backends import fp8_to_float
+    from forge.backends.tensors import fp8_to_float
 
     bound = torch.finfo(torch.float8_e4m3fn).max
     return fp8_to_float(weight.div(scale).clamp_(-bound, bound).to(torch.float8_e4m3fn), scale=scale)
@@ -339,7 +343,7 @@ class LlmCompressor:
 
     def dequantized(self, out: Path, q):
         # FP8 dequantizes exactly (fp8 × scale) and fast; the packed int formats through transformers' load
-        from forge.backends import fp8_dequantized
+        from forge.backends.tensors import fp8_dequantized
 
         return fp8_dequantized(out) if q.method == "fp8" else None
 

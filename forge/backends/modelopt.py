@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from forge.backends import Quantized, architecture_problems, cast_float32, fp8_dequantized
+from forge.backends.base import Quantized, architecture_problems
+from forge.backends.tensors import cast_float32, fp8_dequantized
 from forge.gpu.methods import KV_CACHE_ALGO as KV_ALGO
 from forge.gpu.methods import GROUPED, METHODS, written_as
 from forge.model.shape import DECODERS

@@ -32,7 +32,7 @@ def main() -> None:
         sys.exit(130)
     except Exception as e:
         build._progress.stop()
-        if env.flag("FORGE_DEBUG"):
+        if env.current().debug:
             raise
         import traceback
 

@@ -40,17 +40,18 @@ def _store(cache_dir: Path | None):
 
 
 def _load(recipe: Path, ci: bool, cache_dir: Path | None = None):
-    """Load a recipe and check its target-GPU contract; print warnings."""
-    from forge.gpu.fit import check_recipe
-    from forge.recipe.load import load_recipe
+    """Resolve a recipe (forge.recipe.resolve: its target-GPU contract and fit included); print its warnings."""
+    from forge.recipe.resolve import resolve
 
-    loaded = load_recipe(recipe, ci=ci)
-    if loaded.recipe.quantize.method == "auto":   # each candidate checked as its own trial (forge.orchestrate.auto)
+    resolved = resolve(recipe, downloads=_store(cache_dir).root / "downloads", ci=ci)
+    warnings = list(resolved.warnings)
+    if resolved.is_auto:   # each candidate resolved as its own trial (forge.orchestrate.auto)
         from forge.orchestrate.auto import check_recipe
-    report, warnings = check_recipe(loaded, _store(cache_dir).root / "downloads")
-    for w in (*loaded.warnings, *warnings):
+
+        warnings += check_recipe(resolved)
+    for w in warnings:
         err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
-    return loaded, report
+    return resolved
 
 
 def _registry(registry_dir: Path | None):

@@ -20,19 +20,20 @@ from forge.core.errors import UsageError
 def validate(recipe: RecipeArg, ci: Ci = False, cache_dir: CacheDir = None, variant: VariantOpt = None) -> None:
     """Check a recipe (schema, files, model source, target-GPU contract and fit; every variant against the GPU it
     names). Exit 0 if valid, 2 if not."""
-    from forge.orchestrate import variants
+    from forge.recipe import resolve
 
-    if variant or variants.has_variants(recipe, ci=ci):
-        checked = variants.check(recipe, _store(cache_dir).root / "downloads", ci=ci, selected=variant)
+    if variant or resolve.has_variants(recipe, ci=ci):
+        checked = resolve.check(recipe, _store(cache_dir).root / "downloads", ci=ci, selected=variant)
         console.variant_checks(checked)
         if bad := [c for c in checked if c.error is not None]:
             raise UsageError(f"{recipe}: {len(bad)} of {len(checked)} variant(s) invalid: "
                              f"{', '.join(c.name for c in bad)}", hint=bad[0].error.hint)
         return
-    loaded, report = _load(recipe, ci, cache_dir)
+    loaded = _load(recipe, ci, cache_dir)
     from forge.model.sources import check_local_weights
 
     check_local_weights(loaded)   # safetensors headers against file sizes; a build checks them in its resolve step
+    report = loaded.fit
     fits = "" if report is None else (f"; fits {report.gpu}: {report.weights_gb:.1f} GB weights, "
                                       f"{report.headroom_gb:.1f} GB headroom, up to {report.max_seqs_at_max_model_len} "
                                       f"sequences at max_model_len")
@@ -54,31 +55,31 @@ def plan(recipe: RecipeArg, cache_dir: CacheDir = None, ci: Ci = False,
     """List the steps with their cache keys and HIT/MISS status (for a recipe with variants: the graph of all
     variants, shared steps once). Runs nothing: no step, no external tool."""
     from forge.orchestrate.build import plan as make_plan
-    from forge.orchestrate import variants
+    from forge.recipe import resolve
 
-    if variant or variants.has_variants(recipe, ci=ci):
+    if variant or resolve.has_variants(recipe, ci=ci):
         store = _store(cache_dir)
-        checked = _variants(recipe, ci, store, variant)
-        nodes = variants.plan([c.loaded for c in checked], store)
+        variants = _variants(recipe, ci, store, variant)
+        nodes = make_plan(variants, store)
         if json_out:
-            sys.stdout.write(json.dumps({"variants": [c.name for c in checked], "nodes": [
+            sys.stdout.write(json.dumps({"variants": [v.variant for v in variants], "nodes": [
                 {"id": n.id, "step": n.step, "variants": n.variants, "shared": n.shared, "status": n.status,
                  "key": n.key, "reason": n.reason, "depends": n.depends} for n in nodes]}, indent=2) + "\n")
             return
-        console.variant_plan(nodes, title=f"plan: {checked[0].loaded.recipe.name} ({len(checked)} variants)")
+        console.variant_plan(nodes, title=f"plan: {variants[0].recipe.name} ({len(variants)} variants)")
         return
-    loaded, _ = _load(recipe, ci, cache_dir)
-    if loaded.recipe.quantize.method == "auto":
+    loaded = _load(recipe, ci, cache_dir)
+    if loaded.is_auto:
         return _plan_auto(loaded, _store(cache_dir), json_out)
     steps = make_plan(loaded, _store(cache_dir))
     if json_out:
-        sys.stdout.write(json.dumps([{"step": p.spec.name, "status": p.status, "key": p.key, "reason": p.reason,
+        sys.stdout.write(json.dumps([{"step": p.step, "status": p.status, "key": p.key, "reason": p.reason,
                                       "depends": list(p.spec.depends)} for p in steps], indent=2) + "\n")
         return
     colors = {"HIT": "green", "MISS": "yellow", "PENDING": "dim", "FORCED": "yellow"}
     console.table(("step", "status", "key", "depends on", "what it does"),
-                  [(p.spec.name, f"[{colors[p.status]}]{p.status}[/]", p.key[:16] if p.key else (p.reason or "after upstream"),
-                    ", ".join(p.spec.depends) or "-", p.spec.summary) for p in steps],
+                  [(p.step, f"[{colors[p.status]}]{p.status}[/]", p.key[:16] if p.key else (p.reason or "after upstream"),
+                    ", ".join(p.spec.depends) or "-", p.summary) for p in steps],
                   title=f"plan: {loaded.recipe.name}")
     out.print(f"[dim]then publish → {loaded.recipe.publish.registry} (always runs: records the build and its status)[/]",
               highlight=False)
@@ -145,7 +146,6 @@ def build(
     variant: VariantOpt = None,
 ) -> None:
     """Build a recipe: run the steps whose inputs changed, reuse the rest, then publish the result and its status."""
-    from forge.core import options as env
     from forge.orchestrate import pipeline
 
     global _progress
@@ -157,34 +157,31 @@ def build(
     t0 = time.monotonic()
     shown = err if json_out else out   # with --json, stdout holds only the JSON
     _progress = console.StepProgress(shown)
-    from forge.orchestrate import variants
+    from forge.recipe import resolve
+    from forge.store.remote import RemoteCache
 
-    remote = None
-    if cache_remote:
-        from forge.store.remote import RemoteCache
-
-        remote = RemoteCache.parse(cache_remote, cache_remote_mode)   # a bad URL or mode: exit 2 before building
-    if variant or variants.has_variants(recipe, ci=ci):
+    store = _store(cache_dir)
+    remote = RemoteCache.parse(cache_remote, cache_remote_mode) if cache_remote else None   # bad URL or mode: exit 2
+    if variant or resolve.has_variants(recipe, ci=ci):
         return _build_variants(recipe, ci, cache_dir, variant, force, registry_dir, publish_to, json_out, report_dir, t0,
                                executor=executor, ray_address=ray_address, remote=remote)
-    loaded, _ = _load(recipe, ci, cache_dir)
+    loaded = _load(recipe, ci, cache_dir)
     pipeline.check_target(publish_to)
-    store = _store(cache_dir)
     runner = _executor(executor, ray_address, loaded, store, remote)
     shown.print(f"[bold]{loaded.recipe.name}[/] · recipe {loaded.digest[7:19]} · cache {store.root}", highlight=False)
 
-    def on_start(spec, key):
-        return _progress.start(spec.name)
+    def on_start(name, spec, key):
+        return _progress.start(name)
 
-    def on_done(result) -> None:
-        _progress.done(result.name, result.status, result.key, result.seconds, result.output_digest)
+    def on_done(name, result, _variants) -> None:
+        _progress.done(name, result.status, result.key, result.seconds, result.output_digest)
         if result.name == "gate":
             from forge.steps import gate
 
             console.gate_table(json.loads(gate.Output.read(result.entry).verdict.read_text()), console=shown)
 
     run, extra = pipeline.run, {}
-    if loaded.recipe.quantize.method == "auto":   # walk the trials, then build the chosen one (forge.orchestrate.auto)
+    if loaded.is_auto:   # walk the trials, then build the chosen one (forge.orchestrate.auto)
         from forge.orchestrate import auto
 
         run, extra = auto.run, {"on_trial": _trial_line}
@@ -193,7 +190,7 @@ def build(
                       publish_to=publish_to, executor=runner, on_start=on_start, on_done=on_done,
                       on_publish=lambda: _progress.start("publish"), **extra,
                       report_dir=report_dir or store.root / "reports" / loaded.recipe.name,
-                      cache_remote=remote)
+                      remote=remote)
     finally:
         _progress.stop()
     for warning in outcome.build.warnings:
@@ -218,14 +215,14 @@ def _executor(name: str, ray_address: str | None, loaded, store, remote):
 
 
 def _variants(recipe: Path, ci: bool, store, selected: list[str] | None):
-    """The recipe's (selected) variants, each checked against its GPU; warnings printed, problems exit 2."""
-    from forge.orchestrate import variants
+    """The recipe's (selected) variants, each resolved against its GPU; warnings printed, problems exit 2."""
+    from forge.recipe.resolve import resolve_all
 
-    checked = variants.load_variants(recipe, store.root / "downloads", ci=ci, selected=selected)
-    for c in checked:
-        for w in c.warnings:
-            err.print(f"[yellow]warning:[/] {escape(w)} (in variant {c.name!r})", highlight=False, soft_wrap=True)
-    return checked
+    variants = resolve_all(recipe, store.root / "downloads", ci=ci, selected=selected)
+    for v in variants:
+        for w in v.warnings:
+            err.print(f"[yellow]warning:[/] {escape(w)} (in variant {v.variant!r})", highlight=False, soft_wrap=True)
+    return variants
 
 
 def _build_variants(recipe, ci, cache_dir, selected, force, registry_dir, publish_to, json_out, report_dir, t0, *,
@@ -235,10 +232,10 @@ def _build_variants(recipe, ci, cache_dir, selected, force, registry_dir, publis
     store = _store(cache_dir)
     checked = _variants(recipe, ci, store, selected)
     pipeline.check_target(publish_to)
-    first = checked[0].loaded
+    first = checked[0]
     runner = _executor(executor, ray_address, first, store, remote)
     shown = _progress.console
-    shown.print(f"[bold]{first.recipe.name}[/] · {len(checked)} variant(s): {', '.join(c.name for c in checked)} · "
+    shown.print(f"[bold]{first.recipe.name}[/] · {len(checked)} variant(s): {', '.join(c.variant for c in checked)} · "
                 f"recipe {first.digest[7:19]} · cache {store.root}", highlight=False)
 
     def on_done(name, result, _variants) -> None:
@@ -250,9 +247,9 @@ def _build_variants(recipe, ci, cache_dir, selected, force, registry_dir, publis
 
     try:
         outcome = pipeline.run_variants(
-            [c.loaded for c in checked], store, force={force} if force else set(), registry_dir=registry_dir,
+            checked, store, force={force} if force else set(), registry_dir=registry_dir,
             publish_to=publish_to, on_start=lambda name, spec, key: _progress.start(name), on_done=on_done,
-            on_publish=lambda name: _progress.start(f"publish · {name}"), executor=runner, cache_remote=remote,
+            on_publish=lambda name: _progress.start(f"publish · {name}"), executor=runner, remote=remote,
             report_dir=report_dir or store.root / "reports" / first.recipe.name)
     finally:
         _progress.stop()
@@ -341,8 +338,11 @@ def report_cmd(
 
     recipe = Path(ref)
     if recipe.suffix in (".yaml", ".yml") or recipe.is_file():
-        loaded, _ = _load(recipe, False, cache_dir)
-        html = reports.html_for_recipe(loaded, _store(cache_dir), _registry(registry_dir))
+        from forge.orchestrate.build import HIT, plan
+
+        loaded, store = _load(recipe, False, cache_dir), _store(cache_dir)
+        cached = {p.step: p.entry for p in plan(loaded, store) if p.status == HIT}
+        html = reports.html_for_recipe(loaded, cached, store, _registry(registry_dir))
     else:
         html = reports.html_from_registry(_registry(registry_dir), ref)
     path = reports.write(output, html)

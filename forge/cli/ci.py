@@ -35,7 +35,7 @@ def enable(on: bool) -> bool:
 
 
 def active() -> bool:
-    return _state["ci"] and (env.get("GITHUB_ACTIONS") or "").lower() == "true"
+    return _state["ci"] and env.current().github_actions
 
 
 def _data(text: str) -> str:
@@ -49,7 +49,7 @@ def _prop(text: str) -> str:
 def _workspace_path(path: str) -> str:
     """Annotations name files relative to the repository root (the workspace)."""
     p = Path(path)
-    root = Path(env.get("GITHUB_WORKSPACE") or os.getcwd()).resolve()
+    root = Path(env.current().github_workspace or os.getcwd()).resolve()
     try:
         return str(p.resolve().relative_to(root)) if p.is_absolute() or p.exists() else str(p)
     except ValueError:
@@ -92,7 +92,7 @@ def _emit(lines: list[str]) -> None:
 
 
 def append_summary(markdown: str) -> None:
-    path = env.get("GITHUB_STEP_SUMMARY")
+    path = env.current().github_step_summary
     if path:
         with open(path, "a", encoding="utf-8") as f:
             f.write(markdown.rstrip("\n") + "\n\n")

@@ -76,6 +76,7 @@ def fit_cmd(
 
     from forge.gpu import fit as fitmod
     from forge.gpu.catalog import gpus
+    from forge.model.shape import source_shape
 
     catalog = gpus()
     if list_gpus:
@@ -83,7 +84,7 @@ def fit_cmd(
         return
     downloads = _store(cache_dir).root / "downloads"
     if recipe is not None:
-        loaded, _ = _load(recipe, False, cache_dir)
+        loaded = _load(recipe, False, cache_dir)
         base = fitmod.plan_from_recipe(loaded.recipe)
         source, base_dir, names = loaded.recipe.model.source, loaded.base_dir, [loaded.recipe.target.gpu]
     elif model and gpu:
@@ -102,7 +103,7 @@ def fit_cmd(
                                        tensor_parallel=tensor_parallel).items() if v is not None}
     plan_ = replace(base, **overrides)
     try:
-        shape = fitmod.source_shape(source, base_dir, downloads)
+        shape = source_shape(source, base_dir, downloads)
     except (ValueError, OSError) as e:
         raise UsageError(f"cannot read the model's config from {source}: {e}") from None
     if shape is None:
@@ -176,7 +177,7 @@ def scan_cmd(
                          hint="forge scan --input build/oci-layout --recipe recipe.yaml")
     policy, opts = scanstep.Policy(), TrivyOptions()
     if recipe is not None:
-        loaded, _ = _load(recipe, False)
+        loaded = _load(recipe, False)
         policy, opts = scanstep.Policy.from_recipe(loaded), scanstep.options_from_recipe(loaded)
     if fail_on is not None:
         sev = tuple(x.strip().upper() for x in fail_on.split(",") if x.strip())
@@ -218,7 +219,7 @@ def lock_cmd(
     base: Annotated[Optional[list[str]], typer.Option(help="Lock only these bases (repeatable).")] = None,
 ) -> None:
     """Resolve the published base images' tags to digests with skopeo and write bases.lock.json."""
-    from forge.image.containers import find_catalog, lock_bases
+    from forge.image.bases import find_catalog, lock_bases
     from forge.oci.client import insecure_host
 
     path = lock_bases(catalog or find_catalog(Path.cwd()), base, plain_http=insecure_host,

@@ -5,13 +5,16 @@ One place for them: steps call these, never each other's helpers. All are cheap:
 """
 from __future__ import annotations
 
+import contextvars
 import importlib.util
 import re
 import shutil
 import subprocess
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 from forge.core import options as env
 
@@ -23,7 +26,7 @@ def device() -> str:
     if importlib.util.find_spec("torch") is None:
         return "cpu"
     # torch.cuda.is_available() imports torch (~1 s); CUDA_VISIBLE_DEVICES and /dev/nvidia0 are free.
-    if env.get("CUDA_VISIBLE_DEVICES") != "" and Path("/dev/nvidia0").exists():
+    if env.current().cuda_visible_devices != "" and Path("/dev/nvidia0").exists():
         return "cuda"
     return "cpu"
 
@@ -95,3 +98,42 @@ def trtllm_version() -> str:
         proc = subprocess.run(["trtllm-build", "--version"], capture_output=True, text=True)
         m = re.search(r"\d+\.\d+\.\d+\S*", proc.stdout + proc.stderr)
         return m.group(0) if m else "unknown"
+
+
+# ---------------------------------------------------------------------- probing, or not (forge plan)
+
+class Unprobed(Exception):
+    """A key needs a host fact that was never probed, and this caller may not probe (``forge plan``)."""
+
+    def __init__(self, what: str):
+        super().__init__(what)
+        self.what = what
+
+
+_PROBES: contextvars.ContextVar[bool] = contextvars.ContextVar("forge_probes", default=True)
+
+
+@contextmanager
+def no_probes() -> Iterator[None]:
+    """Within: ``probe`` never runs an external tool (what ``forge plan`` promises)."""
+    token = _PROBES.set(False)
+    try:
+        yield
+    finally:
+        _PROBES.reset(token)
+
+
+def probes_allowed() -> bool:
+    return _PROBES.get()
+
+
+def probe(what: str, run: Callable[[], Any], remembered: Callable[[], Any] | None = None) -> Any:
+    """A host fact for key material: ``remembered()`` when it knows (not None), else ``run()`` -- unless
+    probing is off, then ``Unprobed(what)``."""
+    if remembered is not None and (known := remembered()) is not None:
+        return known
+    if not probes_allowed():
+        raise Unprobed(what)
+    return run()
+
+

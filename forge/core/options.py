@@ -1,14 +1,17 @@
-"""Every environment variable forge reads, declared once with what it does.
+"""Every environment variable forge reads, declared once with what it does, and read in this module only.
 
-Modules read them through ``get(NAME)``; reading an undeclared name is a bug (KeyError), so this
-table stays the complete list (the README's table is checked against it by a test).
+``Options`` is what forge's modules see: typed fields read from the environment here (``current()``; the
+resolution stage keeps the build's own copy on ``Resolved.options`` and hands it to the steps). ``get(NAME)`` is
+this module's reader; asking for an undeclared name is a bug (KeyError), so the table stays the complete list (the
+README's table is checked against it by a test, and another test finds no ``get`` call outside this module).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
-__all__ = ["Var", "VARS", "get", "flag", "quiet_libraries", "passthrough"]
+__all__ = ["Var", "VARS", "Options", "current", "get", "flag", "quiet_libraries", "passthrough"]
 
 
 @dataclass(frozen=True)
@@ -85,3 +88,65 @@ def quiet_libraries() -> None:
 def passthrough(drop: tuple[str, ...], drop_prefixes: tuple[str, ...] = ()) -> dict[str, str]:
     """This process's environment for a child tool (buildah), without the named secrets and prefixes."""
     return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(drop_prefixes)}
+
+
+def _list(value: str | None) -> tuple[str, ...]:
+    return tuple(h.strip() for h in (value or "").replace(",", " ").split() if h.strip())
+
+
+@dataclass(frozen=True)
+class Options:
+    """forge's settings from the environment, read once per use (``current()``) and passed down from there."""
+
+    cache_dir: Path                       # FORGE_CACHE_DIR, else $XDG_CACHE_HOME/forge
+    registry_dir: Path                    # FORGE_REGISTRY_DIR, else $XDG_DATA_HOME/forge/registry
+    debug: bool = False
+    plugins: str = ""
+    ray_address: str | None = None
+    gpu_prices: str | None = None         # JSON, GPU name -> USD per hour
+    cpu_calibration_dtype: str | None = None
+    insecure_registries: tuple[str, ...] = ()
+    registry_user: str | None = field(default=None, repr=False)
+    registry_password: str | None = field(default=None, repr=False)
+    registry_auth_files: tuple[Path, ...] = ()   # the container auth files skopeo and oras read, in order
+    pip_index_url: str | None = None
+    pip_find_links: str | None = None     # FORGE_PIP_FIND_LINKS, else PIP_FIND_LINKS
+    ca_bundle: str | None = None          # PIP_CERT, else REQUESTS_CA_BUNDLE, else SSL_CERT_FILE
+    buildah_root: str | None = None
+    buildah_storage_driver: str = "vfs"
+    stop_before_commit: str | None = None  # test hook (FORGE_TEST_STOP_BEFORE_COMMIT)
+    pythonpath: str | None = None
+    github_actions: bool = False
+    github_workspace: str | None = None
+    github_step_summary: str | None = None
+    cuda_visible_devices: str | None = None
+
+    @classmethod
+    def from_env(cls) -> "Options":
+        home = Path.home()
+        cache = get("FORGE_CACHE_DIR")
+        registry = get("FORGE_REGISTRY_DIR")
+        auth = [Path(a) for a in (get("REGISTRY_AUTH_FILE"),) if a]
+        if run := get("XDG_RUNTIME_DIR"):
+            auth.append(Path(run) / "containers" / "auth.json")
+        auth.append(home / ".config" / "containers" / "auth.json")
+        return cls(
+            cache_dir=Path(cache).expanduser() if cache else Path(get("XDG_CACHE_HOME") or home / ".cache") / "forge",
+            registry_dir=Path(registry).expanduser() if registry else
+            Path(get("XDG_DATA_HOME") or home / ".local" / "share") / "forge" / "registry",
+            debug=flag("FORGE_DEBUG"), plugins=get("FORGE_PLUGINS") or "", ray_address=get("RAY_ADDRESS"),
+            gpu_prices=get("FORGE_GPU_PRICES"), cpu_calibration_dtype=get("FORGE_CPU_CALIBRATION_DTYPE"),
+            insecure_registries=_list(get("FORGE_INSECURE_REGISTRIES")),
+            registry_user=get("FORGE_REGISTRY_USER"), registry_password=get("FORGE_REGISTRY_PASSWORD"),
+            registry_auth_files=tuple(auth), pip_index_url=get("FORGE_PIP_INDEX_URL"),
+            pip_find_links=get("FORGE_PIP_FIND_LINKS") or get("PIP_FIND_LINKS"),
+            ca_bundle=get("PIP_CERT") or get("REQUESTS_CA_BUNDLE") or get("SSL_CERT_FILE"),
+            buildah_root=get("FORGE_BUILDAH_ROOT"), buildah_storage_driver=get("FORGE_BUILDAH_STORAGE_DRIVER") or "vfs",
+            stop_before_commit=get("FORGE_TEST_STOP_BEFORE_COMMIT"), pythonpath=get("PYTHONPATH"),
+            github_actions=(get("GITHUB_ACTIONS") or "").lower() == "true", github_workspace=get("GITHUB_WORKSPACE"),
+            github_step_summary=get("GITHUB_STEP_SUMMARY"), cuda_visible_devices=get("CUDA_VISIBLE_DEVICES"))
+
+
+def current() -> Options:
+    """The options as the environment sets them now (cheap: a dozen dictionary lookups)."""
+    return Options.from_env()

@@ -40,7 +40,7 @@ class Registry(Generic[T]):
             out.setdefault(ep.name, ep.value)
         from forge.core import options as env
 
-        for item in re.split(r"[\s,]+", env.get("FORGE_PLUGINS") or ""):
+        for item in re.split(r"[\s,]+", env.current().plugins):
             if not item:
                 continue
             m = _PLUGIN.match(item)

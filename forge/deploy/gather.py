@@ -69,7 +69,7 @@ def gather(reg: LocalRegistry, rec: Record, recipe_path: Path | None = None) -> 
             weights = layer
             break
     return Artifact(record=rec, image=_image_ref(rec), pushed=bool(rec.remote), command=command, args=args,
-                    user=_user(rec, cfg.get("User") or ""), port=ports[0], recipe=_recipe(rec, recipe_path).recipe,
+                    user=_user(rec, cfg.get("User") or ""), port=ports[0], recipe=_recipe(rec, recipe_path),
                     model_config=model_config,
                     weights_layer_bytes=int(weights["size"]))
 
@@ -92,7 +92,7 @@ def _user(rec: Record, user: str) -> tuple[int, int]:
 
 
 def _recipe(rec: Record, recipe_path: Path | None):
-    from forge.recipe.load import load_recipe
+    from forge.recipe.resolve import sections
 
     path = Path(recipe_path or rec.recipe_path)
     if not path.is_file():
@@ -104,7 +104,7 @@ def _recipe(rec: Record, recipe_path: Path | None):
                          f"the record says {rec.recipe_digest[:19]}…",
                          hint="Deploy from the recipe as it was built (git checkout it, or --recipe FILE), or build "
                               "the changed recipe and deploy that record.")
-    return load_recipe(path)
+    return sections(path, variant=rec.variant)
 
 
 def _model_config(layer: Path) -> dict | None:

@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from forge.engines import GpuEngine, ServeAt, Serving
+from forge.engines.base import GpuEngine, ServeAt, Serving
 
 HUB_DIR = "/opt/forge/hub"
 HUB_REVISION = "0" * 40
@@ -27,7 +27,7 @@ class Cpu(GpuEngine):
     python = "/opt/venv/bin/python3"
     smoke_test = True
 
-    def serve_command(self, loaded, fmt: str, at: ServeAt) -> tuple[str, ...]:
+    def serve_command(self, recipe, fmt: str, at: ServeAt) -> tuple[str, ...]:
         return ("/opt/venv/bin/transformers", "serve", at.served_name, "--host", "0.0.0.0", "--port", str(at.port),
                 "--device", "cpu", "--dtype", "auto")
 

@@ -1,7 +1,7 @@
 """Text Generation Inference (`text-generation-launcher`): BF16 and compressed-tensors checkpoints."""
 from __future__ import annotations
 
-from forge.engines import GpuEngine, Kernel, QueueMetric, ServeAt, Serving
+from forge.engines.base import GpuEngine, Kernel, QueueMetric, ServeAt, Serving
 
 
 class Tgi(GpuEngine):
@@ -15,8 +15,8 @@ class Tgi(GpuEngine):
         "INT8-W8A8": Kernel((7, 5), "CUTLASS INT8"),
     }
 
-    def serve_command(self, loaded, fmt: str, at: ServeAt) -> tuple[str, ...]:
-        t = loaded.recipe.target
+    def serve_command(self, recipe, fmt: str, at: ServeAt) -> tuple[str, ...]:
+        t = recipe.target
         cmd = ["text-generation-launcher", "--model-id", at.model_dir, "--hostname", "0.0.0.0", "--port", str(at.port),
                "--max-total-tokens", str(t.max_model_len), "--max-input-tokens", str(max(1, t.max_model_len - 1)),
                "--max-concurrent-requests", str(t.max_num_seqs), "--cuda-memory-fraction", str(t.gpu_memory_utilization),

@@ -2,7 +2,8 @@
 an engine built by the compile step (legacy engine mode). The command lines live in forge.engines.trtllm_build."""
 from __future__ import annotations
 
-from forge.engines import GpuEngine, Kernel, ServeAt, Serving, version_tuple
+from forge.engines.base import GpuEngine, Kernel, ServeAt, Serving, version_tuple
+from forge.engines.trtllm_build import engine_mode_problems, mode, serve_command
 
 
 class TrtLlm(GpuEngine):
@@ -18,11 +19,18 @@ class TrtLlm(GpuEngine):
         "NVFP4": Kernel((10, 0), "NVFP4"),
     }
 
-    def serve_command(self, loaded, fmt: str, at: ServeAt) -> tuple[str, ...]:
-        from forge.engines.trtllm_build import mode, serve_command
-
+    def serve_command(self, recipe, fmt: str, at: ServeAt) -> tuple[str, ...]:
         # trtllm-serve names the model after its path; 1.0 has no --served_model_name
-        return serve_command(loaded, at.model_dir, at.port, engine_dir=at.engine_dir if mode(loaded) == "engine" else None)
+        return serve_command(recipe, at.model_dir, at.port, engine_dir=at.engine_dir if self.compiles(recipe) else None)
+
+    def compiles(self, recipe) -> bool:
+        return mode(recipe) == "engine"
+
+    def gpu_bound(self, recipe) -> bool:
+        return self.compiles(recipe)   # a serialized engine runs on the GPU model that built it, nowhere else
+
+    def problems(self, recipe, base) -> list[tuple[tuple[str, ...], str]]:
+        return engine_mode_problems(recipe, base)
 
     def serving(self, version: str | None) -> Serving:
         # Prometheus metrics at /prometheus/metrics from 1.1 (TensorRT-LLM PR 5785): latencies only, no queue gauge

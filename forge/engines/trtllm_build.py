@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from forge.core.errors import ToolError
+from forge.recipe.schema import Recipe, TrtLLM
 
 if TYPE_CHECKING:
     from forge.core.host import LocalGpu
@@ -43,13 +44,8 @@ class BuildSettings:
     use_fp8_context_fmha: bool
 
     @classmethod
-    def from_recipe(cls, loaded) -> "BuildSettings":
-        r = loaded.recipe
-        t = r.trtllm
-        if t is None:
-            from forge.recipe.schema import TrtLLM
-
-            t = TrtLLM()
+    def from_recipe(cls, r: Recipe) -> "BuildSettings":
+        t = r.trtllm or TrtLLM()
         seq = t.max_seq_len or r.target.max_model_len
         return cls(max_batch_size=t.max_batch_size or r.target.max_num_seqs, max_input_len=t.max_input_len or max(1, seq - 1),
                    max_seq_len=seq, max_num_tokens=t.max_num_tokens, gemm_plugin=t.gemm_plugin,
@@ -57,8 +53,8 @@ class BuildSettings:
                    use_fp8_context_fmha=t.use_fp8_context_fmha)
 
 
-def mode(loaded) -> str:
-    return loaded.recipe.trtllm.mode if loaded.recipe.trtllm else "pytorch"
+def mode(recipe: Recipe) -> str:
+    return recipe.trtllm.mode if recipe.trtllm else "pytorch"
 
 
 def build_command(settings: BuildSettings, checkpoint_dir: str, output_dir: str, workers: int = 1) -> list[str]:
@@ -73,10 +69,10 @@ def build_command(settings: BuildSettings, checkpoint_dir: str, output_dir: str,
             "--remove_input_padding", "enable", "--kv_cache_type", "paged", "--workers", str(workers)]
 
 
-def serve_command(loaded, model_dir: str, port: int, *, engine_dir: str | None = None) -> tuple[str, ...]:
+def serve_command(recipe: Recipe, model_dir: str, port: int, *, engine_dir: str | None = None) -> tuple[str, ...]:
     """trtllm-serve for the image: the PyTorch backend on the checkpoint, or the TensorRT backend on an engine."""
-    t = loaded.recipe.target
-    s = BuildSettings.from_recipe(loaded)
+    t = recipe.target
+    s = BuildSettings.from_recipe(recipe)
     head = (["trtllm-serve", engine_dir, "--backend", "tensorrt", "--tokenizer", model_dir] if engine_dir
             else ["trtllm-serve", model_dir, "--backend", "pytorch"])
     return tuple(head + ["--host", "0.0.0.0", "--port", str(port), "--max_batch_size", str(s.max_batch_size),
@@ -85,25 +81,20 @@ def serve_command(loaded, model_dir: str, port: int, *, engine_dir: str | None =
                          "--kv_cache_free_gpu_memory_fraction", str(t.gpu_memory_utilization)])
 
 
-def recipe_problems(loaded) -> list[str]:
-    r = loaded.recipe
-    if r.target.engine != "trtllm" or mode(loaded) != "engine":
+def engine_mode_problems(recipe: Recipe, base) -> list[tuple[tuple[str, ...], str]]:
+    """What engine mode needs: a TensorRT-LLM base image (it builds the engine it serves) at a release that still has
+    the trtllm-build flow (<= 1.1). (recipe key path, message) pairs."""
+    if mode(recipe) != "engine":
         return []
-    if r.container is None:
-        return [f"{loaded.where('trtllm', 'mode')}: mode engine needs container.base: the TensorRT-LLM release "
-                "image that builds the engine is the one that serves it"]
-    from forge.image.containers import resolve_base
-    from forge.core.errors import RecipeError
-
-    try:
-        base, _ = resolve_base(loaded)
-    except RecipeError:
-        return []  # reported by the container checks
+    if base is None:
+        return [(("trtllm", "mode"), "mode engine needs container.base: the TensorRT-LLM release image that builds "
+                                     "the engine is the one that serves it")]
     if base.engine != "trtllm":
-        return [f"{loaded.where('container', 'base')}: base {base.name} runs {base.engine}, not trtllm"]
+        return [(("container", "base"), f"base {base.name} runs {base.engine}, not trtllm")]
     if not engine_mode_allowed(base.engine_version):
-        return [f"{loaded.where('trtllm', 'mode')}: the trtllm-build engine flow was removed after TensorRT-LLM "
-                f"1.1; base {base.name} is {base.engine_version}. Use mode: pytorch, or a base with TensorRT-LLM <= 1.1"]
+        return [(("trtllm", "mode"), f"the trtllm-build engine flow was removed after TensorRT-LLM 1.1 (1.2 serves "
+                                     f"HF checkpoints with the PyTorch backend only); base {base.name} is "
+                                     f"{base.engine_version}. Use mode: pytorch, or a base with TensorRT-LLM <= 1.1")]
     return []
 
 
@@ -136,13 +127,12 @@ class EngineFacts:
             raise ValueError(f"{path}: not a TensorRT-LLM engine config ({type(e).__name__}: {e})") from None
 
 
-def check_engine(facts: EngineFacts, loaded, base) -> list[str]:
+def check_engine(facts: EngineFacts, r: Recipe, base) -> list[str]:
     """Every way the engine disagrees with the recipe or the base image; each names both sides."""
     from forge.gpu.catalog import gpu
     from forge.gpu.methods import KV_CACHE_ALGO as KV_ALGO
     from forge.gpu.methods import METHODS
 
-    r = loaded.recipe
     g = gpu(r.target.gpu)
     problems = []
     if facts.cluster_key not in g.trtllm_cluster_keys:
@@ -162,7 +152,7 @@ def check_engine(facts: EngineFacts, loaded, base) -> list[str]:
         problems.append(f"engine dtype {facts.dtype}; the recipe's model.dtype is {r.model.dtype}")
     if facts.tp_size != r.target.tensor_parallel:
         problems.append(f"engine tp_size {facts.tp_size}; the recipe's target.tensor_parallel is {r.target.tensor_parallel}")
-    s = BuildSettings.from_recipe(loaded)
+    s = BuildSettings.from_recipe(r)
     for key in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens"):
         if key in facts.build and int(facts.build[key]) != getattr(s, key):
             problems.append(f"engine {key} {facts.build[key]}; the recipe asks {getattr(s, key)}")
@@ -194,13 +184,13 @@ class Runner:
         return [self.kind, "run", "--rm", "--gpus", "all", "--ipc", "host", *vols, self.image, *argv]
 
 
-def find_runner(loaded, base, image_ref: str) -> Runner:
+def find_runner(recipe: Recipe, base, image_ref: str) -> Runner:
     """Where trtllm-build may run for this recipe: on this machine's matching GPU, locally or in the pinned
     image. Refuses (exit 5) when no GPU here is the recipe's: an engine is bound to the GPU that built it."""
     from forge.gpu.catalog import gpu
     from forge.core.host import local_gpus
 
-    g = gpu(loaded.recipe.target.gpu)
+    g = gpu(recipe.target.gpu)
     found = local_gpus()
     match = next((x for x in found if x.name in g.smi), None)
     if match is None:

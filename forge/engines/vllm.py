@@ -7,7 +7,7 @@ Capability rows from vLLM's quantization support table: Marlin from 8.0, Machete
 """
 from __future__ import annotations
 
-from forge.engines import GpuEngine, Kernel, QueueMetric, ServeAt, Serving, version_tuple
+from forge.engines.base import GpuEngine, Kernel, QueueMetric, ServeAt, Serving, version_tuple
 
 
 class Vllm(GpuEngine):
@@ -23,8 +23,8 @@ class Vllm(GpuEngine):
     }
     rocm = frozenset({"BF16", "FP8-W8A8", "W4A16", "W8A16", "INT8-W8A8"})
 
-    def serve_command(self, loaded, fmt: str, at: ServeAt) -> tuple[str, ...]:
-        t, q = loaded.recipe.target, loaded.recipe.quantize
+    def serve_command(self, recipe, fmt: str, at: ServeAt) -> tuple[str, ...]:
+        t, q = recipe.target, recipe.quantize
         cmd = ["vllm", "serve", at.model_dir, "--host", "0.0.0.0", "--port", str(at.port),
                "--served-model-name", at.served_name, "--max-model-len", str(t.max_model_len),
                "--max-num-seqs", str(t.max_num_seqs), "--gpu-memory-utilization", str(t.gpu_memory_utilization),

@@ -1,6 +1,6 @@
 """Executors run the steps of a build wherever they run; ``forge.orchestrate.build`` only plans and hands them out.
 
-The driver (``forge.orchestrate.build.execute``) submits a ``StepRequest`` for every step whose upstream steps are
+The driver (``forge.orchestrate.build.execute``, the one scheduler) submits a ``StepRequest`` for every step whose upstream steps are
 committed -- several at once when they are independent -- and takes ``StepDone`` answers back in the
 order they finish. A request names the step, the recipe (path and digest: a remote executor ships the bytes
 and checks them against it) and the *keys* of the committed upstream entries; the executor computes the step's key where the step runs (device, GPUs,
@@ -68,8 +68,10 @@ EventSink = Callable[[Event], None]
 
 
 class Executor(Protocol):
-    def submit(self, request: StepRequest, events: EventSink) -> None:
-        """Queue a step whose upstream entries are committed; its progress goes to ``events``. Returns at once."""
+    def submit(self, request: StepRequest, events: EventSink, resolved=None) -> None:
+        """Queue a step whose upstream entries are committed; its progress goes to ``events``. Returns at once.
+        ``resolved``: the request's resolved recipe (``forge.recipe.resolve.Resolved``), for an executor that runs
+        the step in this process; one whose workers run elsewhere resolves the request's recipe there."""
 
     def next_done(self) -> StepDone:
         """Block until one submitted step finished; raise its ForgeError if it failed."""

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 from forge.executors import EventSink, StepDone, StepRequest
-from forge.executors.runner import remote_of, run_step
-from forge.recipe.load import LoadedRecipe
+from forge.executors.runner import run_step, stores_of
+from forge.steps.graph import spec_named
 from forge.store.local import Entry, Store
+
+if TYPE_CHECKING:
+    from forge.recipe.resolve import Resolved
 
 __all__ = ["LocalExecutor", "committed"]
 
@@ -23,29 +27,23 @@ def committed(store: Store, key: str, step: str) -> Entry:
 
 
 class LocalExecutor:
-    def __init__(self, loaded: LoadedRecipe, store: Store):
-        self.loaded, self.store = loaded, store
-        self._queue: deque[tuple[StepRequest, EventSink]] = deque()
+    def __init__(self, store: Store):
+        self.store = store
+        self._queue: deque[tuple[StepRequest, EventSink, "Resolved"]] = deque()
 
-    def submit(self, request: StepRequest, events: EventSink) -> None:
-        self._queue.append((request, events))
+    def submit(self, request: StepRequest, events: EventSink, resolved: "Resolved | None" = None) -> None:
+        if resolved is None:
+            from forge.recipe.resolve import resolve
+
+            resolved = resolve(request.recipe_path, downloads=self.store.root / "downloads", ci=request.ci,
+                               variant=request.variant, overrides=request.overrides)
+        self._queue.append((request, events, resolved))
 
     def next_done(self) -> StepDone:
-        from forge.steps.graph import spec_named
-
-        req, events = self._queue.popleft()
-        loaded = self._recipe(req)
+        req, events, resolved = self._queue.popleft()
         upstream = {d: committed(self.store, k, d) for d, k in req.upstream.items()}
-        return run_step(spec_named(loaded, req.step), loaded, self.store, upstream, force=req.force, events=events,
-                        remote=remote_of(req))
-
-    def _recipe(self, req: StepRequest) -> LoadedRecipe:
-        """The recipe the request names: this executor's own, or another variant / trial of it."""
-        if (req.variant, req.overrides) == (self.loaded.variant, self.loaded.overrides):
-            return self.loaded
-        from forge.recipe.load import load_recipe
-
-        return load_recipe(req.recipe_path, ci=req.ci, variant=req.variant, overrides=req.overrides)
+        return run_step(spec_named(resolved, req.step), resolved, stores_of(req, self.store), upstream,
+                        force=req.force, events=events)
 
     def close(self) -> None:
         self._queue.clear()

@@ -34,7 +34,7 @@ class ProcessExecutor:
         self._sel = selectors.DefaultSelector()
         self.peak = 0                 # most workers that ran at once (independent steps run together)
 
-    def submit(self, request: StepRequest, events: EventSink) -> None:
+    def submit(self, request: StepRequest, events: EventSink, resolved=None) -> None:
         self._queue.append((request, events))
         self._start()
 
@@ -42,7 +42,7 @@ class ProcessExecutor:
         while self._queue and len(self._running) < self.max_parallel:
             req, events = self._queue.popleft()
             env = fenv.passthrough(())
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, fenv.get("PYTHONPATH")]))
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, fenv.current().pythonpath]))
             proc = subprocess.Popen([sys.executable, "-m", "forge.executors.process"], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, text=True, env=env)
             proc.stdin.write(req.to_json())
@@ -106,21 +106,22 @@ def _worker() -> int:
         from forge.core import options as env
         from forge.core.errors import UsageError
         from forge.executors.local import committed
-        from forge.executors.runner import remote_of, run_step
-        from forge.recipe.load import load_recipe
+        from forge.executors.runner import run_step, stores_of
+        from forge.recipe.resolve import resolve
         from forge.steps.graph import spec_named
         from forge.store.local import Store
 
         env.quiet_libraries()
         req = StepRequest.from_json(sys.stdin.read())
-        loaded = load_recipe(req.recipe_path, ci=req.ci, variant=req.variant, overrides=req.overrides)
-        if loaded.digest != req.recipe_digest:
+        store = Store(Path(req.cache_root))
+        resolved = resolve(req.recipe_path, downloads=store.root / "downloads", ci=req.ci, variant=req.variant,
+                           overrides=req.overrides)
+        if resolved.digest != req.recipe_digest:
             raise UsageError(f"{req.recipe_path} changed while the build ran ({req.recipe_digest[:19]}… was planned)",
                              hint="Rerun the build.")
-        store = Store(Path(req.cache_root))
         upstream = {d: committed(store, k, d) for d, k in req.upstream.items()}
-        done = run_step(spec_named(loaded, req.step), loaded, store, upstream, force=req.force,
-                        events=lambda e: send({"event": asdict(e)}), remote=remote_of(req))
+        done = run_step(spec_named(resolved, req.step), resolved, stores_of(req, store), upstream, force=req.force,
+                        events=lambda e: send({"event": asdict(e)}))
         send({"done": asdict(done)})
         return 0
     except BaseException as e:  # noqa: BLE001 -- every failure goes back to the driver as an answer

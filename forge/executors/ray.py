@@ -30,12 +30,15 @@ import tempfile
 import uuid
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from forge.core import options as env
 from forge.core.errors import StepError, ToolError, UsageError
 from forge.executors import Event, EventSink, StepDone, StepRequest, error_from_json, error_to_json
-from forge.recipe.load import LoadedRecipe
 from forge.store.local import Store
+
+if TYPE_CHECKING:
+    from forge.recipe.resolve import Resolved
 
 __all__ = ["RayExecutor", "RAY_VERSION", "resources", "bundle"]
 
@@ -70,7 +73,7 @@ def ray_accelerator(gpu: str) -> str:
     return table[gpu]
 
 
-def resources(spec, loaded: LoadedRecipe) -> dict:
+def resources(spec, loaded: "Resolved") -> dict:
     """The Ray task options a step needs: the recipe's GPU type and count for a GPU step, else one CPU."""
     from forge.gpu.catalog import gpu
 
@@ -81,7 +84,7 @@ def resources(spec, loaded: LoadedRecipe) -> dict:
     return {"num_cpus": 1}
 
 
-def bundle(loaded: LoadedRecipe) -> bytes:
+def bundle(loaded: "Resolved") -> bytes:
     """The recipe's bytes and every file its active steps read, as a tarball (paths relative to the recipe)."""
     from forge.steps.graph import active_steps
 
@@ -108,7 +111,7 @@ def bundle(loaded: LoadedRecipe) -> bytes:
 
 
 class RayExecutor:
-    def __init__(self, loaded: LoadedRecipe, store: Store, *, address: str | None = None, cache_remote=None):
+    def __init__(self, loaded: "Resolved", store: Store, *, address: str | None = None, cache_remote=None):
         """``cache_remote``: the build's ``forge.store.remote.RemoteCache`` (required: how outputs move)."""
         self.loaded, self.store = loaded, store
         from forge.steps.graph import active_steps
@@ -119,7 +122,7 @@ class RayExecutor:
                              hint=f"pip install 'forge-llm[ray]' (ray=={RAY_VERSION}), the version the cluster runs too.")
         if cache_remote is None:
             raise _NO_REMOTE
-        _connect(ray, address or env.get("RAY_ADDRESS"))
+        _connect(ray, address or env.current().ray_address)
         from ray.util.queue import Queue
 
         for spec in active_steps(loaded):    # a GPU the cluster lacks fails now, before any step runs
@@ -131,12 +134,12 @@ class RayExecutor:
         self._bundles: dict[tuple, object] = {}   # (variant, overrides) -> ObjectRef of the recipe tarball
         self.peak = 0
 
-    def submit(self, request: StepRequest, events: EventSink) -> None:
+    def submit(self, request: StepRequest, events: EventSink, resolved: "Resolved | None" = None) -> None:
         from forge.steps.graph import spec_named
 
         if not request.cache_remote:
             raise _NO_REMOTE
-        loaded = self._recipe(request)
+        loaded = resolved or self.loaded
         spec = spec_named(loaded, request.step)
         opts = resources(spec, loaded)
         _check_cluster(self._ray, opts, spec.name, loaded)
@@ -171,7 +174,9 @@ class RayExecutor:
             raise error_from_json(answer["error"], req.step)
         done = StepDone(**answer["done"])
         if self.store.get(done.key) is None:   # the driver reads the committed entry (gate check, report)
-            _pull(self.store, req, done.key, done.step)
+            from forge.executors.runner import stores_of
+
+            _pull(stores_of(req, self.store), req, done.key, done.step)
         return done
 
     def _drain(self) -> None:
@@ -180,12 +185,6 @@ class RayExecutor:
             if (sink := self._sinks.get(task_id)) is not None:
                 sink(Event(**event))
 
-    def _recipe(self, req: StepRequest) -> LoadedRecipe:
-        if (req.variant, req.overrides) == (self.loaded.variant, self.loaded.overrides):
-            return self.loaded
-        from forge.recipe.load import load_recipe
-
-        return load_recipe(req.recipe_path, ci=req.ci, variant=req.variant, overrides=req.overrides)
 
     def close(self) -> None:
         """Cancel what still runs (its worker is killed: nothing it staged is committed)."""
@@ -214,7 +213,7 @@ def _connect(ray, address: str | None) -> None:
                         hint=f"Run the same Ray on both: forge pins ray=={RAY_VERSION} (pip install 'forge-llm[ray]').") from None
 
 
-def _check_cluster(ray, opts: dict, step: str, loaded: LoadedRecipe) -> None:
+def _check_cluster(ray, opts: dict, step: str, loaded: "Resolved") -> None:
     """Fail at once when no alive node has what the step asks for (Ray would otherwise queue it forever)."""
     need = {"CPU": opts.get("num_cpus", 1), "GPU": opts.get("num_gpus", 0), **opts.get("resources", {})}
     need = {k: v for k, v in need.items() if v}
@@ -235,10 +234,8 @@ def _check_cluster(ray, opts: dict, step: str, loaded: LoadedRecipe) -> None:
                          f"{accel[0] if accel else 'NAME'}\": 1}}' on it), or build this variant for a GPU the cluster has.")
 
 
-def _pull(store: Store, req: StepRequest, key: str, step: str):
-    from forge.executors.runner import remote_of
-
-    entry = remote_of(req).pull(store, key)
+def _pull(stores, req: StepRequest, key: str, step: str):
+    entry = stores.remote.pull(stores.local, key) if stores.remote else None
     if entry is None:
         raise StepError(f"step {step} committed {key[:12]} on its Ray node, but the remote step cache "
                         f"{req.cache_remote} does not have it",
@@ -251,8 +248,8 @@ def _pull(store: Store, req: StepRequest, key: str, step: str):
 def _task(request_json: str, recipe_name: str, tarball: bytes, events, task_id: str) -> dict:
     """One step on a Ray node: unpack the recipe, pull the upstream entries, run the step; answer as JSON."""
     try:
-        from forge.executors.runner import remote_of, run_step
-        from forge.recipe.load import load_recipe
+        from forge.executors.runner import run_step, stores_of
+        from forge.recipe.resolve import resolve
         from forge.steps.graph import spec_named
         from forge.store.local import default_cache_dir
 
@@ -260,13 +257,15 @@ def _task(request_json: str, recipe_name: str, tarball: bytes, events, task_id: 
         req = StepRequest.from_json(request_json)
         store = Store(default_cache_dir())               # this node's own cache: never the driver's path
         recipe = _unpacked(store, tarball) / recipe_name
-        loaded = load_recipe(recipe, ci=req.ci, variant=req.variant, overrides=req.overrides)
-        if loaded.digest != req.recipe_digest:
+        resolved = resolve(recipe, downloads=store.root / "downloads", ci=req.ci, variant=req.variant,
+                           overrides=req.overrides)
+        if resolved.digest != req.recipe_digest:
             raise UsageError(f"{req.recipe_path} shipped to the Ray node is not the planned recipe "
-                             f"({loaded.digest[:19]}… vs {req.recipe_digest[:19]}…)", hint="Rerun the build.")
-        upstream = {d: store.get(k) or _pull(store, req, k, d) for d, k in req.upstream.items()}
-        done = run_step(spec_named(loaded, req.step), loaded, store, upstream, force=req.force,
-                        events=lambda e: events.put((task_id, asdict(e))), remote=remote_of(req))
+                             f"({resolved.digest[:19]}… vs {req.recipe_digest[:19]}…)", hint="Rerun the build.")
+        stores = stores_of(req, store)
+        upstream = {d: store.get(k) or _pull(stores, req, k, d) for d, k in req.upstream.items()}
+        done = run_step(spec_named(resolved, req.step), resolved, stores, upstream, force=req.force,
+                        events=lambda e: events.put((task_id, asdict(e))))
         return {"done": asdict(done)}
     except Exception as e:  # noqa: BLE001 -- a step's failure is its answer (never retried); a dead worker is
         return {"error": error_to_json(e)}

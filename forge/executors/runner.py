@@ -10,26 +10,25 @@ import platform
 import signal
 import time
 from datetime import datetime, timezone
-
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from forge import __version__
 from forge.core import options as env, steplog
 from forge.core.digests import digest_of, list_files, tree_digest
-from forge.store.remote import RemoteCache, RemoteUnavailable
 from forge.executors import Event, EventSink, StepDone, StepRequest
-from forge.recipe.load import LoadedRecipe
 from forge.steps import StepContext, StepSpec, tool_versions
+from forge.store.layered import Stores
 from forge.store.local import Entry, Store
 
-__all__ = ["key_material", "key_of", "run_step", "remote_of"]
+if TYPE_CHECKING:
+    from forge.recipe.resolve import Resolved
 
-# Test hook: stop (SIGSTOP self) after a step wrote its outputs and before it is committed, so a
-# test can SIGKILL a build at its most dangerous instant. Never set in normal use.
-_HANG_ENV = "FORGE_TEST_STOP_BEFORE_COMMIT"
+__all__ = ["key_material", "key_of", "run_step", "stores_of"]
 
 
-def key_material(spec: StepSpec, loaded: LoadedRecipe, store: Store, upstream: dict[str, str]) -> dict:
+
+def key_material(spec: StepSpec, loaded: "Resolved", store: Store, upstream: dict[str, str]) -> dict:
     """Everything that can change the step's output. Reads file digests through the memo only.
     ``upstream``: upstream step -> output digest. Raises ``Unprobed`` under ``no_probes()``."""
     data = {}
@@ -50,63 +49,45 @@ def key_of(material: dict) -> str:
     return digest_of(material).removeprefix("sha256:")
 
 
-def run_step(spec: StepSpec, loaded: LoadedRecipe, store: Store, upstream: dict[str, Entry], *,
-             force: bool = False, events: EventSink = lambda e: None,
-             remote: RemoteCache | None = None) -> StepDone:
-    """Reuse the committed entry of the step's key, or pull it from the remote step cache, or build and
-    commit it (one builder per key: a concurrent build of the same key waits on the lock, then reuses).
-    With a ``readwrite`` remote, a step built here is shared (``RemoteCache.share``) before it is returned."""
+def run_step(spec: StepSpec, loaded: "Resolved", stores: Stores, upstream: dict[str, Entry], *,
+             force: bool = False, events: EventSink = lambda e: None) -> StepDone:
+    """Reuse the committed entry of the step's key from any layer of ``stores`` (local, then remote), or build
+    and commit it (one builder per key: a concurrent build of the same key waits on the lock, then reuses); what
+    is built here is written through to a writable remote layer before it is returned."""
     t0 = time.monotonic()
+    store = stores.local
     material = key_material(spec, loaded, store, {d: e.output_digest for d, e in upstream.items()})
     key = key_of(material)
-    entry = None if force else store.get(key)
+
+    def warn(message: str) -> None:
+        events(Event(spec.name, "warning", key, message))
+
+    def report(message: str, *, completed: float | None = None, total: float | None = None,
+               unit: str | None = None) -> None:
+        events(Event(spec.name, "progress", key, message, completed, total, unit))
+
+    found = None if force else store.get(key)
     status = "HIT"
-    if entry is None:
+    if found is None:
         with store.lock(key):
-            entry = None if force else store.get(key)
-            if entry is None:
+            found = None if force else store.get(key)
+            if found is None:
                 events(Event(spec.name, "start", key))
-
-                def report(message: str, *, completed: float | None = None, total: float | None = None,
-                           unit: str | None = None) -> None:
-                    events(Event(spec.name, "progress", key, message, completed, total, unit))
-
-                if remote is not None and not force:
-                    entry = _remotely(remote, spec.name, key, events, lambda: remote.pull(store, key, report))
-                    status = "REMOTE"
-                if entry is None:
-                    entry = _build(spec, key, material, loaded, store, upstream, report, replace=force)
-                    status = "BUILT"
-                    if remote is not None and remote.writable:
-                        shared = _remotely(remote, spec.name, key, events, lambda: remote.share(store, entry, report))
-                        if shared is not None:
-                            if shared.warning:
-                                events(Event(spec.name, "warning", key, shared.warning))
-                            if shared.outcome == "non-reproducible":
-                                entry, status = shared.entry, "REMOTE"
-    store.touch(entry)
+                hit = stores.find(key, report, warn, local=not force)
+                if hit is None:
+                    built = _build(spec, key, material, loaded, store, upstream, report, replace=force)
+                    hit = stores.written(built, report, warn)
+                found, status = hit.entry, hit.status
+    store.touch(found)
     return StepDone(spec.name, key, status, time.monotonic() - t0)
 
 
-def remote_of(request: StepRequest) -> RemoteCache | None:
-    """The remote step cache a request names (every executor's worker passes it to ``run_step``)."""
-    if not request.cache_remote:
-        return None
-    return RemoteCache.parse(request.cache_remote, request.cache_remote_mode)
+def stores_of(request: StepRequest, store: Store) -> Stores:
+    """The layered stores a request names (every executor's worker passes them to ``run_step``)."""
+    return Stores.of(store, request.cache_remote, request.cache_remote_mode)
 
 
-def _remotely(remote: RemoteCache, step: str, key: str, events: EventSink, call):
-    """Run a remote-cache call; a registry that is down is a warning (once per process), never a failed build."""
-    if not remote.available:
-        return None
-    try:
-        return call()
-    except RemoteUnavailable as e:
-        events(Event(step, "warning", key, f"{e.message}; building without the remote step cache"))
-        return None
-
-
-def _build(spec: StepSpec, key: str, material: dict, loaded: LoadedRecipe, store: Store,
+def _build(spec: StepSpec, key: str, material: dict, loaded: "Resolved", store: Store,
            upstream: dict[str, Entry], report, *, replace: bool) -> Entry:
     started = datetime.now(timezone.utc)
     t0 = time.monotonic()
@@ -123,7 +104,9 @@ def _build(spec: StepSpec, key: str, material: dict, loaded: LoadedRecipe, store
         with steplog.capture(store.log_path(spec.name, key)):  # library output -> the step's log
             facts = spec.runner()(ctx) or {}
         files = _hash_outputs(staged / "out", store, report)
-        if env.get(_HANG_ENV) == spec.name:
+        # test hook (FORGE_TEST_STOP_BEFORE_COMMIT): stop (SIGSTOP self) after the step wrote its outputs and before
+        # they are committed, so a test can SIGKILL a build at its most dangerous instant. Never set in normal use.
+        if env.current().stop_before_commit == spec.name:
             (store.root / f"{spec.name}.stopped").write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGSTOP)
         manifest = {

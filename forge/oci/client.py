@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from forge.core import options as env
+from forge.core import options
 from forge.core.errors import ToolError, UsageError
-from forge.oci.layout import INDEX, MANIFEST, Layout, manifest_bytes, sha256_bytes
+from forge.oci.layout import INDEX, MANIFEST, manifest_bytes, sha256_bytes
 
 ACCEPT = ", ".join([MANIFEST, INDEX, "application/vnd.docker.distribution.manifest.v2+json"])
 _LOOPBACK = ("localhost", "127.0.0.1", "[::1]")
@@ -65,14 +65,15 @@ class Remote:
 def insecure_host(host: str) -> bool:
     """Plain HTTP (no TLS verification) only for loopback hosts and those listed in FORGE_INSECURE_REGISTRIES."""
     name = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
-    extra = [h.strip() for h in (env.get("FORGE_INSECURE_REGISTRIES") or "").split(",") if h.strip()]
+    extra = options.current().insecure_registries
     return name in _LOOPBACK or host in extra or name in extra
 
 
 # ---------------------------------------------------------------------- credentials
 
 def _env_creds() -> tuple[str, str] | None:
-    user, password = env.get("FORGE_REGISTRY_USER"), env.get("FORGE_REGISTRY_PASSWORD")
+    opts = options.current()
+    user, password = opts.registry_user, opts.registry_password
     return (user, password) if user and password else None
 
 
@@ -236,13 +237,7 @@ def _fallback_tag(digest: str) -> str:
 
 
 def _auth_files() -> list[Path]:
-    paths = []
-    if auth := env.get("REGISTRY_AUTH_FILE"):
-        paths.append(Path(auth))
-    if run := env.get("XDG_RUNTIME_DIR"):
-        paths.append(Path(run) / "containers" / "auth.json")
-    paths.append(Path.home() / ".config" / "containers" / "auth.json")
-    return paths
+    return list(options.current().registry_auth_files)
 
 
 def parse_ref(ref: str) -> tuple[Remote, str]:

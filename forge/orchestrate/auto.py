@@ -1,8 +1,8 @@
 """``quantize: {method: auto}``: the cheapest scheme for the recipe's GPU and engine that passes its eval gate.
 
-A *trial* is the recipe loaded with ``overrides={"quantize": {...}}`` (one candidate's method and parameters,
-plus any layers kept in BF16 through ``quantize.ignore``) and built with ``forge.orchestrate.build.execute`` up to the
-gate: every trial is a normal cached step graph, so a rerun costs nothing and a trial that equals another
+A *trial* is the recipe resolved with ``overrides={"quantize": {...}}`` (one candidate's method and parameters,
+plus any layers kept in BF16 through ``quantize.ignore``: ``Resolved.trial``) and built by the one scheduler
+(``forge.orchestrate.build.execute``) as a graph cut at the gate (``until="gate"``: no compile, package or scan): every trial is a normal cached step graph, so a rerun costs nothing and a trial that equals another
 recipe's build (same quantize section) reuses its steps.
 
 The walk:
@@ -35,7 +35,7 @@ from forge.gpu.methods import AUTO, METHODS, NAMES, scheme
 
 if TYPE_CHECKING:
     from forge.orchestrate.pipeline import Outcome
-    from forge.recipe.load import LoadedRecipe
+    from forge.recipe.resolve import Resolved
     from forge.store.local import Store
 
 __all__ = ["Scheme", "Trial", "Decision", "is_auto", "schemes", "check_recipe", "plan", "walk", "run", "EVIDENCE_KIND"]
@@ -47,7 +47,7 @@ DECISION_JSON, DECISION_MD = "auto-decision.json", "auto-decision.md"
 _GROUPED_KEYS = ("group_size", "symmetric", "actorder")   # shared by the auto section and grouped candidates
 
 
-def is_auto(loaded: "LoadedRecipe") -> bool:
+def is_auto(loaded: "Resolved") -> bool:
     return loaded.recipe.quantize.method == AUTO
 
 
@@ -56,7 +56,7 @@ class Scheme:
     """One candidate as the walk builds it: its quantize overrides, the trial recipe and its fit cost."""
     label: str                      # e.g. "gptq W4A16 g128"
     overrides: dict                 # the quantize keys the trial sets
-    loaded: "LoadedRecipe"
+    loaded: "Resolved"
     usd_per_mtok: float | None      # the fit model's $/1M output tokens (None on the CPU target)
     weight_bytes: float
 
@@ -80,7 +80,7 @@ class Trial:
     cached: bool = False            # every step was a cache hit
     steps: dict = field(default_factory=dict)
     note: str = ""
-    loaded: "LoadedRecipe | None" = field(default=None, repr=False)
+    loaded: "Resolved | None" = field(default=None, repr=False)
     layer_errors: list[tuple[str, float]] = field(default_factory=list, repr=False)
 
     @property
@@ -158,7 +158,7 @@ def _label(overrides: dict) -> str:
     return f"{m} {scheme(m, overrides.get('bits'))}" + (f" g{overrides.get('group_size') or 128}" if grouped else "")
 
 
-def _requested(loaded: "LoadedRecipe") -> list[tuple[dict, bool]]:
+def _requested(loaded: "Resolved") -> list[tuple[dict, bool]]:
     """(quantize overrides, explicit?) per candidate: the recipe's list, or every method and bits."""
     q = loaded.recipe.quantize
     if q.candidates:
@@ -174,39 +174,30 @@ def _requested(loaded: "LoadedRecipe") -> list[tuple[dict, bool]]:
     return out
 
 
-def _trial_loaded(loaded: "LoadedRecipe", overrides: dict) -> "LoadedRecipe":
-    """The recipe with one trial's quantize overrides (the auto-only keys cleared); a method that calibrates
-    nothing drops the calibration data, so its trial is the same build as a plain recipe of that method."""
-    from forge.backends import needs_calibration
-    from forge.recipe.load import load_recipe
-
+def _trial(resolved: "Resolved", overrides: dict) -> "Resolved":
+    """The recipe with one trial's quantize overrides (the auto-only keys cleared), resolved; a method that
+    calibrates nothing drops the calibration data, so its trial is the same build as a plain recipe of that method."""
     q = {**overrides, "candidates": [], "max_trials": None}
-    trial = load_recipe(loaded.path, ci=loaded.ci, variant=loaded.variant, overrides={"quantize": q})
-    if trial.recipe.quantize.calibration is not None and \
-            not needs_calibration(trial.recipe.quantize, trial.recipe.target.engine):
-        trial = load_recipe(loaded.path, ci=loaded.ci, variant=loaded.variant,
-                            overrides={"quantize": {**q, "calibration": None}})
+    trial = resolved.trial(q)
+    if trial.recipe.quantize.calibration is not None and not trial.calibrates:
+        trial = resolved.trial({**q, "calibration": None})
     return trial
 
 
-def _cost(trial: "LoadedRecipe", downloads: Path) -> tuple[float | None, float]:
+def _cost(trial: "Resolved") -> tuple[float | None, float]:
     """$/1M output tokens and weight bytes of a trial, from the fit model (config only)."""
     from forge.gpu import fit
-    from forge.gpu.catalog import gpu
 
-    shape = fit.source_shape(trial.recipe.model.source, trial.base_dir, downloads)
-    if shape is None:
+    if trial.shape is None:
         raise RecipeError([f"{trial.where('model', 'source')}: config.json not available offline: method: auto "
                            "orders candidates by the fit model, which needs it"])
-    report = fit.fit(shape, gpu(trial.recipe.target.gpu), fit.plan_from_recipe(trial.recipe))
+    report = trial.fit or fit.fit(trial.shape, trial.gpu, fit.plan_from_recipe(trial.recipe))
     return report.usd_per_million_tokens, report.weights_gb * 1e9
 
 
-def schemes(loaded: "LoadedRecipe", downloads: Path) -> tuple[list[Scheme], list[tuple[str, str]]]:
+def schemes(loaded: "Resolved") -> tuple[list[Scheme], list[tuple[str, str]]]:
     """The legal candidates in cost order, and the skipped ones with why. Raises RecipeError when an explicit
     candidate is not legal, when none is, or when the recipe has no eval gate to decide with."""
-    from forge.gpu.fit import check_recipe
-
     if loaded.recipe.eval is None or not loaded.recipe.eval.gate:
         raise RecipeError([f"{loaded.where('quantize', 'method')}: method: auto picks the cheapest candidate that "
                            "passes the eval gate; the recipe has no eval.gate rules"],
@@ -215,8 +206,7 @@ def schemes(loaded: "LoadedRecipe", downloads: Path) -> tuple[list[Scheme], list
     for i, (overrides, explicit) in enumerate(_requested(loaded)):
         label = _label(overrides)
         try:
-            trial = _trial_loaded(loaded, overrides)
-            check_recipe(trial, downloads)
+            trial = _trial(loaded, overrides)
         except RecipeError as e:
             why = "; ".join(p.split(": ", 2)[-1] for p in e.problems)
             if explicit:
@@ -224,7 +214,7 @@ def schemes(loaded: "LoadedRecipe", downloads: Path) -> tuple[list[Scheme], list
                                 f"{loaded.recipe.target.gpu}/{loaded.recipe.target.engine}: {why}")
             skipped.append((label, why))
             continue
-        usd, size = _cost(trial, downloads)
+        usd, size = _cost(trial)
         legal.append((Scheme(label, overrides, trial, usd, size), i))
     if problems:
         raise RecipeError(problems, hint="Remove the candidate or fix it (forge fit --list shows what each GPU runs).")
@@ -237,39 +227,33 @@ def schemes(loaded: "LoadedRecipe", downloads: Path) -> tuple[list[Scheme], list
     return [s for s, _ in legal], skipped
 
 
-def check_recipe(loaded: "LoadedRecipe", downloads: Path) -> tuple[None, list[str]]:
-    """``forge.gpu.fit.check_recipe`` for an auto recipe: its candidates (raises RecipeError; warnings name the
-    listed candidates that are skipped)."""
-    order, skipped = schemes(loaded, downloads)
-    return None, [f"{loaded.where('quantize', 'method')}: method: auto skips {c}: {w}" for c, w in skipped
+def check_recipe(loaded: "Resolved") -> list[str]:
+    """The resolution of an auto recipe's candidates (raises RecipeError); warnings name the listed candidates that
+    are skipped."""
+    order, skipped = schemes(loaded)
+    return [f"{loaded.where('quantize', 'method')}: method: auto skips {c}: {w}" for c, w in skipped
                   if loaded.recipe.quantize.candidates]
 
 
 # ------------------------------------------------------------------ plan
 
 
-def _to_gate(trial: "LoadedRecipe") -> "LoadedRecipe":
-    """The trial's graph up to the gate: without its container section it has no package and scan steps.
-    Every step key up to the gate is the full recipe's (none of them reads the container section)."""
-    return replace(trial, recipe=trial.recipe.model_copy(update={"container": None}))
-
-
-def plan(loaded: "LoadedRecipe", store: "Store") -> dict:
+def plan(loaded: "Resolved", store: "Store") -> dict:
     """The trials a walk may need, in cost order, and which are cached (runs nothing)."""
     from forge.orchestrate.build import HIT, plan as plan_steps
     from forge.steps import gate
 
-    order, skipped = schemes(loaded, store.root / "downloads")
+    order, skipped = schemes(loaded)
     rows = []
     for s in order:
-        steps = plan_steps(_to_gate(s.loaded), store)
+        steps = plan_steps(s.loaded, store, until="gate")
         verdict = None
-        g = next((p for p in steps if p.spec.name == "gate"), None)
+        g = next((p for p in steps if p.step == "gate"), None)
         if g is not None and g.status == HIT:
             verdict = "pass" if gate.Output.read(g.entry).passed else "fail"
         rows.append({"scheme": s.label, "overrides": s.overrides, "usd_per_million_tokens": s.usd_per_mtok,
                      "fit_weight_bytes": round(s.weight_bytes), "cached": all(p.status == HIT for p in steps),
-                     "steps": {p.spec.name: p.status for p in steps}, "gate": verdict})
+                     "steps": {p.step: p.status for p in steps}, "gate": verdict})
     return {"recipe": loaded.recipe.name, "gpu": loaded.recipe.target.gpu, "engine": loaded.recipe.target.engine,
             "trials": rows, "skipped": [{"candidate": c, "why": w} for c, w in skipped],
             "mix_steps": MIX_STEPS, "max_trials": loaded.recipe.quantize.max_trials}
@@ -278,14 +262,14 @@ def plan(loaded: "LoadedRecipe", store: "Store") -> dict:
 # ------------------------------------------------------------------ the walk
 
 
-def _run_trial(s: Scheme, kept: tuple[str, ...], trial: "LoadedRecipe", overrides: dict, usd, size, store, *,
-               executor=None, on_start=None, on_done=None, cache_remote=None) -> Trial:
-    from forge.orchestrate.build import HIT, execute
+def _run_trial(s: Scheme, kept: tuple[str, ...], trial: "Resolved", overrides: dict, usd, size, store, *,
+               executor=None, on_start=None, on_done=None, remote=None) -> Trial:
+    from forge.orchestrate.build import HIT, execute_one
     from forge.steps import gate, quantize
 
     t0 = time.monotonic()
-    outcome = execute(_to_gate(trial), store, executor=executor, on_start=on_start, on_done=on_done,
-                      cache_remote=cache_remote)
+    outcome = execute_one(trial, store, until="gate", executor=executor, on_start=on_start, on_done=on_done,
+                          remote=remote)
     res = outcome.by_name
     t = Trial(s.label, kept, overrides, usd, size, loaded=trial, seconds=time.monotonic() - t0,
               steps={r.name: r.status for r in outcome.results},
@@ -310,11 +294,10 @@ def _just_fails(t: Trial) -> bool:
                for r in t.rules if r["decision"] != "pass")
 
 
-def walk(loaded: "LoadedRecipe", store: "Store", *, executor=None, on_start=None, on_done=None,
-         on_trial: Callable[[Trial], None] | None = None, cache_remote=None) -> Decision:
+def walk(loaded: "Resolved", store: "Store", *, executor=None, on_start=None, on_done=None,
+         on_trial: Callable[[Trial], None] | None = None, remote=None) -> Decision:
     """Build trials from the cheapest scheme up to the gate until one passes (see the module docstring)."""
-    downloads = store.root / "downloads"
-    order, skipped = schemes(loaded, downloads)
+    order, skipped = schemes(loaded)
     r = loaded.recipe
     d = Decision(r.name, r.target.gpu, r.target.engine, order, skipped)
     budget = r.quantize.max_trials or len(order) * (1 + MIX_STEPS)
@@ -322,7 +305,7 @@ def walk(loaded: "LoadedRecipe", store: "Store", *, executor=None, on_start=None
 
     def attempt(s: Scheme, kept: tuple[str, ...], trial, overrides, usd, size) -> Trial:
         t = _run_trial(s, kept, trial, overrides, usd, size, store, executor=executor, on_start=on_start,
-                       on_done=on_done, cache_remote=cache_remote)
+                       on_done=on_done, remote=remote)
         d.trials.append(t)
         if on_trial:
             on_trial(t)
@@ -345,8 +328,8 @@ def walk(loaded: "LoadedRecipe", store: "Store", *, executor=None, on_start=None
             if not kept or len(d.trials) >= budget or (step and len(kept) == len(d.trials[-1].kept)):
                 break
             overrides = {**s.overrides, "ignore": [*base_ignore, *kept]}
-            trial = _trial_loaded(loaded, overrides)
-            usd, size = _cost(trial, downloads)
+            trial = _trial(loaded, overrides)
+            usd, size = _cost(trial)
             if nxt is not None and (usd or 0.0, size) > nxt.cost:
                 t.note = (f"{len(kept)} BF16 layer(s) would cost more than {nxt.label} "
                           f"({_usd(usd)} vs {_usd(nxt.usd_per_mtok)} $/1M tokens, {size / 1e6:.1f} vs "
@@ -383,7 +366,7 @@ def write_decision(d: Decision, out_dir: Path) -> tuple[Path, Path]:
     return j, m
 
 
-def run(loaded: "LoadedRecipe", store: "Store", *, report_dir: Path | None = None,
+def run(loaded: "Resolved", store: "Store", *, report_dir: Path | None = None,
         on_trial: Callable[[Trial], None] | None = None, **kw) -> "Outcome":
     """The walk, then the winner (or, with none, the closest trial) through ``forge.orchestrate.pipeline.run`` with the
     decision report as evidence. Without a winner the outcome's error is an EvalGateError naming the closest."""
@@ -391,7 +374,7 @@ def run(loaded: "LoadedRecipe", store: "Store", *, report_dir: Path | None = Non
     from forge.orchestrate.build import BuildOutcome
 
     d = walk(loaded, store, executor=kw.get("executor"), on_start=kw.get("on_start"), on_done=kw.get("on_done"),
-             on_trial=on_trial, cache_remote=kw.get("cache_remote"))
+             on_trial=on_trial, remote=kw.get("remote"))
     files = d.files = write_decision(d, (report_dir or store.root / "reports" / loaded.recipe.name) / "auto")
     chosen = d.winner or d.closest
     if chosen is None:   # no trial reached the gate (max_trials 0 cannot happen; kept for safety)

@@ -11,17 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from forge.orchestrate.build import BuildOutcome, Reporter, StepResult, execute
 from forge.core.errors import EvalGateError, ExitCode, ScanGateError
 from forge.executors import Executor
-from forge.recipe.load import LoadedRecipe
+from forge.orchestrate.build import BuildOutcome, Reporter, StepResult, execute, execute_one
 from forge.registry import LocalRegistry, Record, publish
 from forge.steps import StepSpec
 from forge.store.local import Store
 
 if TYPE_CHECKING:
-    from forge.orchestrate.auto import Decision
+    from forge.recipe.resolve import Resolved
     from forge.report import BuildOutputs
+    from forge.store.remote import RemoteCache
 
 __all__ = ["Outcome", "VariantsOutcome", "run", "run_variants", "check_target"]
 
@@ -31,10 +31,10 @@ class Outcome:
     build: BuildOutcome
     record: Record                    # what was published, with its status (validated, rejected, …) and reason
     registry_root: Path
-    build_recipe: LoadedRecipe | None = None
+    build_recipe: "Resolved | None" = None
     report: "BuildOutputs | None" = None      # the HTML build report (attached to the record), junit, summary
     report_summaries: dict | None = None
-    decision: "Decision | None" = None       # method: auto: the walk that chose this build (forge.orchestrate.auto)
+    decision: object | None = None           # method: auto: the walk that chose this build (forge.orchestrate.auto.Decision)
 
     @property
     def results(self) -> list[StepResult]:
@@ -74,29 +74,30 @@ def check_target(target: str | None) -> None:
         Remote.parse(target)
 
 
-def run(loaded: LoadedRecipe, store: Store, *, force: set[str] = frozenset(), executor: Executor | None = None,
+def run(resolved: "Resolved", store: Store, *, force: set[str] = frozenset(), executor: Executor | None = None,
         registry_dir: Path | None = None, publish_to: str | None = None,
-        on_start: Callable[[StepSpec, str], Reporter] | None = None,
-        on_done: Callable[[StepResult], None] | None = None,
+        on_start: Callable[[str, StepSpec, str], Reporter] | None = None,
+        on_done: Callable[[str, StepResult, list], None] | None = None,
         on_publish: Callable[[], Reporter] | None = None, report_dir: Path | None = None,
-        cache_remote=None, evidence: dict[str, tuple[Path, ...]] | None = None) -> Outcome:
+        remote: "RemoteCache | None" = None, evidence: dict[str, tuple[Path, ...]] | None = None) -> Outcome:
     """Build the recipe and publish the result with its status. ``publish_to`` overrides publish.registry.
     With ``report_dir``, the HTML build report is rendered from the record-to-be and attached to it as
     evidence; junit.xml and summary.md go beside it (a report that cannot be drawn never loses the record).
     ``evidence``: more files to attach, by kind. A ``method: auto`` recipe is built by ``forge.orchestrate.auto.run``,
     which walks its trials and comes back here with the chosen one."""
     check_target(publish_to)
-    if loaded.recipe.quantize.method == "auto":
+    if resolved.is_auto:
         from forge.core.errors import UsageError
 
-        raise UsageError(f"{loaded.path}: method: auto is built by forge.orchestrate.auto.run (it picks the trial to build)")
-    outcome = execute(loaded, store, force=force, executor=executor, on_start=on_start, on_done=on_done,
-                      cache_remote=cache_remote)   # a forge.store.remote.RemoteCache, or None
-    return _publish(loaded, store, outcome, registry_dir=registry_dir, publish_to=publish_to, on_publish=on_publish,
+        raise UsageError(f"{resolved.path}: method: auto is built by forge.orchestrate.auto.run (it picks the trial "
+                         "to build)")
+    outcome = execute_one(resolved, store, force=force, executor=executor, on_start=on_start, on_done=on_done,
+                          remote=remote)
+    return _publish(resolved, store, outcome, registry_dir=registry_dir, publish_to=publish_to, on_publish=on_publish,
                     report_dir=report_dir, evidence=evidence)
 
 
-def _publish(loaded: LoadedRecipe, store: Store, outcome: BuildOutcome, *, registry_dir: Path | None,
+def _publish(loaded: "Resolved", store: Store, outcome: BuildOutcome, *, registry_dir: Path | None,
              publish_to: str | None, on_publish: Callable[[], Reporter] | None, report_dir: Path | None,
              evidence: dict[str, tuple[Path, ...]] | None = None) -> Outcome:
     reg = LocalRegistry(registry_dir)
@@ -105,7 +106,7 @@ def _publish(loaded: LoadedRecipe, store: Store, outcome: BuildOutcome, *, regis
     if report_dir is not None:
         from forge.report import BuildOutputs
 
-        outputs = BuildOutputs(report_dir, loaded, outcome.by_name, store.root / "downloads")
+        outputs = BuildOutputs(report_dir, loaded, outcome.by_name)
         report("writing the build report")
 
     def attach(collected) -> dict:
@@ -140,34 +141,26 @@ class VariantsOutcome:
         return min(failed, key=lambda e: e.exit_code) if failed else None
 
 
-def run_variants(variants: list[LoadedRecipe], store: Store, *, force: set[str] = frozenset(),
+def run_variants(variants: list["Resolved"], store: Store, *, force: set[str] = frozenset(),
                  executor: Executor | None = None, registry_dir: Path | None = None, publish_to: str | None = None,
                  on_start: Callable[[str, StepSpec, str], Reporter] | None = None,
-                 on_done: Callable[[str, StepResult, list[str]], None] | None = None,
+                 on_done: Callable[[str, StepResult, list], None] | None = None,
                  on_publish: Callable[[str], Reporter] | None = None,
-                 report_dir: Path | None = None, cache_remote=None) -> VariantsOutcome:
-    """Build the variants as one graph (``forge.orchestrate.variants``), then publish each (a variant whose gate failed is
-    recorded as rejected, alone), then the variant matrix. Report files go to ``report_dir/<variant>``."""
-    from forge.orchestrate import variants as graph
-
+                 report_dir: Path | None = None, remote: "RemoteCache | None" = None) -> VariantsOutcome:
+    """Build the variants as one graph (the one scheduler, ``forge.orchestrate.build``), then publish each (a
+    variant whose gate failed is recorded as rejected, alone), then the variant matrix. Report files go to
+    ``report_dir/<variant>``."""
     check_target(publish_to)
-    outcomes = graph.execute(variants, store, force=force, executor=executor, on_start=on_start, on_done=on_done,
-                             cache_remote=cache_remote)
+    outcomes = execute(variants, store, force=force, executor=executor, on_start=on_start, on_done=on_done,
+                       remote=remote)
     published = {}
-    for loaded in variants:
-        name = loaded.variant
-        published[name] = _publish(loaded, store, outcomes[name], registry_dir=registry_dir, publish_to=publish_to,
+    for resolved in variants:
+        name = resolved.variant
+        published[name] = _publish(resolved, store, outcomes[name], registry_dir=registry_dir, publish_to=publish_to,
                                    on_publish=(lambda n=name: on_publish(n)) if on_publish else None,
                                    report_dir=report_dir / name if report_dir is not None else None)
-    return VariantsOutcome(published, _matrix(variants, published, registry_dir, publish_to))
-
-
-def _matrix(variants: list[LoadedRecipe], published: dict[str, Outcome], registry_dir: Path | None,
-            publish_to: str | None) -> Record | None:
-    """The variant matrix artifact (forge.registry.matrix), where this forge has it."""
-    from forge.recipe.load import load_recipe
     from forge.registry.matrix import publish_matrix
 
-    base = load_recipe(variants[0].path, ci=variants[0].ci)
-    return publish_matrix(base, [o.record for o in published.values()], registry=LocalRegistry(registry_dir),
-                          target=publish_to)
+    matrix = publish_matrix(variants[0], [o.record for o in published.values()],
+                            registry=LocalRegistry(registry_dir), target=publish_to)
+    return VariantsOutcome(published, matrix)

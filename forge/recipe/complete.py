@@ -1,26 +1,38 @@
 """The 'complete' stage of loading: checks of a schema-valid recipe against the world.
 
-Files named by the recipe exist, the model source is well-formed, pinned (a warning, an error under
---ci) and safe, the target GPU is in the catalog. Collects every problem, raises one RecipeError.
+The engine and backend names are registered (plugins included), files named by the recipe exist, the model
+source is well-formed, pinned (a warning, an error under --ci) and safe, the target GPU is in the catalog, the
+eval tasks load and the gate's rules fit them. Collects every problem, raises one RecipeError. What the recipe
+implies (backend, format, base image, capability, fit) is the resolution stage's (forge.recipe.resolve).
 """
 from __future__ import annotations
 
 import difflib
-from typing import TYPE_CHECKING
-
 from forge.gpu.catalog import gpus
 from forge.core.errors import RecipeError
 from forge.model.sources import (SOURCE_FORMS, GgufSource, HfSource, LocalDirSource, local_dir_problems,
                            parse_source)
 
-if TYPE_CHECKING:
-    from forge.recipe.load import LoadedRecipe
 
-
-def complete(loaded: "LoadedRecipe") -> list[str]:
+def complete(loaded) -> list[str]:
+    """``loaded``: the ``forge.recipe.load.LoadedRecipe`` being loaded (the loader calls this stage)."""
     r = loaded.recipe
     problems: list[str] = []
     warnings: list[str] = []
+
+    from forge import backends, engines
+    from forge.core.plugins import UnknownName
+
+    for registry, keys in ((engines.REGISTRY, ("target", "engine")), (backends.REGISTRY, ("quantize", "backend"))):
+        value = r.target.engine if keys[0] == "target" else r.quantize.backend
+        if value == "auto" and keys[0] == "quantize":
+            continue
+        try:
+            registry.check(value)
+        except UnknownName as e:
+            problems.append(f"{loaded.where(*keys)}: {e}")
+    if problems:
+        raise RecipeError(problems, hint="See `forge schema` for every key and its type.")
 
     catalog = gpus()
     if r.target.gpu not in catalog:
@@ -29,8 +41,6 @@ def complete(loaded: "LoadedRecipe") -> list[str]:
         problems.append(f"{loaded.where('target', 'gpu')}: unknown GPU {r.target.gpu!r}.{did} "
                         f"Known: {', '.join(catalog)}")
     elif catalog[r.target.gpu].is_cpu:
-        from forge import engines
-
         if not engines.get(r.target.engine).cpu:
             on_cpu = [n for n in engines.names() if engines.get(n).cpu]
             problems.append(f"{loaded.where('target', 'engine')}: target.gpu CPU needs engine 'cpu' (or another engine "
@@ -54,14 +64,6 @@ def complete(loaded: "LoadedRecipe") -> list[str]:
                 source.path, allow_pickle=r.model.allow_pickle, trust_remote_code=r.model.trust_remote_code))
     elif isinstance(source, GgufSource) and not source.path.is_file():
         problems.append(f"{loaded.where('model', 'source')}: GGUF file {source.path} does not exist")
-
-    from forge.backends import problems as backend_problems
-
-    problems.extend(backend_problems(loaded))
-    if not problems:
-        from forge.engines.trtllm_build import recipe_problems
-
-        problems.extend(recipe_problems(loaded))
 
     cal = r.quantize.calibration
     from forge.model.calibration import parse_hf_dataset
@@ -90,18 +92,6 @@ def complete(loaded: "LoadedRecipe") -> list[str]:
             if not r.eval.gate:
                 warnings.append(f"{loaded.where('eval')}: no gate rules: the tasks run and are reported, "
                                 "but nothing is gated")
-
-    if r.container is not None and not problems:
-        from forge.image.containers import resolve_base
-
-        try:
-            base, digest = resolve_base(loaded)
-        except RecipeError as e:
-            problems.extend(e.problems)
-        else:
-            if not base.built and digest is None:
-                warnings.append(f"{loaded.where('container', 'base')}: base {base.name} is not locked to a digest "
-                                "(an error under --ci); run `forge lock`")
 
     if problems:
         raise RecipeError(problems)

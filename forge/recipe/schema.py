@@ -35,14 +35,6 @@ class Model(_Section):
     dtype: Literal["bfloat16", "float16"] = Field("bfloat16", description="Dtype of the resolved checkpoint.")
 
 
-def _registered(kind: str, name: str) -> str:
-    """The name, when the backend or engine registry knows it (plugins included)."""
-    from forge import backends, engines
-
-    registry = {"backend": backends.REGISTRY, "engine": engines.REGISTRY}[kind]
-    return registry.check(name)
-
-
 class Target(_Section):
     gpu: str = Field(description="A GPU from forge's catalog (forge fit --list), or CPU.")
     engine: str = Field("vllm", description="A serving engine: vllm, tgi, trtllm, cpu, or one a plugin registers "
@@ -52,11 +44,6 @@ class Target(_Section):
     max_num_seqs: Annotated[int, Field(gt=0, le=65536)] = 32
     gpu_memory_utilization: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
     tensor_parallel: Literal[1, 2, 4, 8] = Field(1, description="GPUs per replica (vLLM --tensor-parallel-size).")
-
-    @field_validator("engine")
-    @classmethod
-    def _known_engine(cls, v: str) -> str:
-        return _registered("engine", v)
 
 
 class Calibration(_Section):
@@ -125,11 +112,6 @@ class Quantize(_Section):
     def _named_candidates(cls, v):
         """A bare method name is the candidate {method: name}."""
         return [{"method": c} if isinstance(c, str) else c for c in v] if isinstance(v, (list, tuple)) else v
-
-    @field_validator("backend")
-    @classmethod
-    def _known_backend(cls, v: str) -> str:
-        return v if v == "auto" else _registered("backend", v)
 
     @model_validator(mode="after")
     def _bits_fit_method(self) -> "Quantize":

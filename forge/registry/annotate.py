@@ -19,6 +19,7 @@ MIN_DRIVER = NS + "driver.min"                 # the base image's minimum NVIDIA
 METHOD = NS + "method"
 ENGINE = NS + "engine"
 KERNEL = NS + "kernel"                         # the kernel the engine is expected to run (forge.gpu.capability)
+GPU_BOUND = NS + "gpu.bound"                   # "true": runs only on the GPU model it was built on (a compiled engine)
 TENSOR_PARALLEL = NS + "tensor-parallel"
 NEED = NS + "fit.need-gib"                     # per-GPU memory the fit model says it needs (weights, KV, overhead)
 UTILIZATION = NS + "fit.memory-utilization"    # the engine's share of GPU memory it was checked at
@@ -29,12 +30,10 @@ __all__ = ["for_variant"]
 
 
 def for_variant(loaded, results: dict, engine: str | None) -> dict[str, str]:
-    """The annotations of one variant's image; keys whose value forge cannot know are left out."""
-    from forge.gpu.capability import check
-    from forge.gpu.catalog import gpu as catalog_gpu
-
+    """The annotations of one variant's image (``loaded``: its resolved recipe); keys whose value forge cannot know
+    are left out."""
     r = loaded.recipe
-    g = catalog_gpu(r.target.gpu)
+    g = loaded.gpu
     engine = engine or r.target.engine
     ann = {VARIANT: loaded.variant, TAG: f"{r.name}:{loaded.variant}", GPU: g.name,
            PRODUCTS: ",".join(g.gfd_products), MEMORY: _num(g.memory_gib), METHOD: r.quantize.method,
@@ -42,11 +41,13 @@ def for_variant(loaded, results: dict, engine: str | None) -> dict[str, str]:
            UTILIZATION: _num(r.target.gpu_memory_utilization)}
     if g.compute_capability is not None:
         ann[COMPUTE_CAPABILITY] = "%d.%d" % g.compute_capability
-    verdict = check(g, engine, r.quantize.method, r.quantize.bits)
-    if verdict.ok and verdict.kernel != "-":
+    verdict = loaded.capability
+    if verdict is not None and verdict.ok and verdict.kernel != "-":
         ann[KERNEL] = verdict.kernel
-    if (driver := _min_driver(loaded)) is not None:
-        ann[MIN_DRIVER] = driver
+    if loaded.gpu_bound:
+        ann[GPU_BOUND] = "true"
+    if loaded.base is not None and loaded.base.min_driver is not None:
+        ann[MIN_DRIVER] = loaded.base.min_driver
     if not g.is_cpu and (need := _need_gib(loaded, results, g)) is not None:
         ann[NEED] = _num(need)
     return ann
@@ -54,17 +55,6 @@ def for_variant(loaded, results: dict, engine: str | None) -> dict[str, str]:
 
 def _num(x: float) -> str:
     return f"{x:.2f}".rstrip("0").rstrip(".")
-
-
-def _min_driver(loaded) -> str | None:
-    from forge.image.containers import resolve_base
-
-    if loaded.recipe.container is None:
-        return None
-    try:
-        return resolve_base(loaded)[0].min_driver
-    except Exception:   # the base catalog changed since the build: the record still stands, without it
-        return None
 
 
 def _need_gib(loaded, results: dict, g) -> float | None:

@@ -41,10 +41,7 @@ _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 def default_registry_dir() -> Path:
     from forge.core import options as env
 
-    if root := env.get("FORGE_REGISTRY_DIR"):
-        return Path(root).expanduser()
-    xdg = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(xdg) / "forge" / "registry"
+    return env.current().registry_dir
 
 
 class LocalRegistry:

@@ -153,7 +153,7 @@ def collect(loaded, results: dict, finished_at: datetime | None = None) -> Colle
         recipe_digest=loaded.digest, recipe_path=str(loaded.path), model_source=r.model.source,
         model_digest=model_digest, method=r.quantize.method, target_gpu=r.target.gpu,
         engine=image.image.get("engine") if image else None,
-        engine_version=_engine_version(loaded) if image else None,
+        engine_version=loaded.base.engine_version if image and loaded.base else None,
         eval_verdict="none" if gate is None else ("pass" if gate.get("passed") else "fail"), eval_digest=eval_digest,
         scan_verdict=_scan_verdict(scan), scan_digest=scan_digest, sbom_digest=sbom_digest,
         tool_versions=dict(sorted(tools.items())),
@@ -207,12 +207,3 @@ def _scan_verdict(scan: dict | None) -> str:
     if scan.get("status") == "unscanned":
         return "unscanned"
     return "pass" if scan.get("passed") else "fail"
-
-
-def _engine_version(loaded) -> str | None:
-    from forge.image.containers import resolve_base
-
-    try:
-        return resolve_base(loaded)[0].engine_version
-    except Exception:  # the catalog changed since the build: the record still stands
-        return None

@@ -9,8 +9,9 @@ variant in the matrix is then
   never matches an A100 variant) and the node has the whole GPU (time-sliced included: pods then share it);
 - **runnable with less memory**: a MIG slice of the variant's GPU, or a smaller-memory part of the same
   architecture (same compute capability), where the fit model's per-GPU need recorded at publish
-  (``dev.forge.fit.need-gib``) fits the node's memory at the variant's memory utilization. Never for
-  TensorRT-LLM (an engine is bound to the GPU it was built on) nor for tensor parallel > 1 on a MIG slice;
+  (``dev.forge.fit.need-gib``) fits the node's memory at the variant's memory utilization. Never for a variant
+  bound to the GPU it was built on (``dev.forge.gpu.bound``: a compiled TensorRT-LLM engine; TensorRT-LLM's pytorch
+  mode serves the checkpoint and is not bound) nor for tensor parallel > 1 on a MIG slice;
 - **incompatible**, with why; variants the matrix left out (rejected) are listed as such.
 
 The choice: the first runnable variant, validated/promoted ones first, in matrix (recipe) order; else the first
@@ -138,8 +139,8 @@ def _judge(node: Node, d: dict, matrix: Matrix) -> Candidate:
                                  f"{node.gpu.name}: only the same product, or a smaller part the fit model checks, is selected")
     # the same GPU cut to a MIG slice, or a smaller part of the same architecture: the fit model decides
     where = f"a MIG slice ({node.mig_profile}) of {node.gpu.name}" if node.mig_profile else node.gpu.name
-    if engine == "trtllm":
-        return out(INCOMPATIBLE, f"a TensorRT-LLM engine is bound to the GPU it was built on ({gpu}); this node has {where}")
+    if a.get(ann.GPU_BOUND) == "true":
+        return out(INCOMPATIBLE, f"its {engine} engine is bound to the GPU it was built on ({gpu}); this node has {where}")
     if node.mig_profile and int(a.get(ann.TENSOR_PARALLEL, "1")) > 1:
         return out(INCOMPATIBLE, f"needs tensor parallel {a[ann.TENSOR_PARALLEL]}; {where} is one device without NVLink")
     if ann.NEED not in a:

@@ -3,9 +3,9 @@
 Public surface:
 - ``BuildOutputs``: what ``forge build`` writes at the end of every build into its report directory
   (report.html, attached to the registry record as evidence ``report``; junit.xml; summary.md);
-- ``data_for`` / ``render`` / ``html_for(loaded, results, collected, downloads)``: the data and the page for a
+- ``data_for`` / ``render`` / ``html_for(loaded, results, collected)``: the data and the page for a
   build's step results and its registry record-to-be; ``markdown``: the short summary for CI;
-- ``html_for_recipe(loaded, store, registry)``: the page for what the step cache holds for a recipe;
+- ``html_for_recipe(loaded, cached, store, registry)``: the page for what the step cache holds for a recipe;
 - ``html_from_registry(registry, ref)``: the page attached to a registry record, checked against its digest;
 - ``write(path, html)``: written atomically.
 """
@@ -26,12 +26,12 @@ EVIDENCE_KIND = "report"
 FILE_NAME, JUNIT, SUMMARY = "report.html", "junit.xml", "summary.md"
 
 
-def data_for(loaded, results: dict, collected=None, downloads: Path | None = None) -> dict:
+def data_for(loaded, results: dict, collected=None) -> dict:
     from forge.report.gather import gather
 
     record = collected.record if collected is not None else None
     provenance = collected.provenance if collected is not None else b""
-    return gather(loaded, results, record, downloads=downloads, provenance=provenance)
+    return gather(loaded, results, record, provenance=provenance)
 
 
 def render(data: dict) -> str:
@@ -40,8 +40,8 @@ def render(data: dict) -> str:
     return _render(data)
 
 
-def html_for(loaded, results: dict, collected=None, downloads: Path | None = None) -> str:
-    return render(data_for(loaded, results, collected, downloads))
+def html_for(loaded, results: dict, collected=None) -> str:
+    return render(data_for(loaded, results, collected))
 
 
 @dataclass
@@ -51,7 +51,6 @@ class BuildOutputs:
     out_dir: Path
     loaded: object
     results: dict
-    downloads: Path | None = None
     data: dict | None = None
 
     @property
@@ -63,13 +62,13 @@ class BuildOutputs:
     def attach(self, collected) -> dict[str, Path]:
         """The page as evidence. A page that cannot be drawn never costs the build its record: the error is
         kept for the CLI to print (and raised under FORGE_DEBUG)."""
-        from forge.core import options as env
+        from forge.core import options
 
         try:
-            self.data = data_for(self.loaded, self.results, collected, self.downloads)
+            self.data = data_for(self.loaded, self.results, collected)
             return {EVIDENCE_KIND: write(self.html, render(self.data))}
         except Exception as e:
-            if env.flag("FORGE_DEBUG"):
+            if options.current().debug:
                 raise
             self.error = f"{type(e).__name__}: {e}"
             return {}
@@ -93,18 +92,15 @@ class BuildOutputs:
         return summaries
 
 
-def html_for_recipe(loaded, store, registry=None) -> str:
-    """The report of the recipe's last build, from the cache: every step whose output is cached for the
-    recipe as it is now (a build stopped at a gate has no image: the page says so)."""
-    from forge.orchestrate.build import HIT, plan
+def html_for_recipe(loaded, cached: dict, store, registry=None) -> str:
+    """The report of the recipe's last build, from the cache: ``cached`` holds the entry of every step whose output is
+    cached for the recipe as it is now, by step (a plan's HITs; a build stopped at a gate has no image: the page says
+    so)."""
     from forge.registry.record import collect
 
-    results = {}
-    for p in plan(loaded, store):
-        if p.status == HIT:
-            results[p.spec.name] = SimpleNamespace(name=p.spec.name, status=HIT, key=p.key, entry=p.entry,
-                                                   output_digest=p.entry.output_digest,
-                                                   seconds=float(p.entry.manifest.get("seconds", 0.0)))
+    results = {name: SimpleNamespace(name=name, status="HIT", key=entry.key, entry=entry,
+                                     output_digest=entry.output_digest, seconds=float(entry.manifest.get("seconds", 0.0)))
+               for name, entry in cached.items()}
     if not results:
         raise UsageError(f"{loaded.path}: nothing of this recipe is in the step cache at {store.root}",
                          hint="Build it first (forge build RECIPE), or pass --cache-dir where it was built.")
@@ -112,7 +108,7 @@ def html_for_recipe(loaded, store, registry=None) -> str:
     # the status is the registry's: a build that was not published (not finished, or another registry) has none
     rec = registry.get(collected.record.id) if registry is not None else None
     collected = SimpleNamespace(record=rec, provenance=collected.provenance)
-    return html_for(loaded, results, collected, store.root / "downloads")
+    return html_for(loaded, results, collected)
 
 
 def html_from_registry(registry, ref: str) -> bytes:

@@ -15,7 +15,7 @@ from pathlib import Path
 __all__ = ["gather", "load_fit"]
 
 
-def gather(loaded, results: dict, record=None, *, downloads: Path | None = None, provenance: bytes = b"") -> dict:
+def gather(loaded, results: dict, record=None, *, provenance: bytes = b"") -> dict:
     from forge.steps.graph import active_steps
 
     r = loaded.recipe
@@ -39,7 +39,7 @@ def gather(loaded, results: dict, record=None, *, downloads: Path | None = None,
         "steps": steps,
         "gate": _gate(results),
         "quantize": _quantize(loaded, results),
-        "fit": load_fit(loaded, downloads) if downloads is not None else None,
+        "fit": load_fit(loaded),
         "image": _image(results),
         "scan": _scan(results),
         "provenance": _provenance(provenance),
@@ -84,16 +84,13 @@ def _quantize(loaded, results: dict) -> dict | None:
             "verify": facts.get("verify"), "layers": layers}
 
 
-def load_fit(loaded, downloads: Path) -> dict | None:
+def load_fit(loaded) -> dict | None:
     """The recipe's capacity plan on its target GPU and on every catalog GPU that can run its scheme."""
     from forge.gpu import fit
     from forge.gpu.catalog import gpus
 
     r = loaded.recipe
-    try:
-        shape = fit.source_shape(r.model.source, loaded.base_dir, downloads)
-    except (ValueError, OSError):
-        shape = None
+    shape = loaded.shape    # from the resolution stage (None: config.json was not available offline)
     if shape is None:
         return None
     plan = fit.plan_from_recipe(r)

@@ -24,9 +24,11 @@ def _plotly_js() -> str:
 
 
 def _env():
-    from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+    from pathlib import Path
 
-    env = Environment(loader=PackageLoader("forge.report", "templates"), autoescape=select_autoescape(["html", "j2"]),
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+
+    env = Environment(loader=FileSystemLoader(Path(__file__).with_name("templates")), autoescape=select_autoescape(["html", "j2"]),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = _num
     env.filters["size"] = _size

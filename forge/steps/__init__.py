@@ -15,20 +15,19 @@ Host probes that enter key material (a tool's ``--version``, the GPUs present) g
 """
 from __future__ import annotations
 
-import contextvars
 import importlib
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from forge.core.host import device, tool_versions  # host probes live in forge.core.host; re-exported for step modules
+from forge.core.host import (Unprobed, device, no_probes, probe, probes_allowed,  # host probes: forge.core.host,
+                             tool_versions)                                    # re-exported for the step modules
 
 if TYPE_CHECKING:
-    from forge.recipe.load import LoadedRecipe
+    from forge.recipe.resolve import Resolved
     from forge.store.local import Entry
 
-__all__ = ["StepSpec", "StepContext", "Reporter", "tool_versions", "device", "Unprobed", "no_probes",
+__all__ = ["StepSpec", "StepContext", "Reporter", "tool_versions", "device", "Unprobed", "no_probes", "probe",
            "probes_allowed"]
 
 
@@ -46,7 +45,7 @@ class Reporter(Protocol):
 
 @dataclass(frozen=True)
 class StepContext:
-    recipe: "LoadedRecipe"
+    recipe: "Resolved"
     inputs: dict[str, Path]          # upstream step name -> its committed output dir (read-only)
     input_manifests: dict[str, dict]
     out: Path                        # empty staging dir to write outputs into
@@ -63,11 +62,11 @@ class StepSpec:
     depends: tuple[str, ...]
     tools: tuple[str, ...]                                   # distributions whose versions enter the key
     version: int                                             # bump when the step's output format changes
-    config: Callable[["LoadedRecipe"], Any]                  # the recipe section(s) the step reads
+    config: Callable[["Resolved"], Any]                  # the recipe section(s) the step reads
     run: str                                                 # "module:function", imported lazily
-    data: Callable[["LoadedRecipe"], dict[str, Path]] = field(default=lambda _: {})  # files/dirs it reads
-    identity: Callable[["LoadedRecipe"], dict] = field(default=lambda _: {})         # extra key material (host probes)
-    enabled: Callable[["LoadedRecipe"], bool] = field(default=lambda _: True)        # part of this recipe's graph?
+    data: Callable[["Resolved"], dict[str, Path]] = field(default=lambda _: {})  # files/dirs it reads
+    identity: Callable[["Resolved"], dict] = field(default=lambda _: {})         # extra key material (host probes)
+    enabled: Callable[["Resolved"], bool] = field(default=lambda _: True)        # part of this recipe's graph?
     check: str | None = None  # "module:function"(entry) run on a built or reused output; raises to stop the build
     volatile: tuple[str, ...] = ()  # output files that record how the build went (timings): kept and hashed,
                                     # but not part of the output digest, so identical results cut off downstream
@@ -83,42 +82,3 @@ class StepSpec:
 def _attr(ref: str) -> Callable:
     module, _, func = ref.partition(":")
     return getattr(importlib.import_module(module), func)
-
-
-# ---------------------------------------------------------------------- host facts for key material
-
-class Unprobed(Exception):
-    """A key needs a host fact that was never probed, and this caller may not probe (``forge plan``)."""
-
-    def __init__(self, what: str):
-        super().__init__(what)
-        self.what = what
-
-
-_PROBES: contextvars.ContextVar[bool] = contextvars.ContextVar("forge_probes", default=True)
-
-
-@contextmanager
-def no_probes() -> Iterator[None]:
-    """Within: ``probe`` never runs an external tool (what ``forge plan`` promises)."""
-    token = _PROBES.set(False)
-    try:
-        yield
-    finally:
-        _PROBES.reset(token)
-
-
-def probes_allowed() -> bool:
-    return _PROBES.get()
-
-
-def probe(what: str, run: Callable[[], Any], remembered: Callable[[], Any] | None = None) -> Any:
-    """A host fact for key material: ``remembered()`` when it knows (not None), else ``run()`` -- unless
-    probing is off, then ``Unprobed(what)``."""
-    if remembered is not None and (known := remembered()) is not None:
-        return known
-    if not probes_allowed():
-        raise Unprobed(what)
-    return run()
-
-

@@ -18,10 +18,8 @@ from forge.steps import StepContext, StepSpec
 ENGINE_DIR = "engine"
 
 
-def _enabled(loaded) -> bool:
-    from forge.engines.trtllm_build import mode
-
-    return loaded.recipe.target.engine == "trtllm" and mode(loaded) == "engine"
+def _enabled(resolved) -> bool:
+    return resolved.compiles
 
 
 def _config(loaded) -> dict:
@@ -30,7 +28,7 @@ def _config(loaded) -> dict:
     from forge.engines.trtllm_build import BuildSettings
 
     r = loaded.recipe
-    return {"gpu": r.target.gpu, "tensor_parallel": r.target.tensor_parallel, "build": asdict(BuildSettings.from_recipe(loaded))}
+    return {"gpu": r.target.gpu, "tensor_parallel": r.target.tensor_parallel, "build": asdict(BuildSettings.from_recipe(r))}
 
 
 def _identity(loaded) -> dict:
@@ -38,16 +36,8 @@ def _identity(loaded) -> dict:
     from forge.steps import probe
 
     gpus = probe("this host's GPUs (nvidia-smi)", local_gpus)
-    base = _base(loaded)
+    base = loaded.base
     return {"gpus_here": [(g.name, g.compute_capability) for g in gpus], "trtllm": base.engine_version if base else None}
-
-
-def _base(loaded):
-    if loaded.recipe.container is None:
-        return None
-    from forge.image.containers import resolve_base
-
-    return resolve_base(loaded)[0]
 
 
 SPEC = StepSpec(
@@ -57,19 +47,18 @@ SPEC = StepSpec(
 
 
 def run(ctx: StepContext) -> dict:
-    from forge.image.containers import resolve_base
     from forge.core.errors import StepError, ToolError
     from forge.engines.trtllm_build import TRTLLM_CKPT, BuildSettings, EngineFacts, build_command, check_engine, find_runner
 
     loaded = ctx.recipe
-    base, digest = resolve_base(loaded)
+    base, digest = loaded.base, loaded.base_digest
     image = f"{base.image.rsplit(':', 1)[0]}@{digest}" if digest else base.image
-    runner = find_runner(loaded, base, image)
+    runner = find_runner(loaded.recipe, base, image)
     ckpt = ctx.inputs["quantize"] / TRTLLM_CKPT
     if not (ckpt / "config.json").is_file():
         raise StepError(f"{ckpt} holds no TensorRT-LLM checkpoint (the quantize step writes one in engine mode)")
     out = ctx.out / ENGINE_DIR
-    argv = build_command(BuildSettings.from_recipe(loaded), "/work/checkpoint" if runner.kind != "local" else str(ckpt),
+    argv = build_command(BuildSettings.from_recipe(loaded.recipe), "/work/checkpoint" if runner.kind != "local" else str(ckpt),
                          "/work/engine" if runner.kind != "local" else str(out))
     if runner.kind != "local":
         out.mkdir(parents=True)
@@ -87,7 +76,7 @@ def run(ctx: StepContext) -> dict:
         facts = EngineFacts.read(out)
     except ValueError as e:
         raise ToolError(f"trtllm-build wrote no usable engine: {e}") from None
-    if problems := check_engine(facts, loaded, base):
+    if problems := check_engine(facts, loaded.recipe, base):
         raise ToolError("the built engine does not match the recipe: " + "; ".join(problems))
     return {"engine": {"version": facts.version, "cluster_key": facts.cluster_key, "quant_algo": facts.quant_algo,
                        "dtype": facts.dtype}, "gpu": runner.gpu.name, "compute_capability": runner.gpu.compute_capability,

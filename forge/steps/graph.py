@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from forge.steps import StepSpec, compile, evaluate, gate, package, quantize, reference, resolve, scan
 
 if TYPE_CHECKING:
-    from forge.recipe.load import LoadedRecipe
+    from forge.recipe.resolve import Resolved
 
 __all__ = ["STEPS", "step_names", "active_steps", "spec_named"]
 
@@ -19,14 +19,14 @@ def step_names() -> list[str]:
     return [s.name for s in STEPS]
 
 
-def active_steps(loaded: "LoadedRecipe") -> list[StepSpec]:
+def active_steps(loaded: "Resolved") -> list[StepSpec]:
     """The steps of this recipe's graph, in dependency order; dependencies on disabled steps drop out."""
     active = [s for s in STEPS if s.enabled(loaded)]
     names = {s.name for s in active}
     return [replace(s, depends=tuple(d for d in s.depends if d in names)) for s in active]
 
 
-def spec_named(loaded: "LoadedRecipe", name: str) -> StepSpec:
+def spec_named(loaded: "Resolved", name: str) -> StepSpec:
     """The active spec of one step (as a worker that was handed only the step's name needs it)."""
     for s in active_steps(loaded):
         if s.name == name:

@@ -26,7 +26,7 @@ from pathlib import Path
 from forge.core import options as fenv
 from forge.image.builders import (CONTAINERFILE, build_image, buildah, choose_builder, clean_env, describe_layout,
                             pull_layout, tool_version)
-from forge.image.containers import MODEL_DIR, UID, containerfile, image_spec, require_cuda, resolve_base
+from forge.image.containers import MODEL_DIR, UID, containerfile, image_spec, require_cuda
 from forge.core.errors import ToolError
 from forge.image.smoketest import TRANSCRIPT, smoke_test
 from forge.steps import StepContext, StepSpec
@@ -39,21 +39,18 @@ def _enabled(loaded) -> bool:
     return loaded.recipe.container is not None
 
 
-def _base_enabled(loaded) -> bool:
-    if not _enabled(loaded):
-        return False
-    base, _ = resolve_base(loaded)
-    return base.built
+def _base_enabled(resolved) -> bool:
+    return resolved.base is not None and resolved.base.built
 
 
-def _base_config(loaded) -> dict:
-    base, _ = resolve_base(loaded)
-    return {k: v for k, v in base.__dict__.items() if k != "catalog"}
+def _base_config(resolved) -> dict:
+    return {k: v for k, v in resolved.base.__dict__.items() if k != "catalog"}
 
 
 def _pip_sources() -> dict:
     """Where pip inside the build takes wheels from (part of the base key: it decides the bytes)."""
-    return {"index_url": fenv.get("FORGE_PIP_INDEX_URL"), "find_links": fenv.get("FORGE_PIP_FIND_LINKS")}
+    opts = fenv.current()
+    return {"index_url": opts.pip_index_url, "find_links": opts.pip_find_links}
 
 
 BASE = StepSpec(
@@ -65,7 +62,7 @@ BASE = StepSpec(
 
 def _config(loaded) -> dict:
     r = loaded.recipe
-    base, digest = resolve_base(loaded)
+    base, digest = loaded.base, loaded.base_digest
     return {"container": r.container.model_dump(mode="json"), "target": r.target.model_dump(mode="json"),
             "quantize_method": r.quantize.method, "kv_cache": r.quantize.kv_cache, "name": r.name,
             "base": base.name, "base_digest": digest, "recipe_digest": loaded.digest}
@@ -73,7 +70,7 @@ def _config(loaded) -> dict:
 
 def _identity(loaded) -> dict:
     """The builder that will run and its version: buildah, podman and docker write different bytes."""
-    base, _ = resolve_base(loaded)
+    base = loaded.base
     try:
         builder = choose_builder(loaded, base)
     except ToolError:
@@ -94,22 +91,23 @@ SPEC = StepSpec(
 def _host_pip_mounts() -> tuple[list[str], list[str]]:
     """Bind mounts and env for pip inside a build: the CA bundle and local wheel sources, read-only."""
     mounts, env = [], ["PIP_NO_CACHE_DIR=1", "PIP_DISABLE_PIP_VERSION_CHECK=1", "PIP_ROOT_USER_ACTION=ignore"]  # for the build
-    ca = fenv.get("PIP_CERT") or fenv.get("REQUESTS_CA_BUNDLE") or fenv.get("SSL_CERT_FILE")
+    opts = fenv.current()
+    ca = opts.ca_bundle
     if ca and Path(ca).is_file():
         mounts += ["-v", f"{ca}:/run/forge/ca.pem:ro"]
         env += ["PIP_CERT=/run/forge/ca.pem", "SSL_CERT_FILE=/run/forge/ca.pem"]
-    links = fenv.get("FORGE_PIP_FIND_LINKS") or fenv.get("PIP_FIND_LINKS")
+    links = opts.pip_find_links
     if links:
         for i, d in enumerate(p for p in links.split() if Path(p).is_dir()):
             mounts += ["-v", f"{d}:/run/forge/wheels{i}:ro"]
             env += [f"PIP_FIND_LINKS=/run/forge/wheels{i}"]
-    if idx := fenv.get("FORGE_PIP_INDEX_URL"):
+    if idx := opts.pip_index_url:
         env += [f"PIP_INDEX_URL={idx}"]
     return mounts, env
 
 
 def run_base(ctx: StepContext) -> dict:
-    base, _ = resolve_base(ctx.recipe)
+    base = ctx.recipe.base
     if shutil.which("mmdebstrap") is None:
         raise ToolError("mmdebstrap is not on PATH: forge cannot build its Debian base", hint="apt-get install mmdebstrap")
     rootfs = ctx.out.parent / "rootfs.tar"
@@ -126,7 +124,7 @@ def run_base(ctx: StepContext) -> dict:
         buildah("run", ctr, "--", "python3", "-m", "venv", "/opt/venv")
         ctx.report(f"pip install {' '.join(base.pip)}")
         mounts, env = _host_pip_mounts()
-        torch_index = [] if fenv.get("FORGE_PIP_FIND_LINKS") or fenv.get("PIP_FIND_LINKS") or not base.torch_index \
+        torch_index = [] if fenv.current().pip_find_links or not base.torch_index \
             else ["--extra-index-url", base.torch_index]
         buildah("run", *mounts, *[x for e in env for x in ("--env", e)], ctr, "--",
                 "/opt/venv/bin/pip", "install", "--quiet", *torch_index, *base.pip)
@@ -189,13 +187,13 @@ def _labels(ctx: StepContext, base, digest: str | None) -> tuple[tuple[str, str]
 
 def run(ctx: StepContext) -> dict:
     loaded = ctx.recipe
-    base, digest = resolve_base(loaded)
+    base, digest = loaded.base, loaded.base_digest
     env = [("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_HOME", "/tmp/hf")]
     if (req := require_cuda(base)) is not None:
         env.append(("NVIDIA_REQUIRE_CUDA", req))
     context = ctx.out.parent / "context"
     (context / "model").mkdir(parents=True)
-    spec = image_spec(loaded, base, base_ref=_image_ref(ctx, base, digest), labels=_labels(ctx, base, digest), env=env,
+    spec = image_spec(loaded, base_ref=_image_ref(ctx, base, digest), labels=_labels(ctx, base, digest), env=env,
                       engine_dir="compile" in ctx.inputs, context=context)
     from forge.steps import quantize
 
@@ -206,7 +204,7 @@ def run(ctx: StepContext) -> dict:
         from forge.engines.trtllm_build import EngineFacts, check_engine
 
         engine = compile.Output.read(ctx.upstream["compile"]).engine_dir
-        if problems := check_engine(EngineFacts.read(engine), loaded, base):
+        if problems := check_engine(EngineFacts.read(engine), loaded.recipe, base):
             raise ToolError("the engine does not match the recipe or the base image: " + "; ".join(problems),
                             hint="Rebuild it on the recipe's GPU with the base image's TensorRT-LLM: forge build --force compile")
         shutil.copytree(engine, context / "engine", copy_function=os.link)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -34,17 +33,9 @@ MANIFEST_KEYS = ("method", "backend", "format", "scheme", "device", "calibration
 _device = host.device   # kept for callers of the old private name (steps/evaluate.py)
 
 
-def _backend(loaded) -> str:
-    from forge.backends import backend_for
-
-    return backend_for(loaded.recipe.quantize, loaded.recipe.target.engine)
-
-
 def _config(loaded) -> dict:
-    from forge.engines.trtllm_build import mode
-
-    cfg = {**loaded.recipe.quantize.model_dump(mode="json"), "backend": _backend(loaded)}
-    if loaded.recipe.target.engine == "trtllm" and mode(loaded) == "engine":
+    cfg = {**loaded.recipe.quantize.model_dump(mode="json"), "backend": loaded.backend}
+    if loaded.compiles:
         cfg["trtllm_checkpoint"] = {"tp": loaded.recipe.target.tensor_parallel}  # also written for trtllm-build
     return cfg
 
@@ -68,14 +59,12 @@ def calibration_policy(loaded) -> str:
       (a 3B model in float32 plus its calibration state does not fit 24 GiB). The choice depends on the
       snapshot (upstream digest) and this machine's memory, both in the key.
     ``FORGE_CPU_CALIBRATION_DTYPE`` fixes the CPU choice."""
-    from forge.backends import needs_calibration
-
     recipe_dtype = loaded.recipe.model.dtype
     if host.device() == "cuda":
         return recipe_dtype
-    if forced := env.get("FORGE_CPU_CALIBRATION_DTYPE"):
+    if forced := env.current().cpu_calibration_dtype:
         return forced
-    if not needs_calibration(loaded.recipe.quantize, loaded.recipe.target.engine):
+    if not loaded.calibrates:
         return recipe_dtype
     if recipe_dtype == "bfloat16" and host.cpu_has_native_bf16():
         return recipe_dtype
@@ -99,7 +88,7 @@ def _identity(loaded) -> dict:
     from forge.backends import get
 
     return {"device": host.device(), "calibration_dtype": calibration_policy(loaded),
-            "backend_tools": host.tool_versions(get(_backend(loaded)).tools)}
+            "backend_tools": host.tool_versions(get(loaded.backend).tools)}
 
 
 SPEC = StepSpec(
@@ -117,54 +106,6 @@ SPEC = StepSpec(
     volatile=REPORTS,
     gpu=True,
 )
-
-
-# ------------------------------------------------------------------ pre-flight (config.json only)
-
-
-def preflight(loaded, shape) -> list[str]:
-    """Problems with the quantize section found from config.json alone (empty when fine)."""
-    from forge.backends import get, needs_calibration
-
-    q = loaded.recipe.quantize
-    problems: list[str] = []
-    if q.method == "none":
-        return problems
-    problems += get(_backend(loaded)).preflight(loaded, shape)
-    if q.method in GROUPED:
-        group = q.group_size or 128
-        targeted = shape.targeted_layers(q.ignore)
-        bad = [(n, f) for n, f in targeted if f % group]
-        if bad:
-            fans = sorted({f for _, f in bad})
-            all_fans = sorted({f for _, f in targeted})
-            fits = [g for g in (256, 128, 64, 32, 16) if g < group and all(f % g == 0 for f in all_fans)]
-            kinds = sorted({n.split(".", 3)[3] for n, _ in bad})
-            problems.append(
-                f"{loaded.where('quantize', 'group_size')}: group_size {group} does not divide the input features "
-                f"({', '.join(map(str, fans))}) of {len(bad)} targeted layers: {', '.join(kinds)} "
-                f"(e.g. {bad[0][0]}). Use group_size: {fits[0] if fits else 'a divisor of ' + str(fans[0])}"
-                f" or add those layers to quantize.ignore")
-    calibrates = needs_calibration(q, loaded.recipe.target.engine)
-    if calibrates and q.calibration is None:
-        # forge's own set, as this recipe must write it: data paths are relative to the recipe's directory
-        shipped = Path(__file__).resolve().parents[2] / "evals" / "data" / "calib-pydoc.jsonl"
-        data = os.path.relpath(shipped, loaded.base_dir.resolve()) if shipped.is_file() else "calib.jsonl"
-        problems.append(f"{loaded.where('quantize')}: method {q.method} needs calibration data; add "
-                        f"`calibration: {{data: {data}, samples: 128, max_seq_len: 512}}` "
-                        "(path relative to the recipe)")
-    elif calibrates and q.calibration is not None:
-        from forge.model.calibration import check_size, parse_hf_dataset
-        from forge.core.errors import RecipeError
-
-        path = loaded.resolve_path(q.calibration.data)
-        if parse_hf_dataset(q.calibration.data) is None and path.is_file():
-            try:
-                check_size(path, samples=q.calibration.samples, max_seq_len=q.calibration.max_seq_len,
-                           where=loaded.where("quantize", "calibration"))
-            except RecipeError as e:
-                problems.extend(e.problems)
-    return problems
 
 
 # ------------------------------------------------------------------ the step
@@ -185,20 +126,20 @@ def run(ctx: StepContext) -> dict:
     from forge.core.errors import StepError
 
     loaded = ctx.recipe
-    name = _backend(loaded)
+    name = loaded.backend
     backend = get(name)
-    fmt = backend.format(q)
+    fmt = loaded.format
     torch.manual_seed(q.calibration.seed if q.calibration else 0)
     cuda = torch.cuda.is_available()
     recipe_dtype = getattr(torch, loaded.recipe.model.dtype)
     dtype = getattr(torch, calibration_dtype(calibration_policy(loaded), src, loaded.recipe.model.dtype))
 
     tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)  # saved into tokenizer_config: not HF_HUB_OFFLINE's
-    windows = _calibration_windows(ctx, tokenizer) if backend.needs_calibration(q) else None
+    windows = _calibration_windows(ctx, tokenizer) if loaded.calibrates else None
     ctx.report(f"loading the model ({'cuda' if cuda else 'cpu'}, {str(dtype).removeprefix('torch.')})")
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, device_map="cuda" if cuda else None)
     # BF16's greedy tokens, recorded by the reference step from the snapshot alone (once for every variant on it)
-    reference = _reference(ctx) if backend.verifies(q) else None
+    reference = _reference(ctx) if loaded.verifies else None
     t0 = time.monotonic()
     result = backend.quantize(model, q, windows, report=ctx.report, log_dir=ctx.out.parent)
     seconds = time.monotonic() - t0

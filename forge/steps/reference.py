@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forge.core import host
-from forge.backends import verifies
 from forge.steps import StepContext, StepSpec
 
 VERIFY_PROMPT = "The capital of France is"
@@ -30,7 +29,7 @@ SPEC = StepSpec(
     version=1,
     config=lambda loaded: {"dtype": loaded.recipe.model.dtype, "prompt": VERIFY_PROMPT, "tokens": VERIFY_TOKENS},
     identity=lambda loaded: {"device": host.device()},
-    enabled=lambda loaded: verifies(loaded.recipe.quantize, loaded.recipe.target.engine),
+    enabled=lambda resolved: resolved.verifies,
     run="forge.steps.reference:run",
     gpu=True,
 )

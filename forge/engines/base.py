@@ -1,0 +1,149 @@
+"""What a serving engine is to forge: the ``Engine`` protocol, the ``GpuEngine`` defaults, and the facts an engine
+declares (capability rows, where the image holds the model, deployment facts).
+
+Engines read the recipe's sections (``forge.recipe.schema``) and a resolved recipe's checkpoint format; they never
+import the recipe loader or the resolution stage (those import them).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Protocol
+
+from forge.recipe.schema import Recipe
+
+__all__ = ["Engine", "GpuEngine", "Kernel", "ServeAt", "QueueMetric", "Serving", "version_tuple"]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One capability row: the scheme runs from compute capability ``min_cc`` with ``name``."""
+
+    min_cc: tuple[int, int]
+    name: str
+    weight_only_from: tuple[int, int] | None = None   # below min_cc, from here: runs weight-only (e.g. FP8 Marlin)
+    weight_only_kernel: str = ""
+    on_hopper: str | None = None                      # a faster kernel on compute capability 9.0 (Machete)
+
+
+@dataclass(frozen=True)
+class ServeAt:
+    """Where the image holds what the engine serves."""
+
+    model_dir: str
+    port: int
+    served_name: str
+    engine_dir: str | None = None     # a compiled engine's directory, when the image carries one
+
+
+@dataclass(frozen=True)
+class QueueMetric:
+    name: str                       # the Prometheus series of requests waiting for a slot
+    model_label: str | None         # label naming the served model, when the engine has one
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What a cluster needs to know about the engine at one version (forge deploy reads it)."""
+
+    engine: str
+    version: str
+    health_route: str
+    metrics_path: str | None        # Prometheus text format on the container port; None: no metrics
+    queue: QueueMetric | None       # requests waiting for a slot; None: cannot autoscale on a queue
+    kv_cache_usage: str | None      # 0..1 gauge of KV-cache use (a second scaling signal), when exposed
+    read_only_root: bool            # runs with readOnlyRootFilesystem given the writable dirs below
+    writable_dirs: tuple[str, ...]  # in-memory or node-disk emptyDirs mounted there
+    env: tuple[tuple[str, str], ...]   # env the Deployment adds so caches land in writable_dirs
+    init_seconds: int               # start-up work besides reading the weights (compile, CUDA graphs, warm-up)
+
+
+def version_tuple(v: str | None) -> tuple[int, ...]:
+    """"0.11.0" -> (0, 11, 0); "transformers-5.17" -> (5, 17); None -> (0,)."""
+    parts = []
+    for p in (v or "0").removeprefix("transformers-").split("."):
+        digits = "".join(c for c in p if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+class Engine(Protocol):
+    name: str
+    formats: tuple[str, ...]          # checkpoint formats it loads (forge.gpu.methods formats; "bf16" = unquantized)
+    kernels: Mapping[str, Kernel]     # scheme -> capability row; a scheme not here cannot run on it
+    rocm: frozenset[str]              # schemes its ROCm build runs on AMD GPUs (empty: none)
+    cpu: bool                         # serves on CPU (weights decompressed at load): no GPU contract applies
+    health_route: str                 # GET here answers 200 once the server is ready
+    python: str                       # the image's Python (the HEALTHCHECK runs it)
+    smoke_test: bool                  # its image can serve on a machine with no GPU (package smoke-tests it)
+
+    def serve_command(self, recipe: Recipe, fmt: str, at: ServeAt) -> tuple[str, ...]:
+        """The image's ENTRYPOINT for a checkpoint of format ``fmt``."""
+        ...
+
+    def compiles(self, recipe: Recipe) -> bool:
+        """Whether this recipe's checkpoint is compiled into an engine by a compile step before packaging."""
+        ...
+
+    def gpu_bound(self, recipe: Recipe) -> bool:
+        """Whether what it serves runs only on the GPU model it was built on (a compiled engine): such an image
+        never runs on another GPU, not even one of the same architecture with less memory."""
+        ...
+
+    def problems(self, recipe: Recipe, base) -> list[tuple[tuple[str, ...], str]]:
+        """Engine-specific rules a recipe breaks, as (recipe key path, message) pairs; ``base`` is the recipe's base
+        image (``forge.image.bases.Base``) or None without a container section."""
+        ...
+
+    def served_name(self, name: str) -> str:
+        """The model id clients use, from the recipe name (an engine may have rules for ids)."""
+        ...
+
+    def serving(self, version: str | None) -> Serving:
+        """Deployment facts at the base image's engine version (health, metrics, queue, filesystem, start-up)."""
+        ...
+
+    def image_env(self) -> tuple[tuple[str, str], ...]:
+        """Engine-specific ENV lines of the image."""
+        ...
+
+    def context_dirs(self, context: Path, served: str) -> tuple[tuple[str, str], ...]:
+        """Write extra small directories into the build context; (context dir, image path) each, COPYed after
+        the weights."""
+        ...
+
+
+class GpuEngine:
+    """Defaults for an engine that serves on NVIDIA GPUs (subclass and set name, formats, kernels, serve_command)."""
+
+    rocm: frozenset[str] = frozenset()
+    cpu = False
+    health_route = "/health"
+    python = "python3"
+    smoke_test = False
+
+    def served_name(self, name: str) -> str:
+        return name
+
+    def compiles(self, recipe: Recipe) -> bool:
+        return False
+
+    def gpu_bound(self, recipe: Recipe) -> bool:
+        return False
+
+    def problems(self, recipe: Recipe, base) -> list[tuple[tuple[str, ...], str]]:
+        return []
+
+    def image_env(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def context_dirs(self, context: Path, served: str) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def serving(self, version: str | None) -> Serving:
+        from forge.core.errors import UsageError
+
+        raise UsageError(f"the serving engine {self.name!r} declares no deployment facts (health, metrics, queue)",
+                         hint="Give its engine module a serving(version) method (see forge/engines/vllm.py).")
+
+
