@@ -39,15 +39,20 @@ def _store(cache_dir: Path | None):
     return Store(cache_dir or default_cache_dir())
 
 
-def _load(recipe: Path, ci: bool, cache_dir: Path | None = None):
-    """Load a recipe and check its target-GPU contract; print warnings."""
+def _load(recipe: Path, ci: bool, cache_dir: Path | None = None, *, target: bool = True):
+    """Load a recipe and check its target-GPU contract (``target=False``: all but the contract with the recipe's
+    own target.gpu, for commands that ask about other GPUs); print warnings."""
     from forge.gpu.fit import check_recipe
     from forge.recipe.load import load_recipe
 
     loaded = load_recipe(recipe, ci=ci)
+    downloads = _store(cache_dir).root / "downloads"
     if loaded.recipe.quantize.method == "auto":   # each candidate checked as its own trial (forge.orchestrate.auto)
-        from forge.orchestrate.auto import check_recipe
-    report, warnings = check_recipe(loaded, _store(cache_dir).root / "downloads")
+        from forge.orchestrate.auto import check_recipe as check_auto
+
+        report, warnings = check_auto(loaded, downloads)
+    else:
+        report, warnings = check_recipe(loaded, downloads, target=target)
     for w in (*loaded.warnings, *warnings):
         err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     return loaded, report

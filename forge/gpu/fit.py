@@ -220,8 +220,12 @@ def _gguf_shape(path: Path, downloads: Path) -> ModelShape:
     return shape
 
 
-def check_recipe(loaded, downloads) -> tuple[FitReport | None, list[str]]:
-    """The target-GPU contract and quantize pre-flight for a recipe, from config alone. Raises RecipeError."""
+def check_recipe(loaded, downloads, *, target: bool = True) -> tuple[FitReport | None, list[str]]:
+    """The target-GPU contract and quantize pre-flight for a recipe, from config alone. Raises RecipeError.
+
+    ``target=False`` leaves out the contract with the recipe's own target.gpu (the method's legality there and
+    whether the model fits it), for ``forge fit RECIPE --gpu X``, which reports on X instead; everything else
+    (the model's config, the quantize pre-flight) is still checked, and the report is None."""
     from forge.gpu.catalog import gpu as catalog_gpu
     from forge.core.errors import RecipeError
     from forge.steps.quantize import preflight
@@ -232,11 +236,11 @@ def check_recipe(loaded, downloads) -> tuple[FitReport | None, list[str]]:
     g = catalog_gpu(r.target.gpu)
     warnings: list[str] = []
     verdict = check(g, r.target.engine, r.quantize.method, r.quantize.bits)
-    if not verdict.ok:
+    if target and not verdict.ok:
         raise RecipeError([f"{loaded.where('quantize', 'method')}: {r.quantize.method} is not legal for target "
                            f"{g.name}/{r.target.engine}: {verdict.message}"],
                           hint="Pick a method the GPU supports (forge fit --list shows capabilities) or another target.gpu.")
-    if verdict.message:
+    if target and verdict.message:
         warnings.append(f"{loaded.where('quantize', 'method')}: {verdict.message}")
     if g.is_cpu and r.quantize.method == "none":
         return None, warnings
@@ -251,7 +255,7 @@ def check_recipe(loaded, downloads) -> tuple[FitReport | None, list[str]]:
     problems = preflight(loaded, shape)
     if problems:
         raise RecipeError(problems)
-    if g.is_cpu:
+    if g.is_cpu or not target:
         return None, warnings
     report = fit(shape, g, plan_from_recipe(r))
     if not report.fits:
