@@ -189,3 +189,43 @@ def test_a_mixed_precision_winner_labels_its_bf16_layers(tmp_path, tiny_llama):
     assert trial["dev.forge.quantization.method"] == "gptq"
     plain = labels()   # not chosen by method: auto: no auto labels
     assert not any(k.startswith("dev.forge.quantization.auto") for k in plain)
+
+
+def test_warnings_reach_the_user_when_no_candidate_passes(tmp_path, tiny_llama, monkeypatch):
+    """Bug: the walk dropped what its trials' builds warned about (the remote step cache was down, ...), and with no
+    winner run() also dropped the chosen build's warnings: the CLI, which prints outcome.build.warnings before
+    exiting 3, printed none. Cheap: the trials' and the final build's step graphs are stand-ins (a failed gate)."""
+    from types import SimpleNamespace
+
+    from forge.core.errors import EvalGateError, ExitCode
+    from forge.orchestrate import auto, build, pipeline
+
+    rule = {"task": "heldout_ppl", "metric": "word_perplexity", "kind": "max_rel_increase", "threshold": 0.2,
+            "limit": 0.2, "baseline": 10.0, "candidate": 20.0, "degradation": 1.0, "ci_low": 0.9, "ci_high": 1.1,
+            "decision": "beyond"}   # far past the limit: no mixed-precision retry
+    calls = []
+
+    def fake_execute(loaded, store, **kw):
+        calls.append(loaded)
+        out = tmp_path / f"trial{len(calls)}"
+        out.mkdir()
+        (out / "verdict.json").write_text(json.dumps({"passed": False, "rules": [rule]}))
+        entry = SimpleNamespace(out=out, manifest={"facts": {"passed": False, "bytes": 1}, "seconds": 1.0})
+        results = [SimpleNamespace(name=n, status="BUILT", entry=entry) for n in ("quantize", "gate")]
+        warned = ["registry 127.0.0.1:9 is unreachable; building without the remote step cache",
+                  f"trial {len(calls)} warned"]
+        return build.BuildOutcome(results, None, warned)
+
+    def fake_run(loaded, store, **kw):
+        return pipeline.Outcome(build.BuildOutcome([], EvalGateError("eval gate failed:\n  heldout_ppl beyond"),
+                                                   ["the final build warned", "trial 1 warned"]),
+                                record=None, registry_root=tmp_path / "reg")
+
+    monkeypatch.setattr(build, "execute", fake_execute)
+    monkeypatch.setattr(pipeline, "run", fake_run)
+    loaded = load_recipe(_recipe(tmp_path, tiny_llama, candidates=[W4, W8]))
+    outcome = auto.run(loaded, Store(tmp_path / "cache"), report_dir=tmp_path / "out")
+    assert len(calls) == 2 and outcome.decision.winner is None
+    assert outcome.error is not None and outcome.exit_code == ExitCode.EVAL_GATE
+    assert outcome.build.warnings == ["registry 127.0.0.1:9 is unreachable; building without the remote step cache",
+                                      "trial 1 warned", "trial 2 warned", "the final build warned"]   # once each

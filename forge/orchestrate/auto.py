@@ -82,6 +82,7 @@ class Trial:
     note: str = ""
     loaded: "LoadedRecipe | None" = field(default=None, repr=False)
     layer_errors: list[tuple[str, float]] = field(default_factory=list, repr=False)
+    warnings: list[str] = field(default_factory=list, repr=False)   # what the trial's build warned about
 
     @property
     def name(self) -> str:
@@ -115,6 +116,11 @@ class Decision:
     winner: Trial | None = None
     why: str = ""
     files: tuple[Path, ...] = ()         # the decision report (JSON, Markdown)
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the trials' builds warned about (the remote step cache was down, ...), once each."""
+        return list(dict.fromkeys(w for t in self.trials for w in t.warnings))
 
     @property
     def closest(self) -> Trial | None:
@@ -290,7 +296,8 @@ def _run_trial(s: Scheme, kept: tuple[str, ...], trial: "LoadedRecipe", override
     t = Trial(s.label, kept, overrides, usd, size, loaded=trial, seconds=time.monotonic() - t0,
               steps={r.name: r.status for r in outcome.results},
               cached=all(r.status == HIT for r in outcome.results),
-              build_seconds=sum(float(r.entry.manifest.get("seconds", 0.0)) for r in outcome.results))
+              build_seconds=sum(float(r.entry.manifest.get("seconds", 0.0)) for r in outcome.results),
+              warnings=list(outcome.warnings))
     q = quantize.Output.read(res["quantize"].entry)
     t.size_bytes = q.facts.get("bytes")
     report = next((p for p in q.reports if p.suffix == ".json"), None)
@@ -386,7 +393,8 @@ def write_decision(d: Decision, out_dir: Path) -> tuple[Path, Path]:
 def run(loaded: "LoadedRecipe", store: "Store", *, report_dir: Path | None = None,
         on_trial: Callable[[Trial], None] | None = None, **kw) -> "Outcome":
     """The walk, then the winner (or, with none, the closest trial) through ``forge.orchestrate.pipeline.run`` with the
-    decision report as evidence. Without a winner the outcome's error is an EvalGateError naming the closest."""
+    decision report as evidence. Without a winner the outcome's error is an EvalGateError naming the closest.
+    The outcome's build warnings are the trials' and then the chosen build's (once each), winner or not."""
     from forge.orchestrate import pipeline
     from forge.orchestrate.build import BuildOutcome
 
@@ -397,12 +405,13 @@ def run(loaded: "LoadedRecipe", store: "Store", *, report_dir: Path | None = Non
     if chosen is None:   # no trial reached the gate (max_trials 0 cannot happen; kept for safety)
         raise EvalGateError("method: auto ran no trial", hint="Raise quantize.max_trials.")
     outcome = pipeline.run(chosen.loaded, store, report_dir=report_dir, evidence={EVIDENCE_KIND: files}, **kw)
-    outcome = replace(outcome, decision=d)
+    warnings = list(dict.fromkeys([*d.warnings, *outcome.build.warnings]))
+    outcome = replace(outcome, decision=d, build=replace(outcome.build, warnings=warnings))
     if d.winner is None:
         err = EvalGateError(f"method: auto: no candidate passed the eval gate; the closest trial was {chosen.name} "
                             f"(recorded as rejected):\n  " + "\n  ".join(outcome.error.message.splitlines()[1:]
                                                                          if outcome.error else []),
                             hint=f"Decision report: {files[1]}. Loosen the gate, add candidates (e.g. none for BF16) "
                                  "or raise quantize.max_trials.")
-        outcome = replace(outcome, build=BuildOutcome(outcome.build.results, err))
+        outcome = replace(outcome, build=BuildOutcome(outcome.build.results, err, warnings))
     return outcome
