@@ -12,10 +12,10 @@ The walk:
 2. order: the fit model's $/1M output tokens at the recipe's concurrency (``forge fit``), ties by weight
    bytes (on the CPU target, which has no price, by weight bytes alone);
 3. walk from the cheapest: build the trial to the gate, stop at the first that passes;
-4. a scheme that just fails (degradation within ``JUST_FAILS`` × the limit) is retried with the layers its
-   per-layer error report shows most damaged kept in BF16 (``quantize.ignore``: llm-compressor matches
-   exact module names), 1, 2, 4 … layers (``MIX_STEPS`` steps), while its cost (fit model with those layers
-   in BF16) stays at or below the next scheme's;
+4. a scheme that just fails (degradation within ``JUST_FAILS`` × the limit; for a limit <= 0, the rule's 95%
+   interval reaching it: ``_just_fails``) is retried with the layers its per-layer error report shows most
+   damaged kept in BF16 (``quantize.ignore``: llm-compressor matches exact module names), 1, 2, 4 … layers
+   (``MIX_STEPS`` steps), while its cost (fit model with those layers in BF16) stays at or below the next scheme's;
 5. the winner continues to package → scan → publish as a normal build (``forge.orchestrate.pipeline.run``); with no
    winner, the closest trial is published as rejected and the walk fails with exit 3 naming it.
 
@@ -313,8 +313,15 @@ def _run_trial(s: Scheme, kept: tuple[str, ...], trial: "LoadedRecipe", override
 
 
 def _just_fails(t: Trial) -> bool:
-    return all(r["degradation"] <= JUST_FAILS * r["limit"] if r["limit"] > 0 else True
-               for r in t.rules if r["decision"] != "pass")
+    """Every failed rule is within reach, so keeping a few layers in BF16 may pass it: with a positive limit, the
+    degradation is at most ``JUST_FAILS`` times the limit; with a limit of 0 or below (``max_abs_drop: 0``,
+    ``min_recovery`` >= 1), which gives no scale to multiply, the rule's 95% interval reaches the limit
+    (``ci_low <= limit``: the gate did not find it wholly beyond). A rule shown to be past such a limit is not
+    retried."""
+    def within(r: dict) -> bool:
+        return r["degradation"] <= JUST_FAILS * r["limit"] if r["limit"] > 0 else r["ci_low"] <= r["limit"]
+
+    return all(within(r) for r in t.rules if r["decision"] != "pass")
 
 
 def walk(loaded: "LoadedRecipe", store: "Store", *, executor=None, on_start=None, on_done=None,
@@ -344,7 +351,8 @@ def walk(loaded: "LoadedRecipe", store: "Store", *, executor=None, on_start=None
             break
         nxt = order[i + 1] if i + 1 < len(order) else None
         if not _just_fails(t):
-            t.note = f"fails by more than {JUST_FAILS:g}× a limit: no mixed precision tried"
+            t.note = (f"fails beyond reach of a limit (more than {JUST_FAILS:g}× it, or wholly past a limit of 0 or "
+                      "below): no mixed precision tried")
             continue
         ranked = [name for name, _ in t.layer_errors if name not in base_ignore]
         for step in range(MIX_STEPS):
