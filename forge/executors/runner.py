@@ -39,7 +39,7 @@ def key_material(spec: StepSpec, loaded: LoadedRecipe, store: Store, upstream: d
         "step": spec.name,
         "step_version": spec.version,
         "config": spec.config(loaded),
-        "identity": spec.identity(loaded),
+        "identity": spec.identity(loaded, store),
         "inputs": {name: upstream[name] for name in spec.depends},
         "data": data,
         "tools": tool_versions(spec.tools),

@@ -40,7 +40,7 @@ _PARTIAL = ("step", "step_version", "config", "inputs", "data")   # key material
 
 def _partial(spec: StepSpec, loaded: LoadedRecipe, store: Store, upstream: dict[str, str]) -> dict:
     """The key material that needs no host probe (identity and tool versions left out)."""
-    material = key_material(replace(spec, identity=lambda _: {}, tools=()), loaded, store, upstream)
+    material = key_material(replace(spec, identity=lambda loaded, store: {}, tools=()), loaded, store, upstream)
     return {k: material[k] for k in _PARTIAL}
 
 
@@ -48,7 +48,7 @@ def _pending_signature(spec: StepSpec, loaded: LoadedRecipe, store: Store, upstr
     known = _partial(spec, loaded, store, upstream)
     try:
         with no_probes():
-            known["identity"] = spec.identity(loaded)
+            known["identity"] = spec.identity(loaded, store)
     except Unprobed:   # facts probed where it runs (device, GPU type): never merge two targets on a guess
         known["target"] = loaded.recipe.target.model_dump(mode="json")
     return "pending:" + digest_of(known)

@@ -26,7 +26,7 @@ from forge.core.host import device, tool_versions  # host probes live in forge.c
 
 if TYPE_CHECKING:
     from forge.recipe.load import LoadedRecipe
-    from forge.store.local import Entry
+    from forge.store.local import Entry, Store
 
 __all__ = ["StepSpec", "StepContext", "Reporter", "tool_versions", "device", "Unprobed", "no_probes",
            "probes_allowed"]
@@ -66,7 +66,8 @@ class StepSpec:
     config: Callable[["LoadedRecipe"], Any]                  # the recipe section(s) the step reads
     run: str                                                 # "module:function", imported lazily
     data: Callable[["LoadedRecipe"], dict[str, Path]] = field(default=lambda _: {})  # files/dirs it reads
-    identity: Callable[["LoadedRecipe"], dict] = field(default=lambda _: {})         # extra key material (host probes)
+    # extra key material (host probes), given the store the key is for (where a probe's answer is remembered)
+    identity: Callable[["LoadedRecipe", "Store"], dict] = field(default=lambda loaded, store=None: {})
     enabled: Callable[["LoadedRecipe"], bool] = field(default=lambda _: True)        # part of this recipe's graph?
     check: str | None = None  # "module:function"(entry) run on a built or reused output; raises to stop the build
     volatile: tuple[str, ...] = ()  # output files that record how the build went (timings): kept and hashed,

@@ -33,7 +33,7 @@ def _config(loaded) -> dict:
     return {"gpu": r.target.gpu, "tensor_parallel": r.target.tensor_parallel, "build": asdict(BuildSettings.from_recipe(loaded))}
 
 
-def _identity(loaded) -> dict:
+def _identity(loaded, store=None) -> dict:
     from forge.core.host import local_gpus
     from forge.steps import probe
 

@@ -55,7 +55,7 @@ def _data(loaded) -> dict[str, Path]:
     return files
 
 
-def _identity(loaded) -> dict:
+def _identity(loaded, store=None) -> dict:
     from forge.core.host import device
 
     return {"device": device()}

@@ -56,10 +56,16 @@ def _pip_sources() -> dict:
     return {"index_url": fenv.get("FORGE_PIP_INDEX_URL"), "find_links": fenv.get("FORGE_PIP_FIND_LINKS")}
 
 
+def _tool_version(tool: str, store) -> str:
+    """`tool --version` for key material, remembered in the cache the key is for (no store: in this process)."""
+    return tool_version(tool, store.root if store is not None else None)
+
+
 BASE = StepSpec(
     name="base_image", summary="build forge's CPU base image (mmdebstrap + venv)", depends=(), tools=(), version=1,
-    config=_base_config, identity=lambda loaded: {"pip": _pip_sources(), "buildah": tool_version("buildah"),
-                                                  "mmdebstrap": tool_version("mmdebstrap")},
+    config=_base_config, identity=lambda loaded, store=None: {"pip": _pip_sources(),
+                                                              "buildah": _tool_version("buildah", store),
+                                                              "mmdebstrap": _tool_version("mmdebstrap", store)},
     enabled=_base_enabled, run="forge.steps.package:run_base")
 
 
@@ -71,20 +77,20 @@ def _config(loaded) -> dict:
             "base": base.name, "base_digest": digest, "recipe_digest": loaded.digest}
 
 
-def _identity(loaded) -> dict:
+def _identity(loaded, store=None) -> dict:
     """The builder that will run and its version: buildah, podman and docker write different bytes."""
     base, _ = resolve_base(loaded)
     try:
         builder = choose_builder(loaded, base)
     except ToolError:
         builder = "absent"   # the step itself reports it when it runs
-    return {"builder": builder, builder: tool_version(builder) if builder != "absent" else "absent"}
+    return {"builder": builder, builder: _tool_version(builder, store) if builder != "absent" else "absent"}
 
 
 SPEC = StepSpec(
     name="package", summary="build the OCI image (weights in their own layer) and smoke-test it",
     depends=("quantize", "compile", "gate", "base_image"), tools=(), version=2, config=_config,  # 2: cpu hub entry
-    identity=lambda loaded: _identity(loaded), enabled=_enabled,
+    identity=lambda loaded, store=None: _identity(loaded, store), enabled=_enabled,
     run="forge.steps.package:run")
 
 

@@ -92,7 +92,7 @@ def calibration_dtype(policy: str, snapshot: Path, recipe_dtype: str) -> str:
     return "float32" if float32_bytes <= memory // 2 else recipe_dtype
 
 
-def _identity(loaded) -> dict:
+def _identity(loaded, store=None) -> dict:
     # the device, the load dtype policy and the backend's libraries change the numbers written: part of the key
     if loaded.recipe.quantize.method == "none":
         return {}

@@ -29,7 +29,7 @@ SPEC = StepSpec(
     tools=("torch", "transformers"),
     version=1,
     config=lambda loaded: {"dtype": loaded.recipe.model.dtype, "prompt": VERIFY_PROMPT, "tokens": VERIFY_TOKENS},
-    identity=lambda loaded: {"device": host.device()},
+    identity=lambda loaded, store=None: {"device": host.device()},
     enabled=lambda loaded: verifies(loaded.recipe.quantize, loaded.recipe.target.engine),
     run="forge.steps.reference:run",
     gpu=True,

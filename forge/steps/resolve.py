@@ -39,7 +39,7 @@ def _data(loaded) -> dict[str, Path]:
     return {}
 
 
-def _identity(loaded) -> dict:
+def _identity(loaded, store=None) -> dict:
     src = _source(loaded)
     if isinstance(src, HfSource):
         return {"hf": src.repo, "commit": pin_revision(src, loaded)}

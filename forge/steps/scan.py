@@ -31,7 +31,7 @@ def _data(loaded) -> dict[str, Path]:
     return {"ignore_file": loaded.resolve_path(s.ignore_file)} if s.ignore_file else {}
 
 
-def _identity(loaded) -> dict:
+def _identity(loaded, store=None) -> dict:
     """Trivy's version and its DB's UpdatedAt: a newer DB can find new vulnerabilities in the same image."""
     import shutil
 
