@@ -220,13 +220,14 @@ def _blob(layout: Path, data: bytes) -> dict:
     return {"digest": digest, "size": len(data)}
 
 
-def make_image(layout: Path, ref: str, model: dict[str, bytes]) -> str:
+def make_image(layout: Path, ref: str, model: dict[str, bytes], members: dict[str, bytes] | None = None) -> str:
     """An OCI layout holding one small image: a base layer and the weights layer at /opt/forge/model (as forge
-    builds them). Returns the manifest digest."""
+    builds them); ``members``: more weights-layer members, by their name in the tar as given. Returns the
+    manifest digest."""
     (layout / "blobs" / "sha256").mkdir(parents=True)
     (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
     layers = [_blob(layout, _tar({"etc/os-release": b"ID=debian\n"})),
-              _blob(layout, _tar({f"opt/forge/model/{k}": v for k, v in model.items()}))]
+              _blob(layout, _tar({**{f"opt/forge/model/{k}": v for k, v in model.items()}, **(members or {})}))]
     config = _blob(layout, json.dumps({"architecture": "amd64", "os": "linux",
                                        "rootfs": {"type": "layers", "diff_ids": []}}).encode())
     manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",

@@ -115,15 +115,24 @@ def test_cheapest_scheme_fails_and_its_mixed_precision_version_wins(tmp_path, ou
 
 
 def test_nothing_passes_exits_3_naming_the_closest_trial(tmp_path, outlier_llama, shared_cache):
+    """max_rel_increase: 0 with plain W4 wholly past it (its 95% interval above 0): no mixed-precision trial is
+    spent on it (it used to be, as any limit <= 0 counted as "just fails"); exit 3 names the closest trial."""
     recipe = _recipe(tmp_path, outlier_llama, candidates=[W4], threshold=0.0, max_trials=2, name="auto-strict")
     proc = forge_cli("build", str(recipe), cache=shared_cache)
     assert proc.returncode == 3, proc.stderr
-    assert "no candidate passed the eval gate; the closest trial was gptq W4A16 g32 + 1 BF16 layer(s)" in proc.stderr
+    assert "no candidate passed the eval gate; the closest trial was gptq W4A16 g32 " in proc.stderr
     decision = json.loads((shared_cache / "reports" / "auto-strict" / "auto" / "auto-decision.json").read_text())
-    assert len(decision["trials"]) == 2 and decision["winner"] is None
-    assert decision["closest"] == "gptq W4A16 g32 + 1 BF16 layer(s)" and "max_trials 2 reached" in decision["why"]
+    assert len(decision["trials"]) == 1 and decision["winner"] is None
+    only = decision["trials"][0]
+    assert only["gate"][0]["ci_low"] > 0 and "no mixed precision tried" in only["note"]
+    assert decision["closest"] == "gptq W4A16 g32" and "in 1 trial(s). Closest" in decision["why"]
     rejected = json.loads(forge_cli("registry", "ls", "--json", "--status", "rejected", check=0).stdout)
     assert len(rejected) == 1 and rejected[0]["reason"].startswith("eval gate failed")
+    # the trial budget: max_trials 1 stops the walk and says so (the trial is a cache hit by now)
+    recipe = _recipe(tmp_path, outlier_llama, candidates=[W4, W8], threshold=0.0, max_trials=1, name="auto-strict")
+    assert forge_cli("build", str(recipe), cache=shared_cache).returncode == 3
+    decision = json.loads((shared_cache / "reports" / "auto-strict" / "auto" / "auto-decision.json").read_text())
+    assert len(decision["trials"]) == 1 and "max_trials 1 reached" in decision["why"]
 
 
 def test_auto_recipe_validation_names_field_and_fix(tmp_path, tiny_llama):
@@ -189,3 +198,63 @@ def test_a_mixed_precision_winner_labels_its_bf16_layers(tmp_path, tiny_llama):
     assert trial["dev.forge.quantization.method"] == "gptq"
     plain = labels()   # not chosen by method: auto: no auto labels
     assert not any(k.startswith("dev.forge.quantization.auto") for k in plain)
+
+
+def test_warnings_reach_the_user_when_no_candidate_passes(tmp_path, tiny_llama, monkeypatch):
+    """Bug: the walk dropped what its trials' builds warned about (the remote step cache was down, ...), and with no
+    winner run() also dropped the chosen build's warnings: the CLI, which prints outcome.build.warnings before
+    exiting 3, printed none. Cheap: the trials' and the final build's step graphs are stand-ins (a failed gate)."""
+    from types import SimpleNamespace
+
+    from forge.core.errors import EvalGateError, ExitCode
+    from forge.orchestrate import auto, build, pipeline
+
+    rule = {"task": "heldout_ppl", "metric": "word_perplexity", "kind": "max_rel_increase", "threshold": 0.2,
+            "limit": 0.2, "baseline": 10.0, "candidate": 20.0, "degradation": 1.0, "ci_low": 0.9, "ci_high": 1.1,
+            "decision": "beyond"}   # far past the limit: no mixed-precision retry
+    calls = []
+
+    def fake_execute(loaded, store, **kw):
+        calls.append(loaded)
+        out = tmp_path / f"trial{len(calls)}"
+        out.mkdir()
+        (out / "verdict.json").write_text(json.dumps({"passed": False, "rules": [rule]}))
+        entry = SimpleNamespace(out=out, manifest={"facts": {"passed": False, "bytes": 1}, "seconds": 1.0})
+        results = [SimpleNamespace(name=n, status="BUILT", entry=entry) for n in ("quantize", "gate")]
+        warned = ["registry 127.0.0.1:9 is unreachable; building without the remote step cache",
+                  f"trial {len(calls)} warned"]
+        return build.BuildOutcome(results, None, warned)
+
+    def fake_run(loaded, store, **kw):
+        return pipeline.Outcome(build.BuildOutcome([], EvalGateError("eval gate failed:\n  heldout_ppl beyond"),
+                                                   ["the final build warned", "trial 1 warned"]),
+                                record=None, registry_root=tmp_path / "reg")
+
+    monkeypatch.setattr(build, "execute_one", fake_execute)
+    monkeypatch.setattr(pipeline, "run", fake_run)
+    loaded = resolved(_recipe(tmp_path, tiny_llama, candidates=[W4, W8]))
+    outcome = auto.run(loaded, Store(tmp_path / "cache"), report_dir=tmp_path / "out")
+    assert len(calls) == 2 and outcome.decision.winner is None
+    assert outcome.error is not None and outcome.exit_code == ExitCode.EVAL_GATE
+    assert outcome.build.warnings == ["registry 127.0.0.1:9 is unreachable; building without the remote step cache",
+                                      "trial 1 warned", "trial 2 warned", "the final build warned"]   # once each
+
+
+@pytest.mark.parametrize("limit,degradation,ci_low,just", [
+    (0.1, 0.35, 0.30, True),      # a positive limit: within JUST_FAILS (4) times it
+    (0.1, 0.5, 0.45, False),      # 5x the limit: beyond reach
+    (0.0, 0.25, 0.20, False),     # max_abs_drop: 0, a drop shown to be there: was retried ("just fails" for any limit <= 0)
+    (0.0, 0.01, -0.02, True),     # max_abs_drop: 0, the interval reaches the limit
+    (-0.1, 0.3, 0.2, False),      # min_recovery 1.1 (limit -0.1): far past it
+    (-0.1, 0.0, -0.15, True),     # ... the interval reaches it
+])
+def test_just_fails_needs_the_limit_within_reach(limit, degradation, ci_low, just):
+    """Bug: a rule whose limit is <= 0 counted as "just fails" whatever its degradation, so a scheme far past a
+    max_abs_drop: 0 rule spent up to MIX_STEPS more trials on mixed precision that could not bring it back."""
+    from forge.orchestrate.auto import Trial, _just_fails
+
+    rule = {"limit": limit, "degradation": degradation, "ci_low": ci_low, "ci_high": degradation + 0.05,
+            "decision": "beyond" if ci_low > limit else "likely beyond"}
+    passing = {**rule, "limit": 1.0, "degradation": 0.0, "ci_low": -0.1, "ci_high": 0.1, "decision": "pass"}
+    t = Trial("gptq W4A16 g32", (), {}, None, 1.0, rules=[passing, rule])
+    assert _just_fails(t) is just

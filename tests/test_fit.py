@@ -223,3 +223,26 @@ def test_unknown_method_or_engine_in_fit_is_a_usage_error():
     assert proc.returncode == 2 and "Unknown method 'nvfp5'. Did you mean 'nvfp4'?" in proc.stderr
     proc = forge_cli("fit", "--model", str(CONFIGS / "llama-3-8b.json"), "--gpu", "L4", "--engine", "vlm")
     assert proc.returncode == 2 and "Unknown engine 'vlm'. Did you mean 'vllm'?" in proc.stderr
+
+
+def test_fit_recipe_on_another_gpu_when_the_recipe_gpu_is_too_small(tmp_path):
+    """Bug: `forge fit RECIPE --gpu X` exited 2 with the recipe's own "does not fit L4" before showing X, the very
+    case where a user asks "what about X?". With --gpu the recipe's target is not enforced; other problems are."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text((CONFIGS / "smollm2-135m.json").read_text())
+    # 8192 tokens × 160 sequences of KV cache (~30 GB) does not fit an L4 (24 GiB × 0.9), fits an H200
+    target = {"gpu": "L4", "engine": "vllm", "max_model_len": 8192, "max_num_seqs": 160}
+    write_recipe(tmp_path / "r.yaml", "./m", target=target)
+    own = forge_cli("fit", "r.yaml", cwd=tmp_path)
+    assert own.returncode == 2 and "the model does not fit L4" in own.stderr   # without --gpu: the recipe's contract
+    other = forge_cli("fit", "r.yaml", "--gpu", "H200", "--json", cwd=tmp_path)
+    assert other.returncode == 0, other.stderr
+    report = json.loads(other.stdout)["fits"]
+    assert [(r["gpu"], r["fits"]) for r in report] == [("H200", True)]
+    assert json.loads(other.stdout)["plan"]["max_num_seqs"] == 160    # the recipe's plan, on X
+    both = forge_cli("fit", "r.yaml", "--gpu", "L4", "--gpu", "H200", "--json", cwd=tmp_path)
+    assert both.returncode == 0 and [r["fits"] for r in json.loads(both.stdout)["fits"]] == [False, True]
+    # a recipe invalid for another reason (gptq without calibration data) is still refused with --gpu
+    write_recipe(tmp_path / "r.yaml", "./m", target=target, quantize={"method": "gptq"})
+    bad = forge_cli("fit", "r.yaml", "--gpu", "H200", cwd=tmp_path)
+    assert bad.returncode == 2 and "needs calibration data" in bad.stderr and "Traceback" not in bad.stderr

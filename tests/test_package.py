@@ -129,6 +129,27 @@ def test_buildah_missing_exits_5(tmp_path, tiny_llama, cache_dir):
     assert "is not on PATH" in proc.stderr and "apt-get install" in proc.stderr
 
 
+def test_a_build_with_cache_dir_writes_nothing_into_the_default_cache(tmp_path, tiny_llama, monkeypatch):
+    """Bug: the image tools' versions (key material of base_image and package) were remembered in
+    $XDG_CACHE_HOME/forge/tool-versions.json whatever --cache-dir said: a build in another cache wrote into the
+    user's. The stand-in buildah and mmdebstrap answer --version and fail anything else (a quick exit 5)."""
+    monkeypatch.delenv("FORGE_CACHE_DIR", raising=False)
+    bin_dir, home, xdg = tmp_path / "bin", tmp_path / "home", tmp_path / "xdg"
+    for d in (bin_dir, home, xdg):
+        d.mkdir()
+    for tool in ("buildah", "mmdebstrap"):
+        (bin_dir / tool).write_text(f'#!/bin/sh\n[ "$1" = --version ] && {{ echo "{tool} version 9.9 (stand-in)"; exit 0; }}\n'
+                                    f'echo "{tool}: stand-in refuses $*" >&2; exit 1\n')
+        (bin_dir / tool).chmod(0o755)
+    recipe = write_recipe(tmp_path / "r.yaml", str(tiny_llama), container={"base": "cpu-python311"})
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home), "XDG_CACHE_HOME": str(xdg)}
+    proc = forge_cli("build", str(recipe), "--cache-dir", str(tmp_path / "cache"), env=env)
+    assert proc.returncode == 5 and "mmdebstrap failed" in proc.stderr, proc.stderr   # the versions were asked
+    assert [p for p in (*home.rglob("*"), *xdg.rglob("*"))] == []   # nothing under the default cache (or HOME)
+    remembered = json.loads((tmp_path / "cache" / "tool-versions.json").read_text())   # in the build's own cache
+    assert sorted(remembered.values()) == ["buildah version 9.9 (stand-in)", "mmdebstrap version 9.9 (stand-in)"]
+
+
 def test_forge_lock_pins_a_base_from_a_real_registry(tmp_path, oci_registry):
     """`forge lock` asks the registry (skopeo) for the tag's digest; --ci then accepts the base, and the
     package step would use image@digest."""

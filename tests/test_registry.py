@@ -26,8 +26,9 @@ def _result(out: Path, facts: dict, digest: str = "sha256:" + "ab" * 32, tools: 
 
 
 def make_build(root: Path, name: str = "tiny", *, gate_passed=True, scan="pass", image=True, seed: str = "0",
-               registry: str = "local"):
-    """(loaded, results) shaped like a finished forge build, from files written here."""
+               registry: str = "local", members: dict[str, bytes] | None = None):
+    """(loaded, results) shaped like a finished forge build, from files written here (``members``: more
+    weights-layer members, named as in the tar)."""
     root.mkdir(parents=True, exist_ok=True)
     results = {"resolve": _result(root, {}, "sha256:" + "11" * 32),
                "quantize": _result(root, {"method": "fp8"}, "sha256:" + hashlib.sha256(seed.encode()).hexdigest(),
@@ -39,7 +40,8 @@ def make_build(root: Path, name: str = "tiny", *, gate_passed=True, scan="pass",
     if image:
         (root / "package").mkdir()
         digest = make_image(root / "package" / "oci", name, {"config.json": b'{"seed": "%s"}' % seed.encode(),
-                                                             "model.safetensors": b"W" * 4096 + seed.encode()})
+                                                             "model.safetensors": b"W" * 4096 + seed.encode()},
+                            members)
         (root / "package" / "image.json").write_text(json.dumps(
             {"manifest_digest": digest, "oci_ref": name, "engine": "vllm"}))
         results["package"] = _result(root / "package", {})
@@ -108,6 +110,20 @@ def test_publish_records_everything_and_pull_returns_weights_and_evidence(tmp_pa
     proc = subprocess.run(["skopeo", "inspect", "--raw", f"oci:{reg.blobs.root}:tiny:{rec.tag}"], capture_output=True)
     assert proc.returncode == 0, proc.stderr
     assert "sha256:" + hashlib.sha256(proc.stdout).hexdigest() == rec.image_digest
+
+
+def test_pull_keeps_dot_names_and_takes_only_the_model_dir(tmp_path, reg):
+    """Bug: member names lost their leading "./" by lstrip("./"), which strips any leading dots and slashes: a
+    member outside the model directory (".opt/...", "../opt/...") was pulled as a model file. Every "./" prefix
+    goes ("././x" too), never a character more; a dot-file of the model keeps its own name."""
+    loaded, results = make_build(tmp_path / "b", members={
+        "./opt/forge/model/.hidden_config": b"hidden", "././opt/forge/model/..x": b"dots",
+        ".opt/forge/model/not-the-model.json": b"outside", "../opt/forge/model/escaped.json": b"outside"})
+    rec = publish(loaded, results, registry=reg)
+    forge_cli("registry", "pull", rec.id[:10], "--to", str(tmp_path / "pulled"), "--registry-dir", str(reg.root), check=0)
+    model = tmp_path / "pulled" / "model"
+    assert sorted(p.name for p in model.iterdir()) == ["..x", ".hidden_config", "config.json", "model.safetensors"]
+    assert (model / ".hidden_config").read_bytes() == b"hidden" and (model / "..x").read_bytes() == b"dots"
 
 
 def test_republishing_the_same_build_adds_nothing(tmp_path, reg):

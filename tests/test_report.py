@@ -270,3 +270,26 @@ def test_a_report_that_cannot_be_drawn_does_not_lose_the_record(tmp_path, tiny_l
     monkeypatch.setenv("FORGE_DEBUG", "1")
     with pytest.raises(json.JSONDecodeError):
         BuildOutputs(tmp_path / "out", loaded, results).attach(None)
+
+
+@pytest.mark.parametrize("drawn", [True, False], ids=["page-drawn", "page-failed"])
+def test_a_build_never_leaves_an_earlier_builds_junit_and_summary(tmp_path, tiny_llama, monkeypatch, drawn):
+    """Bug: when the page could not be drawn, finish returned before removing the last build's junit.xml and
+    summary.md, so CI uploaded an earlier build's verdict as this one's. Whatever happens to the page, every
+    file of the report directory is this build's or absent."""
+    monkeypatch.delenv("FORGE_DEBUG", raising=False)
+    loaded = resolved(write_recipe(tmp_path / "r.yaml", str(tiny_llama)))
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("junit.xml", "summary.md", "report.html"):   # an earlier build's (passed) results
+        (out / name).write_text(f"stale {name} of an earlier build")
+    if not drawn:
+        monkeypatch.setattr("forge.report.data_for", lambda *a, **k: (_ for _ in ()).throw(ValueError("no page")))
+    outputs = BuildOutputs(out, loaded, {})   # no gate: this build has no JUnit verdict
+    publish(loaded, {}, registry=LocalRegistry(tmp_path / "reg"), attach=outputs.attach)
+    assert (outputs.error is None) is drawn
+    outputs.finish()
+    left = {p.name: p.read_text() for p in out.iterdir()}
+    assert not any(text.startswith("stale") for text in left.values()), left
+    assert "junit.xml" not in left
+    assert ("report.html" in left) is drawn and ("summary.md" in left) is drawn

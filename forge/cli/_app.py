@@ -39,11 +39,12 @@ def _store(cache_dir: Path | None):
     return Store(cache_dir or default_cache_dir())
 
 
-def _load(recipe: Path, ci: bool, cache_dir: Path | None = None):
-    """Resolve a recipe (forge.recipe.resolve: its target-GPU contract and fit included); print its warnings."""
+def _load(recipe: Path, ci: bool, cache_dir: Path | None = None, *, target: bool = True):
+    """Resolve a recipe (forge.recipe.resolve: its target-GPU contract and fit included, unless ``target=False``, for
+    commands that ask about other GPUs); print its warnings."""
     from forge.recipe.resolve import resolve
 
-    resolved = resolve(recipe, downloads=_store(cache_dir).root / "downloads", ci=ci)
+    resolved = resolve(recipe, downloads=_store(cache_dir).root / "downloads", ci=ci, target=target)
     warnings = list(resolved.warnings)
     if resolved.is_auto:   # each candidate resolved as its own trial (forge.orchestrate.auto)
         from forge.orchestrate.auto import check_recipe

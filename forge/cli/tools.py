@@ -84,7 +84,7 @@ def fit_cmd(
         return
     downloads = _store(cache_dir).root / "downloads"
     if recipe is not None:
-        loaded = _load(recipe, False, cache_dir)
+        loaded = _load(recipe, False, cache_dir, target=not gpu)   # with --gpu, the fit on those GPUs decides
         base = fitmod.plan_from_recipe(loaded.recipe)
         source, base_dir, names = loaded.recipe.model.source, loaded.base_dir, [loaded.recipe.target.gpu]
     elif model and gpu:

@@ -27,19 +27,22 @@ SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "REGISTRY_PASSWORD", "REGIST
               "AWS_SECRET_ACCESS_KEY", "GITHUB_TOKEN")
 
 
+TOOL_VERSIONS = "tool-versions.json"   # the memo of tool_version, in the root of the step cache it serves
+
+
 @lru_cache(maxsize=None)  # asked for by several steps' keys in one build
-def tool_version(tool: str) -> str:
-    """`tool --version`, remembered by the binary's (path, size, mtime): a no-op rebuild runs no subprocess."""
+def tool_version(tool: str, cache_dir: Path | None) -> str:
+    """`tool --version`, remembered by the binary's (path, size, mtime) in ``cache_dir`` (the root of the step
+    cache whose keys it enters; None: in this process only, never in another cache): a no-op rebuild runs
+    no subprocess."""
     path = shutil.which(tool)
     if path is None:
         return "absent"
     st = os.stat(path)
     ident = f"{path}:{st.st_size}:{st.st_mtime_ns}"
-    from forge.store.local import default_cache_dir
-
-    memo = default_cache_dir() / "tool-versions.json"
+    memo = Path(cache_dir) / TOOL_VERSIONS if cache_dir is not None else None
     try:
-        known = json.loads(memo.read_text())
+        known = json.loads(memo.read_text()) if memo is not None else {}
     except (OSError, ValueError):
         known = {}
     if ident in known:
@@ -53,6 +56,8 @@ def tool_version(tool: str) -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     version = out.splitlines()[0] if out else "unknown"
+    if memo is None:
+        return version
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_suffix(f".{os.getpid()}.tmp")

@@ -12,10 +12,10 @@ The walk:
 2. order: the fit model's $/1M output tokens at the recipe's concurrency (``forge fit``), ties by weight
    bytes (on the CPU target, which has no price, by weight bytes alone);
 3. walk from the cheapest: build the trial to the gate, stop at the first that passes;
-4. a scheme that just fails (degradation within ``JUST_FAILS`` × the limit) is retried with the layers its
-   per-layer error report shows most damaged kept in BF16 (``quantize.ignore``: llm-compressor matches
-   exact module names), 1, 2, 4 … layers (``MIX_STEPS`` steps), while its cost (fit model with those layers
-   in BF16) stays at or below the next scheme's;
+4. a scheme that just fails (degradation within ``JUST_FAILS`` × the limit; for a limit <= 0, the rule's 95%
+   interval reaching it: ``_just_fails``) is retried with the layers its per-layer error report shows most
+   damaged kept in BF16 (``quantize.ignore``: llm-compressor matches exact module names), 1, 2, 4 … layers
+   (``MIX_STEPS`` steps), while its cost (fit model with those layers in BF16) stays at or below the next scheme's;
 5. the winner continues to package → scan → publish as a normal build (``forge.orchestrate.pipeline.run``); with no
    winner, the closest trial is published as rejected and the walk fails with exit 3 naming it.
 
@@ -82,6 +82,7 @@ class Trial:
     note: str = ""
     loaded: "Resolved | None" = field(default=None, repr=False)
     layer_errors: list[tuple[str, float]] = field(default_factory=list, repr=False)
+    warnings: list[str] = field(default_factory=list, repr=False)   # what the trial's build warned about
 
     @property
     def name(self) -> str:
@@ -115,6 +116,11 @@ class Decision:
     winner: Trial | None = None
     why: str = ""
     files: tuple[Path, ...] = ()         # the decision report (JSON, Markdown)
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the trials' builds warned about (the remote step cache was down, ...), once each."""
+        return list(dict.fromkeys(w for t in self.trials for w in t.warnings))
 
     @property
     def closest(self) -> Trial | None:
@@ -274,7 +280,8 @@ def _run_trial(s: Scheme, kept: tuple[str, ...], trial: "Resolved", overrides: d
     t = Trial(s.label, kept, overrides, usd, size, loaded=trial, seconds=time.monotonic() - t0,
               steps={r.name: r.status for r in outcome.results},
               cached=all(r.status == HIT for r in outcome.results),
-              build_seconds=sum(float(r.entry.manifest.get("seconds", 0.0)) for r in outcome.results))
+              build_seconds=sum(float(r.entry.manifest.get("seconds", 0.0)) for r in outcome.results),
+              warnings=list(outcome.warnings))
     q = quantize.Output.read(res["quantize"].entry)
     t.size_bytes = q.facts.get("bytes")
     report = next((p for p in q.reports if p.suffix == ".json"), None)
@@ -290,8 +297,15 @@ def _run_trial(s: Scheme, kept: tuple[str, ...], trial: "Resolved", overrides: d
 
 
 def _just_fails(t: Trial) -> bool:
-    return all(r["degradation"] <= JUST_FAILS * r["limit"] if r["limit"] > 0 else True
-               for r in t.rules if r["decision"] != "pass")
+    """Every failed rule is within reach, so keeping a few layers in BF16 may pass it: with a positive limit, the
+    degradation is at most ``JUST_FAILS`` times the limit; with a limit of 0 or below (``max_abs_drop: 0``,
+    ``min_recovery`` >= 1), which gives no scale to multiply, the rule's 95% interval reaches the limit
+    (``ci_low <= limit``: the gate did not find it wholly beyond). A rule shown to be past such a limit is not
+    retried."""
+    def within(r: dict) -> bool:
+        return r["degradation"] <= JUST_FAILS * r["limit"] if r["limit"] > 0 else r["ci_low"] <= r["limit"]
+
+    return all(within(r) for r in t.rules if r["decision"] != "pass")
 
 
 def walk(loaded: "Resolved", store: "Store", *, executor=None, on_start=None, on_done=None,
@@ -320,7 +334,8 @@ def walk(loaded: "Resolved", store: "Store", *, executor=None, on_start=None, on
             break
         nxt = order[i + 1] if i + 1 < len(order) else None
         if not _just_fails(t):
-            t.note = f"fails by more than {JUST_FAILS:g}× a limit: no mixed precision tried"
+            t.note = (f"fails beyond reach of a limit (more than {JUST_FAILS:g}× it, or wholly past a limit of 0 or "
+                      "below): no mixed precision tried")
             continue
         ranked = [name for name, _ in t.layer_errors if name not in base_ignore]
         for step in range(MIX_STEPS):
@@ -369,7 +384,8 @@ def write_decision(d: Decision, out_dir: Path) -> tuple[Path, Path]:
 def run(loaded: "Resolved", store: "Store", *, report_dir: Path | None = None,
         on_trial: Callable[[Trial], None] | None = None, **kw) -> "Outcome":
     """The walk, then the winner (or, with none, the closest trial) through ``forge.orchestrate.pipeline.run`` with the
-    decision report as evidence. Without a winner the outcome's error is an EvalGateError naming the closest."""
+    decision report as evidence. Without a winner the outcome's error is an EvalGateError naming the closest.
+    The outcome's build warnings are the trials' and then the chosen build's (once each), winner or not."""
     from forge.orchestrate import pipeline
     from forge.orchestrate.build import BuildOutcome
 
@@ -380,12 +396,13 @@ def run(loaded: "Resolved", store: "Store", *, report_dir: Path | None = None,
     if chosen is None:   # no trial reached the gate (max_trials 0 cannot happen; kept for safety)
         raise EvalGateError("method: auto ran no trial", hint="Raise quantize.max_trials.")
     outcome = pipeline.run(chosen.loaded, store, report_dir=report_dir, evidence={EVIDENCE_KIND: files}, **kw)
-    outcome = replace(outcome, decision=d)
+    warnings = list(dict.fromkeys([*d.warnings, *outcome.build.warnings]))
+    outcome = replace(outcome, decision=d, build=replace(outcome.build, warnings=warnings))
     if d.winner is None:
         err = EvalGateError(f"method: auto: no candidate passed the eval gate; the closest trial was {chosen.name} "
                             f"(recorded as rejected):\n  " + "\n  ".join(outcome.error.message.splitlines()[1:]
                                                                          if outcome.error else []),
                             hint=f"Decision report: {files[1]}. Loosen the gate, add candidates (e.g. none for BF16) "
                                  "or raise quantize.max_trials.")
-        outcome = replace(outcome, build=BuildOutcome(outcome.build.results, err))
+        outcome = replace(outcome, build=BuildOutcome(outcome.build.results, err, warnings))
     return outcome

@@ -87,6 +87,11 @@ class Resolved:
     def base_dir(self) -> Path:
         return self.loaded.base_dir
 
+    @property
+    def cache_root(self) -> Path:
+        """The step cache this resolution is for (``downloads`` lives in it): where host probes are remembered."""
+        return self.downloads.parent
+
     def where(self, *keys: str | int) -> str:
         return self.loaded.where(*keys)
 
@@ -115,12 +120,15 @@ class Resolved:
 
 
 def resolve(path: str | Path, *, downloads: Path, ci: bool = False, variant: str | None = None,
-            overrides: dict | None = None) -> Resolved:
-    """Load the recipe (its ``variant``, ``overrides`` on top) and resolve it. RecipeError (exit 2) with every problem."""
-    return resolve_loaded(load_recipe(path, ci=ci, variant=variant, overrides=overrides), downloads)
+            overrides: dict | None = None, target: bool = True) -> Resolved:
+    """Load the recipe (its ``variant``, ``overrides`` on top) and resolve it. RecipeError (exit 2) with every problem.
+    ``target=False`` leaves out the contract with the recipe's own target.gpu (the method's legality there and whether
+    the model fits it: ``capability`` and ``fit`` are None), for ``forge fit RECIPE --gpu X``, which reports on X
+    instead; everything else (the model's config, the quantize pre-flight) is still checked."""
+    return resolve_loaded(load_recipe(path, ci=ci, variant=variant, overrides=overrides), downloads, target=target)
 
 
-def resolve_loaded(loaded: LoadedRecipe, downloads: Path) -> Resolved:
+def resolve_loaded(loaded: LoadedRecipe, downloads: Path, *, target: bool = True) -> Resolved:
     r = loaded.recipe
     q, t = r.quantize, r.target
     problems: list[str] = []
@@ -148,7 +156,7 @@ def resolve_loaded(loaded: LoadedRecipe, downloads: Path) -> Resolved:
         raise RecipeError(problems)
 
     capability = shape = report = None
-    if not auto:
+    if not auto and target:
         capability = capability_check(gpu, t.engine, q.method, q.bits)
         if not capability.ok:
             raise RecipeError([f"{loaded.where('quantize', 'method')}: {q.method} is not legal for target "
@@ -157,7 +165,8 @@ def resolve_loaded(loaded: LoadedRecipe, downloads: Path) -> Resolved:
                                    "target.gpu.")
         if capability.message:
             warnings.append(f"{loaded.where('quantize', 'method')}: {capability.message}")
-        shape, report, more = _shape_and_fit(loaded, gpu, backend, downloads)
+    if not auto:
+        shape, report, more = _shape_and_fit(loaded, gpu, backend, downloads, target=target)
         warnings += more
     return Resolved(
         loaded=loaded, downloads=Path(downloads), backend=backend, format=fmt, engine=engine, gpu=gpu, base=base,
@@ -167,8 +176,8 @@ def resolve_loaded(loaded: LoadedRecipe, downloads: Path) -> Resolved:
         compiles=engine.compiles(r), gpu_bound=engine.gpu_bound(r), warnings=tuple(dict.fromkeys(warnings)))
 
 
-def _shape_and_fit(loaded: LoadedRecipe, gpu, backend: str | None,
-                   downloads: Path) -> tuple[ModelShape | None, FitReport | None, list[str]]:
+def _shape_and_fit(loaded: LoadedRecipe, gpu, backend: str | None, downloads: Path, *,
+                   target: bool = True) -> tuple[ModelShape | None, FitReport | None, list[str]]:
     """The model's shape from config alone, the quantize pre-flight on it, and (GPU targets) the fit."""
     r = loaded.recipe
     if gpu.is_cpu and r.quantize.method == "none":
@@ -182,7 +191,7 @@ def _shape_and_fit(loaded: LoadedRecipe, gpu, backend: str | None,
                             "quantize pre-flight not checked"]
     if problems := backends.preflight(loaded, shape, backend):
         raise RecipeError(problems)
-    if gpu.is_cpu:
+    if gpu.is_cpu or not target:
         return shape, None, []
     report = fit(shape, gpu, plan_from_recipe(r))
     if not report.fits:

@@ -74,7 +74,14 @@ class BuildOutputs:
             return {}
 
     def finish(self) -> dict[str, str]:
-        """junit.xml (the gate's) and summary.md beside the page; returns the gate's and scan's own summaries."""
+        """junit.xml (the gate's) and summary.md beside the page; returns the gate's and scan's own summaries.
+
+        An earlier build's files are removed first, whatever happens next: a page that was not drawn leaves no
+        report.html, summary.md or junit.xml behind for CI to upload as this build's."""
+        for name in (JUNIT, SUMMARY):
+            (self.out_dir / name).unlink(missing_ok=True)
+        if self.data is None or self.error is not None:   # this build wrote no page: any there is an earlier one's
+            self.html.unlink(missing_ok=True)
         if self.data is None:
             return {}
         from forge.steps import gate, scan
@@ -85,7 +92,6 @@ class BuildOutputs:
         for step, path in (("gate", g.summary if g else None), ("scan", sc.summary_md if sc else None)):
             if path is not None and path.is_file():
                 summaries[step] = path.read_text()
-        (self.out_dir / JUNIT).unlink(missing_ok=True)   # a stale verdict from an earlier build must not be uploaded
         if g is not None:
             write(self.out_dir / JUNIT, g.junit.read_bytes())
         write(self.out_dir / SUMMARY, markdown(self.data, self.html if self.error is None else None, summaries))

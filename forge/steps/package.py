@@ -53,10 +53,15 @@ def _pip_sources() -> dict:
     return {"index_url": opts.pip_index_url, "find_links": opts.pip_find_links}
 
 
+def _tool_version(tool: str, resolved) -> str:
+    """`tool --version` for key material, remembered in the step cache the build uses (never the default one)."""
+    return tool_version(tool, resolved.cache_root)
+
+
 BASE = StepSpec(
     name="base_image", summary="build forge's CPU base image (mmdebstrap + venv)", depends=(), tools=(), version=1,
-    config=_base_config, identity=lambda loaded: {"pip": _pip_sources(), "buildah": tool_version("buildah"),
-                                                  "mmdebstrap": tool_version("mmdebstrap")},
+    config=_base_config, identity=lambda resolved: {"pip": _pip_sources(), "buildah": _tool_version("buildah", resolved),
+                                         "mmdebstrap": _tool_version("mmdebstrap", resolved)},
     enabled=_base_enabled, run="forge.steps.package:run_base")
 
 
@@ -75,13 +80,13 @@ def _identity(loaded) -> dict:
         builder = choose_builder(loaded, base)
     except ToolError:
         builder = "absent"   # the step itself reports it when it runs
-    return {"builder": builder, builder: tool_version(builder) if builder != "absent" else "absent"}
+    return {"builder": builder, builder: _tool_version(builder, loaded) if builder != "absent" else "absent"}
 
 
 SPEC = StepSpec(
     name="package", summary="build the OCI image (weights in their own layer) and smoke-test it",
     depends=("quantize", "compile", "gate", "base_image"), tools=(), version=2, config=_config,  # 2: cpu hub entry
-    identity=lambda loaded: _identity(loaded), enabled=_enabled,
+    identity=_identity, enabled=_enabled,
     run="forge.steps.package:run")
 
 
