@@ -238,7 +238,7 @@ def _check_cluster(ray, opts: dict, step: str, loaded: LoadedRecipe) -> None:
 def _pull(store: Store, req: StepRequest, key: str, step: str):
     from forge.executors.runner import remote_of
 
-    entry = remote_of(req).pull(store, key)
+    entry = remote_of(req).pull(store, key, step=step)
     if entry is None:
         raise StepError(f"step {step} committed {key[:12]} on its Ray node, but the remote step cache "
                         f"{req.cache_remote} does not have it",

@@ -71,7 +71,7 @@ def run_step(spec: StepSpec, loaded: LoadedRecipe, store: Store, upstream: dict[
                     events(Event(spec.name, "progress", key, message, completed, total, unit))
 
                 if remote is not None and not force:
-                    entry = _remotely(remote, spec.name, key, events, lambda: remote.pull(store, key, report))
+                    entry = _remotely(remote, spec.name, key, events, lambda: remote.pull(store, key, report, step=spec.name))
                     status = "REMOTE"
                 if entry is None:
                     entry = _build(spec, key, material, loaded, store, upstream, report, replace=force)
