@@ -383,9 +383,11 @@ def _why(d: Decision, budget: int) -> str:
 
 
 def write_decision(d: Decision, out_dir: Path) -> tuple[Path, Path]:
+    from forge.jsonsafe import dumps
+
     out_dir.mkdir(parents=True, exist_ok=True)
     j, m = out_dir / DECISION_JSON, out_dir / DECISION_MD
-    j.write_text(json.dumps(d.to_json(), indent=2) + "\n")
+    j.write_text(dumps(d.to_json(), indent=2) + "\n")   # a number that could not be computed: null
     m.write_text(d.markdown())
     return j, m
 

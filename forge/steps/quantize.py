@@ -300,7 +300,9 @@ def _scheme(q) -> str:
 
 
 def _write_reports(out: Path, facts: dict, result, title: str) -> None:
-    (out / REPORT_JSON).write_text(json.dumps({"summary": facts, "layers": result.layers, **result.sections},
+    from forge.jsonsafe import dumps
+
+    (out / REPORT_JSON).write_text(dumps({"summary": facts, "layers": result.layers, **result.sections},
                                               indent=2) + "\n")
     v = facts["verify"]
     lines = [f"# quantize report: {facts['scheme']} ({title} → {facts['format']})", "",
