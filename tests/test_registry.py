@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import forge_cli, make_image
+from conftest import forge_cli, gate_rule, gate_verdict, make_image, output_files
 
 from forge.registry import LocalRegistry, publish
 from forge.registry.layout import REF_NAME
@@ -22,20 +22,9 @@ from forge.registry.evidence import decide
 
 def _result(out: Path, facts: dict, digest: str = "sha256:" + "ab" * 32, tools: dict | None = None, step: str = "step"):
     """A committed step's result as publish reads it: its manifest records each output file's digest."""
-    files = {p.relative_to(out).as_posix(): {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-             for p in sorted(out.rglob("*")) if p.is_file()} if step != "step" else {}
     entry = SimpleNamespace(out=out, manifest={"step": step, "facts": facts, "inputs": {"tools": tools or {}},
-                                               "output": {"files": files}})
+                                               "output": {"files": output_files(out) if step != "step" else {}}})
     return SimpleNamespace(entry=entry, output_digest=digest)
-
-
-def _rule(passed: bool) -> dict:
-    """A gate rule as verdict.json records it (forge.gatestats.RuleResult.to_json)."""
-    return {"task": "heldout_ppl", "metric": "word_perplexity", "kind": "max_rel_increase", "threshold": 0.1,
-            "limit": 0.1, "n": 40, "baseline": 90.0, "candidate": 92.0 if passed else 126.0,
-            "delta": 2.0 if passed else 36.0, "degradation": 0.022 if passed else 0.4,
-            "ci_low": 0.01 if passed else 0.35, "ci_high": 0.04 if passed else 0.45, "mde": 0.03,
-            "underpowered": False, "passed": passed, "decision": "pass" if passed else "beyond", "reason": ""}
 
 
 def make_build(root: Path, name: str = "tiny", *, gate_passed=True, scan="pass", image=True, seed: str = "0",
@@ -46,8 +35,7 @@ def make_build(root: Path, name: str = "tiny", *, gate_passed=True, scan="pass",
                "quantize": _result(root, {"method": "fp8"}, "sha256:" + hashlib.sha256(seed.encode()).hexdigest(),
                                    {"llmcompressor": "0.14.0.1"})}
     (root / "gate").mkdir()
-    verdict = {"passed": gate_passed and rules > 0, "seed": seed, "rules": [_rule(gate_passed)] * rules}
-    (root / "gate" / "verdict.json").write_text(json.dumps(verdict))
+    (root / "gate" / "verdict.json").write_text(gate_verdict(gate_passed, rules, seed=seed))
     results["gate"] = _result(root / "gate", {"passed": gate_passed}, step="gate")
     if image:
         (root / "package").mkdir()
@@ -194,7 +182,7 @@ def test_promote_validated_only(tmp_path, reg):
 
 def _flip_first_rule(verdict: bytes, passed: bool) -> bytes:
     doc = json.loads(verdict)
-    doc["rules"][0] = _rule(passed)
+    doc["rules"][0] = gate_rule(passed)
     doc["passed"] = passed
     return json.dumps(doc).encode()
 
@@ -259,6 +247,13 @@ def test_verify_fails_when_a_stored_verdict_is_edited_or_the_status_is_not_suppo
     reg.update(other.model_copy(update={"provenance_digest": "sha256:" + "0" * 64}), "edited by hand")
     proc = forge_cli("registry", "verify", other.id[:12], "--registry-dir", str(reg.root))
     assert proc.returncode == 5 and "provenance: blob sha256:" + "0" * 64 in " ".join(proc.stderr.split())
+
+    # the record's account of how its status was derived, edited
+    told = publish(*make_build(tmp_path / "t", seed="4"), registry=reg)
+    how = {**told.status_evidence, "scan-report": {**told.status_evidence["scan-report"], "said": "unscanned"}}
+    reg.update(told.model_copy(update={"status_evidence": how}), "edited by hand")
+    assert [p[1:] for p in reg.verify(reg.get(told.id))] == [
+        ("status_evidence", "the record's account of how its status was derived does not match its evidence")]
 
 
 def _publish_one(args):

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO, _blob, _tar, forge_cli, write_recipe
+from conftest import REPO, _blob, _tar, forge_cli, output_files, write_recipe
 
 from forge.build import build
 from forge.recipe.load import load_recipe
@@ -73,12 +73,9 @@ def _scan(out: Path) -> dict:
 
 def _result(name: str, out: Path, facts: dict, digest: str):
     """A committed step's result: its manifest records the digest of each output file (publish checks them)."""
-    import hashlib
-
-    files = {p.relative_to(out).as_posix(): {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-             for p in sorted(out.rglob("*")) if p.is_file()}
     entry = SimpleNamespace(out=out, manifest={"step": name, "facts": facts, "inputs": {"tools": {}}, "seconds": 3.0,
-                                               "started_at": "2026-11-30T07:00:00+00:00", "output": {"files": files}})
+                                               "started_at": "2026-11-30T07:00:00+00:00",
+                                               "output": {"files": output_files(out)}})
     return SimpleNamespace(name=name, status="BUILT", key=digest[7:], output_digest=digest, seconds=3.0, entry=entry)
 
 

@@ -57,7 +57,7 @@ def registry_show(ref: RefArg, registry_dir: RegistryDir = None, json_out: JsonO
     for k, v in data.items():
         if k in ("evidence", "events", "referrers", "tool_versions"):
             continue
-        out.print(f"[bold]{k:<17}[/] {v}", highlight=False)
+        out.print(f"[bold]{k:<17}[/] {escape(str(v))}", highlight=False)
     out.print("[bold]evidence[/]")
     for ev in rec.evidence:
         out.print(f"  {ev.kind:<13} {ev.manifest_digest[:19]}  {', '.join(ev.files)}", highlight=False)

@@ -286,7 +286,7 @@ class LocalRegistry:
             said = f" ({derived.reason})" if derived.reason else ""
             problems.append((found[decisive][0], f"status ({files[decisive]})",
                              f"recorded as {rec.status}, but the evidence says {derived.status}{said}"))
-        if rec.status_evidence and rec.status_evidence != derived.evidence:
+        if rec.status_evidence and _said(rec.status_evidence) != _said(derived.evidence):
             problems.append((rec.id, "status_evidence", "the record's account of how its status was derived does "
                                                         "not match its evidence"))
         return problems
@@ -324,6 +324,12 @@ class LocalRegistry:
     def _event(db: sqlite3.Connection, rid: str, status: str, detail: str) -> None:
         db.execute("INSERT INTO events (id, at, status, detail) VALUES (?, ?, ?, ?)",
                    (rid, datetime.now(timezone.utc).isoformat(timespec="seconds"), status, detail))
+
+
+def _said(evidence: dict) -> dict:
+    """What a status_evidence says, without its wording: each piece's digest and verdict, and the image."""
+    return {"image": evidence.get("image"), **{k: (v.get("digest"), v.get("said")) for k, v in evidence.items()
+                                               if isinstance(v, dict)}}
 
 
 __all__ = ["LocalRegistry", "default_registry_dir", "sha256_bytes"]
