@@ -241,6 +241,31 @@ def make_image(layout: Path, ref: str, model: dict[str, bytes], members: dict[st
     return desc["digest"]
 
 
+def output_files(out: Path) -> dict:
+    """What a step manifest records of a committed output (``output.files``): each file's size and sha256.
+    Publish reads the gate's and the scan's verdict only through it, so a fake step result needs it."""
+    import hashlib
+
+    return {p.relative_to(out).as_posix(): {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+            for p in sorted(Path(out).rglob("*")) if p.is_file()}
+
+
+def gate_rule(passed: bool = True) -> dict:
+    """One gate rule as verdict.json records it (``forge.evaluation.gatestats.RuleResult.to_json``): a pass, or a failure
+    beyond its limit."""
+    return {"task": "heldout_ppl", "metric": "word_perplexity", "kind": "max_rel_increase", "threshold": 0.1,
+            "limit": 0.1, "n": 40, "baseline": 90.0, "candidate": 92.0 if passed else 126.0,
+            "delta": 2.0 if passed else 36.0, "degradation": 0.022 if passed else 0.4,
+            "ci_low": 0.01 if passed else 0.35, "ci_high": 0.04 if passed else 0.45, "mde": 0.03,
+            "underpowered": False, "passed": passed, "decision": "pass" if passed else "beyond", "reason": ""}
+
+
+def gate_verdict(passed: bool = True, rules: int = 1, **extra) -> str:
+    """A gate step's verdict.json with ``rules`` rules, all passing or all failing (0: ungated); ``extra`` keys
+    make two builds' verdicts differ."""
+    return json.dumps({"passed": passed and rules > 0, "rules": [gate_rule(passed)] * rules, "reported": [], **extra})
+
+
 DEMO_SECRETS = {"HF_TOKEN": "hf_forgeTestSecretValue4242", "REGISTRY_PASSWORD": "forge-registry-pw-8675309"}
 
 

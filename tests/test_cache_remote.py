@@ -262,3 +262,47 @@ def test_the_ci_example_sharing_the_cache_passes_actionlint(tmp_path):
     (root / ".github" / "workflows" / "forge.yml").write_text(workflow.replace("cache-remote:", "cache-remotes:"))
     proc = subprocess.run([_actionlint(), "-no-color"], cwd=root, capture_output=True, text=True)
     assert proc.returncode == 1 and 'input "cache-remotes" is not defined' in proc.stdout
+
+
+def _crafted(store: Store, key: str, step: str, files: dict[str, bytes], digest: str | None = None):
+    """An entry committed as the runner would, except that ``digest`` (when given) replaces its output digest:
+    a manifest edited before it was pushed."""
+    from forge.steps.graph import volatile
+
+    with store.staging(key) as staged:
+        for rel, data in files.items():
+            (staged / "out" / rel).write_bytes(data)
+        tree = store.memo.tree(staged / "out")
+        real = tree_digest({r: e for r, e in tree.items() if r not in volatile(step)})
+        return store.commit(key, staged, {"step": step, "facts": {}, "output": {
+            "digest": digest or real, "files": {r: {"size": e.size, "sha256": e.sha256} for r, e in tree.items()}}})
+
+
+def test_files_that_do_not_make_the_manifests_output_digest_are_refused(recipe, remote, tmp_path):
+    cache = RemoteCache.parse(remote)
+    a = Store(tmp_path / "A")
+    other = tree_digest({"model.safetensors": a.memo.file(recipe)})          # some other output's digest
+    lying = _crafted(a, "6b" * 32, "resolve", {"config.json": b"{}", "model.safetensors": b"W" * 100}, other)
+    cache.push(a, lying)
+    with pytest.raises(RemoteCacheCorrupt) as e:
+        cache.pull(Store(tmp_path / "B"), lying.key)
+    assert e.value.exit_code == 5 and f"its step manifest says {other}" in e.value.message
+    assert "refused, nothing committed" in e.value.message
+    assert Store(tmp_path / "B").get(lying.key) is None and not any((tmp_path / "B" / "staging").iterdir())
+
+    # the step's volatile files (the quantize reports: timings) are not part of its digest, as in the runner
+    q = _crafted(a, "7c" * 32, "quantize", {"model.safetensors": b"Q" * 64, "quantize-report.json": b'{"seconds": 1}'})
+    cache.push(a, q)
+    assert cache.pull(Store(tmp_path / "B"), q.key, step="quantize").output_digest == q.output_digest
+    # a pull for another step than the one the key was computed for finds nothing to trust: it builds instead
+    assert cache.pull(Store(tmp_path / "C"), q.key, step="resolve") is None
+
+    # through the CLI: a fresh cache pulling a real step's key whose manifest lies is exit 5, nothing committed
+    built = execute(resolved(recipe), Store(tmp_path / "D")).by_name["resolve"].entry
+    evil = Store(tmp_path / "evil")
+    cache.push(evil, _crafted(evil, built.key, "resolve", {rel: (built.out / rel).read_bytes()
+                                                            for rel in built.manifest["output"]["files"]}, other))
+    proc = forge_cli("build", str(recipe), cache=tmp_path / "E", env={"FORGE_CACHE_REMOTE": remote})
+    assert proc.returncode == 5, proc.stdout + proc.stderr
+    assert "output digest" in proc.stderr and "Traceback" not in proc.stderr
+    assert Store(tmp_path / "E").entries() == [] and not any((tmp_path / "E" / "staging").iterdir())

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO, forge_cli
+from conftest import REPO, forge_cli, gate_verdict, output_files
 
 from forge import deploy
 from forge.image.containers import PORT, UID
@@ -80,7 +80,8 @@ def image_with_config(layout: Path, ref: str, model: dict[str, bytes], entrypoin
 
 
 def _result(out: Path, facts: dict, digest: str):
-    return SimpleNamespace(entry=SimpleNamespace(out=out, manifest={"facts": facts, "inputs": {"tools": {}}}),
+    return SimpleNamespace(entry=SimpleNamespace(out=out, manifest={"facts": facts, "inputs": {"tools": {}},
+                                                                    "output": {"files": output_files(out)}}),
                            output_digest=digest)
 
 
@@ -96,7 +97,7 @@ def make_record(root: Path, reg: LocalRegistry, recipe: Path, model_config: byte
                                entrypoint, user=user)
     (root / "package" / "image.json").write_text(json.dumps({"manifest_digest": digest, "engine": base.engine}))
     (root / "gate").mkdir()
-    (root / "gate" / "verdict.json").write_text(json.dumps({"passed": gate}))
+    (root / "gate" / "verdict.json").write_text(gate_verdict(gate))
     (root / "scan").mkdir()
     facts = {"status": "scanned", "passed": scan == "pass", "summary": "0 findings" if scan == "pass" else "1 CRITICAL"}
     (root / "scan" / "verdict.json").write_text(json.dumps(facts))

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from conftest import REPO, forge_cli
+from conftest import REPO, forge_cli, gate_verdict
 from test_deploy import _result
 
 pytestmark = pytest.mark.e2e
@@ -35,7 +35,7 @@ def _validated(demo_image, reg, tmp_path):
     from forge.registry import publish
 
     (tmp_path / "gate").mkdir()
-    (tmp_path / "gate" / "verdict.json").write_text('{"passed": true}')
+    (tmp_path / "gate" / "verdict.json").write_text(gate_verdict(True))
     (tmp_path / "scan").mkdir()
     facts = {"status": "scanned", "passed": True, "summary": "0 findings"}
     (tmp_path / "scan" / "verdict.json").write_text(json.dumps(facts))

@@ -11,22 +11,24 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import forge_cli, make_image
+from conftest import forge_cli, gate_rule, gate_verdict, make_image, output_files
 
 from forge.registry import LocalRegistry, publish
 from forge.oci.layout import REF_NAME
-from forge.registry.record import decide
+from forge.registry.evidence import decide
 
 
 # ---------------------------------------------------------------------- fixtures: a build's step outputs
 
-def _result(out: Path, facts: dict, digest: str = "sha256:" + "ab" * 32, tools: dict | None = None):
-    entry = SimpleNamespace(out=out, manifest={"facts": facts, "inputs": {"tools": tools or {}}})
+def _result(out: Path, facts: dict, digest: str = "sha256:" + "ab" * 32, tools: dict | None = None, step: str = "step"):
+    """A committed step's result as publish reads it: its manifest records each output file's digest."""
+    entry = SimpleNamespace(out=out, manifest={"step": step, "facts": facts, "inputs": {"tools": tools or {}},
+                                               "output": {"files": output_files(out) if step != "step" else {}}})
     return SimpleNamespace(entry=entry, output_digest=digest)
 
 
 def make_build(root: Path, name: str = "tiny", *, gate_passed=True, scan="pass", image=True, seed: str = "0",
-               registry: str = "local", members: dict[str, bytes] | None = None):
+               registry: str = "local", members: dict[str, bytes] | None = None, rules: int = 1):
     """(loaded, results) shaped like a finished forge build, from files written here (``members``: more
     weights-layer members, named as in the tar)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -34,9 +36,8 @@ def make_build(root: Path, name: str = "tiny", *, gate_passed=True, scan="pass",
                "quantize": _result(root, {"method": "fp8"}, "sha256:" + hashlib.sha256(seed.encode()).hexdigest(),
                                    {"llmcompressor": "0.14.0.1"})}
     (root / "gate").mkdir()
-    (root / "gate" / "verdict.json").write_text(json.dumps({"passed": gate_passed, "seed": seed}))
-    results["gate"] = _result(root / "gate", {"passed": gate_passed,
-                                               "failed": [] if gate_passed else ["heldout_ppl.word_perplexity: +40%"]})
+    (root / "gate" / "verdict.json").write_text(gate_verdict(gate_passed, rules, seed=seed))
+    results["gate"] = _result(root / "gate", {"passed": gate_passed}, step="gate")
     if image:
         (root / "package").mkdir()
         digest = make_image(root / "package" / "oci", name, {"config.json": b'{"seed": "%s"}' % seed.encode(),
@@ -49,11 +50,12 @@ def make_build(root: Path, name: str = "tiny", *, gate_passed=True, scan="pass",
         if scan == "unscanned":
             facts = {"status": "unscanned", "passed": None, "reason": "trivy is not on PATH"}
         else:
-            facts = {"status": "scanned", "passed": scan == "pass", "summary": "0 findings" if scan == "pass" else "2 HIGH"}
+            facts = {"passed": scan == "pass", "summary": "0 findings" if scan == "pass" else "failed: 2 HIGH",
+                     "blocking": [] if scan == "pass" else [{"id": "CVE-2026-1"}, {"id": "CVE-2026-2"}]}
             (root / "scan" / "trivy-report.json").write_text('{"SchemaVersion": 2, "Results": []}')
             (root / "scan" / "sbom.cdx.json").write_text('{"bomFormat": "CycloneDX"}')
         (root / "scan" / "verdict.json").write_text(json.dumps(facts))
-        results["scan"] = _result(root / "scan", facts)
+        results["scan"] = _result(root / "scan", facts, step="scan")
     recipe = SimpleNamespace(name=name, model=SimpleNamespace(source="hf://org/tiny@" + "c" * 40),
                              quantize=SimpleNamespace(method="fp8"), target=SimpleNamespace(gpu="L40S"),
                              publish=SimpleNamespace(registry=registry), container=None)
@@ -65,16 +67,28 @@ def make_build(root: Path, name: str = "tiny", *, gate_passed=True, scan="pass",
 # ---------------------------------------------------------------------- status rules
 
 @pytest.mark.parametrize("gate,scan,image,status", [
-    ({"passed": True}, {"status": "scanned", "passed": True}, True, "validated"),
-    ({"passed": False, "failed": ["x"]}, None, False, "rejected"),
-    ({"passed": True}, {"status": "scanned", "passed": False, "summary": "1 CRITICAL"}, True, "rejected"),
-    ({"passed": True}, {"status": "unscanned", "reason": "no trivy"}, True, "unscanned"),
+    ({"rules": 1, "passed": True}, {"status": "scanned", "passed": True}, True, "validated"),
+    ({"rules": 1, "passed": False, "failed": ["x"]}, None, False, "rejected"),
+    ({"rules": 1, "passed": True}, {"status": "scanned", "passed": False, "summary": "1 CRITICAL"}, True, "rejected"),
+    ({"rules": 1, "passed": True}, {"status": "unscanned", "reason": "no trivy"}, True, "unscanned"),
     (None, {"status": "scanned", "passed": True}, True, "scanned"),
-    ({"passed": True}, None, False, "gated"),
+    ({"rules": 1, "passed": True}, None, False, "gated"),
     (None, None, False, "built"),
+    # no rule ran: never validated, whatever else passed
+    ({"rules": 0, "passed": False}, {"status": "scanned", "passed": True}, True, "ungated"),
+    ({"rules": 0, "passed": False}, None, False, "ungated"),
+    # fail closed: anything but an explicit pass is not one
+    ({"rules": 1}, {"status": "scanned", "passed": True}, True, "rejected"),
+    ({"rules": 1, "passed": True}, {"status": "scanned", "passed": None}, True, "rejected"),
 ])
 def test_only_a_passed_gate_and_a_passed_scan_validate(gate, scan, image, status):
     assert decide(gate, scan, image)[0] == status
+
+
+def test_provenance_that_does_not_name_the_image_is_not_validated():
+    assert decide({"rules": 1, "passed": True}, {"status": "scanned", "passed": True}, True,
+                  "it names sha256:aa, not the image sha256:bb") == (
+        "rejected", "provenance: it names sha256:aa, not the image sha256:bb")
 
 
 # ---------------------------------------------------------------------- embedded registry
@@ -164,15 +178,98 @@ def test_promote_validated_only(tmp_path, reg):
     unscanned = publish(*make_build(tmp_path / "u", seed="2", scan="unscanned"), registry=reg)
     rejected = publish(*make_build(tmp_path / "r", seed="3", scan="fail"), registry=reg)
     gate_failed = publish(*make_build(tmp_path / "g", seed="4", gate_passed=False, image=False), registry=reg)
+    ungated = publish(*make_build(tmp_path / "n", seed="5", rules=0), registry=reg)
     assert rejected.tag is None and gate_failed.tag is None and "eval gate failed" in gate_failed.reason
+    assert ungated.status == "ungated" and ungated.eval_verdict == "ungated" and "no rules" in ungated.reason
     for rec, why in ((unscanned, "trivy is not on PATH"), (rejected, "scan gate failed: 2 HIGH"),
-                     (gate_failed, "heldout_ppl.word_perplexity")):
+                     (gate_failed, "heldout_ppl.word_perplexity"), (ungated, "nothing was gated")):
         proc = forge_cli("registry", "promote", rec.id[:12], "--to", "prod", "--registry-dir", str(reg.root))
         assert proc.returncode == 2 and why in proc.stderr and rec.status in proc.stderr, proc.stderr
     assert reg.resolve("tiny:prod").id == ok.id  # nothing moved the tag
     statuses = json.loads(forge_cli("registry", "ls", "--json", "--status", "rejected",
                                     "--registry-dir", str(reg.root), check=0).stdout)
     assert {r["id"] for r in statuses} == {rejected.id, gate_failed.id}
+    listed = json.loads(forge_cli("registry", "ls", "--json", "--status", "ungated", "--registry-dir", str(reg.root),
+                                  check=0).stdout)
+    assert [r["id"] for r in listed] == [ungated.id]
+
+
+# ---------------------------------------------------------------------- status from evidence
+
+def _flip_first_rule(verdict: bytes, passed: bool) -> bytes:
+    doc = json.loads(verdict)
+    doc["rules"][0] = gate_rule(passed)
+    doc["passed"] = passed
+    return json.dumps(doc).encode()
+
+
+def test_the_record_says_how_its_status_was_derived(tmp_path, reg):
+    rec = publish(*make_build(tmp_path / "b"), registry=reg)
+    how = rec.status_evidence
+    assert rec.status == "validated" and "at least one gated rule" in how["rule"]
+    assert how["eval-verdict"] == {"file": "verdict.json", "digest": rec.eval_digest, "rules": 1, "passed": True,
+                                   "failed": [], "said": "pass"}
+    assert how["scan-report"]["digest"] == rec.scan_digest and how["scan-report"]["said"] == "pass"
+    assert how["provenance"]["digest"] == rec.provenance_digest and how["provenance"]["subject"] == rec.image_digest
+    assert how["provenance"]["said"] == "names the image" and how["image"] == rec.image_digest
+    proc = forge_cli("registry", "verify", rec.id[:12], "--registry-dir", str(reg.root), check=0)
+    assert "status validated re-derived from the evidence" in proc.stdout
+
+
+@pytest.mark.parametrize("passed", [False, True], ids=["flipped-to-failed", "flipped-to-passed"])
+def test_a_verdict_edited_in_the_step_cache_is_refused_by_publish(tmp_path, reg, passed):
+    from forge.core.errors import EvidenceError
+
+    loaded, results = make_build(tmp_path / "b", gate_passed=not passed)
+    verdict = results["gate"].entry.out / "verdict.json"
+    verdict.write_bytes(_flip_first_rule(verdict.read_bytes(), passed))
+    with pytest.raises(EvidenceError, match="was modified after the gate step committed it") as e:
+        publish(loaded, results, registry=reg)
+    assert e.value.exit_code == 5 and str(verdict) in e.value.message
+    assert reg.ls() == []
+
+
+def test_a_manifest_fact_never_outvotes_the_verdict_file(tmp_path, reg):
+    loaded, results = make_build(tmp_path / "b", gate_passed=False)
+    results["gate"].entry.manifest["facts"] = {"passed": True, "failed": []}   # the file says failed
+    rec = publish(loaded, results, registry=reg)
+    assert rec.status == "rejected" and rec.reason.startswith("eval gate failed: heldout_ppl.word_perplexity")
+
+
+def test_verify_fails_when_a_stored_verdict_is_edited_or_the_status_is_not_supported(tmp_path, reg):
+    rec = publish(*make_build(tmp_path / "b"), registry=reg)
+    blob = reg.blobs.blob_path(rec.eval_digest)
+    original = blob.read_bytes()
+    blob.write_bytes(_flip_first_rule(original, False))          # a rule flipped to failed, in the store
+    proc = forge_cli("registry", "verify", rec.id[:12], "--registry-dir", str(reg.root))
+    assert proc.returncode == 5 and "Traceback" not in proc.stderr, proc.stderr
+    err = " ".join(proc.stderr.split())
+    assert f"eval-verdict verdict.json: blob {rec.eval_digest}" in err
+    assert "recorded as validated, but the evidence says rejected (eval gate failed" in err
+    blob.write_bytes(original)
+    assert reg.verify(rec) == []
+
+    # every blob intact, but the row says more than the evidence: a rejected build marked validated
+    bad = publish(*make_build(tmp_path / "r", seed="2", scan="fail"), registry=reg)
+    assert bad.status == "rejected"
+    reg.update(bad.model_copy(update={"status": "validated"}), "edited by hand")
+    proc = forge_cli("registry", "verify", bad.id[:12], "--registry-dir", str(reg.root))
+    err = " ".join(proc.stderr.split())
+    assert proc.returncode == 5 and "recorded as validated, but the evidence says rejected (scan gate failed" in err
+    assert bad.scan_digest in err   # the scan verdict decided it
+
+    # the record names a provenance digest that is not its provenance evidence
+    other = publish(*make_build(tmp_path / "o", seed="3"), registry=reg)
+    reg.update(other.model_copy(update={"provenance_digest": "sha256:" + "0" * 64}), "edited by hand")
+    proc = forge_cli("registry", "verify", other.id[:12], "--registry-dir", str(reg.root))
+    assert proc.returncode == 5 and "provenance: blob sha256:" + "0" * 64 in " ".join(proc.stderr.split())
+
+    # the record's account of how its status was derived, edited
+    told = publish(*make_build(tmp_path / "t", seed="4"), registry=reg)
+    how = {**told.status_evidence, "scan-report": {**told.status_evidence["scan-report"], "said": "unscanned"}}
+    reg.update(told.model_copy(update={"status_evidence": how}), "edited by hand")
+    assert [p[1:] for p in reg.verify(reg.get(told.id))] == [
+        ("status_evidence", "the record's account of how its status was derived does not match its evidence")]
 
 
 def _publish_one(args):

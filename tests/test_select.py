@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO, forge_cli, make_image
+from conftest import REPO, forge_cli, gate_verdict, make_image, output_files
 
 from forge.gpu.catalog import gpus, product_labels
 from forge.core.errors import UsageError
@@ -45,7 +45,8 @@ variants:
 
 
 def _result(out: Path, facts: dict, digest: str):
-    return SimpleNamespace(entry=SimpleNamespace(out=out, manifest={"facts": facts, "inputs": {"tools": {}}}),
+    return SimpleNamespace(entry=SimpleNamespace(out=out, manifest={"facts": facts, "inputs": {"tools": {}},
+                                                                    "output": {"files": output_files(out)}}),
                            output_digest=digest)
 
 
@@ -60,7 +61,7 @@ def publish_build(root: Path, reg: LocalRegistry, loaded, *, gate: bool = True):
     digest = make_image(root / "package" / "oci", "tiny", {"config.json": CONFIG, "model.safetensors": b"W" * 512 + seed})
     (root / "package" / "image.json").write_text(json.dumps({"manifest_digest": digest, "engine": "vllm"}))
     (root / "gate").mkdir()
-    (root / "gate" / "verdict.json").write_text(json.dumps({"passed": gate}))
+    (root / "gate" / "verdict.json").write_text(gate_verdict(gate))
     (root / "scan").mkdir()
     facts = {"status": "scanned", "passed": True, "summary": "0 findings"}
     (root / "scan" / "verdict.json").write_text(json.dumps(facts))

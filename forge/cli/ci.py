@@ -7,9 +7,9 @@ reads workflow commands (https://docs.github.com/actions/reference/workflow-comm
     ::error file=recipes/x.yaml,line=4,col=10,title=forge: invalid recipe::target.gpu: unknown GPU …
 
 - a recipe problem (RecipeError: ``file:line:col: key: message``) is an error at its location;
-- a failed gate metric is an error at its rule in the recipe, naming the metric and the numbers; a failed
-  scan is one error per deciding finding at the recipe's scan section; an underpowered metric and an
-  unscanned image are warnings;
+- a failed gate metric (an underpowered one cannot pass; its annotation says so) is an error at its rule in
+  the recipe, naming the metric and the numbers; a failed scan is one error per deciding finding at the
+  recipe's scan section; an unscanned image is a warning;
 - the build's summary (status, gate and scan tables, steps, the report's path) is appended to
   $GITHUB_STEP_SUMMARY.
 """
@@ -119,6 +119,8 @@ def on_build(loaded, data: dict, report_path: Path | None, summaries: dict[str, 
     markdown summaries by step name."""
     if not active():
         return
+    from forge.evaluation.gatestats import num
+
     lines = []
     gate = data.get("gate") or {}
     rules = list(loaded.recipe.eval.gate) if loaded.recipe.eval else []
@@ -126,14 +128,14 @@ def on_build(loaded, data: dict, report_path: Path | None, summaries: dict[str, 
         i = next((i for i, rule in enumerate(rules) if (rule.task, rule.metric) == (r["task"], r["metric"])), None)
         where = loaded.where("eval", "gate", i) if i is not None else loaded.where("eval")
         name = f"{r['task']}.{r['metric']}"
-        numbers = (f"{name}: baseline {r['baseline']:.4g}, candidate {r['candidate']:.4g}; degradation "
-                   f"{r['degradation']:+.4g} (95% CI {r['ci_low']:+.4g} .. {r['ci_high']:+.4g}) vs limit "
-                   f"{r['limit']:+.4g} ({r['kind']} {r['threshold']:g}): {r['decision']}")
-        if not r["passed"]:
-            lines.append(_located("error", where, numbers, f"eval gate failed: {name}"))
-        elif r.get("underpowered"):
-            lines.append(_located("warning", where, numbers + f"; underpowered (n={r['n']}, MDE {r['mde']:.3g})",
-                                  f"eval gate: {name} underpowered"))
+        numbers = (f"{name}: baseline {num(r.get('baseline'))}, candidate {num(r.get('candidate'))}; degradation "
+                   f"{num(r.get('degradation'), '+.4g')} (95% CI {num(r.get('ci_low'), '+.4g')} .. "
+                   f"{num(r.get('ci_high'), '+.4g')}) vs limit {num(r.get('limit'), '+.4g')} ({r['kind']} "
+                   f"{num(r.get('threshold'), 'g')}): {r['decision']}"
+                   + (f": {r.get('reason')}" if r["decision"] == "invalid" else ""))
+        power = f"; underpowered (n={r['n']}, MDE {num(r.get('mde'), '.3g')})" if r.get("underpowered") else ""
+        if not r["passed"]:   # an underpowered rule cannot pass (forge.evaluation.gatestats): it is one of these
+            lines.append(_located("error", where, numbers + power, f"eval gate failed: {name}"))
     scan = data.get("scan")
     if scan and scan["status"] == "unscanned":
         lines.append(_located("warning", loaded.where("scan"), scan["summary"] or "the image was not scanned",

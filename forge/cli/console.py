@@ -156,25 +156,36 @@ class StepProgress:
 # ---------------------------------------------------------------------- the gate, publish and the summary
 
 def gate_table(verdict: dict, console: Console = out) -> None:
-    """The eval gate's verdict (verdict.json as the gate step writes it): one row per rule, then reported metrics."""
-    passed = verdict.get("passed")
-    head = "[green]eval gate passed[/]" if passed else "[red]eval gate failed[/]"
+    """The eval gate's verdict (verdict.json as the gate step writes it): one row per rule, then reported metrics.
+    An ``invalid`` rule shows why (non-finite documents, by id); numbers that could not be computed show n/a."""
+    from forge.evaluation.gatestats import num, rejudge
+
+    rules = verdict.get("rules", [])
+    if not rules:
+        head = "[yellow]no gate rules: nothing was gated (recorded as ungated, never validated)[/]"
+    else:
+        head = "[green]eval gate passed[/]" if rejudge(verdict).passed else "[red]eval gate failed[/]"
     rows = []
-    for r in verdict.get("rules", []):
-        decision = r["decision"] + (" (underpowered)" if r.get("underpowered") else "")
+    for r in rules:
+        decision = r["decision"] + (f": {r.get('reason')}" if r["decision"] == "invalid" else "") \
+            + (" (underpowered)" if r.get("underpowered") else "")
         colour = "green" if r["passed"] else "red"
-        rows.append([f"{r['task']}.{r['metric']}", f"{r['kind']} {r['threshold']:g}", f"{r['baseline']:.4g}",
-                     f"{r['candidate']:.4g}", f"{r['degradation']:+.4g} ({r['ci_low']:+.4g} .. {r['ci_high']:+.4g})",
-                     str(r["n"]), f"[{colour}]{escape(decision)}[/]"])
+        rows.append([f"{r['task']}.{r['metric']}", f"{r['kind']} {num(r['threshold'], 'g')}", num(r.get("baseline")),
+                     num(r.get("candidate")), f"{num(r.get('degradation'), '+.4g')} ({num(r.get('ci_low'), '+.4g')} .. "
+                     f"{num(r.get('ci_high'), '+.4g')})", str(r["n"]), f"[{colour}]{escape(decision)}[/]"])
     for m in verdict.get("reported", []):
-        rows.append([f"{m['task']}.{m['metric']}", "reported", f"{m['baseline']:.4g}", f"{m['candidate']:.4g}",
-                     f"{m['candidate'] - m['baseline']:+.4g} (delta)", "", "[dim]not gated[/]"])
+        b, c = m.get("baseline"), m.get("candidate")
+        delta = c - b if num(b) != "n/a" and num(c) != "n/a" else None
+        rows.append([f"{m['task']}.{m['metric']}", "reported", num(b), num(c), f"{num(delta, '+.4g')} (delta)", "",
+                     "[dim]not gated[/]"])
     console.print(f"  {head}", highlight=False)
-    table(("metric", "rule", "baseline", "candidate", "degradation (95% CI)", "n", "decision"), rows,
-          right=("baseline", "candidate", "n"), console=console)
+    if rows:
+        table(("metric", "rule", "baseline", "candidate", "degradation (95% CI)", "n", "decision"), rows,
+              right=("baseline", "candidate", "n"), console=console)
 
 
-_STATUS_COLOURS = {"validated": "green", "promoted": "green", "rejected": "red", "unscanned": "yellow"}
+_STATUS_COLOURS = {"validated": "green", "promoted": "green", "rejected": "red", "unscanned": "yellow",
+                   "ungated": "yellow"}
 
 
 def publish_line(record, registry_root: Path, console: Console = out) -> None:
@@ -243,10 +254,15 @@ def _gate_cell(verdict: dict | None) -> str:
     """The gate's decision and the degradation of its first failing (else first) rule."""
     if verdict is None:
         return "[dim]no gate[/]"
+    from forge.evaluation.gatestats import num, rejudge
+
     rules = verdict.get("rules", [])
-    shown = next((r for r in rules if not r["passed"]), rules[0] if rules else None)
-    delta = f" {shown['metric']} {shown['degradation']:+.3g}" if shown else ""
-    return ("[green]pass[/]" if verdict.get("passed") else "[red]FAIL[/]") + escape(delta)
+    if not rules:
+        return "[yellow]ungated[/]"
+    shown = next((r for r in rules if not r["passed"]), rules[0])
+    delta = f" {shown['metric']} " + (shown["decision"] if shown["decision"] == "invalid"
+                                      else num(shown.get("degradation"), "+.3g"))
+    return ("[green]pass[/]" if rejudge(verdict).passed else "[red]FAIL[/]") + escape(delta)
 
 
 def variant_table(rows: dict, console: Console = out) -> None:

@@ -23,7 +23,8 @@ RefArg = Annotated[str, typer.Argument(help="NAME, NAME:TAG, NAME@sha256:…, an
 
 @registry_app.command("ls")
 def registry_ls(
-    status: Annotated[Optional[str], typer.Option(help="Only artifacts with this status.")] = None,
+    status: Annotated[Optional[str], typer.Option(help="Only artifacts with this status (built, gated, scanned, "
+                                                  "validated, promoted, rejected, unscanned, ungated).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Only artifacts of this recipe name.")] = None,
     registry_dir: RegistryDir = None, json_out: JsonOut = False,
 ) -> None:
@@ -56,7 +57,7 @@ def registry_show(ref: RefArg, registry_dir: RegistryDir = None, json_out: JsonO
     for k, v in data.items():
         if k in ("evidence", "events", "referrers", "tool_versions"):
             continue
-        out.print(f"[bold]{k:<17}[/] {v}", highlight=False)
+        out.print(f"[bold]{k:<17}[/] {escape(str(v))}", highlight=False)
     out.print("[bold]evidence[/]")
     for ev in rec.evidence:
         out.print(f"  {ev.kind:<13} {ev.manifest_digest[:19]}  {', '.join(ev.files)}", highlight=False)
@@ -69,7 +70,8 @@ def registry_show(ref: RefArg, registry_dir: RegistryDir = None, json_out: JsonO
 def registry_verify(ref: RefArg, registry_dir: RegistryDir = None,
                     remote: Annotated[bool, typer.Option("--remote", help="Also re-hash what the OCI registry serves.")] = False,
                     ) -> None:
-    """Re-hash every blob of the image and of its evidence against the recorded digests (exit 5 on a mismatch)."""
+    """Re-hash every blob of the image and of its evidence against the recorded digests, and re-derive the status
+    from the stored evidence (exit 5 on any mismatch, naming the blob)."""
     from forge.core.errors import ToolError
 
     reg = _registry(registry_dir)
@@ -85,12 +87,14 @@ def registry_verify(ref: RefArg, registry_dir: RegistryDir = None,
     n = len(rec.evidence) + (1 if rec.image_digest else 0)
     if problems:
         for digest, role, what in problems:
-            err.print(f"[red]✗[/] {role}: blob {digest}: {what}", highlight=False)
-        raise ToolError(f"{rec.name} {rec.short()}: {len(problems)} blob(s) do not verify",
+            err.print(f"[red]✗[/] {escape(role)}: blob {digest}: {escape(what)}", highlight=False, soft_wrap=True)
+        raise ToolError(f"{rec.name} {rec.short()}: {len(problems)} blob(s) or status do not verify: "
+                        + "; ".join(f"{role}: {digest}" for digest, role, _ in problems[:3]),
                         hint="The store was modified after publishing: rebuild and publish again; do not ship it.")
+    status = "" if rec.kind == "matrix" else f"; status {rec.status} re-derived from the evidence"
     out.print(f"[green]✓[/] {rec.name} {rec.short()}: image and {len(rec.evidence)} evidence artifact(s) verify "
-              f"({n} manifests re-hashed with every blob they name{', here and in ' + rec.remote.split('@')[0] if remote else ''})",
-              highlight=False)
+              f"({n} manifests re-hashed with every blob they name{', here and in ' + rec.remote.split('@')[0] if remote else ''}"
+              f"{status})", highlight=False)
 
 
 @registry_app.command("promote")

@@ -53,6 +53,12 @@ class ToolError(ForgeError):
     exit_code = ExitCode.TOOL
 
 
+class EvidenceError(ToolError):
+    """Evidence a decision rests on cannot be trusted: a file that is missing, unreadable, unparseable or empty,
+    or whose bytes no longer match the digest recorded for it (a committed step output edited in place, a
+    registry blob). Nothing is decided from it (exit 5); the message names the file."""
+
+
 class StepError(ForgeError):
     """A step failed for a reason that is not the user's recipe (corrupt input, library failure)."""
 

@@ -235,7 +235,7 @@ def _check_cluster(ray, opts: dict, step: str, loaded: "Resolved") -> None:
 
 
 def _pull(stores, req: StepRequest, key: str, step: str):
-    entry = stores.remote.pull(stores.local, key) if stores.remote else None
+    entry = stores.remote.pull(stores.local, key, step=step) if stores.remote else None
     if entry is None:
         raise StepError(f"step {step} committed {key[:12]} on its Ray node, but the remote step cache "
                         f"{req.cache_remote} does not have it",

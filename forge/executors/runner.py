@@ -73,7 +73,7 @@ def run_step(spec: StepSpec, loaded: "Resolved", stores: Stores, upstream: dict[
             found = None if force else store.get(key)
             if found is None:
                 events(Event(spec.name, "start", key))
-                hit = stores.find(key, report, warn, local=not force)
+                hit = stores.find(key, spec.name, report, warn, local=not force)
                 if hit is None:
                     built = _build(spec, key, material, loaded, store, upstream, report, replace=force)
                     hit = stores.written(built, report, warn)

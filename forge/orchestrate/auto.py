@@ -102,6 +102,9 @@ class Trial:
 
 
 def _excess(rule: dict) -> float:
+    """How far past its limit a rule is; a rule without a degradation (invalid) is the farthest."""
+    if not isinstance(rule.get("degradation"), (int, float)):
+        return float("inf")
     return (rule["degradation"] - rule["limit"]) / max(abs(rule["limit"]), 1e-9)
 
 
@@ -137,12 +140,15 @@ class Decision:
                 "closest": self.closest.name if self.winner is None and self.closest else None, "why": self.why}
 
     def markdown(self) -> str:
+        from forge.evaluation.gatestats import num
+
         head = f"winner: **{self.winner.name}**" if self.winner else "**no candidate passed the gate**"
         lines = [f"### method: auto for {self.gpu} / {self.engine}: {head}", "", self.why, "",
                  "| # | scheme | kept in BF16 | size | $/1M tok | gate | time | cached |", "|---|---|---|---|---|---|---|---|"]
         for i, t in enumerate(self.trials, 1):
-            gate = "; ".join(f"{r['metric']} {r['degradation']:+.3g} (95% CI {r['ci_low']:+.3g} .. {r['ci_high']:+.3g},"
-                             f" limit {r['limit']:+.3g}) {r['decision']}" for r in t.rules) or t.note
+            gate = "; ".join(f"{r['metric']} {num(r['degradation'], '+.3g')} (95% CI {num(r['ci_low'], '+.3g')} .. "
+                             f"{num(r['ci_high'], '+.3g')}, limit {num(r['limit'], '+.3g')}) {r['decision']}"
+                             for r in t.rules) or t.note
             lines.append(f"| {i} | {t.scheme} | {', '.join(t.kept) or '-'} | "
                          f"{(t.size_bytes or 0) / 1e6:.1f} MB | {_usd(t.usd_per_mtok)} | {gate} | "
                          f"{t.seconds:.1f} s (built in {t.build_seconds:.1f} s) | {'yes' if t.cached else 'no'} |")
@@ -289,8 +295,9 @@ def _run_trial(s: Scheme, kept: tuple[str, ...], trial: "Resolved", overrides: d
         rows = json.loads(report.read_text()).get("layers", [])
         t.layer_errors = sorted(((r["layer"], r.get("weight_rel_error") or r.get("backend_error") or 0.0)
                                  for r in rows), key=lambda x: -x[1])
-    verdict = json.loads(gate.Output.read(res["gate"].entry).verdict.read_text())
-    t.passed = bool(verdict["passed"])
+    g = gate.Output.read(res["gate"].entry)   # decided from the verdict file, re-judged
+    verdict = json.loads(g.data)
+    t.passed = g.passed
     t.rules = [{k: r[k] for k in ("task", "metric", "kind", "threshold", "limit", "baseline", "candidate",
                                   "degradation", "ci_low", "ci_high", "decision")} for r in verdict["rules"]]
     return t
@@ -303,7 +310,9 @@ def _just_fails(t: Trial) -> bool:
     (``ci_low <= limit``: the gate did not find it wholly beyond). A rule shown to be past such a limit is not
     retried."""
     def within(r: dict) -> bool:
-        return r["degradation"] <= JUST_FAILS * r["limit"] if r["limit"] > 0 else r["ci_low"] <= r["limit"]
+        if r["limit"] > 0:
+            return isinstance(r["degradation"], (int, float)) and r["degradation"] <= JUST_FAILS * r["limit"]
+        return isinstance(r["ci_low"], (int, float)) and r["ci_low"] <= r["limit"]   # null: an invalid rule
 
     return all(within(r) for r in t.rules if r["decision"] != "pass")
 
@@ -374,9 +383,11 @@ def _why(d: Decision, budget: int) -> str:
 
 
 def write_decision(d: Decision, out_dir: Path) -> tuple[Path, Path]:
+    from forge.core.jsonsafe import dumps
+
     out_dir.mkdir(parents=True, exist_ok=True)
     j, m = out_dir / DECISION_JSON, out_dir / DECISION_MD
-    j.write_text(json.dumps(d.to_json(), indent=2) + "\n")
+    j.write_text(dumps(d.to_json(), indent=2) + "\n")   # a number that could not be computed: null
     m.write_text(d.markdown())
     return j, m
 

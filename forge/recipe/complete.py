@@ -89,10 +89,20 @@ def complete(loaded) -> list[str]:
             problems.extend(e.problems)
         else:
             problems.extend(check_gate(loaded, tasks))
-            if not r.eval.gate:
-                warnings.append(f"{loaded.where('eval')}: no gate rules: the tasks run and are reported, "
-                                "but nothing is gated")
+            if not r.eval.gate and tasks:
+                _no_gate_rules(loaded, tasks, problems if loaded.ci else warnings)
 
     if problems:
         raise RecipeError(problems)
     return warnings
+
+
+def _no_gate_rules(loaded, tasks, into: list[str]) -> None:
+    """An eval with tasks and no gate rules gates nothing: its artifact is recorded as ungated, never validated
+    (a warning; an error under --ci, where a build exists to be validated). The message gives a rule to add."""
+    task = tasks[0]
+    metric, higher = next(iter(task.metrics.items()), ("acc", True))
+    rule = "max_rel_increase: 0.10" if higher is False else "max_abs_drop: 0.05"
+    into.append(f"{loaded.where('eval', 'gate')}: eval has tasks but no gate rules: nothing is gated, so the "
+                "artifact is recorded as ungated and never validated. Add a rule, e.g. "
+                f"`gate: [{{task: {task.name}, metric: {metric}, {rule}}}]`")

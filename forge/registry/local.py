@@ -72,7 +72,8 @@ class LocalRegistry:
         self.blobs.put_bytes(EMPTY_BYTES)   # the config blob every evidence manifest names
         evidence, named = [], []
         for item in collected.evidence:
-            files = {f.name: f.read_bytes() for f in item.files}
+            contents = item.contents if item.contents is not None else tuple(f.read_bytes() for f in item.files)
+            files = {f.name: data for f, data in zip(item.files, contents)}
             evidence.append(self._attach(item.kind, files, subject, rec))
         evidence.append(self._attach("provenance", {EVIDENCE_FILE["provenance"]: collected.provenance}, subject, rec))
         for ev in evidence:
@@ -215,7 +216,9 @@ class LocalRegistry:
         return Record.model_validate_json(rows[0][0])
 
     def verify(self, rec: Record) -> list[tuple[str, str, str]]:
-        """Re-hash every blob of the image and of every piece of evidence: (digest, role, problem) for each bad one."""
+        """Re-hash every blob of the image and of every piece of evidence, check every digest the record names
+        (eval verdict, scan verdict, SBOM, provenance) is among its evidence, and re-derive the status from the
+        stored evidence (``forge.registry.evidence``): (digest, role, problem) for each thing that does not hold."""
         problems = []
         checks: list[tuple[str, str]] = []
         if rec.image_digest:
@@ -231,14 +234,58 @@ class LocalRegistry:
         for ev in rec.evidence:
             checks.append((ev.manifest_digest, f"{ev.kind} manifest"))
             checks += [(d, f"{ev.kind} {name}") for name, d in ev.files.items()]
-        recorded = {"eval-verdict": rec.eval_digest, "sbom": rec.sbom_digest}
-        for ev in rec.evidence:
-            want = recorded.get(ev.kind)
-            if want and want not in ev.files.values():
-                problems.append((want, ev.kind, "the record's digest is not among the evidence files"))
         for digest, role in checks:
             if (p := self.blobs.verify(digest)) is not None:
                 problems.append((digest, role, p))
+        # every digest the record names is among its evidence files (the blobs re-hashed above)
+        recorded = {"eval-verdict": rec.eval_digest, "scan-report": rec.scan_digest, "sbom": rec.sbom_digest,
+                    "provenance": rec.provenance_digest}
+        kinds = {ev.kind: ev for ev in rec.evidence}
+        for kind, want in recorded.items():
+            if want and (kind not in kinds or want not in kinds[kind].files.values()):
+                problems.append((want, kind, "the record's digest is not among the evidence files"))
+        if rec.kind != "matrix":
+            problems += self._status_problems(rec)
+        return problems
+
+    def _status_problems(self, rec: Record) -> list[tuple[str, str, str]]:
+        """Re-derive the status from the stored evidence (``forge.registry.evidence.derive``, as publish did):
+        a status, or a record of how it was derived, that the evidence does not support is a problem."""
+        from forge.core.errors import EvidenceError
+        from forge.registry.evidence import GATE_FILE, PROVENANCE_FILE, SCAN_FILE, derive
+
+        names = {"eval-verdict": GATE_FILE, "scan-report": SCAN_FILE, "provenance": PROVENANCE_FILE}
+        found: dict[str, tuple[str, bytes]] = {}
+        for ev in rec.evidence:
+            if ev.kind not in names:
+                continue
+            digest = ev.files.get(names[ev.kind])
+            if digest is None or not self.blobs.has(digest):
+                return [(digest or ev.manifest_digest, f"{ev.kind} {names[ev.kind]}",
+                         "missing: the status cannot be re-derived")]
+            found[ev.kind] = (digest, self.blobs.read(digest))
+        if "provenance" not in found:
+            return [(rec.id, "provenance", "the record has no provenance: its status cannot be re-derived")]
+        files = {k: f"{k} {names[k]} (blob {d})" for k, (d, _) in found.items()}
+        try:
+            derived = derive(gate=found["eval-verdict"][1] if "eval-verdict" in found else None,
+                             scan=found["scan-report"][1] if "scan-report" in found else None,
+                             provenance=found["provenance"][1], image_digest=rec.image_digest, where=files.get)
+        except EvidenceError as e:
+            return [(rec.id, "status", e.message)]
+        problems = []
+        if not (derived.status == rec.status or (rec.status == "promoted" and derived.status == "validated")):
+            negative = {"eval-verdict": derived.eval_verdict in ("fail", "ungated"),
+                        "scan-report": derived.scan_verdict in ("fail", "unscanned"),
+                        "provenance": derived.evidence["provenance"]["said"] not in ("names the image", "no image to name")}
+            decisive = next((k for k in negative if k in found and negative[k]), None) or \
+                next(k for k in ("eval-verdict", "scan-report", "provenance") if k in found)
+            said = f" ({derived.reason})" if derived.reason else ""
+            problems.append((found[decisive][0], f"status ({files[decisive]})",
+                             f"recorded as {rec.status}, but the evidence says {derived.status}{said}"))
+        if rec.status_evidence and _said(rec.status_evidence) != _said(derived.evidence):
+            problems.append((rec.id, "status_evidence", "the record's account of how its status was derived does "
+                                                        "not match its evidence"))
         return problems
 
     def referrers(self, rec: Record) -> list[dict]:
@@ -274,6 +321,12 @@ class LocalRegistry:
     def _event(db: sqlite3.Connection, rid: str, status: str, detail: str) -> None:
         db.execute("INSERT INTO events (id, at, status, detail) VALUES (?, ?, ?, ?)",
                    (rid, datetime.now(timezone.utc).isoformat(timespec="seconds"), status, detail))
+
+
+def _said(evidence: dict) -> dict:
+    """What a status_evidence says, without its wording: each piece's digest and verdict, and the image."""
+    return {"image": evidence.get("image"), **{k: (v.get("digest"), v.get("said")) for k, v in evidence.items()
+                                               if isinstance(v, dict)}}
 
 
 __all__ = ["LocalRegistry", "default_registry_dir", "sha256_bytes"]

@@ -1,12 +1,15 @@
 """What the registry records about one build: the artifact record, its status, and its evidence.
 
-``collect`` reads finished step outputs (never re-runs anything) and decides the status:
+``collect`` reads finished step outputs (never re-runs anything) and derives the status from the
+evidence files (``forge.registry.evidence.derive``, the same function ``registry verify`` re-runs):
 
-    built → gated → scanned → validated → promoted      (or rejected, with its reason; or unscanned)
+    built → gated → scanned → validated → promoted      (or rejected, with its reason; unscanned; ungated)
 
-Only a build whose eval gate passed *and* whose image passed the scan gate is ``validated``; a
-recipe without an eval section stops at ``scanned``, one that allowed a missing Trivy is
-``unscanned``; neither can be promoted.
+Only a build whose eval gate ran at least one rule and passed every one *and* whose image passed the
+scan gate, with provenance naming that image, is ``validated``; a recipe without an eval section stops at
+``scanned``, one whose eval has no gate rules is ``ungated``, one that allowed a missing Trivy is
+``unscanned``; none of them can be promoted. The record keeps ``status_evidence``: which files, by
+digest, said what.
 """
 from __future__ import annotations
 
@@ -22,8 +25,8 @@ from forge import __version__
 from forge.core.digests import digest_of
 from forge.oci.layout import sha256_bytes, sha256_file
 
-Status = Literal["built", "gated", "scanned", "validated", "promoted", "rejected", "unscanned"]
-STATUSES: tuple[str, ...] = ("built", "gated", "scanned", "validated", "promoted", "rejected", "unscanned")
+Status = Literal["built", "gated", "scanned", "validated", "promoted", "rejected", "unscanned", "ungated"]
+STATUSES: tuple[str, ...] = ("built", "gated", "scanned", "validated", "promoted", "rejected", "unscanned", "ungated")
 PROMOTABLE = ("validated", "promoted")
 
 # artifactType of each kind of evidence attached to the image (and the media type of its files)
@@ -62,12 +65,13 @@ class Record(BaseModel):
     target_gpu: str
     engine: str | None
     engine_version: str | None
-    eval_verdict: str              # pass | fail | none
+    eval_verdict: str              # pass | fail | ungated | none
     eval_digest: str | None
     scan_verdict: str              # pass | fail | unscanned | none
     scan_digest: str | None
     sbom_digest: str | None
     provenance_digest: str | None = None
+    status_evidence: dict = {}     # how the status was derived (forge.registry.evidence): files by digest, what each said
     tool_versions: dict[str, str]
     created_at: str
     forge_version: str = __version__
@@ -86,6 +90,7 @@ class Record(BaseModel):
 class EvidenceFiles:
     kind: str
     files: tuple[Path, ...]
+    contents: tuple[bytes, ...] | None = None   # the files' bytes as the status was derived from them (stored as is)
 
 
 @dataclass(frozen=True)
@@ -97,43 +102,28 @@ class Collected:
     provenance: bytes = b""
 
 
-def decide(gate: dict | None, scan: dict | None, has_image: bool) -> tuple[str, str]:
-    """(status, reason) from the gate's and the scan's facts (None: the recipe has no such step)."""
-    if gate is not None and gate.get("passed") is False:
-        failed = "; ".join(gate.get("failed") or []) or "see the gate summary"
-        return "rejected", f"eval gate failed: {failed}"
-    if scan is not None and scan.get("status") == "scanned" and scan.get("passed") is False:
-        summary = str(scan.get("summary") or "see the scan summary")   # the scan's own words: "failed: 3 …"
-        return "rejected", "scan gate " + (summary if summary.startswith("failed") else f"failed: {summary}")
-    if not has_image:
-        return ("gated" if gate is not None else "built"), "the recipe has no container section: no image to ship"
-    if scan is None or scan.get("status") == "unscanned":
-        return "unscanned", (scan or {}).get("reason") or "the image was not scanned"
-    if gate is None:
-        return "scanned", "the recipe has no eval gate; only a gated and scanned image is validated"
-    return "validated", ""
-
-
 def collect(loaded, results: dict, finished_at: datetime | None = None) -> Collected:
-    """Build the record for a (possibly stopped) build from its step results, by step name."""
+    """Build the record for a (possibly stopped) build from its step results, by step name. The verdict files
+    are read once, checked against their step manifests (an edited one is an EvidenceError, exit 5), and the
+    status is derived from those bytes, which are the ones stored."""
+    from forge.registry.evidence import derive
     from forge.steps import gate as gate_step, package as package_step, scan as scan_step
 
     r = loaded.recipe
     gate_out = gate_step.Output.read(results["gate"].entry) if "gate" in results else None
     scan_out = scan_step.Output.read(results["scan"].entry) if "scan" in results else None
     image = package_step.Output.read(results["package"].entry) if "package" in results else None
-    gate, scan = gate_out and gate_out.facts(), scan_out and scan_out.facts()
-    status, reason = decide(gate, scan, image is not None)
 
     evidence: list[EvidenceFiles] = []
     eval_digest = scan_digest = sbom_digest = None
     if gate_out is not None:
-        evidence.append(EvidenceFiles("eval-verdict", (gate_out.verdict,)))
-        eval_digest = sha256_file(gate_out.verdict)
+        evidence.append(EvidenceFiles("eval-verdict", (gate_out.verdict,), (gate_out.data,)))
+        eval_digest = sha256_bytes(gate_out.data)
     if scan_out is not None:
         files = tuple(f for f in (scan_out.report, scan_out.verdict) if f is not None and f.exists())
-        evidence.append(EvidenceFiles("scan-report", files))
-        scan_digest = sha256_file(scan_out.verdict)
+        evidence.append(EvidenceFiles("scan-report", files, tuple(
+            scan_out.data if f == scan_out.verdict else f.read_bytes() for f in files)))
+        scan_digest = sha256_bytes(scan_out.data)
         if scan_out.sbom is not None:
             evidence.append(EvidenceFiles("sbom", (scan_out.sbom,)))
             sbom_digest = sha256_file(scan_out.sbom)
@@ -147,16 +137,14 @@ def collect(loaded, results: dict, finished_at: datetime | None = None) -> Colle
     ident = {"recipe": loaded.digest, "image": image_digest, "model": model_digest, "eval": eval_digest,
              "scan": scan_digest}
     rid = digest_of(ident).removeprefix("sha256:")
-    tag = f"{rid[:12]}" if image_digest and status != "rejected" else None
-    record = Record(
-        id=rid, name=r.name, tag=tag, status=status, reason=reason, image_digest=image_digest,
+    record = Record(   # status "built" until derived below: the provenance does not depend on it
+        id=rid, name=r.name, tag=None, status="built", image_digest=image_digest,
         recipe_digest=loaded.digest, recipe_path=str(loaded.path), model_source=r.model.source,
         model_digest=model_digest, method=r.quantize.method, target_gpu=r.target.gpu,
         engine=image.image.get("engine") if image else None,
         engine_version=loaded.base.engine_version if image and loaded.base else None,
-        eval_verdict="none" if gate is None else ("pass" if gate.get("passed") else "fail"), eval_digest=eval_digest,
-        scan_verdict=_scan_verdict(scan), scan_digest=scan_digest, sbom_digest=sbom_digest,
-        tool_versions=dict(sorted(tools.items())),
+        eval_verdict="none", eval_digest=eval_digest, scan_verdict="none", scan_digest=scan_digest,
+        sbom_digest=sbom_digest, tool_versions=dict(sorted(tools.items())),
         created_at=(finished_at or datetime.now(timezone.utc)).isoformat(timespec="seconds"))
     if (variant := getattr(loaded, "variant", None)) is not None:   # a plain recipe's record stays as it was
         from forge.registry import annotate
@@ -164,7 +152,15 @@ def collect(loaded, results: dict, finished_at: datetime | None = None) -> Colle
         record = record.model_copy(update={"variant": variant, "annotations": annotate.for_variant(
             loaded, results, record.engine)})
     prov = provenance(record, loaded, results)
-    record = record.model_copy(update={"provenance_digest": sha256_bytes(prov)})
+    where = {"eval-verdict": str(gate_out.verdict) if gate_out else "", "scan-report": str(scan_out.verdict)
+             if scan_out else "", "provenance": "the provenance statement"}
+    derived = derive(gate=gate_out.data if gate_out else None, scan=scan_out.data if scan_out else None,
+                     provenance=prov, image_digest=image_digest, where=where.get)
+    record = record.model_copy(update={
+        "status": derived.status, "reason": derived.reason, "eval_verdict": derived.eval_verdict,
+        "scan_verdict": derived.scan_verdict, "status_evidence": derived.evidence,
+        "tag": rid[:12] if image_digest and derived.status != "rejected" else None,
+        "provenance_digest": sha256_bytes(prov)})
     return Collected(record, image.oci_dir if image else None, tuple(evidence), prov)
 
 
@@ -201,9 +197,3 @@ def _hex(digest: str) -> str:
     return digest.removeprefix("sha256:")
 
 
-def _scan_verdict(scan: dict | None) -> str:
-    if scan is None:
-        return "none"
-    if scan.get("status") == "unscanned":
-        return "unscanned"
-    return "pass" if scan.get("passed") else "fail"

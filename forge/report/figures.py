@@ -30,7 +30,8 @@ def div(fig, div_id: str) -> str:
 def gate_forest(gate: dict):
     """Each gated metric's degradation with its paired-bootstrap 95 % interval, against its limit."""
     go = _go()
-    rules = gate["rules"]
+    rules = [r for r in gate["rules"] if all(isinstance(r.get(k), (int, float))   # an invalid rule has no interval
+                                             for k in ("degradation", "ci_low", "ci_high", "limit"))]
     names = [f"{r['task']}.{r['metric']}<br>({r['kind']} {r['threshold']:g})" for r in rules]
     fig = go.Figure()
     fig.add_trace(go.Scatter(

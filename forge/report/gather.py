@@ -144,7 +144,7 @@ def _scan(results: dict) -> dict | None:
     scanned = scan.Output.read(results["scan"].entry)
     verdict = _json(scanned.verdict) or {}
     sbom = _json(scanned.sbom) if scanned.sbom is not None else None
-    return {"status": verdict.get("status", "scanned"), "passed": verdict.get("passed"),
+    return {"status": scanned.status, "passed": scanned.passed,   # as the scan verdict decides it (re-judged)
             "summary": verdict.get("summary") or verdict.get("reason", ""), "fail_on": verdict.get("fail_on"),
             "counts": verdict.get("counts", {}), "blocking": verdict.get("blocking", []),
             "ignored": verdict.get("ignored", []), "unfixed_dropped": verdict.get("unfixed_dropped", 0),

@@ -130,6 +130,7 @@ def simple_evaluate(model_dir: Path, tasks, backend: str, device: str, *, limit,
 
 def run(ctx: StepContext) -> dict:
     from forge.evaluation.tasks import load_tasks
+    from forge.core.jsonsafe import dumps
     from forge.steps import quantize
 
     ev = ctx.recipe.recipe.eval
@@ -162,14 +163,14 @@ def run(ctx: StepContext) -> dict:
         samples = res["samples"].get(t.name, [])
         with open(ctx.out / RAW_DIR / f"{t.name}.jsonl", "w") as raw, open(ctx.out / SAMPLES_DIR / f"{t.name}.jsonl", "w") as flat:
             for s in samples:
-                raw.write(json.dumps(s, default=str) + "\n")
+                raw.write(dumps(s, default=str) + "\n")
                 values = {m: (list(s[m]) if isinstance(s[m], (tuple, list)) else s[m]) for m in s.get("metrics", []) if m in s}
-                flat.write(json.dumps({"doc_id": s["doc_id"], "values": values}) + "\n")
+                flat.write(dumps({"doc_id": s["doc_id"], "values": values}) + "\n")   # NaN/inf: null
     # No timings in the output files: same inputs, same bytes (timings live in the step manifest).
     summary = {"backend": backend, "device": device, "model_args": {k: v for k, v in model_args.items() if k != "pretrained"},
                "batching": batching, "lm_eval": lm_eval.__version__ if hasattr(lm_eval, "__version__") else None,
                "results": results}
-    (ctx.out / RESULTS).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (ctx.out / RESULTS).write_text(dumps(summary, indent=2, default=str) + "\n")
     return {"backend": backend, "device": device, "batch_size": batching["batch_size"], "seconds": round(seconds, 1),
             "results": results}
 

@@ -2,10 +2,16 @@
 
 The verdict is cached like any output (a failing verdict too, so a rerun fails fast without
 re-evaluating); ``check`` stops the build with exit 3 when it failed, naming each failing metric.
+
+Fail closed: a recipe whose eval has no gate rules gets a verdict with no rules and ``passed: false``
+(the build goes on, recorded as ``ungated``, never validated; under --ci such a recipe is refused at
+validate). ``Output.read`` decides from verdict.json itself, re-judged (``forge.evaluation.gatestats.rejudge``), after
+checking its bytes against the digest the step manifest recorded: an edited, unreadable or empty verdict
+is an EvidenceError (exit 5), and the manifest's facts are never what decides.
 """
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +30,10 @@ SPEC = StepSpec(
     name="gate",
     summary="paired bootstrap verdict against the BF16 baseline",
     depends=("eval_baseline", "eval_candidate"),
-    tools=("numpy",),
-    version=3,  # 2: no "underpowered" flag on intervals wholly beyond the limit; 3: eval batching recorded
+    tools=("numpy", "scipy"),
+    # 2: no "underpowered" flag on intervals wholly beyond the limit; 3: eval batching recorded; 4: fail closed
+    # (non-finite evidence is "invalid", an underpowered rule cannot pass, no rules is not a pass)
+    version=4,
     config=_config,
     enabled=lambda loaded: loaded.recipe.eval is not None,
     run="forge.steps.gate:run",
@@ -34,20 +42,46 @@ SPEC = StepSpec(
 
 
 def _paired(base: dict, cand: dict, task: str, metric: str):
+    """(doc ids, baseline values, candidate values) in one order. A value that is missing or not a number is
+    NaN (a perplexity's (loglik, units) pair: both), which the gate judges invalid: never a pass."""
     import numpy as np
 
-    docs = sorted(set(base) & set(cand), key=lambda d: (len(str(d)), str(d)))
+    from forge.evaluation.tasks import PERPLEXITY_FAMILY
+
     if set(base) != set(cand):
         from forge.core.errors import StepError
 
         raise StepError(f"{task}: baseline and candidate were evaluated on different documents "
                         f"({len(base)} vs {len(cand)}); they must share eval settings")
-    return (np.array([base[d][metric] for d in docs], dtype=np.float64),
-            np.array([cand[d][metric] for d in docs], dtype=np.float64))
+    docs = sorted(base, key=lambda d: (len(str(d)), str(d)))
+    pair = metric in PERPLEXITY_FAMILY
+    shape = (len(docs), 2) if pair else (len(docs),)
+    return (docs, np.array([_value(base[d], metric, pair) for d in docs], dtype=np.float64).reshape(shape),
+            np.array([_value(cand[d], metric, pair) for d in docs], dtype=np.float64).reshape(shape))
+
+
+def _value(values, metric: str, pair: bool):
+    v = values.get(metric) if isinstance(values, dict) else None
+    if pair:
+        ok = isinstance(v, (list, tuple)) and len(v) == 2 and all(_number(x) for x in v)
+        return [float(x) for x in v] if ok else [math.nan, math.nan]
+    return float(v) if _number(v) else math.nan
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float))   # bool is an int: a correct/incorrect flag is 1/0
+
+
+def _samples(out, task: str) -> dict:
+    try:
+        return out.samples(task)
+    except FileNotFoundError:
+        return {}   # no per-document evidence: the rule is judged on no documents, which is invalid
 
 
 def run(ctx: StepContext) -> dict:
     from forge.evaluation.gatestats import judge_rule, junit, markdown
+    from forge.core.jsonsafe import dumps
     from forge.steps import evaluate
 
     ev = ctx.recipe.recipe.eval
@@ -60,27 +94,27 @@ def run(ctx: StepContext) -> dict:
     for rule in ev.gate:
         kind, threshold = next((k, getattr(rule, k)) for k in ("max_abs_drop", "max_rel_increase", "min_recovery")
                                if getattr(rule, k) is not None)
-        b, c = _paired(base.samples(rule.task), cand.samples(rule.task), rule.task, rule.metric)
-        ctx.report(f"bootstrap {rule.task}.{rule.metric} (n={len(b)})")
-        results.append(judge_rule(rule.task, rule.metric, kind, threshold, b, c, seed=ev.seed, resamples=RESAMPLES))
+        docs, b, c = _paired(_samples(base, rule.task), _samples(cand, rule.task), rule.task, rule.metric)
+        ctx.report(f"bootstrap {rule.task}.{rule.metric} (n={len(docs)})")
+        results.append(judge_rule(rule.task, rule.metric, kind, threshold, b, c, doc_ids=docs, seed=ev.seed,
+                                  resamples=RESAMPLES))
         gated.add((rule.task, rule.metric))
     reported = [{"task": t, "metric": m, "baseline": v, "candidate": cand_results.get(t, {}).get(m)}
                 for t, metrics in base_results.items() for m, v in metrics.items()
-                if (t, m) not in gated and isinstance(v, (int, float)) and
-                isinstance(cand_results.get(t, {}).get(m), (int, float))]
-    passed = all(r.passed for r in results)
+                if (t, m) not in gated and _number(v) and _number(cand_results.get(t, {}).get(m))]
+    passed = bool(results) and all(r.passed for r in results)   # no rule is no pass
     verdict = {"passed": passed, "rules": [r.to_json() for r in results], "reported": reported,
                "settings": {"seed": ev.seed, "resamples": RESAMPLES, "confidence": 0.95, "eval_batching": batching}}
-    (ctx.out / VERDICT).write_text(json.dumps(verdict, indent=2) + "\n")
+    (ctx.out / VERDICT).write_text(dumps(verdict, indent=2) + "\n")   # numbers not computed: null, never NaN
     (ctx.out / SUMMARY).write_text(markdown(results, reported, passed, batching=batching))
     (ctx.out / JUNIT).write_text(junit(results))
-    return {"passed": passed, "failed": [r.describe() for r in results if not r.passed],
+    return {"passed": passed, "rules": len(results), "failed": [r.describe() for r in results if not r.passed],
             "underpowered": [r.name for r in results if r.underpowered]}
 
 
 def check(entry) -> None:
     out = Output.read(entry)
-    if not out.passed:
+    if out.rules and not out.passed:   # no rules: recorded as ungated by publish, the build goes on
         from forge.core.errors import EvalGateError
 
         raise EvalGateError("eval gate failed:\n  " + "\n  ".join(out.failed),
@@ -89,18 +123,28 @@ def check(entry) -> None:
 
 @dataclass(frozen=True)
 class Output:
-    """The gate's verdict as the registry and the pipeline read it."""
-    passed: bool
-    failed: tuple[str, ...]           # one line per failing rule
+    """The gate's verdict as the registry and the pipeline read it: decided from verdict.json, re-judged."""
+    passed: bool                      # at least one rule, and every rule passed on finite numbers
+    failed: tuple[str, ...]           # one line per rule that does not pass
+    rules: int                        # gated rules in the verdict (0: ungated)
     verdict: Path                     # verdict.json (evidence)
     summary: Path
     junit: Path
+    data: bytes = b""                 # verdict.json's bytes, as checked against the step manifest
 
     @classmethod
     def read(cls, entry) -> "Output":
-        facts = entry.manifest["facts"]
-        return cls(bool(facts["passed"]), tuple(facts.get("failed") or ()), entry.out / VERDICT,
-                   entry.out / SUMMARY, entry.out / JUNIT)
+        from forge.evaluation.gatestats import parse_verdict, rejudge
+        from forge.store.local import read_committed
+
+        data = read_committed(entry, VERDICT)
+        judged = rejudge(parse_verdict(data, str(entry.out / VERDICT)))
+        return cls(judged.passed, judged.failed, judged.rules, entry.out / VERDICT, entry.out / SUMMARY,
+                   entry.out / JUNIT, data)
+
+    @property
+    def gated(self) -> bool:
+        return self.rules > 0
 
     def facts(self) -> dict:
-        return {"passed": self.passed, "failed": list(self.failed)}
+        return {"passed": self.passed, "rules": self.rules, "failed": list(self.failed)}

@@ -9,7 +9,7 @@ from forge.steps import StepSpec, compile, evaluate, gate, package, quantize, re
 if TYPE_CHECKING:
     from forge.recipe.resolve import Resolved
 
-__all__ = ["STEPS", "step_names", "active_steps", "spec_named"]
+__all__ = ["STEPS", "step_names", "active_steps", "spec_named", "volatile"]
 
 STEPS: list[StepSpec] = [resolve.SPEC, reference.SPEC, quantize.SPEC, compile.SPEC, evaluate.BASELINE, evaluate.CANDIDATE,
                          gate.SPEC, package.BASE, package.SPEC, scan.SPEC]
@@ -17,6 +17,11 @@ STEPS: list[StepSpec] = [resolve.SPEC, reference.SPEC, quantize.SPEC, compile.SP
 
 def step_names() -> list[str]:
     return [s.name for s in STEPS]
+
+
+def volatile(name: str) -> tuple[str, ...]:
+    """The output files of step ``name`` that are not part of its output digest (none for an unknown name)."""
+    return next((s.volatile for s in STEPS if s.name == name), ())
 
 
 def active_steps(loaded: "Resolved") -> list[StepSpec]:

@@ -25,7 +25,7 @@ from forge.core.digests import list_files
 from forge.core.linking import place_tree
 from forge.gpu.methods import GROUPED
 from forge.steps import StepContext, StepSpec
-from forge.steps.reference import VERIFY_PROMPT, VERIFY_TOKENS, prompt_ids
+from forge.steps.verify import check_loads, verify_dequantized, verify_generation
 
 REPORT_JSON, REPORT_MD, QUANT_MANIFEST = "quantize-report.json", "quantize-report.md", "forge-quantization.json"
 REPORTS = (REPORT_JSON, REPORT_MD)  # build evidence beside the checkpoint; not shipped in the image
@@ -210,31 +210,6 @@ def _verify(backend, src: Path, out: Path, q, tokenizer, report, reference, dtyp
                               what=f"the dequantized weights of the quantized checkpoint at {out}")
 
 
-def check_loads(quant_dir: Path, dtype) -> None:
-    """transformers loads the checkpoint with no missing, unexpected or mis-shaped tensor (it is then freed)."""
-    from forge.core.errors import StepError
-
-    m, info = _load_checkpoint(quant_dir, dtype, output_loading_info=True)
-    del m
-    gc.collect()
-    wrong = {k: list(v)[:5] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if (v := info.get(k))}
-    if wrong:
-        raise StepError(f"the quantized checkpoint at {quant_dir} does not match its model in transformers: "
-                        + "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v))}" for k, v in wrong.items()))
-
-
-def _load_checkpoint(quant_dir: Path, dtype, **kwargs):
-    """The written checkpoint loaded with transformers on the CPU, or a StepError saying why it does not load."""
-    from transformers import AutoModelForCausalLM
-
-    from forge.core.errors import StepError
-
-    try:
-        return AutoModelForCausalLM.from_pretrained(quant_dir, dtype=dtype, device_map=None, **kwargs)
-    except Exception as e:
-        raise StepError(f"the quantized checkpoint at {quant_dir} does not load with transformers: {type(e).__name__}: {e}") from None
-
-
 def _calibration_windows(ctx: StepContext, tokenizer) -> list[list[int]]:
     from forge.model.calibration import calibration_texts, windows
 
@@ -259,94 +234,6 @@ def _calibration_sha256(loaded) -> str | None:
     return sha256_file(data["calibration"]) if data else None
 
 
-def verify_dequantized(bf16_dir: Path, weights, tokenizer, dtype, reference: list[int],
-                       what: str = "the dequantized weights", errors: dict | None = None) -> dict:
-    """The BF16 model with the dequantized weights put in one tensor at a time (``weights``: a dict or an iterator
-    of (name, tensor), each read before the next is taken), teacher-forced over BF16's greedy tokens
-    (``reference``), so one model is ever in memory. Each weight goes
-    into a new tensor that replaces the parameter's: the loaded ones map the snapshot's files, and writing into
-    them would copy every page first. ``errors``, when given, receives each layer's relative weight error
-    ||dequantized - BF16|| / ||BF16|| (layer name -> figure), measured as the weight is put in."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from forge.backends import TensorReader
-    from forge.core.errors import StepError
-
-    model = AutoModelForCausalLM.from_pretrained(bf16_dir, dtype=dtype, device_map=None)
-    params = dict(model.named_parameters())
-    # the BF16 weights, read as copies: the model's own map the snapshot, and reading every one of them would
-    # leave the whole snapshot resident beside the dequantized weights (peak RSS 1.5x the library's on 3B)
-    original = TensorReader(bf16_dir)
-    with torch.no_grad():
-        for name, tensor in (weights.items() if isinstance(weights, dict) else weights):
-            if name not in params:
-                raise StepError(f"quantized tensor {name} has no counterpart in the model")
-            if errors is not None and name.endswith(".weight") and (before := original(name)) is not None:
-                errors[name.removesuffix(".weight")] = relative_error(tensor, before)
-            params[name].data = torch.empty_like(params[name]).copy_(tensor)   # one pass, converting the dtype
-    tokens = teacher_forced_tokens(model, tokenizer, reference, what=what)
-    del model, params
-    gc.collect()
-    return {**_agreement(reference, tokens, tokenizer), "how": "dequantized weights"}
-
-
-def relative_error(new, old, block: int = 1 << 20) -> float:
-    """||new - old|| / ||old|| in float32 blocks of ``block`` elements, accumulated in float64."""
-    import torch
-
-    a, b = new.reshape(-1), old.reshape(-1)
-    num = den = 0.0
-    for i in range(0, a.numel(), block):
-        ref = b[i:i + block].float()
-        diff = torch.sub(a[i:i + block].float(), ref)   # new may be a float32 buffer its producer reuses: not in place
-        num += float(torch.dot(diff, diff))
-        den += float(torch.dot(ref, ref))
-    return round((num / den) ** 0.5, 6) if den else 0.0
-
-
-def _agreement(a: list[int], b: list[int], tokenizer) -> dict:
-    """How far the quantized model's next-token predictions along BF16's greedy tokens follow them. Up to the
-    first mismatch they are the tokens its own greedy decoding writes: the matching prefix is the greedy one."""
-    prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    return {"prompt": VERIFY_PROMPT, "tokens": VERIFY_TOKENS, "matching_prefix": prefix,
-            "agreement": round(sum(x == y for x, y in zip(a, b)) / max(1, len(a)), 4),
-            "bf16_text": tokenizer.decode(a, skip_special_tokens=True),
-            "quantized_text": tokenizer.decode(b, skip_special_tokens=True), "how": "teacher-forced"}
-
-
-def teacher_forced_tokens(model, tokenizer, reference: list[int], *, what: str) -> list[int]:
-    """The model's argmax next token at each position of VERIFY_PROMPT + ``reference``, in one forward pass:
-    prediction i is what it writes after the prompt and the reference's first i tokens."""
-    import torch
-
-    from forge.core.errors import StepError
-
-    prompt = prompt_ids(model, tokenizer)
-    ids = torch.cat([prompt, torch.tensor([reference[:-1]], dtype=prompt.dtype, device=prompt.device)], dim=1)
-    with torch.no_grad():
-        logits = model(input_ids=ids, use_cache=False).logits[0, prompt.shape[1] - 1:]
-    if not bool(torch.isfinite(logits).all()):
-        raise StepError(f"{what} compute non-finite logits (NaN or inf) for {VERIFY_PROMPT!r}: the quantized "
-                        "weights or scales are broken")
-    return logits.argmax(-1).tolist()
-
-
-def verify_generation(reference: list[int], quant_dir: Path, tokenizer, dtype) -> dict:
-    """Load the written checkpoint with transformers (the only model in memory: the source model was freed and
-    its greedy tokens recorded before quantizing) and compare its predictions along them, in one forward pass."""
-    from forge.core.errors import StepError
-
-    m = _load_checkpoint(quant_dir, dtype)
-    tokens = teacher_forced_tokens(m, tokenizer, reference, what=f"the quantized checkpoint at {quant_dir}")
-    del m
-    gc.collect()
-    result = _agreement(reference, tokens, tokenizer)
-    if not result["quantized_text"].strip():
-        raise StepError(f"the quantized checkpoint predicts nothing but special tokens for {VERIFY_PROMPT!r}")
-    return result
-
-
 def _scheme(q) -> str:
     from forge.gpu.methods import scheme
 
@@ -354,7 +241,9 @@ def _scheme(q) -> str:
 
 
 def _write_reports(out: Path, facts: dict, result, title: str) -> None:
-    (out / REPORT_JSON).write_text(json.dumps({"summary": facts, "layers": result.layers, **result.sections},
+    from forge.core.jsonsafe import dumps
+
+    (out / REPORT_JSON).write_text(dumps({"summary": facts, "layers": result.layers, **result.sections},
                                               indent=2) + "\n")
     v = facts["verify"]
     lines = [f"# quantize report: {facts['scheme']} ({title} → {facts['format']})", "",

@@ -84,7 +84,8 @@ def check(entry) -> None:
 
 @dataclass(frozen=True)
 class Output:
-    """The scan's verdict and evidence files as the registry and the pipeline read them."""
+    """The scan's verdict and evidence files as the registry and the pipeline read them: decided from
+    verdict.json itself (``read_verdict``), checked against the digest the step manifest recorded."""
     status: str                       # "scanned" or "unscanned"
     passed: bool | None               # None: unscanned
     summary: str | None               # the verdict in the scan's words ("failed: 2 HIGH …")
@@ -93,16 +94,47 @@ class Output:
     summary_md: Path
     report: Path | None               # the Trivy JSON report (scanned only)
     sbom: Path | None                 # CycloneDX SBOM (scanned only)
+    data: bytes = b""                 # verdict.json's bytes, as checked against the step manifest
 
     @classmethod
     def read(cls, entry) -> "Output":
-        facts, out = entry.manifest["facts"], entry.out
-        return cls(facts.get("status", "scanned"), facts.get("passed"), facts.get("summary"), facts.get("reason"),
-                   out / VERDICT, out / SUMMARY, out / REPORT if (out / REPORT).exists() else None,
-                   out / SBOM if (out / SBOM).exists() else None)
+        from forge.store.local import read_committed
+
+        out = entry.out
+        data = read_committed(entry, VERDICT)
+        said = read_verdict(data, str(out / VERDICT))
+        return cls(said["status"], said["passed"], said["summary"], said["reason"], out / VERDICT, out / SUMMARY,
+                   out / REPORT if (out / REPORT).exists() else None, out / SBOM if (out / SBOM).exists() else None,
+                   data)
 
     def facts(self) -> dict:
         return {"status": self.status, "passed": self.passed, "summary": self.summary, "reason": self.reason}
+
+
+def read_verdict(data: bytes, where: str) -> dict:
+    """What a scan verdict.json says: {status, passed, summary, reason}. Fail closed: a scanned verdict passes
+    only when it says ``passed: true`` and lists no blocking finding; one that is empty, not JSON, or says
+    neither ``unscanned`` nor a pass/fail is an EvidenceError (exit 5) naming ``where``."""
+    from forge.core.errors import EvidenceError
+
+    hint = "Rebuild the scan (forge build RECIPE --force scan); a scan verdict is never guessed."
+    try:
+        v = json.loads(data) if data.strip() else None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise EvidenceError(f"{where} is not JSON ({e}): there is no scan verdict to decide from", hint=hint) from None
+    if not isinstance(v, dict):
+        raise EvidenceError(f"{where} is {'empty' if not data.strip() else 'not a scan verdict'}: there is no scan "
+                            "verdict to decide from", hint=hint)
+    if v.get("status") == "unscanned":
+        return {"status": "unscanned", "passed": None, "summary": v.get("summary"),
+                "reason": str(v.get("reason") or "the image was not scanned")}
+    if not isinstance(v.get("passed"), bool) or not isinstance(v.get("blocking", []), list):
+        raise EvidenceError(f"{where} says neither that the image was unscanned nor whether it passed", hint=hint)
+    blocking = v.get("blocking", [])
+    summary = str(v.get("summary") or "")
+    if v["passed"] and blocking:
+        summary = f"failed: the verdict says passed, yet lists {len(blocking)} blocking finding(s)"
+    return {"status": "scanned", "passed": v["passed"] and not blocking, "summary": summary or None, "reason": None}
 
 
 @dataclass(frozen=True)

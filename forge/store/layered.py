@@ -36,14 +36,14 @@ class Stores:
         """The stores a request names: the local cache and, with ``url``, the remote step cache behind it."""
         return cls(local, RemoteCache.parse(url, mode) if url else None)
 
-    def find(self, key: str, report, warn: Warn, *, local: bool = True) -> Found | None:
+    def find(self, key: str, step: str, report, warn: Warn, *, local: bool = True) -> Found | None:
         """The committed entry of ``key``: the local layer's (unless ``local`` is False: a forced rebuild), else
         the remote's, pulled and committed locally. None when no layer has it."""
         if local and (entry := self.local.get(key)) is not None:
             return Found(entry, "HIT")
         if self.remote is None or not local:
             return None
-        entry = self._remotely(warn, lambda: self.remote.pull(self.local, key, report))
+        entry = self._remotely(warn, lambda: self.remote.pull(self.local, key, report, step=step))
         return Found(entry, "REMOTE") if entry is not None else None
 
     def written(self, entry: Entry, report, warn: Warn) -> Found:

@@ -29,6 +29,7 @@ from typing import Iterator
 from filelock import FileLock
 
 from forge.core.digests import DigestMemo
+from forge.core.jsonsafe import dumps
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -57,6 +58,37 @@ class Entry:
     @property
     def output_digest(self) -> str:
         return self.manifest["output"]["digest"]
+
+    def read(self, rel: str) -> bytes:
+        """One output file's bytes, checked against the digest its manifest recorded (``read_committed``)."""
+        return read_committed(self, rel)
+
+
+def read_committed(entry, rel: str) -> bytes:
+    """The bytes of ``rel`` in a committed step output, refused (EvidenceError, exit 5, naming the file) when
+    the file is missing or unreadable, or when they no longer hash to what the step's manifest recorded: a
+    committed output is immutable, and a decision is never made from one edited in place. ``entry``: anything
+    with ``out`` and ``manifest`` (a store Entry)."""
+    import hashlib
+
+    from forge.core.errors import EvidenceError
+
+    path = Path(entry.out) / rel
+    step = entry.manifest.get("step", "step")
+    hint = (f"Rebuild the step (forge build RECIPE --force {step}), which replaces the entry; do not publish from "
+            "this one.")
+    want = ((entry.manifest.get("output") or {}).get("files") or {}).get(rel)
+    if not isinstance(want, dict) or not isinstance(want.get("sha256"), str):
+        raise EvidenceError(f"{path}: the {step} step's manifest records no digest for {rel}, so it cannot be trusted",
+                            hint=hint)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise EvidenceError(f"{path}: cannot read the {step} step's {rel}: {e.strerror or e}", hint=hint) from None
+    if (got := hashlib.sha256(data).hexdigest()) != want["sha256"]:
+        raise EvidenceError(f"{path} was modified after the {step} step committed it: its bytes hash to sha256:{got}, "
+                            f"the step manifest recorded sha256:{want['sha256']}", hint=hint)
+    return data
 
 
 class Store:
@@ -120,8 +152,8 @@ class Store:
         ``replace`` (a forced rebuild): an existing entry under the key is swapped out, not kept."""
         manifest = {"manifest_version": MANIFEST_VERSION, "key": key, **manifest}
         tmp = staged / (MANIFEST + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
+        with open(tmp, "w") as f:   # a fact that is not a finite number is null: the manifest stays JSON
+            f.write(dumps(manifest, indent=2, sort_keys=True))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, staged / MANIFEST)

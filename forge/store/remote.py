@@ -12,8 +12,10 @@ tag is unique per key and a legal tag: ≤128 of ``[A-Za-z0-9_.-]``):
 Push sends every blob first and the manifest PUT by tag last: Distribution refuses a manifest that names
 a missing blob, so the PUT is the commit point and a half-pushed entry is never visible. Pull fetches the
 config (checked against its digest), streams every layer to the store's staging directory while hashing it
-(never whole in memory), checks each file against the layer digest *and* the step manifest, and commits
-with the store's one rename; a blob whose bytes do not match is refused (``RemoteCacheCorrupt``, exit 5)
+(never whole in memory), checks each file against the layer digest *and* the step manifest, recomputes the
+output digest from the pulled files as the runner does (every file but the step's volatile ones) and
+checks it against the manifest's, and commits with the store's one rename; a blob whose bytes do not match,
+or files that do not make the output digest the manifest claims, are refused (``RemoteCacheCorrupt``, exit 5)
 and nothing is committed.
 
 Two writers of one key: Distribution 2.8 ignores ``If-None-Match`` on manifest PUTs (last writer wins), so
@@ -40,6 +42,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from forge.core.digests import FileEntry, tree_digest
 from forge.core.errors import ToolError, UsageError
 from forge.oci.layout import MANIFEST, manifest_bytes, sha256_bytes
 from forge.oci.client import Client, Remote
@@ -124,15 +127,16 @@ class RemoteCache:
     def has(self, key: str) -> bool:
         return self._tagged(self._client(), key) is not None
 
-    def pull(self, store: Store, key: str, report: Reporter = _quiet) -> Entry | None:
-        """Fetch the key's output into ``store`` and commit it; None when the remote does not have it.
+    def pull(self, store: Store, key: str, report: Reporter = _quiet, *, step: str | None = None) -> Entry | None:
+        """Fetch the key's output into ``store`` and commit it; None when the remote does not have it (or holds
+        another step's output under it, when ``step`` names the step the key was computed for).
         The caller holds ``store.lock(key)`` when it may race another local builder (``run_step`` does)."""
         if (entry := store.get(key)) is not None:
             return entry
-        return self._pull(self._client(), store, key, report)
+        return self._pull(self._client(), store, key, report, expect_step=step)
 
     def _pull(self, client: Client, store: Store, key: str, report: Reporter, *, replace: bool = False,
-              note: dict | None = None) -> Entry | None:
+              note: dict | None = None, expect_step: str | None = None) -> Entry | None:
         tagged = self._tagged(client, key)
         if tagged is None:
             return None
@@ -141,14 +145,18 @@ class RemoteCache:
         step = self._config(client, manifest, where)
         if step.get("manifest_version") != MANIFEST_VERSION or step.get("key") != key:
             return None    # another forge's format or a foreign artifact: not ours to trust, build instead
+        if expect_step is not None and step.get("step") != expect_step:
+            return None
         layers = self._layers(manifest, step, where)
         total, done = sum(layer["size"] for _, layer in layers), 0
+        pulled: dict[str, FileEntry] = {}
         with store.staging(key) as staged:
             for rel, layer in layers:
                 dest = staged / "out" / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                done = self._download(client, layer, dest, rel, where, report, done, total)
+                pulled[rel], done = self._download(client, layer, dest, rel, where, report, done, total)
             report(f"pulled {where}", completed=total, total=total, unit="B")
+            self._check_output_digest(step, pulled, where)
             kept = {k: v for k, v in step.items() if k not in ("manifest_version", "key", "remote")}
             kept["remote"] = {"from": where, "manifest": digest, **(note or {})}
             return store.commit(key, staged, kept, replace=replace)
@@ -176,8 +184,26 @@ class RemoteCache:
                                      hint=f"Delete the tag {where} from the registry; the next build pushes it again.")
         return sorted(out.items())
 
+    @staticmethod
+    def _check_output_digest(step: dict, pulled: dict[str, FileEntry], where: str) -> None:
+        """The output digest recomputed from the pulled files as the runner computes it (``tree_digest`` over
+        every file but the step's volatile ones, ``forge.steps.graph.volatile``) must be the manifest's: the
+        digest is what every downstream key and the registry record name, so a manifest whose files are not
+        that output is refused (``RemoteCacheCorrupt``, nothing committed)."""
+        from forge.steps.graph import volatile
+
+        skip = volatile(str(step.get("step")))
+        actual = tree_digest({rel: e for rel, e in pulled.items() if rel not in skip})
+        want = (step.get("output") or {}).get("digest")
+        if actual != want:
+            raise RemoteCacheCorrupt(
+                f"remote step cache {where}: its files make output digest {actual}, but its step manifest says "
+                f"{want}; refused, nothing committed",
+                hint=f"Delete the tag {where} from the registry (it was not pushed by forge as it is); the next "
+                     "build pushes it again.")
+
     def _download(self, client: Client, layer: dict, dest, rel: str, where: str, report: Reporter,
-                  done: int, total: int) -> int:
+                  done: int, total: int) -> tuple[FileEntry, int]:
         """Stream one layer to dest, hashing as it goes; refuse it when its bytes are not its digest."""
         h, size, want = hashlib.sha256(), 0, layer["size"]
         with open(dest, "wb") as f, self._talking(f"pulling {rel}"):
@@ -196,7 +222,7 @@ class RemoteCache:
                 "refused, nothing committed",
                 hint="The registry's copy is corrupt or was tampered with: delete that tag (or blob) from the registry, "
                      "then rebuild; the next push uploads it again.")
-        return done + size
+        return FileEntry(size, actual.removeprefix("sha256:")), done + size
 
     def _config(self, client: Client, manifest: dict, where: str) -> dict:
         desc = manifest.get("config") or {}
@@ -292,7 +318,7 @@ class RemoteCache:
                    f"but {where} already holds {str(theirs)[:19]}… for the same key; using the remote output "
                    "(what others may already use) and leaving the registry as it is")
         note = {"non_reproducible": {"local_output": entry.output_digest, "remote_output": theirs}}
-        adopted = self._pull(client, store, entry.key, report, replace=True, note=note)
+        adopted = self._pull(client, store, entry.key, report, replace=True, note=note, expect_step=entry.step)
         if adopted is None:   # the tag vanished or changed format between two reads: keep ours, say so
             return Shared(entry, "pushed", digest, warning + " (the remote entry could not be read back)")
         return Shared(adopted, "non-reproducible", digest, warning)
