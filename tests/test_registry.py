@@ -60,7 +60,7 @@ def make_build(root: Path, name: str = "tiny", *, gate_passed=True, scan="pass",
                              quantize=SimpleNamespace(method="fp8"), target=SimpleNamespace(gpu="L40S"),
                              publish=SimpleNamespace(registry=registry), container=None)
     loaded = SimpleNamespace(recipe=recipe, digest="sha256:" + hashlib.sha256(f"recipe{seed}".encode()).hexdigest(),
-                             path=root / "recipe.yaml")
+                             path=root / "recipe.yaml", base=None)   # a resolved recipe, as far as publish reads it
     return loaded, results
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forge.core.errors import UsageError
+from forge.oci.layout import member_path
 from forge.registry import PROMOTABLE, LocalRegistry, Record
 
 __all__ = ["Artifact", "gather", "image_config"]
@@ -111,6 +112,6 @@ def _model_config(layer: Path) -> dict | None:
     """config.json out of the weights layer (uncompressed: the tar index is read by seeking, no weights)."""
     with tarfile.open(layer) as tf:
         for m in tf:
-            if m.isfile() and m.name.lstrip("./") == MODEL_CONFIG:
+            if m.isfile() and member_path(m.name) == MODEL_CONFIG:
                 return json.loads(tf.extractfile(m).read())
     return None

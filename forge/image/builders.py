@@ -193,11 +193,13 @@ def file_digests_in_layer(layout: Path, layer_digest: str) -> dict[str, str]:
     """sha256 of every regular file in one layer blob (for checking the weights layer against the model)."""
     import tarfile
 
+    from forge.oci.layout import member_path
+
     out = {}
     with tarfile.open(blob_path(layout, layer_digest)) as tf:
         for m in tf:
             if m.isfile():
-                out[m.name.lstrip("./")] = hashlib.sha256(tf.extractfile(m).read()).hexdigest()
+                out[member_path(m.name)] = hashlib.sha256(tf.extractfile(m).read()).hexdigest()
     return out
 
 

@@ -161,3 +161,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def member_path(name: str) -> str:
+    """A tar member's name without its leading "./" (as often as it is there: "././x") or "/", and never a character
+    more: ".hidden", "..x" and ".opt/..." keep their dots (``lstrip("./")`` would strip any leading dots)."""
+    while (stripped := name.removeprefix("./").lstrip("/")) != name:
+        name = stripped
+    return name

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from forge.core.errors import ToolError, UsageError
-from forge.oci.layout import Layout
+from forge.oci.layout import Layout, member_path
 from forge.registry.local import LocalRegistry, default_registry_dir
 from forge.registry.record import PROMOTABLE, STATUSES, Collected, EvidenceFiles, Record, collect
 
@@ -136,14 +136,6 @@ def _fetch_remote(ref: str, tmp: Path) -> tuple[Layout, str, dict]:
     return layout, digest, evidence
 
 
-def _member_path(name: str) -> str:
-    """A tar member's name without its leading "./" (as often as it is there: "././x") or "/", and never a character
-    more: ".hidden", "..x" and ".opt/..." keep their dots (``lstrip("./")`` would strip any leading dots)."""
-    while (stripped := name.removeprefix("./").lstrip("/")) != name:
-        name = stripped
-    return name
-
-
 def _extract(layout: Layout, image_digest: str, evidence: dict, dest: Path) -> dict:
     """Copy out of an already verified layout."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -152,7 +144,7 @@ def _extract(layout: Layout, image_digest: str, evidence: dict, dest: Path) -> d
     written = []
     with tarfile.open(layout.blob_path(weights)) as tf:
         for m in tf:
-            name = _member_path(m.name)
+            name = member_path(m.name)
             if not m.isfile() or not name.startswith(MODEL_PREFIX):
                 continue
             rel = Path(name[len(MODEL_PREFIX):])
