@@ -5,6 +5,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.forge-installed
 DEMO   ?= recipes/smollm2-135m-demo.yaml
+# pytest workers: one per core, at most 4 (each e2e build holds a model and a buildah store)
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 
 TOOLS  := buildah mmdebstrap skopeo umoci docker-registry chromium
 .PHONY: setup setup-tools demo test bench clean
@@ -30,7 +32,7 @@ demo: setup
 	$(BIN)/forge build $(DEMO)
 
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=25
 
 bench: setup
 	$(BIN)/python bench/noop_rebuild.py

@@ -7,6 +7,7 @@ the model computes, every 32nd input column of that layer is scaled x15 (and the
 """
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -218,8 +219,11 @@ def test_warnings_reach_the_user_when_no_candidate_passes(tmp_path, tiny_llama, 
         calls.append(loaded)
         out = tmp_path / f"trial{len(calls)}"
         out.mkdir()
-        (out / "verdict.json").write_text(json.dumps({"passed": False, "rules": [rule]}))
-        entry = SimpleNamespace(out=out, manifest={"facts": {"passed": False, "bytes": 1}, "seconds": 1.0})
+        verdict = json.dumps({"passed": False, "rules": [rule]}).encode()
+        (out / "verdict.json").write_bytes(verdict)
+        files = {"verdict.json": {"sha256": hashlib.sha256(verdict).hexdigest(), "size": len(verdict)}}
+        entry = SimpleNamespace(out=out, manifest={"step": "gate", "facts": {"passed": False, "bytes": 1},
+                                                   "seconds": 1.0, "output": {"files": files}})
         results = [SimpleNamespace(name=n, status="BUILT", entry=entry) for n in ("quantize", "gate")]
         warned = ["registry 127.0.0.1:9 is unreachable; building without the remote step cache",
                   f"trial {len(calls)} warned"]

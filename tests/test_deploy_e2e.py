@@ -14,10 +14,10 @@ import urllib.request
 
 import pytest
 
-from conftest import REPO, forge_cli, gate_verdict
+from conftest import REPO, gate_verdict
 from test_deploy import _result
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("demo")]   # one worker builds the demo
 DEMO = REPO / "recipes" / "smollm2-135m-demo.yaml"
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import DEMO_SECRETS, REPO, forge_cli, image_config
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("demo")]   # one worker builds the demo
 DEMO = REPO / "recipes" / "smollm2-135m-demo.yaml"
 SECRETS = DEMO_SECRETS
 

@@ -30,7 +30,7 @@ def test_process_executor_builds_the_same_keys_and_digests_as_the_local_one(tmp_
     local = execute(resolved(recipe), Store(tmp_path / "local-cache"))
     started, messages = [], []
 
-    def on_start(spec, key):
+    def on_start(label, spec, key):
         started.append((spec.name, key))
         return lambda message, **kw: messages.append((spec.name, message))
 

@@ -11,13 +11,13 @@ import shutil
 
 import pytest
 
-from conftest import REPO, forge_cli, write_recipe
+from conftest import REPO, forge_cli, resolved, write_recipe
 
 from forge.core.digests import tree_digest
 from forge.core.errors import EvalGateError, EvidenceError
 from forge.executors.runner import run_step
-from forge.recipe.load import load_recipe
 from forge.steps import gate
+from forge.store.layered import Stores
 from forge.store.local import Store
 
 TASKS = REPO / "evals" / "tasks"
@@ -64,11 +64,11 @@ def _docs(n_ppl=40, n_acc=300):
 
 
 def _gate(tmp_path, rules, base, cand, **kw):
-    loaded = load_recipe(_recipe(tmp_path, rules))
+    loaded = resolved(_recipe(tmp_path, rules))
     store = Store(tmp_path / "cache")
     upstream = {"eval_baseline": _eval(store, "eval_baseline", base, **kw),
                 "eval_candidate": _eval(store, "eval_candidate", cand, **kw)}
-    done = run_step(gate.SPEC, loaded, store, upstream)
+    done = run_step(gate.SPEC, loaded, Stores(store), upstream)
     return store.get(done.key)
 
 

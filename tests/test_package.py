@@ -24,7 +24,9 @@ def test_containerfile_golden_for_a_vllm_base(tmp_path):
     _config_only(tmp_path)
     recipe = write_recipe(tmp_path / "r.yaml", "./model", name="llama3-fp8",
                           target={"gpu": "L40S", "engine": "vllm", "max_model_len": 8192, "max_num_seqs": 16},
-                          quantize={"method": "fp8", "kv_cache": "fp8"}, container={"base": "vllm-0.11-cu128"})
+                          quantize={"method": "fp8", "kv_cache": "fp8",   # static KV scales are calibrated
+                                    "calibration": {"data": str(REPO / "evals" / "data" / "calib-pydoc.jsonl")}},
+                          container={"base": "vllm-0.11-cu128"})
     loaded = resolved(recipe)
     base = loaded.base
     spec = ImageSpec(base_ref="docker.io/vllm/vllm-openai@sha256:" + "a" * 64, base=base, served_name="llama3-fp8",

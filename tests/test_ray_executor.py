@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.xdist_group("ray")   # one worker starts the module's cluster
 REPO = Path(__file__).resolve().parents[1]
 GRAPH = ["resolve", "reference", "quantize", "eval_baseline", "eval_candidate", "gate"]
 # the GPU variant first: its GPU steps are built (on the H100 node); the CPU variant then reuses the shared ones

@@ -218,11 +218,13 @@ def _entry(variant: str, gpu: str, **extra: str) -> dict:
 def test_a_slice_or_smaller_part_is_refused_when_the_fit_model_says_it_does_not_fit():
     mx = Matrix("big", "sha256:" + "0" * 64, "test", (
         _entry("vllm-awq-a100", "A100-80GB", **{ann.NEED: "21.5"}),
-        _entry("trtllm-a100", "A100-80GB", **{ann.NEED: "2", ann.ENGINE: "trtllm"}),
+        _entry("trtllm-a100", "A100-80GB", **{ann.NEED: "2", ann.ENGINE: "trtllm", ann.GPU_BOUND: "true"}),
+        _entry("trtllm-pytorch-a100", "A100-80GB", **{ann.NEED: "2", ann.ENGINE: "trtllm"}),   # no engine built
         _entry("vllm-tp2-a100", "A100-80GB", **{ann.NEED: "2", ann.TENSOR_PARALLEL: "2"})), {})
     by = {c.variant: c for c in select(mx, "NVIDIA-A100-SXM4-80GB-MIG-3g.20gb").candidates}
     assert by["vllm-awq-a100"].verdict == INCOMPATIBLE and "needs 21.5 GiB" in by["vllm-awq-a100"].why
-    assert by["trtllm-a100"].verdict == INCOMPATIBLE and "TensorRT-LLM" in by["trtllm-a100"].why
+    assert by["trtllm-a100"].verdict == INCOMPATIBLE and "engine is bound to the GPU" in by["trtllm-a100"].why
+    assert by["trtllm-pytorch-a100"].verdict != INCOMPATIBLE   # a HF checkpoint served by trtllm's pytorch backend
     assert by["vllm-tp2-a100"].verdict == INCOMPATIBLE and "tensor parallel 2" in by["vllm-tp2-a100"].why
     sel = select(mx, "NVIDIA-A100-SXM4-40GB")   # 36 GiB budget: the 21.5 GiB variant fits there
     assert sel.chosen.variant == "vllm-awq-a100" and sel.chosen.verdict == LESS_MEMORY

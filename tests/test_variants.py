@@ -163,6 +163,7 @@ def test_demo_recipe_plans_three_variants_sharing_the_checkpoint(tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.xdist_group("demo")   # on the worker that built the demo
 def test_demo_variants_build_cpu_and_two_gpu_images(tmp_path, standin_bases, demo_build):
     """The variants demo on the real SmolLM2, in the demo build's cache: its shared sections are the demo's, so
     the snapshot, the FP8 checkpoint, both evals and the gate are hits (each shown once, for all three variants);

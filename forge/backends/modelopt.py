@@ -184,9 +184,9 @@ class ModelOpt:
         return Quantized(result["layers"], summary={"calibration_seconds": round(result["seconds"], 1)})
 
     def export(self, model, out: Path, *, dtype, loaded) -> None:
-        from forge.engines.trtllm_build import TRTLLM_CKPT, mode
+        from forge.engines.trtllm_build import TRTLLM_CKPT
 
-        if loaded.recipe.target.engine == "trtllm" and mode(loaded) == "engine":
+        if loaded.compiles:
             export_trtllm(model, out / TRTLLM_CKPT, dtype, loaded.recipe.target.tensor_parallel)  # for trtllm-build
         _export_hf(model, out, dtype)
         # ModelOpt leaves unquantized tensors in the model's (CPU calibration) float32; its scales stay float32

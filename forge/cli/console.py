@@ -283,10 +283,10 @@ def variant_checks(checked, console: Console = out) -> None:
         if c.error is not None:
             console.print(f"[red]✗[/] {escape(c.name)}: {escape(c.error.message)}", highlight=False, soft_wrap=True)
             continue
-        t, fit = c.loaded.recipe.target, c.fit
+        t, fit = c.resolved.recipe.target, c.fit
         fits = "" if fit is None else (f"; fits {fit.gpu}: {fit.weights_gb:.1f} GB weights, {fit.headroom_gb:.1f} GB "
                                        f"headroom")
-        console.print(f"[green]✓[/] {escape(c.name)}: valid ({t.gpu}, {t.engine}, {c.loaded.recipe.quantize.method})"
+        console.print(f"[green]✓[/] {escape(c.name)}: valid ({t.gpu}, {t.engine}, {c.resolved.recipe.quantize.method})"
                       f"{fits}", highlight=False)
         for w in c.warnings:
             console.print(f"  [yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
