@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# offline before anything imports huggingface_hub, which reads HF_HUB_OFFLINE once, at import: set later, a hub
+# call from the test process itself retries against the blocked socket with backoff (tens of seconds a call)
+os.environ["HF_HUB_OFFLINE"] = "1"
 # no test, whatever its scope, writes into the user's registry (function-scoped tests get their own below)
 os.environ["FORGE_REGISTRY_DIR"] = __import__("tempfile").mkdtemp(prefix="forge-test-registry-")
 SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "REGISTRY_AUTH_FILE", "REGISTRY_PASSWORD", "FORGE_CI",
@@ -24,6 +27,8 @@ def _offline_and_clean(monkeypatch, tmp_path_factory):
     for var in SECRETS:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if "huggingface_hub" in sys.modules:   # imported already (by a test or a library): its constant, too
+        monkeypatch.setattr(sys.modules["huggingface_hub"].constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
     monkeypatch.setenv("FORGE_REGISTRY_DIR", str(tmp_path_factory.mktemp("registry")))  # never the user's
     real_connect = socket.socket.connect
@@ -160,17 +165,18 @@ def oci_registry(tmp_path_factory):
 
 STANDINS = {  # what the real images carry that forge must override or keep
     "trtllm-1.0-cu129": ("nvcr.io/nvidia/tensorrt-llm/release:1.0.0", "12.9.1"),
+    "trtllm-1.2-cu130": ("nvcr.io/nvidia/tensorrt-llm/release:1.2.0", "13.0.0"),
     "vllm-0.11-cu128": ("docker.io/vllm/vllm-openai:v0.11.0", "12.8.1"),
 }
 
 
-@pytest.fixture(scope="session")
-def standin_bases(tmp_path_factory):
+def make_standin_bases(root: Path) -> dict[str, str]:
     """Local images under the catalog's references, carrying NGC's env and labels (NVIDIA_REQUIRE_CUDA=cuda>=9.0,
-    CUDA_VERSION, a vendor label): the GPU bases cannot be pulled here, their packaging logic can be tested."""
+    CUDA_VERSION, a vendor label), in buildah storage at ``root``: the GPU bases cannot be pulled here, their
+    packaging logic can be tested (and bench/noop_rebuild.py builds the variants recipe on them). Returns the
+    environment a build needs to see them."""
     if shutil.which("buildah") is None:
         pytest.fail("buildah is not installed: `make setup-tools` installs it")
-    root = tmp_path_factory.mktemp("buildah") / "storage"
     old = os.environ.get("FORGE_BUILDAH_ROOT")
     os.environ["FORGE_BUILDAH_ROOT"] = str(root)   # only while the stand-ins are made; builds get it via env
     from forge.image.builders import buildah
@@ -189,6 +195,12 @@ def standin_bases(tmp_path_factory):
         else:
             os.environ["FORGE_BUILDAH_ROOT"] = old
     return {"FORGE_BUILDAH_ROOT": str(root)}
+
+
+@pytest.fixture(scope="session")
+def standin_bases(tmp_path_factory):
+    """The GPU bases' stand-ins (``make_standin_bases``), once per test session."""
+    return make_standin_bases(tmp_path_factory.mktemp("buildah") / "storage")
 
 
 def image_config(out: Path) -> dict:

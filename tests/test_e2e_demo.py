@@ -210,7 +210,7 @@ def test_demo_published_to_a_real_registry_with_evidence_and_pulled_back(demo, o
 
 def test_trtllm_recipe_modelopt_fp8_on_cpu_validated_and_packaged(demo, standin_bases, tmp_path):
     """The demo model through ModelOpt (what it supports on a CPU: FP8), validated against the recipe,
-    packaged for trtllm-serve on a stand-in of the TensorRT-LLM 1.0 release image."""
+    packaged for trtllm-serve on a stand-in of the TensorRT-LLM 1.2 release image (PyTorch backend)."""
     recipe = REPO / "recipes" / "smollm2-135m-trtllm.yaml"
     env = {**demo["env"], **standin_bases}
     proc = forge_cli("build", str(recipe), cache=demo["cache"], env=env, timeout=3600)
@@ -224,7 +224,7 @@ def test_trtllm_recipe_modelopt_fp8_on_cpu_validated_and_packaged(demo, standin_
     assert facts["verify"]["matching_prefix"] >= 8     # dequantized FP8 generates BF16's first tokens
     config = image_config(steps["package"])
     env_vars = dict(e.split("=", 1) for e in config["config"]["Env"])
-    assert env_vars["NVIDIA_REQUIRE_CUDA"] == "cuda>=12.9"
+    assert env_vars["NVIDIA_REQUIRE_CUDA"] == "cuda>=13.0"
     entry = config["config"]["Entrypoint"]
     serve = subprocess.run([str(REPO / "tests" / "fake_bin" / "trtllm-serve"), *entry[1:]], capture_output=True, text=True)
     assert entry[0] == "trtllm-serve" and serve.returncode == 0, serve.stderr

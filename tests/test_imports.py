@@ -121,3 +121,61 @@ def test_the_checker_sees_function_level_type_only_and_registry_string_imports(t
     assert graph["forge.steps.c"] == {"forge.a", "forge.steps"}  # relative import resolved
     assert graph["forge.reg"] == {"forge.steps.c"}              # a registry string names a module
     assert cycles(graph) == [["forge.a", "forge.b", "forge.steps.c", "forge.a"]]
+
+
+_MAY = re.compile(r"^May import:\s+(.+?)\.$", re.M | re.S)
+
+
+def declared_layers(root: Path = FORGE) -> dict[str, set[str] | None]:
+    """package -> the forge packages its docstring says it may import (``None``: every one, the CLI)."""
+    out = {}
+    for init in sorted(root.glob("*/__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        m = _MAY.search(doc)
+        assert m, f"{init.relative_to(root.parent)}: its docstring has no 'May import: forge.x, forge.y.' line"
+        said = " ".join(m.group(1).split())
+        out[init.parent.name] = (None if said == "every forge package" else
+                                 set() if said == "nothing of forge" else
+                                 {name.strip().removeprefix("forge.") for name in said.split(",")})
+    return out
+
+
+def package_edges(graph: dict[str, set[str]]) -> dict[str, dict[str, set[str]]]:
+    """package -> imported package -> the 'module -> module' imports that make the edge."""
+    pkg = lambda m: m.split(".")[1] if m.count(".") else None   # noqa: E731 (forge itself: no package)
+    edges: dict[str, dict[str, set[str]]] = {}
+    for mod, targets in graph.items():
+        for t in targets:
+            a, b = pkg(mod), pkg(t)
+            if a and b and a != b:
+                edges.setdefault(a, {}).setdefault(b, set()).add(f"{mod} -> {t}")
+    return edges
+
+
+def test_every_package_imports_only_what_its_docstring_says_it_may():
+    """The folders are the layers: each package's docstring names the packages it may import, counting every
+    import as the cycle check does; a new edge between layers is a decision written down, not an accident."""
+    declared, found = declared_layers(), package_edges(import_graph())
+    packages = {p.parent.name for p in FORGE.glob("*/__init__.py")}
+    assert {p.name for p in FORGE.iterdir() if p.is_dir() and any(p.glob("*.py"))} == packages, \
+        "every folder of forge/ is a package with an __init__.py docstring"
+    wrong = [f"{a} imports {b} ({', '.join(sorted(via)[:2])}) but its docstring does not allow it"
+             for a, targets in sorted(found.items()) if declared.get(a) is not None
+             for b, via in sorted(targets.items()) if b not in declared[a]]
+    assert wrong == [], "\n".join(wrong)
+    stale = [f"{a}: declares {sorted(declared[a] - set(found.get(a, {})))} it does not import"
+             for a in sorted(declared) if declared[a] is not None and declared[a] - set(found.get(a, {}))]
+    assert stale == [], "\n".join(stale)   # the docstring says what is, not what might be
+
+
+def test_the_layer_check_reads_the_docstrings_and_names_the_import(tmp_path):
+    pkg = tmp_path / "forge"
+    for name, doc in (("core", "Ground.\n\nMay import: nothing of forge."), ("model", "Files.\n\nMay import:\nforge.core.")):
+        (pkg / name).mkdir(parents=True)
+        (pkg / name / "__init__.py").write_text(f'"""{doc}\n"""\n')
+    (pkg / "__init__.py").write_text("")
+    (pkg / "core" / "x.py").write_text("def f():\n    from forge.model import y\n")
+    (pkg / "model" / "y.py").write_text("from forge.core import x\n")
+    assert declared_layers(pkg) == {"core": set(), "model": {"core"}}
+    assert package_edges(import_graph(pkg)) == {"core": {"model": {"forge.core.x -> forge.model.y"}},
+                                                 "model": {"core": {"forge.model.y -> forge.core.x"}}}

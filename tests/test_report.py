@@ -96,7 +96,7 @@ def known(tmp_path_factory, tiny_llama):
     results["package"] = _result("package", root / "package", {}, "sha256:" + "a" * 64)
     results["scan"] = _result("scan", root / "scan", _scan(root / "scan"), "sha256:" + "b" * 64)
     registry = LocalRegistry(root / "registry")
-    outputs = BuildOutputs(root / "out", loaded, results, store.root / "downloads")
+    outputs = BuildOutputs(root / "out", loaded, results)
     record = publish(loaded, results, registry=registry, attach=outputs.attach)
     outputs.finish()
     return SimpleNamespace(root=root, recipe=recipe, loaded=loaded, store=store, results=results, record=record,
@@ -140,6 +140,32 @@ def test_forge_build_writes_the_report_dir_and_forge_report_renders_from_the_cac
     proc = forge_cli("report", str(known.recipe), "-o", str(tmp_path / "cached.html"), cache=known.store.root,
                      env=env, check=0)
     assert 'id="gate-table"' in (tmp_path / "cached.html").read_text()
+
+
+def test_the_same_data_is_drawn_once_and_a_changed_build_is_drawn_again(known, tmp_path, monkeypatch):
+    """A no-op rebuild must not pay for drawing the page (plotly, the template: seconds): the page is cached in the
+    step cache by its data, forge's version and the template; anything the page shows that changed draws it anew."""
+    import forge.report
+    from forge.registry.record import collect
+
+    drawn, real = [], forge.report.render
+    monkeypatch.setattr(forge.report, "render", lambda data: drawn.append(data["build"]["name"]) or real(data))
+    collected = collect(known.loaded, known.results)
+    pages = []
+    for i in range(2):
+        outputs = BuildOutputs(tmp_path / f"out{i}", known.loaded, known.results)
+        assert set(outputs.attach(collected)) == {EVIDENCE_KIND} and outputs.error is None
+        pages.append(outputs.html.read_bytes())
+    assert len(drawn) <= 1 and pages[0] == pages[1]   # the second (and the first, if the fixture drew it) cached
+    cache = Store(known.loaded.cache_root)   # the build's step cache (the one its downloads are in)
+    pages_kept = sorted((cache.root / "reports").glob("*.html"))
+    assert pages_kept and {path for what, path, _ in cache.prune(older_than_s=None, everything=True, dry_run=True)
+                           if what == "report"} == set(pages_kept)   # `forge cache prune` takes them too
+    before = len(drawn)
+    fewer = {k: v for k, v in known.results.items() if k != "scan"}   # another build: no scan
+    outputs = BuildOutputs(tmp_path / "out-other", known.loaded, fewer)
+    outputs.attach(collect(known.loaded, fewer))
+    assert len(drawn) == before + 1 and outputs.html.read_bytes() != pages[0]
 
 
 def test_forge_report_errors(tmp_path, tiny_llama):

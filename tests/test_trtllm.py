@@ -103,6 +103,17 @@ def test_bad_trtllm_recipes_exit_2_before_any_weight(tmp_path, tiny_llama, quant
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_engine_mode_on_a_tensorrt_llm_release_without_trtllm_build_is_exit_2_naming_the_fix(tmp_path, tiny_llama):
+    """TensorRT-LLM 1.2 removed trtllm-build and the TensorRT backend: engine mode is for bases <= 1.1 only."""
+    recipe = _trt_recipe(tmp_path, tiny_llama, "fp8", container={"base": "trtllm-1.2-cu130"}, trtllm={"mode": "engine"})
+    proc = forge_cli("validate", str(recipe))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "the trtllm-build engine flow was removed after TensorRT-LLM 1.1" in proc.stderr
+    assert "base trtllm-1.2-cu130 is 1.2.0. Use mode: pytorch, or a base with TensorRT-LLM <= 1.1" in proc.stderr
+    proc = forge_cli("validate", str(_trt_recipe(tmp_path, tiny_llama, "fp8", container={"base": "trtllm-1.2-cu130"})))
+    assert proc.returncode == 0, proc.stderr   # the PyTorch backend on the same base is fine
+
+
 def test_trtllm_section_needs_the_trtllm_engine(tmp_path, tiny_llama):
     recipe = write_recipe(tmp_path / "r.yaml", str(tiny_llama), target={"gpu": "H100-SXM", "engine": "vllm"},
                           trtllm={"mode": "engine"})
@@ -249,7 +260,7 @@ def test_an_engine_built_for_another_gpu_never_reaches_packaging(tmp_path, tiny_
 
 
 def test_pytorch_mode_packages_the_modelopt_checkpoint_for_trtllm_serve(tmp_path, tiny_llama, standin_bases):
-    recipe = _trt_recipe(tmp_path, tiny_llama, "fp8", container={"base": "trtllm-1.0-cu129"})
+    recipe = _trt_recipe(tmp_path, tiny_llama, "fp8", container={"base": "trtllm-1.2-cu130"})   # the current release
     proc = forge_cli("build", str(recipe), cache=tmp_path / "cache", env={**standin_bases})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "compile" not in proc.stdout   # nothing to compile: trtllm-serve loads the checkpoint

@@ -6,6 +6,8 @@ checkpoint format it writes, its config.json pre-flight, and the three stages th
 (``quantize`` in place, ``export``, ``validate`` what was written). Everything else (seed, dtype, tokenizer,
 calibration windows, loading, verification, reports, manifest) is the quantize step's, the same for all.
 Which backend runs is decided here, from the recipe alone.
+
+May import: forge.core, forge.model, forge.gpu, forge.engines.
 """
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 
 The commands live in submodules (build, tools, registry), registered on the apps of ``forge.cli._app`` when
 imported here, in the order ``forge --help`` lists them.
+
+May import: every forge package.
 """
 from __future__ import annotations
 

@@ -10,6 +10,8 @@ atomically), ``check`` (re-validate a directory, e.g. after editing), ``Options`
     autoscale.py  KEDA ScaledObject / HPA on the engine's queue, ServiceMonitor
     validate.py   schemas (Kubernetes, KEDA and Prometheus Operator CRDs) + cross-object checks
     kustomize.py  the directory: kustomization.yaml + one file per object
+
+May import: forge.core, forge.model, forge.oci, forge.gpu, forge.engines, forge.recipe, forge.registry.
 """
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ its health route, which schemes it runs on which GPUs (its capability rows), and
 smoke-tested on a machine without a GPU. The Containerfile (forge.image.containers) stays engine-neutral and
 asks the engine for these. Adding an engine: one module with an ``ENGINE`` object, plus a line in
 ``REGISTRY`` (or an entry point / FORGE_PLUGINS, see forge.core.plugins).
+
+May import: forge.core, forge.gpu, forge.recipe.
 """
 from __future__ import annotations
 

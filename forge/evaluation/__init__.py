@@ -1,2 +1,4 @@
-"""Eval task packs and the gate's statistics. May import forge.core.
+"""Eval task packs and the gate's statistics.
+
+May import: forge.core.
 """

@@ -11,6 +11,8 @@ Progress comes back as ``Event``\\s while the step runs.
 Executors: ``LocalExecutor`` (in this process, one step at a time: the default) and
 ``ProcessExecutor`` (each step in a ``python -m forge.executors.process`` worker: the seam's test).
 A distributed executor implements the same three methods; its workers share only the step cache.
+
+May import: forge.core, forge.gpu, forge.recipe, forge.steps, forge.store.
 """
 from __future__ import annotations
 

