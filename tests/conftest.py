@@ -272,10 +272,26 @@ def gate_rule(passed: bool = True) -> dict:
             "underpowered": False, "passed": passed, "decision": "pass" if passed else "beyond", "reason": ""}
 
 
-def gate_verdict(passed: bool = True, rules: int = 1, **extra) -> str:
-    """A gate step's verdict.json with ``rules`` rules, all passing or all failing (0: ungated); ``extra`` keys
-    make two builds' verdicts differ."""
-    return json.dumps({"passed": passed and rules > 0, "rules": [gate_rule(passed)] * rules, "reported": [], **extra})
+def evaluated_on(engine: str = "cpu", gpu: str = "CPU") -> dict:
+    """Where an eval step says it ran (``forge.steps.evaluate.evaluated_on``), here: on the engine and GPU an image
+    ships for, so that a gate from it is not a proxy's. The CPU image serves with transformers, as lm-eval's hf
+    backend evaluates; a GPU image's own engine ran on its GPU model (the name nvidia-smi reports)."""
+    if gpu == "CPU":
+        return {"engine": "transformers", "backend": "hf", "device": "cpu", "gpus": [], "dtype": "float32",
+                "batch_size": 8}
+    from forge.gpu.catalog import gpus
+
+    return {"engine": {"cpu": "transformers"}.get(engine, engine), "backend": "vllm", "device": "cuda",
+            "gpus": [gpus()[gpu].smi[0]], "dtype": "auto", "batch_size": 8}
+
+
+def gate_verdict(passed: bool = True, rules: int = 1, on: tuple[str, str] | None = ("cpu", "CPU"), **extra) -> str:
+    """A gate step's verdict.json with ``rules`` rules, all passing or all failing (0: ungated), both sides
+    evaluated ``on`` (engine, GPU) (None: a verdict that does not say where); ``extra`` keys make two builds'
+    verdicts differ."""
+    where = {"evaluated_on": {"baseline": evaluated_on(*on), "candidate": evaluated_on(*on)}} if on else {}
+    return json.dumps({"passed": passed and rules > 0, "rules": [gate_rule(passed)] * rules, "reported": [],
+                       **where, **extra})
 
 
 DEMO_SECRETS = {"HF_TOKEN": "hf_forgeTestSecretValue4242", "REGISTRY_PASSWORD": "forge-registry-pw-8675309"}

@@ -86,7 +86,7 @@ def _result(out: Path, facts: dict, digest: str):
 
 
 def make_record(root: Path, reg: LocalRegistry, recipe: Path, model_config: bytes, entrypoint: list[str], *,
-                gate=True, scan="pass", user: str = f"{UID}:{UID}"):
+                gate=True, scan="pass", user: str = f"{UID}:{UID}", evaluated_on: tuple[str, str] | None = None):
     """Publish a build of ``recipe`` whose image runs ``entrypoint``."""
     loaded = resolved(recipe)
     base = loaded.base
@@ -97,7 +97,8 @@ def make_record(root: Path, reg: LocalRegistry, recipe: Path, model_config: byte
                                entrypoint, user=user)
     (root / "package" / "image.json").write_text(json.dumps({"manifest_digest": digest, "engine": base.engine}))
     (root / "gate").mkdir()
-    (root / "gate" / "verdict.json").write_text(gate_verdict(gate))
+    on = evaluated_on or (base.engine, loaded.recipe.target.gpu)   # default: on the engine and GPU it ships for
+    (root / "gate" / "verdict.json").write_text(gate_verdict(gate, on=on))
     (root / "scan").mkdir()
     facts = {"status": "scanned", "passed": scan == "pass", "summary": "0 findings" if scan == "pass" else "1 CRITICAL"}
     (root / "scan" / "verdict.json").write_text(json.dumps(facts))
@@ -223,6 +224,22 @@ def test_only_validated_records_deploy(tmp_path, reg, gate, scan, status):
     proc = forge_cli("deploy", rec.id[:12], "--out", str(tmp_path / "out"), "--registry-dir", str(reg.root))
     assert proc.returncode == 2 and f"is {status}" in proc.stderr and rec.reason in proc.stderr
     assert "only a validated artifact can be deployed" in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_record_gated_on_a_proxy_deploys_only_when_the_user_says_so(tmp_path, reg):
+    """A vLLM H100 image whose gate ran with transformers on a CPU (as the variants demo's GPU variants are gated
+    here) is proxy-validated: deploy refuses it, naming where it was evaluated and the opt-in; with
+    --accept-proxy-eval it writes the manifests, whose labels say the status."""
+    rec = _case(tmp_path, reg, "vllm-h100-tp2", evaluated_on=("cpu", "CPU"))
+    assert rec.status == "proxy-validated"
+    assert "evaluated with transformers (hf) on cpu; the image serves vllm on H100-SXM" in rec.reason
+    proc = forge_cli("deploy", rec.id[:12], "--out", str(tmp_path / "out"), "--registry-dir", str(reg.root))
+    assert proc.returncode == 2 and "is proxy-validated" in proc.stderr and "--accept-proxy-eval" in proc.stderr
+    assert not (tmp_path / "out").exists() and "Traceback" not in proc.stderr
+    proc = forge_cli("deploy", rec.id[:12], "--out", str(tmp_path / "out"), "--registry-dir", str(reg.root),
+                     "--accept-proxy-eval")
+    assert proc.returncode == 0, proc.stderr
+    assert "proxy-validated" in "".join(p.read_text() for p in (tmp_path / "out").glob("*.yaml"))   # the labels
 
 
 def test_a_root_image_and_a_changed_recipe_are_refused(tmp_path, reg):

@@ -11,11 +11,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import forge_cli, gate_rule, gate_verdict, make_image, output_files
+from conftest import evaluated_on, forge_cli, gate_rule, gate_verdict, make_image, output_files
 
 from forge.registry import LocalRegistry, publish
 from forge.oci.layout import REF_NAME
-from forge.registry.evidence import decide
+from forge.registry.evidence import decide, proxy_reason
 
 
 # ---------------------------------------------------------------------- fixtures: a build's step outputs
@@ -28,7 +28,8 @@ def _result(out: Path, facts: dict, digest: str = "sha256:" + "ab" * 32, tools: 
 
 
 def make_build(root: Path, name: str = "tiny", *, gate_passed=True, scan="pass", image=True, seed: str = "0",
-               registry: str = "local", members: dict[str, bytes] | None = None, rules: int = 1):
+               registry: str = "local", members: dict[str, bytes] | None = None, rules: int = 1,
+               on: tuple[str, str] | None = ("vllm", "L40S")):
     """(loaded, results) shaped like a finished forge build, from files written here (``members``: more
     weights-layer members, named as in the tar)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -36,7 +37,7 @@ def make_build(root: Path, name: str = "tiny", *, gate_passed=True, scan="pass",
                "quantize": _result(root, {"method": "fp8"}, "sha256:" + hashlib.sha256(seed.encode()).hexdigest(),
                                    {"llmcompressor": "0.14.0.1"})}
     (root / "gate").mkdir()
-    (root / "gate" / "verdict.json").write_text(gate_verdict(gate_passed, rules, seed=seed))
+    (root / "gate" / "verdict.json").write_text(gate_verdict(gate_passed, rules, on=on, seed=seed))
     results["gate"] = _result(root / "gate", {"passed": gate_passed}, step="gate")
     if image:
         (root / "package").mkdir()
@@ -208,12 +209,47 @@ def test_the_record_says_how_its_status_was_derived(tmp_path, reg):
     how = rec.status_evidence
     assert rec.status == "validated" and "at least one gated rule" in how["rule"]
     assert how["eval-verdict"] == {"file": "verdict.json", "digest": rec.eval_digest, "rules": 1, "passed": True,
-                                   "failed": [], "said": "pass"}
+                                   "failed": [], "said": "pass", "evaluated_on": evaluated_on("vllm", "L40S"),
+                                   "ships": {"engine": "vllm", "gpu": "L40S"}, "proxy": None}
     assert how["scan-report"]["digest"] == rec.scan_digest and how["scan-report"]["said"] == "pass"
     assert how["provenance"]["digest"] == rec.provenance_digest and how["provenance"]["subject"] == rec.image_digest
     assert how["provenance"]["said"] == "names the image" and how["image"] == rec.image_digest
     proc = forge_cli("registry", "verify", rec.id[:12], "--registry-dir", str(reg.root), check=0)
     assert "status validated re-derived from the evidence" in proc.stdout
+
+
+@pytest.mark.parametrize("on,engine,gpu,proxy", [
+    (("cpu", "CPU"), "cpu", "CPU", None),                       # the CPU image serves with transformers, as hf evaluated
+    (("vllm", "L4"), "vllm", "L4", None),                       # vLLM on an L4, shipped for an L4
+    (("cpu", "CPU"), "vllm", "L4", "evaluated with transformers (hf) on cpu; the image serves vllm on L4"),
+    (("vllm", "L4"), "vllm", "H100-SXM", "evaluated with vllm (vllm) on NVIDIA L4; the image serves vllm on H100-SXM"),
+    (("vllm", "L4"), "tgi", "L4", "evaluated with vllm (vllm) on NVIDIA L4; the image serves tgi on L4"),
+    (None, "cpu", "CPU", "the verdict does not say where the candidate was evaluated"),   # fail closed
+])
+def test_a_gate_is_a_proxys_unless_the_candidate_ran_on_the_shipped_engine_and_gpu(on, engine, gpu, proxy):
+    assert proxy_reason(evaluated_on(*on) if on else None, engine, gpu) == proxy
+
+
+def test_a_proxy_validated_record_is_shown_and_promoted_only_when_the_user_says_so(tmp_path, reg):
+    """The variants demo's GPU images are gated by transformers on a CPU: every gate passes, the status says it was
+    a proxy's, `registry ls`/`show` tell it apart, promote refuses it without --accept-proxy-eval, and a promotion
+    with it is recorded and still re-derives."""
+    rec = publish(*make_build(tmp_path / "b", on=("cpu", "CPU")), registry=reg)   # ships vllm on L40S
+    assert rec.status == "proxy-validated" and rec.tag   # tagged like any image, not promotable as it stands
+    assert rec.reason.startswith("gated on a proxy: evaluated with transformers (hf) on cpu; the image serves vllm on L40S")
+    args = ("--registry-dir", str(reg.root))
+    listed = json.loads(forge_cli("registry", "ls", "--json", *args, check=0).stdout)
+    assert [r["status"] for r in listed] == ["proxy-validated"]
+    shown = forge_cli("registry", "show", rec.id[:12], *args, check=0).stdout
+    assert "transformers (lm-eval hf) on cpu; ships vllm on L40S (a proxy's numbers)" in shown
+    assert "status proxy-validated re-derived" in forge_cli("registry", "verify", rec.id[:12], *args, check=0).stdout
+    proc = forge_cli("registry", "promote", rec.id[:12], "--to", "prod", *args)
+    assert proc.returncode == 2 and "is proxy-validated" in proc.stderr and "--accept-proxy-eval" in proc.stderr
+    forge_cli("registry", "promote", rec.id[:12], "--to", "prod", "--accept-proxy-eval", *args, check=0)
+    promoted = reg.get(rec.id)
+    assert promoted.status == "promoted" and promoted.accepted_proxy_eval
+    assert any("--accept-proxy-eval" in detail for _, _, detail in reg.events(promoted))
+    assert reg.verify(promoted) == []   # promoted with the opt-in: the evidence's proxy-validated supports it
 
 
 @pytest.mark.parametrize("passed", [False, True], ids=["flipped-to-failed", "flipped-to-passed"])

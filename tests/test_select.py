@@ -61,7 +61,7 @@ def publish_build(root: Path, reg: LocalRegistry, loaded, *, gate: bool = True):
     digest = make_image(root / "package" / "oci", "tiny", {"config.json": CONFIG, "model.safetensors": b"W" * 512 + seed})
     (root / "package" / "image.json").write_text(json.dumps({"manifest_digest": digest, "engine": "vllm"}))
     (root / "gate").mkdir()
-    (root / "gate" / "verdict.json").write_text(gate_verdict(gate))
+    (root / "gate" / "verdict.json").write_text(gate_verdict(gate, on=("vllm", loaded.recipe.target.gpu)))
     (root / "scan").mkdir()
     facts = {"status": "scanned", "passed": True, "summary": "0 findings"}
     (root / "scan" / "verdict.json").write_text(json.dumps(facts))

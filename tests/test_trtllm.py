@@ -298,6 +298,34 @@ def test_vllm_recipe_on_a_standin_ngc_base_pins_cuda_and_labels(tmp_path, tiny_l
     assert config["config"]["User"] == "10001:10001"
     assert _serve_args(config)[:3] == ["vllm", "serve", "/opt/forge/model"]
     assert "--quantization" in _serve_args(config) and "compressed-tensors" in _serve_args(config)
+    # no L40S here: never failed, never passed, and the record and the report say why
+    image = json.loads((entries["package"] / "image.json").read_text())
+    assert image["smoke_test"] == {"passed": None, "skipped": "not smoke-tested: no L40S here", "answer": None,
+                                   "health_seconds": None, "models": None}
+    reg = tmp_path / "registry"
+    proc = forge_cli("build", str(recipe), "--registry-dir", str(reg), "--report-dir", str(tmp_path / "report"),
+                     cache=tmp_path / "cache", env={**standin_bases}, check=0)
+    shown = json.loads(forge_cli("registry", "show", "tiny-vllm", "--json", "--registry-dir", str(reg), check=0).stdout)
+    assert shown["smoke_test"] == "not smoke-tested: no L40S here"
+    assert '<td id="smoke-test">not smoke-tested: no L40S here</td>' in (tmp_path / "report" / "report.html").read_text()
+
+
+@pytest.mark.parametrize("gpus,builder,why", [
+    ("", "buildah", "not smoke-tested: no L4 here"),
+    ("NVIDIA H100 80GB HBM3, 9.0, 580.65.06", "podman", "not smoke-tested: no L4 here"),   # another GPU model
+    ("NVIDIA L4, 8.9, 570.26", "buildah", "not smoke-tested: a L4 is here, but buildah cannot give a container a GPU"),
+    ("NVIDIA L4, 8.9, 570.26", "docker", None),                                            # it runs, with --gpus all
+])
+def test_a_gpu_image_is_smoke_tested_where_its_gpu_is(monkeypatch, gpus, builder, why):
+    from forge.image.builders import GPU_FLAGS
+    from forge.image.smoketest import why_not_here
+
+    monkeypatch.setenv("PATH", f"{FAKE_BIN}:{os.environ['PATH']}")   # the stand-in nvidia-smi
+    monkeypatch.setenv("FAKE_NVIDIA_SMI_GPUS", gpus)
+    said = why_not_here("vllm", "L4", builder)
+    assert said == why if why is None else said.startswith(why)
+    assert why_not_here("cpu", "CPU", "buildah") is None   # the CPU image runs anywhere
+    assert GPU_FLAGS == {"docker": ("--gpus", "all"), "podman": ("--device", "nvidia.com/gpu=all")}
 
 
 def test_docker_builder_contract_on_a_standin_base(tmp_path, tiny_llama, standin_bases):

@@ -178,6 +178,16 @@ def test_demo_variants_build_cpu_and_two_gpu_images(tmp_path, standin_bases, dem
     records = {r.variant: r for r in registry.ls(name="smollm2-135m") if r.kind == "image"}
     assert set(records) == {"cpu-fp8", "vllm-fp8-l4-tp1", "vllm-fp8-h100-sxm-tp1"}
     assert {r.status for r in records.values()} == {"unscanned"}      # scan.required: false (no Trivy here)
+    # the shared gate ran with transformers on this CPU: the CPU image's own numerics, a proxy for the vLLM images
+    assert {v: bool(r.eval_proxy) for v, r in records.items()} == {
+        "cpu-fp8": False, "vllm-fp8-l4-tp1": True, "vllm-fp8-h100-sxm-tp1": True}
+    assert {v: r.smoke_test for v, r in records.items()} == {   # the CPU image served here; a GPU image never failed
+        "cpu-fp8": "passed", "vllm-fp8-l4-tp1": "not smoke-tested: no L4 here",
+        "vllm-fp8-h100-sxm-tp1": "not smoke-tested: no H100-SXM here"}
+    listed = forge_cli("registry", "ls", "--registry-dir", str(reg), check=0).stdout
+    assert listed.count("pass (proxy)") == 2, listed
+    shown = forge_cli("registry", "show", "smollm2-135m:vllm-fp8-l4-tp1", "--registry-dir", str(reg), check=0).stdout
+    assert "transformers (lm-eval hf) on cpu; ships vllm on L4 (a proxy's numbers)" in shown
     assert {r.target_gpu for r in records.values()} == {"CPU", "L4", "H100-SXM"}
     assert len({r.model_digest for r in records.values()}) == 1 and len({r.image_digest for r in records.values()}) == 3
     for step in ("resolve", "reference", "quantize", "eval_baseline", "eval_candidate", "gate"):

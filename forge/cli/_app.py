@@ -31,6 +31,9 @@ VariantOpt = Annotated[Optional[list[str]], typer.Option(
     "--variant", metavar="NAME", help="Only this variant of the recipe (repeatable; default: all its variants).")]
 RegistryDir = Annotated[Optional[Path], typer.Option("--registry-dir", envvar="FORGE_REGISTRY_DIR", show_envvar=True,
                                                      help="Embedded registry root (default: $XDG_DATA_HOME/forge/registry).")]
+AcceptProxyEval = Annotated[bool, typer.Option(
+    "--accept-proxy-eval", help="Also a proxy-validated artifact: every gate passed, but the candidate was evaluated "
+                                "on another engine or device than the image ships for (recorded on the record).")]
 
 
 def _store(cache_dir: Path | None):

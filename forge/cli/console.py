@@ -185,7 +185,7 @@ def gate_table(verdict: dict, console: Console = out) -> None:
 
 
 _STATUS_COLOURS = {"validated": "green", "promoted": "green", "rejected": "red", "unscanned": "yellow",
-                   "ungated": "yellow"}
+                   "ungated": "yellow", "proxy-validated": "yellow"}
 
 
 def publish_line(record, registry_root: Path, console: Console = out) -> None:

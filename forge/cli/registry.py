@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from forge.cli import console
-from forge.cli._app import RegistryDir, _registry, registry_app
+from forge.cli._app import AcceptProxyEval, RegistryDir, _registry, registry_app
 from forge.cli.console import err, out
 from forge.core.errors import UsageError
 
@@ -24,7 +24,7 @@ RefArg = Annotated[str, typer.Argument(help="NAME, NAME:TAG, NAME@sha256:…, an
 @registry_app.command("ls")
 def registry_ls(
     status: Annotated[Optional[str], typer.Option(help="Only artifacts with this status (built, gated, scanned, "
-                                                  "validated, promoted, rejected, unscanned, ungated).")] = None,
+                                                  "validated, proxy-validated, promoted, rejected, unscanned, ungated).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Only artifacts of this recipe name.")] = None,
     registry_dir: RegistryDir = None, json_out: JsonOut = False,
 ) -> None:
@@ -40,7 +40,8 @@ def registry_ls(
         return
     console.table(("id", "name:tag", "status", "method", "gpu", "eval", "scan", "image", "created"),
                   [(r.short(), escape(f"{r.name}:{r.tag}" if r.tag else r.name), r.status, r.method, r.target_gpu,
-                    r.eval_verdict, r.scan_verdict, (r.image_digest or "-")[:19], r.created_at) for r in records],
+                    r.eval_verdict + (" (proxy)" if r.eval_proxy else ""), r.scan_verdict, (r.image_digest or "-")[:19],
+                    r.created_at) for r in records],
                   title=f"registry: {reg.root}")
 
 
@@ -58,6 +59,13 @@ def registry_show(ref: RefArg, registry_dir: RegistryDir = None, json_out: JsonO
         if k in ("evidence", "events", "referrers", "tool_versions"):
             continue
         out.print(f"[bold]{k:<17}[/] {escape(str(v))}", highlight=False)
+    gated = (rec.status_evidence or {}).get("eval-verdict") or {}
+    if gated:
+        on = gated.get("evaluated_on") or {}
+        where = (f"{on.get('engine')} (lm-eval {on.get('backend')}) on {', '.join(on.get('gpus') or []) or on.get('device')}"
+                 if on else "not recorded")
+        out.print(f"[bold]{'evaluated on':<17}[/] {escape(where)}; ships {rec.engine} on {rec.target_gpu}"
+                  + (" [yellow](a proxy's numbers)[/]" if rec.eval_proxy else ""), highlight=False)
     out.print("[bold]evidence[/]")
     for ev in rec.evidence:
         out.print(f"  {ev.kind:<13} {ev.manifest_digest[:19]}  {', '.join(ev.files)}", highlight=False)
@@ -99,12 +107,12 @@ def registry_verify(ref: RefArg, registry_dir: RegistryDir = None,
 
 @registry_app.command("promote")
 def registry_promote(ref: RefArg, to: Annotated[str, typer.Option("--to", help="The tag to add (e.g. prod).")],
-                     registry_dir: RegistryDir = None) -> None:
+                     registry_dir: RegistryDir = None, accept_proxy_eval: AcceptProxyEval = False) -> None:
     """Tag a validated artifact (locally, and in its remote registry if it was pushed)."""
     from forge.registry import promote
 
     reg = _registry(registry_dir)
-    rec = promote(reg, reg.resolve(ref), to)
+    rec = promote(reg, reg.resolve(ref), to, accept_proxy_eval=accept_proxy_eval)
     out.print(f"[green]✓[/] {rec.name}:{to} → {rec.image_digest}" + (f" (also {rec.remote.split('@')[0]}:{to})"
                                                                     if rec.remote else ""), highlight=False)
 

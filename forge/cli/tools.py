@@ -11,7 +11,7 @@ from rich.markup import escape
 
 from forge import __version__
 from forge.cli import console
-from forge.cli._app import CacheDir, RegistryDir, _load, _registry, _store, app, cache_app
+from forge.cli._app import AcceptProxyEval, CacheDir, RegistryDir, _load, _registry, _store, app, cache_app
 from forge.cli.console import err, out
 from forge.core.errors import ExitCode, UsageError
 from forge.gpu.methods import NAMES as METHOD_NAMES
@@ -248,7 +248,7 @@ def deploy_cmd(
     check_dir: Annotated[Optional[Path], typer.Option("--check", help="Re-validate a directory forge deploy wrote (e.g. after edits).")] = None,
     kube_version: Annotated[Optional[str], typer.Option(help="Kubernetes version whose schemas validate the objects.")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="The record's recipe file, when it is no longer where it was built.")] = None,
-    registry_dir: RegistryDir = None,
+    registry_dir: RegistryDir = None, accept_proxy_eval: AcceptProxyEval = False,
 ) -> None:
     """Kubernetes manifests (kustomize directory) for a validated artifact, validated offline; or --check DIR."""
     from forge import deploy
@@ -271,7 +271,7 @@ def deploy_cmd(
         raise UsageError("missing REF", hint="Usage: forge deploy REF [--out DIR] or forge deploy --check DIR")
     rec = reg.resolve(ref)
     opts = deploy.Options(replicas=replicas, max_replicas=max_replicas, autoscale=autoscale, namespace=namespace,
-                          kube_version=kube, recipe=recipe)
+                          kube_version=kube, recipe=recipe, accept_proxy_eval=accept_proxy_eval)
     generated = deploy.generate(reg, [rec], opts)
     target = out_dir or Path("deploy") / rec.name
     files = deploy.write(generated, target)

@@ -79,6 +79,12 @@ def local_gpus() -> list[LocalGpu]:
     return out
 
 
+def no_nvidia_smi() -> list | None:
+    """``[]`` (no GPUs) when nvidia-smi is not installed, known without running anything; else None (ask it). The
+    ``remembered`` of a probe of ``local_gpus``: planning on a machine without NVIDIA's driver knows the answer."""
+    return [] if shutil.which("nvidia-smi") is None else None
+
+
 def tool_versions(names: tuple[str, ...]) -> dict[str, str]:
     """Installed versions of Python distributions ("absent" when not installed)."""
     out = {}

@@ -32,6 +32,7 @@ class Options:
     namespace: str | None = None
     kube_version: str = KUBE_VERSION
     recipe: Path | None = None          # the recipe file, when it is not where the record says
+    accept_proxy_eval: bool = False     # also a proxy-validated record (its gate ran on another engine/device)
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def generate(reg, records: list, opts: Options = Options()) -> Generated:
         raise UsageError(f"--max-replicas {max_replicas} is below --replicas {opts.replicas}")
     objects, notes, images = [], [], {}
     for rec in records:
-        art = gather(reg, rec, opts.recipe if len(records) == 1 else None)
+        art = gather(reg, rec, opts.recipe if len(records) == 1 else None, accept_proxy_eval=opts.accept_proxy_eval)
         srv = serving(rec.engine, rec.engine_version)
         how = autoscale.choose(opts.autoscale, srv)
         sz = size(art, srv)

@@ -20,6 +20,7 @@ from pathlib import Path
 from forge.core.errors import UsageError
 from forge.oci.layout import member_path
 from forge.registry import PROMOTABLE, LocalRegistry, Record
+from forge.registry.record import PROXY, PROXY_HINT
 
 __all__ = ["Artifact", "gather", "image_config"]
 
@@ -46,11 +47,14 @@ def image_config(reg: LocalRegistry, image_digest: str) -> dict:
     return json.loads(reg.blobs.read(manifest["config"]["digest"]))
 
 
-def gather(reg: LocalRegistry, rec: Record, recipe_path: Path | None = None) -> Artifact:
+def gather(reg: LocalRegistry, rec: Record, recipe_path: Path | None = None, *,
+           accept_proxy_eval: bool = False) -> Artifact:
     if rec.kind == "matrix":   # issue 16: a variant matrix lists images; it is not one
         raise UsageError(f"{rec.name}:{rec.tag} is a variant matrix, which no runtime can run",
                          hint=f"`forge registry select {rec.name} --gpu-product LABEL` names the variant to deploy.")
-    if rec.status not in PROMOTABLE:
+    if rec.status == PROXY and not accept_proxy_eval:
+        raise UsageError(f"{rec.name} {rec.short()} is {PROXY}: {rec.reason}", hint=PROXY_HINT)
+    if rec.status not in PROMOTABLE and rec.status != PROXY:
         why = f": {rec.reason}" if rec.reason else ""
         raise UsageError(f"{rec.name} {rec.short()} is {rec.status}{why}; only a validated artifact can be deployed",
                          hint="Fix what stopped it and build again; `forge registry show` has its evidence.")

@@ -212,9 +212,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(builder: str, tag: str, engine_args, port: int, log):
+GPU_FLAGS = {"docker": ("--gpus", "all"), "podman": ("--device", "nvidia.com/gpu=all")}   # NVIDIA runtime / CDI
+
+
+def start_server(builder: str, tag: str, engine_args, port: int, log, *, gpus: bool = False):
     """Start the image's server (engine_args: its entrypoint) reachable on 127.0.0.1:port, its output to log;
-    returns (process, args, stop). stop() ends the whole process group and removes the container."""
+    ``gpus``: with this machine's NVIDIA GPUs (docker, podman). Returns (process, args, stop). stop() ends the
+    whole process group and removes the container."""
     if builder == "buildah":  # no port mapping: the server shares the host network, so it listens on port
         args = [a if a != str(PORT) else str(port) for a in engine_args]
         ctr = buildah("from", "--pull=never", tag).stdout.strip().splitlines()[-1]
@@ -226,7 +230,8 @@ def start_server(builder: str, tag: str, engine_args, port: int, log):
             buildah("rm", ctr, check=False)
         return server, args, stop
     name = f"forge-smoke-{uuid.uuid4().hex[:12]}"
-    server = subprocess.Popen([builder, "run", "--rm", "--name", name, "-p", f"127.0.0.1:{port}:{PORT}", tag],
+    server = subprocess.Popen([builder, "run", "--rm", "--name", name, *(GPU_FLAGS[builder] if gpus else ()),
+                               "-p", f"127.0.0.1:{port}:{PORT}", tag],
                               stdout=log, stderr=subprocess.STDOUT, env=clean_env(), start_new_session=True)
 
     def stop() -> None:

@@ -121,35 +121,54 @@ def _request_or_fail(fail, stage: str, method: str, url: str, body: dict | None 
 # ------------------------------------------------------------------ an image's smoke test
 
 
+def why_not_here(engine_name: str, gpu: str, builder: str) -> str | None:
+    """Why an image of ``engine_name`` for ``gpu`` cannot be smoke-tested on this machine (None: it can). A GPU
+    image runs where its GPU model is (nvidia-smi names it) and a builder can hand it the GPU (docker, podman)."""
+    from forge.core.host import local_gpus
+    from forge.engines import get
+    from forge.gpu.catalog import gpus
+
+    engine = get(engine_name)
+    if engine.smoke_test:
+        return None
+    if engine.cpu:
+        return f"not smoke-tested: {engine.name} images cannot be smoke-tested here (its engine says so)"
+    names = gpus()[gpu].smi if gpu in gpus() else ()
+    if not any(g.name in names for g in local_gpus()):
+        return f"not smoke-tested: no {gpu} here"
+    if builder == "buildah":
+        return (f"not smoke-tested: a {gpu} is here, but buildah cannot give a container a GPU "
+                "(container.builder: podman with the NVIDIA CDI spec, or docker with the NVIDIA runtime)")
+    return None
+
+
 def smoke_test(tag: str, spec: "ImageSpec", report, *, keep: Path, builder: str = "buildah", timeout_s: float = 300,
-               layout: tuple[Path, str] | None = None) -> dict:
+               layout: tuple[Path, str] | None = None, gpu: str = "CPU") -> dict:
     """Serve from the image, check it (check_server: health route, /v1/models, one chat), stop everything.
     keep: where the server log goes, and where it stays with the transcript when the check fails (removed
     when it passes). layout: (OCI layout, ref) to load the image from into the builder's storage first; it is
     removed again afterwards (the layout is the artifact: no second copy of the weights stays behind)."""
     from forge.engines import get
 
-    engine = get(spec.base.engine)
-    if not engine.smoke_test:
-        why = ("cannot be smoke-tested here (its engine says so)" if engine.cpu
-               else "need their GPU to serve; smoke test not run here")
-        return {"passed": False, "skipped": f"{engine.name} images {why}", "answer": None, "health_seconds": None,
-                "models": None}
+    if (why := why_not_here(spec.base.engine, gpu, builder)) is not None:   # never failed, never passed
+        return {"passed": None, "skipped": why, "answer": None, "health_seconds": None, "models": None}
+    gpu_image = not get(spec.base.engine).smoke_test   # runs here only because its GPU is here
     if layout is not None:
         report("loading the image into the builder's storage for the smoke test")
         load_image(builder, layout[0], layout[1], tag)
     try:
-        return _serve_and_check(tag, spec, report, keep=keep, builder=builder, timeout_s=timeout_s)
+        return _serve_and_check(tag, spec, report, keep=keep, builder=builder, timeout_s=timeout_s, gpus=gpu_image)
     finally:
         if layout is not None:
             unload_image(builder, tag)
 
 
-def _serve_and_check(tag: str, spec: "ImageSpec", report, *, keep: Path, builder: str, timeout_s: float) -> dict:
+def _serve_and_check(tag: str, spec: "ImageSpec", report, *, keep: Path, builder: str, timeout_s: float,
+                     gpus: bool = False) -> dict:
     keep.mkdir(parents=True, exist_ok=True)
     port = free_port()
     with open(keep / SERVER_LOG, "wb") as log:
-        server, args, stop = start_server(builder, tag, spec.engine_args, port, log)
+        server, args, stop = start_server(builder, tag, spec.engine_args, port, log, gpus=gpus)
         try:
             transcript = check_server(f"http://127.0.0.1:{port}", spec.served_name, report, exited=server.poll,
                                       keep=keep, timeout_s=timeout_s, context={"image": tag, "command": args},

@@ -65,8 +65,8 @@ def publish(loaded, results: dict, report=lambda *a, **k: None, registry: LocalR
     return stored
 
 
-def promote(reg: LocalRegistry, rec: Record, tag: str) -> Record:
-    updated = reg.promote(rec, tag)
+def promote(reg: LocalRegistry, rec: Record, tag: str, *, accept_proxy_eval: bool = False) -> Record:
+    updated = reg.promote(rec, tag, accept_proxy_eval=accept_proxy_eval)
     if rec.remote:
         from forge.registry import remote
 

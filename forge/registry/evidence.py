@@ -1,7 +1,11 @@
 """A record's status as a function of its evidence: one derivation, used by publish and by ``registry verify``.
 
     validated = at least one gated rule ran and every rule passed on finite numbers (the eval verdict,
-                re-judged), the scan passed (the scan verdict), and the provenance names the image.
+                re-judged), the candidate was evaluated on the engine and GPU the image ships for (the
+                verdict's evaluated_on), the scan passed (the scan verdict), and the provenance names the image.
+    proxy-validated = all of that, but the candidate's numbers came from another engine or device (a vLLM L4
+                image gated by transformers on a CPU): a proxy's verdict, which promote and deploy refuse
+                unless told --accept-proxy-eval.
 
 ``derive`` reads the evidence *bytes* (publish: the step outputs, each checked against its step manifest;
 verify: the blobs the record names, each checked against its digest) and returns the status, its reason,
@@ -17,13 +21,18 @@ from typing import Callable
 from forge.core.errors import EvidenceError
 from forge.oci.layout import sha256_bytes
 
-__all__ = ["Derived", "derive", "decide", "RULE", "GATE_FILE", "SCAN_FILE", "PROVENANCE_FILE"]
+__all__ = ["Derived", "derive", "decide", "proxy_reason", "RULE", "PROXY", "GATE_FILE", "SCAN_FILE",
+           "PROVENANCE_FILE"]
 
 GATE_FILE = "verdict.json"                 # forge.steps.gate.VERDICT, in the eval-verdict evidence
 SCAN_FILE = "verdict.json"                 # forge.steps.scan.VERDICT, in the scan-report evidence
 PROVENANCE_FILE = "provenance.intoto.json"
 RULE = ("validated: at least one gated rule ran and every rule passed on finite numbers (eval verdict, "
-        "re-judged), the scan passed (scan verdict), and the provenance names the image")
+        "re-judged) for a candidate evaluated on the engine and GPU the image ships for (else proxy-validated), "
+        "the scan passed (scan verdict), and the provenance names the image")
+PROXY = "proxy-validated"
+# whose numerics each serving engine's scores are: the CPU image serves with transformers, like lm-eval's hf backend
+NUMERICS_OF_ENGINE = {"cpu": "transformers"}
 
 
 @dataclass(frozen=True)
@@ -36,10 +45,12 @@ class Derived:
 
 
 def derive(*, gate: bytes | None, scan: bytes | None, provenance: bytes, image_digest: str | None,
+           ships: tuple[str | None, str | None] = (None, None),
            where: Callable[[str], str] = lambda kind: kind) -> Derived:
     """The status the evidence supports. ``gate``/``scan``: the eval and scan verdict files' bytes (None: the
-    build has no such step); ``where(kind)`` names a piece in an error. Raises EvidenceError (exit 5) for a
-    verdict or provenance that cannot be read as one."""
+    build has no such step); ``ships``: (engine, target GPU) of the image, as the record names them;
+    ``where(kind)`` names a piece in an error. Raises EvidenceError (exit 5) for a verdict or provenance that
+    cannot be read as one."""
     from forge.evaluation.gatestats import parse_verdict, rejudge
     from forge.steps.scan import read_verdict
 
@@ -48,8 +59,11 @@ def derive(*, gate: bytes | None, scan: bytes | None, provenance: bytes, image_d
     if gate is not None:
         judged = rejudge(parse_verdict(gate, where("eval-verdict")))
         gate_said = {"rules": judged.rules, "passed": judged.passed, "failed": list(judged.failed)}
+        on = _candidate_evaluated_on(gate)
+        proxy = proxy_reason(on, *ships) if image_digest is not None else None
         evidence["eval-verdict"] = {"file": GATE_FILE, "digest": sha256_bytes(gate), **gate_said,
-                                    "said": _gate_word(gate_said)}
+                                    "said": _gate_word(gate_said), "evaluated_on": on,
+                                    "ships": {"engine": ships[0], "gpu": ships[1]}, "proxy": proxy}
     if scan is not None:
         scan_said = read_verdict(scan, where("scan-report"))
         evidence["scan-report"] = {"file": SCAN_FILE, "digest": sha256_bytes(scan), **scan_said,
@@ -58,6 +72,9 @@ def derive(*, gate: bytes | None, scan: bytes | None, provenance: bytes, image_d
     evidence["provenance"] = {"file": PROVENANCE_FILE, "digest": sha256_bytes(provenance), "subject": subject,
                               "said": problem or ("names the image" if image_digest else "no image to name")}
     status, reason = decide(gate_said, scan_said, image_digest is not None, problem)
+    if status == "validated" and evidence["eval-verdict"]["proxy"]:
+        status, reason = PROXY, (f"gated on a proxy: {evidence['eval-verdict']['proxy']}; its numbers are not the "
+                                 "shipped engine's (promote and deploy need --accept-proxy-eval)")
     return Derived(status, reason, "none" if gate_said is None else _gate_word(gate_said),
                    "none" if scan_said is None else _scan_word(scan_said), evidence)
 
@@ -87,6 +104,33 @@ def decide(gate: dict | None, scan: dict | None, has_image: bool, provenance_pro
     if gate is None:
         return "scanned", "the recipe has no eval gate; only a gated and scanned image is validated"
     return "validated", ""
+
+
+def proxy_reason(evaluated_on: dict | None, engine: str | None, gpu: str | None) -> str | None:
+    """Why the candidate's scores are not the shipped engine's on the shipped GPU; None when they are. Fails closed:
+    a verdict that does not say where the candidate ran, or an image whose engine or GPU is not known, is a proxy."""
+    if not isinstance(evaluated_on, dict) or not evaluated_on.get("engine"):
+        return "the verdict does not say where the candidate was evaluated"
+    ran, device = evaluated_on["engine"], evaluated_on.get("device")
+    gpus = [g for g in evaluated_on.get("gpus") or [] if isinstance(g, str)]
+    said = f"evaluated with {ran} ({evaluated_on.get('backend')}) on {', '.join(gpus) or device}; the image serves " \
+           f"{engine} on {gpu}"
+    if engine is None or gpu is None or ran != NUMERICS_OF_ENGINE.get(engine, engine):
+        return said
+    if gpu == "CPU":
+        return None if device == "cpu" else said
+    from forge.gpu.catalog import gpus as catalog
+
+    names = catalog()[gpu].smi if gpu in catalog() else ()
+    return None if device == "cuda" and any(g in names for g in gpus) else said
+
+
+def _candidate_evaluated_on(gate: bytes) -> dict | None:
+    try:
+        on = json.loads(gate).get("evaluated_on")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    return on.get("candidate") if isinstance(on, dict) and isinstance(on.get("candidate"), dict) else None
 
 
 def _gate_word(said: dict) -> str:

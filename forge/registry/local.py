@@ -22,7 +22,7 @@ from typing import Iterator
 from forge.core.errors import UsageError
 from forge.oci.layout import (
     EMPTY_BYTES, MANIFEST, REF_NAME, Layout, artifact_manifest, descriptor, manifest_bytes, sha256_bytes)
-from forge.registry.record import EVIDENCE_TYPES, PROMOTABLE, Collected, Evidence, Record
+from forge.registry.record import EVIDENCE_TYPES, PROMOTABLE, PROXY, PROXY_HINT, Collected, Evidence, Record
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS artifacts (
@@ -152,12 +152,16 @@ class LocalRegistry:
             self._event(db, rec.id, rec.status, f"tagged {rec.name}:{tag}")
         return True
 
-    def promote(self, rec: Record, tag: str) -> Record:
-        """Give a validated artifact another tag (e.g. prod); the tag moves if another artifact held it."""
+    def promote(self, rec: Record, tag: str, *, accept_proxy_eval: bool = False) -> Record:
+        """Give a validated artifact another tag (e.g. prod); the tag moves if another artifact held it. A
+        proxy-validated one only with ``accept_proxy_eval`` (recorded on the record and in its history)."""
         if rec.kind == "matrix":
             raise UsageError(f"{rec.name}:{rec.tag} is a variant matrix, which no runtime can run",
                              hint="Promote the variant to deploy (`forge registry select` names it).")
-        if rec.status not in PROMOTABLE:
+        proxy = rec.status == PROXY or rec.accepted_proxy_eval
+        if rec.status == PROXY and not accept_proxy_eval:
+            raise UsageError(f"{rec.name} {rec.short()} is {PROXY}: {rec.reason}", hint=PROXY_HINT)
+        if rec.status not in PROMOTABLE and rec.status != PROXY:
             why = f": {rec.reason}" if rec.reason else ""
             raise UsageError(f"{rec.name} {rec.short()} is {rec.status}{why}; only a validated artifact can be promoted",
                              hint="Fix what stopped it and build again; `forge registry show` has its evidence.")
@@ -165,13 +169,14 @@ class LocalRegistry:
             raise UsageError(f"--to {tag!r} is not a valid tag", hint="Tags are [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}.")
         self.blobs.add_to_index([{**descriptor(MANIFEST, self.blobs.read(rec.image_digest)),
                                   "annotations": {REF_NAME: f"{rec.name}:{tag}", RECORD_ANNOTATION: rec.id}}])
-        updated = rec.model_copy(update={"status": "promoted",
+        updated = rec.model_copy(update={"status": "promoted", "accepted_proxy_eval": proxy,
                                          "promoted_tags": tuple(sorted({*rec.promoted_tags, tag}))})
         with self._db() as db:
             db.execute("INSERT OR REPLACE INTO tags VALUES (?, ?, ?)", (rec.name, tag, rec.id))
             db.execute("UPDATE artifacts SET status = ?, record = ? WHERE id = ?",
                        (updated.status, updated.model_dump_json(), rec.id))
-            self._event(db, rec.id, "promoted", f"tagged {rec.name}:{tag}")
+            self._event(db, rec.id, "promoted", f"tagged {rec.name}:{tag}" +
+                        (" (--accept-proxy-eval: gated on a proxy's numbers)" if proxy else ""))
         return updated
 
     # ------------------------------------------------------------------ reading
@@ -270,11 +275,13 @@ class LocalRegistry:
         try:
             derived = derive(gate=found["eval-verdict"][1] if "eval-verdict" in found else None,
                              scan=found["scan-report"][1] if "scan-report" in found else None,
-                             provenance=found["provenance"][1], image_digest=rec.image_digest, where=files.get)
+                             provenance=found["provenance"][1], image_digest=rec.image_digest,
+                             ships=(rec.engine, rec.target_gpu), where=files.get)
         except EvidenceError as e:
             return [(rec.id, "status", e.message)]
         problems = []
-        if not (derived.status == rec.status or (rec.status == "promoted" and derived.status == "validated")):
+        promoted_as = ("validated", PROXY) if rec.accepted_proxy_eval else ("validated",)
+        if not (derived.status == rec.status or (rec.status == "promoted" and derived.status in promoted_as)):
             negative = {"eval-verdict": derived.eval_verdict in ("fail", "ungated"),
                         "scan-report": derived.scan_verdict in ("fail", "unscanned"),
                         "provenance": derived.evidence["provenance"]["said"] not in ("names the image", "no image to name")}

@@ -25,9 +25,14 @@ from forge import __version__
 from forge.core.digests import digest_of
 from forge.oci.layout import sha256_bytes, sha256_file
 
-Status = Literal["built", "gated", "scanned", "validated", "promoted", "rejected", "unscanned", "ungated"]
-STATUSES: tuple[str, ...] = ("built", "gated", "scanned", "validated", "promoted", "rejected", "unscanned", "ungated")
+Status = Literal["built", "gated", "scanned", "validated", "proxy-validated", "promoted", "rejected", "unscanned",
+                 "ungated"]
+STATUSES: tuple[str, ...] = ("built", "gated", "scanned", "validated", "proxy-validated", "promoted", "rejected",
+                             "unscanned", "ungated")
 PROMOTABLE = ("validated", "promoted")
+PROXY = "proxy-validated"   # every gate passed, but the candidate was evaluated on another engine or device
+PROXY_HINT = ("Evaluate the candidate where the image runs (eval.backend: vllm on the target GPU), or pass "
+              "--accept-proxy-eval to ship what a proxy's numbers gated.")
 
 # artifactType of each kind of evidence attached to the image (and the media type of its files)
 EVIDENCE_TYPES = {
@@ -78,12 +83,20 @@ class Record(BaseModel):
     evidence: tuple[Evidence, ...] = ()
     remote: str | None = None      # oci://host/repo@digest when pushed
     promoted_tags: tuple[str, ...] = ()
+    accepted_proxy_eval: bool = False   # promoted although proxy-validated: someone said --accept-proxy-eval
+    smoke_test: str | None = None  # passed | failed | "not smoke-tested: no L4 here" (why) | None: no image
     kind: Literal["image", "matrix"] = "image"   # matrix: a variant matrix (forge/registry/matrix.py), not runnable
     variant: str | None = None     # the recipe variant this image is (tagged <name>:<variant>), None for a plain recipe
     annotations: dict[str, str] = {}   # dev.forge.* (forge/registry/annotate.py): variants and matrices only
 
     def short(self) -> str:
         return self.id[:12]
+
+    @property
+    def eval_proxy(self) -> str | None:
+        """Why the gate's numbers are a proxy's (another engine or device than the image ships for); None when the
+        candidate was evaluated on the shipped engine and GPU, or nothing was gated."""
+        return ((self.status_evidence or {}).get("eval-verdict") or {}).get("proxy")
 
 
 @dataclass(frozen=True)
@@ -144,7 +157,7 @@ def collect(loaded, results: dict, finished_at: datetime | None = None) -> Colle
         engine=image.image.get("engine") if image else None,
         engine_version=loaded.base.engine_version if image and loaded.base else None,
         eval_verdict="none", eval_digest=eval_digest, scan_verdict="none", scan_digest=scan_digest,
-        sbom_digest=sbom_digest, tool_versions=dict(sorted(tools.items())),
+        sbom_digest=sbom_digest, tool_versions=dict(sorted(tools.items())), smoke_test=_smoke_test(image),
         created_at=(finished_at or datetime.now(timezone.utc)).isoformat(timespec="seconds"))
     if (variant := getattr(loaded, "variant", None)) is not None:   # a plain recipe's record stays as it was
         from forge.registry import annotate
@@ -155,13 +168,24 @@ def collect(loaded, results: dict, finished_at: datetime | None = None) -> Colle
     where = {"eval-verdict": str(gate_out.verdict) if gate_out else "", "scan-report": str(scan_out.verdict)
              if scan_out else "", "provenance": "the provenance statement"}
     derived = derive(gate=gate_out.data if gate_out else None, scan=scan_out.data if scan_out else None,
-                     provenance=prov, image_digest=image_digest, where=where.get)
+                     provenance=prov, image_digest=image_digest, ships=(record.engine, record.target_gpu),
+                     where=where.get)
     record = record.model_copy(update={
         "status": derived.status, "reason": derived.reason, "eval_verdict": derived.eval_verdict,
         "scan_verdict": derived.scan_verdict, "status_evidence": derived.evidence,
         "tag": rid[:12] if image_digest and derived.status != "rejected" else None,
         "provenance_digest": sha256_bytes(prov)})
     return Collected(record, image.oci_dir if image else None, tuple(evidence), prov)
+
+
+def _smoke_test(image) -> str | None:
+    """What the package step's smoke test said, as the record keeps it: never passed when it did not run."""
+    if image is None:
+        return None
+    said = image.image.get("smoke_test") or {}
+    if said.get("passed") is None:
+        return said.get("skipped") or "not smoke-tested"
+    return "passed" if said["passed"] else "failed"
 
 
 def provenance(record: Record, loaded, results: dict) -> bytes:

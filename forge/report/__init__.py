@@ -172,7 +172,8 @@ def write(path: Path, html: str | bytes) -> Path:
 def markdown(data: dict, report_path: Path | None, summaries: dict[str, str]) -> str:
     """A short markdown summary: status, the gate's and the scan's own tables, the steps, where the page is."""
     b = data["build"]
-    icon = {"validated": "✅", "promoted": "✅", "rejected": "❌", "unscanned": "⚠️"}.get(b["status"], "ℹ️")
+    icon = {"validated": "✅", "promoted": "✅", "rejected": "❌", "unscanned": "⚠️", "proxy-validated": "⚠️"}.get(
+        b["status"], "ℹ️")
     parts = [f"## {icon} forge build `{b['name']}`: {b['status']}",
              f"{b['method']} for {b['gpu']} on {b['engine']} · recipe `{b['recipe_path']}`"
              + (f" · image `{b['image_digest']}`" if b.get("image_digest") else "")]

@@ -56,14 +56,18 @@ def _data(loaded) -> dict[str, Path]:
 
 
 def _identity(loaded) -> dict:
-    from forge.core.host import device
+    from forge.core.host import device, local_gpus, no_nvidia_smi
+    from forge.steps import probe
 
-    return {"device": device()}
+    # the GPU model too: numbers from an L4 are not an H100's, and a record says which it was (evaluated_on)
+    gpus = probe("this host's GPUs (nvidia-smi)", local_gpus, remembered=no_nvidia_smi)
+    return {"device": device(), "gpus": [g.name for g in gpus]}
 
 
 def _spec(name: str, upstream: str, summary: str) -> StepSpec:
     return StepSpec(name=name, summary=summary, depends=(upstream,),
-                    tools=("lm_eval", "torch", "transformers", "compressed-tensors", "vllm"), version=2,  # 2: batching
+                    # 2: batching; 3: evaluated_on (engine, backend, device, GPUs, dtype) in results.json
+                    tools=("lm_eval", "torch", "transformers", "compressed-tensors", "vllm"), version=3,
                     config=lambda loaded: {**_config(loaded), "model": upstream}, data=_data, identity=_identity,
                     enabled=_enabled, run="forge.steps.evaluate:run", gpu=True)
 
@@ -168,11 +172,25 @@ def run(ctx: StepContext) -> dict:
                 flat.write(dumps({"doc_id": s["doc_id"], "values": values}) + "\n")   # NaN/inf: null
     # No timings in the output files: same inputs, same bytes (timings live in the step manifest).
     summary = {"backend": backend, "device": device, "model_args": {k: v for k, v in model_args.items() if k != "pretrained"},
-               "batching": batching, "lm_eval": lm_eval.__version__ if hasattr(lm_eval, "__version__") else None,
+               "batching": batching, "evaluated_on": evaluated_on(backend, device, model_args, batching),
+               "lm_eval": lm_eval.__version__ if hasattr(lm_eval, "__version__") else None,
                "results": results}
     (ctx.out / RESULTS).write_text(dumps(summary, indent=2, default=str) + "\n")
     return {"backend": backend, "device": device, "batch_size": batching["batch_size"], "seconds": round(seconds, 1),
             "results": results}
+
+
+ENGINE_OF_BACKEND = {"hf": "transformers", "vllm": "vllm"}   # whose kernels computed lm-eval's numbers
+
+
+def evaluated_on(backend: str, device: str, model_args: dict, batching: dict) -> dict:
+    """Where an eval ran, as the gate's verdict and the registry record carry it: the engine whose numerics
+    produced the scores, lm-eval's backend, the device, the GPU models nvidia-smi reports, dtype and batching."""
+    from forge.core.host import local_gpus
+
+    return {"engine": ENGINE_OF_BACKEND.get(backend, backend), "backend": backend, "device": device,
+            "gpus": sorted({g.name for g in local_gpus()}) if device == "cuda" else [],
+            "dtype": model_args.get("dtype"), "batch_size": batching.get("batch_size")}
 
 
 def load_samples(out: Path, task: str) -> dict[str, dict]:
@@ -189,11 +207,13 @@ class Output:
     backend: str | None
     device: str | None
     batching: dict | None = None      # the batch size used, the one requested, and why
+    evaluated_on: dict | None = None  # engine, backend, device, GPUs, dtype (None: an eval from before forge said)
 
     @classmethod
     def read(cls, entry) -> "Output":
         summary = json.loads((entry.out / RESULTS).read_text())
-        return cls(entry.out, summary["results"], summary.get("backend"), summary.get("device"), summary.get("batching"))
+        return cls(entry.out, summary["results"], summary.get("backend"), summary.get("device"), summary.get("batching"),
+                   summary.get("evaluated_on"))
 
     def samples(self, task: str) -> dict[str, dict]:
         """doc_id -> {metric: value}."""

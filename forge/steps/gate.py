@@ -32,8 +32,9 @@ SPEC = StepSpec(
     depends=("eval_baseline", "eval_candidate"),
     tools=("numpy", "scipy"),
     # 2: no "underpowered" flag on intervals wholly beyond the limit; 3: eval batching recorded; 4: fail closed
-    # (non-finite evidence is "invalid", an underpowered rule cannot pass, no rules is not a pass)
-    version=4,
+    # (non-finite evidence is "invalid", an underpowered rule cannot pass, no rules is not a pass); 5: where each
+    # side was evaluated (evaluated_on: the registry tells a proxy's gate from one on the shipped engine)
+    version=5,
     config=_config,
     enabled=lambda loaded: loaded.recipe.eval is not None,
     run="forge.steps.gate:run",
@@ -104,6 +105,7 @@ def run(ctx: StepContext) -> dict:
                 if (t, m) not in gated and _number(v) and _number(cand_results.get(t, {}).get(m))]
     passed = bool(results) and all(r.passed for r in results)   # no rule is no pass
     verdict = {"passed": passed, "rules": [r.to_json() for r in results], "reported": reported,
+               "evaluated_on": {"baseline": base.evaluated_on, "candidate": cand.evaluated_on},
                "settings": {"seed": ev.seed, "resamples": RESAMPLES, "confidence": 0.95, "eval_batching": batching}}
     (ctx.out / VERDICT).write_text(dumps(verdict, indent=2) + "\n")   # numbers not computed: null, never NaN
     (ctx.out / SUMMARY).write_text(markdown(results, reported, passed, batching=batching))

@@ -28,7 +28,8 @@ from forge.image.builders import (CONTAINERFILE, build_image, buildah, choose_bu
                             pull_layout, tool_version)
 from forge.image.containers import MODEL_DIR, UID, containerfile, image_spec, require_cuda
 from forge.core.errors import ToolError
-from forge.image.smoketest import TRANSCRIPT, smoke_test
+from forge.engines import get as get_engine
+from forge.image.smoketest import TRANSCRIPT, smoke_test, why_not_here
 from forge.steps import StepContext, StepSpec
 
 OCI_DIR, IMAGE_JSON = "oci", "image.json"
@@ -80,7 +81,17 @@ def _identity(loaded) -> dict:
         builder = choose_builder(loaded, base)
     except ToolError:
         builder = "absent"   # the step itself reports it when it runs
-    return {"builder": builder, builder: _tool_version(builder, loaded) if builder != "absent" else "absent"}
+    facts = {"builder": builder, builder: _tool_version(builder, loaded) if builder != "absent" else "absent"}
+    if base is not None and loaded.recipe.container.smoke_test and not get_engine(base.engine).smoke_test:
+        from forge.steps import probe
+
+        # a GPU image is smoke-tested where its GPU is: built here without one, it is built again there
+        from forge.core.host import no_nvidia_smi
+
+        here = lambda: why_not_here(base.engine, loaded.recipe.target.gpu, builder)   # noqa: E731
+        facts["smoke_test_here"] = probe("this host's GPUs (nvidia-smi)", here,
+                                         remembered=lambda: here() if no_nvidia_smi() is not None else None) or "yes"
+    return facts
 
 
 SPEC = StepSpec(
@@ -235,9 +246,14 @@ def run(ctx: StepContext) -> dict:
                  weights=weights)
     if loaded.recipe.container.smoke_test:
         keep = ctx.out.parent.with_name(ctx.out.parent.name + SMOKE_KEEP)
-        transcript = smoke_test(tag, spec, ctx.report, builder=builder, keep=keep, layout=(ctx.out / OCI_DIR, ref))
+        transcript = smoke_test(tag, spec, ctx.report, builder=builder, keep=keep, layout=(ctx.out / OCI_DIR, ref),
+                                gpu=loaded.recipe.target.gpu)
+        if transcript.get("skipped"):
+            ctx.report(transcript["skipped"])
         (ctx.out / TRANSCRIPT).write_text(json.dumps(transcript, indent=2) + "\n")
-        image["smoke_test"] = {k: transcript[k] for k in ("passed", "answer", "health_seconds", "models")}
+        image["smoke_test"] = {k: transcript.get(k) for k in ("passed", "skipped", "answer", "health_seconds", "models")}
+    else:
+        image["smoke_test"] = {"passed": None, "skipped": "not smoke-tested: container.smoke_test is false"}
     (ctx.out / IMAGE_JSON).write_text(json.dumps(image, indent=2) + "\n")
     return image
 
