@@ -234,7 +234,7 @@ def test_warnings_reach_the_user_when_no_candidate_passes(tmp_path, tiny_llama, 
                                                    ["the final build warned", "trial 1 warned"]),
                                 record=None, registry_root=tmp_path / "reg")
 
-    monkeypatch.setattr(build, "execute_one", fake_execute)
+    monkeypatch.setattr(auto, "execute_one", fake_execute)   # where auto looks it up
     monkeypatch.setattr(pipeline, "run", fake_run)
     loaded = resolved(_recipe(tmp_path, tiny_llama, candidates=[W4, W8]))
     outcome = auto.run(loaded, Store(tmp_path / "cache"), report_dir=tmp_path / "out")

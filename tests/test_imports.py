@@ -179,3 +179,41 @@ def test_the_layer_check_reads_the_docstrings_and_names_the_import(tmp_path):
     assert declared_layers(pkg) == {"core": set(), "model": {"core"}}
     assert package_edges(import_graph(pkg)) == {"core": {"model": {"forge.core.x -> forge.model.y"}},
                                                  "model": {"core": {"forge.model.y -> forge.core.x"}}}
+
+
+HEAVY = ("torch", "transformers", "lm_eval", "ray", "llmcompressor", "modelopt", "plotly", "scipy", "numpy",
+         "safetensors", "datasets")
+
+
+def test_below_the_cli_every_forge_import_is_at_the_top_of_its_module():
+    """forge's modules import no heavy library at their top (the next test), so a forge import inside a function
+    would hide a dependency and save nothing; only the CLI imports a command's implementation when the command
+    runs, which keeps `forge --help` to the command line itself."""
+    lazy = []
+    for path in sorted(FORGE.rglob("*.py")):
+        if path.relative_to(FORGE).parts[0] == "cli":
+            continue
+        for func in ast.walk(ast.parse(path.read_text())):
+            if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lazy += [f"{path.relative_to(REPO)}:{node.lineno}" for node in ast.walk(func)
+                         if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "forge"
+                         or isinstance(node, ast.Import) and any(a.name.split(".")[0] == "forge" for a in node.names)]
+    assert lazy == [], "function-level forge imports outside forge/cli:\n" + "\n".join(lazy)
+
+
+def test_importing_all_of_forge_loads_no_heavy_library_and_help_loads_only_the_cli():
+    import subprocess
+    import sys
+
+    modules = sorted({_module(p, REPO) for p in FORGE.rglob("*.py") if p.name != "__main__.py"})
+    code = ("import importlib, sys\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            f"print([h for h in {HEAVY!r} if h in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+    code = ("import sys\nsys.argv = ['forge', '--help']\nfrom forge.cli import main\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "sys.stderr.write(repr(sorted(m for m in sys.modules if m.startswith(('forge.steps', 'forge.registry', "
+            f"'forge.orchestrate', 'forge.report', 'forge.deploy')) or m in {HEAVY!r})))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.stderr.strip().splitlines()[-1] == "[]", proc.stderr

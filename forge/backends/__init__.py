@@ -17,6 +17,10 @@ from pathlib import Path
 from forge.backends.base import Backend, Quantized, architecture_problems
 from forge.backends.tensors import TensorReader, cast_float32, fp8_dequantized, fp8_to_float, one_torch_thread
 from forge.core.plugins import Registry
+from forge import engines
+from forge.core.errors import RecipeError
+from forge.gpu.methods import GROUPED
+from forge.model.calibration import check_size, parse_hf_dataset
 
 __all__ = ["Backend", "Quantized", "REGISTRY", "get", "backend_for", "checkpoint_format", "problems",
            "needs_calibration", "verifies", "preflight", "architecture_problems", "cast_float32", "fp8_to_float", "fp8_dequantized", "TensorReader",
@@ -38,8 +42,6 @@ def backend_for(quantize, engine: str) -> str:
     offers the method in a format the engine loads; failing that, the first whose format the engine loads."""
     if quantize.backend != "auto":
         return quantize.backend
-    from forge import engines
-
     loads = engines.get(engine).formats
     names = REGISTRY.names()
     for name in names:
@@ -68,8 +70,6 @@ def verifies(quantize, engine: str) -> bool:
 
 def problems(loaded) -> list[str]:
     """Backend/method/engine combinations that cannot work, located in the recipe."""
-    from forge import engines
-
     r = loaded.recipe
     q, engine = r.quantize, r.target.engine
     if q.method == "auto":
@@ -106,8 +106,6 @@ def preflight(loaded, shape, backend: str) -> list[str]:
     """Problems with the quantize section found from config.json alone (empty when fine), before any weight is
     loaded: the backend's own (architecture), group sizes against every targeted layer, calibration declared and
     long enough. ``backend``: the one the resolution stage chose."""
-    from forge.gpu.methods import GROUPED
-
     q = loaded.recipe.quantize
     problems: list[str] = []
     if q.method == "none":
@@ -136,9 +134,6 @@ def preflight(loaded, shape, backend: str) -> list[str]:
                         f"`calibration: {{data: {data}, samples: 128, max_seq_len: 512}}` "
                         "(path relative to the recipe)")
     elif calibrates and q.calibration is not None:
-        from forge.core.errors import RecipeError
-        from forge.model.calibration import check_size, parse_hf_dataset
-
         path = loaded.resolve_path(q.calibration.data)
         if parse_hf_dataset(q.calibration.data) is None and path.is_file():
             try:

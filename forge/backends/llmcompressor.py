@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from forge.backends.base import Quantized, architecture_problems
-from forge.backends.tensors import cast_float32, one_torch_thread
+from forge.backends.tensors import TensorReader, cast_float32, fp8_dequantized, fp8_to_float, one_torch_thread
 from forge.gpu.methods import METHODS, written_as
 from forge.model.shape import DECODERS, ignored
+from forge.backends import cpu_quantize
+from forge.core import options as env
 
 if TYPE_CHECKING:
     import torch
@@ -183,8 +185,6 @@ def _fx_wrapped() -> dict:
 
 def _source_weights(model) -> Callable[[str], "torch.Tensor | None"]:
     """Layer name -> its weight as stored in the snapshot the model was loaded from (model.name_or_path)."""
-    from forge.backends.tensors import TensorReader
-
     read = TensorReader(model.name_or_path)
     return lambda layer: read(f"{layer}.weight")
 
@@ -202,8 +202,6 @@ def _fake_fp8(weight, scale):
     """What compressed-tensors' fake_quantize computes for plain FP8 (weight / scale, clamped to the fp8 range,
     rounded to float8_e4m3fn, times scale), with forge's fp8 decode in place of torch's scalar cast: 4x faster."""
     import torch
-
-    from forge.backends.tensors import fp8_to_float
 
     bound = torch.finfo(torch.float8_e4m3fn).max
     return fp8_to_float(weight.div(scale).clamp_(-bound, bound).to(torch.float8_e4m3fn), scale=scale)
@@ -294,8 +292,6 @@ class LlmCompressor:
         return architecture_problems(loaded, shape, self.title, supported)
 
     def quantize(self, model, q, windows, *, report, log_dir: Path) -> Quantized:
-        from forge.core import options as env
-
         env.quiet_libraries()  # forge shows progress; per-layer tqdm bars and loguru chatter would interleave with it
         import llmcompressor  # noqa: F401  (configures loguru on import, removing earlier handlers: import it first)
         import torch
@@ -328,8 +324,6 @@ class LlmCompressor:
                          sections={"awq_mappings": list(log.mappings.values())})
 
     def export(self, model, out: Path, *, dtype, loaded) -> None:
-        from forge.backends import cpu_quantize
-
         cpu_quantize.register()   # compression rounds every weight: 35 s of the library's 50 s for a 3B FP8 checkpoint on a CPU
         model.save_pretrained(out, save_compressed=True)
         cast_float32(out, dtype)   # tensors CPU calibration left in float32; quantized ints/fp8 stay
@@ -343,8 +337,6 @@ class LlmCompressor:
 
     def dequantized(self, out: Path, q):
         # FP8 dequantizes exactly (fp8 × scale) and fast; the packed int formats through transformers' load
-        from forge.backends.tensors import fp8_dequantized
-
         return fp8_dequantized(out) if q.method == "fp8" else None
 
 

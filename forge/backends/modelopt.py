@@ -18,9 +18,9 @@ from typing import Callable
 
 from forge.backends.base import Quantized, architecture_problems
 from forge.backends.tensors import cast_float32, fp8_dequantized
-from forge.gpu.methods import KV_CACHE_ALGO as KV_ALGO
-from forge.gpu.methods import GROUPED, METHODS, written_as
+from forge.gpu.methods import GROUPED, KV_CACHE_ALGO as KV_ALGO, METHODS, written_as
 from forge.model.shape import DECODERS
+from forge.engines.trtllm_build import DECODER, TRTLLM_CKPT
 
 CONFIGS = {"fp8": "FP8_DEFAULT_CFG", "awq": "INT4_AWQ_CFG", "w4a8_awq": "W4A8_AWQ_BETA_CFG", "nvfp4": "NVFP4_DEFAULT_CFG"}
 
@@ -98,8 +98,6 @@ def _export_hf(model, out, dtype) -> None:
 def export_trtllm(model, out, dtype, tensor_parallel: int) -> None:
     """ModelOpt's TensorRT-LLM checkpoint (config.json + rank<N>.safetensors), what trtllm-build reads."""
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
-
-    from forge.engines.trtllm_build import DECODER
 
     arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
     if arch not in DECODER:
@@ -184,8 +182,6 @@ class ModelOpt:
         return Quantized(result["layers"], summary={"calibration_seconds": round(result["seconds"], 1)})
 
     def export(self, model, out: Path, *, dtype, loaded) -> None:
-        from forge.engines.trtllm_build import TRTLLM_CKPT
-
         if loaded.compiles:
             export_trtllm(model, out / TRTLLM_CKPT, dtype, loaded.recipe.target.tensor_parallel)  # for trtllm-build
         _export_hf(model, out, dtype)

@@ -15,6 +15,7 @@ import difflib
 import importlib
 import re
 from typing import Generic, TypeVar
+from forge.core import options as env
 
 __all__ = ["Registry", "UnknownName"]
 
@@ -38,8 +39,6 @@ class Registry(Generic[T]):
 
         for ep in entry_points(group=self.group):
             out.setdefault(ep.name, ep.value)
-        from forge.core import options as env
-
         for item in re.split(r"[\s,]+", env.current().plugins):
             if not item:
                 continue

@@ -18,8 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from forge.deploy.validate import KUBE_VERSION
+from forge.deploy.validate import KUBE_VERSION, problems, require_version
 from forge.core.errors import StepError, UsageError
+from forge.deploy import autoscale, workload
+from forge.deploy.engines import serving
+from forge.deploy.gather import gather, image_config
+from forge.deploy.kustomize import read_dir, write_dir
+from forge.deploy.labels import names
+from forge.deploy.sizing import size
 
 __all__ = ["Options", "Generated", "generate", "write", "check", "KUBE_VERSION"]
 
@@ -44,13 +50,6 @@ class Generated:
 
 def generate(reg, records: list, opts: Options = Options()) -> Generated:
     """The objects for each record (one workload per record: variants each get theirs), validated."""
-    from forge.deploy import autoscale, workload
-    from forge.deploy.engines import serving
-    from forge.deploy.gather import gather
-    from forge.deploy.labels import names
-    from forge.deploy.sizing import size
-    from forge.deploy.validate import problems, require_version
-
     require_version(opts.kube_version)
     if opts.replicas < 1:
         raise UsageError(f"--replicas {opts.replicas}: at least 1", hint="Scale to zero is not offered: a replica takes "
@@ -96,17 +95,11 @@ def generate(reg, records: list, opts: Options = Options()) -> Generated:
 
 
 def write(generated: Generated, out: Path) -> list[Path]:
-    from forge.deploy.kustomize import write_dir
-
     return write_dir(list(generated.objects), out, generated.namespace)
 
 
 def check(out: Path, reg, kube_version: str = KUBE_VERSION) -> tuple[int, list[str]]:
     """(number of objects, every problem) of a kustomize directory forge wrote, perhaps edited since."""
-    from forge.deploy.gather import image_config
-    from forge.deploy.kustomize import read_dir
-    from forge.deploy.validate import problems
-
     objects = read_dir(out)
 
     def image_of(rid: str):

@@ -7,13 +7,11 @@ sources of each fact beside it.
 """
 from __future__ import annotations
 
-from forge.engines import QueueMetric, Serving
+from forge.engines import QueueMetric, Serving, get
 
 __all__ = ["QueueMetric", "Serving", "serving"]
 
 
 def serving(engine: str, version: str | None) -> Serving:
     """The facts for ``engine`` at ``version`` (the base image's engine version, from the record)."""
-    from forge.engines import get
-
     return get(engine).serving(version)

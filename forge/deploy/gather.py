@@ -21,6 +21,7 @@ from forge.core.errors import UsageError
 from forge.oci.layout import member_path
 from forge.registry import PROMOTABLE, LocalRegistry, Record
 from forge.registry.record import PROXY, PROXY_HINT
+from forge.recipe.resolve import sections
 
 __all__ = ["Artifact", "gather", "image_config"]
 
@@ -97,8 +98,6 @@ def _user(rec: Record, user: str) -> tuple[int, int]:
 
 
 def _recipe(rec: Record, recipe_path: Path | None):
-    from forge.recipe.resolve import sections
-
     path = Path(recipe_path or rec.recipe_path)
     if not path.is_file():
         raise UsageError(f"the recipe {rec.name} was built from ({path}) is not here",

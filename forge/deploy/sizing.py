@@ -19,6 +19,9 @@ from dataclasses import dataclass, replace
 
 from forge.deploy.engines import Serving
 from forge.deploy.gather import Artifact
+from forge.gpu.catalog import gpu as catalog_gpu
+from forge.gpu.fit import fit, plan_from_recipe, weight_bytes
+from forge.model.shape import from_config
 
 GB = 1e9
 GIB = 1 << 30
@@ -46,10 +49,6 @@ class Sizing:
 
 
 def size(art: Artifact, srv: Serving) -> Sizing:
-    from forge.gpu.catalog import gpu as catalog_gpu
-    from forge.gpu.fit import fit, plan_from_recipe, weight_bytes
-    from forge.model.shape import from_config
-
     r = art.recipe
     t = r.target
     g = catalog_gpu(art.record.target_gpu)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from typing import Callable, Iterable
+from forge.core.errors import UsageError
 
 KUBE_VERSION = "1.33"
 CRD_SOURCES = {   # kind -> (apiVersion, model, what it was generated from)
@@ -37,8 +38,6 @@ def _kn(obj: dict) -> str:
 def require_version(kube_version: str) -> None:
     """A usage error unless kubernetes-validate has the schemas of that Kubernetes minor version."""
     from kubernetes_validate.utils import all_versions
-
-    from forge.core.errors import UsageError
 
     known = all_versions()
     if not any(v == kube_version or v.startswith(kube_version + ".") for v in known):
@@ -117,8 +116,6 @@ def _ns(obj: dict) -> str | None:
 
 
 def cross_problems(objects: list[dict], image_of: ImageLookup | None) -> list[str]:
-    from forge.core.errors import UsageError
-
     problems: list[str] = []
     by_kind: dict[str, list[dict]] = {}
     for o in objects:

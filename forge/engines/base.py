@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Mapping, Protocol
 
 from forge.recipe.schema import Recipe
+from forge.core.errors import UsageError
 
 __all__ = ["Engine", "GpuEngine", "Kernel", "ServeAt", "QueueMetric", "Serving", "version_tuple"]
 
@@ -141,8 +142,6 @@ class GpuEngine:
         return ()
 
     def serving(self, version: str | None) -> Serving:
-        from forge.core.errors import UsageError
-
         raise UsageError(f"the serving engine {self.name!r} declares no deployment facts (health, metrics, queue)",
                          hint="Give its engine module a serving(version) method (see forge/engines/vllm.py).")
 

@@ -19,6 +19,9 @@ from typing import TYPE_CHECKING
 
 from forge.core.errors import ToolError
 from forge.recipe.schema import Recipe, TrtLLM
+from forge.core.host import local_gpus, trtllm_version
+from forge.gpu.catalog import gpu
+from forge.gpu.methods import KV_CACHE_ALGO as KV_ALGO, METHODS
 
 if TYPE_CHECKING:
     from forge.core.host import LocalGpu
@@ -129,10 +132,6 @@ class EngineFacts:
 
 def check_engine(facts: EngineFacts, r: Recipe, base) -> list[str]:
     """Every way the engine disagrees with the recipe or the base image; each names both sides."""
-    from forge.gpu.catalog import gpu
-    from forge.gpu.methods import KV_CACHE_ALGO as KV_ALGO
-    from forge.gpu.methods import METHODS
-
     g = gpu(r.target.gpu)
     problems = []
     if facts.cluster_key not in g.trtllm_cluster_keys:
@@ -187,9 +186,6 @@ class Runner:
 def find_runner(recipe: Recipe, base, image_ref: str) -> Runner:
     """Where trtllm-build may run for this recipe: on this machine's matching GPU, locally or in the pinned
     image. Refuses (exit 5) when no GPU here is the recipe's: an engine is bound to the GPU that built it."""
-    from forge.gpu.catalog import gpu
-    from forge.core.host import local_gpus
-
     g = gpu(recipe.target.gpu)
     found = local_gpus()
     match = next((x for x in found if x.name in g.smi), None)
@@ -200,8 +196,6 @@ def find_runner(recipe: Recipe, base, image_ref: str) -> Runner:
                              "builds it), or use trtllm.mode: pytorch, which needs no build step.")
     exe = shutil.which("trtllm-build")
     if exe is not None:
-        from forge.core.host import trtllm_version
-
         return Runner("local", match, trtllm_version())
     for engine in ("docker", "podman"):
         if shutil.which(engine):

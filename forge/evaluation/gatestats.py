@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 
 from forge.evaluation.tasks import PERPLEXITY_FAMILY
 
+from forge.core.errors import EvidenceError
 if TYPE_CHECKING:
     import numpy as np
 
@@ -277,8 +278,6 @@ def rejudge(verdict) -> Judged:
 
 def parse_verdict(data: bytes, where: str) -> dict:
     """verdict.json's bytes as a dict; an EvidenceError (exit 5) naming ``where`` when they are not one."""
-    from forge.core.errors import EvidenceError
-
     hint = "Rebuild the gate (forge build --force gate) and publish again; a verdict is never guessed."
     if not data.strip():
         raise EvidenceError(f"{where} is empty: there is no eval verdict to decide from", hint=hint)

@@ -8,6 +8,8 @@ from forge.executors import EventSink, StepDone, StepRequest
 from forge.executors.runner import run_step, stores_of
 from forge.steps.graph import spec_named
 from forge.store.local import Entry, Store
+from forge.core.errors import StepError
+from forge.recipe.resolve import resolve
 
 if TYPE_CHECKING:
     from forge.recipe.resolve import Resolved
@@ -19,8 +21,6 @@ def committed(store: Store, key: str, step: str) -> Entry:
     """The committed entry an upstream key names (a request only carries keys)."""
     entry = store.get(key)
     if entry is None:
-        from forge.core.errors import StepError
-
         raise StepError(f"upstream entry {key[:12]} of step {step} is not in the cache {store.root}",
                         hint="It was pruned while the build ran: rerun the build.")
     return entry
@@ -33,8 +33,6 @@ class LocalExecutor:
 
     def submit(self, request: StepRequest, events: EventSink, resolved: "Resolved | None" = None) -> None:
         if resolved is None:
-            from forge.recipe.resolve import resolve
-
             resolved = resolve(request.recipe_path, downloads=self.store.root / "downloads", ci=request.ci,
                                variant=request.variant, overrides=request.overrides)
         self._queue.append((request, events, resolved))

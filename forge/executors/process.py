@@ -18,8 +18,14 @@ from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 
-from forge.core import options as fenv
+from forge.core import options as env, options as fenv
 from forge.executors import Event, EventSink, StepDone, StepRequest, error_from_json, error_to_json
+from forge.core.errors import StepError, UsageError
+from forge.executors.local import committed
+from forge.executors.runner import run_step, stores_of
+from forge.recipe.resolve import resolve
+from forge.steps.graph import spec_named
+from forge.store.local import Store
 
 __all__ = ["ProcessExecutor"]
 
@@ -83,8 +89,6 @@ class ProcessExecutor:
 
 
 def _answer(req: StepRequest, answer: list, code: int) -> StepDone:
-    from forge.core.errors import StepError
-
     if answer and "done" in answer[-1]:
         return StepDone(**answer[-1]["done"])
     if answer and "error" in answer[-1]:
@@ -103,14 +107,6 @@ def _worker() -> int:
         proto.flush()
 
     try:
-        from forge.core import options as env
-        from forge.core.errors import UsageError
-        from forge.executors.local import committed
-        from forge.executors.runner import run_step, stores_of
-        from forge.recipe.resolve import resolve
-        from forge.steps.graph import spec_named
-        from forge.store.local import Store
-
         env.quiet_libraries()
         req = StepRequest.from_json(sys.stdin.read())
         store = Store(Path(req.cache_root))

@@ -35,8 +35,12 @@ from typing import TYPE_CHECKING
 from forge.core import options as env
 from forge.core.errors import StepError, ToolError, UsageError
 from forge.executors import Event, EventSink, StepDone, StepRequest, error_from_json, error_to_json
-from forge.store.local import Store
+from forge.store.local import Store, default_cache_dir
 
+from forge.executors.runner import run_step, stores_of
+from forge.gpu.catalog import gpu
+from forge.recipe.resolve import resolve
+from forge.steps.graph import active_steps, spec_named
 if TYPE_CHECKING:
     from forge.recipe.resolve import Resolved
 
@@ -75,8 +79,6 @@ def ray_accelerator(gpu: str) -> str:
 
 def resources(spec, loaded: "Resolved") -> dict:
     """The Ray task options a step needs: the recipe's GPU type and count for a GPU step, else one CPU."""
-    from forge.gpu.catalog import gpu
-
     target = loaded.recipe.target
     if spec.gpu and not gpu(target.gpu).is_cpu:
         return {"num_cpus": 1, "num_gpus": target.tensor_parallel,
@@ -86,8 +88,6 @@ def resources(spec, loaded: "Resolved") -> dict:
 
 def bundle(loaded: "Resolved") -> bytes:
     """The recipe's bytes and every file its active steps read, as a tarball (paths relative to the recipe)."""
-    from forge.steps.graph import active_steps
-
     base = loaded.base_dir.resolve()
     files: dict[str, Path] = {loaded.path.name: loaded.path}
     for spec in active_steps(loaded):
@@ -114,8 +114,6 @@ class RayExecutor:
     def __init__(self, loaded: "Resolved", store: Store, *, address: str | None = None, cache_remote=None):
         """``cache_remote``: the build's ``forge.store.remote.RemoteCache`` (required: how outputs move)."""
         self.loaded, self.store = loaded, store
-        from forge.steps.graph import active_steps
-
         ray = self._ray = _ray()
         if ray.__version__ != RAY_VERSION:
             raise UsageError(f"forge needs Ray {RAY_VERSION}; this Python has Ray {ray.__version__}",
@@ -135,8 +133,6 @@ class RayExecutor:
         self.peak = 0
 
     def submit(self, request: StepRequest, events: EventSink, resolved: "Resolved | None" = None) -> None:
-        from forge.steps.graph import spec_named
-
         if not request.cache_remote:
             raise _NO_REMOTE
         loaded = resolved or self.loaded
@@ -174,8 +170,6 @@ class RayExecutor:
             raise error_from_json(answer["error"], req.step)
         done = StepDone(**answer["done"])
         if self.store.get(done.key) is None:   # the driver reads the committed entry (gate check, report)
-            from forge.executors.runner import stores_of
-
             _pull(stores_of(req, self.store), req, done.key, done.step)
         return done
 
@@ -248,11 +242,6 @@ def _pull(stores, req: StepRequest, key: str, step: str):
 def _task(request_json: str, recipe_name: str, tarball: bytes, events, task_id: str) -> dict:
     """One step on a Ray node: unpack the recipe, pull the upstream entries, run the step; answer as JSON."""
     try:
-        from forge.executors.runner import run_step, stores_of
-        from forge.recipe.resolve import resolve
-        from forge.steps.graph import spec_named
-        from forge.store.local import default_cache_dir
-
         env.quiet_libraries()
         req = StepRequest.from_json(request_json)
         store = Store(default_cache_dir())               # this node's own cache: never the driver's path

@@ -18,7 +18,10 @@ from forge.gpu.capability import Verdict, check
 from forge.core import options as env
 from forge.gpu.catalog import Gpu
 from forge.gpu.methods import bytes_per_linear
-from forge.model.shape import ModelShape
+from forge.model.shape import ModelShape, ignored
+from forge import engines
+from forge.core.errors import UsageError
+from forge.gpu import methods
 
 GIB = 1 << 30
 OVERHEAD_GIB = 1.5          # per GPU: CUDA context + activations + CUDA graphs (vLLM-like defaults)
@@ -44,8 +47,6 @@ class Plan:
 def weight_bytes(shape: ModelShape, plan: Plan) -> float:
     """Checkpoint bytes of the weights: Linear layers at the method's bytes per parameter (forge.gpu.methods,
     scales and zero points included); embeddings, norms and an ignored lm_head in BF16."""
-    from forge.model.shape import ignored
-
     linear = 0.0
     for suffix, fan_in, fan_out, count in shape.linear_layers():
         kept = sum(ignored(f"model.layers.{i}.{suffix}", plan.ignore) for i in range(shape.num_layers)) \
@@ -110,10 +111,6 @@ def price_of(gpu: Gpu, override: float | None = None) -> float:
 
 def check_plan(plan: Plan) -> None:
     """A plan names a method and an engine forge knows (UsageError, exit 2, listing the valid ones)."""
-    from forge import engines
-    from forge.gpu import methods
-    from forge.core.errors import UsageError
-
     try:
         methods.get(plan.method)
         engines.REGISTRY.check(plan.engine)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from forge.core.errors import RecipeError
+from forge.core.errors import RecipeError, ToolError, UsageError
 
 CATALOG, LOCK = "bases.yaml", "bases.lock.json"
 
@@ -113,8 +113,6 @@ def lock_bases(catalog: Path, names: list[str] | None = None, *, plain_http=lamb
     ``plain_http(host)``: reach that registry without TLS (the registry client's policy, passed in)."""
     import shutil
     import subprocess
-
-    from forge.core.errors import ToolError, UsageError
 
     bases = load_catalog(catalog)
     names = names or [n for n, b in bases.items() if not b.built]

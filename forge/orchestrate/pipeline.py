@@ -11,16 +11,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from forge.core.errors import EvalGateError, ExitCode, ScanGateError
+from forge.core.errors import EvalGateError, ExitCode, ScanGateError, UsageError
 from forge.executors import Executor
 from forge.orchestrate.build import BuildOutcome, Reporter, StepResult, execute, execute_one
 from forge.registry import LocalRegistry, Record, publish
-from forge.steps import StepSpec
+from forge.steps import StepSpec, gate, scan
 from forge.store.local import Store
+from forge.oci.client import Remote
+from forge.registry.matrix import publish_matrix
+from forge.report import BuildOutputs
 
 if TYPE_CHECKING:
     from forge.recipe.resolve import Resolved
-    from forge.report import BuildOutputs
     from forge.store.remote import RemoteCache
 
 __all__ = ["Outcome", "VariantsOutcome", "run", "run_variants", "check_target"]
@@ -52,16 +54,12 @@ class Outcome:
     @property
     def gate(self):
         """The eval gate's verdict (``forge.steps.gate.Output``), or None without an eval section."""
-        from forge.steps import gate
-
         r = self.build.by_name.get("gate")
         return gate.Output.read(r.entry) if r else None
 
     @property
     def scan(self):
         """The scan's verdict (``forge.steps.scan.Output``), or None when the build did not reach it."""
-        from forge.steps import scan
-
         r = self.build.by_name.get("scan")
         return scan.Output.read(r.entry) if r else None
 
@@ -69,8 +67,6 @@ class Outcome:
 def check_target(target: str | None) -> None:
     """A bad --publish-to is a usage error before anything is built, not after an hour of building."""
     if target and target != "local":
-        from forge.oci.client import Remote
-
         Remote.parse(target)
 
 
@@ -87,8 +83,6 @@ def run(resolved: "Resolved", store: Store, *, force: set[str] = frozenset(), ex
     which walks its trials and comes back here with the chosen one."""
     check_target(publish_to)
     if resolved.is_auto:
-        from forge.core.errors import UsageError
-
         raise UsageError(f"{resolved.path}: method: auto is built by forge.orchestrate.auto.run (it picks the trial "
                          "to build)")
     outcome = execute_one(resolved, store, force=force, executor=executor, on_start=on_start, on_done=on_done,
@@ -104,8 +98,6 @@ def _publish(loaded: "Resolved", store: Store, outcome: BuildOutcome, *, registr
     report = on_publish() if on_publish else (lambda *a, **k: None)
     outputs = None
     if report_dir is not None:
-        from forge.report import BuildOutputs
-
         outputs = BuildOutputs(report_dir, loaded, outcome.by_name)
         report("writing the build report")
 
@@ -159,8 +151,6 @@ def run_variants(variants: list["Resolved"], store: Store, *, force: set[str] = 
         published[name] = _publish(resolved, store, outcomes[name], registry_dir=registry_dir, publish_to=publish_to,
                                    on_publish=(lambda n=name: on_publish(n)) if on_publish else None,
                                    report_dir=report_dir / name if report_dir is not None else None)
-    from forge.registry.matrix import publish_matrix
-
     matrix = publish_matrix(variants[0], [o.record for o in published.values()],
                             registry=LocalRegistry(registry_dir), target=publish_to)
     return VariantsOutcome(published, matrix)

@@ -12,6 +12,10 @@ from forge.gpu.catalog import gpus
 from forge.core.errors import RecipeError
 from forge.model.sources import (SOURCE_FORMS, GgufSource, HfSource, LocalDirSource, local_dir_problems,
                            parse_source)
+from forge import backends, engines
+from forge.core.plugins import UnknownName
+from forge.evaluation.tasks import check_gate, load_tasks
+from forge.model.calibration import parse_hf_dataset
 
 
 def complete(loaded) -> list[str]:
@@ -19,9 +23,6 @@ def complete(loaded) -> list[str]:
     r = loaded.recipe
     problems: list[str] = []
     warnings: list[str] = []
-
-    from forge import backends, engines
-    from forge.core.plugins import UnknownName
 
     for registry, keys in ((engines.REGISTRY, ("target", "engine")), (backends.REGISTRY, ("quantize", "backend"))):
         value = r.target.engine if keys[0] == "target" else r.quantize.backend
@@ -66,8 +67,6 @@ def complete(loaded) -> list[str]:
         problems.append(f"{loaded.where('model', 'source')}: GGUF file {source.path} does not exist")
 
     cal = r.quantize.calibration
-    from forge.model.calibration import parse_hf_dataset
-
     hf_cal = parse_hf_dataset(cal.data) if cal is not None else None
     if hf_cal is not None and not hf_cal[2]:
         msg = (f"{loaded.where('quantize', 'calibration', 'data')}: dataset revision {hf_cal[1]!r} is not a commit; "
@@ -81,8 +80,6 @@ def complete(loaded) -> list[str]:
                         "does not exist; create it or remove the key")
 
     if r.eval is not None and not problems:
-        from forge.evaluation.tasks import check_gate, load_tasks
-
         try:
             tasks = load_tasks(loaded)
         except RecipeError as e:

@@ -20,8 +20,9 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from forge.core.errors import RecipeError
-from forge.recipe.schema import API_VERSION, Recipe
+from forge.core.errors import RecipeError, UsageError
+from forge.recipe.schema import API_VERSION, Recipe, VARIANT_SECTIONS
+from forge.recipe.complete import complete
 
 # A recipe is a few dozen nodes. Aliases that expand past this are an attack or a mistake.
 MAX_EXPANDED_NODES = 10_000
@@ -88,8 +89,6 @@ def load_recipe(path: str | Path, *, ci: bool = False, variant: str | None = Non
     loaded = LoadedRecipe(path=path, recipe=recipe, positions=positions, digest=digest, ci=ci, variant=variant,
                           overrides=overrides)
 
-    from forge.recipe.complete import complete  # world checks; imports no heavy libraries
-
     try:
         warnings = complete(loaded)
     except RecipeError as e:
@@ -110,9 +109,6 @@ def _merged(path: Path, data: dict, positions: dict, recipe: Recipe, variant: st
             overrides: dict) -> tuple[dict, dict]:
     """The recipe's data with a variant's overrides (and then ``overrides``) merged key by key into the
     shared sections; positions of overridden keys point at the variant's lines."""
-    from forge.core.errors import UsageError
-    from forge.recipe.schema import VARIANT_SECTIONS
-
     merged = copy.deepcopy(data)
     pos = dict(positions)
 

@@ -13,9 +13,10 @@ import tempfile
 from pathlib import Path
 
 from forge.core.errors import ToolError, UsageError
-from forge.oci.layout import Layout, member_path
+from forge.oci.layout import Layout, member_path, sha256_bytes
 from forge.registry.local import LocalRegistry, default_registry_dir
 from forge.registry.record import PROMOTABLE, STATUSES, Collected, EvidenceFiles, Record, collect
+from forge.registry import remote
 
 __all__ = ["publish", "pull", "LocalRegistry", "Record", "STATUSES", "PROMOTABLE", "default_registry_dir"]
 
@@ -50,8 +51,6 @@ def publish(loaded, results: dict, report=lambda *a, **k: None, registry: LocalR
             rec = reg.store(collected)
         pushed = None
         if target != "local" and rec.image_digest and rec.status != "rejected":
-            from forge.registry import remote
-
             pushed = remote.push(rec, reg.blobs, remote.Remote.parse(target), report)  # idempotent: digests kept
         stored, _ = reg.insert(rec.model_copy(update={"remote": pushed or rec.remote}))
         if pushed and stored.remote != pushed:
@@ -59,8 +58,6 @@ def publish(loaded, results: dict, report=lambda *a, **k: None, registry: LocalR
         if variant is not None and stored.tag:   # <name>:<variant> moves to this build (never to a rejected one)
             reg.tag(stored, variant)
             if pushed:
-                from forge.registry import remote
-
                 remote.promote(stored, remote.Remote.parse(target), variant)
     return stored
 
@@ -68,8 +65,6 @@ def publish(loaded, results: dict, report=lambda *a, **k: None, registry: LocalR
 def promote(reg: LocalRegistry, rec: Record, tag: str, *, accept_proxy_eval: bool = False) -> Record:
     updated = reg.promote(rec, tag, accept_proxy_eval=accept_proxy_eval)
     if rec.remote:
-        from forge.registry import remote
-
         r = remote.Remote.parse(rec.remote.split("@")[0])
         remote.promote(rec, r, tag)
     return updated
@@ -105,9 +100,6 @@ def pull(ref: str, dest: Path, reg: LocalRegistry | None = None) -> dict:
 
 
 def _fetch_remote(ref: str, tmp: Path) -> tuple[Layout, str, dict]:
-    from forge.registry import remote
-    from forge.oci.layout import sha256_bytes
-
     r, what = remote.parse_ref(ref)
     client = remote.Client(r)
     got = client.get_manifest(what)

@@ -7,6 +7,9 @@ not rewritten: its digest is what the eval and scan evidence name. ``forge regis
 annotations, so a matrix pulled from any registry can be matched without the recipe.
 """
 from __future__ import annotations
+from forge.gpu import fit
+from forge.model import shape as modelshape
+from forge.steps import quantize
 
 NS = "dev.forge."
 VARIANT = NS + "variant"                       # the variant's name (also its tag: <name>:<variant>)
@@ -59,10 +62,6 @@ def _num(x: float) -> str:
 
 def _need_gib(loaded, results: dict, g) -> float | None:
     """Per-GPU GiB the fit model says the variant needs, from the quantized checkpoint's own config.json."""
-    from forge.gpu import fit
-    from forge.model import shape as modelshape
-    from forge.steps import quantize
-
     if "quantize" not in results:
         return None
     config = quantize.Output.read(results["quantize"].entry).dir / "config.json"

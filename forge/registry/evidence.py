@@ -20,6 +20,9 @@ from typing import Callable
 
 from forge.core.errors import EvidenceError
 from forge.oci.layout import sha256_bytes
+from forge.evaluation.gatestats import parse_verdict, rejudge
+from forge.gpu.catalog import gpus as catalog
+from forge.steps.scan import read_verdict
 
 __all__ = ["Derived", "derive", "decide", "proxy_reason", "RULE", "PROXY", "GATE_FILE", "SCAN_FILE",
            "PROVENANCE_FILE"]
@@ -51,9 +54,6 @@ def derive(*, gate: bytes | None, scan: bytes | None, provenance: bytes, image_d
     build has no such step); ``ships``: (engine, target GPU) of the image, as the record names them;
     ``where(kind)`` names a piece in an error. Raises EvidenceError (exit 5) for a verdict or provenance that
     cannot be read as one."""
-    from forge.evaluation.gatestats import parse_verdict, rejudge
-    from forge.steps.scan import read_verdict
-
     evidence: dict = {"rule": RULE, "image": image_digest}
     gate_said = scan_said = None
     if gate is not None:
@@ -119,8 +119,6 @@ def proxy_reason(evaluated_on: dict | None, engine: str | None, gpu: str | None)
         return said
     if gpu == "CPU":
         return None if device == "cpu" else said
-    from forge.gpu.catalog import gpus as catalog
-
     names = catalog()[gpu].smi if gpu in catalog() else ()
     return None if device == "cuda" and any(g in names for g in gpus) else said
 

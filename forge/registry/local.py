@@ -19,10 +19,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from forge.core.errors import UsageError
+from forge.core.errors import EvidenceError, UsageError
 from forge.oci.layout import (
     EMPTY_BYTES, MANIFEST, REF_NAME, Layout, artifact_manifest, descriptor, manifest_bytes, sha256_bytes)
 from forge.registry.record import EVIDENCE_TYPES, PROMOTABLE, PROXY, PROXY_HINT, Collected, Evidence, Record
+from forge.core import options as env
+from forge.registry.evidence import GATE_FILE, PROVENANCE_FILE, SCAN_FILE, derive
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS artifacts (
@@ -39,8 +41,6 @@ _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
 def default_registry_dir() -> Path:
-    from forge.core import options as env
-
     return env.current().registry_dir
 
 
@@ -256,9 +256,6 @@ class LocalRegistry:
     def _status_problems(self, rec: Record) -> list[tuple[str, str, str]]:
         """Re-derive the status from the stored evidence (``forge.registry.evidence.derive``, as publish did):
         a status, or a record of how it was derived, that the evidence does not support is a problem."""
-        from forge.core.errors import EvidenceError
-        from forge.registry.evidence import GATE_FILE, PROVENANCE_FILE, SCAN_FILE, derive
-
         names = {"eval-verdict": GATE_FILE, "scan-report": SCAN_FILE, "provenance": PROVENANCE_FILE}
         found: dict[str, tuple[str, bytes]] = {}
         for ev in rec.evidence:

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from forge.core.errors import ToolError, UsageError
-from forge.registry import MATRIX_TAG, MATRIX_TYPE
-from forge.registry import annotate as ann
+from forge.registry import MATRIX_TAG, MATRIX_TYPE, annotate as ann, remote
 from forge.oci.layout import INDEX, MANIFEST, descriptor, manifest_bytes, sha256_bytes
 from forge.registry.local import LocalRegistry
 from forge.registry.record import PROMOTABLE, Record
@@ -86,8 +85,6 @@ def _same(values) -> str:
 
 def _push(data: bytes, listed: list[Record], registry: LocalRegistry, target: str) -> str:
     """Every listed variant first (a registry refuses an index naming a manifest it lacks), then the index."""
-    from forge.registry import remote
-
     r = remote.Remote.parse(target)
     for rec in listed:
         if rec.remote != f"{r.url()}@{rec.image_digest}":
@@ -119,8 +116,6 @@ def load(name: str, registry: LocalRegistry | None = None, url: str | None = Non
     """The matrix of recipe ``name``: from the OCI repository ``url`` (oci://HOST/REPO, the recipe's
     publish.registry), else from the embedded registry. Its bytes are checked against its digest."""
     if url is not None:
-        from forge.registry import remote
-
         client = remote.Client(remote.Remote.parse(url))
         got = client.get_manifest(MATRIX_TAG)
         if got is None:

@@ -24,6 +24,9 @@ from pydantic import BaseModel, ConfigDict
 from forge import __version__
 from forge.core.digests import digest_of
 from forge.oci.layout import sha256_bytes, sha256_file
+from forge.registry import annotate
+from forge.registry.evidence import derive
+from forge.steps import gate as gate_step, package as package_step, scan as scan_step
 
 Status = Literal["built", "gated", "scanned", "validated", "proxy-validated", "promoted", "rejected", "unscanned",
                  "ungated"]
@@ -119,9 +122,6 @@ def collect(loaded, results: dict, finished_at: datetime | None = None) -> Colle
     """Build the record for a (possibly stopped) build from its step results, by step name. The verdict files
     are read once, checked against their step manifests (an edited one is an EvidenceError, exit 5), and the
     status is derived from those bytes, which are the ones stored."""
-    from forge.registry.evidence import derive
-    from forge.steps import gate as gate_step, package as package_step, scan as scan_step
-
     r = loaded.recipe
     gate_out = gate_step.Output.read(results["gate"].entry) if "gate" in results else None
     scan_out = scan_step.Output.read(results["scan"].entry) if "scan" in results else None
@@ -160,8 +160,6 @@ def collect(loaded, results: dict, finished_at: datetime | None = None) -> Colle
         sbom_digest=sbom_digest, tool_versions=dict(sorted(tools.items())), smoke_test=_smoke_test(image),
         created_at=(finished_at or datetime.now(timezone.utc)).isoformat(timespec="seconds"))
     if (variant := getattr(loaded, "variant", None)) is not None:   # a plain recipe's record stays as it was
-        from forge.registry import annotate
-
         record = record.model_copy(update={"variant": variant, "annotations": annotate.for_variant(
             loaded, results, record.engine)})
     prov = provenance(record, loaded, results)

@@ -19,7 +19,14 @@ from pathlib import Path
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-from forge.core.errors import UsageError
+from forge.core.errors import ToolError, UsageError
+from forge import __version__
+from forge.core import options
+from forge.core.digests import digest_of
+from forge.registry.record import collect
+from forge.report.gather import gather
+from forge.report.page import render as _render
+from forge.steps import gate, scan
 
 __all__ = ["BuildOutputs", "data_for", "render", "html_for", "html_for_recipe", "html_from_registry", "markdown",
            "write", "EVIDENCE_KIND", "FILE_NAME", "JUNIT", "SUMMARY"]
@@ -29,16 +36,12 @@ FILE_NAME, JUNIT, SUMMARY = "report.html", "junit.xml", "summary.md"
 
 
 def data_for(loaded, results: dict, collected=None) -> dict:
-    from forge.report.gather import gather
-
     record = collected.record if collected is not None else None
     provenance = collected.provenance if collected is not None else b""
     return gather(loaded, results, record, provenance=provenance)
 
 
 def render(data: dict) -> str:
-    from forge.report.page import render as _render
-
     return _render(data)
 
 
@@ -64,8 +67,6 @@ class BuildOutputs:
     def attach(self, collected) -> dict[str, Path]:
         """The page as evidence. A page that cannot be drawn never costs the build its record: the error is
         kept for the CLI to print (and raised under FORGE_DEBUG)."""
-        from forge.core import options
-
         try:
             self.data = data_for(self.loaded, self.results, collected)
             return {EVIDENCE_KIND: write(self.html, self._page())}
@@ -82,9 +83,6 @@ class BuildOutputs:
         root = getattr(self.loaded, "cache_root", None)
         if root is None:
             return render(self.data).encode()
-        from forge import __version__
-        from forge.core.digests import digest_of
-
         templates = Path(__file__).with_name("templates")
         try:
             key = digest_of({"data": self.data, "forge": __version__, "templates": {
@@ -110,8 +108,6 @@ class BuildOutputs:
             self.html.unlink(missing_ok=True)
         if self.data is None:
             return {}
-        from forge.steps import gate, scan
-
         summaries = {}
         g = gate.Output.read(self.results["gate"].entry) if "gate" in self.results else None
         sc = scan.Output.read(self.results["scan"].entry) if "scan" in self.results else None
@@ -128,8 +124,6 @@ def html_for_recipe(loaded, cached: dict, store, registry=None) -> str:
     """The report of the recipe's last build, from the cache: ``cached`` holds the entry of every step whose output is
     cached for the recipe as it is now, by step (a plan's HITs; a build stopped at a gate has no image: the page says
     so)."""
-    from forge.registry.record import collect
-
     results = {name: SimpleNamespace(name=name, status="HIT", key=entry.key, entry=entry,
                                      output_digest=entry.output_digest, seconds=float(entry.manifest.get("seconds", 0.0)))
                for name, entry in cached.items()}
@@ -151,8 +145,6 @@ def html_from_registry(registry, ref: str) -> bytes:
                          hint=f"Render it from the cache instead: forge report {rec.recipe_path}")
     digest = ev.files[FILE_NAME]
     if (problem := registry.blobs.verify(digest)) is not None:
-        from forge.core.errors import ToolError
-
         raise ToolError(f"the report blob {digest} of {rec.name} {rec.short()} does not verify: {problem}",
                         hint="`forge registry verify` lists every bad blob; rebuild and publish again.")
     return registry.blobs.read(digest)

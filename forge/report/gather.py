@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from forge.gpu import fit
+from forge.gpu.catalog import gpus
+from forge.steps import gate, package, quantize, scan
+from forge.steps.graph import active_steps
 
 __all__ = ["gather", "load_fit"]
 
 
 def gather(loaded, results: dict, record=None, *, provenance: bytes = b"") -> dict:
-    from forge.steps.graph import active_steps
-
     r = loaded.recipe
     text = loaded.path.read_text() if Path(loaded.path).is_file() else ""
     steps = []
@@ -51,16 +53,12 @@ def _json(path: Path):
 
 
 def _gate(results: dict) -> dict | None:
-    from forge.steps import gate
-
     if "gate" not in results:
         return None
     return _json(gate.Output.read(results["gate"].entry).verdict)
 
 
 def _quantize(loaded, results: dict) -> dict | None:
-    from forge.steps import quantize
-
     if "quantize" not in results:
         return None
     checkpoint = quantize.Output.read(results["quantize"].entry)
@@ -86,9 +84,6 @@ def _quantize(loaded, results: dict) -> dict | None:
 
 def load_fit(loaded) -> dict | None:
     """The recipe's capacity plan on its target GPU and on every catalog GPU that can run its scheme."""
-    from forge.gpu import fit
-    from forge.gpu.catalog import gpus
-
     r = loaded.recipe
     shape = loaded.shape    # from the resolution stage (None: config.json was not available offline)
     if shape is None:
@@ -107,8 +102,6 @@ def load_fit(loaded) -> dict | None:
 
 
 def _image(results: dict) -> dict | None:
-    from forge.steps import package
-
     if "package" not in results:
         return None
     built = package.Output.read(results["package"].entry)
@@ -137,8 +130,6 @@ def _image(results: dict) -> dict | None:
 
 
 def _scan(results: dict) -> dict | None:
-    from forge.steps import scan
-
     if "scan" not in results:
         return None
     scanned = scan.Output.read(results["scan"].entry)

@@ -13,7 +13,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from forge.steps import StepContext, StepSpec
+from forge.steps import StepContext, StepSpec, probe
+from forge.core.errors import StepError, ToolError
+from forge.core.host import local_gpus
+from forge.engines.trtllm_build import BuildSettings, EngineFacts, TRTLLM_CKPT, build_command, check_engine, find_runner
 
 ENGINE_DIR = "engine"
 
@@ -25,16 +28,11 @@ def _enabled(resolved) -> bool:
 def _config(loaded) -> dict:
     from dataclasses import asdict
 
-    from forge.engines.trtllm_build import BuildSettings
-
     r = loaded.recipe
     return {"gpu": r.target.gpu, "tensor_parallel": r.target.tensor_parallel, "build": asdict(BuildSettings.from_recipe(r))}
 
 
 def _identity(loaded) -> dict:
-    from forge.core.host import local_gpus
-    from forge.steps import probe
-
     gpus = probe("this host's GPUs (nvidia-smi)", local_gpus)
     base = loaded.base
     return {"gpus_here": [(g.name, g.compute_capability) for g in gpus], "trtllm": base.engine_version if base else None}
@@ -47,9 +45,6 @@ SPEC = StepSpec(
 
 
 def run(ctx: StepContext) -> dict:
-    from forge.core.errors import StepError, ToolError
-    from forge.engines.trtllm_build import TRTLLM_CKPT, BuildSettings, EngineFacts, build_command, check_engine, find_runner
-
     loaded = ctx.recipe
     base, digest = loaded.base, loaded.base_digest
     image = f"{base.image.rsplit(':', 1)[0]}@{digest}" if digest else base.image
@@ -87,9 +82,6 @@ def run(ctx: StepContext) -> dict:
 def check(entry) -> None:
     """A cached engine is re-read and re-checked: the recipe or the base catalog may have moved since."""
     # the recipe and base used for this key are fixed by the key itself; re-reading proves the files are intact
-    from forge.core.errors import ToolError
-    from forge.engines.trtllm_build import EngineFacts
-
     try:
         EngineFacts.read(Path(entry.out) / ENGINE_DIR)
     except ValueError as e:

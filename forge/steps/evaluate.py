@@ -26,7 +26,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from forge.steps import StepContext, StepSpec
+from forge.steps import StepContext, StepSpec, probe, quantize
+from forge.core.errors import ToolError
+from forge.core.host import device, local_gpus, no_nvidia_smi
+from forge.core.jsonsafe import dumps
+from forge.evaluation.tasks import load_tasks
 
 RESULTS, SAMPLES_DIR, RAW_DIR = "results.json", "samples", "lm_eval_samples"
 BATCH_SIZE = 8
@@ -38,8 +42,6 @@ def _enabled(loaded) -> bool:
 
 
 def _config(loaded) -> dict:
-    from forge.evaluation.tasks import load_tasks
-
     ev = loaded.recipe.eval
     # Task *names*: where a recipe keeps its task files must not matter; their bytes enter via `data`.
     return {"tasks": [t.name for t in load_tasks(loaded)], "backend": ev.backend, "limit": ev.limit, "seed": ev.seed,
@@ -47,8 +49,6 @@ def _config(loaded) -> dict:
 
 
 def _data(loaded) -> dict[str, Path]:
-    from forge.evaluation.tasks import load_tasks
-
     files: dict[str, Path] = {}
     for t in load_tasks(loaded):
         files.update(t.files)
@@ -56,9 +56,6 @@ def _data(loaded) -> dict[str, Path]:
 
 
 def _identity(loaded) -> dict:
-    from forge.core.host import device, local_gpus, no_nvidia_smi
-    from forge.steps import probe
-
     # the GPU model too: numbers from an L4 are not an H100's, and a record says which it was (evaluated_on)
     gpus = probe("this host's GPUs (nvidia-smi)", local_gpus, remembered=no_nvidia_smi)
     return {"device": device(), "gpus": [g.name for g in gpus]}
@@ -82,8 +79,6 @@ def pick_backend(requested: str) -> tuple[str, str]:
 
     cuda = torch.cuda.is_available()
     if requested == "vllm" and not (cuda and importlib.util.find_spec("vllm")):
-        from forge.core.errors import ToolError
-
         raise ToolError("eval.backend is vllm, but vllm or a CUDA GPU is missing here",
                         hint="Use backend: auto (hf on CPU) or run where vllm and a GPU are available.")
     if requested == "vllm" or (requested == "auto" and cuda and importlib.util.find_spec("vllm")):
@@ -133,17 +128,11 @@ def simple_evaluate(model_dir: Path, tasks, backend: str, device: str, *, limit,
 
 
 def run(ctx: StepContext) -> dict:
-    from forge.evaluation.tasks import load_tasks
-    from forge.core.jsonsafe import dumps
-    from forge.steps import quantize
-
     ev = ctx.recipe.recipe.eval
     (upstream,) = ctx.inputs.values()
     tasks = load_tasks(ctx.recipe)
     backend, device = pick_backend(ev.backend)
     if backend == "hf" and "quantize" in ctx.upstream and quantize.Output.read(ctx.upstream["quantize"]).modelopt_checkpoint:
-        from forge.core.errors import ToolError
-
         raise ToolError("a ModelOpt checkpoint cannot be evaluated with the hf backend (transformers has no "
                         "'modelopt' quantization loader)",
                         hint="Evaluate where a GPU and vllm are present (eval.backend: vllm or auto), or remove the "
@@ -186,8 +175,6 @@ ENGINE_OF_BACKEND = {"hf": "transformers", "vllm": "vllm"}   # whose kernels com
 def evaluated_on(backend: str, device: str, model_args: dict, batching: dict) -> dict:
     """Where an eval ran, as the gate's verdict and the registry record carry it: the engine whose numerics
     produced the scores, lm-eval's backend, the device, the GPU models nvidia-smi reports, dtype and batching."""
-    from forge.core.host import local_gpus
-
     return {"engine": ENGINE_OF_BACKEND.get(backend, backend), "backend": backend, "device": device,
             "gpus": sorted({g.name for g in local_gpus()}) if device == "cuda" else [],
             "dtype": model_args.get("dtype"), "batch_size": batching.get("batch_size")}

@@ -15,7 +15,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from forge.steps import StepContext, StepSpec
+from forge.steps import StepContext, StepSpec, evaluate
+from forge.core.errors import EvalGateError, StepError
+from forge.core.jsonsafe import dumps
+from forge.evaluation.gatestats import judge_rule, junit, markdown, parse_verdict, rejudge
+from forge.evaluation.tasks import PERPLEXITY_FAMILY
+from forge.store.local import read_committed
 
 VERDICT, SUMMARY, JUNIT = "verdict.json", "summary.md", "junit.xml"
 RESAMPLES = 2000
@@ -47,11 +52,7 @@ def _paired(base: dict, cand: dict, task: str, metric: str):
     NaN (a perplexity's (loglik, units) pair: both), which the gate judges invalid: never a pass."""
     import numpy as np
 
-    from forge.evaluation.tasks import PERPLEXITY_FAMILY
-
     if set(base) != set(cand):
-        from forge.core.errors import StepError
-
         raise StepError(f"{task}: baseline and candidate were evaluated on different documents "
                         f"({len(base)} vs {len(cand)}); they must share eval settings")
     docs = sorted(base, key=lambda d: (len(str(d)), str(d)))
@@ -81,10 +82,6 @@ def _samples(out, task: str) -> dict:
 
 
 def run(ctx: StepContext) -> dict:
-    from forge.evaluation.gatestats import judge_rule, junit, markdown
-    from forge.core.jsonsafe import dumps
-    from forge.steps import evaluate
-
     ev = ctx.recipe.recipe.eval
     base = evaluate.Output.read(ctx.upstream["eval_baseline"])
     cand = evaluate.Output.read(ctx.upstream["eval_candidate"])
@@ -117,8 +114,6 @@ def run(ctx: StepContext) -> dict:
 def check(entry) -> None:
     out = Output.read(entry)
     if out.rules and not out.passed:   # no rules: recorded as ungated by publish, the build goes on
-        from forge.core.errors import EvalGateError
-
         raise EvalGateError("eval gate failed:\n  " + "\n  ".join(out.failed),
                             hint=f"Full report: {out.summary} (JUnit: {out.junit}).")
 
@@ -136,9 +131,6 @@ class Output:
 
     @classmethod
     def read(cls, entry) -> "Output":
-        from forge.evaluation.gatestats import parse_verdict, rejudge
-        from forge.store.local import read_committed
-
         data = read_committed(entry, VERDICT)
         judged = rejudge(parse_verdict(data, str(entry.out / VERDICT)))
         return cls(judged.passed, judged.failed, judged.rules, entry.out / VERDICT, entry.out / SUMMARY,

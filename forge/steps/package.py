@@ -30,7 +30,10 @@ from forge.image.containers import MODEL_DIR, UID, containerfile, image_spec, re
 from forge.core.errors import ToolError
 from forge.engines import get as get_engine
 from forge.image.smoketest import TRANSCRIPT, smoke_test, why_not_here
-from forge.steps import StepContext, StepSpec
+from forge.steps import StepContext, StepSpec, compile, probe, quantize
+from forge.core.host import no_nvidia_smi
+from forge.engines.trtllm_build import EngineFacts, check_engine
+from forge.image.weights_layer import append_weights_layer
 
 OCI_DIR, IMAGE_JSON = "oci", "image.json"
 SMOKE_KEEP = ".smoke-test"   # suffix of the directory beside the staging dir that keeps a failed smoke test
@@ -83,11 +86,7 @@ def _identity(loaded) -> dict:
         builder = "absent"   # the step itself reports it when it runs
     facts = {"builder": builder, builder: _tool_version(builder, loaded) if builder != "absent" else "absent"}
     if base is not None and loaded.recipe.container.smoke_test and not get_engine(base.engine).smoke_test:
-        from forge.steps import probe
-
         # a GPU image is smoke-tested where its GPU is: built here without one, it is built again there
-        from forge.core.host import no_nvidia_smi
-
         here = lambda: why_not_here(base.engine, loaded.recipe.target.gpu, builder)   # noqa: E731
         facts["smoke_test_here"] = probe("this host's GPUs (nvidia-smi)", here,
                                          remembered=lambda: here() if no_nvidia_smi() is not None else None) or "yes"
@@ -211,14 +210,9 @@ def run(ctx: StepContext) -> dict:
     (context / "model").mkdir(parents=True)
     spec = image_spec(loaded, base_ref=_image_ref(ctx, base, digest), labels=_labels(ctx, base, digest), env=env,
                       engine_dir="compile" in ctx.inputs, context=context)
-    from forge.steps import quantize
-
     checkpoint = quantize.Output.read(ctx.upstream["quantize"])
     engine = ctx.inputs.get("compile")
     if engine is not None:  # legacy TensorRT-LLM engine: checked against the recipe and this base before anything is built
-        from forge.steps import compile
-        from forge.engines.trtllm_build import EngineFacts, check_engine
-
         engine = compile.Output.read(ctx.upstream["compile"]).engine_dir
         if problems := check_engine(EngineFacts.read(engine), loaded.recipe, base):
             raise ToolError("the engine does not match the recipe or the base image: " + "; ".join(problems),
@@ -260,8 +254,6 @@ def run(ctx: StepContext) -> dict:
 
 def _weights_layer(ctx: StepContext, model: Path, ref: str) -> dict:
     """Append the checkpoint to the built image as its last layer, written in one pass (forge/image/weights_layer.py)."""
-    from forge.image.weights_layer import append_weights_layer
-
     compression = ctx.recipe.recipe.container.weights_compression
     total = sum(p.stat().st_size for p in model.rglob("*") if p.is_file())
     done = 0

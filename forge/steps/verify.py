@@ -15,6 +15,8 @@ import gc
 from pathlib import Path
 
 from forge.steps.reference import VERIFY_PROMPT, VERIFY_TOKENS, prompt_ids
+from forge.backends import TensorReader
+from forge.core.errors import StepError
 
 __all__ = ["MIN_AGREEING_TOKENS", "MIN_CONTENT_TOKENS", "check_loads", "verify_generation", "verify_dequantized",
            "teacher_forced_tokens", "refuse_unservable", "relative_error"]
@@ -25,8 +27,6 @@ MIN_CONTENT_TOKENS = 1    # of its VERIFY_TOKENS predictions that are not specia
 
 def check_loads(quant_dir: Path, dtype) -> None:
     """transformers loads the checkpoint with no missing, unexpected or mis-shaped tensor (it is then freed)."""
-    from forge.core.errors import StepError
-
     m, info = _load_checkpoint(quant_dir, dtype, output_loading_info=True)
     del m
     gc.collect()
@@ -39,8 +39,6 @@ def check_loads(quant_dir: Path, dtype) -> None:
 def _load_checkpoint(quant_dir: Path, dtype, **kwargs):
     """The written checkpoint loaded with transformers on the CPU, or a StepError saying why it does not load."""
     from transformers import AutoModelForCausalLM
-
-    from forge.core.errors import StepError
 
     try:
         return AutoModelForCausalLM.from_pretrained(quant_dir, dtype=dtype, device_map=None, **kwargs)
@@ -58,9 +56,6 @@ def verify_dequantized(bf16_dir: Path, weights, tokenizer, dtype, reference: lis
     ||dequantized - BF16|| / ||BF16|| (layer name -> figure), measured as the weight is put in."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from forge.backends import TensorReader
-    from forge.core.errors import StepError
 
     model = AutoModelForCausalLM.from_pretrained(bf16_dir, dtype=dtype, device_map=None)
     params = dict(model.named_parameters())
@@ -109,8 +104,6 @@ def teacher_forced_tokens(model, tokenizer, reference: list[int], *, what: str) 
     prediction i is what it writes after the prompt and the reference's first i tokens."""
     import torch
 
-    from forge.core.errors import StepError
-
     prompt = prompt_ids(model, tokenizer)
     ids = torch.cat([prompt, torch.tensor([reference[:-1]], dtype=prompt.dtype, device=prompt.device)], dim=1)
     with torch.no_grad():
@@ -137,8 +130,6 @@ def refuse_unservable(reference: list[int], tokens: list[int], tokenizer, *, wha
     StepError when the checkpoint cannot serve: fewer than MIN_CONTENT_TOKENS predictions that are not special
     tokens, or fewer than MIN_AGREEING_TOKENS that agree with the reference (non-finite logits were refused
     before, in ``teacher_forced_tokens``)."""
-    from forge.core.errors import StepError
-
     result = _agreement(reference, tokens, tokenizer)
     special = set(tokenizer.all_special_ids)
     content = sum(t not in special for t in tokens)

@@ -30,14 +30,14 @@ from filelock import FileLock
 
 from forge.core.digests import DigestMemo
 from forge.core.jsonsafe import dumps
+from forge.core import options as env
+from forge.core.errors import EvidenceError
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 
 
 def default_cache_dir() -> Path:
-    from forge.core import options as env
-
     return env.current().cache_dir
 
 
@@ -70,8 +70,6 @@ def read_committed(entry, rel: str) -> bytes:
     committed output is immutable, and a decision is never made from one edited in place. ``entry``: anything
     with ``out`` and ``manifest`` (a store Entry)."""
     import hashlib
-
-    from forge.core.errors import EvidenceError
 
     path = Path(entry.out) / rel
     step = entry.manifest.get("step", "step")

@@ -47,6 +47,7 @@ from forge.core.errors import ToolError, UsageError
 from forge.oci.layout import MANIFEST, manifest_bytes, sha256_bytes
 from forge.oci.client import Client, Remote
 from forge.store.local import MANIFEST as MANIFEST_FILE, MANIFEST_VERSION, Entry, Store
+from forge.steps.graph import volatile
 
 __all__ = ["RemoteCache", "RemoteUnavailable", "RemoteCacheCorrupt", "Shared", "MODES",
            "ARTIFACT_TYPE", "CONFIG_TYPE", "LAYER_TYPE"]
@@ -190,8 +191,6 @@ class RemoteCache:
         every file but the step's volatile ones, ``forge.steps.graph.volatile``) must be the manifest's: the
         digest is what every downstream key and the registry record name, so a manifest whose files are not
         that output is refused (``RemoteCacheCorrupt``, nothing committed)."""
-        from forge.steps.graph import volatile
-
         skip = volatile(str(step.get("step")))
         actual = tree_digest({rel: e for rel, e in pulled.items() if rel not in skip})
         want = (step.get("output") or {}).get("digest")
