@@ -170,7 +170,7 @@ def test_cache_ls_and_prune_cli(recipe, cache_dir):
     assert "would remove 3 item(s)" in dry.stdout and "would remove report" in dry.stdout   # the drawn page too
     forge_cli("cache", "prune", "--all", cache=cache_dir, check=0)
     assert json.loads(forge_cli("cache", "ls", "--json", cache=cache_dir, check=0).stdout) == []
-    assert not list((cache_dir / "reports").glob("*.html"))
+    assert not list((cache_dir / "report-pages").glob("*.html"))
 
 
 def test_build_force_flag_forms(recipe, cache_dir):

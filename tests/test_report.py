@@ -158,7 +158,7 @@ def test_the_same_data_is_drawn_once_and_a_changed_build_is_drawn_again(known, t
         pages.append(outputs.html.read_bytes())
     assert len(drawn) <= 1 and pages[0] == pages[1]   # the second (and the first, if the fixture drew it) cached
     cache = Store(known.loaded.cache_root)   # the build's step cache (the one its downloads are in)
-    pages_kept = sorted((cache.root / "reports").glob("*.html"))
+    pages_kept = sorted((cache.root / "report-pages").glob("*.html"))
     assert pages_kept and {path for what, path, _ in cache.prune(older_than_s=None, everything=True, dry_run=True)
                            if what == "report"} == set(pages_kept)   # `forge cache prune` takes them too
     before = len(drawn)

@@ -17,13 +17,17 @@ from forge.core.errors import UsageError
 
 
 @app.command()
-def validate(recipe: RecipeArg, ci: Ci = False, cache_dir: CacheDir = None, variant: VariantOpt = None) -> None:
-    """Check a recipe (schema, files, model source, target-GPU contract and fit; every variant against the GPU it
-    names). Exit 0 if valid, 2 if not."""
+def validate(recipe: RecipeArg, ci: Ci = False, cache_dir: CacheDir = None, variant: VariantOpt = None,
+             build_elsewhere: Annotated[bool, typer.Option(
+                 "--build-elsewhere", help="The build runs on another machine: do not check that the steps which hold "
+                                           "the model fit this host's memory.")] = False) -> None:
+    """Check a recipe (schema, files, model source, target-GPU contract and fit, and that this host's memory holds
+    the steps that load the model; every variant against the GPU it names). Exit 0 if valid, 2 if not."""
     from forge.recipe import resolve
 
     if variant or resolve.has_variants(recipe, ci=ci):
-        checked = resolve.check(recipe, _store(cache_dir).root / "downloads", ci=ci, selected=variant)
+        checked = resolve.check(recipe, _store(cache_dir).root / "downloads", ci=ci, selected=variant,
+                                here=not build_elsewhere)
         console.variant_checks(checked)
         if bad := [c for c in checked if c.error is not None]:
             raise UsageError(f"{recipe}: {len(bad)} of {len(checked)} variant(s) invalid: "
@@ -33,6 +37,8 @@ def validate(recipe: RecipeArg, ci: Ci = False, cache_dir: CacheDir = None, vari
     from forge.model.sources import check_local_weights
 
     check_local_weights(loaded)   # safetensors headers against file sizes; a build checks them in its resolve step
+    if not build_elsewhere:
+        resolve.fits_here(loaded)     # the steps that hold the model, against this host's memory
     report = loaded.fit
     fits = "" if report is None else (f"; fits {report.gpu}: {report.weights_gb:.1f} GB weights, "
                                       f"{report.headroom_gb:.1f} GB headroom, up to {report.max_seqs_at_max_model_len} "

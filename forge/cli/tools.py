@@ -109,13 +109,40 @@ def fit_cmd(
     if shape is None:
         raise UsageError(f"config.json of {source} is not available offline", hint="Download it or pass --model DIR.")
     reports = [fitmod.fit(shape, catalog[n], plan_, price=price) for n in names if not catalog[n].is_cpu]
+    here = _build_here(shape)
     if json_out:
         sys.stdout.write(json.dumps({"model": {"source": source, **shape.__dict__, "params": shape.total_params},
-                                     "plan": plan_.__dict__, "fits": [r.to_json() for r in reports]}, indent=2) + "\n")
+                                     "plan": plan_.__dict__, "fits": [r.to_json() for r in reports],
+                                     "build_on_this_cpu": here}, indent=2) + "\n")
     else:
         _print_fit(shape, plan_, reports)
+        _print_build_here(here)
     if reports and not any(r.fits for r in reports):
         raise typer.Exit(int(ExitCode.INVALID))
+
+
+def _build_here(shape) -> dict:
+    """Host memory a CPU build of this model needs per method (forge.gpu.host_fit), and what this host has now."""
+    from forge.gpu import host_fit
+    from forge.gpu.methods import METHODS
+
+    rows = {}
+    for name, m in METHODS.items():
+        if name == "none" or "compressed-tensors" not in m.formats:   # what llm-compressor builds on a CPU
+            continue
+        needs = host_fit.needs(shape, name, calibrates=m.calibrates != "nothing", evaluates=True, device="cpu")
+        rows[name] = {n.step: round(n.bytes / host_fit.GB, 1) for n in needs}
+    return {"available_gb": round(host_fit.available_bytes() / host_fit.GB, 1),
+            "calibration_dtype": host_fit.calibration_dtype(), "needs_gb": rows}
+
+
+def _print_build_here(here: dict) -> None:
+    avail = here["available_gb"]
+    rows = [(m, f"{n['quantize']:.1f} GB", f"{n['eval']:.1f} GB",
+             "[green]yes[/]" if max(n.values()) <= avail else "[red]no[/]") for m, n in here["needs_gb"].items()]
+    console.table(("method", "quantize", "eval (each side)", "fits here"), rows,
+                  title=f"building on this CPU: {avail:.1f} GB available, calibration in {here['calibration_dtype']} "
+                        "(forge/gpu/host_fit.py)", right=("quantize", "eval (each side)"))
 
 
 def _print_catalog(catalog, json_out: bool) -> None:

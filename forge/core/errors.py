@@ -59,6 +59,11 @@ class EvidenceError(ToolError):
     registry blob). Nothing is decided from it (exit 5); the message names the file."""
 
 
+class ResourceError(ToolError):
+    """What cannot fit this host (memory), refused with the numbers before it is tried (exit 5), instead of
+    being found out by the kernel."""
+
+
 class StepError(ForgeError):
     """A step failed for a reason that is not the user's recipe (corrupt input, library failure)."""
 

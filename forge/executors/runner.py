@@ -17,6 +17,7 @@ from forge import __version__
 from forge.core import options as env, steplog
 from forge.core.digests import digest_of, list_files, tree_digest
 from forge.executors import Event, EventSink, StepDone, StepRequest
+from forge.gpu import host_fit
 from forge.steps import StepContext, StepSpec, tool_versions
 from forge.store.layered import Stores
 from forge.store.local import Entry, Store
@@ -89,6 +90,7 @@ def stores_of(request: StepRequest, store: Store) -> Stores:
 
 def _build(spec: StepSpec, key: str, material: dict, loaded: "Resolved", store: Store,
            upstream: dict[str, Entry], report, *, replace: bool) -> Entry:
+    host_fit.require(getattr(loaded, "host_needs", ()), spec.name)   # refused with the numbers, before a weight loads
     started = datetime.now(timezone.utc)
     t0 = time.monotonic()
     with store.staging(key) as staged:

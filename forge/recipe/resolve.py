@@ -23,7 +23,8 @@ from typing import Any
 from forge import backends, engines
 from forge.core.errors import ForgeError, RecipeError, UsageError
 from forge.engines.base import Engine
-from forge.gpu import catalog
+from forge.gpu import catalog, host_fit
+from forge.gpu.host_fit import Need
 from forge.gpu.capability import Verdict, check as capability_check
 from forge.gpu.fit import FitReport, explain, fit, plan_from_recipe
 from forge.image.bases import Base, resolve_base
@@ -57,6 +58,7 @@ class Resolved:
     compiles: bool                     # a compile step builds an engine from the checkpoint (engine hook)
     gpu_bound: bool                    # the image runs only on the GPU model it was built on (engine hook)
     warnings: tuple[str, ...] = ()
+    host_needs: tuple[Need, ...] = ()  # what the steps that hold the model need of this host's memory (CPU steps)
 
     # -------------------------------------------------------------- the recipe as loaded
     @property
@@ -168,10 +170,12 @@ def resolve_loaded(loaded: LoadedRecipe, downloads: Path, *, target: bool = True
     if not auto:
         shape, report, more = _shape_and_fit(loaded, gpu, backend, downloads, target=target)
         warnings += more
+    calibrates = not auto and backends.needs_calibration(q, t.engine)
     return Resolved(
         loaded=loaded, downloads=Path(downloads), backend=backend, format=fmt, engine=engine, gpu=gpu, base=base,
         base_digest=digest, capability=capability, shape=shape, fit=report,
-        calibrates=not auto and backends.needs_calibration(q, t.engine),
+        host_needs=host_fit.needs(shape, q.method, calibrates=calibrates, evaluates=r.eval is not None),
+        calibrates=calibrates,
         verifies=not auto and backends.verifies(q, t.engine),
         compiles=engine.compiles(r), gpu_bound=engine.gpu_bound(r), warnings=tuple(dict.fromkeys(warnings)))
 
@@ -241,13 +245,24 @@ def sections(path: str | Path, *, variant: str | None = None):
     return load_recipe(path, variant=variant).recipe
 
 
-def check(path: str | Path, downloads: Path, *, ci: bool = False,
-          selected: list[str] | None = None) -> list[Checked]:
-    """Resolve every (selected) variant; problems are kept per variant, not raised."""
+def fits_here(resolved: Resolved) -> None:
+    """RecipeError (exit 2) naming each step that cannot fit this host's memory, with the numbers and what to do
+    (``forge validate``; a build refuses the step itself, exit 5, when it is about to run)."""
+    if short := host_fit.shortfalls(resolved.host_needs):
+        raise RecipeError([f"{resolved.where('quantize', 'method')}: {msg}" for _, msg in short],
+                          hint=" ".join(dict.fromkeys(n.advice for n, _ in short)))
+
+
+def check(path: str | Path, downloads: Path, *, ci: bool = False, selected: list[str] | None = None,
+          here: bool = False) -> list[Checked]:
+    """Resolve every (selected) variant (``here``: and check it fits this host's memory); problems are kept per
+    variant, not raised."""
     out = []
     for name in variant_names(path, ci=ci, selected=selected):
         try:
             resolved = resolve(path, downloads=downloads, ci=ci, variant=name)
+            if here:
+                fits_here(resolved)
             if resolved.is_auto:
                 raise RecipeError([f"{resolved.where('quantize', 'method')}: method: auto cannot be used in a recipe "
                                    f"with variants yet (in variant {name!r})"],

@@ -33,6 +33,7 @@ __all__ = ["BuildOutputs", "data_for", "render", "html_for", "html_for_recipe", 
 
 EVIDENCE_KIND = "report"
 FILE_NAME, JUNIT, SUMMARY = "report.html", "junit.xml", "summary.md"
+PAGES = "report-pages"   # in the step cache: drawn pages by their data (BuildOutputs._page); not reports/, the report dirs
 
 
 def data_for(loaded, results: dict, collected=None) -> dict:
@@ -78,8 +79,8 @@ class BuildOutputs:
 
     def _page(self) -> bytes:
         """The page for ``self.data``, rendered once per distinct data: a rebuild whose steps are all HITs has the
-        same data, and its page is read from the step cache's ``reports/`` (keyed by the data, forge's version
-        and the template) instead of being drawn again (plotly and the template take seconds)."""
+        same data, and its page is read from the step cache's ``report-pages/`` (keyed by the data, forge's version
+        and the template) instead of being drawn again."""
         root = getattr(self.loaded, "cache_root", None)
         if root is None:
             return render(self.data).encode()
@@ -89,7 +90,7 @@ class BuildOutputs:
                 p.name: digest_of(p.read_text()) for p in sorted(templates.glob("*.j2"))}}).removeprefix("sha256:")
         except (TypeError, ValueError):   # data that has no canonical JSON (a NaN): drawn, not cached
             return render(self.data).encode()
-        cached = Path(root) / "reports" / f"{key}.html"
+        cached = Path(root) / PAGES / f"{key}.html"
         if cached.is_file():
             os.utime(cached)   # last used: `forge cache prune --older-than` keeps what rebuilds still read
             return cached.read_bytes()

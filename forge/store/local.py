@@ -214,7 +214,7 @@ class Store:
                 removed.append(("log", log, log.stat().st_size))
                 if not dry_run:
                     log.unlink(missing_ok=True)
-        for page in sorted((self.root / "reports").glob("*.html")):   # drawn build reports (forge.report), by last use
+        for page in sorted((self.root / "report-pages").glob("*.html")):   # drawn pages (forge.report.PAGES), by last use
             if everything or (older_than_s is not None and now - page.stat().st_mtime > older_than_s):
                 removed.append(("report", page, page.stat().st_size))
                 if not dry_run:

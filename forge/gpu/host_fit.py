@@ -1,0 +1,129 @@
+"""What a build needs of the host's memory, step by step, and whether this host has it (issue 28).
+
+A step that holds the whole model in the process (quantize with its verification, an eval on the CPU) needs
+its bytes in anonymous memory: the kernel kills the process when they do not fit, silently. forge computes
+each step's need from config.json alone (parameter count x bytes per parameter x the step's factor, plus the
+libraries) and refuses what cannot fit before any weight is read: exit 2 at ``forge validate``, exit 5 when
+the step is about to run. The factors are the peak RSS of forge's own quantize step over the BF16 checkpoint's
+size on two model shapes, fitted as a line (bench/results/scale-*.json: the intercept is the libraries):
+
+    data-free FP8/INT8 (load, quantize, export, verify)   1.5 x BF16 bytes + 1.1 GB   (3B: 9.75 GB measured)
+    GPTQ/AWQ/SmoothQuant calibrated in float32             3.0 x BF16 bytes + 1.1 GB   (3B: 19.32 GB measured)
+    ... calibrated in bfloat16 (a CPU with native bf16)     1.7 x BF16 bytes + 1.1 GB
+    an eval on the CPU (lm-eval's hf backend, float32)     2.0 x BF16 bytes + 1.1 GB
+
+The reference step is not counted: transformers memory-maps the snapshot, which pages from disk when it does
+not fit (slowly) rather than failing. On a GPU the weights go to VRAM (``forge.gpu.fit``), not counted here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from forge.core import host, options
+from forge.core.errors import ResourceError
+from forge.model.shape import ModelShape
+
+GB = 1e9
+LIBRARIES = 1.1 * GB                       # torch, transformers, llm-compressor / lm-eval, imported
+FACTORS = {"data-free": 1.5, "float32": 3.0, "bfloat16": 1.7, "eval": 2.0}
+STEPS = {"quantize": ("quantize",), "eval": ("eval_baseline", "eval_candidate")}   # need -> the steps it holds for
+
+
+@dataclass(frozen=True)
+class Need:
+    step: str                 # quantize | eval (STEPS: the steps it is for)
+    bytes: float
+    why: str                  # how it was computed, in words a user can check
+    advice: str = ""          # what to do when it does not fit
+
+    def shortfall(self, available: float) -> str | None:
+        if self.bytes <= available:
+            return None
+        return (f"{self.step} needs {self.bytes / GB:.1f} GB of host memory ({self.why}); "
+                f"{available / GB:.1f} GB available")
+
+
+def bf16_bytes(shape: ModelShape) -> float:
+    return 2.0 * shape.total_params
+
+
+def needs(shape: ModelShape | None, method: str, *, calibrates: bool, evaluates: bool,
+          device: str | None = None) -> tuple[Need, ...]:
+    """The steps of a recipe that hold the model in host memory on ``device`` (this host's by default)."""
+    device = device or host.device()
+    if shape is None or device != "cpu":
+        return ()
+    return needs_for(bf16_bytes(shape), method, calibrates=calibrates, evaluates=evaluates)
+
+
+def needs_for(model: float, method: str, *, calibrates: bool, evaluates: bool,
+              dtype: str | None = None) -> tuple[Need, ...]:
+    """``needs`` for a model of ``model`` BF16 bytes on the CPU; ``dtype``: the calibration's (default: this
+    host's policy, ``calibration_dtype``)."""
+    out = []
+    if method not in ("none", "auto"):
+        if calibrates:
+            dtype = dtype or calibration_dtype()
+            factor, how = FACTORS[dtype], f"{method} loads the whole model and calibrates it in {dtype}"
+        else:
+            factor, how = FACTORS["data-free"], f"{method} loads the whole model, quantizes and verifies it"
+        need = factor * model + LIBRARIES
+        out.append(Need("quantize", need, f"{how}: {factor} x {model / GB:.1f} GB BF16 + {LIBRARIES / GB:.1f} GB "
+                                          "libraries", _advice(need, calibrates)))
+    if evaluates:
+        need = FACTORS["eval"] * model + LIBRARIES
+        out.append(Need("eval", need, f"lm-eval's hf backend holds the model in float32 on the CPU: "
+                                      f"{FACTORS['eval']} x {model / GB:.1f} GB BF16 + {LIBRARIES / GB:.1f} GB libraries",
+                        f"Evaluate where a GPU is (eval.backend: auto picks it), or use {_room(need)}."))
+    return tuple(out)
+
+
+def _room(need: float) -> str:
+    return f"a machine with >= {need / GB * 1.1:.0f} GB of memory"
+
+
+def _advice(need: float, calibrates: bool) -> str:
+    if not calibrates:
+        return f"Quantize where a GPU is (the weights go to VRAM), or use {_room(need)}."
+    return (f"Use a data-free method such as fp8 ({FACTORS['data-free']} x the BF16 size), a CPU with native bf16 "
+            f"(FORGE_CPU_CALIBRATION_DTYPE=bfloat16 when it has), a GPU, or {_room(need)}.")
+
+
+def calibration_dtype() -> str:
+    """The dtype a CPU calibration runs in (``forge.steps.quantize.calibration_policy``, for the estimate):
+    bfloat16 where the CPU has native bf16 or the user forces it, else float32 (the larger need)."""
+    forced = options.current().cpu_calibration_dtype
+    if forced in ("float32", "bfloat16"):
+        return forced
+    return "bfloat16" if host.cpu_has_native_bf16() else "float32"
+
+
+def available_bytes() -> float:
+    """What a new process can take now: MemAvailable, within the cgroup's limit less what the cgroup uses."""
+    avail = float(host.memory_bytes())
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = min(avail, int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        limit, used = (Path(f"/sys/fs/cgroup/memory.{n}").read_text().strip() for n in ("max", "current"))
+        if limit.isdigit() and used.isdigit():
+            avail = min(avail, int(limit) - int(used))
+    except OSError:
+        pass
+    return avail
+
+
+def shortfalls(needs_: tuple[Need, ...], available: float | None = None) -> list[tuple[Need, str]]:
+    """(need, message) for each need this host cannot meet now."""
+    available = available_bytes() if available is None else available
+    return [(n, msg) for n in needs_ if (msg := n.shortfall(available))]
+
+
+def require(needs_: tuple[Need, ...], step: str) -> None:
+    """Refuse ``step`` (exit 5) before it loads a weight when its need exceeds what this host has now."""
+    for need, msg in shortfalls(tuple(n for n in needs_ if step in STEPS[n.step])):
+        raise ResourceError(f"{step}: {msg}; the kernel would kill the build", hint=need.advice)

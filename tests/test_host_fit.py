@@ -1,0 +1,101 @@
+"""What cannot fit this host's memory is refused with the numbers before a weight is read (issue 28): the need
+model against forge's own measured peaks, `forge validate` (exit 2), the step itself (exit 5), `forge fit`."""
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+
+from conftest import REPO, forge_cli, resolved, write_recipe
+
+from forge.core.errors import ResourceError
+from forge.gpu import host_fit
+from forge.model.shape import from_config
+
+QWEN14B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 5120,
+           "intermediate_size": 13824, "num_attention_heads": 40, "num_key_value_heads": 8, "num_hidden_layers": 48,
+           "vocab_size": 152064, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+
+
+@pytest.mark.parametrize("result,method,calibrates,dtype", [
+    ("scale-llama-3.2-3b-fp8", "fp8", False, None), ("scale-ci-1gb-fp8", "fp8", False, None),
+    ("scale-llama-3.2-3b-gptq", "gptq", True, "float32"), ("scale-ci-1gb-gptq", "gptq", True, "float32"),
+])
+def test_the_need_covers_the_peak_forge_measured_and_does_not_overstate_it(result, method, calibrates, dtype):
+    """The factors are fitted to bench/results: the need is never below the measured peak RSS of forge's quantize
+    step (load, quantize, export, verify), and at most 25 % above it."""
+    data = json.loads((REPO / "bench" / "results" / f"{result}.json").read_text())
+    peak = data[f"forge_{method}"]["quantize_peak_rss_gb"] * 1e9
+    (need,) = host_fit.needs_for(data["hashlib"]["bytes"], method, calibrates=calibrates, evaluates=False, dtype=dtype)
+    assert peak <= need.bytes <= 1.25 * peak, (need.bytes / 1e9, peak / 1e9)
+
+
+def test_a_14b_model_on_a_24_gib_machine_is_refused_with_the_numbers_and_what_to_do(monkeypatch):
+    shape = from_config(QWEN14B)
+    needs = host_fit.needs(shape, "gptq", calibrates=True, evaluates=True, device="cpu")
+    short = dict((n.step, msg) for n, msg in host_fit.shortfalls(needs, available=23.4e9))
+    assert set(short) == {"quantize", "eval"}
+    assert "gptq loads the whole model" in short["quantize"] and short["quantize"].endswith("23.4 GB available")
+    assert "29.5 GB BF16" in short["quantize"] and "float32 on the CPU" in short["eval"]
+    assert host_fit.needs(shape, "gptq", calibrates=True, evaluates=True, device="cuda") == ()   # VRAM: forge fit
+    fp8 = host_fit.needs(shape, "fp8", calibrates=False, evaluates=False, device="cpu")
+    assert [round(n.bytes / 1e9, 1) for n in fp8] == [45.4]   # 1.5 x 29.5 GB + 1.1 GB
+    assert host_fit.shortfalls(fp8, available=64e9) == []
+    monkeypatch.setattr(host_fit, "available_bytes", lambda: 23.4e9)
+    with pytest.raises(ResourceError, match=r"^eval_candidate: eval needs 60.2 GB of host memory .* 23.4 GB available; "
+                                            r"the kernel would kill the build$") as e:
+        host_fit.require(needs, "eval_candidate")
+    assert e.value.exit_code == 5 and e.value.hint.startswith("Evaluate where a GPU is")
+    host_fit.require(needs, "gate")   # a step that holds no model is never refused
+
+
+def _sparse_model(root, config: dict):
+    """A model directory whose safetensors file has a valid header and the full size, as a sparse file: validate
+    reads headers and sizes, never the (absent) bytes."""
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps(config))
+    shape = from_config(config)
+    header = json.dumps({"weights": {"dtype": "BF16", "shape": [shape.total_params],
+                                     "data_offsets": [0, 2 * shape.total_params]}}).encode()
+    with open(root / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + 2 * shape.total_params)
+
+
+def test_forge_validate_refuses_a_model_this_host_cannot_quantize_exit_2(tmp_path):
+    _sparse_model(tmp_path / "model", QWEN14B)
+    recipe = write_recipe(tmp_path / "r.yaml", "./model", quantize={"method": "fp8"})
+    proc = forge_cli("validate", str(recipe), timeout=120)
+    need = host_fit.needs(from_config(QWEN14B), "fp8", calibrates=False, evaluates=False, device="cpu")[0].bytes
+    if host_fit.available_bytes() >= need:
+        pytest.skip(f"this host has {host_fit.available_bytes() / 1e9:.0f} GB: the 14B shape fits it")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "quantize.method: quantize needs 45.4 GB of host memory (fp8 loads the whole model" in proc.stderr
+    assert "Quantize where a GPU is" in proc.stderr
+
+
+def test_the_quantize_step_refuses_before_loading_a_weight_exit_5(tmp_path, monkeypatch):
+    """The runner asks before the step runs (where the step runs: any executor's worker)."""
+    from forge.executors.runner import _build
+    from forge.steps.quantize import SPEC
+    from forge.store.local import Store
+
+    _sparse_model(tmp_path / "model", QWEN14B)
+    loaded = resolved(write_recipe(tmp_path / "r.yaml", "./model", quantize={"method": "fp8"}), target=False)
+    monkeypatch.setattr(host_fit, "available_bytes", lambda: 23.4e9)
+    with pytest.raises(ResourceError) as e:
+        _build(SPEC, "k" * 64, {}, loaded, Store(tmp_path / "cache"), {}, lambda *a, **k: None, replace=False)
+    assert e.value.exit_code == 5 and "23.4 GB available" in e.value.message and "Quantize where a GPU is" in e.value.hint
+    assert not (tmp_path / "cache" / "steps").exists() or not any((tmp_path / "cache" / "steps").iterdir())
+
+
+def test_forge_fit_gives_the_build_side_figure_per_method(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(QWEN14B))
+    proc = forge_cli("fit", "--model", str(tmp_path / "m"), "--gpu", "H100-SXM", "--method", "fp8", "--json", check=0)
+    here = json.loads(proc.stdout)["build_on_this_cpu"]
+    assert here["needs_gb"]["fp8"]["quantize"] == 45.4 and here["needs_gb"]["fp8"]["eval"] == 60.2
+    assert set(here["needs_gb"]) == {"awq", "gptq", "fp8", "int8"} and here["available_gb"] > 0
+    text = forge_cli("fit", "--model", str(tmp_path / "m"), "--gpu", "H100-SXM", "--method", "fp8", check=0).stdout
+    assert "building on this CPU" in text and "fits here" in text
