@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import REPO, write_recipe
+from conftest import REPO, forge_cli, write_recipe
 
 from forge.core import errors
 from forge.orchestrate.build import execute_one as execute
@@ -80,3 +80,44 @@ def test_a_workers_error_keeps_its_class_exit_code_and_hint(error):
 def test_an_unexpected_worker_failure_is_exit_1_with_the_step_named():
     back = error_from_json(error_to_json(ZeroDivisionError("division by zero")), "gate")
     assert back.exit_code == errors.ExitCode.UNEXPECTED and "step gate failed in its worker" in back.message
+
+
+def test_a_worker_the_kernel_kills_is_reported_as_such_with_its_peak_rss(tmp_path, tiny_llama, monkeypatch):
+    """A step's worker killed by SIGKILL (what the kernel's OOM killer sends) is exit 5 naming the step, the kernel
+    and the worker's peak RSS, not an internal error; nothing of the step is committed. The test hook stops the
+    worker after it wrote its output (SIGSTOP), and the test kills it."""
+    import os
+    import signal
+    import threading
+    import time
+
+    recipe = write_recipe(tmp_path / "r.yaml", str(tiny_llama))   # resolve only: no quantize section
+    root = tmp_path / "cache"
+    monkeypatch.setenv("FORGE_TEST_STOP_BEFORE_COMMIT", "resolve")
+    caught = []
+    thread = threading.Thread(target=lambda: caught.append(_raised(lambda: execute(   # the store's memo: this thread's
+        resolved(recipe), Store(root), executor=ProcessExecutor()))))
+    thread.start()
+    marker, deadline = root / "resolve.stopped", time.time() + 120
+    while not marker.exists():
+        assert time.time() < deadline and thread.is_alive(), caught
+        time.sleep(0.1)
+    time.sleep(0.2)
+    os.kill(int(marker.read_text()), signal.SIGKILL)
+    thread.join(timeout=60)
+    (error,) = caught
+    assert isinstance(error, errors.ResourceError) and error.exit_code == 5, error
+    assert "step resolve was killed by the kernel (out of memory?) at" in error.message
+    assert "GB peak RSS; nothing of it was committed" in error.message and "forge fit" in error.hint
+    assert Store(root).entries() == []
+    monkeypatch.delenv("FORGE_TEST_STOP_BEFORE_COMMIT")
+    proc = forge_cli("build", str(recipe), "--executor", "process", cache=root, check=0)   # the CLI's name for it
+    assert "resolve    BUILT" in proc.stdout
+
+
+def _raised(run):
+    try:
+        run()
+    except Exception as e:   # noqa: BLE001 -- the test inspects it
+        return e
+    return None

@@ -144,8 +144,10 @@ def build(
         "--cache-remote-mode", envvar="FORGE_CACHE_REMOTE_MODE", show_envvar=True, metavar="readwrite|read",
         help="read: pull only (untrusted builds never push).")] = "readwrite",
     executor: Annotated[str, typer.Option(
-        "--executor", metavar="local|ray", help="Where steps run: in this process, or as tasks on a Ray cluster "
-                                                "(needs --cache-remote; pip install 'forge-llm[ray]').")] = "local",
+        "--executor", metavar="local|process|ray",
+        help="Where steps run: in this process; each in its own worker process, one at a time (a step the kernel "
+             "kills for memory is then reported, with its peak RSS); or as tasks on a Ray cluster (needs "
+             "--cache-remote; pip install 'forge-llm[ray]').")] = "local",
     ray_address: Annotated[Optional[str], typer.Option(
         "--ray-address", envvar="RAY_ADDRESS", show_envvar=True,
         help="The Ray cluster of --executor ray (default: the one started on this machine).")] = None,
@@ -213,11 +215,15 @@ def _executor(name: str, ray_address: str | None, loaded, store, remote):
     """The executor --executor names (None: the pipeline's default, in this process)."""
     if name == "local":
         return None
+    if name == "process":
+        from forge.executors.process import ProcessExecutor
+
+        return ProcessExecutor(max_parallel=1)   # one model in memory at a time
     if name == "ray":
         from forge.executors.ray import RayExecutor
 
         return RayExecutor(loaded, store, address=ray_address, cache_remote=remote)
-    raise UsageError(f"--executor {name!r} is not an executor", hint="Use --executor local (default) or --executor ray.")
+    raise UsageError(f"--executor {name!r} is not an executor", hint="Use --executor local (default), process or ray.")
 
 
 def _variants(recipe: Path, ci: bool, store, selected: list[str] | None):

@@ -1,17 +1,20 @@
-"""ProcessExecutor: each step in its own ``python -m forge.executors.process`` worker (test-only).
+"""ProcessExecutor: each step in its own ``python -m forge.executors.process`` worker (``--executor process``).
 
 It proves the executor seam the way a distributed executor will use it: the worker gets nothing but
 a serialized ``StepRequest`` (on stdin), loads the recipe itself, computes the step's key from what
 it probes *there*, and answers with JSON lines on its stdout -- events while it runs, then ``done``
 (the committed key) or ``error`` (the ForgeError, class and hint kept). The step's own output goes to
 stderr, so library prints cannot break the protocol. Independent submitted steps run in parallel,
-up to ``max_parallel``; answers come back as the workers finish.
+up to ``max_parallel``; answers come back as the workers finish. A worker the kernel kills (SIGKILL: the OOM
+killer's signal) is reported as that, with the worker's peak RSS (exit 5), where an in-process step would take
+forge down with it.
 """
 from __future__ import annotations
 
 import json
 import os
 import selectors
+import signal
 import subprocess
 import sys
 from collections import deque
@@ -20,7 +23,7 @@ from pathlib import Path
 
 from forge.core import options as env, options as fenv
 from forge.executors import Event, EventSink, StepDone, StepRequest, error_from_json, error_to_json
-from forge.core.errors import StepError, UsageError
+from forge.core.errors import ResourceError, StepError, UsageError
 from forge.executors.local import committed
 from forge.executors.runner import run_step, stores_of
 from forge.recipe.resolve import resolve
@@ -74,10 +77,11 @@ class ProcessExecutor:
                         answer.append(msg)
                     continue
                 self._sel.unregister(proc.stdout)          # EOF: the worker is done
-                code = proc.wait()
+                _, status, usage = os.wait4(proc.pid, 0)   # its own peak RSS too (ru_maxrss, KiB on Linux)
+                proc.returncode = code = os.waitstatus_to_exitcode(status)
                 del self._running[pid]
                 self._start()
-                return _answer(req, answer, code)
+                return _answer(req, answer, code, usage.ru_maxrss * 1024)
 
     def close(self) -> None:
         self._queue.clear()
@@ -88,11 +92,16 @@ class ProcessExecutor:
         self._running.clear()
 
 
-def _answer(req: StepRequest, answer: list, code: int) -> StepDone:
+def _answer(req: StepRequest, answer: list, code: int, peak_rss: int = 0) -> StepDone:
     if answer and "done" in answer[-1]:
         return StepDone(**answer[-1]["done"])
     if answer and "error" in answer[-1]:
         raise error_from_json(answer[-1]["error"], req.step)
+    if code == -signal.SIGKILL:   # what the kernel's OOM killer sends; nothing is committed
+        raise ResourceError(f"step {req.step} was killed by the kernel (out of memory?) at {peak_rss / 1e9:.1f} GB "
+                            "peak RSS; nothing of it was committed",
+                            hint="`forge fit RECIPE` gives what each step needs on this CPU; build where that much "
+                                 "memory is free, or where a GPU is.")
     raise StepError(f"the worker of step {req.step} exited with code {code} and no answer")
 
 
