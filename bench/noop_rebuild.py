@@ -52,6 +52,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="forge-bench-noop-"))
     env = {**os.environ, "FORGE_CACHE_DIR": str(args.cache_dir or work / "cache"), "HF_HUB_OFFLINE": "1",
            "FORGE_REGISTRY_DIR": str(work / "registry")}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)   # as a default Python runs: its bytecode cached, not compiled each run
     if args.buildah_root is None:
         sys.path.insert(0, str(REPO / "tests"))
         from conftest import make_standin_bases   # the vLLM base's stand-in: the real one cannot be pulled here
@@ -74,6 +75,7 @@ def main() -> None:
     help_s = _times([*forge, "--help"], env, args.runs)
     result = {"benchmark": "noop_rebuild", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "runs": args.runs, "load_average_before": os.getloadavg()[0], "cpus": os.cpu_count(),
+              "bytecode_cache": "on (PYTHONDONTWRITEBYTECODE unset for the runs)",
               "forge_help_median_s": round(statistics.median(help_s), 3), "first_builds_s": round(first_builds, 1)}
     for name, recipe in RECIPES.items():
         samples = _times([*forge, "build", str(recipe)], env, args.runs)

@@ -11,6 +11,8 @@ import torch. Three sources, in this order (a later one may not shadow an earlie
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import difflib
 import importlib
 import re
@@ -27,6 +29,15 @@ class UnknownName(ValueError):
     """A name no registry source provides; the message lists what is available."""
 
 
+@lru_cache(maxsize=None)
+def _entry_points(group: str) -> tuple[tuple[str, str], ...]:
+    """The installed distributions' entry points of ``group``, read once per process: scanning every
+    distribution's metadata costs milliseconds a call, and a build asks for its backends and engines often."""
+    from importlib.metadata import entry_points
+
+    return tuple((ep.name, ep.value) for ep in entry_points(group=group))
+
+
 class Registry(Generic[T]):
     def __init__(self, kind: str, group: str, builtin: dict[str, str]) -> None:
         self.kind, self.group, self.builtin = kind, group, dict(builtin)
@@ -35,10 +46,8 @@ class Registry(Generic[T]):
     def entries(self) -> dict[str, str]:
         """name -> "module:attr", every source merged (nothing imported)."""
         out = dict(self.builtin)
-        from importlib.metadata import entry_points
-
-        for ep in entry_points(group=self.group):
-            out.setdefault(ep.name, ep.value)
+        for name, value in _entry_points(self.group):
+            out.setdefault(name, value)
         for item in re.split(r"[\s,]+", env.current().plugins):
             if not item:
                 continue

@@ -136,7 +136,7 @@ def why_not_here(engine_name: str, gpu: str, builder: str) -> str | None:
     if not any(g.name in names for g in local_gpus()):
         return f"not smoke-tested: no {gpu} here"
     if builder == "buildah":
-        return (f"not smoke-tested: a {gpu} is here, but buildah cannot give a container a GPU "
+        return (f"not smoke-tested: the {gpu} is here, but buildah cannot give a container a GPU "
                 "(container.builder: podman with the NVIDIA CDI spec, or docker with the NVIDIA runtime)")
     return None
 

@@ -147,11 +147,30 @@ class Client:
     def _request(self, method: str, path: str, **kw):
         import requests
 
+        self._reachable()
         try:
             return self.reg.do_request(f"{self.base}/{path}", method, **kw)
         except requests.RequestException as e:
             raise ToolError(f"registry {self.remote.url()} unreachable: {_scrub(str(e))}",
                             hint="Is the registry up? Is publish.registry right?") from None
+
+    _pinged = False
+
+    def _reachable(self) -> None:
+        """One plain request to the registry's API root before the first real one: oras retries a failed request
+        five times over about two minutes, which is right for a registry that hiccups and wrong for one that is
+        not there (connection refused, no such host): that is an error now."""
+        if self._pinged:
+            return
+        import requests
+
+        try:
+            requests.get(f"{self.reg.prefix}://{self.remote.host}/v2/", timeout=10,
+                         verify=not self.remote.insecure)
+        except requests.RequestException as e:
+            raise ToolError(f"registry {self.remote.url()} unreachable: {_scrub(str(e))}",
+                            hint="Is the registry up? Is publish.registry right?") from None
+        self._pinged = True
 
     def put_blob(self, path: Path, digest: str, size: int) -> None:
         """Upload a blob as it is (never recompressed); large ones in chunks, never whole in memory."""

@@ -12,6 +12,7 @@ import hashlib
 import types
 import typing
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,13 @@ class LoadedRecipe:
         return p if p.is_absolute() else (self.base_dir / p)
 
 
+@lru_cache(maxsize=16)
+def _parsed(path: str, text: str) -> tuple[dict, dict]:
+    """The YAML's data and key positions, parsed once per process for the same text: a build loads its recipe once
+    per variant and per question (has it variants? which?), and parsing is most of a load."""
+    return _parse(Path(path), text)
+
+
 def load_recipe(path: str | Path, *, ci: bool = False, variant: str | None = None,
                 overrides: dict | None = None) -> LoadedRecipe:
     """Load and check a recipe. ``variant``: one of its ``variants:``, whose overrides are merged over the
@@ -75,7 +83,7 @@ def load_recipe(path: str | Path, *, ci: bool = False, variant: str | None = Non
     except UnicodeDecodeError as e:
         raise RecipeError([f"{path}: not UTF-8 text ({e.reason} at byte {e.start})"]) from None
 
-    data, positions = _parse(path, text)
+    data, positions = copy.deepcopy(_parsed(str(path), text))   # callers may merge into them
     recipe = _validate(path, data, positions)
     overrides = dict(overrides or {})
     if variant is not None or overrides:

@@ -158,7 +158,8 @@ def collect(loaded, results: dict, finished_at: datetime | None = None) -> Colle
         engine_version=loaded.base.engine_version if image and loaded.base else None,
         eval_verdict="none", eval_digest=eval_digest, scan_verdict="none", scan_digest=scan_digest,
         sbom_digest=sbom_digest, tool_versions=dict(sorted(tools.items())), smoke_test=_smoke_test(image),
-        created_at=(finished_at or datetime.now(timezone.utc)).isoformat(timespec="seconds"))
+        created_at=(finished_at or _last_step_finished(results) or datetime.now(timezone.utc)).isoformat(
+            timespec="seconds"))
     if (variant := getattr(loaded, "variant", None)) is not None:   # a plain recipe's record stays as it was
         record = record.model_copy(update={"variant": variant, "annotations": annotate.for_variant(
             loaded, results, record.engine)})
@@ -174,6 +175,22 @@ def collect(loaded, results: dict, finished_at: datetime | None = None) -> Colle
         "tag": rid[:12] if image_digest and derived.status != "rejected" else None,
         "provenance_digest": sha256_bytes(prov)})
     return Collected(record, image.oci_dir if image else None, tuple(evidence), prov)
+
+
+def _last_step_finished(results: dict) -> datetime | None:
+    """When the build's last step finished, from the step manifests (started_at + seconds): a rebuild whose steps
+    are all reused is the same build, made at the same time, so its record-to-be, provenance and report are the
+    same bytes (the report is then not drawn again)."""
+    from datetime import timedelta
+
+    ends = []
+    for res in results.values():
+        m = getattr(getattr(res, "entry", None), "manifest", None) or {}
+        try:
+            ends.append(datetime.fromisoformat(m["started_at"]) + timedelta(seconds=float(m.get("seconds") or 0)))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return max(ends) if ends else None
 
 
 def _smoke_test(image) -> str | None:
