@@ -298,13 +298,13 @@ DEMO_SECRETS = {"HF_TOKEN": "hf_forgeTestSecretValue4242", "REGISTRY_PASSWORD": 
 
 
 @pytest.fixture(scope="session")
-def demo_build(tmp_path_factory):
+def demo_build(tmp_path_factory, standin_bases):
     """The demo recipe built once per test session by the real CLI (e2e tests share it: the CPU base image,
-    FP8, the eval gate, the package and its smoke test), with secrets in the environment that must leak nowhere."""
+    FP8, the eval gate, the package and its smoke test), with secrets in the environment that must leak nowhere.
+    Its images go to the stand-in bases' buildah storage: the tests that add GPU variants build into the same
+    one (buildah's vfs driver copies every layer: a second storage would hold the CPU base image again, GBs)."""
     cache = tmp_path_factory.mktemp("demo-cache")
-    buildah_root = tmp_path_factory.mktemp("buildah")
-    env = {**DEMO_SECRETS, "FORGE_BUILDAH_ROOT": str(buildah_root / "storage"),
-           "FORGE_REGISTRY_DIR": str(tmp_path_factory.mktemp("demo-registry"))}
+    env = {**DEMO_SECRETS, **standin_bases, "FORGE_REGISTRY_DIR": str(tmp_path_factory.mktemp("demo-registry"))}
     recipe = REPO / "recipes" / "smollm2-135m-demo.yaml"
     first = forge_cli("build", str(recipe), cache=cache, env=env, timeout=3600)
     (tmp_path_factory.getbasetemp() / "demo-build.log").write_text(first.stdout + first.stderr)  # what a user sees
