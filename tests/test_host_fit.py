@@ -99,3 +99,22 @@ def test_forge_fit_gives_the_build_side_figure_per_method(tmp_path):
     assert set(here["needs_gb"]) == {"awq", "gptq", "fp8", "int8"} and here["available_gb"] > 0
     text = forge_cli("fit", "--model", str(tmp_path / "m"), "--gpu", "H100-SXM", "--method", "fp8", check=0).stdout
     assert "building on this CPU" in text and "fits here" in text
+
+
+@pytest.mark.parametrize("memory_gb,dtype", [(64, "float32"), (20, "bfloat16")])
+def test_the_calibration_need_follows_the_dtype_the_quantize_step_picks(monkeypatch, memory_gb, dtype):
+    """On a CPU without native bf16 the quantize step calibrates in float32 only when the float32 model takes at
+    most half of the memory (forge.steps.quantize.calibration_dtype); the estimate uses the same rule, so a 3B
+    model on 20 GB is not refused for a float32 load that would not happen."""
+    from forge.core import host
+
+    monkeypatch.setattr(host, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(host, "memory_bytes", lambda: memory_gb * 10**9)
+    monkeypatch.delenv("FORGE_CPU_CALIBRATION_DTYPE", raising=False)
+    shape = from_config({**QWEN14B, "hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 24,
+                         "num_hidden_layers": 28, "num_key_value_heads": 8, "vocab_size": 49152,
+                         "tie_word_embeddings": True})   # the 3B shape of bench/results: 5.9 GB BF16
+    (need,) = host_fit.needs(shape, "gptq", calibrates=True, evaluates=False, device="cpu")
+    assert f"calibrates it in {dtype}" in need.why
+    factor = host_fit.FACTORS["float32" if dtype == "float32" else "bfloat16"]
+    assert need.bytes == pytest.approx(factor * host_fit.bf16_bytes(shape) + host_fit.LIBRARIES)

@@ -133,7 +133,7 @@ def _build_here(shape) -> dict:
         needs = host_fit.needs(shape, name, calibrates=m.calibrates != "nothing", evaluates=True, device="cpu")
         rows[name] = {n.step: round(n.bytes / host_fit.GB, 1) for n in needs}
     return {"available_gb": round(host_fit.available_bytes() / host_fit.GB, 1),
-            "calibration_dtype": host_fit.calibration_dtype(), "needs_gb": rows}
+            "calibration_dtype": host_fit.calibration_dtype(4 * shape.total_params), "needs_gb": rows}
 
 
 def _print_build_here(here: dict) -> None:

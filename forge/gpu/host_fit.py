@@ -49,23 +49,26 @@ def bf16_bytes(shape: ModelShape) -> float:
 
 
 def needs(shape: ModelShape | None, method: str, *, calibrates: bool, evaluates: bool,
-          device: str | None = None) -> tuple[Need, ...]:
+          device: str | None = None, recipe_dtype: str = "bfloat16") -> tuple[Need, ...]:
     """The steps of a recipe that hold the model in host memory on ``device`` (this host's by default)."""
     device = device or host.device()
     if shape is None or device != "cpu":
         return ()
-    return needs_for(bf16_bytes(shape), method, calibrates=calibrates, evaluates=evaluates)
+    model = bf16_bytes(shape)
+    return needs_for(model, method, calibrates=calibrates, evaluates=evaluates,
+                     dtype=calibration_dtype(2 * model, recipe_dtype) if calibrates else None)
 
 
 def needs_for(model: float, method: str, *, calibrates: bool, evaluates: bool,
               dtype: str | None = None) -> tuple[Need, ...]:
     """``needs`` for a model of ``model`` BF16 bytes on the CPU; ``dtype``: the calibration's (default: this
-    host's policy, ``calibration_dtype``)."""
+    host's choice for it, ``calibration_dtype``)."""
     out = []
     if method not in ("none", "auto"):
         if calibrates:
-            dtype = dtype or calibration_dtype()
-            factor, how = FACTORS[dtype], f"{method} loads the whole model and calibrates it in {dtype}"
+            dtype = dtype or calibration_dtype(2 * model)
+            factor = FACTORS["float32"] if dtype == "float32" else FACTORS["bfloat16"]   # float16 weighs as bf16
+            how = f"{method} loads the whole model and calibrates it in {dtype}"
         else:
             factor, how = FACTORS["data-free"], f"{method} loads the whole model, quantizes and verifies it"
         need = factor * model + LIBRARIES
@@ -90,13 +93,21 @@ def _advice(need: float, calibrates: bool) -> str:
             f"(FORGE_CPU_CALIBRATION_DTYPE=bfloat16 when it has), a GPU, or {_room(need)}.")
 
 
-def calibration_dtype() -> str:
-    """The dtype a CPU calibration runs in (``forge.steps.quantize.calibration_policy``, for the estimate):
-    bfloat16 where the CPU has native bf16 or the user forces it, else float32 (the larger need)."""
-    forced = options.current().cpu_calibration_dtype
-    if forced in ("float32", "bfloat16"):
+def float32_fits(float32_bytes: float, memory: int) -> bool:
+    """Whether a CPU calibration may load the model in float32: when it takes at most half of the memory (the
+    rule of ``forge.steps.quantize.calibration_dtype``, which picks the dtype the step runs in)."""
+    return float32_bytes <= memory // 2
+
+
+def calibration_dtype(float32_bytes: float, recipe_dtype: str = "bfloat16") -> str:
+    """The dtype a CPU calibration of a model of ``float32_bytes`` (in float32) runs in on this host, as the
+    quantize step chooses it (``forge.steps.quantize.calibration_policy``): the user's, else the recipe's on a
+    CPU with native bf16, else float32 where it fits half of the memory, else the recipe's."""
+    if forced := options.current().cpu_calibration_dtype:
         return forced
-    return "bfloat16" if host.cpu_has_native_bf16() else "float32"
+    if recipe_dtype == "bfloat16" and host.cpu_has_native_bf16():
+        return recipe_dtype
+    return "float32" if float32_fits(float32_bytes, host.memory_bytes()) else recipe_dtype
 
 
 def available_bytes() -> float:

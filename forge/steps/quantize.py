@@ -23,6 +23,7 @@ from pathlib import Path
 from forge.core import options as env, host
 from forge.core.digests import list_files, sha256_file
 from forge.core.linking import place_tree
+from forge.gpu import host_fit
 from forge.gpu.methods import GROUPED, scheme
 from forge.steps import StepContext, StepSpec, reference
 from forge.steps.verify import check_loads, verify_dequantized, verify_generation
@@ -81,7 +82,7 @@ def calibration_dtype(policy: str, snapshot: Path, recipe_dtype: str) -> str:
     memory = int(policy.split(":", 1)[1].removesuffix("GiB")) << 30
     stored = sum(f.stat().st_size for f in snapshot.glob("*.safetensors"))
     float32_bytes = stored * (2 if recipe_dtype in ("bfloat16", "float16") else 1)
-    return "float32" if float32_bytes <= memory // 2 else recipe_dtype
+    return "float32" if host_fit.float32_fits(float32_bytes, memory) else recipe_dtype
 
 
 def _identity(loaded) -> dict:
