@@ -85,11 +85,8 @@ class BuildOutputs:
         if root is None:
             return render(self.data).encode()
         templates = Path(__file__).with_name("templates")
-        try:
-            key = digest_of({"data": self.data, "forge": __version__, "templates": {
-                p.name: digest_of(p.read_text()) for p in sorted(templates.glob("*.j2"))}}).removeprefix("sha256:")
-        except (TypeError, ValueError):   # data that has no canonical JSON (a NaN): drawn, not cached
-            return render(self.data).encode()
+        key = digest_of({"data": self.data, "forge": __version__, "templates": {   # canonical JSON: any value
+            p.name: digest_of(p.read_text()) for p in sorted(templates.glob("*.j2"))}}).removeprefix("sha256:")
         cached = Path(root) / PAGES / f"{key}.html"
         if cached.is_file():
             os.utime(cached)   # last used: `forge cache prune --older-than` keeps what rebuilds still read
