@@ -188,8 +188,10 @@ def test_demo_published_to_a_real_registry_with_evidence_and_pulled_back(demo, o
     assert rec["image_digest"] == image["manifest_digest"] and rec["remote"] == f"{url}@{rec['image_digest']}"
     refs = json.loads(forge_cli("registry", "referrers", ref, "--json", env=demo["env"], check=0).stdout)
     assert refs["remote_via"] == "tag-schema"
-    # remotely: this record's evidence; locally also the rejected scan's (same image, other record)
-    assert sorted(r["artifactType"] for r in refs["remote"]) == sorted(e["artifact_type"] for e in rec["evidence"])
+    # remotely: this record's evidence and the record itself; locally also the rejected scan's (same image, other
+    # record)
+    assert sorted(r["artifactType"] for r in refs["remote"]) == sorted(
+        [e["artifact_type"] for e in rec["evidence"]] + ["application/vnd.forge.record.v1+json"])
     assert {r["digest"] for r in refs["remote"]} <= {r["digest"] for r in refs["local"]}
     # another machine: nothing local, pull by tag from the registry; every file is the quantized checkpoint's
     forge_cli("registry", "pull", f"{url}:{rec['tag']}", "--to", str(tmp_path / "pulled"),
@@ -203,6 +205,12 @@ def test_demo_published_to_a_real_registry_with_evidence_and_pulled_back(demo, o
               for p in (tmp_path / "pulled" / "model").rglob("*") if p.is_file()}
     assert pulled == {rel: f["sha256"] for rel, f in expected.items() if rel not in REPORTS}
     assert (tmp_path / "pulled" / "evidence" / "eval-verdict" / "verdict.json").exists()
+    # or take the record in: the other machine then shows and verifies it, its status re-derived from the evidence
+    other = {"FORGE_REGISTRY_DIR": str(tmp_path / "other")}
+    forge_cli("registry", "pull", f"{url}:{rec['tag']}", env=other, check=0)
+    taken = json.loads(forge_cli("registry", "show", ref, "--json", env=other, check=0).stdout)
+    assert (taken["id"], taken["status"], taken["remote"]) == (rec["id"], "unscanned", rec["remote"])
+    forge_cli("registry", "verify", ref, env=other, check=0)
     forge_cli("registry", "verify", ref, env=demo["env"], check=0)
     proc = forge_cli("registry", "promote", ref, "--to", "prod", env=demo["env"])
     assert proc.returncode == 2 and "is unscanned" in proc.stderr
