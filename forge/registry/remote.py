@@ -23,16 +23,16 @@ def push(rec: Record, store: Layout, remote: Remote, report=lambda *a, **k: None
     The image goes blob by blob and its manifest as the exact bytes forge recorded: a registry copy
     through skopeo would gzip the uncompressed weights layer, changing its digest (and costing minutes)."""
     client = Client(remote)
-    image = store.read(rec.image_digest)
-    parsed = json.loads(image)
+    parsed = json.loads(store.read(rec.image_digest))
     blobs = [parsed["config"], *parsed["layers"]]
-    total, done = sum(blob["size"] for blob in blobs), 0
-    for blob in blobs:
-        report(f"pushing {blob['digest'][7:19]} ({blob['size'] / 1e6:.1f} MB) → {remote.url()}",
-               completed=done, total=total, unit="B")
-        client.put_blob(store.blob_path(blob["digest"]), blob["digest"], blob["size"])
-        done += blob["size"]
-    client.put_manifest(image, parsed.get("mediaType", MANIFEST), rec.tag)
+    total, sent = sum(blob["size"] for blob in blobs), [0]
+
+    def done(digest: str, size: int, how: str) -> None:
+        sent[0] += size
+        report(f"{digest[7:19]} ({size / 1e6:.1f} MB) {how} → {remote.url()}", completed=sent[0], total=total, unit="B")
+
+    report(f"pushing {len(blobs)} blobs ({total / 1e9:.2f} GB) → {remote.url()}", completed=0, total=total, unit="B")
+    client.push_image(store, rec.image_digest, rec.tag, done=done)
     descriptors = []
     for kind, digest in [(ev.kind, ev.manifest_digest) for ev in rec.evidence] + [("record", record_artifact(rec, store))]:
         report(f"attaching {kind}")
