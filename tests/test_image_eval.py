@@ -145,3 +145,16 @@ def test_an_endpoint_that_errors_fails_the_eval(tiny_llama, tmp_path):
     assert f"lm-eval (local-completions) against {served.url}/v1/completions failed: HTTPError: 500" \
         in e.value.message, e.value.message
     assert "RuntimeError: model exploded" in e.value.message and e.value.exit_code == 5   # the server log's tail
+
+
+def test_the_record_tells_a_gate_through_this_image_from_one_through_another():
+    from forge.registry.evidence import proxy_reason, through_image
+
+    on = {"engine": "transformers", "backend": "local-completions", "device": "cpu", "gpus": [],
+          "through": {"kind": "image", "engine": "cpu", "image": "sha256:" + "a" * 64}}
+    assert through_image(on, "sha256:" + "a" * 64) and proxy_reason(on, "cpu", "CPU", image="sha256:" + "a" * 64) is None
+    other = proxy_reason(on, "cpu", "CPU", image="sha256:" + "b" * 64)
+    assert not through_image(on, "sha256:" + "b" * 64) and other.startswith("evaluated through the image sha256:aaa")
+    checkpoint = {k: v for k, v in on.items() if k != "through"}   # the checkpoint path: no image to compare
+    assert not through_image(checkpoint, "sha256:" + "a" * 64)
+    assert proxy_reason(checkpoint, "cpu", "CPU", image="sha256:" + "a" * 64) is None

@@ -8,6 +8,10 @@ one baseline run.
 Backends: ``hf`` (CPU: float32; GPU: bfloat16), ``vllm`` (GPU with vllm installed); ``auto`` picks
 vllm when both a GPU and vllm are present, else hf.
 
+``eval.candidate: image``: the candidate is the package step's image, served, and the baseline the BF16 snapshot
+served by the same engine from the same base image, both through lm-eval's API model for the engine
+(forge.steps.evaluate_image); the graph wires the candidate after the package step (``StepSpec.needs``).
+
 Batching. Documents are evaluated 8 at a time, except on a checkpoint that quantizes activations
 dynamically (scales computed at run time, e.g. FP8 W8A8 per-token, INT8 W8A8): one document per
 forward pass. compressed-tensors computes those scales per token (it reduces over the hidden dimension
