@@ -42,6 +42,12 @@ def test_validate_accepts_generation_tasks_and_refuses_image_eval_without_an_ima
     proc = forge_cli("validate", str(tmp_path / "noimage.yaml"), cwd=tmp_path)
     assert proc.returncode == 2 and "eval.candidate: image: the candidate is evaluated through the built image, " \
                                    "but the recipe has no container section" in proc.stderr
+    doc = json.loads(_image_recipe(tmp_path, tiny_llama).read_text())
+    doc["eval"]["backend"] = "hf"
+    (tmp_path / "backend.yaml").write_text(json.dumps(doc))
+    proc = forge_cli("validate", str(tmp_path / "backend.yaml"), cwd=tmp_path)
+    assert proc.returncode == 2 and "eval.backend: hf: with candidate: image both sides are evaluated through the " \
+                                   "cpu engine's server" in proc.stderr
 
 
 def test_the_engine_declares_what_its_server_answers():

@@ -113,6 +113,10 @@ def image_eval_problems(loaded, tasks) -> list[str]:
         return [f"{where}: image: the {engine.name} engine declares no way for lm-eval to evaluate through its server "
                 "(its eval_api); use candidate: checkpoint"]
     problems = []
+    if r.eval.backend != "auto":
+        problems.append(f"{loaded.where('eval', 'backend')}: {r.eval.backend}: with candidate: image both sides are "
+                        f"evaluated through the {engine.name} engine's server (lm-eval {api.model}), not an in-process "
+                        "backend; remove eval.backend")
     for i, task in enumerate(tasks):
         if task.request_type not in api.requests:
             problems.append(f"{loaded.where('eval', 'tasks', i)}: {task.name} ({task.output_type}: "
