@@ -212,7 +212,8 @@ def test_the_record_says_how_its_status_was_derived(tmp_path, reg):
     assert rec.status == "validated" and "at least one gated rule" in how["rule"]
     assert how["eval-verdict"] == {"file": "verdict.json", "digest": rec.eval_digest, "rules": 1, "passed": True,
                                    "failed": [], "said": "pass", "evaluated_on": evaluated_on("vllm", "L40S"),
-                                   "ships": {"engine": "vllm", "gpu": "L40S"}, "proxy": None}
+                                   "ships": {"engine": "vllm", "gpu": "L40S"}, "proxy": None,
+                                   "through_image": False}   # evaluated by vLLM on the GPU, not through the image
     assert how["scan-report"]["digest"] == rec.scan_digest and how["scan-report"]["said"] == "pass"
     assert how["provenance"]["digest"] == rec.provenance_digest and how["provenance"]["subject"] == rec.image_digest
     assert how["provenance"]["said"] == "names the image" and how["image"] == rec.image_digest

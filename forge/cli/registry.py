@@ -64,6 +64,11 @@ def registry_show(ref: RefArg, registry_dir: RegistryDir = None, json_out: JsonO
         on = gated.get("evaluated_on") or {}
         where = (f"{on.get('engine')} (lm-eval {on.get('backend')}) on {', '.join(on.get('gpus') or []) or on.get('device')}"
                  if on else "not recorded")
+        through = on.get("through") if isinstance(on.get("through"), dict) else {}
+        if through:   # eval.candidate: image: the gate ran through a served image, by digest
+            where += (f", through the image {str(through.get('image'))[:19]} ({through.get('engine')} "
+                      f"{through.get('engine_version')}, {through.get('endpoint')})"
+                      + (" — this image" if gated.get("through_image") else " — not this record's image"))
         out.print(f"[bold]{'evaluated on':<17}[/] {escape(where)}; ships {rec.engine} on {rec.target_gpu}"
                   + (" [yellow](a proxy's numbers)[/]" if rec.eval_proxy else ""), highlight=False)
     out.print("[bold]evidence[/]")
