@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Callable, Iterator
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["cast_float32", "TensorReader", "one_torch_thread", "fp8_to_float", "fp8_dequantized", "FP8_ROWS"]
+__all__ = ["cast_float32", "TensorReader", "one_torch_thread", "fp8_to_float", "fp8_dequantized", "Fp8Weights",
+           "FP8_ROWS"]
 
 
 def cast_float32(out: Path, dtype, only: Callable[[str], bool] = lambda name: True) -> None:
@@ -40,15 +41,22 @@ def cast_float32(out: Path, dtype, only: Callable[[str], bool] = lambda name: Tr
 class TensorReader:
     """Tensor name -> a copy of it as stored in a checkpoint directory's safetensors (None when absent). Each read
     maps its shard only while it copies the tensor: reading every tensor never leaves the checkpoint resident.
-    ``shards``: every tensor name -> its shard, in shard order."""
+    ``shards``: every tensor name -> its shard, in shard order; ``shapes``, ``dtypes``: every tensor name -> its shape,
+    its dtype (from the files' headers: no tensor is read to list them)."""
 
     def __init__(self, directory):
         from safetensors import safe_open
 
         self.shards: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}    # safetensors' names: BF16, F32, F8_E4M3, ...
         for shard in sorted(Path(directory).glob("*.safetensors")):
             with safe_open(shard, "pt") as f:
-                self.shards.update(dict.fromkeys(f.keys(), shard))
+                for key in f.keys():
+                    part = f.get_slice(key)
+                    self.shards[key] = shard
+                    self.shapes[key] = tuple(part.get_shape())
+                    self.dtypes[key] = part.get_dtype()
 
     def __call__(self, name: str) -> "torch.Tensor | None":
         from safetensors import safe_open
@@ -90,25 +98,32 @@ def fp8_to_float(q: "torch.Tensor", out: "torch.Tensor | None" = None, scale=1.0
     return out.masked_fill_(nan, float("nan")) if bool(nan.any()) else out
 
 
-def fp8_dequantized(path) -> "Iterator[tuple[str, torch.Tensor]]":
-    """An FP8 checkpoint's quantized weights back in float32 (fp8 × weight_scale, per tensor or per output
-    channel), one tensor at a time, decoded in cache-sized row blocks. compressed-tensors and ModelOpt's unified
-    checkpoint both store ``<layer>.weight`` (float8_e4m3fn) beside ``<layer>.weight_scale``. Each tensor lives in
-    one buffer reused for the next: copy it before taking the next (a fresh 12 GB of float32 pages for a 3B
-    model would cost more than the decode)."""
-    import torch
+class Fp8Weights:
+    """An FP8 checkpoint's quantized weights back in float32 (fp8 x weight_scale, per tensor or per output channel),
+    by name, decoded in cache-sized row blocks; None for a tensor the checkpoint did not quantize.
+    compressed-tensors and ModelOpt's unified checkpoint both store ``<layer>.weight`` (float8_e4m3fn) beside
+    ``<layer>.weight_scale``. ``names``: the quantized weights, in shard order. Each result lives in one buffer
+    reused for the next: copy it before asking for the next (a fresh 12 GB of float32 pages for a 3B model would
+    cost more than the decode). One tensor is mapped at a time: the checkpoint never becomes resident."""
 
-    buffer = torch.empty(0, dtype=torch.float32)
-    read = TensorReader(path)
-    scales = [(file.name, key) for key, file in read.shards.items() if key.endswith(".weight_scale")]
-    for shard, key in scales:   # one tensor mapped at a time: the checkpoint never becomes resident as a whole
-        name = key.removesuffix("_scale")
-        q, scale = read(name), read(key).float()
+    def __init__(self, path):
+        self.read = TensorReader(path)
+        self.names = tuple(key.removesuffix("_scale") for key in self.read.shards if key.endswith(".weight_scale"))
+        self._quantized = set(self.names)
+        self._buffer = None
+
+    def __call__(self, name: str) -> "torch.Tensor | None":
+        import torch
+
+        if name not in self._quantized:
+            return None
+        key, shard = name + "_scale", self.read.shards[name + "_scale"].name
+        q, scale = self.read(name), self.read(key).float()
         if q is None or q.dtype != torch.float8_e4m3fn:
             raise ValueError(f"{shard}: {name} is {'missing' if q is None else q.dtype}, not float8_e4m3fn, beside {key}")
-        if buffer.numel() < q.numel():
-            buffer = torch.empty(q.numel(), dtype=torch.float32)
-        out = buffer[:q.numel()].view(q.shape)
+        if self._buffer is None or self._buffer.numel() < q.numel():
+            self._buffer = torch.empty(q.numel(), dtype=torch.float32)
+        out = self._buffer[:q.numel()].view(q.shape)
         rows = max(1, FP8_ROWS // max(1, q[0].numel())) if q.dim() > 1 else q.numel()
         per_row = scale.numel() > 1
         if per_row and tuple(scale.shape) != (q.shape[0], 1):
@@ -116,4 +131,11 @@ def fp8_dequantized(path) -> "Iterator[tuple[str, torch.Tensor]]":
                              "scales are dequantized here")
         for i in range(0, q.shape[0], rows):
             fp8_to_float(q[i:i + rows], out=out[i:i + rows], scale=scale[i:i + rows] if per_row else scale)
-        yield name, out
+        return out
+
+
+def fp8_dequantized(path) -> "Iterator[tuple[str, torch.Tensor]]":
+    """``Fp8Weights`` of a checkpoint as (name, tensor), one at a time, in shard order (the same reused buffer)."""
+    weights = Fp8Weights(path)
+    for name in weights.names:
+        yield name, weights(name)
