@@ -16,7 +16,7 @@ With streaming (FORGE_STREAMING, the default) a data-free scheme the backend str
 llm-compressor) never holds the model: ``model_free_ptq`` holds the shards it quantizes at once, and the reference
 and the verification one block at a time (a decoder layer, or the embeddings / the output head):
 
-    streamed FP8 quantize, per shard quantized at once     1.5 x the shard's bytes (a shard is assumed to be at most
+    streamed FP8 quantize, per shard quantized at once     1.2 x the shard's bytes (a shard is assumed to be at most
                                                            5 GB, the Hub's convention, until its files are seen)
     streamed reference / verification                      4 x the largest block's BF16 bytes (the block, the
                                                            dequantized float32 weight, the BF16 original it is
@@ -39,7 +39,7 @@ from forge.model.shape import ModelShape
 
 GB = 1e9
 LIBRARIES = 1.1 * GB                       # torch, transformers, llm-compressor / lm-eval, imported
-FACTORS = {"data-free": 1.5, "float32": 3.0, "bfloat16": 1.7, "eval": 2.0, "shard": 1.5, "block": 4.0}
+FACTORS = {"data-free": 1.5, "float32": 3.0, "bfloat16": 1.7, "eval": 2.0, "shard": 1.2, "block": 4.0}
 SHARD_ASSUMED = 5 * GB                     # the largest shard, before the snapshot's files are seen
 STEPS = {"quantize": ("quantize",), "eval": ("eval_baseline", "eval_candidate")}   # need -> the steps it holds for
 
