@@ -308,7 +308,9 @@ def main() -> None:
     report["model"] = {"dir": str(model), "shape": args.shape if args.model is None else None,
                        "config": {k: v for k, v in json.loads((model / "config.json").read_text()).items()
                                   if k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                           "num_key_value_heads", "intermediate_size", "vocab_size")}}
+                                           "num_key_value_heads", "intermediate_size", "vocab_size")},
+                       "shards": len(list(model.glob("*.safetensors"))),
+                       "largest_shard_bytes": max((p.stat().st_size for p in model.glob("*.safetensors")), default=0)}
     report["hashlib"] = hashlib_rate(model)
 
     def save() -> None:

@@ -31,6 +31,17 @@ def test_the_need_covers_the_peak_forge_measured_and_does_not_overstate_it(resul
     assert peak <= need.bytes <= 1.25 * peak, (need.bytes / 1e9, peak / 1e9)
 
 
+def test_the_streamed_need_covers_the_peak_forge_measured():
+    """Streamed FP8 on the 3B shape (bench/scale.py --streaming): what ``streaming_workers`` admits for the shards
+    the step ran at once (1.2 x the largest shard each + the libraries) is never below the build's measured peak
+    RSS (reference, quantize and verification), and at most 60 % above it."""
+    data = json.loads((REPO / "bench" / "results" / "scale-llama-3.2-3b-streaming.json").read_text())
+    run = data["forge_fp8_streamed"]
+    peak = run["peak_rss_gb"] * 1e9
+    admitted = host_fit.LIBRARIES + run["quantize"]["workers"] * host_fit.FACTORS["shard"] * data["model"]["largest_shard_bytes"]
+    assert peak <= admitted <= 1.6 * peak, (admitted / 1e9, peak / 1e9)
+
+
 def test_a_14b_model_on_a_24_gib_machine_is_refused_with_the_numbers_and_what_to_do(monkeypatch):
     shape = from_config(QWEN14B)
     needs = host_fit.needs(shape, "gptq", calibrates=True, evaluates=True, device="cpu")

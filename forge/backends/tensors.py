@@ -84,18 +84,23 @@ def one_torch_thread() -> Iterator[int]:
 FP8_ROWS = 1 << 20   # elements per step of the fp8 decode: its temporaries stay in the CPU cache (fastest of 2^18-2^22)
 
 
+_FP8_TABLE: "torch.Tensor | None" = None
+
+
 def fp8_to_float(q: "torch.Tensor", out: "torch.Tensor | None" = None, scale=1.0) -> "torch.Tensor":
-    """float8_e4m3fn -> float32 (times ``scale``, into ``out`` when given), exactly: each fp8 byte sign-extended to
-    16 bits and shifted by 7 is a float16 with the same sign, exponent and mantissa (bit 14 cleared), worth 2^-8
-    of the fp8 value (exponent biases 7 and 15); subnormals come out right, the two NaN codes stay NaN. torch's
-    own cast is scalar on a CPU: in cache-sized blocks this is 4-5x faster."""
+    """float8_e4m3fn -> float32 (times ``scale``, into ``out`` when given), exactly: every code looked up in a
+    256-entry table of torch's own cast (the two NaN codes stay NaN). torch's cast is scalar on a CPU: the
+    lookup, in cache-sized blocks, is about 1.5x faster than the float16 bit moves it replaced, which were 4-5x
+    faster than the cast."""
     import torch
 
-    half = q.view(torch.int8).to(torch.int16).bitwise_left_shift_(7).bitwise_and_(-0x4001).view(torch.float16)
+    global _FP8_TABLE
+    if _FP8_TABLE is None:
+        _FP8_TABLE = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
     out = torch.empty(q.shape, dtype=torch.float32) if out is None else out
-    out.copy_(half).mul_(torch.as_tensor(scale, dtype=torch.float32) * 256.0)
-    nan = torch.eq(q.view(torch.uint8).bitwise_and(0x7F), 0x7F)
-    return out.masked_fill_(nan, float("nan")) if bool(nan.any()) else out
+    index = q.contiguous().view(torch.uint8).reshape(-1).to(torch.int32)
+    torch.index_select(_FP8_TABLE, 0, index, out=out.view(-1))
+    return out.mul_(scale) if not (isinstance(scale, float) and scale == 1.0) else out
 
 
 class Fp8Weights:
