@@ -117,26 +117,64 @@ class Fp8Weights:
         self._quantized = set(self.names)
         self._buffer = None
 
+    def _stored(self, name: str):
+        """(fp8 weight, float32 scale, rows per block) as stored, checked."""
+        import torch
+
+        key, shard = name + "_scale", self.read.shards[name + "_scale"].name
+        q, scale = self.read(name), self.read(key).float()
+        if q is None or q.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"{shard}: {name} is {'missing' if q is None else q.dtype}, not float8_e4m3fn, beside {key}")
+        if scale.numel() > 1 and tuple(scale.shape) != (q.shape[0], 1):
+            raise ValueError(f"{shard}: {key} has shape {tuple(scale.shape)}: only per-tensor and per-channel FP8 "
+                             "scales are dequantized here")
+        return q, scale, (max(1, FP8_ROWS // max(1, q[0].numel())) if q.dim() > 1 else q.numel())
+
     def __call__(self, name: str) -> "torch.Tensor | None":
         import torch
 
         if name not in self._quantized:
             return None
-        key, shard = name + "_scale", self.read.shards[name + "_scale"].name
-        q, scale = self.read(name), self.read(key).float()
-        if q is None or q.dtype != torch.float8_e4m3fn:
-            raise ValueError(f"{shard}: {name} is {'missing' if q is None else q.dtype}, not float8_e4m3fn, beside {key}")
+        q, scale, rows = self._stored(name)
         if self._buffer is None or self._buffer.numel() < q.numel():
             self._buffer = torch.empty(q.numel(), dtype=torch.float32)
         out = self._buffer[:q.numel()].view(q.shape)
-        rows = max(1, FP8_ROWS // max(1, q[0].numel())) if q.dim() > 1 else q.numel()
         per_row = scale.numel() > 1
-        if per_row and tuple(scale.shape) != (q.shape[0], 1):
-            raise ValueError(f"{shard}: {key} has shape {tuple(scale.shape)}: only per-tensor and per-channel FP8 "
-                             "scales are dequantized here")
         for i in range(0, q.shape[0], rows):
             fp8_to_float(q[i:i + rows], out=out[i:i + rows], scale=scale[i:i + rows] if per_row else scale)
         return out
+
+    def dequantize(self, name: str, dtype, original=None) -> "tuple[torch.Tensor, float | None]":
+        """(the weight dequantized and cast to ``dtype``, its relative error ||fp8 x scale - original|| /
+        ||original|| when ``original`` is given), in one pass of cache-sized row blocks on as many threads as
+        torch has (each op single-threaded): the float32 value of each block is cast and compared while it is in
+        the cache, never written whole. The same numbers as ``__call__`` + ``relative_error`` up to the order of
+        the float64 sums."""
+        import torch
+        from concurrent.futures import ThreadPoolExecutor
+
+        q, scale, rows = self._stored(name)
+        out = torch.empty(q.shape, dtype=dtype)
+        per_row = scale.numel() > 1
+        fp8_to_float(q[:0])   # the table, made once before the threads share it
+
+        def block(i: int) -> tuple[float, float]:
+            value = fp8_to_float(q[i:i + rows], scale=scale[i:i + rows] if per_row else scale)
+            out[i:i + rows].copy_(value)
+            if original is None:
+                return 0.0, 0.0
+            ref = original[i:i + rows].float().reshape(-1)
+            diff = value.reshape(-1).sub_(ref)
+            return float(torch.dot(diff, diff)), float(torch.dot(ref, ref))
+
+        starts = range(0, q.shape[0], rows)
+        with one_torch_thread() as threads, ThreadPoolExecutor(max(1, min(threads, len(starts))),
+                                                               thread_name_prefix="forge-fp8") as pool:
+            sums = list(pool.map(block, starts))
+        if original is None:
+            return out, None
+        num, den = sum(a for a, _ in sums), sum(b for _, b in sums)
+        return out, (round((num / den) ** 0.5, 6) if den else 0.0)
 
 
 def fp8_dequantized(path) -> "Iterator[tuple[str, torch.Tensor]]":

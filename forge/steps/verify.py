@@ -86,17 +86,16 @@ def verify_dequantized(bf16_dir: Path, weights, tokenizer, dtype, reference: lis
     ``forge.backends.Fp8Weights``), every other one from the BF16 snapshot, and released when it returns. No
     model is ever held. ``errors``, when given, receives each layer's relative weight error
     ||dequantized - BF16|| / ||BF16|| (layer name -> figure), measured as the weight is read."""
-    read, names = (weights.get, tuple(weights)) if isinstance(weights, dict) else (weights, tuple(weights.names))
+    names = tuple(weights) if isinstance(weights, dict) else tuple(weights.names)
     original = TensorReader(bf16_dir)
+    dequantized = _dequantizer(weights, original, dtype, errors)
     used: set[str] = set()
 
     def source(name: str):
-        tensor = read(name)
+        tensor = dequantized(name)
         if tensor is None:
             return original(name)
         used.add(name)
-        if errors is not None and name.endswith(".weight") and (before := original(name)) is not None:
-            errors[name.removesuffix(".weight")] = relative_error(tensor, before)
         return tensor
 
     model = layerwise.empty_model(bf16_dir, dtype)
@@ -112,6 +111,30 @@ def verify_dequantized(bf16_dir: Path, weights, tokenizer, dtype, reference: lis
             "resident": "one decoder layer"}
 
 
+def _dequantizer(weights, original: TensorReader, dtype, errors: dict | None):
+    """name -> the dequantized weight (None for one not quantized), its relative error against ``original`` put
+    in ``errors`` on the way: in one fused pass where ``weights`` can (``Fp8Weights.dequantize``), else from the
+    float weights it gives."""
+    quantized = set(weights) if isinstance(weights, dict) else set(weights.names)
+    fused = getattr(weights, "dequantize", None)
+    read = weights.get if isinstance(weights, dict) else weights
+
+    def dequantized(name: str):
+        if name not in quantized:
+            return None
+        before = original(name) if errors is not None and name.endswith(".weight") else None
+        if fused is not None:
+            tensor, error = fused(name, dtype, before)
+        else:
+            tensor = read(name)
+            error = relative_error(tensor, before) if before is not None else None
+        if error is not None:
+            errors[name.removesuffix(".weight")] = error
+        return tensor
+
+    return dequantized
+
+
 def verify_dequantized_in_memory(bf16_dir: Path, weights, tokenizer, dtype, reference: list[int],
                                  what: str = "the dequantized weights", errors: dict | None = None) -> dict:
     """``verify_dequantized`` with the whole BF16 model loaded (FORGE_STREAMING=0: the path before streaming). Each
@@ -124,15 +147,12 @@ def verify_dequantized_in_memory(bf16_dir: Path, weights, tokenizer, dtype, refe
     params = dict(model.named_parameters())
     # the BF16 weights, read as copies: the model's own map the snapshot, and reading every one of them would
     # leave the whole snapshot resident beside the dequantized weights (peak RSS 1.5x the library's on 3B)
-    original = TensorReader(bf16_dir)
-    pairs = weights.items() if isinstance(weights, dict) else ((n, weights(n)) for n in weights.names)
+    dequantized = _dequantizer(weights, TensorReader(bf16_dir), dtype, errors)
     with torch.no_grad():
-        for name, tensor in pairs:
+        for name in (tuple(weights) if isinstance(weights, dict) else weights.names):
             if name not in params:
                 raise StepError(f"quantized tensor {name} has no counterpart in the model")
-            if errors is not None and name.endswith(".weight") and (before := original(name)) is not None:
-                errors[name.removesuffix(".weight")] = relative_error(tensor, before)
-            params[name].data = torch.empty_like(params[name]).copy_(tensor)   # one pass, converting the dtype
+            params[name].data = torch.empty_like(params[name]).copy_(dequantized(name))   # one pass, converting the dtype
     tokens = teacher_forced_tokens(model, tokenizer, reference, what=what)
     del model, params
     gc.collect()
