@@ -351,6 +351,7 @@ class LlmCompressor:
         from llmcompressor import model_free_ptq
         from llmcompressor.recipe import Recipe
         from loguru import logger
+        from transformers.initialization import no_init_weights
 
         modifiers = build_recipe(q)
         model = layerwise.empty_model(src, dtype)   # names and classes only: no weight is read
@@ -370,7 +371,11 @@ class LlmCompressor:
         cpu_quantize.register()
         log_id = logger.add(str(log_dir / "llmcompressor.log"), level="DEBUG")
         try:
-            model_free_ptq(src, out, config=config, max_workers=workers, device=host.device())
+            # model_free_ptq builds an nn.Linear for each weight and copies the weight into it: torch's random
+            # init of that Linear, thrown away at once, was a third of its time on the 3B shape (no_init_weights
+            # makes torch's init functions no-ops while it runs; nothing else initializes weights meanwhile)
+            with no_init_weights():
+                model_free_ptq(src, out, config=config, max_workers=workers, device=host.device())
         finally:
             logger.remove(log_id)
         # config.json as oneshot + save_pretrained write it: the Linear layers left unquantized as the ignore list
