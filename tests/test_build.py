@@ -117,8 +117,9 @@ def test_noop_rebuild_reads_no_weight_file(recipe, cache_dir):
         "sys.stderr.write('TORCH=%s ' % ('torch' in sys.modules))\n"
         "sys.stderr.write('OPENED=' + json.dumps([p for p in opened if p.endswith(('.safetensors', '.gguf'))]))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", probe, str(recipe)], capture_output=True, text=True,
-                          env={**os.environ, "FORGE_CACHE_DIR": str(cache_dir)}, cwd=REPO)
+    proc = subprocess.run([sys.executable, "-c", probe, str(recipe)], capture_output=True, text=True, cwd=REPO,
+                          # one process: the audit hook must see the build itself, not a supervising parent
+                          env={**os.environ, "FORGE_CACHE_DIR": str(cache_dir), "FORGE_NO_SUPERVISOR": "1"})
     assert "HIT" in proc.stdout and "BUILT" not in proc.stdout, proc.stdout + proc.stderr
     opened = json.loads(proc.stderr.split("OPENED=")[-1])
     assert opened == [], f"a no-op rebuild opened weight files: {opened}"

@@ -16,7 +16,7 @@ from conftest import REPO, forge_cli, gate_verdict, output_files
 
 from forge import deploy
 from forge.image.containers import PORT, UID
-from forge.core.errors import UsageError
+from forge.core.errors import EvidenceError, UsageError
 from forge.deploy.kustomize import read_dir
 from forge.deploy.validate import problems, schema_problems
 from forge.registry import LocalRegistry, publish
@@ -249,8 +249,24 @@ def test_a_root_image_and_a_changed_recipe_are_refused(tmp_path, reg):
     changed = tmp_path / "recipe.yaml"
     changed.write_text((DATA / "demo-cpu.yaml").read_text() + "\n# edited\n")
     ok = make_record(tmp_path / "c", reg, changed, (DATA / CASES["demo-cpu"][1]).read_bytes(), CPU)
+    built = changed.read_bytes()
     changed.write_text(changed.read_text() + "# edited again\n")
-    with pytest.raises(UsageError, match="has changed since"):
+    with pytest.raises(UsageError, match="has changed since"):   # named explicitly: it must be what was built
+        deploy.generate(reg, [ok], deploy.Options(recipe=changed))
+    # not named: the edited file at the recorded path is not what was built, so the record's own copy is deployed
+    assert [ev.files for ev in ok.evidence if ev.kind == "recipe"] == [{"recipe.yaml": ok.recipe_digest}]
+    assert reg.blobs.read(ok.recipe_digest) == built
+    assert deploy.generate(reg, [ok]).objects
+    changed.unlink()
+    assert deploy.generate(reg, [ok]).objects   # and with no file at all (deploying from the registry alone)
+    # a record from before recipes were evidence, without its file: says what to pass
+    old = ok.model_copy(update={"evidence": tuple(ev for ev in ok.evidence if ev.kind != "recipe")})
+    with pytest.raises(UsageError, match="carries no copy.*"):
+        deploy.generate(reg, [old])
+    # a recipe blob that is not the recipe the record names (edited in the store) is refused, not deployed
+    reg.blobs.blob_path(ok.recipe_digest).chmod(0o644)
+    reg.blobs.blob_path(ok.recipe_digest).write_bytes(built + b"# tampered\n")
+    with pytest.raises(EvidenceError, match="recipe evidence"):
         deploy.generate(reg, [ok])
 
 
@@ -352,3 +368,57 @@ def test_a_directory_not_written_by_forge_is_never_overwritten(tmp_path, reg):
     deploy.write(deploy.generate(reg, [rec]), again)
     deploy.write(deploy.generate(reg, [rec], deploy.Options(replicas=2)), again)   # forge's own: replaced whole
     assert "replicas: 2" in next(again.glob("*-deployment.yaml")).read_text()
+
+
+def test_a_record_pulled_from_an_oci_registry_deploys_on_a_machine_without_its_recipe(tmp_path, reg, oci_registry):
+    """Issue 29: a record built in CI deploys from the registry alone (`forge registry pull`, then `forge deploy`);
+    a pulled record whose claimed status its evidence does not support is refused and recorded nowhere."""
+    from forge.registry import remote
+
+    recipe = tmp_path / "ci" / "demo-cpu.yaml"
+    recipe.parent.mkdir()
+    recipe.write_bytes((DATA / "demo-cpu.yaml").read_bytes())
+    rec = make_record(tmp_path / "build", reg, recipe, (DATA / CASES["demo-cpu"][1]).read_bytes(), CPU)
+    url = f"oci://{oci_registry}/forge/deploy-elsewhere"
+    pushed = remote.push(rec, reg.blobs, remote.Remote.parse(url))
+    here = forge_cli("deploy", rec.id[:12], "--out", str(tmp_path / "here"), "--registry-dir", str(reg.root), check=0)
+    recipe.unlink()   # the other machine has neither the recipe nor the record
+
+    elsewhere = tmp_path / "elsewhere"
+    proc = forge_cli("registry", "pull", pushed, "--registry-dir", str(elsewhere), check=0)
+    assert "re-derived from its evidence" in proc.stdout
+    pulled = LocalRegistry(elsewhere).resolve(rec.image_digest)
+    assert (pulled.id, pulled.status, pulled.remote) == (rec.id, "validated", pushed)
+    assert forge_cli("registry", "verify", rec.id[:12], "--registry-dir", str(elsewhere)).returncode == 0
+    proc = forge_cli("deploy", f"{rec.name}@{rec.image_digest}", "--out", str(tmp_path / "there"),
+                     "--registry-dir", str(elsewhere), check=0)
+    assert here.returncode == 0 and "there" in proc.stdout
+    there = {p.name: p.read_text() for p in (tmp_path / "there").iterdir()}
+    assert sorted(there) == sorted(p.name for p in (tmp_path / "here").iterdir())
+    assert pushed.removeprefix("oci://") in "".join(there.values())   # pulls the image from where it was pushed
+    # the same objects as on the machine that built it, but for where the image is pulled from
+    assert there == {p.name: p.read_text().replace(f"forge.local/{rec.name}@", pushed.removeprefix("oci://").split("@")[0] + "@")
+                     for p in (tmp_path / "here").iterdir()}
+
+    # a record artifact claiming "validated" for a build whose gate failed: the evidence decides, nothing recorded
+    failed = make_record(tmp_path / "failed", reg, DATA / "demo-cpu.yaml", (DATA / CASES["demo-cpu"][1]).read_bytes(),
+                         CPU, gate=False)
+    assert failed.status == "rejected"
+    forged = failed.model_copy(update={"status": "validated", "tag": failed.id[:12]})
+    client = remote.Client(remote.Remote.parse(url))
+    for d, _ in reg.blobs.image_blobs(forged.image_digest):
+        if d != forged.image_digest:
+            client.put_blob(reg.blobs.blob_path(d), d, reg.blobs.blob_path(d).stat().st_size)
+    client.put_manifest(reg.blobs.read(forged.image_digest), "application/vnd.oci.image.manifest.v1+json", forged.tag)
+    descriptors = []
+    for digest in [ev.manifest_digest for ev in forged.evidence] + [remote.record_artifact(forged, reg.blobs)]:
+        m = json.loads(reg.blobs.read(digest))
+        for blob in [m["config"], *m["layers"]]:
+            client.put_blob(reg.blobs.blob_path(blob["digest"]), blob["digest"], blob["size"])
+        client.put_manifest(reg.blobs.read(digest), "application/vnd.oci.image.manifest.v1+json", digest)
+        descriptors.append({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest,
+                            "size": len(reg.blobs.read(digest)), "artifactType": m["artifactType"]})
+    client.add_referrers(forged.image_digest, descriptors)
+    proc = forge_cli("registry", "pull", f"{url}:{forged.tag}", "--registry-dir", str(tmp_path / "third"))
+    assert proc.returncode == 5 and "recorded as validated, but the evidence says rejected" in proc.stderr, proc.stderr
+    assert LocalRegistry(tmp_path / "third").ls() == []

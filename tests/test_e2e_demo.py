@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -180,7 +181,7 @@ def test_demo_published_to_a_real_registry_with_evidence_and_pulled_back(demo, o
     url = f"oci://{oci_registry}/forge/demo"
     proc = forge_cli("build", str(DEMO), "--publish-to", url, cache=demo["cache"], env=demo["env"], timeout=3600, check=0)
     assert "BUILT" not in proc.stdout and "publish    unscanned" in proc.stdout
-    import re
+
 
     ref = re.search(r"publish\s+unscanned\s+(smollm2-135m-demo:[0-9a-f]{12})", proc.stdout).group(1)
     rec = json.loads(forge_cli("registry", "show", ref, "--json", env=demo["env"], check=0).stdout)
@@ -188,8 +189,10 @@ def test_demo_published_to_a_real_registry_with_evidence_and_pulled_back(demo, o
     assert rec["image_digest"] == image["manifest_digest"] and rec["remote"] == f"{url}@{rec['image_digest']}"
     refs = json.loads(forge_cli("registry", "referrers", ref, "--json", env=demo["env"], check=0).stdout)
     assert refs["remote_via"] == "tag-schema"
-    # remotely: this record's evidence; locally also the rejected scan's (same image, other record)
-    assert sorted(r["artifactType"] for r in refs["remote"]) == sorted(e["artifact_type"] for e in rec["evidence"])
+    # remotely: this record's evidence and the record itself; locally also the rejected scan's (same image, other
+    # record)
+    assert sorted(r["artifactType"] for r in refs["remote"]) == sorted(
+        [e["artifact_type"] for e in rec["evidence"]] + ["application/vnd.forge.record.v1+json"])
     assert {r["digest"] for r in refs["remote"]} <= {r["digest"] for r in refs["local"]}
     # another machine: nothing local, pull by tag from the registry; every file is the quantized checkpoint's
     forge_cli("registry", "pull", f"{url}:{rec['tag']}", "--to", str(tmp_path / "pulled"),
@@ -203,6 +206,12 @@ def test_demo_published_to_a_real_registry_with_evidence_and_pulled_back(demo, o
               for p in (tmp_path / "pulled" / "model").rglob("*") if p.is_file()}
     assert pulled == {rel: f["sha256"] for rel, f in expected.items() if rel not in REPORTS}
     assert (tmp_path / "pulled" / "evidence" / "eval-verdict" / "verdict.json").exists()
+    # or take the record in: the other machine then shows and verifies it, its status re-derived from the evidence
+    other = {"FORGE_REGISTRY_DIR": str(tmp_path / "other")}
+    forge_cli("registry", "pull", f"{url}:{rec['tag']}", env=other, check=0)
+    taken = json.loads(forge_cli("registry", "show", ref, "--json", env=other, check=0).stdout)
+    assert (taken["id"], taken["status"], taken["remote"]) == (rec["id"], "unscanned", rec["remote"])
+    forge_cli("registry", "verify", ref, env=other, check=0)
     forge_cli("registry", "verify", ref, env=demo["env"], check=0)
     proc = forge_cli("registry", "promote", ref, "--to", "prod", env=demo["env"])
     assert proc.returncode == 2 and "is unscanned" in proc.stderr
@@ -235,3 +244,46 @@ def test_trtllm_recipe_modelopt_fp8_on_cpu_validated_and_packaged(demo, standin_
     layer = file_digests_in_layer(steps["package"] / "oci", image["weights_layer"])
     assert layer["opt/forge/model/hf_quant_config.json"] == json.loads(
         (steps["quantize"].parent / "manifest.json").read_text())["output"]["files"]["hf_quant_config.json"]["sha256"]
+
+
+def test_demo_gates_json_extract_through_its_own_image(demo):
+    """eval.candidate: image on the demo (recipes/smollm2-135m-image-eval.yaml): the candidate's json_extract is
+    scored by lm-eval's local-completions against the built image's /v1/completions, the baseline by the same
+    engine serving the BF16 snapshot from the same base image; the record says the gate ran through this image.
+    Reuses the demo's cache: the snapshot, the FP8 checkpoint and the base image are hits."""
+    recipe = REPO / "recipes" / "smollm2-135m-image-eval.yaml"
+    proc = forge_cli("build", str(recipe), cache=demo["cache"], env=demo["env"], timeout=3600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for shared in ("resolve", "quantize", "base_image"):
+        assert f"{shared:<10} HIT" in proc.stdout, proc.stdout
+    entries = json.loads(forge_cli("cache", "ls", "--json", cache=demo["cache"], check=0).stdout)
+    steps = {e["step"]: demo["cache"] / "steps" / e["key"] / "out" for e in entries
+             if e["recipe"] == "smollm2-135m-image-eval"}
+    image = json.loads((steps["package"] / "image.json").read_text())
+    cand = json.loads((steps["eval_candidate"] / "results.json").read_text())
+    base = json.loads((steps["eval_baseline"] / "results.json").read_text())
+    on = cand["evaluated_on"]
+    assert on["engine"] == "transformers" and on["backend"] == "local-completions" and on["device"] == "cpu"
+    assert on["through"]["kind"] == "image" and on["through"]["image"] == image["manifest_digest"]
+    assert on["through"]["engine"] == "cpu" and on["through"]["endpoint"] == "/v1/completions"
+    assert base["evaluated_on"]["through"]["kind"] == "base image"   # like with like: the same engine, BF16 weights
+    assert base["evaluated_on"]["through"]["engine_version"] == on["through"]["engine_version"]
+    n = {side: len((steps[f"eval_{side}"] / "samples" / "json_extract.jsonl").read_text().splitlines())
+         for side in ("baseline", "candidate")}
+    assert n == {"baseline": 60, "candidate": 60}
+    verdict = json.loads((steps["gate"] / "verdict.json").read_text())
+    assert verdict["rules"][0]["metric"] == "exact_match" and verdict["rules"][0]["n"] == 60
+    assert verdict["evaluated_on"]["candidate"]["through"]["image"] == image["manifest_digest"]
+    # the record: the gate ran through the very image it ships
+    ref = re.search(r"publish\s+\S+\s+(smollm2-135m-image-eval:[0-9a-f]{12})", proc.stdout).group(1)
+    rec = json.loads(forge_cli("registry", "show", ref, "--json", env=demo["env"], check=0).stdout)
+    gated = rec["status_evidence"]["eval-verdict"]
+    assert rec["image_digest"] == image["manifest_digest"] and gated["through_image"] is True
+    assert gated["proxy"] is None and rec["status"] == "unscanned"   # no Trivy here: never validated, not a proxy
+    shown = forge_cli("registry", "show", ref, env=demo["env"], check=0).stdout
+    assert f"through the image {image['manifest_digest'][:19]}" in shown and "this image" in shown
+    # beside the checkpoint's exact match (the demo's hf eval of the same FP8 checkpoint)
+    checkpoint = json.loads((demo["steps"]["eval_candidate"] / "results.json").read_text())
+    print("json_extract exact_match: through the image", cand["results"]["json_extract"]["exact_match"],
+          "| checkpoint (hf)", checkpoint["results"]["json_extract"]["exact_match"],
+          "| BF16 through the engine", base["results"]["json_extract"]["exact_match"])

@@ -168,3 +168,100 @@ def test_the_calibration_need_follows_the_dtype_the_quantize_step_picks(monkeypa
     assert f"calibrates it in {dtype}" in need.why
     factor = host_fit.FACTORS["float32" if dtype == "float32" else "bfloat16"]
     assert need.bytes == pytest.approx(factor * host_fit.bf16_bytes(shape) + host_fit.LIBRARIES)
+
+
+def test_a_build_killed_by_the_kernel_names_the_step_and_its_peak_rss_exit_5(tmp_path, tiny_llama):
+    """The default executor runs steps in the build's own process; the kernel's OOM killer sends it SIGKILL, which
+    nothing can catch. `forge build` runs the build in a child and waits (forge.cli.supervise): it outlives the kill
+    and says what happened. The kill is sent here the way the kernel sends it, to the process holding the weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    recipe = write_recipe(tmp_path / "tiny.yaml", str(tiny_llama), quantize={"method": "fp8"})
+    cache = tmp_path / "cache"
+    env = {**os.environ, "FORGE_CACHE_DIR": str(cache), "FORGE_TEST_STOP_BEFORE_COMMIT": "quantize"}
+    proc = subprocess.Popen([sys.executable, "-m", "forge", "build", str(recipe)], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marker, deadline = cache / "quantize.stopped", time.time() + 300
+    while not marker.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.1)
+    build_pid = int(marker.read_text())
+    assert build_pid != proc.pid   # the weights are held by the child, not by the process the user started
+    os.kill(build_pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 5, out + err
+    assert "killed by the kernel (out of memory?) during step quantize at" in err and "GB peak RSS" in err, err
+    assert "Traceback" not in err and "forge fit RECIPE" in err
+
+
+def test_killing_the_build_kills_the_process_holding_the_weights(tmp_path, tiny_llama):
+    """A CI job's timeout SIGKILLs the process it started: the build behind it must not go on (PR_SET_PDEATHSIG)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    recipe = write_recipe(tmp_path / "tiny.yaml", str(tiny_llama), quantize={"method": "fp8"})
+    cache = tmp_path / "cache"
+    env = {**os.environ, "FORGE_CACHE_DIR": str(cache), "FORGE_TEST_STOP_BEFORE_COMMIT": "quantize"}
+    proc = subprocess.Popen([sys.executable, "-m", "forge", "build", str(recipe)], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker, deadline = cache / "quantize.stopped", time.time() + 300
+    while not marker.exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    child = int(marker.read_text())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while os.path.exists(f"/proc/{child}") and open(f"/proc/{child}/stat").read().split()[2] != "Z":
+        assert time.time() < deadline, "the build's child outlived the process the user started"
+        time.sleep(0.1)
+
+
+def _memory_cgroup(tmp_name: str, limit: int):
+    """A child of this process's cgroup (v1 memory controller or v2) with a memory limit, or a skip reason."""
+    from pathlib import Path
+
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            d, limit_file = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / tmp_name, "memory.limit_in_bytes"
+            break
+        if controllers == "" and (Path("/sys/fs/cgroup") / "cgroup.controllers").exists():
+            d, limit_file = Path("/sys/fs/cgroup") / path.lstrip("/") / tmp_name, "memory.max"
+    else:
+        return None, "no memory cgroup here"
+    try:
+        d.mkdir(exist_ok=True)
+        (d / limit_file).write_text(str(limit))
+    except OSError as e:
+        return None, f"cannot make a memory cgroup here ({e.strerror}: needs root or a delegated cgroup)"
+    return d, ""
+
+
+def test_validate_sees_a_cgroup_memory_limit_and_refuses_with_the_numbers_exit_2(tmp_path, tiny_llama):
+    """CI runners are containers: their limit is a cgroup's, not the host's MemAvailable. forge validate run under a
+    600 MB cgroup limit refuses a quantization that needs more, with both figures."""
+    import subprocess
+    import sys
+
+    cg, why = _memory_cgroup(f"forge-test-{tmp_path.name}", 600_000_000)
+    if cg is None:
+        pytest.skip(why)
+    try:
+        recipe = write_recipe(tmp_path / "tiny.yaml", str(tiny_llama), quantize={"method": "fp8"})
+        run = f"echo $$ > {cg}/cgroup.procs && exec {sys.executable} -m forge validate {recipe}"
+        proc = subprocess.run(["sh", "-c", run], capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+        assert "quantize needs 1.1 GB of host memory" in proc.stderr and "GB available" in proc.stderr, proc.stderr
+        available = float(proc.stderr.split(" GB available")[0].split()[-1])
+        assert 0 < available <= 0.6   # the cgroup's room (one decimal), not this host's
+        assert forge_cli("validate", str(recipe), timeout=120).returncode == 0   # outside the cgroup it fits
+    finally:
+        cg.rmdir()

@@ -60,7 +60,8 @@ def make_build(root: Path, name: str = "tiny", *, gate_passed=True, scan="pass",
     recipe = SimpleNamespace(name=name, model=SimpleNamespace(source="hf://org/tiny@" + "c" * 40),
                              quantize=SimpleNamespace(method="fp8"), target=SimpleNamespace(gpu="L40S"),
                              publish=SimpleNamespace(registry=registry), container=None)
-    loaded = SimpleNamespace(recipe=recipe, digest="sha256:" + hashlib.sha256(f"recipe{seed}".encode()).hexdigest(),
+    (root / "recipe.yaml").write_text(f"# recipe {seed}\n")   # its bytes are evidence: the digest is theirs
+    loaded = SimpleNamespace(recipe=recipe, digest="sha256:" + hashlib.sha256(f"# recipe {seed}\n".encode()).hexdigest(),
                              path=root / "recipe.yaml", base=None)   # a resolved recipe, as far as publish reads it
     return loaded, results
 
@@ -103,7 +104,8 @@ def test_publish_records_everything_and_pull_returns_weights_and_evidence(tmp_pa
     loaded, results = make_build(tmp_path / "b")
     rec = publish(loaded, results, registry=reg)
     assert rec.status == "validated" and rec.tag and rec.image_digest
-    assert {e.kind for e in rec.evidence} == {"eval-verdict", "scan-report", "sbom", "provenance"}
+    assert {e.kind for e in rec.evidence} == {"eval-verdict", "scan-report", "sbom", "provenance", "recipe"}
+    assert next(e for e in rec.evidence if e.kind == "recipe").files == {"recipe.yaml": rec.recipe_digest}
     assert rec.eval_digest in next(e for e in rec.evidence if e.kind == "eval-verdict").files.values()
     assert rec.tool_versions == {"llmcompressor": "0.14.0.1"}
 
@@ -210,7 +212,8 @@ def test_the_record_says_how_its_status_was_derived(tmp_path, reg):
     assert rec.status == "validated" and "at least one gated rule" in how["rule"]
     assert how["eval-verdict"] == {"file": "verdict.json", "digest": rec.eval_digest, "rules": 1, "passed": True,
                                    "failed": [], "said": "pass", "evaluated_on": evaluated_on("vllm", "L40S"),
-                                   "ships": {"engine": "vllm", "gpu": "L40S"}, "proxy": None}
+                                   "ships": {"engine": "vllm", "gpu": "L40S"}, "proxy": None,
+                                   "through_image": False}   # evaluated by vLLM on the GPU, not through the image
     assert how["scan-report"]["digest"] == rec.scan_digest and how["scan-report"]["said"] == "pass"
     assert how["provenance"]["digest"] == rec.provenance_digest and how["provenance"]["subject"] == rec.image_digest
     assert how["provenance"]["said"] == "names the image" and how["image"] == rec.image_digest
@@ -331,7 +334,7 @@ def test_four_parallel_publishes_lose_and_duplicate_nothing(tmp_path):
     assert len(index) == len({json.dumps(d, sort_keys=True) for d in index})  # no descriptor twice
     for r in records:
         assert reg.verify(r) == []
-        assert len(reg.referrers(r)) == 4
+        assert len(reg.referrers(r)) == 5   # eval verdict, scan report, SBOM, recipe, provenance
         assert len(reg.events(r)) == 1
 
 
@@ -366,7 +369,9 @@ def test_push_evidence_referrers_pull_and_promote_on_a_real_registry(tmp_path, r
     status, body, _ = _get(f"{base}/manifests/{fallback}")
     index = json.loads(body)
     assert status == 200 and index["mediaType"] == "application/vnd.oci.image.index.v1+json"
-    assert sorted(d["artifactType"] for d in index["manifests"]) == sorted(e.artifact_type for e in rec.evidence)
+    # every piece of evidence, and the record itself (what `forge registry pull` takes in elsewhere)
+    assert sorted(d["artifactType"] for d in index["manifests"]) == sorted(
+        [e.artifact_type for e in rec.evidence] + ["application/vnd.forge.record.v1+json"])
     for d in index["manifests"]:
         status, body, headers = _get(f"{base}/manifests/{d['digest']}", "application/vnd.oci.image.manifest.v1+json")
         m = json.loads(body)
@@ -378,7 +383,7 @@ def test_push_evidence_referrers_pull_and_promote_on_a_real_registry(tmp_path, r
 
     # republish: idempotent, no second copy of any referrer
     publish(loaded, results, registry=reg)
-    assert len(json.loads(_get(f"{base}/manifests/{fallback}")[1])["manifests"]) == len(rec.evidence)
+    assert len(json.loads(_get(f"{base}/manifests/{fallback}")[1])["manifests"]) == len(rec.evidence) + 1
 
     # pull it back from the registry alone (another machine has no local record)
     proc = forge_cli("registry", "pull", f"{url}:{rec.tag}", "--to", str(tmp_path / "pulled"),
@@ -387,7 +392,7 @@ def test_push_evidence_referrers_pull_and_promote_on_a_real_registry(tmp_path, r
     assert {p.name for p in (tmp_path / "pulled" / "evidence").iterdir()} == {e.kind for e in rec.evidence}
     listed = json.loads(forge_cli("registry", "referrers", rec.tag, "--json", "--registry-dir", str(reg.root),
                                   check=0).stdout)
-    assert listed["remote_via"] == "tag-schema" and len(listed["remote"]) == len(rec.evidence)
+    assert listed["remote_via"] == "tag-schema" and len(listed["remote"]) == len(rec.evidence) + 1
 
     # verify --remote re-hashes what the registry serves; a blob deleted there is named
     proc = forge_cli("registry", "verify", rec.id[:12], "--remote", "--registry-dir", str(reg.root), check=0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from forge.cli import console
+from forge.cli import console, supervise
 from forge.core import options as env, steplog
 from forge.cli import build, registry, tools  # noqa: F401  (registers the commands)
 from forge.cli._app import app
@@ -19,6 +19,8 @@ __all__ = ["app", "main"]
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["build"] and (code := supervise.supervised()) is not None:
+        sys.exit(code)   # the parent: the build ran in its child (forge.cli.supervise)
     try:
         app()
     except ForgeError as e:

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from forge.cli import console
+from forge.cli import console, supervise
 from forge.cli._app import CacheDir, Ci, RecipeArg, RegistryDir, VariantOpt, _load, _registry, _store, app
 from forge.cli.console import err, out
 from forge.core.errors import UsageError
@@ -178,9 +178,6 @@ def build(
     runner = _executor(executor, ray_address, loaded, store, remote)
     shown.print(f"[bold]{loaded.recipe.name}[/] · recipe {loaded.digest[7:19]} · cache {store.root}", highlight=False)
 
-    def on_start(name, spec, key):
-        return _progress.start(name)
-
     def on_done(name, result, _variants) -> None:
         _progress.done(name, result.status, result.key, result.seconds, result.output_digest)
         if result.name == "gate":
@@ -195,7 +192,7 @@ def build(
         run, extra = auto.run, {"on_trial": _trial_line}
     try:
         outcome = run(loaded, store, force={force} if force else set(), registry_dir=registry_dir,
-                      publish_to=publish_to, executor=runner, on_start=on_start, on_done=on_done,
+                      publish_to=publish_to, executor=runner, on_start=_started, on_done=on_done,
                       on_publish=lambda: _progress.start("publish"), **extra,
                       report_dir=report_dir or store.root / "reports" / loaded.recipe.name,
                       remote=remote)
@@ -209,6 +206,11 @@ def build(
                                 f"{outcome.decision.files[-1]}", highlight=False)
     if outcome.error is not None:
         raise outcome.error   # already recorded as rejected, with its reason
+
+
+def _started(name: str, spec, key):
+    supervise.step_started(name)   # the watching parent names it if the kernel kills this process
+    return _progress.start(name)
 
 
 def _executor(name: str, ray_address: str | None, loaded, store, remote):
@@ -260,7 +262,7 @@ def _build_variants(recipe, ci, cache_dir, selected, force, registry_dir, publis
     try:
         outcome = pipeline.run_variants(
             checked, store, force={force} if force else set(), registry_dir=registry_dir,
-            publish_to=publish_to, on_start=lambda name, spec, key: _progress.start(name), on_done=on_done,
+            publish_to=publish_to, on_start=_started, on_done=on_done,
             on_publish=lambda name: _progress.start(f"publish · {name}"), executor=runner, remote=remote,
             report_dir=report_dir or store.root / "reports" / first.recipe.name)
     finally:

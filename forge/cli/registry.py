@@ -64,6 +64,11 @@ def registry_show(ref: RefArg, registry_dir: RegistryDir = None, json_out: JsonO
         on = gated.get("evaluated_on") or {}
         where = (f"{on.get('engine')} (lm-eval {on.get('backend')}) on {', '.join(on.get('gpus') or []) or on.get('device')}"
                  if on else "not recorded")
+        through = on.get("through") if isinstance(on.get("through"), dict) else {}
+        if through:   # eval.candidate: image: the gate ran through a served image, by digest
+            where += (f", through the image {str(through.get('image'))[:19]} ({through.get('engine')} "
+                      f"{through.get('engine_version')}, {through.get('endpoint')})"
+                      + (" — this image" if gated.get("through_image") else " — not this record's image"))
         out.print(f"[bold]{'evaluated on':<17}[/] {escape(where)}; ships {rec.engine} on {rec.target_gpu}"
                   + (" [yellow](a proxy's numbers)[/]" if rec.eval_proxy else ""), highlight=False)
     out.print("[bold]evidence[/]")
@@ -120,12 +125,21 @@ def registry_promote(ref: RefArg, to: Annotated[str, typer.Option("--to", help="
 @registry_app.command("pull")
 def registry_pull(
     ref: Annotated[str, typer.Argument(help="A local reference, or oci://HOST/REPO:TAG|@sha256:….", show_default=False)],
-    to: Annotated[Path, typer.Option("--to", help="Empty directory to write model/ and evidence/ into.")],
+    to: Annotated[Optional[Path], typer.Option("--to", help="Empty directory to write model/ and evidence/ into. "
+                                               "Without it, an oci:// record is taken into the local registry "
+                                               "(then `forge registry show` and `forge deploy` work on it).")] = None,
     registry_dir: RegistryDir = None,
 ) -> None:
-    """Write the artifact's weights and evidence to a directory, every blob checked against its digest."""
-    from forge.registry import pull
+    """Take a pushed record into the local registry, or write an artifact's weights and evidence to a directory;
+    every blob checked against its digest, the status re-derived from the evidence."""
+    from forge.registry import pull, take_in
 
+    if to is None:
+        rec = take_in(ref, _registry(registry_dir), report=lambda msg, **_: out.print(f"  {msg}", highlight=False))
+        out.print(f"[green]✓[/] {rec.name} {rec.short()} ({rec.status}, re-derived from its evidence) → "
+                  f"{_registry(registry_dir).root}; deploy it with `forge deploy {rec.name}@{rec.image_digest}`",
+                  highlight=False)
+        return
     summary = pull(ref, to, _registry(registry_dir) if not ref.startswith("oci://") else None)
     out.print(f"[green]✓[/] {len(summary['model_files'])} model files and evidence "
               f"({', '.join(summary['evidence']) or 'none'}) → {to}", highlight=False)

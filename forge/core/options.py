@@ -26,6 +26,7 @@ VARS: dict[str, Var] = {v.name: v for v in (
     Var("FORGE_REGISTRY_DIR", "Embedded registry root (default: $XDG_DATA_HOME/forge/registry)."),
     Var("FORGE_CI", "CI mode, as --ci: unpinned inputs are errors instead of warnings."),
     Var("FORGE_DEBUG", "Show the traceback of internal errors."),
+    Var("FORGE_NO_SUPERVISOR", "Set to 1: `forge build` runs in one process (by default it waits on a child, to report an OOM kill)."),
     Var("FORGE_PLUGINS", "Extra backends/engines: KIND:NAME=module:attr, space- or comma-separated "
                          "(KIND backend or engine), e.g. engine:echo=my_engine:ENGINE."),
     Var("FORGE_CACHE_REMOTE", "Remote step cache, as --cache-remote: oci://HOST[:PORT]/REPO (pull MISSes, push built steps)."),
@@ -123,6 +124,7 @@ class Options:
     github_workspace: str | None = None
     github_step_summary: str | None = None
     cuda_visible_devices: str | None = None
+    no_supervisor: bool = False
 
     @classmethod
     def from_env(cls) -> "Options":
@@ -137,7 +139,7 @@ class Options:
             cache_dir=Path(cache).expanduser() if cache else Path(get("XDG_CACHE_HOME") or home / ".cache") / "forge",
             registry_dir=Path(registry).expanduser() if registry else
             Path(get("XDG_DATA_HOME") or home / ".local" / "share") / "forge" / "registry",
-            debug=flag("FORGE_DEBUG"), plugins=get("FORGE_PLUGINS") or "", ray_address=get("RAY_ADDRESS"),
+            debug=flag("FORGE_DEBUG"), no_supervisor=flag("FORGE_NO_SUPERVISOR"), plugins=get("FORGE_PLUGINS") or "", ray_address=get("RAY_ADDRESS"),
             gpu_prices=get("FORGE_GPU_PRICES"), cpu_calibration_dtype=get("FORGE_CPU_CALIBRATION_DTYPE"),
             streaming=(get("FORGE_STREAMING") or "1").strip().lower() not in ("0", "false", "no"),
             insecure_registries=_list(get("FORGE_INSECURE_REGISTRIES")),

@@ -4,8 +4,9 @@
   recipe and eval-verdict digests, GPU, engine and engine version;
 - the image config in the registry's OCI layout: the container command (ENTRYPOINT + CMD), user,
   exposed port, env: the Deployment runs exactly what was smoke-tested and scanned;
-- the recipe the record was built from (its file, checked against the recorded digest): tensor
-  parallel size, max_model_len, max_num_seqs, the quantization plan;
+- the recipe the record was built from (its file, checked against the recorded digest, or, where the file is
+  not here, the copy the record carries as evidence): tensor parallel size, max_model_len, max_num_seqs, the
+  quantization plan;
 - the served model's config.json, read out of the image's weights layer: its shape, for sizing.
 """
 from __future__ import annotations
@@ -17,8 +18,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from forge.core.errors import UsageError
-from forge.oci.layout import member_path
+from forge.core.errors import EvidenceError, UsageError
+from forge.oci.layout import member_path, sha256_bytes
 from forge.registry import PROMOTABLE, LocalRegistry, Record
 from forge.registry.record import PROXY, PROXY_HINT
 from forge.recipe.resolve import sections
@@ -75,7 +76,7 @@ def gather(reg: LocalRegistry, rec: Record, recipe_path: Path | None = None, *,
             weights = layer
             break
     return Artifact(record=rec, image=_image_ref(rec), pushed=bool(rec.remote), command=command, args=args,
-                    user=_user(rec, cfg.get("User") or ""), port=ports[0], recipe=_recipe(rec, recipe_path),
+                    user=_user(rec, cfg.get("User") or ""), port=ports[0], recipe=_recipe(reg, rec, recipe_path),
                     model_config=model_config,
                     weights_layer_bytes=int(weights["size"]))
 
@@ -97,18 +98,34 @@ def _user(rec: Record, user: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2) or m.group(1))
 
 
-def _recipe(rec: Record, recipe_path: Path | None):
+def _recipe(reg: LocalRegistry, rec: Record, recipe_path: Path | None):
+    """The recipe's sections as built: from ``--recipe FILE``, else from the file the record was built from when it
+    is here unchanged, else from the record's recipe evidence (a record pulled onto a machine without the recipe)."""
     path = Path(recipe_path or rec.recipe_path)
+    stored = next((ev for ev in rec.evidence if ev.kind == "recipe"), None)
+    if recipe_path is None and stored is not None and not _same_file(path, rec.recipe_digest):
+        (name, digest), = stored.files.items()
+        raw = reg.blobs.read(digest)
+        if sha256_bytes(raw) != rec.recipe_digest:
+            raise EvidenceError(f"{rec.name} {rec.short()}: its recipe evidence ({digest[:19]}…) is not the recipe the "
+                                f"record names ({rec.recipe_digest[:19]}…)",
+                                hint="`forge registry verify` says what else does not hold; do not deploy it.")
+        return sections(f"{rec.name}@{rec.short()}:{name}", raw, variant=rec.variant)
     if not path.is_file():
-        raise UsageError(f"the recipe {rec.name} was built from ({path}) is not here",
+        raise UsageError(f"the recipe {rec.name} was built from ({path}) is not here, and the record carries no copy "
+                         "(it was published before forge kept recipes as evidence)",
                          hint="Pass it with --recipe FILE (its sha256 must be the record's recipe digest).")
-    digest = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != rec.recipe_digest:
+    if not _same_file(path, rec.recipe_digest):
+        digest = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
         raise UsageError(f"{path} has changed since {rec.name} {rec.short()} was built: it hashes to {digest[:19]}…, "
                          f"the record says {rec.recipe_digest[:19]}…",
                          hint="Deploy from the recipe as it was built (git checkout it, or --recipe FILE), or build "
                               "the changed recipe and deploy that record.")
     return sections(path, variant=rec.variant)
+
+
+def _same_file(path: Path, digest: str) -> bool:
+    return path.is_file() and "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest() == digest
 
 
 def _model_config(layer: Path) -> dict | None:

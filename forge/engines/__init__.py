@@ -1,8 +1,9 @@
 """Serving engines (vLLM, TGI, TensorRT-LLM, CPU transformers serve): one module each, found by name.
 
 An engine says how its image serves a checkpoint (``serve_command``), which checkpoint formats it loads,
-its health route, which schemes it runs on which GPUs (its capability rows), and whether its image can be
-smoke-tested on a machine without a GPU. The Containerfile (forge.image.containers) stays engine-neutral and
+its health route, which schemes it runs on which GPUs (its capability rows), whether its image can be
+smoke-tested on a machine without a GPU, and which lm-eval requests its server answers (``eval_api``, for
+``eval.candidate: image``). The Containerfile (forge.image.containers) stays engine-neutral and
 asks the engine for these. Adding an engine: one module with an ``ENGINE`` object, plus a line in
 ``REGISTRY`` (or an entry point / FORGE_PLUGINS, see forge.core.plugins).
 
@@ -11,9 +12,9 @@ May import: forge.core, forge.gpu, forge.recipe.
 from __future__ import annotations
 
 from forge.core.plugins import Registry
-from forge.engines.base import Engine, GpuEngine, Kernel, QueueMetric, ServeAt, Serving, version_tuple
+from forge.engines.base import EvalApi, Engine, GpuEngine, Kernel, QueueMetric, ServeAt, Serving, version_tuple
 
-__all__ = ["Engine", "GpuEngine", "Kernel", "ServeAt", "QueueMetric", "Serving", "version_tuple", "REGISTRY", "get",
+__all__ = ["Engine", "EvalApi", "GpuEngine", "Kernel", "ServeAt", "QueueMetric", "Serving", "version_tuple", "REGISTRY", "get",
            "names"]
 
 REGISTRY: Registry[Engine] = Registry("engine", "forge.engines", {

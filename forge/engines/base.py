@@ -13,7 +13,7 @@ from typing import Mapping, Protocol
 from forge.recipe.schema import Recipe
 from forge.core.errors import UsageError
 
-__all__ = ["Engine", "GpuEngine", "Kernel", "ServeAt", "QueueMetric", "Serving", "version_tuple"]
+__all__ = ["Engine", "GpuEngine", "Kernel", "ServeAt", "QueueMetric", "Serving", "EvalApi", "version_tuple"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,20 @@ class Serving:
     init_seconds: int               # start-up work besides reading the weights (compile, CUDA graphs, warm-up)
 
 
+@dataclass(frozen=True)
+class EvalApi:
+    """How lm-eval evaluates a model through the engine's OpenAI-compatible server (``eval.candidate: image``):
+    lm-eval's own API model, and which of lm-eval's request types the server can answer. A loglikelihood request
+    (``loglikelihood``: multiple choice; ``loglikelihood_rolling``: perplexity) needs the prompt's own token
+    logprobs (``/v1/completions`` with ``echo`` and ``logprobs``); ``generate_until`` needs only generation."""
+
+    model: str                       # lm-eval model type: "local-completions" or "local-chat-completions"
+    route: str                       # the endpoint it calls, e.g. "/v1/completions"
+    requests: frozenset[str]         # lm-eval request types answered: generate_until, loglikelihood, loglikelihood_rolling
+    numerics: str                    # whose kernels compute the scores (as evaluated_on names an engine)
+    refuses: str = ""                # why the other request types cannot be answered (shown at validate)
+
+
 def version_tuple(v: str | None) -> tuple[int, ...]:
     """"0.11.0" -> (0, 11, 0); "transformers-5.17" -> (5, 17); None -> (0,)."""
     parts = []
@@ -77,6 +91,8 @@ class Engine(Protocol):
     health_route: str                 # GET here answers 200 once the server is ready
     python: str                       # the image's Python (the HEALTHCHECK runs it)
     smoke_test: bool                  # its image can serve on a machine with no GPU (package smoke-tests it)
+    eval_api: EvalApi | None          # how lm-eval evaluates through its server (None: forge cannot, eval.candidate:
+                                      # image is refused at validate)
 
     def serve_command(self, recipe: Recipe, fmt: str, at: ServeAt) -> tuple[str, ...]:
         """The image's ENTRYPOINT for a checkpoint of format ``fmt``."""
@@ -122,6 +138,7 @@ class GpuEngine:
     health_route = "/health"
     python = "python3"
     smoke_test = False
+    eval_api: EvalApi | None = None
 
     def served_name(self, name: str) -> str:
         return name

@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from forge.engines.base import GpuEngine, ServeAt, Serving
+from forge.engines.base import EvalApi, GpuEngine, ServeAt, Serving
 
 HUB_DIR = "/opt/forge/hub"
 HUB_REVISION = "0" * 40
@@ -26,6 +26,12 @@ class Cpu(GpuEngine):
     cpu = True
     python = "/opt/venv/bin/python3"
     smoke_test = True
+    # transformers serve's /v1/completions takes a raw prompt and generates; it accepts echo and logprobs but ignores
+    # them (transformers/cli/serving/completion.py: UNUSED_LEGACY_COMPLETION_FIELDS), so no prompt logprobs
+    eval_api = EvalApi("local-completions", "/v1/completions", frozenset({"generate_until"}), numerics="transformers",
+                       refuses="transformers serve returns no prompt logprobs (its /v1/completions ignores echo and "
+                               "logprobs), so loglikelihood tasks (multiple choice, perplexity) cannot be scored "
+                               "through its image")
 
     def serve_command(self, recipe, fmt: str, at: ServeAt) -> tuple[str, ...]:
         return ("/opt/venv/bin/transformers", "serve", at.served_name, "--host", "0.0.0.0", "--port", str(at.port),

@@ -7,7 +7,7 @@ Capability rows from vLLM's quantization support table: Marlin from 8.0, Machete
 """
 from __future__ import annotations
 
-from forge.engines.base import GpuEngine, Kernel, QueueMetric, ServeAt, Serving, version_tuple
+from forge.engines.base import EvalApi, GpuEngine, Kernel, QueueMetric, ServeAt, Serving, version_tuple
 
 
 class Vllm(GpuEngine):
@@ -22,6 +22,9 @@ class Vllm(GpuEngine):
         "NVFP4": Kernel((10, 0), "NVFP4"),
     }
     rocm = frozenset({"BF16", "FP8-W8A8", "W4A16", "W8A16", "INT8-W8A8"})
+    # /v1/completions with echo + logprobs returns the prompt's token logprobs: every lm-eval request type
+    eval_api = EvalApi("local-completions", "/v1/completions",
+                       frozenset({"generate_until", "loglikelihood", "loglikelihood_rolling"}), numerics="vllm")
 
     def serve_command(self, recipe, fmt: str, at: ServeAt) -> tuple[str, ...]:
         t, q = recipe.target, recipe.quantize

@@ -20,6 +20,10 @@ LOWER_IS_BETTER = frozenset({"word_perplexity", "byte_perplexity", "bits_per_byt
 HIGHER_IS_BETTER = frozenset({"acc", "acc_norm", "exact_match", "f1", "mcc", "bleu", "chrf", "rouge1", "rouge2",
                               "rougeL", "brier_score_neg", "acc_mutual_info"})
 PERPLEXITY_FAMILY = frozenset({"word_perplexity", "byte_perplexity", "bits_per_byte"})
+# lm-eval's output_type -> the request type a model answers for it (lm_eval.api.task: multiple choice is scored by
+# the loglikelihood of each choice); an engine's server declares which request types it answers
+REQUEST_OF_OUTPUT = {"generate_until": "generate_until", "multiple_choice": "loglikelihood",
+                     "loglikelihood": "loglikelihood", "loglikelihood_rolling": "loglikelihood_rolling"}
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,12 @@ class TaskSpec:
     config: dict | None = None                 # self-contained YAML config (None: registered task)
     files: dict[str, Path] = field(default_factory=dict)   # files whose digests enter the cache key
     metrics: dict[str, bool | None] = field(default_factory=dict)  # metric -> higher_is_better
+    output_type: str = "generate_until"        # lm-eval's output_type (its default when a YAML names none)
+
+    @property
+    def request_type(self) -> str:
+        """The lm-eval request type a model answers for this task (an unknown output_type is its own)."""
+        return REQUEST_OF_OUTPUT.get(self.output_type, self.output_type)
 
     def lm_eval_task(self):
         import copy
@@ -87,7 +97,8 @@ def _load_task_file(value: str, path_str: str, _mtime_ns: int, _size: int, where
     for m in cfg.get("metric_list") or []:
         if isinstance(m, dict) and "metric" in m:
             metrics[m["metric"]] = m.get("higher_is_better", direction(m["metric"]))
-    return TaskSpec(name=cfg["task"], source=value, config=cfg, files=files, metrics=metrics)
+    return TaskSpec(name=cfg["task"], source=value, config=cfg, files=files, metrics=metrics,
+                    output_type=str(cfg.get("output_type") or "generate_until"))
 
 
 def _registered(name: str, where: str) -> TaskSpec:
@@ -103,7 +114,7 @@ def _registered(name: str, where: str) -> TaskSpec:
     cfg = tm._get_config(name) or {}
     metrics = {m["metric"]: m.get("higher_is_better", direction(m["metric"]))
                for m in cfg.get("metric_list") or [] if isinstance(m, dict) and "metric" in m}
-    return TaskSpec(name=name, source=name, metrics=metrics)
+    return TaskSpec(name=name, source=name, metrics=metrics, output_type=str(cfg.get("output_type") or "generate_until"))
 
 
 def direction(metric: str) -> bool | None:

@@ -164,7 +164,7 @@ def calibration_dtype(float32_bytes: float, recipe_dtype: str = "bfloat16") -> s
 
 
 def available_bytes() -> float:
-    """What a new process can take now: MemAvailable, within the cgroup's limit less what the cgroup uses."""
+    """What a new process can take now: MemAvailable, within the room left under this process's cgroup limits."""
     avail = float(host.memory_bytes())
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -172,13 +172,61 @@ def available_bytes() -> float:
                 avail = min(avail, int(line.split()[1]) * 1024)
     except OSError:
         pass
+    room = cgroup_room()
+    return avail if room is None else min(avail, room)
+
+
+# cgroup v2 (unified) and v1 (memory controller): (mount, limit file, usage file, the reclaimable page-cache stat)
+_CGROUP_FILES = {"v2": ("memory.max", "memory.current", "inactive_file"),
+                 "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
+
+
+def cgroup_room(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The least room under any memory limit of this process's cgroups, from its own up to the root (a CI runner's
+    container limit, a systemd scope's MemoryMax): limit − (usage − inactive page cache, which the kernel reclaims
+    before it kills), as `docker stats` counts it. None: no limit applies."""
     try:
-        limit, used = (Path(f"/sys/fs/cgroup/memory.{n}").read_text().strip() for n in ("max", "current"))
-        if limit.isdigit() and used.isdigit():
-            avail = min(avail, int(limit) - int(used))
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    room = None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            mount, kind = next((m for m in (root, root / "unified") if (m / "cgroup.controllers").exists()), root), "v2"
+        elif "memory" in controllers.split(","):
+            mount, kind = root / "memory", "v1"
+        else:
+            continue
+        limit_file, usage_file, cache_stat = _CGROUP_FILES[kind]
+        d = mount / path.lstrip("/")
+        while True:
+            limit, used, cache = _read_int(d / limit_file), _read_int(d / usage_file), _stat(d / "memory.stat", cache_stat)
+            if limit is not None and limit < 1 << 62 and used is not None:
+                room = min(room if room is not None else float("inf"), float(limit - max(0, used - (cache or 0))))
+            if d == mount or mount not in d.parents:
+                break
+            d = d.parent
+    return room
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None   # "max" (v2: no limit) is None
+
+
+def _stat(path: Path, key: str) -> int | None:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
     except OSError:
         pass
-    return avail
+    return None
 
 
 def shortfalls(needs_: tuple[Need, ...], available: float | None = None) -> list[tuple[Need, str]]:

@@ -17,6 +17,7 @@ import subprocess
 import uuid
 from functools import lru_cache
 from pathlib import Path
+from typing import Sequence
 
 from forge.core import options as fenv
 from forge.image.containers import PORT
@@ -184,6 +185,16 @@ def describe_layout(layout: Path, ref: str) -> dict:
             "weights_layer": layers[-1], "oci_ref": ref}
 
 
+def image_entrypoint(layout: Path, ref: str) -> list[str]:
+    """What the image in the layout runs when started: its config's Entrypoint then Cmd (as docker run does)."""
+    desc = describe_layout(layout, ref)
+    config = json.loads(blob_path(layout, desc["config_digest"]).read_text()).get("config") or {}
+    argv = [*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])]
+    if not argv:
+        raise ToolError(f"the image {ref} in {layout} has no Entrypoint or Cmd: nothing to serve")
+    return argv
+
+
 def blob_path(layout: Path, digest: str) -> Path:
     algo, hexd = digest.split(":", 1)
     return layout / "blobs" / algo / hexd
@@ -213,14 +224,20 @@ def free_port() -> int:
 GPU_FLAGS = {"docker": ("--gpus", "all"), "podman": ("--device", "nvidia.com/gpu=all")}   # NVIDIA runtime / CDI
 
 
-def start_server(builder: str, tag: str, engine_args, port: int, log, *, gpus: bool = False):
+def start_server(builder: str, tag: str, engine_args, port: int, log, *, gpus: bool = False,
+                 mounts: Sequence[tuple[Path, str]] = (), env: Sequence[tuple[str, str]] = (), command: bool = False):
     """Start the image's server (engine_args: its entrypoint) reachable on 127.0.0.1:port, its output to log;
-    ``gpus``: with this machine's NVIDIA GPUs (docker, podman). Returns (process, args, stop). stop() ends the
-    whole process group and removes the container."""
+    ``gpus``: with this machine's NVIDIA GPUs (docker, podman); ``mounts``: (host path, container path) bind mounts,
+    read-only; ``env``: variables set in the container; ``command``: docker/podman run engine_args instead of the
+    image's own ENTRYPOINT (an image that has none, e.g. a base image). Returns (process, args, stop). stop() ends
+    the whole process group and removes the container."""
+    volumes = [x for src, dst in mounts for x in ("-v", f"{src}:{dst}:ro")]
+    envs = [x for k, v in env for x in ("--env", f"{k}={v}")]
     if builder == "buildah":  # no port mapping: the server shares the host network, so it listens on port
         args = [a if a != str(PORT) else str(port) for a in engine_args]
         ctr = buildah("from", "--pull=never", tag).stdout.strip().splitlines()[-1]
-        server = subprocess.Popen(["buildah", *storage_flags(), "run", "--isolation", "chroot", ctr, "--", *args],
+        server = subprocess.Popen(["buildah", *storage_flags(), "run", "--isolation", "chroot", *volumes, *envs, ctr,
+                                   "--", *args],
                                   stdout=log, stderr=subprocess.STDOUT, env=clean_env(), start_new_session=True)
 
         def stop() -> None:
@@ -228,8 +245,9 @@ def start_server(builder: str, tag: str, engine_args, port: int, log, *, gpus: b
             buildah("rm", ctr, check=False)
         return server, args, stop
     name = f"forge-smoke-{uuid.uuid4().hex[:12]}"
+    entry = ["--entrypoint", engine_args[0], tag, *engine_args[1:]] if command else [tag]
     server = subprocess.Popen([builder, "run", "--rm", "--name", name, *(GPU_FLAGS[builder] if gpus else ()),
-                               "-p", f"127.0.0.1:{port}:{PORT}", tag],
+                               *volumes, *envs, "-p", f"127.0.0.1:{port}:{PORT}", *entry],
                               stdout=log, stderr=subprocess.STDOUT, env=clean_env(), start_new_session=True)
 
     def stop() -> None:

@@ -1,7 +1,8 @@
 """The smoke test of a built image, against its running server: /health, GET /v1/models, one chat completion.
 
 ``smoke_test`` serves the image with its builder (forge.image.builders) and runs ``check_server``, which speaks HTTP
-only, so a test can point it at any server. A failure is a SmokeTestError (exit 6) whose message carries the HTTP
+only, so a test can point it at any server. ``serving`` is that same path held open: the eval step evaluates the
+image through it (``eval.candidate: image``), after the same checks. A failure is a SmokeTestError (exit 6) whose message carries the HTTP
 status, the response body and the tail of the server's log; the transcript and the log are kept.
 """
 from __future__ import annotations
@@ -11,8 +12,10 @@ import shutil
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from forge.image.builders import free_port, load_image, start_server, unload_image
 from forge.core.errors import SmokeTestError
@@ -23,7 +26,7 @@ from forge.gpu.catalog import gpus
 if TYPE_CHECKING:
     from forge.image.containers import ImageSpec
 
-__all__ = ["smoke_test", "check_server", "TRANSCRIPT", "SERVER_LOG", "SMOKE_QUESTION"]
+__all__ = ["smoke_test", "check_server", "serving", "Served", "TRANSCRIPT", "SERVER_LOG", "SMOKE_QUESTION"]
 
 TRANSCRIPT, SERVER_LOG = "smoke-test.json", "server.log"
 SMOKE_QUESTION = "What is the capital of France?"
@@ -150,27 +153,47 @@ def smoke_test(tag: str, spec: "ImageSpec", report, *, keep: Path, builder: str 
     if (why := why_not_here(spec.base.engine, gpu, builder)) is not None:   # never failed, never passed
         return {"passed": None, "skipped": why, "answer": None, "health_seconds": None, "models": None}
     gpu_image = not get(spec.base.engine).smoke_test   # runs here only because its GPU is here
+    with serving(tag, spec.engine_args, spec.served_name, report, keep=keep, builder=builder, timeout_s=timeout_s,
+                 layout=layout, health_route=spec.health_route, gpus=gpu_image) as served:
+        transcript = served.transcript
+    shutil.rmtree(keep, ignore_errors=True)
+    return transcript
+
+
+@dataclass(frozen=True)
+class Served:
+    """An image's server while ``serving`` holds it up: where it answers, what its smoke check saw, whether it ran."""
+    url: str                          # http://127.0.0.1:<port>
+    transcript: dict                  # check_server's: health seconds, models listed, the one chat answer
+    exited: Callable[[], int | None]  # the server's exit code (None while it runs)
+    log: Path                         # its output
+
+
+@contextmanager
+def serving(tag: str, entrypoint, served_name: str, report, *, keep: Path, builder: str = "buildah",
+            timeout_s: float = 300, layout: tuple[Path, str] | None = None, health_route: str = "/health",
+            gpus: bool = False, mounts=(), env=(), command: bool = False) -> Iterator[Served]:
+    """Serve the image ``tag`` (loaded first from ``layout``, (OCI layout, ref), and unloaded afterwards), check it
+    as the smoke test does (``check_server``), and yield it while it runs; then stop the whole process group.
+    The smoke test and ``eval.candidate: image`` (forge.steps.evaluate) serve images through this one path.
+    ``mounts``/``env``/``command``: forge.image.builders.start_server's. A server that does not come up or does not
+    answer raises SmokeTestError (exit 6) with the log's tail; ``keep`` holds its log."""
     if layout is not None:
-        report("loading the image into the builder's storage for the smoke test")
+        report("loading the image into the builder's storage")
         load_image(builder, layout[0], layout[1], tag)
     try:
-        return _serve_and_check(tag, spec, report, keep=keep, builder=builder, timeout_s=timeout_s, gpus=gpu_image)
+        keep.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        with open(keep / SERVER_LOG, "wb") as log:
+            server, args, stop = start_server(builder, tag, entrypoint, port, log, gpus=gpus, mounts=mounts, env=env,
+                                              command=command)
+            try:
+                url = f"http://127.0.0.1:{port}"
+                transcript = check_server(url, served_name, report, exited=server.poll, keep=keep, timeout_s=timeout_s,
+                                          context={"image": tag, "command": args}, health_route=health_route)
+                yield Served(url, transcript, server.poll, keep / SERVER_LOG)
+            finally:
+                stop()
     finally:
         if layout is not None:
             unload_image(builder, tag)
-
-
-def _serve_and_check(tag: str, spec: "ImageSpec", report, *, keep: Path, builder: str, timeout_s: float,
-                     gpus: bool = False) -> dict:
-    keep.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    with open(keep / SERVER_LOG, "wb") as log:
-        server, args, stop = start_server(builder, tag, spec.engine_args, port, log, gpus=gpus)
-        try:
-            transcript = check_server(f"http://127.0.0.1:{port}", spec.served_name, report, exited=server.poll,
-                                      keep=keep, timeout_s=timeout_s, context={"image": tag, "command": args},
-                                      health_route=spec.health_route)
-        finally:
-            stop()
-    shutil.rmtree(keep, ignore_errors=True)
-    return transcript

@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["MEDIA_TYPES", "append_weights_layer"]
+__all__ = ["MEDIA_TYPES", "append_weights_layer", "write_layer"]
 
 MEDIA_TYPES = {
     "none": "application/vnd.oci.image.layer.v1.tar",
@@ -94,8 +94,9 @@ class _BackgroundWriter:
             raise self._error
 
 
-def _entries(src: Path, dest: str, uid: int) -> list[tuple[tarfile.TarInfo, Path | None]]:
-    """Tar entries for dest's parents (root-owned), dest itself and every file below src, sorted."""
+def _entries(src: Path, dest: str, uid: int, files: list[Path] | None = None) -> list[tuple[tarfile.TarInfo, Path | None]]:
+    """Tar entries for dest's parents (root-owned), dest itself and every file below src (or only ``files``, which
+    are under src, with the directories between), sorted."""
     def info(name: str, *, is_dir: bool, size: int = 0, owner: int = 0) -> tarfile.TarInfo:
         ti = tarfile.TarInfo(name)
         ti.type = tarfile.DIRTYPE if is_dir else tarfile.REGTYPE
@@ -107,7 +108,10 @@ def _entries(src: Path, dest: str, uid: int) -> list[tuple[tarfile.TarInfo, Path
     parts = dest.strip("/").split("/")
     out = [(info("/".join(parts[:i]) + "/", is_dir=True), None) for i in range(1, len(parts))]
     out.append((info(dest.strip("/") + "/", is_dir=True, owner=uid), None))
+    chosen = None if files is None else {p for f in files for p in [f, *f.parents] if p != src and src in p.parents}
     for path in sorted(src.rglob("*")):
+        if chosen is not None and path not in chosen:
+            continue
         rel = path.relative_to(src).as_posix()
         name = f"{dest.strip('/')}/{rel}"
         if path.is_symlink():
@@ -233,10 +237,10 @@ def _write_plain(segments, tmp: Path, progress: Callable[[int], None] | None) ->
 
 
 def write_layer(src: Path, dest: str, blobs: Path, *, uid: int, compression: str = "none",
-                progress: Callable[[int], None] | None = None) -> dict:
-    """Write the layer blob for src (installed at dest) into blobs/ (an OCI layout's blobs/sha256).
-    Returns its descriptor facts: digest, diff_id, size, media type."""
-    entries = _entries(src, dest, uid)
+                progress: Callable[[int], None] | None = None, files: list[Path] | None = None) -> dict:
+    """Write the layer blob for src (installed at dest; only ``files`` of it when given) into blobs/ (an OCI
+    layout's blobs/sha256). Returns its descriptor facts: digest, diff_id, size, media type."""
+    entries = _entries(src, dest, uid, files)
     tmp = blobs / f".forge-layer-{uuid.uuid4().hex}.tmp"
     try:
         if compression == "none":   # the stored bytes are the tar: one hash is the digest and the diff_id

@@ -23,14 +23,15 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from forge.core import options
 from forge.core.errors import ToolError, UsageError
-from forge.oci.layout import INDEX, MANIFEST, manifest_bytes, sha256_bytes
+from forge.oci.layout import INDEX, MANIFEST, Layout, manifest_bytes, sha256_bytes
 
 ACCEPT = ", ".join([MANIFEST, INDEX, "application/vnd.docker.distribution.manifest.v2+json"])
 _LOOPBACK = ("localhost", "127.0.0.1", "[::1]")
@@ -172,14 +173,60 @@ class Client:
                             hint="Is the registry up? Is publish.registry right?") from None
         self._pinged = True
 
-    def put_blob(self, path: Path, digest: str, size: int) -> None:
-        """Upload a blob as it is (never recompressed); large ones in chunks, never whole in memory."""
+    def put_blob(self, path: Path, digest: str, size: int, mount_from: tuple[str, ...] = ()) -> str:
+        """Upload a blob as it is (never recompressed); large ones in chunks, never whole in memory. A blob the
+        registry has is never sent again: HEAD first, then a cross-repository mount from each of ``mount_from``
+        (repositories on the same registry that hold it). Returns how: "present", "mounted" or "sent"."""
         if self._request("HEAD", f"blobs/{digest}").status_code == 200:
-            return
+            return "present"
+        for repo in mount_from:
+            if repo == self.remote.repo:
+                continue
+            r = self._request("POST", f"blobs/uploads/?mount={digest}&from={repo}")
+            if r.status_code == 201:
+                return "mounted"
+            if r.status_code == 202 and (where := r.headers.get("Location")):   # an upload began instead: drop it
+                self.reg.do_request(where if "://" in where else f"{self.reg.prefix}://{self.remote.host}{where}",
+                                    "DELETE")
         r = self.reg.upload_blob(str(path), self.container, {"digest": digest, "size": size},
                                  do_chunked=size > _CHUNK, chunk_size=_CHUNK)
         if r.status_code not in (200, 201, 202):
             raise ToolError(f"registry refused blob {digest}: HTTP {r.status_code} {r.text[:300]}")
+        return "sent"
+
+    def put_blobs(self, blobs: list[tuple[Path, str, int]], *, workers: int = 4, mount_from: tuple[str, ...] = (),
+                  done: Callable[[str, int, str], None] | None = None) -> dict[str, str]:
+        """``put_blob`` for many blobs, ``workers`` at a time (each on its own connection, each streamed): a model
+        image's shards go up in parallel. ``done(digest, size, how)`` after each. Returns digest -> how."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._reachable()
+        local = threading.local()
+
+        def one(blob: tuple[Path, str, int]) -> tuple[str, str]:
+            if not hasattr(local, "client"):
+                local.client = Client(self.remote)
+                local.client._pinged = True
+            how = local.client.put_blob(*blob, mount_from=mount_from)
+            if done is not None:
+                done(blob[1], blob[2], how)
+            return blob[1], how
+
+        unique = list({b[1]: b for b in blobs}.values())
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(unique)))) as pool:
+            return dict(pool.map(one, unique))
+
+    def push_image(self, layout: Layout, digest: str, reference: str, *, mount_from: tuple[str, ...] = (),
+                   done: Callable[[str, int, str], None] | None = None) -> dict[str, str]:
+        """An image (or artifact) manifest of ``layout`` and the blobs it names (in parallel, none sent twice), the
+        manifest last and as its exact bytes, under ``reference``. Returns digest -> how each blob went up."""
+        data = layout.read(digest)
+        m = json.loads(data)
+        blobs = [m["config"], *m.get("layers", [])]
+        hows = self.put_blobs([(layout.blob_path(b["digest"]), b["digest"], b["size"]) for b in blobs],
+                              mount_from=mount_from, done=done)
+        self.put_manifest(data, m.get("mediaType", MANIFEST), reference)
+        return hows
 
     def put_manifest(self, data: bytes, media_type: str, reference: str) -> str:
         r = self._request("PUT", f"manifests/{reference}", data=data, headers={"Content-Type": media_type})

@@ -86,12 +86,44 @@ def complete(loaded) -> list[str]:
             problems.extend(e.problems)
         else:
             problems.extend(check_gate(loaded, tasks))
+            if r.eval.candidate == "image":
+                problems.extend(image_eval_problems(loaded, tasks))
             if not r.eval.gate and tasks:
                 _no_gate_rules(loaded, tasks, problems if loaded.ci else warnings)
 
     if problems:
         raise RecipeError(problems)
     return warnings
+
+
+def image_eval_problems(loaded, tasks) -> list[str]:
+    """eval.candidate: image: forge must build an image, and its engine's server must answer every task's requests
+    (``Engine.eval_api``: transformers serve generates but returns no prompt logprobs; vLLM does both)."""
+    r = loaded.recipe
+    where = loaded.where("eval", "candidate")
+    if r.container is None:
+        return [f"{where}: image: the candidate is evaluated through the built image, but the recipe has no container "
+                "section; add one (e.g. `container: {base: cpu-python311}`) or use candidate: checkpoint"]
+    try:
+        engine = engines.get(r.target.engine)
+    except UnknownName:
+        return []   # reported above, with its "did you mean"
+    api = getattr(engine, "eval_api", None)
+    if api is None:
+        return [f"{where}: image: the {engine.name} engine declares no way for lm-eval to evaluate through its server "
+                "(its eval_api); use candidate: checkpoint"]
+    problems = []
+    if r.eval.backend != "auto":
+        problems.append(f"{loaded.where('eval', 'backend')}: {r.eval.backend}: with candidate: image both sides are "
+                        f"evaluated through the {engine.name} engine's server (lm-eval {api.model}), not an in-process "
+                        "backend; remove eval.backend")
+    for i, task in enumerate(tasks):
+        if task.request_type not in api.requests:
+            problems.append(f"{loaded.where('eval', 'tasks', i)}: {task.name} ({task.output_type}: "
+                            f"{task.request_type} requests) cannot be evaluated through the {engine.name} image: "
+                            f"{api.refuses or f'its server answers only {sorted(api.requests)}'}. Remove the task "
+                            f"(tasks it can answer: {', '.join(sorted(api.requests))}) or use eval.candidate: checkpoint")
+    return problems
 
 
 def _no_gate_rules(loaded, tasks, into: list[str]) -> None:

@@ -76,23 +76,8 @@ def load_recipe(path: str | Path, *, ci: bool = False, variant: str | None = Non
     if not path.is_file():
         raise RecipeError([f"{path}: recipe file not found"], hint="Pass the path of a recipe YAML, e.g. recipes/smollm2-135m-demo.yaml")
     raw = path.read_bytes()
-    if len(raw) > MAX_RECIPE_BYTES:
-        raise RecipeError([f"{path}: recipe is {len(raw)} bytes; the limit is {MAX_RECIPE_BYTES}"])
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise RecipeError([f"{path}: not UTF-8 text ({e.reason} at byte {e.start})"]) from None
-
-    data, positions = copy.deepcopy(_parsed(str(path), text))   # callers may merge into them
-    recipe = _validate(path, data, positions)
     overrides = dict(overrides or {})
-    if variant is not None or overrides:
-        data, positions = _merged(path, data, positions, recipe, variant, overrides)
-        try:
-            recipe = _validate(path, data, positions)
-        except RecipeError as e:
-            what = f"variant {variant!r}" if variant is not None else f"overrides {overrides}"
-            raise RecipeError([f"{p} (in {what})" for p in e.problems], hint=e.hint) from None
+    recipe, positions = _schema_stage(path, raw, variant, overrides)
     digest = "sha256:" + hashlib.sha256(raw).hexdigest()
     loaded = LoadedRecipe(path=path, recipe=recipe, positions=positions, digest=digest, ci=ci, variant=variant,
                           overrides=overrides)
@@ -111,6 +96,33 @@ def load_recipe(path: str | Path, *, ci: bool = False, variant: str | None = Non
 # A quantize override that changes the method drops these method parameters of the shared section
 # (bits: 4 of a shared GPTQ section means nothing to an fp8 variant); calibration, ignore, kv_cache stay.
 _METHOD_PARAMS = ("bits", "group_size", "symmetric", "actorder", "fp8_scheme", "backend")
+
+
+def load_sections(path: str | Path, raw: bytes, *, variant: str | None = None) -> Recipe:
+    """The sections of a recipe given as bytes (``path`` only names it in messages), parsed, validated and the
+    variant merged, but not checked against this machine: what a build elsewhere decided, as ``forge deploy``
+    reads it from a record's recipe evidence (the model directory and data files it names need not exist here)."""
+    return _schema_stage(Path(path), raw, variant, {})[0]
+
+
+def _schema_stage(path: Path, raw: bytes, variant: str | None, overrides: dict) -> tuple[Recipe, dict]:
+    """parse → validate → merge the variant and overrides → validate again: (recipe, key positions)."""
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError([f"{path}: recipe is {len(raw)} bytes; the limit is {MAX_RECIPE_BYTES}"])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError([f"{path}: not UTF-8 text ({e.reason} at byte {e.start})"]) from None
+    data, positions = copy.deepcopy(_parsed(str(path), text))   # callers may merge into them
+    recipe = _validate(path, data, positions)
+    if variant is not None or overrides:
+        data, positions = _merged(path, data, positions, recipe, variant, overrides)
+        try:
+            recipe = _validate(path, data, positions)
+        except RecipeError as e:
+            what = f"variant {variant!r}" if variant is not None else f"overrides {overrides}"
+            raise RecipeError([f"{p} (in {what})" for p in e.problems], hint=e.hint) from None
+    return recipe, positions
 
 
 def _merged(path: Path, data: dict, positions: dict, recipe: Recipe, variant: str | None,

@@ -29,7 +29,7 @@ from forge.gpu.capability import Verdict, check as capability_check
 from forge.gpu.fit import FitReport, explain, fit, plan_from_recipe
 from forge.image.bases import Base, resolve_base
 from forge.model.shape import ModelShape, source_shape
-from forge.recipe.load import LoadedRecipe, load_recipe
+from forge.recipe.load import LoadedRecipe, load_recipe, load_sections
 
 __all__ = ["Resolved", "Checked", "resolve", "resolve_loaded", "resolve_all", "check", "variant_names", "has_variants",
            "sections"]
@@ -240,10 +240,11 @@ def has_variants(path: str | Path, *, ci: bool = False) -> bool:
     return bool(load_recipe(path, ci=ci).recipe.variants)
 
 
-def sections(path: str | Path, *, variant: str | None = None):
+def sections(path: str | Path, raw: bytes | None = None, *, variant: str | None = None):
     """The recipe's sections (``forge.recipe.schema.Recipe``, the variant merged in) as they were built, not
-    resolved against this machine: ``forge deploy`` reads what a build elsewhere decided."""
-    return load_recipe(path, variant=variant).recipe
+    resolved against or checked on this machine: ``forge deploy`` reads what a build elsewhere decided. ``raw``:
+    the recipe's bytes when they come from elsewhere (a record's recipe evidence); ``path`` then only names it."""
+    return load_sections(path, Path(path).read_bytes() if raw is None else raw, variant=variant)
 
 
 def fits_here(resolved: Resolved) -> None:

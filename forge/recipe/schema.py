@@ -151,6 +151,13 @@ class Eval(_Section):
     limit: Annotated[int, Field(gt=0)] | None = None
     seed: int = 1234
     gate: tuple[GateRule, ...] = ()
+    candidate: Literal["checkpoint", "image"] = Field(
+        "checkpoint", description="What the gate's candidate numbers come from. checkpoint: lm-eval loads the "
+                                  "quantized checkpoint (eval.backend). image: forge serves the built image and lm-eval "
+                                  "asks its OpenAI-compatible endpoint (the engine's API model), so the numbers are the "
+                                  "shipped artifact's, by digest; the baseline is then the BF16 snapshot served by the "
+                                  "same engine from the same base image. Needs a container section and tasks the "
+                                  "engine can answer (transformers serve: generation only).")
 
 
 class TrtLLM(_Section):

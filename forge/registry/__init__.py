@@ -1,7 +1,8 @@
 """The registry of validated artifacts: what was built, with its evidence, and whether it may ship.
 
 Public surface: ``publish`` (the pipeline's last step), ``LocalRegistry`` (ls/show/verify/promote),
-``pull`` (weights and evidence out of the embedded store or an OCI registry), ``Record``.
+``pull`` (weights and evidence out of the embedded store or an OCI registry), ``take_in`` (a pushed record, its
+image and evidence from an OCI registry into the embedded one), ``Record``.
 
 May import: forge.core, forge.model, forge.oci, forge.evaluation, forge.gpu, forge.steps.
 """
@@ -12,13 +13,13 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from forge.core.errors import ToolError, UsageError
-from forge.oci.layout import Layout, member_path, sha256_bytes
-from forge.registry.local import LocalRegistry, default_registry_dir
+from forge.core.errors import EvidenceError, ToolError, UsageError
+from forge.oci.layout import EMPTY_BYTES, MANIFEST, REF_NAME, Layout, descriptor, member_path, sha256_bytes
+from forge.registry.local import RECORD_ANNOTATION, LocalRegistry, default_registry_dir
 from forge.registry.record import PROMOTABLE, STATUSES, Collected, EvidenceFiles, Record, collect
 from forge.registry import remote
 
-__all__ = ["publish", "pull", "LocalRegistry", "Record", "STATUSES", "PROMOTABLE", "default_registry_dir"]
+__all__ = ["publish", "pull", "take_in", "LocalRegistry", "Record", "STATUSES", "PROMOTABLE", "default_registry_dir"]
 
 MODEL_PREFIX = "opt/forge/model/"
 MATRIX_TAG = "matrix"   # <name>:matrix, the variant matrix (forge/registry/matrix.py)
@@ -82,7 +83,8 @@ def pull(ref: str, dest: Path, reg: LocalRegistry | None = None) -> dict:
         raise UsageError(f"--to {dest} is not empty", hint="Pull into a new or empty directory.")
     if ref.startswith("oci://"):
         with tempfile.TemporaryDirectory(prefix="forge-pull-") as tmp:
-            layout, image_digest, evidence = _fetch_remote(ref, Path(tmp))
+            layout, image_digest, fetched = _fetch_remote(ref, Path(tmp))
+            evidence = {kind: (d, files) for kind, d, files in fetched if kind != "record"}
             return _extract(layout, image_digest, evidence, dest)
     reg = reg or LocalRegistry()
     rec = reg.resolve(ref)
@@ -99,7 +101,73 @@ def pull(ref: str, dest: Path, reg: LocalRegistry | None = None) -> dict:
     return _extract(reg.blobs, rec.image_digest, evidence, dest)
 
 
-def _fetch_remote(ref: str, tmp: Path) -> tuple[Layout, str, dict]:
+def take_in(ref: str, reg: LocalRegistry, report=lambda *a, **k: None) -> Record:
+    """Pull a pushed record, its image and all its evidence from an OCI registry into the local registry, so that
+    `forge registry show/verify` and `forge deploy` work on a machine that never built it (nor has its recipe: the
+    record's recipe evidence carries it).
+
+    Fails closed: every blob is checked against its digest on the way in, the record must name this image, each
+    evidence artifact the record lists must be among the image's referrers, and the status is re-derived from the
+    evidence (``LocalRegistry.verify``) before anything is recorded; a record the evidence does not support is
+    refused (exit 5) and leaves no row behind (blobs stored on the way are content-addressed, unreferenced)."""
+    if not ref.startswith("oci://"):
+        raise UsageError(f"{ref}: pull without --to takes a record in from an OCI registry (oci://HOST/REPO:TAG or "
+                         "@sha256:…); a local record is already here", hint="Pass --to DIR to write its files out.")
+    with tempfile.TemporaryDirectory(prefix="forge-pull-") as tmp:
+        report(f"fetching {ref}")
+        layout, digest, fetched = _fetch_remote(ref, Path(tmp))
+        rec = _pushed_record(layout, digest, fetched, ref)
+        for d, _ in layout.image_blobs(digest):
+            reg.blobs.put_file(layout.blob_path(d), d)
+        reg.blobs.put_bytes(EMPTY_BYTES)
+        for ev in rec.evidence:
+            for d in (ev.manifest_digest, *ev.files.values()):
+                if not layout.has(d):
+                    raise EvidenceError(f"{ref}: the record's {ev.kind} artifact is not in the registry ({d} is "
+                                        "missing among the image's referrers)",
+                                        hint="Push the record again from the machine that built it "
+                                             "(forge build … --publish-to), then pull.")
+                reg.blobs.put_bytes(layout.read(d), d)
+    r, _ = remote.parse_ref(ref)
+    rec = rec.model_copy(update={"remote": f"{r.url()}@{digest}"})
+    if problems := reg.verify(rec):
+        d, role, what = problems[0]
+        raise EvidenceError(f"{ref}: the pulled record does not hold: {role} ({d[:19]}…): {what}",
+                            hint="Do not deploy it; rebuild and publish it again.")
+    stored, new = reg.insert(rec)
+    named = [{**descriptor(MANIFEST, reg.blobs.read(ev.manifest_digest)), "artifactType": ev.artifact_type,
+              "annotations": {RECORD_ANNOTATION: rec.id}} for ev in rec.evidence]
+    ann = {**rec.annotations, RECORD_ANNOTATION: rec.id, **({REF_NAME: f"{rec.name}:{rec.tag}"} if rec.tag else {})}
+    reg.blobs.add_to_index(named + [{**descriptor(MANIFEST, reg.blobs.read(digest)), "annotations": ann}])
+    if rec.variant is not None and rec.tag:
+        reg.tag(stored, rec.variant)
+    return stored
+
+
+def _pushed_record(layout: Layout, digest: str, fetched: list, ref: str) -> Record:
+    """The record artifact among the fetched referrers that names this image (the newest, if more than one build
+    made the same image)."""
+    found = []
+    for kind, _, files in fetched:
+        if kind != "record" or remote.RECORD_FILE not in files:
+            continue
+        try:
+            rec = Record.model_validate_json(layout.read(files[remote.RECORD_FILE]))
+        except ValueError as e:
+            raise EvidenceError(f"{ref}: its record artifact is not a forge record ({str(e).splitlines()[0]})",
+                                hint="Push it again with this forge version.") from None
+        if rec.image_digest == digest:
+            found.append(rec)
+    if not found:
+        raise UsageError(f"{ref} has no forge record among its referrers: it was not pushed by a forge that records "
+                         "itself (or not by forge)",
+                         hint="Push it again with `forge build … --publish-to`, or pull its files with --to DIR.")
+    return max(found, key=lambda r: r.created_at)
+
+
+def _fetch_remote(ref: str, tmp: Path) -> tuple[Layout, str, list[tuple[str, str, dict]]]:
+    """The image (by digest) and every referrer, each blob checked against its digest, into a layout under tmp:
+    (layout, image digest, [(evidence kind, manifest digest, {file name: digest})])."""
     r, what = remote.parse_ref(ref)
     client = remote.Client(r)
     got = client.get_manifest(what)
@@ -113,7 +181,7 @@ def _fetch_remote(ref: str, tmp: Path) -> tuple[Layout, str, dict]:
         raise ToolError(f"{ref}: the registry's manifest hashes to {digest}")
     layout = Layout(tmp / "oci")
     remote.fetch_image(r, digest, layout.root, "image")
-    evidence = {}
+    evidence = []
     referrers, _ = client.referrers(digest)
     for d in referrers:
         data, _ = client.get_manifest(d["digest"]) or (None, None)
@@ -126,7 +194,7 @@ def _fetch_remote(ref: str, tmp: Path) -> tuple[Layout, str, dict]:
             name = layer.get("annotations", {}).get("org.opencontainers.image.title", layer["digest"])
             files[name] = layout.put_bytes(client.get_blob(layer["digest"]), layer["digest"])
         kind = m.get("annotations", {}).get("dev.forge.evidence") or d.get("artifactType", "artifact")
-        evidence[kind] = (d["digest"], files)
+        evidence.append((kind, d["digest"], files))
     return layout, digest, evidence
 
 

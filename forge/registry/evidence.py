@@ -24,7 +24,7 @@ from forge.evaluation.gatestats import parse_verdict, rejudge
 from forge.gpu.catalog import gpus as catalog
 from forge.steps.scan import read_verdict
 
-__all__ = ["Derived", "derive", "decide", "proxy_reason", "RULE", "PROXY", "GATE_FILE", "SCAN_FILE",
+__all__ = ["Derived", "derive", "decide", "proxy_reason", "through_image", "RULE", "PROXY", "GATE_FILE", "SCAN_FILE",
            "PROVENANCE_FILE"]
 
 GATE_FILE = "verdict.json"                 # forge.steps.gate.VERDICT, in the eval-verdict evidence
@@ -60,10 +60,11 @@ def derive(*, gate: bytes | None, scan: bytes | None, provenance: bytes, image_d
         judged = rejudge(parse_verdict(gate, where("eval-verdict")))
         gate_said = {"rules": judged.rules, "passed": judged.passed, "failed": list(judged.failed)}
         on = _candidate_evaluated_on(gate)
-        proxy = proxy_reason(on, *ships) if image_digest is not None else None
+        proxy = proxy_reason(on, *ships, image=image_digest) if image_digest is not None else None
         evidence["eval-verdict"] = {"file": GATE_FILE, "digest": sha256_bytes(gate), **gate_said,
                                     "said": _gate_word(gate_said), "evaluated_on": on,
-                                    "ships": {"engine": ships[0], "gpu": ships[1]}, "proxy": proxy}
+                                    "ships": {"engine": ships[0], "gpu": ships[1]}, "proxy": proxy,
+                                    "through_image": through_image(on, image_digest)}
     if scan is not None:
         scan_said = read_verdict(scan, where("scan-report"))
         evidence["scan-report"] = {"file": SCAN_FILE, "digest": sha256_bytes(scan), **scan_said,
@@ -106,11 +107,24 @@ def decide(gate: dict | None, scan: dict | None, has_image: bool, provenance_pro
     return "validated", ""
 
 
-def proxy_reason(evaluated_on: dict | None, engine: str | None, gpu: str | None) -> str | None:
+def through_image(evaluated_on: dict | None, image: str | None) -> bool:
+    """Whether the candidate's numbers came from this very image, served (eval.candidate: image), by digest."""
+    through = evaluated_on.get("through") if isinstance(evaluated_on, dict) else None
+    return isinstance(through, dict) and through.get("kind") == "image" and image is not None \
+        and through.get("image") == image
+
+
+def proxy_reason(evaluated_on: dict | None, engine: str | None, gpu: str | None, *, image: str | None = None
+                 ) -> str | None:
     """Why the candidate's scores are not the shipped engine's on the shipped GPU; None when they are. Fails closed:
-    a verdict that does not say where the candidate ran, or an image whose engine or GPU is not known, is a proxy."""
+    a verdict that does not say where the candidate ran, or an image whose engine or GPU is not known, is a proxy;
+    so is a candidate served from another image than ``image``, the one the record ships."""
     if not isinstance(evaluated_on, dict) or not evaluated_on.get("engine"):
         return "the verdict does not say where the candidate was evaluated"
+    through = evaluated_on.get("through")
+    if isinstance(through, dict) and through.get("kind") == "image" and image is not None \
+            and through.get("image") != image:
+        return f"evaluated through the image {through.get('image')}; the record ships {image}"
     ran, device = evaluated_on["engine"], evaluated_on.get("device")
     gpus = [g for g in evaluated_on.get("gpus") or [] if isinstance(g, str)]
     said = f"evaluated with {ran} ({evaluated_on.get('backend')}) on {', '.join(gpus) or device}; the image serves " \

@@ -93,7 +93,7 @@ class LocalRegistry:
             digests[name] = self.blobs.put_bytes(data)
             media = "application/json" if name.endswith(".json") else \
                 "text/html" if name.endswith(".html") else "text/markdown"
-            if kind in ("sbom", "provenance"):
+            if kind in ("sbom", "provenance", "recipe", "record"):
                 media = EVIDENCE_TYPES[kind]
             layers.append(descriptor(media, data, annotations={"org.opencontainers.image.title": name}))
         # no timestamp: the same build's evidence is the same bytes, so a republish adds nothing
@@ -246,6 +246,8 @@ class LocalRegistry:
         recorded = {"eval-verdict": rec.eval_digest, "scan-report": rec.scan_digest, "sbom": rec.sbom_digest,
                     "provenance": rec.provenance_digest}
         kinds = {ev.kind: ev for ev in rec.evidence}
+        if "recipe" in kinds:   # records from before forge kept the recipe have none; one that has it must match
+            recorded["recipe"] = rec.recipe_digest
         for kind, want in recorded.items():
             if want and (kind not in kinds or want not in kinds[kind].files.values()):
                 problems.append((want, kind, "the record's digest is not among the evidence files"))

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict
 
 from forge import __version__
 from forge.core.digests import digest_of
+from forge.core.errors import EvidenceError
 from forge.oci.layout import sha256_bytes, sha256_file
 from forge.registry import annotate
 from forge.registry.evidence import derive
@@ -45,6 +46,8 @@ EVIDENCE_TYPES = {
     "provenance": "application/vnd.in-toto+json",
     "report": "application/vnd.forge.report.v1+html",   # the HTML build report (forge.report)
     "auto-decision": "application/vnd.forge.auto.decision.v1+json",   # method: auto's trials (forge.orchestrate.auto)
+    "recipe": "application/vnd.forge.recipe.v1+yaml",   # the recipe file's bytes (digest = the record's recipe_digest)
+    "record": "application/vnd.forge.record.v1+json",   # the record itself, attached when pushed (forge.registry.remote)
 }
 
 
@@ -127,7 +130,7 @@ def collect(loaded, results: dict, finished_at: datetime | None = None) -> Colle
     scan_out = scan_step.Output.read(results["scan"].entry) if "scan" in results else None
     image = package_step.Output.read(results["package"].entry) if "package" in results else None
 
-    evidence: list[EvidenceFiles] = []
+    evidence: list[EvidenceFiles] = [_recipe_evidence(loaded)]
     eval_digest = scan_digest = sbom_digest = None
     if gate_out is not None:
         evidence.append(EvidenceFiles("eval-verdict", (gate_out.verdict,), (gate_out.data,)))
@@ -175,6 +178,17 @@ def collect(loaded, results: dict, finished_at: datetime | None = None) -> Colle
         "tag": rid[:12] if image_digest and derived.status != "rejected" else None,
         "provenance_digest": sha256_bytes(prov)})
     return Collected(record, image.oci_dir if image else None, tuple(evidence), prov)
+
+
+def _recipe_evidence(loaded) -> EvidenceFiles:
+    """The recipe's bytes, as built: a record deploys from the registry alone (``forge deploy`` on a machine
+    without the recipe file reads them from here, checked against the record's recipe digest)."""
+    path = Path(loaded.path)
+    raw = path.read_bytes()
+    if sha256_bytes(raw) != loaded.digest:
+        raise EvidenceError(f"{path} changed while it was being built (it hashes to {sha256_bytes(raw)[:19]}…, the "
+                            f"build read {loaded.digest[:19]}…)", hint="Build again from an unchanging recipe file.")
+    return EvidenceFiles("recipe", (path,), (raw,))
 
 
 def _last_step_finished(results: dict) -> datetime | None:

@@ -8,8 +8,11 @@ import json
 
 from forge.core.errors import ToolError
 from forge.oci.client import Client, Remote, fetch_image, parse_ref  # re-exported: the registry's callers use them
-from forge.oci.layout import MANIFEST, Layout, sha256_bytes
-from forge.registry.record import Record
+from forge.oci.layout import EMPTY_BYTES, MANIFEST, Layout, artifact_manifest, descriptor, manifest_bytes, sha256_bytes
+from forge.registry.local import RECORD_ANNOTATION
+from forge.registry.record import EVIDENCE_TYPES, PROXY, Record
+
+RECORD_FILE = "record.json"
 
 __all__ = ["push", "promote", "verify", "Client", "Remote", "parse_ref", "fetch_image"]
 
@@ -20,28 +23,45 @@ def push(rec: Record, store: Layout, remote: Remote, report=lambda *a, **k: None
     The image goes blob by blob and its manifest as the exact bytes forge recorded: a registry copy
     through skopeo would gzip the uncompressed weights layer, changing its digest (and costing minutes)."""
     client = Client(remote)
-    image = store.read(rec.image_digest)
-    parsed = json.loads(image)
+    parsed = json.loads(store.read(rec.image_digest))
     blobs = [parsed["config"], *parsed["layers"]]
-    total, done = sum(blob["size"] for blob in blobs), 0
-    for blob in blobs:
-        report(f"pushing {blob['digest'][7:19]} ({blob['size'] / 1e6:.1f} MB) → {remote.url()}",
-               completed=done, total=total, unit="B")
-        client.put_blob(store.blob_path(blob["digest"]), blob["digest"], blob["size"])
-        done += blob["size"]
-    client.put_manifest(image, parsed.get("mediaType", MANIFEST), rec.tag)
+    total, sent = sum(blob["size"] for blob in blobs), [0]
+
+    def done(digest: str, size: int, how: str) -> None:
+        sent[0] += size
+        report(f"{digest[7:19]} ({size / 1e6:.1f} MB) {how} → {remote.url()}", completed=sent[0], total=total, unit="B")
+
+    report(f"pushing {len(blobs)} blobs ({total / 1e9:.2f} GB) → {remote.url()}", completed=0, total=total, unit="B")
+    client.push_image(store, rec.image_digest, rec.tag, done=done)
     descriptors = []
-    for ev in rec.evidence:
-        report(f"attaching {ev.kind}")
-        manifest = store.read(ev.manifest_digest)
+    for kind, digest in [(ev.kind, ev.manifest_digest) for ev in rec.evidence] + [("record", record_artifact(rec, store))]:
+        report(f"attaching {kind}")
+        manifest = store.read(digest)
         m = json.loads(manifest)
         for blob in [m["config"], *m["layers"]]:
             client.put_blob(store.blob_path(blob["digest"]), blob["digest"], blob["size"])
-        client.put_manifest(manifest, MANIFEST, ev.manifest_digest)
-        descriptors.append({"mediaType": MANIFEST, "digest": ev.manifest_digest, "size": len(manifest),
-                            "artifactType": ev.artifact_type, "annotations": m.get("annotations", {})})
+        client.put_manifest(manifest, MANIFEST, digest)
+        descriptors.append({"mediaType": MANIFEST, "digest": digest, "size": len(manifest),
+                            "artifactType": m["artifactType"], "annotations": m.get("annotations", {})})
     client.add_referrers(rec.image_digest, descriptors)
     return f"{remote.url()}@{rec.image_digest}"
+
+
+def record_artifact(rec: Record, store: Layout) -> str:
+    """Store (in ``store``) the record as an artifact referring to its image, as published: where it was pushed
+    and what was promoted since are the registry's own facts (tags), not the record's; returns its manifest digest.
+    ``forge registry pull`` takes it in on another machine, re-deriving the status from the evidence."""
+    published = rec.model_copy(update={
+        "remote": None, "promoted_tags": (), "accepted_proxy_eval": False,
+        "status": (PROXY if rec.accepted_proxy_eval else "validated") if rec.status == "promoted" else rec.status})
+    data = published.model_dump_json(indent=1).encode()
+    store.put_bytes(data)
+    store.put_bytes(EMPTY_BYTES)
+    layer = descriptor(EVIDENCE_TYPES["record"], data, annotations={"org.opencontainers.image.title": RECORD_FILE})
+    subject = descriptor(MANIFEST, store.read(rec.image_digest))
+    manifest = artifact_manifest(EVIDENCE_TYPES["record"], [layer], subject,
+                                 {RECORD_ANNOTATION: rec.id, "dev.forge.evidence": "record"})
+    return store.put_bytes(manifest_bytes(manifest))
 
 
 def promote(rec: Record, remote: Remote, tag: str) -> None:

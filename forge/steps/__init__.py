@@ -74,6 +74,8 @@ class StepSpec:
     volatile: tuple[str, ...] = ()  # output files that record how the build went (timings): kept and hashed,
                                     # but not part of the output digest, so identical results cut off downstream
     gpu: bool = False         # runs on the recipe's target GPU (when it is not CPU): a distributed executor asks for it
+    needs: Callable[["Resolved"], tuple[str, ...]] | None = None  # upstream steps when they depend on the recipe
+                                                                  # (eval.candidate: image); None: ``depends``
 
     def runner(self) -> Callable[[StepContext], dict | None]:
         return _attr(self.run)

@@ -8,6 +8,10 @@ one baseline run.
 Backends: ``hf`` (CPU: float32; GPU: bfloat16), ``vllm`` (GPU with vllm installed); ``auto`` picks
 vllm when both a GPU and vllm are present, else hf.
 
+``eval.candidate: image``: the candidate is the package step's image, served, and the baseline the BF16 snapshot
+served by the same engine from the same base image, both through lm-eval's API model for the engine
+(forge.steps.evaluate_image); the graph wires the candidate after the package step (``StepSpec.needs``).
+
 Batching. Documents are evaluated 8 at a time, except on a checkpoint that quantizes activations
 dynamically (scales computed at run time, e.g. FP8 W8A8 per-token, INT8 W8A8): one document per
 forward pass. compressed-tensors computes those scales per token (it reduces over the hidden dimension
@@ -26,7 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from forge.steps import StepContext, StepSpec, probe, quantize
+from forge.steps import StepContext, StepSpec, evaluate_image, probe, quantize
+from forge.steps.evaluate_image import key_material as image_key, through_image
 from forge.core.errors import ToolError
 from forge.core.host import device, local_gpus, no_nvidia_smi
 from forge.core.jsonsafe import dumps
@@ -61,16 +66,28 @@ def _identity(loaded) -> dict:
     return {"device": device(), "gpus": [g.name for g in gpus]}
 
 
-def _spec(name: str, upstream: str, summary: str) -> StepSpec:
+def _spec(name: str, upstream: str, summary: str, *, served: tuple[str, ...]) -> StepSpec:
+    side = name.removeprefix("eval_")
+
+    def config(loaded) -> dict:
+        if through_image(loaded):   # eval.candidate: image: served by the image's engine (forge.steps.evaluate_image)
+            return {**_config(loaded), "model": served[0], "served": image_key(loaded, side)}
+        return {**_config(loaded), "model": upstream}
+
     return StepSpec(name=name, summary=summary, depends=(upstream,),
+                    needs=lambda loaded: served if through_image(loaded) else (upstream,),
                     # 2: batching; 3: evaluated_on (engine, backend, device, GPUs, dtype) in results.json
                     tools=("lm_eval", "torch", "transformers", "compressed-tensors", "vllm"), version=3,
-                    config=lambda loaded: {**_config(loaded), "model": upstream}, data=_data, identity=_identity,
+                    config=config, data=_data, identity=_identity,
                     enabled=_enabled, run="forge.steps.evaluate:run", gpu=True)
 
 
-BASELINE = _spec("eval_baseline", "resolve", "lm-eval the BF16 snapshot (shared by every recipe on it)")
-CANDIDATE = _spec("eval_candidate", "quantize", "lm-eval the quantized checkpoint")
+# eval.candidate: image: the candidate is the package step's image; the baseline the BF16 snapshot served from the
+# same base image (forge's own base is the base_image step's output; a published base is in the key by digest)
+BASELINE = _spec("eval_baseline", "resolve", "lm-eval the BF16 snapshot (shared by every recipe on it)",
+                 served=("resolve", "base_image"))
+CANDIDATE = _spec("eval_candidate", "quantize", "lm-eval the quantized checkpoint (or, eval.candidate: image, the "
+                  "built image through its endpoint)", served=("package", "quantize"))
 
 
 def pick_backend(requested: str) -> tuple[str, str]:
@@ -128,6 +145,8 @@ def simple_evaluate(model_dir: Path, tasks, backend: str, device: str, *, limit,
 
 
 def run(ctx: StepContext) -> dict:
+    if through_image(ctx.recipe):
+        return run_served(ctx)
     ev = ctx.recipe.recipe.eval
     (upstream,) = ctx.inputs.values()
     tasks = load_tasks(ctx.recipe)
@@ -138,13 +157,52 @@ def run(ctx: StepContext) -> dict:
                         hint="Evaluate where a GPU and vllm are present (eval.backend: vllm or auto), or remove the "
                              "eval section; without an eval gate the artifact is never validated.")
     ctx.report(f"lm-eval ({backend} on {device}): {', '.join(t.name for t in tasks)}")
-
-    import lm_eval
-
     t0 = time.monotonic()
     res, model_args, batching = simple_evaluate(upstream, tasks, backend, device, limit=ev.limit, seed=ev.seed,
                                                 max_model_len=ctx.recipe.recipe.target.max_model_len)
     seconds = time.monotonic() - t0
+    results = _write(ctx, tasks, res, {"backend": backend, "device": device,
+                                       "model_args": {k: v for k, v in model_args.items() if k != "pretrained"},
+                                       "batching": batching,
+                                       "evaluated_on": evaluated_on(backend, device, model_args, batching)})
+    return {"backend": backend, "device": device, "batch_size": batching["batch_size"], "seconds": round(seconds, 1),
+            "results": results}
+
+
+def run_served(ctx: StepContext) -> dict:
+    """eval.candidate: image: lm-eval's API model against the served image (candidate) or the BF16 snapshot served
+    by the same engine from the same base image (baseline); see forge.steps.evaluate_image."""
+    import shutil
+
+    loaded, ev = ctx.recipe, ctx.recipe.recipe.eval
+    tasks = load_tasks(loaded)
+    api = evaluate_image.api_of(loaded)
+    candidate = "package" in ctx.inputs
+    serve = evaluate_image.served_candidate if candidate else evaluate_image.served_baseline
+    tokenizer = ctx.inputs["quantize" if candidate else "resolve"]   # the served checkpoint's own tokenizer files
+    keep = evaluate_image.keep_dir(ctx)
+    t0 = time.monotonic()
+    with serve(ctx, keep) as (server, through):
+        ctx.report(f"lm-eval ({api.model} {api.route}): {', '.join(t.name for t in tasks)}")
+        served_id = server.transcript["model"]
+        res, model_args = evaluate_image.api_evaluate(
+            server, served_id, tasks, api, tokenizer=tokenizer, limit=ev.limit, seed=ev.seed,
+            max_length=loaded.recipe.target.max_model_len)
+    gpus = not loaded.engine.smoke_test   # a GPU engine's image was served with this machine's GPU (or refused)
+    seconds = time.monotonic() - t0
+    shutil.rmtree(keep, ignore_errors=True)   # served and answered: the log is not evidence
+    evaluate_image.check_results(res, tasks, ev.limit, f"{through['ref']} ({api.model})")
+    batching = {"batch_size": 1, "requested": 1, "reason": f"{api.model}: one request at a time (lm-eval num_concurrent 1)"}
+    on = evaluate_image.evaluated_on(api, loaded.engine, loaded.base, through, gpus, batching)
+    results = _write(ctx, tasks, res, {"backend": api.model, "device": on["device"], "model_args": model_args,
+                                       "batching": batching, "evaluated_on": on})
+    return {"backend": api.model, "device": on["device"], "batch_size": 1, "seconds": round(seconds, 1),
+            "through": on["through"], "results": results}
+
+
+def _write(ctx: StepContext, tasks, res: dict, summary: dict) -> dict:
+    """samples/ (per document, what the gate pairs), lm_eval_samples/ (lm-eval's own records), results.json."""
+    import lm_eval
 
     (ctx.out / SAMPLES_DIR).mkdir()
     (ctx.out / RAW_DIR).mkdir()
@@ -160,13 +218,10 @@ def run(ctx: StepContext) -> dict:
                 values = {m: (list(s[m]) if isinstance(s[m], (tuple, list)) else s[m]) for m in s.get("metrics", []) if m in s}
                 flat.write(dumps({"doc_id": s["doc_id"], "values": values}) + "\n")   # NaN/inf: null
     # No timings in the output files: same inputs, same bytes (timings live in the step manifest).
-    summary = {"backend": backend, "device": device, "model_args": {k: v for k, v in model_args.items() if k != "pretrained"},
-               "batching": batching, "evaluated_on": evaluated_on(backend, device, model_args, batching),
-               "lm_eval": lm_eval.__version__ if hasattr(lm_eval, "__version__") else None,
+    summary = {**summary, "lm_eval": lm_eval.__version__ if hasattr(lm_eval, "__version__") else None,
                "results": results}
     (ctx.out / RESULTS).write_text(dumps(summary, indent=2, default=str) + "\n")
-    return {"backend": backend, "device": device, "batch_size": batching["batch_size"], "seconds": round(seconds, 1),
-            "results": results}
+    return results
 
 
 ENGINE_OF_BACKEND = {"hf": "transformers", "vllm": "vllm"}   # whose kernels computed lm-eval's numbers

@@ -25,10 +25,29 @@ def volatile(name: str) -> tuple[str, ...]:
 
 
 def active_steps(loaded: "Resolved") -> list[StepSpec]:
-    """The steps of this recipe's graph, in dependency order; dependencies on disabled steps drop out."""
+    """The steps of this recipe's graph, in dependency order; dependencies on disabled steps drop out. A step whose
+    upstream depends on the recipe (``StepSpec.needs``: with eval.candidate: image the candidate is evaluated after
+    the image is built, and the gate follows it) is wired for this recipe, and the order follows the wiring."""
     active = [s for s in STEPS if s.enabled(loaded)]
     names = {s.name for s in active}
-    return [replace(s, depends=tuple(d for d in s.depends if d in names)) for s in active]
+    wired = [replace(s, depends=tuple(d for d in (s.needs(loaded) if s.needs else s.depends) if d in names))
+             for s in active]
+    return _in_dependency_order(wired)
+
+
+def _in_dependency_order(specs: list[StepSpec]) -> list[StepSpec]:
+    """Each step after the steps it depends on, otherwise in STEPS order (stable)."""
+    done: set[str] = set()
+    ordered: list[StepSpec] = []
+    todo = list(specs)
+    while todo:
+        ready = next((s for s in todo if set(s.depends) <= done), None)
+        if ready is None:
+            raise ValueError("step graph has a cycle: " + ", ".join(f"{s.name} <- {', '.join(s.depends)}" for s in todo))
+        todo.remove(ready)
+        ordered.append(ready)
+        done.add(ready.name)
+    return ordered
 
 
 def spec_named(loaded: "Resolved", name: str) -> StepSpec:

@@ -97,7 +97,15 @@ SPEC = StepSpec(
     name="package", summary="build the OCI image (weights in their own layer) and smoke-test it",
     depends=("quantize", "compile", "gate", "base_image"), tools=(), version=2, config=_config,  # 2: cpu hub entry
     identity=_identity, enabled=_enabled,
+    # eval.candidate: image: the image is built before it is gated (the gate evaluates it), so it cannot wait for the
+    # gate; its verdict is the registry record's evidence instead of a label
+    needs=lambda loaded: ("quantize", "compile", "base_image") if _through_image(loaded) else
+    ("quantize", "compile", "gate", "base_image"),
     run="forge.steps.package:run")
+
+
+def _through_image(loaded) -> bool:
+    return loaded.recipe.eval is not None and loaded.recipe.eval.candidate == "image"
 
 
 # ------------------------------------------------------------------ buildah
@@ -157,7 +165,8 @@ def run_base(ctx: StepContext) -> dict:
     return {"base": base.name, "image_id": image_id, "tag": tag}
 
 
-def _image_ref(ctx: StepContext, base, digest: str | None) -> str:
+def base_ref(ctx: StepContext, base, digest: str | None) -> str:
+    """The base image's reference in the builder's storage (forge's own base: loaded from its step's layout)."""
     if "base_image" in ctx.inputs:
         # forge's own base, named by its cache key: already in local storage when this machine built it,
         # else loaded from the step's OCI layout
@@ -174,7 +183,8 @@ def _image_ref(ctx: StepContext, base, digest: str | None) -> str:
 def _labels(ctx: StepContext, base, digest: str | None) -> tuple[tuple[str, str], ...]:
     r, loaded = ctx.recipe.recipe, ctx.recipe
     q_manifest = ctx.input_manifests["quantize"]
-    verdict = ctx.input_manifests.get("gate", {}).get("output", {}).get("digest", "none")
+    verdict = ctx.input_manifests.get("gate", {}).get("output", {}).get("digest") or \
+        ("after the build: this image is what was gated" if _through_image(loaded) else "none")
     labels = {
         "org.opencontainers.image.title": r.name,
         "org.opencontainers.image.description": f"{r.name}: {r.quantize.method} for {r.target.gpu} on {base.engine}",
@@ -208,7 +218,7 @@ def run(ctx: StepContext) -> dict:
         env.append(("NVIDIA_REQUIRE_CUDA", req))
     context = ctx.out.parent / "context"
     (context / "model").mkdir(parents=True)
-    spec = image_spec(loaded, base_ref=_image_ref(ctx, base, digest), labels=_labels(ctx, base, digest), env=env,
+    spec = image_spec(loaded, base_ref=base_ref(ctx, base, digest), labels=_labels(ctx, base, digest), env=env,
                       engine_dir="compile" in ctx.inputs, context=context)
     checkpoint = quantize.Output.read(ctx.upstream["quantize"])
     engine = ctx.inputs.get("compile")
