@@ -18,12 +18,17 @@ Each measurement runs in its own child process, so its peak RSS (ru_maxrss from 
                linked from the source model not counted. Not in it: the base image (shared by every build,
                and not buildable on a machine without it) and the buildah build of the Containerfile.
   raw_gptq / forge_gptq   the same for GPTQ W4 group 64 on the demo's calibration settings (--method gptq; slow)
+  --streaming  forge's FP8 build streamed (FORGE_STREAMING=1: model_free_ptq shard by shard, reference and verification
+               one decoder layer at a time) and in memory (FORGE_STREAMING=0: the path before streaming; a model
+               larger than the machine is refused there, which is recorded), one after the other in this run, with their verification (matching prefix, agreement), and llm-compressor's
+               model_free_ptq alone (raw_model_free_fp8, as many shards at once as forge runs): the ratios
+               streamed / in memory and streamed / model_free_ptq (quantize-step time, peak RSS)
 Prints JSON with every figure, the ratios forge/raw (the quantize step's and the whole process's time, peak
 RSS) and the load average before and after each measurement (the machine may be shared; --concurrent runs
 the raw baseline and forge at the same time, so that both see the same contention).
 
     .venv/bin/python bench/scale.py [--model DIR | --shape llama-3.2-3b] [--method fp8 --method gptq]
-                                    [--concurrent] [--keep] [--out FILE.json]
+                                    [--streaming] [--concurrent] [--keep] [--out FILE.json]
 """
 from __future__ import annotations
 
@@ -113,6 +118,12 @@ else:
 model.save_pretrained(out, save_compressed=True)
 tok.save_pretrained(out)
 """
+RAW_MODEL_FREE = """
+import sys
+from llmcompressor import model_free_ptq
+model_free_ptq(sys.argv[1], sys.argv[2], scheme="FP8_DYNAMIC", ignore=["lm_head", "model.embed_tokens"],
+               max_workers=int(sys.argv[3]), device="cpu")
+"""
 
 
 def forge_dtype(model: Path, method: str) -> str:
@@ -141,13 +152,28 @@ def raw(model: Path, work: Path, method: str) -> dict:
     return result
 
 
-def forge(model: Path, work: Path, name: str, quantize: dict) -> dict:
+def raw_model_free(model: Path, work: Path) -> dict:
+    """llm-compressor's model_free_ptq alone (FP8 dynamic), on as many shards at once as forge's streamed step runs."""
+    sys.path.insert(0, str(REPO))
+    from forge.gpu.host_fit import streaming_workers
+
+    out, workers = work / "raw-model-free", streaming_workers(model)
+    result = child_rss([sys.executable, "-c", RAW_MODEL_FREE, str(model), str(out), str(workers)],
+                       {"TQDM_DISABLE": "1", "LLM_COMPRESSOR_LOG_LEVEL": ""})
+    result["workers"] = workers
+    result["bytes_written"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def forge(model: Path, work: Path, name: str, quantize: dict, env: dict | None = None) -> dict:
     cache = work / f"cache-{name}"
     recipe = work / f"{name}.yaml"
     recipe.write_text(json.dumps({"apiVersion": "forge/v1", "name": f"bench-{name}", "model": {"source": str(model)},
                                   "target": {"gpu": "CPU", "engine": "cpu"}, "quantize": quantize}))
     result = child_rss([sys.executable, "-m", "forge", "build", str(recipe), "--cache-dir", str(cache)],
-                       {"FORGE_REGISTRY_DIR": str(work / f"registry-{name}")})
+                       {"FORGE_REGISTRY_DIR": str(work / f"registry-{name}"), **(env or {})})
+    result["env"] = env or {}
     steps, outs = {}, {}
     for manifest in sorted(cache.glob("steps/*/manifest.json")):
         m = json.loads(manifest.read_text())
@@ -156,6 +182,14 @@ def forge(model: Path, work: Path, name: str, quantize: dict) -> dict:
         steps[m["step"]] = {"seconds": m.get("seconds"),
                             "bytes": sum(f["size"] for f in m["output"]["files"].values())}
         outs[m["step"]] = manifest.parent
+        if m["step"] == "quantize":
+            facts = m.get("facts", {})
+            verify = facts.get("verify") or {}
+            result["quantize"] = {"streamed": facts.get("streamed"), "seconds": facts.get("seconds"),
+                                  "export_seconds": facts.get("export_seconds"),
+                                  "workers": (facts.get("backend_facts") or {}).get("workers"),
+                                  "verify": {k: verify.get(k) for k in ("matching_prefix", "agreement", "how",
+                                                                         "resident", "quantized_text")}}
     result["steps"] = steps
     result["quantize_peak_rss_gb"] = result["peak_rss_gb"]
     layout, registry = cache / "bench-image", work / f"registry-{name}"
@@ -209,6 +243,42 @@ def _disk_usage(path: Path, seen: set) -> int:
     return total
 
 
+def compare_streaming(report: dict, model: Path, work: Path, *, skip_raw: bool, save) -> None:
+    """forge's FP8 build streamed and in memory, one after the other, and model_free_ptq alone; the ratios."""
+    for label, streaming in (("forge_fp8_streamed", "1"), ("forge_fp8_in_memory", "0")):
+        try:
+            report[label] = forge(model, work, label.removeprefix("forge_"), {"method": "fp8"},
+                                  {"FORGE_STREAMING": streaming})
+        except SystemExit as e:
+            if streaming == "1":
+                raise
+            # in memory, a model larger than the machine is refused by the pre-flight (exit 5): recorded, no ratio
+            report[label] = {"failed": str(e)}
+        report[label].pop("output", None)
+        report["load_avg_1_5_15"][f"after {label}"] = _load()
+        save()
+    if not skip_raw:
+        report["raw_model_free_fp8"] = raw_model_free(model, work)
+        report["raw_model_free_fp8"].pop("output", None)
+        report["load_avg_1_5_15"]["after raw_model_free_fp8"] = _load()
+    s, m = report["forge_fp8_streamed"], report["forge_fp8_in_memory"]
+    if "failed" not in m:
+        report["ratio_streamed_to_in_memory"] = {
+            "quantize_step_time": round(s["steps"]["quantize"]["seconds"] / m["steps"]["quantize"]["seconds"], 3),
+            "reference_step_time": round(s["steps"]["reference"]["seconds"] / m["steps"]["reference"]["seconds"], 3),
+            "whole_process_time": round(s["seconds"] / m["seconds"], 3),
+            "peak_rss": round(s["peak_rss_gb"] / m["peak_rss_gb"], 3),
+            "same_verification": {k: s["quantize"]["verify"][k] == m["quantize"]["verify"][k]
+                                  for k in ("matching_prefix", "agreement", "quantized_text")}}
+    if not skip_raw:
+        r = report["raw_model_free_fp8"]
+        report["ratio_streamed_to_model_free"] = {
+            "quantize_step_time": round(s["steps"]["quantize"]["seconds"] / r["seconds"], 3),
+            "quantize_step_without_verification_time": round(s["quantize"]["seconds"] / r["seconds"], 3),
+            "peak_rss": round(s["peak_rss_gb"] / r["peak_rss_gb"], 3)}
+    save()
+
+
 def _load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -226,6 +296,8 @@ def main() -> None:
                     help="methods to measure (repeatable; default fp8). gptq: W4 g64, 20 x 512 calibration tokens, slow")
     ap.add_argument("--gptq", action="store_true", help="same as --method fp8 --method gptq")
     ap.add_argument("--skip-raw", action="store_true", help="skip the raw-library baselines")
+    ap.add_argument("--streaming", action="store_true",
+                    help="FP8 only: forge streamed vs in memory, and model_free_ptq alone (see the docstring)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--concurrent", action="store_true",
                     help="run the raw baseline and forge at the same time (a shared machine: same contention for both)")
@@ -244,7 +316,9 @@ def main() -> None:
     report["model"] = {"dir": str(model), "shape": args.shape if args.model is None else None,
                        "config": {k: v for k, v in json.loads((model / "config.json").read_text()).items()
                                   if k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                           "num_key_value_heads", "intermediate_size", "vocab_size")}}
+                                           "num_key_value_heads", "intermediate_size", "vocab_size")},
+                       "shards": len(list(model.glob("*.safetensors"))),
+                       "largest_shard_bytes": max((p.stat().st_size for p in model.glob("*.safetensors")), default=0)}
     report["hashlib"] = hashlib_rate(model)
 
     def save() -> None:
@@ -252,6 +326,9 @@ def main() -> None:
         if args.out:
             args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
+    if args.streaming:
+        compare_streaming(report, model, work, skip_raw=args.skip_raw, save=save)
+        methods = []
     for name in methods:
         q = {"fp8": {"method": "fp8"}, "gptq": GPTQ}[name]
         if args.concurrent and not args.skip_raw:

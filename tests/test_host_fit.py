@@ -31,6 +31,17 @@ def test_the_need_covers_the_peak_forge_measured_and_does_not_overstate_it(resul
     assert peak <= need.bytes <= 1.25 * peak, (need.bytes / 1e9, peak / 1e9)
 
 
+def test_the_streamed_need_covers_the_peak_forge_measured():
+    """Streamed FP8 on the 3B shape (bench/scale.py --streaming): what ``streaming_workers`` admits for the shards
+    the step ran at once (1.2 x the largest shard each + the libraries) is never below the build's measured peak
+    RSS (reference, quantize and verification), and at most 60 % above it."""
+    data = json.loads((REPO / "bench" / "results" / "scale-llama-3.2-3b-streaming.json").read_text())
+    run = data["forge_fp8_streamed"]
+    peak = run["peak_rss_gb"] * 1e9
+    admitted = host_fit.LIBRARIES + run["quantize"]["workers"] * host_fit.FACTORS["shard"] * data["model"]["largest_shard_bytes"]
+    assert peak <= admitted <= 1.6 * peak, (admitted / 1e9, peak / 1e9)
+
+
 def test_a_14b_model_on_a_24_gib_machine_is_refused_with_the_numbers_and_what_to_do(monkeypatch):
     shape = from_config(QWEN14B)
     needs = host_fit.needs(shape, "gptq", calibrates=True, evaluates=True, device="cpu")
@@ -64,9 +75,10 @@ def _sparse_model(root, config: dict):
 
 
 def test_forge_validate_refuses_a_model_this_host_cannot_quantize_exit_2(tmp_path):
+    """In memory (FORGE_STREAMING=0) the 14B FP8 build is refused here; streamed it is valid (the next test)."""
     _sparse_model(tmp_path / "model", QWEN14B)
     recipe = write_recipe(tmp_path / "r.yaml", "./model", quantize={"method": "fp8"})
-    proc = forge_cli("validate", str(recipe), timeout=120)
+    proc = forge_cli("validate", str(recipe), timeout=120, env={"FORGE_STREAMING": "0"})
     need = host_fit.needs(from_config(QWEN14B), "fp8", calibrates=False, evaluates=False, device="cpu")[0].bytes
     if host_fit.available_bytes() >= need:
         pytest.skip(f"this host has {host_fit.available_bytes() / 1e9:.0f} GB: the 14B shape fits it")
@@ -75,12 +87,49 @@ def test_forge_validate_refuses_a_model_this_host_cannot_quantize_exit_2(tmp_pat
     assert "Quantize where a GPU is" in proc.stderr
 
 
+def test_a_streamed_fp8_build_of_the_14b_shape_fits_a_24_gib_machine(tmp_path):
+    """Streamed, FP8 holds one 5 GB shard (the size assumed before the files are seen) or one block, never the
+    model: 7.3 GB of the 24 GiB machine's 23.4 GB available, where in memory it needs 45.4 GB; validate says valid."""
+    shape = from_config(QWEN14B)
+    (need,) = host_fit.needs(shape, "fp8", calibrates=False, evaluates=False, device="cpu", streams=True)
+    assert round(need.bytes / 1e9, 1) == 7.3 and "it never holds the model" in need.why
+    assert host_fit.shortfalls((need,), available=23.4e9) == []
+    (held,) = host_fit.needs(shape, "fp8", calibrates=False, evaluates=False, device="cpu", streams=False)
+    assert round(held.bytes / 1e9, 1) == 45.4
+    # calibrated methods do not stream: still refused
+    (gptq,) = host_fit.needs(shape, "gptq", calibrates=True, evaluates=False, device="cpu", streams=False)
+    assert host_fit.shortfalls((gptq,), available=23.4e9)
+    _sparse_model(tmp_path / "model", QWEN14B)
+    recipe = write_recipe(tmp_path / "r.yaml", "./model", quantize={"method": "fp8"})
+    proc = forge_cli("validate", str(recipe), timeout=120, env={"FORGE_STREAMING": "1"})
+    if host_fit.available_bytes() < need.bytes:
+        pytest.skip(f"this host has {host_fit.available_bytes() / 1e9:.0f} GB: less than the streamed need")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_streaming_workers_follow_cores_and_memory_and_refuse_a_shard_that_cannot_fit(tmp_path):
+    """One shard per core, as many as memory holds; a shard too large for the memory is refused with the numbers."""
+    model = tmp_path / "m"
+    model.mkdir()
+    for i in range(4):
+        with open(model / f"model-{i}.safetensors", "wb") as f:
+            f.truncate(2 * 10**9)   # sparse: sizes are all that count
+    per_shard = host_fit.FACTORS["shard"] * 2e9
+    assert host_fit.streaming_workers(model, available=host_fit.LIBRARIES + per_shard) == 1
+    assert host_fit.streaming_workers(model, available=1e12) == min(4, len(__import__("os").sched_getaffinity(0)))
+    with pytest.raises(ResourceError, match=r"^quantize: streaming needs 3.5 GB of host memory for its largest shard "
+                                            r"\(1.2 x 2.0 GB \+ 1.1 GB libraries\); 2.0 GB available$") as e:
+        host_fit.streaming_workers(model, available=2e9)
+    assert e.value.exit_code == 5 and "max_shard_size" in e.value.hint
+
+
 def test_the_quantize_step_refuses_before_loading_a_weight_exit_5(tmp_path, monkeypatch):
     """The runner asks before the step runs (where the step runs: any executor's worker)."""
     from forge.executors.runner import _build
     from forge.steps.quantize import SPEC
     from forge.store.local import Store
 
+    monkeypatch.setenv("FORGE_STREAMING", "0")   # in memory: the 14B FP8 build holds the model
     _sparse_model(tmp_path / "model", QWEN14B)
     loaded = resolved(write_recipe(tmp_path / "r.yaml", "./model", quantize={"method": "fp8"}), target=False)
     monkeypatch.setattr(host_fit, "available_bytes", lambda: 23.4e9)
@@ -95,7 +144,8 @@ def test_forge_fit_gives_the_build_side_figure_per_method(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(QWEN14B))
     proc = forge_cli("fit", "--model", str(tmp_path / "m"), "--gpu", "H100-SXM", "--method", "fp8", "--json", check=0)
     here = json.loads(proc.stdout)["build_on_this_cpu"]
-    assert here["needs_gb"]["fp8"]["quantize"] == 45.4 and here["needs_gb"]["fp8"]["eval"] == 60.2
+    assert here["needs_gb"]["fp8"]["quantize"] == 7.3 and here["needs_gb"]["fp8"]["eval"] == 60.2   # FP8 streams
+    assert here["needs_gb"]["gptq"]["quantize"] > 45
     assert set(here["needs_gb"]) == {"awq", "gptq", "fp8", "int8"} and here["available_gb"] > 0
     text = forge_cli("fit", "--model", str(tmp_path / "m"), "--gpu", "H100-SXM", "--method", "fp8", check=0).stdout
     assert "building on this CPU" in text and "fits here" in text

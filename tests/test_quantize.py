@@ -101,8 +101,9 @@ def test_calibration_shorter_than_max_seq_len_at_validate(tmp_path):
 
 
 def test_calibration_token_windows_checked_before_weights_load(tmp_path, tiny_llama, cache_dir, monkeypatch):
-    """The quantize step tokenizes its calibration data before it loads the model. The only load is the reference
-    step's (BF16's greedy tokens), which stays cached: fixing the calibration does not record them again."""
+    """The quantize step tokenizes its calibration data before it loads the model: no model is loaded (the reference
+    step streams BF16's greedy tokens layer by layer, and stays cached: fixing the calibration does not record them
+    again)."""
     # enough bytes for the validate-time estimate, too few tokens once tokenized
     (tmp_path / "c.jsonl").write_text(json.dumps({"text": "the " * 750}) + "\n")
     recipe = write_recipe(tmp_path / "r.yaml", str(tiny_llama), quantize={"method": "gptq", "group_size": 32,
@@ -117,7 +118,7 @@ def test_calibration_token_windows_checked_before_weights_load(tmp_path, tiny_ll
                         lambda *a, **k: loads.append(a[0]) or load(*a, **k))
     with pytest.raises(RecipeError, match=r"window\(s\) of max_seq_len 700, but samples is 4"):
         build(resolved(recipe), Store(cache_dir))
-    assert len(loads) == 1, loads
+    assert loads == [], loads
     (tmp_path / "c.jsonl").write_text(CALIB.read_text())
     fixed = write_recipe(tmp_path / "r.yaml", str(tiny_llama), quantize={"method": "gptq", "group_size": 32,
                          "calibration": {"data": "c.jsonl", "samples": 4, "max_seq_len": 64}})
@@ -281,10 +282,14 @@ def test_a_forced_requantize_with_the_same_result_keeps_the_output_digest(tmp_pa
         {k: v for k, v in files_first.items() if k not in REPORTS}
 
 
-@pytest.mark.parametrize("quantize", [{"method": "fp8"}, _calibrated(method="gptq", group_size=32)], ids=["fp8", "gptq"])
-def test_quantize_never_holds_two_models(tmp_path, tiny_llama, cache_dir, monkeypatch, quantize):
-    """The reference step records BF16's greedy tokens and frees its model; the quantize step then loads the written
-    checkpoint alone: every model forge loads is gone (weakref dead after a collection) before the next one is loaded."""
+@pytest.mark.parametrize("quantize,streaming,loads", [({"method": "fp8"}, "1", 0), ({"method": "fp8"}, "0", 4),
+                                                      (_calibrated(method="gptq", group_size=32), "1", 2)],
+                         ids=["fp8-streamed", "fp8-in-memory", "gptq"])
+def test_quantize_never_holds_two_models(tmp_path, tiny_llama, cache_dir, monkeypatch, quantize, streaming, loads):
+    """Every model forge loads is gone (weakref dead after a collection) before the next one is loaded. Streamed FP8
+    loads none (tests/test_streaming.py); in memory (FORGE_STREAMING=0) the reference step records BF16's greedy
+    tokens and frees its model, and the quantize step then loads the written checkpoint alone; GPTQ loads the model
+    to calibrate it, then the written checkpoint (its reference streams)."""
     import gc
     import weakref
 
@@ -302,13 +307,14 @@ def test_quantize_never_holds_two_models(tmp_path, tiny_llama, cache_dir, monkey
         return model
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", audited)
+    monkeypatch.setenv("FORGE_STREAMING", streaming)
     recipe = write_recipe(tmp_path / "r.yaml", str(tiny_llama), quantize=quantize)
     result = build(resolved(recipe), Store(cache_dir))[-1]
     assert result.name == "quantize" and result.status == "BUILT"
-    # the reference step's BF16 model (its greedy tokens); one load to quantize; then the written checkpoint (FP8:
-    # loaded to prove it loads, freed, then its dequantized weights verified in the BF16 model, loaded again)
-    assert len(alive_at_load) == (4 if quantize["method"] == "fp8" else 3), alive_at_load
-    assert set(alive_at_load) == {0}, f"models alive when the next was loaded: {alive_at_load}"
+    # in memory: the reference step's BF16 model (its greedy tokens); one load to quantize; then the written
+    # checkpoint (FP8: loaded to prove it loads, freed, then its dequantized weights verified in the BF16 model)
+    assert len(alive_at_load) == loads, alive_at_load
+    assert set(alive_at_load) <= {0}, f"models alive when the next was loaded: {alive_at_load}"
     verify = result.entry.manifest["facts"]["verify"]
     assert verify["tokens"] == 16 and verify["quantized_text"].strip()
 
@@ -333,18 +339,29 @@ def test_teacher_forced_verification_reports_the_greedy_prefix(tmp_path, tiny_ll
     assert verify["matching_prefix"] == prefix
 
 
-def test_verification_stops_a_checkpoint_with_broken_scales(tmp_path, tiny_llama, cache_dir, monkeypatch):
-    """A checkpoint that loads but computes NaN (a broken weight scale) stops the step, naming the checkpoint."""
+@pytest.mark.parametrize("streaming", ["1", "0"], ids=["streamed", "in-memory"])
+def test_verification_stops_a_checkpoint_with_broken_scales(tmp_path, tiny_llama, cache_dir, monkeypatch, streaming):
+    """A checkpoint that loads but computes NaN (a broken weight scale) stops the step, naming the checkpoint,
+    written and verified shard by shard and layer by layer or in memory."""
     import torch
     from safetensors.torch import load_file, save_file
 
     from forge.backends.llmcompressor import LlmCompressor
     from forge.core.errors import StepError
 
-    export = LlmCompressor.export
+    export, quantize_files = LlmCompressor.export, LlmCompressor.quantize_files
 
     def broken(self, model, out, **kw):
-        export(self, model, out, **kw)
+        written = export(self, model, out, **kw)
+        _break_a_scale(out)
+        return written
+
+    def broken_streamed(self, src, out, q, **kw):
+        written = quantize_files(self, src, out, q, **kw)
+        _break_a_scale(out)
+        return written
+
+    def _break_a_scale(out):
         shard = next(out.glob("*.safetensors"))
         tensors = load_file(shard)
         name = next(k for k in tensors if k.endswith("mlp.down_proj.weight_scale"))
@@ -352,6 +369,8 @@ def test_verification_stops_a_checkpoint_with_broken_scales(tmp_path, tiny_llama
         save_file(tensors, shard, metadata={"format": "pt"})
 
     monkeypatch.setattr(LlmCompressor, "export", broken)
+    monkeypatch.setattr(LlmCompressor, "quantize_files", broken_streamed)
+    monkeypatch.setenv("FORGE_STREAMING", streaming)
     recipe = write_recipe(tmp_path / "r.yaml", str(tiny_llama), quantize={"method": "fp8"})
     with pytest.raises(StepError, match=r"non-finite logits .* weights or scales are broken") as e:
         build(resolved(recipe), Store(cache_dir))

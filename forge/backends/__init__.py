@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 
 from forge.backends.base import Backend, Quantized, architecture_problems
-from forge.backends.tensors import TensorReader, cast_float32, fp8_dequantized, fp8_to_float, one_torch_thread
+from forge.backends.tensors import Fp8Weights, TensorReader, cast_float32, fp8_dequantized, fp8_to_float, one_torch_thread
+from forge.core import options
 from forge.core.plugins import Registry
 from forge import engines
 from forge.core.errors import RecipeError
@@ -23,7 +24,7 @@ from forge.gpu.methods import GROUPED
 from forge.model.calibration import check_size, parse_hf_dataset
 
 __all__ = ["Backend", "Quantized", "REGISTRY", "get", "backend_for", "checkpoint_format", "problems",
-           "needs_calibration", "verifies", "preflight", "architecture_problems", "cast_float32", "fp8_to_float", "fp8_dequantized", "TensorReader",
+           "needs_calibration", "streams", "verifies", "preflight", "architecture_problems", "cast_float32", "fp8_to_float", "fp8_dequantized", "Fp8Weights", "TensorReader",
            "one_torch_thread"]
 
 
@@ -61,6 +62,15 @@ def checkpoint_format(loaded) -> str:
 
 def needs_calibration(quantize, engine: str) -> bool:
     return quantize.method != "none" and get(backend_for(quantize, engine)).needs_calibration(quantize)
+
+
+def streams(quantize, engine: str) -> bool:
+    """Whether the quantize step streams this recipe's method (FORGE_STREAMING on, and a backend that quantizes it
+    shard by shard: ``streams``), from the recipe alone (the step also checks the snapshot's dtypes)."""
+    if quantize.method in ("none", "auto") or not options.current().streaming:
+        return False
+    b = get(backend_for(quantize, engine))
+    return getattr(b, "streams", None) is not None and b.streams(quantize)
 
 
 def verifies(quantize, engine: str) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Protocol
 
 from forge.model.shape import ModelShape
 
@@ -55,10 +55,16 @@ class Backend(Protocol):
         """Check what was written against the recipe; facts about it, or ValueError naming each problem."""
         ...
 
-    def dequantized(self, out: Path, q) -> "dict | Iterable[tuple[str, Any]] | None":
-        """Float weights by tensor name (a dict, or better an iterator yielding one tensor at a time), when the
-        checkpoint does not load in transformers but dequantizes; None when it does not."""
+    def dequantized(self, out: Path, q) -> "Callable[[str], Any] | None":
+        """The checkpoint's quantized weights back in float, by tensor name (a callable returning the tensor, or
+        None for a tensor it did not quantize, with ``names``: the quantized ones), read one at a time, when it
+        dequantizes (then verified one decoder layer at a time); None when it does not."""
         ...
+
+    # optional (getattr): a backend that quantizes some schemes shard by shard, without building the model
+
+    # def streams(self, q) -> bool: ...
+    # def quantize_files(self, src: Path, out: Path, q, *, report: Callable, workers: int) -> Quantized: ...
 
 
 def architecture_problems(loaded, shape: ModelShape, title: str, supported: frozenset[str]) -> list[str]:

@@ -6,6 +6,11 @@ AutoAWQ and AutoGPTQ are archived; llm-compressor is where AWQ and GPTQ are main
     gptq  GPTQModifier                                      W4A16 / W8A16, group, activation order
     fp8   QuantizationModifier FP8_DYNAMIC (data-free) or FP8 (static per-tensor, calibrated)
     int8  SmoothQuantModifier + GPTQModifier W8A8 (per-channel weights, dynamic per-token activations)
+
+Data-free schemes (``STREAMED``: FP8 dynamic) are quantized shard by shard with ``model_free_ptq``, without
+building the model: the same modifier's resolved config, the same layers (the model's Linear modules that
+oneshot targets, found on a meta-device model), the same tensors byte for byte, the same config.json and
+recipe.yaml as oneshot + save_pretrained (tests/test_streaming.py).
 """
 from __future__ import annotations
 
@@ -18,11 +23,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from forge.backends.base import Quantized, architecture_problems
-from forge.backends.tensors import TensorReader, cast_float32, fp8_dequantized, fp8_to_float, one_torch_thread
+from forge.backends.tensors import Fp8Weights, TensorReader, cast_float32, fp8_to_float, one_torch_thread
 from forge.gpu.methods import METHODS, written_as
+from forge.model import layerwise
 from forge.model.shape import DECODERS, ignored
 from forge.backends import cpu_quantize
-from forge.core import options as env
+from forge.core import host, options as env
 
 if TYPE_CHECKING:
     import torch
@@ -35,6 +41,7 @@ AWQ_ARCHITECTURES = frozenset({
     "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "Exaone4ForCausalLM", "Glm4MoeForCausalLM",
 })
 CALIBRATED = {n for n in written_as("compressed-tensors") if METHODS[n].calibrates != "nothing"}
+STREAMED = {"fp8": "FP8_DYNAMIC"}   # data-free schemes quantized shard by shard (llm-compressor's model_free_ptq)
 
 
 def needs_calibration(q) -> bool:
@@ -323,6 +330,68 @@ class LlmCompressor:
         return Quantized(layers, summary={"mean_weight_rel_error": mean},
                          sections={"awq_mappings": list(log.mappings.values())})
 
+    def streams(self, q, src: Path | None = None, dtype: str | None = None) -> bool:
+        """Whether ``q`` is quantized shard by shard: a data-free scheme of the method table with no calibrated part
+        (an FP8 KV cache is), over a snapshot (``src``, when known) whose float tensors are stored in the recipe's
+        ``dtype`` (the in-memory path would cast them first)."""
+        if q.method not in STREAMED or METHODS[q.method].calibrates != "nothing" or needs_calibration(q):
+            return False
+        if src is None:
+            return True
+        stored = TensorReader(src).dtypes
+        return bool(stored) and {d for d in stored.values() if d.startswith(("F", "BF"))} <= {_SAFETENSORS[dtype]}
+
+    def quantize_files(self, src: Path, out: Path, q, *, report, workers: int, dtype, log_dir: Path) -> Quantized:
+        """Quantize ``src`` into ``out`` shard by shard (``workers`` shards at a time), as oneshot would."""
+        env.quiet_libraries()
+        import llmcompressor  # noqa: F401  (configures loguru on import, removing earlier handlers: import it first)
+        import torch
+        from compressed_tensors.quantization import preset_name_to_scheme
+        from compressed_tensors.utils import match_named_modules
+        from llmcompressor import model_free_ptq
+        from llmcompressor.recipe import Recipe
+        from loguru import logger
+        from transformers.initialization import no_init_weights
+
+        modifiers = build_recipe(q)
+        model = layerwise.empty_model(src, dtype)   # names and classes only: no weight is read
+        linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        targets = {n for n, _ in match_named_modules(model, ["Linear"], list(q.ignore))}
+        del model
+        config = modifiers[0].resolve_quantization_config()   # oneshot's: group_0, its observers
+        for group in config.config_groups.values():
+            group.format = group.format or preset_name_to_scheme(STREAMED[q.method], ["Linear"]).format
+        # model_free_ptq quantizes every stored 2-D ".weight" it is not told to ignore, by name alone: ignore each one
+        # that is not a Linear layer oneshot would quantize (embeddings, the head, the recipe's ignore list)
+        shapes = TensorReader(src).shapes
+        config.ignore = sorted({n.removesuffix(".weight") for n, s in shapes.items()
+                                if n.endswith(".weight") and len(s) == 2} - targets)
+        report(f"quantizing {len(targets)} layers shard by shard ({workers} at a time, {host.device()}), "
+               "without building the model")
+        cpu_quantize.register()
+        log_id = logger.add(str(log_dir / "llmcompressor.log"), level="DEBUG")
+        try:
+            # model_free_ptq builds an nn.Linear for each weight and copies the weight into it: torch's random
+            # init of that Linear, thrown away at once, was a third of its time on the 3B shape (no_init_weights
+            # makes torch's init functions no-ops while it runs; nothing else initializes weights meanwhile)
+            with no_init_weights():
+                model_free_ptq(src, out, config=config, max_workers=workers, device=host.device())
+        finally:
+            logger.remove(log_id)
+        # config.json as oneshot + save_pretrained write it: the Linear layers left unquantized as the ignore list
+        cfg_path = out / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["quantization_config"]["ignore"] = [n for n in linear if n not in targets]
+        cfg["quantization_config"].setdefault("sparsity_config", {})
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        Recipe.from_modifiers(modifiers).yaml(file_path=str(out / "recipe.yaml"))
+        args = config.config_groups["group_0"].weights
+        rows = [{"layer": n, "method": q.method, "bits": args.num_bits, "type": str(getattr(args.type, "value", args.type)),
+                 "strategy": str(getattr(args.strategy, "value", args.strategy)), "group_size": args.group_size,
+                 "weight_rel_error": None, "backend_error": None, "seconds": None}
+                for n in linear if n in targets and f"{n}.weight" in shapes]
+        return Quantized(rows, summary={"mean_weight_rel_error": None, "streamed": True, "workers": workers})
+
     def export(self, model, out: Path, *, dtype, loaded) -> None:
         cpu_quantize.register()   # compression rounds every weight: 35 s of the library's 50 s for a 3B FP8 checkpoint on a CPU
         model.save_pretrained(out, save_compressed=True)
@@ -337,7 +406,8 @@ class LlmCompressor:
 
     def dequantized(self, out: Path, q):
         # FP8 dequantizes exactly (fp8 × scale) and fast; the packed int formats through transformers' load
-        return fp8_dequantized(out) if q.method == "fp8" else None
+        return Fp8Weights(out) if q.method == "fp8" else None
 
 
+_SAFETENSORS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}   # a recipe dtype as safetensors names it
 BACKEND = LlmCompressor()

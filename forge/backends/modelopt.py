@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from forge.backends.base import Quantized, architecture_problems
-from forge.backends.tensors import cast_float32, fp8_dequantized
+from forge.backends.tensors import Fp8Weights, cast_float32
 from forge.gpu.methods import GROUPED, KV_CACHE_ALGO as KV_ALGO, METHODS, written_as
 from forge.model.shape import DECODERS
 from forge.engines.trtllm_build import DECODER, TRTLLM_CKPT
@@ -196,7 +196,7 @@ class ModelOpt:
         return q.method == "fp8"
 
     def dequantized(self, out: Path, q):
-        return fp8_dequantized(out) if self.verifies(q) else None
+        return Fp8Weights(out) if self.verifies(q) else None
 
 
 BACKEND = ModelOpt()

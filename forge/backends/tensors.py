@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Callable, Iterator
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["cast_float32", "TensorReader", "one_torch_thread", "fp8_to_float", "fp8_dequantized", "FP8_ROWS"]
+__all__ = ["cast_float32", "TensorReader", "one_torch_thread", "fp8_to_float", "fp8_dequantized", "Fp8Weights",
+           "FP8_ROWS"]
 
 
 def cast_float32(out: Path, dtype, only: Callable[[str], bool] = lambda name: True) -> None:
@@ -40,15 +41,22 @@ def cast_float32(out: Path, dtype, only: Callable[[str], bool] = lambda name: Tr
 class TensorReader:
     """Tensor name -> a copy of it as stored in a checkpoint directory's safetensors (None when absent). Each read
     maps its shard only while it copies the tensor: reading every tensor never leaves the checkpoint resident.
-    ``shards``: every tensor name -> its shard, in shard order."""
+    ``shards``: every tensor name -> its shard, in shard order; ``shapes``, ``dtypes``: every tensor name -> its shape,
+    its dtype (from the files' headers: no tensor is read to list them)."""
 
     def __init__(self, directory):
         from safetensors import safe_open
 
         self.shards: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}    # safetensors' names: BF16, F32, F8_E4M3, ...
         for shard in sorted(Path(directory).glob("*.safetensors")):
             with safe_open(shard, "pt") as f:
-                self.shards.update(dict.fromkeys(f.keys(), shard))
+                for key in f.keys():
+                    part = f.get_slice(key)
+                    self.shards[key] = shard
+                    self.shapes[key] = tuple(part.get_shape())
+                    self.dtypes[key] = part.get_dtype()
 
     def __call__(self, name: str) -> "torch.Tensor | None":
         from safetensors import safe_open
@@ -76,44 +84,101 @@ def one_torch_thread() -> Iterator[int]:
 FP8_ROWS = 1 << 20   # elements per step of the fp8 decode: its temporaries stay in the CPU cache (fastest of 2^18-2^22)
 
 
+_FP8_TABLE: "torch.Tensor | None" = None
+
+
 def fp8_to_float(q: "torch.Tensor", out: "torch.Tensor | None" = None, scale=1.0) -> "torch.Tensor":
-    """float8_e4m3fn -> float32 (times ``scale``, into ``out`` when given), exactly: each fp8 byte sign-extended to
-    16 bits and shifted by 7 is a float16 with the same sign, exponent and mantissa (bit 14 cleared), worth 2^-8
-    of the fp8 value (exponent biases 7 and 15); subnormals come out right, the two NaN codes stay NaN. torch's
-    own cast is scalar on a CPU: in cache-sized blocks this is 4-5x faster."""
+    """float8_e4m3fn -> float32 (times ``scale``, into ``out`` when given), exactly: every code looked up in a
+    256-entry table of torch's own cast (the two NaN codes stay NaN). torch's cast is scalar on a CPU: the
+    lookup, in cache-sized blocks, is about 1.5x faster than the float16 bit moves it replaced, which were 4-5x
+    faster than the cast."""
     import torch
 
-    half = q.view(torch.int8).to(torch.int16).bitwise_left_shift_(7).bitwise_and_(-0x4001).view(torch.float16)
+    global _FP8_TABLE
+    if _FP8_TABLE is None:
+        _FP8_TABLE = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
     out = torch.empty(q.shape, dtype=torch.float32) if out is None else out
-    out.copy_(half).mul_(torch.as_tensor(scale, dtype=torch.float32) * 256.0)
-    nan = torch.eq(q.view(torch.uint8).bitwise_and(0x7F), 0x7F)
-    return out.masked_fill_(nan, float("nan")) if bool(nan.any()) else out
+    index = q.contiguous().view(torch.uint8).reshape(-1).to(torch.int32)
+    torch.index_select(_FP8_TABLE, 0, index, out=out.view(-1))
+    return out.mul_(scale) if not (isinstance(scale, float) and scale == 1.0) else out
+
+
+class Fp8Weights:
+    """An FP8 checkpoint's quantized weights back in float32 (fp8 x weight_scale, per tensor or per output channel),
+    by name, decoded in cache-sized row blocks; None for a tensor the checkpoint did not quantize.
+    compressed-tensors and ModelOpt's unified checkpoint both store ``<layer>.weight`` (float8_e4m3fn) beside
+    ``<layer>.weight_scale``. ``names``: the quantized weights, in shard order. Each result lives in one buffer
+    reused for the next: copy it before asking for the next (a fresh 12 GB of float32 pages for a 3B model would
+    cost more than the decode). One tensor is mapped at a time: the checkpoint never becomes resident."""
+
+    def __init__(self, path):
+        self.read = TensorReader(path)
+        self.names = tuple(key.removesuffix("_scale") for key in self.read.shards if key.endswith(".weight_scale"))
+        self._quantized = set(self.names)
+        self._buffer = None
+
+    def _stored(self, name: str):
+        """(fp8 weight, float32 scale, rows per block) as stored, checked."""
+        import torch
+
+        key, shard = name + "_scale", self.read.shards[name + "_scale"].name
+        q, scale = self.read(name), self.read(key).float()
+        if q is None or q.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"{shard}: {name} is {'missing' if q is None else q.dtype}, not float8_e4m3fn, beside {key}")
+        if scale.numel() > 1 and tuple(scale.shape) != (q.shape[0], 1):
+            raise ValueError(f"{shard}: {key} has shape {tuple(scale.shape)}: only per-tensor and per-channel FP8 "
+                             "scales are dequantized here")
+        return q, scale, (max(1, FP8_ROWS // max(1, q[0].numel())) if q.dim() > 1 else q.numel())
+
+    def __call__(self, name: str) -> "torch.Tensor | None":
+        import torch
+
+        if name not in self._quantized:
+            return None
+        q, scale, rows = self._stored(name)
+        if self._buffer is None or self._buffer.numel() < q.numel():
+            self._buffer = torch.empty(q.numel(), dtype=torch.float32)
+        out = self._buffer[:q.numel()].view(q.shape)
+        per_row = scale.numel() > 1
+        for i in range(0, q.shape[0], rows):
+            fp8_to_float(q[i:i + rows], out=out[i:i + rows], scale=scale[i:i + rows] if per_row else scale)
+        return out
+
+    def dequantize(self, name: str, dtype, original=None) -> "tuple[torch.Tensor, float | None]":
+        """(the weight dequantized and cast to ``dtype``, its relative error ||fp8 x scale - original|| /
+        ||original|| when ``original`` is given), in one pass of cache-sized row blocks on as many threads as
+        torch has (each op single-threaded): the float32 value of each block is cast and compared while it is in
+        the cache, never written whole. The same numbers as ``__call__`` + ``relative_error`` up to the order of
+        the float64 sums."""
+        import torch
+        from concurrent.futures import ThreadPoolExecutor
+
+        q, scale, rows = self._stored(name)
+        out = torch.empty(q.shape, dtype=dtype)
+        per_row = scale.numel() > 1
+        fp8_to_float(q[:0])   # the table, made once before the threads share it
+
+        def block(i: int) -> tuple[float, float]:
+            value = fp8_to_float(q[i:i + rows], scale=scale[i:i + rows] if per_row else scale)
+            out[i:i + rows].copy_(value)
+            if original is None:
+                return 0.0, 0.0
+            ref = original[i:i + rows].float().reshape(-1)
+            diff = value.reshape(-1).sub_(ref)
+            return float(torch.dot(diff, diff)), float(torch.dot(ref, ref))
+
+        starts = range(0, q.shape[0], rows)
+        with one_torch_thread() as threads, ThreadPoolExecutor(max(1, min(threads, len(starts))),
+                                                               thread_name_prefix="forge-fp8") as pool:
+            sums = list(pool.map(block, starts))
+        if original is None:
+            return out, None
+        num, den = sum(a for a, _ in sums), sum(b for _, b in sums)
+        return out, (round((num / den) ** 0.5, 6) if den else 0.0)
 
 
 def fp8_dequantized(path) -> "Iterator[tuple[str, torch.Tensor]]":
-    """An FP8 checkpoint's quantized weights back in float32 (fp8 × weight_scale, per tensor or per output
-    channel), one tensor at a time, decoded in cache-sized row blocks. compressed-tensors and ModelOpt's unified
-    checkpoint both store ``<layer>.weight`` (float8_e4m3fn) beside ``<layer>.weight_scale``. Each tensor lives in
-    one buffer reused for the next: copy it before taking the next (a fresh 12 GB of float32 pages for a 3B
-    model would cost more than the decode)."""
-    import torch
-
-    buffer = torch.empty(0, dtype=torch.float32)
-    read = TensorReader(path)
-    scales = [(file.name, key) for key, file in read.shards.items() if key.endswith(".weight_scale")]
-    for shard, key in scales:   # one tensor mapped at a time: the checkpoint never becomes resident as a whole
-        name = key.removesuffix("_scale")
-        q, scale = read(name), read(key).float()
-        if q is None or q.dtype != torch.float8_e4m3fn:
-            raise ValueError(f"{shard}: {name} is {'missing' if q is None else q.dtype}, not float8_e4m3fn, beside {key}")
-        if buffer.numel() < q.numel():
-            buffer = torch.empty(q.numel(), dtype=torch.float32)
-        out = buffer[:q.numel()].view(q.shape)
-        rows = max(1, FP8_ROWS // max(1, q[0].numel())) if q.dim() > 1 else q.numel()
-        per_row = scale.numel() > 1
-        if per_row and tuple(scale.shape) != (q.shape[0], 1):
-            raise ValueError(f"{shard}: {key} has shape {tuple(scale.shape)}: only per-tensor and per-channel FP8 "
-                             "scales are dequantized here")
-        for i in range(0, q.shape[0], rows):
-            fp8_to_float(q[i:i + rows], out=out[i:i + rows], scale=scale[i:i + rows] if per_row else scale)
-        yield name, out
+    """``Fp8Weights`` of a checkpoint as (name, tensor), one at a time, in shard order (the same reused buffer)."""
+    weights = Fp8Weights(path)
+    for name in weights.names:
+        yield name, weights(name)

@@ -123,14 +123,17 @@ def fit_cmd(
 
 def _build_here(shape) -> dict:
     """Host memory a CPU build of this model needs per method (forge.gpu.host_fit), and what this host has now."""
+    from forge import backends
     from forge.gpu import host_fit
     from forge.gpu.methods import METHODS
+    from forge.recipe.schema import Quantize
 
     rows = {}
     for name, m in METHODS.items():
         if name == "none" or "compressed-tensors" not in m.formats:   # what llm-compressor builds on a CPU
             continue
-        needs = host_fit.needs(shape, name, calibrates=m.calibrates != "nothing", evaluates=True, device="cpu")
+        needs = host_fit.needs(shape, name, calibrates=m.calibrates != "nothing", evaluates=True, device="cpu",
+                               streams=backends.streams(Quantize(method=name), "cpu"))
         rows[name] = {n.step: round(n.bytes / host_fit.GB, 1) for n in needs}
     return {"available_gb": round(host_fit.available_bytes() / host_fit.GB, 1),
             "calibration_dtype": host_fit.calibration_dtype(4 * shape.total_params), "needs_gb": rows}

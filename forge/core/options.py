@@ -35,6 +35,8 @@ VARS: dict[str, Var] = {v.name: v for v in (
     Var("FORGE_PUBLISH_TO", "Publish here instead of the recipe's publish.registry (as --publish-to)."),
     Var("FORGE_GPU_PRICES", "Override catalog GPU prices for `forge fit`: a JSON object, GPU name -> USD per hour."),
     Var("FORGE_CPU_CALIBRATION_DTYPE", "Force the CPU calibration dtype (float32 or bfloat16)."),
+    Var("FORGE_STREAMING", "1 (default): data-free schemes (fp8) quantize shard by shard, and the reference and FP8 "
+                           "verification run one decoder layer at a time; 0: hold the whole model, as before.", "1"),
     Var("FORGE_INSECURE_REGISTRIES", "Comma-separated registry hosts reached over plain HTTP besides loopback."),
     Var("FORGE_REGISTRY_USER", "Registry user name (with FORGE_REGISTRY_PASSWORD)."),
     Var("FORGE_REGISTRY_PASSWORD", "Registry password; never logged, never in an image."),
@@ -106,6 +108,7 @@ class Options:
     ray_address: str | None = None
     gpu_prices: str | None = None         # JSON, GPU name -> USD per hour
     cpu_calibration_dtype: str | None = None
+    streaming: bool = True                # FORGE_STREAMING
     insecure_registries: tuple[str, ...] = ()
     registry_user: str | None = field(default=None, repr=False)
     registry_password: str | None = field(default=None, repr=False)
@@ -138,6 +141,7 @@ class Options:
             Path(get("XDG_DATA_HOME") or home / ".local" / "share") / "forge" / "registry",
             debug=flag("FORGE_DEBUG"), no_supervisor=flag("FORGE_NO_SUPERVISOR"), plugins=get("FORGE_PLUGINS") or "", ray_address=get("RAY_ADDRESS"),
             gpu_prices=get("FORGE_GPU_PRICES"), cpu_calibration_dtype=get("FORGE_CPU_CALIBRATION_DTYPE"),
+            streaming=(get("FORGE_STREAMING") or "1").strip().lower() not in ("0", "false", "no"),
             insecure_registries=_list(get("FORGE_INSECURE_REGISTRIES")),
             registry_user=get("FORGE_REGISTRY_USER"), registry_password=get("FORGE_REGISTRY_PASSWORD"),
             registry_auth_files=tuple(auth), pip_index_url=get("FORGE_PIP_INDEX_URL"),

@@ -12,11 +12,24 @@ size on two model shapes, fitted as a line (bench/results/scale-*.json: the inte
     ... calibrated in bfloat16 (a CPU with native bf16)     1.7 x BF16 bytes + 1.1 GB
     an eval on the CPU (lm-eval's hf backend, float32)     2.0 x BF16 bytes + 1.1 GB
 
-The reference step is not counted: transformers memory-maps the snapshot, which pages from disk when it does
-not fit (slowly) rather than failing. On a GPU the weights go to VRAM (``forge.gpu.fit``), not counted here.
+With streaming (FORGE_STREAMING, the default) a data-free scheme the backend streams (FP8 dynamic through
+llm-compressor) never holds the model: ``model_free_ptq`` holds the shards it quantizes at once, and the reference
+and the verification one block at a time (a decoder layer, or the embeddings / the output head):
+
+    streamed FP8 quantize, per shard quantized at once     1.2 x the shard's bytes (a shard is assumed to be at most
+                                                           5 GB, the Hub's convention, until its files are seen)
+    streamed reference / verification                      4 x the largest block's BF16 bytes (the block, the
+                                                           dequantized float32 weight, the BF16 original it is
+                                                           compared with)
+    need: the larger of the two, for one shard at a time, + 1.1 GB libraries; the step then runs as many shards
+    at once as there are cores and memory for (``streaming_workers``).
+
+The reference step is not counted apart: it runs one block at a time (the streamed need covers it). On a GPU
+the weights go to VRAM (``forge.gpu.fit``), not counted here.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +39,8 @@ from forge.model.shape import ModelShape
 
 GB = 1e9
 LIBRARIES = 1.1 * GB                       # torch, transformers, llm-compressor / lm-eval, imported
-FACTORS = {"data-free": 1.5, "float32": 3.0, "bfloat16": 1.7, "eval": 2.0}
+FACTORS = {"data-free": 1.5, "float32": 3.0, "bfloat16": 1.7, "eval": 2.0, "shard": 1.2, "block": 4.0}
+SHARD_ASSUMED = 5 * GB                     # the largest shard, before the snapshot's files are seen
 STEPS = {"quantize": ("quantize",), "eval": ("eval_baseline", "eval_candidate")}   # need -> the steps it holds for
 
 
@@ -48,23 +62,62 @@ def bf16_bytes(shape: ModelShape) -> float:
     return 2.0 * shape.total_params
 
 
+def largest_block(shape: ModelShape) -> float:
+    """BF16 bytes of the largest unit a streamed run holds: a decoder layer, or the embeddings / output head."""
+    per_layer = (shape.total_params - shape.embedding_params - shape.lm_head_params) / max(1, shape.num_layers)
+    return 2.0 * max(per_layer, shape.embedding_params)
+
+
 def needs(shape: ModelShape | None, method: str, *, calibrates: bool, evaluates: bool,
-          device: str | None = None, recipe_dtype: str = "bfloat16") -> tuple[Need, ...]:
-    """The steps of a recipe that hold the model in host memory on ``device`` (this host's by default)."""
+          device: str | None = None, recipe_dtype: str = "bfloat16", streams: bool = False) -> tuple[Need, ...]:
+    """The steps of a recipe that hold the model in host memory on ``device`` (this host's by default);
+    ``streams``: the quantize step streams this method (then it never holds the model)."""
     device = device or host.device()
     if shape is None or device != "cpu":
         return ()
     model = bf16_bytes(shape)
     return needs_for(model, method, calibrates=calibrates, evaluates=evaluates,
-                     dtype=calibration_dtype(2 * model, recipe_dtype) if calibrates else None)
+                     dtype=calibration_dtype(2 * model, recipe_dtype) if calibrates else None,
+                     block=largest_block(shape) if streams else None)
+
+
+def streamed_need(model: float, block: float, shard: float | None = None) -> tuple[float, str]:
+    """(bytes, how) a streamed quantize step needs with one shard at a time (``shard``: the largest, when known)."""
+    shard = min(model, shard or SHARD_ASSUMED)
+    quantize, verify = FACTORS["shard"] * shard, FACTORS["block"] * block
+    how = (f"streamed: the larger of {FACTORS['shard']} x {shard / GB:.1f} GB for a shard quantized at a time and "
+           f"{FACTORS['block']} x {block / GB:.2f} GB for a block verified at a time, + {LIBRARIES / GB:.1f} GB "
+           "libraries; it never holds the model")
+    return max(quantize, verify) + LIBRARIES, how
+
+
+def streaming_workers(snapshot: Path, available: float | None = None) -> int:
+    """How many shards a streamed quantize step quantizes at once: one per core, as many as memory holds (the
+    verification after it holds one block); a ResourceError (exit 5) with the numbers when not even one fits."""
+    shards = [p.stat().st_size for p in Path(snapshot).glob("*.safetensors")]
+    largest = max(shards, default=0)
+    available = available_bytes() if available is None else available
+    per_shard = FACTORS["shard"] * largest
+    if per_shard + LIBRARIES > available:
+        raise ResourceError(f"quantize: streaming needs {(per_shard + LIBRARIES) / GB:.1f} GB of host memory for its "
+                            f"largest shard ({FACTORS['shard']} x {largest / GB:.1f} GB + {LIBRARIES / GB:.1f} GB "
+                            f"libraries); {available / GB:.1f} GB available",
+                            hint="Re-shard the checkpoint into smaller files (save_pretrained(max_shard_size='2GB')) "
+                                 f"or use {_room(per_shard + LIBRARIES)}.")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, len(shards), int((available - LIBRARIES) // max(per_shard, 1.0))))
 
 
 def needs_for(model: float, method: str, *, calibrates: bool, evaluates: bool,
-              dtype: str | None = None) -> tuple[Need, ...]:
+              dtype: str | None = None, block: float | None = None) -> tuple[Need, ...]:
     """``needs`` for a model of ``model`` BF16 bytes on the CPU; ``dtype``: the calibration's (default: this
-    host's choice for it, ``calibration_dtype``)."""
+    host's choice for it, ``calibration_dtype``); ``block``: the largest block's BF16 bytes when the quantize
+    step streams (``streamed_need``)."""
     out = []
-    if method not in ("none", "auto"):
+    if method not in ("none", "auto") and block is not None and not calibrates:
+        need, how = streamed_need(model, block)
+        out.append(Need("quantize", need, f"{method} {how}", _advice(need, calibrates)))
+    elif method not in ("none", "auto"):
         if calibrates:
             dtype = dtype or calibration_dtype(2 * model)
             factor = FACTORS["float32"] if dtype == "float32" else FACTORS["bfloat16"]   # float16 weighs as bf16

@@ -175,7 +175,7 @@ def resolve_loaded(loaded: LoadedRecipe, downloads: Path, *, target: bool = True
         loaded=loaded, downloads=Path(downloads), backend=backend, format=fmt, engine=engine, gpu=gpu, base=base,
         base_digest=digest, capability=capability, shape=shape, fit=report,
         host_needs=host_fit.needs(shape, q.method, calibrates=calibrates, evaluates=r.eval is not None,
-                                  recipe_dtype=r.model.dtype),
+                                  recipe_dtype=r.model.dtype, streams=not auto and backends.streams(q, t.engine)),
         calibrates=calibrates,
         verifies=not auto and backends.verifies(q, t.engine),
         compiles=engine.compiles(r), gpu_bound=engine.gpu_bound(r), warnings=tuple(dict.fromkeys(warnings)))

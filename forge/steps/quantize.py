@@ -8,6 +8,12 @@ only), the model in the calibration dtype, the backend's quantize / export / val
 reference step records: one forward pass),
 the reports and a manifest with the same keys whatever the backend.
 
+Streaming (FORGE_STREAMING, on by default): a data-free scheme the backend quantizes shard by shard
+(``Backend.streams``: llm-compressor's FP8 dynamic) is written without building the model, on as many shards at
+a time as there are cores and memory for (``host_fit.streaming_workers``); the checkpoint is the in-memory path's,
+tensor for tensor. The verification then checks the written tensors against the model from their headers and runs
+the dequantized weights one decoder layer at a time (forge.steps.verify): no step holds the model.
+
 CPU policy: without an accelerator the model is calibrated in float32 unless the CPU has native bf16
 (AVX512-BF16/AMX): emulated bf16 matmuls are ~4.5x slower. The backend writes tensors in the recipe dtype.
 """
@@ -26,7 +32,8 @@ from forge.core.linking import place_tree
 from forge.gpu import host_fit
 from forge.gpu.methods import GROUPED, scheme
 from forge.steps import StepContext, StepSpec, reference
-from forge.steps.verify import check_loads, verify_dequantized, verify_generation
+from forge.steps.verify import (check_loads, check_tensors, verify_dequantized, verify_dequantized_in_memory,
+                                verify_generation)
 from forge.backends import get
 from forge.core.errors import StepError
 from forge.core.jsonsafe import dumps
@@ -90,7 +97,7 @@ def _identity(loaded) -> dict:
     if loaded.recipe.quantize.method == "none":
         return {}
     return {"device": host.device(), "calibration_dtype": calibration_policy(loaded),
-            "backend_tools": host.tool_versions(get(loaded.backend).tools)}
+            "backend_tools": host.tool_versions(get(loaded.backend).tools), "streaming": env.current().streaming}
 
 
 SPEC = StepSpec(
@@ -100,7 +107,7 @@ SPEC = StepSpec(
     # forge's own backends' libraries, in every quantize key and so in every record's provenance (a plugin
     # backend's enter the key through _identity)
     tools=("llmcompressor", "compressed-tensors", "nvidia-modelopt", "torch", "transformers"),
-    version=3,
+    version=4,
     config=_config,
     data=_data,
     identity=_identity,
@@ -122,32 +129,27 @@ def run(ctx: StepContext) -> dict:
         return {"method": "none", "bytes": _size(ctx.out), "bf16_bytes": _size(src)}
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     loaded = ctx.recipe
     name = loaded.backend
     backend = get(name)
     fmt = loaded.format
     torch.manual_seed(q.calibration.seed if q.calibration else 0)
-    cuda = torch.cuda.is_available()
     recipe_dtype = getattr(torch, loaded.recipe.model.dtype)
-    dtype = getattr(torch, calibration_dtype(calibration_policy(loaded), src, loaded.recipe.model.dtype))
-
     tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)  # saved into tokenizer_config: not HF_HUB_OFFLINE's
-    windows = _calibration_windows(ctx, tokenizer) if loaded.calibrates else None
-    ctx.report(f"loading the model ({'cuda' if cuda else 'cpu'}, {str(dtype).removeprefix('torch.')})")
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, device_map="cuda" if cuda else None)
+    streaming = env.current().streaming
+    streams = streaming and getattr(backend, "streams", None) is not None and backend.streams(q, src, loaded.recipe.model.dtype)
     # BF16's greedy tokens, recorded by the reference step from the snapshot alone (once for every variant on it)
     reference = _reference(ctx) if loaded.verifies else None
-    t0 = time.monotonic()
-    result = backend.quantize(model, q, windows, report=ctx.report, log_dir=ctx.out.parent)
-    seconds = time.monotonic() - t0
-    ctx.report(f"writing the {fmt} checkpoint ({backend.title})")
-    t0 = time.monotonic()
-    backend.export(model, ctx.out, dtype=recipe_dtype, loaded=loaded)
-    export_s = time.monotonic() - t0
-    del model
-    gc.collect()
+    if streams:
+        workers = host_fit.streaming_workers(src)
+        t0 = time.monotonic()
+        result = backend.quantize_files(src, ctx.out, q, report=ctx.report, workers=workers, dtype=recipe_dtype,
+                                        log_dir=ctx.out.parent)
+        seconds, export_s, dtype, windows = time.monotonic() - t0, 0.0, recipe_dtype, None
+    else:
+        result, seconds, export_s, dtype, windows = _in_memory(ctx, backend, src, recipe_dtype, tokenizer)
     tokenizer.save_pretrained(ctx.out)
     _copy_extras(src, ctx.out)
     ctx.report("validating the checkpoint against the recipe")
@@ -156,20 +158,45 @@ def run(ctx: StepContext) -> dict:
     except ValueError as e:
         raise StepError(f"{backend.title} wrote a checkpoint that does not match the recipe: {e}") from None
     measured: dict[str, float] = {}
-    verify = _verify(backend, src, ctx.out, q, tokenizer, ctx.report, reference, recipe_dtype, measured)
+    verify = _verify(backend, src, ctx.out, q, tokenizer, ctx.report, reference, recipe_dtype, measured,
+                     streaming=streaming)
     _merge_errors(result, measured)
+    device = host.device()
     facts = {
         "method": q.method, "backend": name, "format": fmt, "scheme": _scheme(q), "seconds": round(seconds, 1),
         "export_seconds": round(export_s, 1), "calibration_dtype": str(dtype).removeprefix("torch."),
-        "device": "cuda" if cuda else "cpu", "calibration_windows": len(windows) if windows is not None else 0,
-        "bytes": _size(ctx.out), "bf16_bytes": _size(src), "verify": verify, "checkpoint": checkpoint,
-        "layers": len(result.layers), "backend_facts": result.summary,
+        "device": device, "calibration_windows": len(windows) if windows is not None else 0,
+        "streamed": streams, "bytes": _size(ctx.out), "bf16_bytes": _size(src), "verify": verify,
+        "checkpoint": checkpoint, "layers": len(result.layers), "backend_facts": result.summary,
         "tools": host.tool_versions(backend.tools),
         "calibration_sha256": _calibration_sha256(loaded),
     }
     facts["size_ratio"] = round(facts["bytes"] / facts["bf16_bytes"], 4)
     _write_reports(ctx.out, facts, result, backend.title)
     return facts
+
+
+def _in_memory(ctx: StepContext, backend, src: Path, recipe_dtype, tokenizer):
+    """Load the model, quantize it in place, export it: (result, quantize s, export s, load dtype, windows)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    loaded, q = ctx.recipe, ctx.recipe.recipe.quantize
+    cuda = torch.cuda.is_available()
+    dtype = getattr(torch, calibration_dtype(calibration_policy(loaded), src, loaded.recipe.model.dtype))
+    windows = _calibration_windows(ctx, tokenizer) if loaded.calibrates else None
+    ctx.report(f"loading the model ({'cuda' if cuda else 'cpu'}, {str(dtype).removeprefix('torch.')})")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, device_map="cuda" if cuda else None)
+    t0 = time.monotonic()
+    result = backend.quantize(model, q, windows, report=ctx.report, log_dir=ctx.out.parent)
+    seconds = time.monotonic() - t0
+    ctx.report(f"writing the {loaded.format} checkpoint ({backend.title})")
+    t0 = time.monotonic()
+    backend.export(model, ctx.out, dtype=recipe_dtype, loaded=loaded)
+    export_s = time.monotonic() - t0
+    del model
+    gc.collect()
+    return result, seconds, export_s, dtype, windows
 
 
 def _reference(ctx: StepContext) -> list[int]:
@@ -186,11 +213,13 @@ def _merge_errors(result, measured: dict[str, float]) -> None:
         result.summary["mean_weight_rel_error"] = round(sum(errors) / len(errors), 6)
 
 
-def _verify(backend, src: Path, out: Path, q, tokenizer, report, reference, dtype, errors: dict) -> dict | None:
+def _verify(backend, src: Path, out: Path, q, tokenizer, report, reference, dtype, errors: dict, *,
+            streaming: bool = True) -> dict | None:
     """BF16's greedy tokens against the predictions of the written checkpoint, teacher-forced over them: its
     dequantized weights in the BF16 model where the backend dequantizes it (FP8: exact, and 4x faster than the
-    library's decompression on a CPU; the checkpoint is first loaded with transformers to prove it loads), else
-    the checkpoint as transformers runs it."""
+    library's decompression on a CPU), one decoder layer at a time (``streaming``; else the whole model), after
+    its tensors were checked against the model (streaming: from the files' headers; else loaded with
+    transformers); else the checkpoint as transformers runs it."""
     if reference is None:
         return None   # a packed format transformers cannot run on this machine (no reference step in the graph)
     weights = backend.dequantized(out, q)
@@ -199,12 +228,20 @@ def _verify(backend, src: Path, out: Path, q, tokenizer, report, reference, dtyp
         return verify_generation(reference, out, tokenizer, dtype)
     if weights is None:
         return None   # a backend that says it verifies, yet neither loads in transformers nor dequantizes
+    what = f"the dequantized weights of the quantized checkpoint at {out}"
+    if not streaming:
+        if backend.loads_in_transformers:
+            report("verifying: the written checkpoint loads with transformers")
+            check_loads(out, dtype)
+        report("verifying: its dequantized weights in the BF16 model (and their error), one forward pass over BF16's tokens")
+        return verify_dequantized_in_memory(src, weights, tokenizer, dtype, reference=reference, errors=errors, what=what)
     if backend.loads_in_transformers:
-        report("verifying: the written checkpoint loads with transformers")
-        check_loads(out, dtype)
-    report("verifying: its dequantized weights in the BF16 model (and their error), one forward pass over BF16's tokens")
-    return verify_dequantized(src, weights, tokenizer, dtype, reference=reference, errors=errors,
-                              what=f"the dequantized weights of the quantized checkpoint at {out}")
+        report("verifying: the written tensors against the model (names, shapes, from the files' headers)")
+        check_tensors(out, dtype)
+    report("verifying: its dequantized weights in the BF16 model (and their error), one forward pass over BF16's "
+           "tokens, one decoder layer resident at a time")
+    return verify_dequantized(src, weights, tokenizer, dtype, reference=reference, errors=errors, what=what,
+                              device=host.device())
 
 
 def _calibration_windows(ctx: StepContext, tokenizer) -> list[list[int]]:
