@@ -265,3 +265,37 @@ def test_validate_sees_a_cgroup_memory_limit_and_refuses_with_the_numbers_exit_2
         assert forge_cli("validate", str(recipe), timeout=120).returncode == 0   # outside the cgroup it fits
     finally:
         cg.rmdir()
+
+
+@pytest.mark.parametrize("kind", ["v1", "v2"])
+def test_cgroup_room_counts_page_cache_as_droppable_but_not_shmem(tmp_path, kind):
+    """Measured in a 5 GB cgroup: after the reference step read the 3B snapshot, 3.8 GB of the cgroup's usage was
+    page cache (3.3 GB of it active); the pre-flight said 0.7 GB available and refused a 7.1 GB-limit build that
+    fits. File cache is what the kernel drops before it kills; shmem (tmpfs) is not; a limit above, in a parent
+    cgroup, counts too; "max" (v2) is no limit."""
+    proc = tmp_path / "cgroup"
+    if kind == "v1":
+        proc.write_text("4:memory:/ci/job\n1:cpu:/ci/job\n")
+        d, files = tmp_path / "fs" / "memory" / "ci" / "job", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        stat = "total_cache 3800000000\ntotal_rss 500000000\ntotal_shmem 300000000\n"
+    else:
+        proc.write_text("0::/ci/job\n")
+        (tmp_path / "fs").mkdir()
+        (tmp_path / "fs" / "cgroup.controllers").write_text("memory\n")
+        d, files = tmp_path / "fs" / "ci" / "job", ("memory.max", "memory.current")
+        stat = "anon 500000000\nfile 3800000000\nshmem 300000000\n"
+    d.mkdir(parents=True)
+    (d / files[0]).write_text("5000000000\n")
+    (d / files[1]).write_text("4300000000\n")
+    (d / "memory.stat").write_text(stat)
+    room = host_fit.cgroup_room(proc, tmp_path / "fs")
+    assert room == 5e9 - (4.3e9 - (3.8e9 - 0.3e9))   # 4.2 GB: the anon 0.5 GB and the shmem 0.3 GB are used
+    (d.parent / files[0]).write_text("4000000000\n")          # a tighter limit on the parent, with no usage file
+    assert host_fit.cgroup_room(proc, tmp_path / "fs") == room   # a limit without its usage is not guessed at
+    (d.parent / files[1]).write_text("3900000000\n")
+    assert host_fit.cgroup_room(proc, tmp_path / "fs") == 4e9 - 3.9e9   # no stat there: all of it counts as used
+    (d / files[0]).write_text("max\n" if kind == "v2" else f"{(1 << 63) - 4096}\n")
+    (d.parent / files[0]).write_text("max\n" if kind == "v2" else f"{(1 << 63) - 4096}\n")
+    assert host_fit.cgroup_room(proc, tmp_path / "fs") is None       # no limit anywhere
+    proc.write_text("garbage without colons\n")
+    assert host_fit.cgroup_room(proc, tmp_path / "fs") is None

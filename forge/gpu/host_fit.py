@@ -176,21 +176,25 @@ def available_bytes() -> float:
     return avail if room is None else min(avail, room)
 
 
-# cgroup v2 (unified) and v1 (memory controller): (mount, limit file, usage file, the reclaimable page-cache stat)
-_CGROUP_FILES = {"v2": ("memory.max", "memory.current", "inactive_file"),
-                 "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
+# cgroup v2 (unified) and v1 (memory controller): (limit file, usage file, memory.stat's page cache, its shmem part)
+_CGROUP_FILES = {"v2": ("memory.max", "memory.current", "file", "shmem"),
+                 "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache", "total_shmem")}
 
 
 def cgroup_room(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> float | None:
     """The least room under any memory limit of this process's cgroups, from its own up to the root (a CI runner's
-    container limit, a systemd scope's MemoryMax): limit − (usage − inactive page cache, which the kernel reclaims
-    before it kills), as `docker stats` counts it. None: no limit applies."""
+    container limit, a systemd scope's MemoryMax): limit − (usage − the page cache the kernel drops before it kills:
+    file pages, active or not, less shmem, which has no file to go back to). A build that has just read a snapshot
+    has gigabytes of it cached and charged to its cgroup (measured: 3.8 GB of a 5 GB limit, 3.3 GB of it active),
+    and counting them as used would refuse the next step for memory it has. None: no limit applies."""
     try:
         lines = proc_cgroup.read_text().splitlines()
     except OSError:
         return None
     room = None
     for line in lines:
+        if line.count(":") < 2:   # not a cgroup line: nothing to read a limit from
+            continue
         _, controllers, path = line.split(":", 2)
         if controllers == "":
             mount, kind = next((m for m in (root, root / "unified") if (m / "cgroup.controllers").exists()), root), "v2"
@@ -198,12 +202,14 @@ def cgroup_room(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path
             mount, kind = root / "memory", "v1"
         else:
             continue
-        limit_file, usage_file, cache_stat = _CGROUP_FILES[kind]
+        limit_file, usage_file, cache_stat, shmem_stat = _CGROUP_FILES[kind]
         d = mount / path.lstrip("/")
         while True:
-            limit, used, cache = _read_int(d / limit_file), _read_int(d / usage_file), _stat(d / "memory.stat", cache_stat)
+            limit, used = _read_int(d / limit_file), _read_int(d / usage_file)
             if limit is not None and limit < 1 << 62 and used is not None:
-                room = min(room if room is not None else float("inf"), float(limit - max(0, used - (cache or 0))))
+                stat = _stats(d / "memory.stat")
+                droppable = max(0, stat.get(cache_stat, 0) - stat.get(shmem_stat, 0))
+                room = min(room if room is not None else float("inf"), float(limit - max(0, used - droppable)))
             if d == mount or mount not in d.parents:
                 break
             d = d.parent
@@ -218,15 +224,12 @@ def _read_int(path: Path) -> int | None:
     return int(text) if text.isdigit() else None   # "max" (v2: no limit) is None
 
 
-def _stat(path: Path, key: str) -> int | None:
+def _stats(path: Path) -> dict[str, int]:
+    """memory.stat as {name: value}; empty when unreadable."""
     try:
-        for line in path.read_text().splitlines():
-            name, _, value = line.partition(" ")
-            if name == key and value.strip().isdigit():
-                return int(value)
+        return {k: int(v) for k, _, v in (line.partition(" ") for line in path.read_text().splitlines()) if v.isdigit()}
     except OSError:
-        pass
-    return None
+        return {}
 
 
 def shortfalls(needs_: tuple[Need, ...], available: float | None = None) -> list[tuple[Need, str]]:
