@@ -299,3 +299,25 @@ def test_cgroup_room_counts_page_cache_as_droppable_but_not_shmem(tmp_path, kind
     assert host_fit.cgroup_room(proc, tmp_path / "fs") is None       # no limit anywhere
     proc.write_text("garbage without colons\n")
     assert host_fit.cgroup_room(proc, tmp_path / "fs") is None
+
+
+def test_a_streamed_quantize_is_judged_by_the_snapshots_real_shards_once_they_are_here(tmp_path, monkeypatch):
+    """validate assumes a shard of up to 5 GB (the files may not be downloaded yet); the quantize step sees them.
+    Measured in a 5 GB cgroup: the 3B shape's 2 GB shards fit 4.5 GB free, the assumed 5 GB would not."""
+    shape = from_config({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 3072,
+                         "intermediate_size": 8192, "num_attention_heads": 24, "num_key_value_heads": 8,
+                         "num_hidden_layers": 28, "vocab_size": 128256, "tie_word_embeddings": True})
+    needs = host_fit.needs(shape, "fp8", calibrates=False, evaluates=False, device="cpu", streams=True)
+    monkeypatch.setattr(host_fit, "available_bytes", lambda: 4.5e9)
+    with pytest.raises(ResourceError, match=r"1.2 x 5.0 GB for a shard"):
+        host_fit.require(needs, "quantize")
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    for i, size in enumerate((2_100_000_000, 2_000_000_000, 1_300_000_000)):
+        with open(snapshot / f"model-0000{i + 1}-of-00003.safetensors", "wb") as f:
+            f.truncate(size)   # sparse: only the size is read
+    host_fit.require(needs, "quantize", {"resolve": snapshot})   # 1.2 x 2.1 GB + 1.1 GB = 3.6 GB: fits
+    with open(snapshot / "model-00001-of-00003.safetensors", "wb") as f:
+        f.truncate(4_000_000_000)
+    with pytest.raises(ResourceError, match=r"1.2 x 4.0 GB for a shard"):
+        host_fit.require(needs, "quantize", {"resolve": snapshot})

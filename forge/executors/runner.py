@@ -90,7 +90,8 @@ def stores_of(request: StepRequest, store: Store) -> Stores:
 
 def _build(spec: StepSpec, key: str, material: dict, loaded: "Resolved", store: Store,
            upstream: dict[str, Entry], report, *, replace: bool) -> Entry:
-    host_fit.require(getattr(loaded, "host_needs", ()), spec.name)   # refused with the numbers, before a weight loads
+    # refused with the numbers, before a weight loads (a streamed quantize: with the snapshot's real shards)
+    host_fit.require(getattr(loaded, "host_needs", ()), spec.name, {d: e.out for d, e in upstream.items()})
     started = datetime.now(timezone.utc)
     t0 = time.monotonic()
     with store.staging(key) as staged:

@@ -50,6 +50,8 @@ class Need:
     bytes: float
     why: str                  # how it was computed, in words a user can check
     advice: str = ""          # what to do when it does not fit
+    streamed: tuple[float, float, str] | None = None   # (model, block, method) of a streamed quantize, whose shard
+                                                       # size is assumed until the snapshot's files are seen
 
     def shortfall(self, available: float) -> str | None:
         if self.bytes <= available:
@@ -116,7 +118,7 @@ def needs_for(model: float, method: str, *, calibrates: bool, evaluates: bool,
     out = []
     if method not in ("none", "auto") and block is not None and not calibrates:
         need, how = streamed_need(model, block)
-        out.append(Need("quantize", need, f"{method} {how}", _advice(need, calibrates)))
+        out.append(Need("quantize", need, f"{method} {how}", _advice(need, calibrates), streamed=(model, block, method)))
     elif method not in ("none", "auto"):
         if calibrates:
             dtype = dtype or calibration_dtype(2 * model)
@@ -238,7 +240,19 @@ def shortfalls(needs_: tuple[Need, ...], available: float | None = None) -> list
     return [(n, msg) for n in needs_ if (msg := n.shortfall(available))]
 
 
-def require(needs_: tuple[Need, ...], step: str) -> None:
-    """Refuse ``step`` (exit 5) before it loads a weight when its need exceeds what this host has now."""
-    for need, msg in shortfalls(tuple(n for n in needs_ if step in STEPS[n.step])):
+def require(needs_: tuple[Need, ...], step: str, inputs: dict[str, Path] | None = None) -> None:
+    """Refuse ``step`` (exit 5) before it loads a weight when its need exceeds what this host has now. ``inputs``:
+    the step's upstream outputs; a streamed quantize's need is then taken with the snapshot's largest shard."""
+    snapshot = (inputs or {}).get("resolve")
+    for need, msg in shortfalls(tuple(_seen(n, snapshot) for n in needs_ if step in STEPS[n.step])):
         raise ResourceError(f"{step}: {msg}; the kernel would kill the build", hint=need.advice)
+
+
+def _seen(need: Need, snapshot: Path | None) -> Need:
+    """A streamed need with the largest shard of ``snapshot`` instead of the assumed one (when there are shards)."""
+    shards = [p.stat().st_size for p in Path(snapshot).glob("*.safetensors")] if snapshot and need.streamed else []
+    if not shards:
+        return need
+    model, block, method = need.streamed
+    size, how = streamed_need(model, block, max(shards))
+    return Need(need.step, size, f"{method} {how}", _advice(size, False), need.streamed)
