@@ -108,7 +108,7 @@ class Vllm(GpuEngine):
                 and (reader := base.version(WRITER)) is not None):
             s = scheme(q.method, q.bits)
             loads = LOADS.get(base.engine_version)
-            if loads is None or s not in loads:
+            if s in self.cpu_kernels and (loads is None or s not in loads):   # (no kernel: the capability check says so)
                 out.append((("quantize", "method"), (
                     f"{q.method} ({s}) checkpoints written by forge's {WRITER} {writer_version()} are not known to "
                     f"load in vLLM {base.engine_version} (base {base.name}, which reads them with {WRITER} {reader})"
