@@ -100,7 +100,7 @@ def test_the_cpu_image_runs_the_gpu_command_line_less_the_gpu_flags(tmp_path):
     assert cpu == ("/opt/venv/bin/python3", "-m", "vllm.entrypoints.openai.api_server", "--model", "/opt/forge/model",
                    "--host", "0.0.0.0", "--port", "8000", "--served-model-name", "smollm2", "--max-model-len", "512",
                    "--max-num-seqs", "2", "--kv-cache-memory-bytes", str(30 * 3 * 64 * 2 * 2 * 512 * 2),
-                   "--quantization", "compressed-tensors")
+                   "--enforce-eager", "--quantization", "compressed-tensors")
     gpu = engine_command(resolved(_recipe(tmp_path, gpu="L4", base="vllm-0.11-cu128")), "smollm2")
     assert gpu[:3] == ("vllm", "serve", "/opt/forge/model")
     assert [a for a in gpu[3:] if a not in ("--gpu-memory-utilization", "0.9", "--tensor-parallel-size", "1")] \

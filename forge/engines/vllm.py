@@ -75,10 +75,12 @@ class Vllm(GpuEngine):
         if not on_cpu:
             cmd += ["--gpu-memory-utilization", str(t.gpu_memory_utilization),
                     "--tensor-parallel-size", str(t.tensor_parallel)]
-        elif at.kv_cache_bytes:
-            cmd += ["--kv-cache-memory-bytes", str(at.kv_cache_bytes)]
-        else:   # no model shape offline: vLLM's CPU build reads this as the share of RAM to reserve
-            cmd += ["--gpu-memory-utilization", str(t.gpu_memory_utilization)]
+        else:
+            cmd += ["--kv-cache-memory-bytes", str(at.kv_cache_bytes)] if at.kv_cache_bytes else \
+                ["--gpu-memory-utilization", str(t.gpu_memory_utilization)]   # no shape offline: a share of RAM
+            # eager: on CPU vLLM compiles the model with torch inductor (C++) at every start of a fresh container,
+            # measured at over 5 minutes for SmolLM2-135M on 2 cores, past any readiness budget; eager starts in ~30 s
+            cmd += ["--enforce-eager"]
         if fmt == "compressed-tensors":
             cmd += ["--quantization", "compressed-tensors"]
         elif fmt == "modelopt":
