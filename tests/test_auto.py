@@ -186,7 +186,7 @@ def test_a_mixed_precision_winner_labels_its_bf16_layers(tmp_path, tiny_llama):
 
     recipe = _recipe(tmp_path, tiny_llama, candidates=[W4])
     base = SimpleNamespace(image=None, name="cpu-python311", engine="cpu", engine_version="x", cuda=None,
-                           min_driver=None)
+                           min_driver=None, versions=())
     manifests = {"quantize": {"output": {"digest": "sha256:00"}}}
 
     def labels(**overrides) -> dict:

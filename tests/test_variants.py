@@ -154,9 +154,10 @@ def test_gpu_variants_package_on_standin_bases_tagged_by_variant(tmp_path, tiny_
     assert "package · vllm-fp8-l4-tp1" in proc.stdout and "package · vllm-fp8-h100-sxm-tp1" in proc.stdout
 
 
-def test_demo_recipe_plans_three_variants_sharing_the_checkpoint(tmp_path):
+def test_demo_recipe_plans_four_variants_sharing_the_checkpoint(tmp_path):
     out = json.loads(forge_cli("plan", str(DEMO), "--json", cache=tmp_path / "cache", check=0).stdout)
-    assert out["variants"] == ["cpu-fp8", "vllm-fp8-l4-tp1", "vllm-fp8-h100-sxm-tp1"]
+    assert out["variants"] == ["cpu-fp8", "vllm-fp8-l4-tp1", "vllm-fp8-h100-sxm-tp1", "vllm-cpu-fp8"]
+    assert sum(n["step"] == "base_image" for n in out["nodes"]) == 2   # forge's two bases: cpu-python311, vllm-0.32-cpu
     shared = {n["step"] for n in out["nodes"] if n["shared"]}
     assert {"resolve", "reference", "eval_baseline", "quantize", "eval_candidate", "gate"} <= shared
     assert sorted(n["variants"][0] for n in out["nodes"] if n["step"] == "package") == sorted(out["variants"])
@@ -168,9 +169,11 @@ def test_demo_variants_build_cpu_and_two_gpu_images(tmp_path, standin_bases, dem
     """The variants demo on the real SmolLM2, in the demo build's cache: its shared sections are the demo's, so
     the snapshot, the FP8 checkpoint, both evals and the gate are hits (each shown once, for all three variants);
     the CPU image (smoke-tested here) and two vLLM images on stand-in bases are built; three records, each tagged
-    <name>:<variant>, and the variant matrix listing them."""
+    <name>:<variant>, and the variant matrix listing them. (The vLLM CPU variant builds on the vllm worker:
+    tests/test_vllm_e2e.py; here it would add the vLLM base build to this worker's time.)"""
     reg = tmp_path / "registry"
-    proc = forge_cli("build", str(DEMO), "--registry-dir", str(reg), cache=demo_build["cache"],
+    three = [x for v in ("cpu-fp8", "vllm-fp8-l4-tp1", "vllm-fp8-h100-sxm-tp1") for x in ("--variant", v)]
+    proc = forge_cli("build", str(DEMO), *three, "--registry-dir", str(reg), cache=demo_build["cache"],
                      env={**demo_build["env"], **standin_bases}, timeout=3600)
     (tmp_path / "demo-variants.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -46,13 +46,34 @@ def memory_bytes() -> int:
     return total
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX-BF16: bf16 matmuls run in hardware; without them PyTorch emulates bf16 on CPU."""
+def _cpu_flags() -> set[str]:
     try:
         flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     except OSError:
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+        return set()
+    return set(flags.split()[2:])
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16: bf16 matmuls run in hardware; without them PyTorch emulates bf16 on CPU."""
+    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+
+
+# x86 instruction-set levels a CPU target may name (forge.gpu.catalog cpu_isa), least first, and the /proc/cpuinfo
+# flags each needs (AVX-512: what torch.cpu._is_avx512_supported checks, the test vLLM's CPU build dispatches on)
+CPU_ISAS = {"avx2": frozenset({"avx2", "fma"}), "avx512": frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq"})}
+
+
+def cpu_isa() -> str | None:
+    """The highest of CPU_ISAS this machine's CPU has (None: not even AVX2, or not x86)."""
+    flags = _cpu_flags()
+    return next((isa for isa in reversed(CPU_ISAS) if CPU_ISAS[isa] <= flags), None)
+
+
+def isa_at_least(have: str | None, need: str) -> bool:
+    """Whether instruction-set level ``have`` (a CPU_ISAS name or None) includes ``need``."""
+    order = list(CPU_ISAS)
+    return have in order and order.index(have) >= order.index(need)
 
 
 @dataclass(frozen=True)

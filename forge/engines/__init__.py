@@ -12,9 +12,11 @@ May import: forge.core, forge.gpu, forge.recipe.
 from __future__ import annotations
 
 from forge.core.plugins import Registry
-from forge.engines.base import EvalApi, Engine, GpuEngine, Kernel, QueueMetric, ServeAt, Serving, version_tuple
+from forge.engines.base import (CpuKernel, Engine, EvalApi, GpuEngine, Kernel, QueueMetric, ServeAt, Serving,
+                                version_tuple)
 
-__all__ = ["Engine", "EvalApi", "GpuEngine", "Kernel", "ServeAt", "QueueMetric", "Serving", "version_tuple", "REGISTRY", "get",
+__all__ = ["Engine", "EvalApi", "GpuEngine", "Kernel", "CpuKernel", "ServeAt", "QueueMetric", "Serving", "version_tuple",
+           "REGISTRY", "get",
            "names"]
 
 REGISTRY: Registry[Engine] = Registry("engine", "forge.engines", {

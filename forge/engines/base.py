@@ -13,7 +13,8 @@ from typing import Mapping, Protocol
 from forge.recipe.schema import Recipe
 from forge.core.errors import UsageError
 
-__all__ = ["Engine", "GpuEngine", "Kernel", "ServeAt", "QueueMetric", "Serving", "EvalApi", "version_tuple"]
+__all__ = ["Engine", "GpuEngine", "Kernel", "CpuKernel", "ServeAt", "QueueMetric", "Serving", "EvalApi",
+           "version_tuple"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,16 @@ class Kernel:
 
 
 @dataclass(frozen=True)
+class CpuKernel:
+    """One CPU capability row: the scheme runs on CPU targets of x86 level ``isa`` (forge.core.host CPU_ISAS) or
+    higher, with ``name``; ``why``: where the requirement comes from."""
+
+    isa: str
+    name: str
+    why: str = ""
+
+
+@dataclass(frozen=True)
 class ServeAt:
     """Where the image holds what the engine serves."""
 
@@ -35,6 +46,7 @@ class ServeAt:
     port: int
     served_name: str
     engine_dir: str | None = None     # a compiled engine's directory, when the image carries one
+    kv_cache_bytes: int | None = None  # CPU targets: the KV cache the recipe plans (max_model_len x max_num_seqs)
 
 
 @dataclass(frozen=True)
@@ -88,6 +100,7 @@ class Engine(Protocol):
     kernels: Mapping[str, Kernel]     # scheme -> capability row; a scheme not here cannot run on it
     rocm: frozenset[str]              # schemes its ROCm build runs on AMD GPUs (empty: none)
     cpu: bool                         # serves on CPU (weights decompressed at load): no GPU contract applies
+    cpu_kernels: Mapping[str, CpuKernel]   # scheme -> row on CPU targets, for an engine with a CPU build (else empty)
     health_route: str                 # GET here answers 200 once the server is ready
     python: str                       # the image's Python (the HEALTHCHECK runs it)
     smoke_test: bool                  # its image can serve on a machine with no GPU (package smoke-tests it)
@@ -135,6 +148,7 @@ class GpuEngine:
 
     rocm: frozenset[str] = frozenset()
     cpu = False
+    cpu_kernels: Mapping[str, CpuKernel] = {}
     health_route = "/health"
     python = "python3"
     smoke_test = False

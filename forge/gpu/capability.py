@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from forge import engines
+from forge.core.host import isa_at_least
 from forge.gpu import methods
 from forge.gpu.catalog import Gpu
 
@@ -37,6 +38,8 @@ def _fmt(cc: tuple[int, int]) -> str:
 def check(gpu: Gpu, engine: str, method: str, bits: int | None = None) -> Verdict:
     scheme = scheme_of(method, bits)
     eng = engines.get(engine)
+    if gpu.is_cpu and eng.cpu_kernels:
+        return _on_cpu(gpu, engine, eng.cpu_kernels, scheme)
     if gpu.is_cpu or eng.cpu:
         return Verdict(True, scheme, "CPU (weights decompressed to BF16 at load)", "torch CPU")
     if gpu.compute_capability is None:  # AMD: ROCm builds
@@ -63,3 +66,20 @@ def check(gpu: Gpu, engine: str, method: str, bits: int | None = None) -> Verdic
     kernel = row.on_hopper if row.on_hopper and cc == (9, 0) else row.name
     mode = scheme.replace("FP8-", "").replace("INT8-", "")
     return Verdict(True, scheme, mode, kernel)
+
+
+def _on_cpu(gpu: Gpu, engine: str, rows, scheme: str) -> Verdict:
+    """An engine with a CPU build of its own kernels (vLLM's): the scheme's row and the target's instruction set."""
+    row = rows.get(scheme)
+    if row is None:
+        return Verdict(False, scheme, "unsupported", "-",
+                       f"{engine}'s CPU build has no kernel for {scheme}; on CPU it runs {', '.join(rows)}")
+    if gpu.cpu_isa is None:
+        return Verdict(False, scheme, "unsupported", "-",
+                       f"target {gpu.name} names no instruction set, and {engine}'s CPU build picks its kernels by it: "
+                       "use target.gpu CPU-AVX2 or CPU-AVX512 (forge/gpu/catalog/gpus.yaml)")
+    if not isa_at_least(gpu.cpu_isa, row.isa):
+        return Verdict(False, scheme, "unsupported", "-",
+                       f"{scheme} on {engine}'s CPU build needs {row.isa.upper()} ({row.why or row.name}); target "
+                       f"{gpu.name} promises only {gpu.cpu_isa.upper()}")
+    return Verdict(True, scheme, f"CPU ({gpu.cpu_isa.upper()})", row.name)

@@ -26,6 +26,8 @@ class Base:
     suite: str = "bookworm"
     packages: tuple[str, ...] = ()
     pip: tuple[str, ...] = ()
+    pip_remove: tuple[str, ...] = ()  # distributions uninstalled after pip (what a dependency drags in and breaks)
+    versions: tuple[tuple[str, str], ...] = ()   # distribution -> version pip must have installed (checked, labelled)
     torch_index: str | None = None
     cuda: str | None = None
     min_driver: str | None = None
@@ -37,6 +39,10 @@ class Base:
     @property
     def built(self) -> bool:
         return self.build is not None
+
+    def version(self, dist: str) -> str | None:
+        """The version of ``dist`` the base declares (``versions``), None when it declares none."""
+        return dict(self.versions).get(dist)
 
 
 def find_catalog(start: Path) -> Path:
@@ -60,7 +66,8 @@ def _load_catalog(path_str: str, _mtime_ns: int, _size: int) -> dict[str, Base]:
     raw = YAML(typ="safe").load(path.read_text())["bases"]
     out = {}
     for name, e in raw.items():
-        e = {k: (tuple(v) if isinstance(v, list) else v) for k, v in e.items()}
+        e = {k: (tuple(v) if isinstance(v, list) else tuple(sorted((str(a), str(b)) for a, b in v.items()))
+                 if isinstance(v, dict) else v) for k, v in e.items()}
         out[name] = Base(name=name, catalog=path, **e)
     return out
 

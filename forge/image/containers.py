@@ -19,6 +19,7 @@ MODEL_DIR = "/opt/forge/model"
 ENGINE_DIR = "/opt/forge/engine"      # a TensorRT-LLM engine (legacy engine mode), its own layer
 PORT = 8000
 UID = 10001
+VENV_PYTHON = "/opt/venv/bin/python3"   # the Python of the bases forge builds (forge.steps.package run_base)
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,23 @@ def require_cuda(base: Base) -> str | None:
 def engine_command(resolved, served_name: str) -> tuple[str, ...]:
     """The engine's ENTRYPOINT for this recipe's checkpoint: asked of the engine module (forge.engines)."""
     return resolved.engine.serve_command(resolved.recipe, resolved.format,
-                                         ServeAt(MODEL_DIR, PORT, served_name, engine_dir=ENGINE_DIR))
+                                         ServeAt(MODEL_DIR, PORT, served_name, engine_dir=ENGINE_DIR,
+                                                 kv_cache_bytes=kv_cache_bytes(resolved)))
+
+
+KV_BLOCK = 128   # tokens: a CPU KV cache is planned in whole blocks of this many per sequence (vLLM's block sizes divide it)
+
+
+def kv_cache_bytes(resolved) -> int | None:
+    """On a CPU target, the KV cache the recipe plans: max_num_seqs sequences of max_model_len tokens (rounded up to
+    whole blocks) at the model's bytes per token (FP8: 1 byte a value). None on a GPU (the engine sizes it from its
+    share of device memory) or when the model's shape is not known offline."""
+    shape, t = resolved.shape, resolved.recipe.target
+    if not resolved.gpu.is_cpu or shape is None:
+        return None
+    tokens = -(-t.max_model_len // KV_BLOCK) * KV_BLOCK
+    per_token = shape.kv_bytes_per_token(1 if resolved.recipe.quantize.kv_cache == "fp8" else 2)
+    return int(per_token * tokens * t.max_num_seqs)
 
 
 def image_spec(resolved, *, base_ref: str, labels, env, engine_dir: bool = False,
@@ -58,7 +75,8 @@ def image_spec(resolved, *, base_ref: str, labels, env, engine_dir: bool = False
     extra = engine.context_dirs(context, served) if context is not None else ()
     return ImageSpec(base_ref=base_ref, base=base, served_name=served, engine_args=engine_command(resolved, served),
                      labels=tuple(labels), env=(*env, *engine.image_env()), engine_dir=engine_dir,
-                     health_route=engine.health_route, python=engine.python, extra_dirs=tuple(extra))
+                     health_route=engine.health_route, python=VENV_PYTHON if base.built else engine.python,
+                     extra_dirs=tuple(extra))
 
 
 def _from(spec: ImageSpec) -> list[str]:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 from forge.image.builders import free_port, load_image, start_server, unload_image
 from forge.core.errors import SmokeTestError
-from forge.core.host import local_gpus
+from forge.core.host import cpu_isa, isa_at_least, local_gpus
 from forge.engines import get
 from forge.gpu.catalog import gpus
 
@@ -131,6 +131,13 @@ def why_not_here(engine_name: str, gpu: str, builder: str) -> str | None:
     """Why an image of ``engine_name`` for ``gpu`` cannot be smoke-tested on this machine (None: it can). A GPU
     image runs where its GPU model is (nvidia-smi names it) and a builder can hand it the GPU (docker, podman)."""
     engine = get(engine_name)
+    target = gpus().get(gpu)
+    if target is not None and target.is_cpu and engine.cpu_kernels:   # the engine's CPU build (vLLM's)
+        here = cpu_isa()
+        if target.cpu_isa and not isa_at_least(here, target.cpu_isa):
+            return (f"not smoke-tested: target {gpu} runs on {target.cpu_isa.upper()}; this host's CPU has "
+                    f"{(here or 'neither AVX2 nor AVX-512').upper()}")
+        return None
     if engine.smoke_test:
         return None
     if engine.cpu:
@@ -152,7 +159,7 @@ def smoke_test(tag: str, spec: "ImageSpec", report, *, keep: Path, builder: str 
     removed again afterwards (the layout is the artifact: no second copy of the weights stays behind)."""
     if (why := why_not_here(spec.base.engine, gpu, builder)) is not None:   # never failed, never passed
         return {"passed": None, "skipped": why, "answer": None, "health_seconds": None, "models": None}
-    gpu_image = not get(spec.base.engine).smoke_test   # runs here only because its GPU is here
+    gpu_image = spec.base.cuda is not None   # runs here only because its GPU is here
     with serving(tag, spec.engine_args, spec.served_name, report, keep=keep, builder=builder, timeout_s=timeout_s,
                  layout=layout, health_route=spec.health_route, gpus=gpu_image) as served:
         transcript = served.transcript

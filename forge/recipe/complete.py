@@ -42,10 +42,11 @@ def complete(loaded) -> list[str]:
         problems.append(f"{loaded.where('target', 'gpu')}: unknown GPU {r.target.gpu!r}.{did} "
                         f"Known: {', '.join(catalog)}")
     elif catalog[r.target.gpu].is_cpu:
-        if not engines.get(r.target.engine).cpu:
-            on_cpu = [n for n in engines.names() if engines.get(n).cpu]
-            problems.append(f"{loaded.where('target', 'engine')}: target.gpu CPU needs engine 'cpu' (or another engine "
-                            f"that serves on CPU: {', '.join(on_cpu)}); found {r.target.engine!r}")
+        serves_on_cpu = lambda e: e.cpu or bool(e.cpu_kernels)   # noqa: E731
+        if not serves_on_cpu(engines.get(r.target.engine)):
+            on_cpu = [n for n in engines.names() if serves_on_cpu(engines.get(n))]
+            problems.append(f"{loaded.where('target', 'engine')}: target.gpu {r.target.gpu} is a CPU; it needs an "
+                            f"engine that serves on CPU ({', '.join(on_cpu)}); found {r.target.engine!r}")
 
     try:
         source = parse_source(r.model.source, loaded.base_dir)

@@ -185,8 +185,8 @@ def _shape_and_fit(loaded: LoadedRecipe, gpu, backend: str | None, downloads: Pa
                    target: bool = True) -> tuple[ModelShape | None, FitReport | None, list[str]]:
     """The model's shape from config alone, the quantize pre-flight on it, and (GPU targets) the fit."""
     r = loaded.recipe
-    if gpu.is_cpu and r.quantize.method == "none":
-        return None, None, []
+    if gpu.is_cpu and r.quantize.method == "none" and not engines.get(r.target.engine).cpu_kernels:
+        return None, None, []   # (an engine's own CPU build plans its KV cache from the shape)
     try:
         shape = source_shape(r.model.source, loaded.base_dir, downloads)
     except (ValueError, OSError) as e:

@@ -131,7 +131,7 @@ def proxy_reason(evaluated_on: dict | None, engine: str | None, gpu: str | None,
            f"{engine} on {gpu}"
     if engine is None or gpu is None or ran != NUMERICS_OF_ENGINE.get(engine, engine):
         return said
-    if gpu == "CPU":
+    if gpu in catalog() and catalog()[gpu].is_cpu:
         return None if device == "cpu" else said
     names = catalog()[gpu].smi if gpu in catalog() else ()
     return None if device == "cuda" and any(g in names for g in gpus) else said

@@ -147,6 +147,10 @@ def collect(loaded, results: dict, finished_at: datetime | None = None) -> Colle
     tools: dict[str, str] = {}
     for res in results.values():
         tools.update(res.entry.manifest.get("inputs", {}).get("tools", {}))
+    if image is not None and loaded.base is not None and loaded.base.versions:   # what the image serves with
+        built = results.get("base_image")
+        measured = (built.entry.manifest.get("facts") or {}).get("versions") if built else None
+        tools.update({f"image:{d}": v for d, v in (measured or dict(loaded.base.versions)).items()})
     quantize = results.get("quantize")
     model_digest = quantize.output_digest if quantize else None
     image_digest = image.manifest_digest if image else None

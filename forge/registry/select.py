@@ -23,7 +23,7 @@ import difflib
 import re
 from dataclasses import asdict, dataclass
 
-from forge.gpu.catalog import Gpu, product_labels
+from forge.gpu.catalog import Gpu, gpus, product_labels
 from forge.core.errors import UsageError
 from forge.registry import annotate as ann
 from forge.registry.matrix import Matrix
@@ -129,7 +129,7 @@ def _judge(node: Node, d: dict, matrix: Matrix) -> Candidate:
         return out(RUNNABLE, f"built for {gpu} ({node.product})"
                    + ("; time-sliced: the pods on this GPU share its memory" if node.shared else ""))
     if not products:
-        return out(INCOMPATIBLE, f"a {gpu} variant: it does not run on a GPU" if gpu == "CPU"
+        return out(INCOMPATIBLE, f"a {gpu} variant: it does not run on a GPU" if gpu in gpus() and gpus()[gpu].is_cpu
                    else f"{gpu} has no GPU product label in forge's catalog")
     if not exact and cc != node_cc:
         return out(INCOMPATIBLE, f"built for {gpu} ({', '.join(products)}, compute capability {cc}); this node is "

@@ -36,6 +36,7 @@ from forge.engines.trtllm_build import EngineFacts, check_engine
 from forge.image.weights_layer import append_weights_layer
 
 OCI_DIR, IMAGE_JSON = "oci", "image.json"
+VERSION_LABEL = "dev.forge.version."   # + a distribution: its version in the image (the base's declared versions)
 SMOKE_KEEP = ".smoke-test"   # suffix of the directory beside the staging dir that keeps a failed smoke test
 
 
@@ -48,7 +49,9 @@ def _base_enabled(resolved) -> bool:
 
 
 def _base_config(resolved) -> dict:
-    return {k: v for k, v in resolved.base.__dict__.items() if k != "catalog"}
+    # pip_remove and versions only when a base has them: a base without them keeps the key it had before them
+    return {k: v for k, v in resolved.base.__dict__.items()
+            if k != "catalog" and not (k in ("pip_remove", "versions") and not v)}
 
 
 def _pip_sources() -> dict:
@@ -85,7 +88,10 @@ def _identity(loaded) -> dict:
     except ToolError:
         builder = "absent"   # the step itself reports it when it runs
     facts = {"builder": builder, builder: _tool_version(builder, loaded) if builder != "absent" else "absent"}
-    if base is not None and loaded.recipe.container.smoke_test and not get_engine(base.engine).smoke_test:
+    if base is not None and loaded.recipe.container.smoke_test and not get_engine(base.engine).smoke_test \
+            and base.cuda is None:   # an engine's own CPU build (vLLM's): runs here if this CPU has the target's ISA
+        facts["smoke_test_here"] = why_not_here(base.engine, loaded.recipe.target.gpu, builder) or "yes"
+    elif base is not None and loaded.recipe.container.smoke_test and not get_engine(base.engine).smoke_test:
         # a GPU image is smoke-tested where its GPU is: built here without one, it is built again there
         here = lambda: why_not_here(base.engine, loaded.recipe.target.gpu, builder)   # noqa: E731
         facts["smoke_test_here"] = probe("this host's GPUs (nvidia-smi)", here,
@@ -151,9 +157,15 @@ def run_base(ctx: StepContext) -> dict:
             else ["--extra-index-url", base.torch_index]
         buildah("run", *mounts, *[x for e in env for x in ("--env", e)], ctr, "--",
                 "/opt/venv/bin/pip", "install", "--quiet", *torch_index, *base.pip)
+        if base.pip_remove:
+            ctx.report(f"pip uninstall {' '.join(base.pip_remove)}")
+            buildah("run", *[x for e in env for x in ("--env", e)], ctr, "--",
+                    "/opt/venv/bin/pip", "uninstall", "--yes", "--quiet", *base.pip_remove)
+        versions = _installed_versions(ctr, base)
         buildah("run", ctr, "--", "useradd", "--uid", str(UID), "--create-home", "--shell", "/usr/sbin/nologin", "forge")
         buildah("config", "--env", "PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                "--env", "PYTHONUNBUFFERED=1", "--label", f"dev.forge.base={base.name}", ctr)
+                "--env", "PYTHONUNBUFFERED=1", "--label", f"dev.forge.base={base.name}",
+                *[x for d, v in versions.items() for x in ("--label", f"{VERSION_LABEL}{d}={v}")], ctr)
         tag = f"localhost/forge-base/{base.name}:{ctx.out.parent.name[:12]}"
         ctx.report("committing")
         image_id = buildah("commit", "--timestamp", "0", "--rm", ctr, tag).stdout.strip().splitlines()[-1]
@@ -162,7 +174,29 @@ def run_base(ctx: StepContext) -> dict:
     finally:
         if ctr:
             buildah("rm", ctr, check=False)
-    return {"base": base.name, "image_id": image_id, "tag": tag}
+    return {"base": base.name, "image_id": image_id, "tag": tag, "versions": versions}
+
+
+def _installed_versions(ctr: str, base) -> dict[str, str]:
+    """The versions pip installed of the distributions the base declares (``versions`` in its catalog), read in
+    the image; a difference from the catalog fails the build (what validate promised is what the image holds)."""
+    if not base.versions:
+        return {}
+    names = [d for d, _ in base.versions]
+    code = ("import importlib.metadata as m, json, sys; "
+            "print(json.dumps({d: m.version(d) for d in sys.argv[1:]}))")
+    proc = buildah("run", ctr, "--", "/opt/venv/bin/python3", "-c", code, *names, check=False)
+    if proc.returncode != 0:
+        raise ToolError(f"base {base.name}: could not read the installed versions of {', '.join(names)}: "
+                        f"{proc.stderr.strip()[-600:]}",
+                        hint=f"Each distribution under versions in {base.catalog} must be installed by its pip list.")
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    wrong = [f"{d} {found[d]} (declared {v})" for d, v in base.versions if found[d] != v]
+    if wrong:
+        raise ToolError(f"base {base.name}: pip installed {', '.join(wrong)}",
+                        hint=f"Pin the pip list of {base.name} in {base.catalog} so that it installs the declared "
+                             "versions, or declare what it installs (the engine's compatibility table reads them).")
+    return found
 
 
 def base_ref(ctx: StepContext, base, digest: str | None) -> str:
@@ -201,6 +235,7 @@ def _labels(ctx: StepContext, base, digest: str | None) -> tuple[tuple[str, str]
         "dev.forge.cuda.version": base.cuda or "none",
         "dev.forge.driver.min": base.min_driver or "none",
         "dev.forge.eval.verdict.digest": verdict,
+        **{f"{VERSION_LABEL}{d}": v for d, v in base.versions},   # what the base installed (checked when built)
     }
     if digest:
         labels["org.opencontainers.image.base.digest"] = digest

@@ -22,6 +22,7 @@ class Gpu:
     smi: tuple[str, ...] = ()                  # names nvidia-smi reports for it
     trtllm_cluster_keys: tuple[str, ...] = ()  # TensorRT-LLM build_config.auto_parallel_config.cluster_key
     gfd_products: tuple[str, ...] = ()         # Kubernetes GFD nvidia.com/gpu.product values (smi, spaces as '-')
+    cpu_isa: str | None = None                 # CPU targets: the least x86 instruction set it runs on (avx2 | avx512)
 
     @property
     def is_cpu(self) -> bool:
@@ -44,7 +45,7 @@ def gpus() -> dict[str, Gpu]:
         name: Gpu(name=name, vendor=e["vendor"], memory_gib=float(e["memory_gib"]),
                   bandwidth_gbs=float(e["bandwidth_gbs"]), compute_capability=_cc(e["compute_capability"]),
                   fp8=bool(e["fp8"]), price_per_hour=float(e["price_per_hour"]), smi=tuple(e.get("smi", ())),
-                  trtllm_cluster_keys=tuple(e.get("trtllm_cluster_keys", ())),
+                  trtllm_cluster_keys=tuple(e.get("trtllm_cluster_keys", ())), cpu_isa=e.get("cpu_isa"),
                   gfd_products=tuple(products.get(name, ())))
         for name, e in raw.items()
     }

