@@ -224,6 +224,9 @@ def free_port() -> int:
 GPU_FLAGS = {"docker": ("--gpus", "all"), "podman": ("--device", "nvidia.com/gpu=all")}   # NVIDIA runtime / CDI
 
 
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def start_server(builder: str, tag: str, engine_args, port: int, log, *, gpus: bool = False,
                  mounts: Sequence[tuple[Path, str]] = (), env: Sequence[tuple[str, str]] = (), command: bool = False):
     """Start the image's server (engine_args: its entrypoint) reachable on 127.0.0.1:port, its output to log;
@@ -232,6 +235,7 @@ def start_server(builder: str, tag: str, engine_args, port: int, log, *, gpus: b
     image's own ENTRYPOINT (an image that has none, e.g. a base image). Returns (process, args, stop). stop() ends
     the whole process group and removes the container."""
     volumes = [x for src, dst in mounts for x in ("-v", f"{src}:{dst}:ro")]
+    env = [*env, *_thread_limits(dict(env))]
     envs = [x for k, v in env for x in ("--env", f"{k}={v}")]
     if builder == "buildah":  # no port mapping: the server shares the host network, so it listens on port
         args = [a if a != str(PORT) else str(port) for a in engine_args]
@@ -254,6 +258,13 @@ def start_server(builder: str, tag: str, engine_args, port: int, log, *, gpus: b
         subprocess.run([builder, "rm", "-f", name], capture_output=True, env=clean_env())
         _stop_group(server)
     return server, list(engine_args), stop
+
+
+def _thread_limits(given: dict) -> list[tuple[str, str]]:
+    """This process's thread limits (OMP_NUM_THREADS, MKL_NUM_THREADS), set in the container too unless given: a
+    server started beside other work (a CI runner, parallel test workers) keeps to the cores it was given instead
+    of spinning one OpenMP thread per host core, which on a busy 2-core machine made each forward pass 3-9x slower."""
+    return [(k, os.environ[k]) for k in THREAD_VARS if os.environ.get(k) and k not in given]
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
