@@ -184,14 +184,16 @@ def registry_select(
     if json_out:
         sys.stdout.write(json.dumps(sel.to_json(), indent=2) + "\n")
     else:
-        if sel.chosen:
-            sys.stdout.write(sel.chosen.digest + "\n")   # alone on stdout: DIGEST=$(forge registry select …)
+        if sel.chosen:   # alone on stdout: DIGEST=$(forge registry select …); a weights-free serving image's model
+            # image follows it on the same line: read -r IMAGE MODEL <<< "$(forge registry select …)"
+            sys.stdout.write(" ".join(filter(None, (sel.chosen.digest, sel.chosen.model_image_digest))) + "\n")
         console.table(("variant", "verdict", "gpu", "status", "image", "why"),
                       [(escape(c.tag), c.verdict, c.gpu, c.status, c.digest[:19] or "-", escape(c.why))
                        for c in sel.candidates], console=err,
                       title=f"{mx.name} on {escape(sel.node.describe())} (matrix {mx.digest[:19]}, {escape(mx.where)})")
         if sel.chosen:
-            err.print(f"[green]✓[/] deploy {escape(sel.chosen.tag)}: {escape(sel.chosen.image)}", highlight=False)
+            mount = f" with the model image {escape(sel.chosen.model_image)} at /models" if sel.chosen.model_image else ""
+            err.print(f"[green]✓[/] deploy {escape(sel.chosen.tag)}: {escape(sel.chosen.image)}{mount}", highlight=False)
     if sel.chosen is None:
         raise UsageError(f"no variant of {model} runs on {gpu_product} ({sel.node.describe()})",
                          hint=f"Add a variant for {sel.node.gpu.name} to the recipe, or schedule on a GPU the "
