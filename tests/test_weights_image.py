@@ -32,8 +32,9 @@ VLLM = {"base": "vllm-0.11-cu128"}
 def _gpu_recipe(path: Path, model, name="tiny", **sections) -> Path:
     sections.setdefault("container", VLLM)
     sections.setdefault("scan", {"required": False})   # no Trivy here; the scan has its own tests below
+    target = {"gpu": "L4", "engine": "vllm", "max_model_len": 256, "max_num_seqs": 4, **sections.pop("target", {})}
     return write_recipe(path, str(model), name=name, quantize=sections.pop("quantize", {"method": "none"}),
-                        target={"gpu": "L4", "engine": "vllm", "max_model_len": 256, "max_num_seqs": 4}, **sections)
+                        target=target, **sections)
 
 
 def _steps(cache: Path, recipe: str | None = None) -> dict[str, Path]:
@@ -303,3 +304,20 @@ def test_shards_go_up_once_and_a_requantization_moves_only_what_changed(tmp_path
         assert (taken.model_image_digest, taken.modelpack_digest) == (l4.model_image_digest, l4.modelpack_digest)
         forge_cli("registry", "verify", taken.id[:12], env=other, check=0)
         forge_cli("registry", "verify", l4.id[:12], "--remote", "--registry-dir", str(reg), check=0)
+
+
+def test_select_returns_the_serving_image_and_the_model_image():
+    from forge.registry import annotate as ann
+    from forge.registry.matrix import Matrix
+    from forge.registry.select import select
+
+    serving, model, pack = ("sha256:" + c * 64 for c in "abc")
+    entry = {"digest": serving, "annotations": {ann.VARIANT: "l4", ann.TAG: "tiny:l4", ann.GPU: "L4",
+                                                ann.PRODUCTS: "NVIDIA-L4", ann.STATUS: "validated", ann.WEIGHTS: "image",
+                                                ann.MODEL_IMAGE: model, ann.MODELPACK: pack}}
+    sel = select(Matrix("tiny", "sha256:" + "d" * 64, "oci://127.0.0.1:5000/forge", (entry,), {}), "NVIDIA-L4")
+    chosen = sel.chosen
+    assert (chosen.digest, chosen.model_image_digest, chosen.modelpack_digest) == (serving, model, pack)
+    assert chosen.image == f"127.0.0.1:5000/forge@{serving}" and chosen.model_image == f"127.0.0.1:5000/forge@{model}"
+    said = sel.to_json()["selected"]
+    assert (said["weights"], said["model_image_digest"], said["modelpack_digest"]) == ("image", model, pack)
