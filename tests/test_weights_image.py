@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO, forge_cli, resolved, start_registry, write_recipe
 
 from forge.core.errors import RecipeError
-from forge.image import serve_entry
+from forge.image.containers import SERVE_ENTRY_SOURCE
 from forge.image.model_image import unpack
 from forge.oci.client import Client, Remote
 from forge.oci.layout import Layout
@@ -94,7 +94,7 @@ def test_weights_errors_name_the_field_and_the_fix(tmp_path, tiny_llama):
 def _entry(models: Path, spec: dict, **env) -> subprocess.CompletedProcess:
     (models / ".forge").mkdir(parents=True, exist_ok=True)
     (models / ".forge" / "serve.json").write_text(json.dumps(spec))
-    return subprocess.run([sys.executable, serve_entry.__file__], capture_output=True, text=True,
+    return subprocess.run([sys.executable, str(SERVE_ENTRY_SOURCE)], capture_output=True, text=True,
                           env={"PATH": os.environ["PATH"], "FORGE_MODEL_DIR": str(models), **env})
 
 
@@ -114,7 +114,7 @@ def test_the_entrypoint_runs_only_its_own_engine_and_says_why_not(tmp_path):
     out = _entry(models, {"engine": "vllm", "argv": [echo], "files": {"/etc/forge-x": "x"}}, FORGE_ENGINE="vllm",
                  FORGE_ENGINE_EXE=echo)
     assert out.returncode == 78 and "only ask for runtime files under /tmp/" in out.stderr
-    missing = subprocess.run([sys.executable, serve_entry.__file__], capture_output=True, text=True,
+    missing = subprocess.run([sys.executable, str(SERVE_ENTRY_SOURCE)], capture_output=True, text=True,
                              env={"FORGE_MODEL_DIR": str(tmp_path / "nothing"), "FORGE_ENGINE": "vllm"})
     assert missing.returncode == 78 and "mount the model image there read-only" in missing.stderr
 

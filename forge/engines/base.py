@@ -144,7 +144,7 @@ class Engine(Protocol):
 
     def runtime_files(self, served: str, model_dir: str) -> tuple[dict, dict, dict]:
         """What a weights-free serving image (container.weights: image) lays down at start, in place of
-        ``context_dirs``: (env, {path: text}, {link: target}), paths under /tmp (forge.image.serve_entry)."""
+        ``context_dirs``: (env, {path: text}, {link: target}), paths under /tmp (forge/image/serve-entry)."""
         ...
 
 

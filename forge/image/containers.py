@@ -21,8 +21,9 @@ PORT = 8000
 UID = 10001
 VENV_PYTHON = "/opt/venv/bin/python3"   # the Python of the bases forge builds (forge.steps.package run_base)
 MODELS_DIR = "/models"                  # container.weights: image: where the model image is mounted
-SERVE_ENTRY = "/opt/forge/serve.py"     # forge's entrypoint in a weights-free serving image (forge/image/serve_entry.py)
+SERVE_ENTRY = "/opt/forge/serve.py"     # forge's entrypoint in a weights-free serving image (forge/image/serve-entry)
 SERVE_ENTRY_FILE = "serve.py"           # its name in the build context
+SERVE_ENTRY_SOURCE = Path(__file__).with_name("serve-entry")   # the script itself (package data: it runs in the image)
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def serving_spec(resolved, *, base_ref: str, labels, env) -> ImageSpec:
 
 def serve_file(resolved, served_name: str) -> dict:
     """The model image's .forge/serve.json (container.weights: image): the engine's command for this checkpoint at
-    MODELS_DIR, and what the engine lays down at start (forge/image/serve_entry.py checks and runs it)."""
+    MODELS_DIR, and what the engine lays down at start (forge/image/serve-entry checks and runs it)."""
     runtime = getattr(resolved.engine, "runtime_files", None)
     env, files, links = runtime(served_name, MODELS_DIR) if runtime is not None else ({}, {}, {})
     return {"engine": resolved.engine.name, "argv": list(engine_command(resolved, served_name, MODELS_DIR)),

@@ -14,7 +14,7 @@ and on by default in 1.35); KServe's modelcars are such images, with the weights
   small one as ``…weight.config.v1.tar``, each with its ``org.cncf.model.filepath``; a registry holds no byte twice.
 
 Both name the model digest, method, format and recipe in their annotations (``dev.forge.*``). The small layer also
-holds ``.forge/serve.json``: how the weights-free serving image's entrypoint (forge/image/serve_entry.py) serves it.
+holds ``.forge/serve.json``: how the weights-free serving image's entrypoint (forge/image/serve-entry) serves it.
 
 ``mounted`` unpacks a model image the way a runtime does before it mounts the volume (layers in order, read-only
 bind at ``/models``): the smoke test and ``eval.candidate: image`` serve the serving image through it.
@@ -42,7 +42,7 @@ MODELPACK_CONFIG = "application/vnd.cncf.model.config.v1+json"
 MODELPACK_WEIGHT = "application/vnd.cncf.model.weight.v1.tar"
 MODELPACK_WEIGHT_CONFIG = "application/vnd.cncf.model.weight.config.v1.tar"
 FILEPATH = "org.cncf.model.filepath"
-SERVE_FILE = ".forge/serve.json"   # in the small layer: the engine's command for this model (serve_entry.py reads it)
+SERVE_FILE = ".forge/serve.json"   # in the small layer: the engine's command for this model (forge/image/serve-entry reads it)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """serving_image: the weights-free serving image of ``container.weights: image``, one per base and engine.
 
-It holds the base (with its engine), forge's entrypoint (``forge/image/serve_entry.py``) and the model path
+It holds the base (with its engine), forge's entrypoint (``forge/image/serve-entry``) and the model path
 (``/models``, where the model image is mounted read-only); nothing of any model. Its key is the base (name and
 digest, or forge's own base build), the engine and its executable, the image's env and the builder: no recipe name,
 no checkpoint, no quantization. A second model on the same base finds it in the step cache and builds no serving
@@ -16,12 +16,11 @@ import hashlib
 import json
 import shutil
 import time
-from pathlib import Path
 
 from forge.core.errors import ToolError
-from forge.image import serve_entry
 from forge.image.builders import CONTAINERFILE, build_image, choose_builder, describe_layout
-from forge.image.containers import MODELS_DIR, SERVE_ENTRY_FILE, containerfile, engine_command, require_cuda, serving_spec
+from forge.image.containers import (MODELS_DIR, SERVE_ENTRY_FILE, SERVE_ENTRY_SOURCE, containerfile, engine_command,
+                                    require_cuda, serving_spec)
 from forge.steps import StepContext, StepSpec, package
 
 REF = "serving"
@@ -68,7 +67,7 @@ def _labels(loaded) -> tuple[tuple[str, str], ...]:
 
 
 def _entry_digest() -> str:
-    return "sha256:" + hashlib.sha256(Path(serve_entry.__file__).read_bytes()).hexdigest()
+    return "sha256:" + hashlib.sha256(SERVE_ENTRY_SOURCE.read_bytes()).hexdigest()
 
 
 def _config(loaded) -> dict:
@@ -100,7 +99,7 @@ def run(ctx: StepContext) -> dict:
     base = loaded.base
     context = ctx.out.parent / "context"
     context.mkdir(parents=True)
-    shutil.copyfile(serve_entry.__file__, context / SERVE_ENTRY_FILE)
+    shutil.copyfile(SERVE_ENTRY_SOURCE, context / SERVE_ENTRY_FILE)
     spec = serving_spec(loaded, base_ref=package.base_ref(ctx, base, loaded.base_digest), labels=_labels(loaded),
                         env=_env(loaded))
     text = containerfile(spec)
