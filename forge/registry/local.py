@@ -288,8 +288,9 @@ class LocalRegistry:
             if (p := self.blobs.verify(digest)) is not None:
                 problems.append((digest, f"{role} manifest", p))
                 continue
-            checks += [(d, f"{role} {what}") for d, what in self.blobs.image_blobs(digest)][1:]
-            layers[role] = [la["digest"] for la in json.loads(self.blobs.read(digest)).get("layers", [])]
+            blobs = list(self.blobs.image_blobs(digest))[1:]
+            checks += [(d, f"{role} {what}") for d, what in (blobs if role == "model image" else blobs[:1])]  # the
+            layers[role] = [la["digest"] for la in json.loads(self.blobs.read(digest)).get("layers", [])]  # shards once
         if len(layers) == 2 and layers["model image"] != layers["modelpack"]:
             problems.append((rec.modelpack_digest, "modelpack manifest", "its layers are not the model image's"))
         return problems
