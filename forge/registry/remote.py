@@ -94,7 +94,7 @@ def promote(rec: Record, remote: Remote, tag: str) -> None:
 def verify(client: Client, rec: Record) -> list[tuple[str, str, str]]:
         """Re-hash, as served by the registry, the image manifest, every blob it names and every piece of
         evidence, and check each evidence artifact is findable as a referrer: (digest, role, problem)."""
-        problems = []
+        problems, seen = [], set()
         manifests = [(rec.image_digest, "image manifest")] + [(d, f"{role} manifest") for role, d in model_images(
             rec).items()] + [(e.manifest_digest, f"{e.kind} manifest") for e in rec.evidence]
         for digest, role in manifests:
@@ -110,6 +110,9 @@ def verify(client: Client, rec: Record) -> list[tuple[str, str, str]]:
                 manifests += [(d["digest"], f"variant {d['digest'][7:19]} manifest") for d in m["manifests"]]
                 continue
             for blob in [m["config"], *m.get("layers", [])]:
+                if blob["digest"] in seen:   # a ModelPack's layers are its model image's: each shard re-hashed once
+                    continue
+                seen.add(blob["digest"])
                 actual = client.blob_digest(blob["digest"])
                 if actual != blob["digest"]:
                     what = "missing from the registry" if actual is None else f"served content hashes to {actual}"
