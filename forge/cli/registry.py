@@ -97,7 +97,8 @@ def registry_verify(ref: RefArg, registry_dir: RegistryDir = None,
 
         client = remote_mod.Client(remote_mod.Remote.parse(rec.remote.split("@")[0]))
         problems += [(d, f"remote {role}", what) for d, role, what in remote_mod.verify(client, rec)]
-    n = len(rec.evidence) + (1 if rec.image_digest else 0)
+    models = " (weights-free), model image, ModelPack" if rec.model_image_digest else ""
+    n = len(rec.evidence) + (1 if rec.image_digest else 0) + (2 if rec.model_image_digest else 0)
     if problems:
         for digest, role, what in problems:
             err.print(f"[red]✗[/] {escape(role)}: blob {digest}: {escape(what)}", highlight=False, soft_wrap=True)
@@ -105,7 +106,7 @@ def registry_verify(ref: RefArg, registry_dir: RegistryDir = None,
                         + "; ".join(f"{role}: {digest}" for digest, role, _ in problems[:3]),
                         hint="The store was modified after publishing: rebuild and publish again; do not ship it.")
     status = "" if rec.kind == "matrix" else f"; status {rec.status} re-derived from the evidence"
-    out.print(f"[green]✓[/] {rec.name} {rec.short()}: image and {len(rec.evidence)} evidence artifact(s) verify "
+    out.print(f"[green]✓[/] {rec.name} {rec.short()}: image{models} and {len(rec.evidence)} evidence artifact(s) verify "
               f"({n} manifests re-hashed with every blob they name{', here and in ' + rec.remote.split('@')[0] if remote else ''}"
               f"{status})", highlight=False)
 
