@@ -184,7 +184,7 @@ def test_the_model_image_is_scanned_for_secrets_only(tmp_path, tiny_llama, stand
     clean = REPO / "tests" / "data" / "trivy" / "debian-12-clean.json"
     env = {**standin_bases, "PATH": f"{FAKE_BIN}:{os.environ['PATH']}", "FAKE_TRIVY_REPORT": str(clean),
            "FAKE_TRIVY_LOG": str(tmp_path / "trivy.log")}
-    proc = forge_cli("build", str(recipe), cache=tmp_path / "cache", env=env)
+    proc = forge_cli("build", str(recipe), "--registry-dir", str(tmp_path / "reg"), cache=tmp_path / "cache", env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     calls = [json.loads(line) for line in (tmp_path / "trivy.log").read_text().splitlines()]
     scans = {c[c.index("--input") + 1].rsplit("/", 1)[-1]: c[c.index("--scanners") + 1] for c in calls if "image" in c}
@@ -192,6 +192,9 @@ def test_the_model_image_is_scanned_for_secrets_only(tmp_path, tiny_llama, stand
     verdict = json.loads((_steps(tmp_path / "cache")["scan"] / "verdict.json").read_text())
     assert verdict["model_image"] == {"scanners": {"serving image": ["vuln", "secret"], "model image": ["secret"]},
                                       "secrets": 0}
+    rec = LocalRegistry(tmp_path / "reg").resolve("tiny")
+    assert rec.status_evidence["scan-report"]["scanners"] == {"serving image": ["vuln", "secret"],
+                                                              "model image": ["secret"]}   # the record says it too
     env["FAKE_TRIVY_SECRETS_REPORT"] = str(REPO / "tests" / "data" / "trivy" / "secrets.json")
     env["FAKE_TRIVY_LOG"] = str(tmp_path / "trivy2.log")
     proc = forge_cli("build", str(recipe), "--force", "scan", cache=tmp_path / "cache", env=env)

@@ -136,7 +136,10 @@ def read_verdict(data: bytes, where: str) -> dict:
     summary = str(v.get("summary") or "")
     if v["passed"] and blocking:
         summary = f"failed: the verdict says passed, yet lists {len(blocking)} blocking finding(s)"
-    return {"status": "scanned", "passed": v["passed"] and not blocking, "summary": summary or None, "reason": None}
+    said = {"status": "scanned", "passed": v["passed"] and not blocking, "summary": summary or None, "reason": None}
+    if isinstance(v.get("model_image"), dict):   # container.weights: image: which scanners ran on which image
+        said["scanners"] = v["model_image"].get("scanners")
+    return said
 
 
 @dataclass(frozen=True)
