@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -138,13 +139,19 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def oci_registry(tmp_path_factory):
     """A real OCI Distribution registry (Debian's docker-registry) on 127.0.0.1, temporary storage."""
-    import shutil
+    with start_registry(tmp_path_factory.mktemp("oci-registry")) as host:
+        yield host
+
+
+@contextmanager
+def start_registry(root: Path):
+    """Run a real OCI Distribution registry on 127.0.0.1 with its storage under ``root``; yields HOST:PORT. Its
+    output, the access log included (one line per request), goes to ``root/registry.log``."""
     import time
     import urllib.request
 
     exe = shutil.which("docker-registry")
     assert exe, "docker-registry is not installed: `make setup-tools` installs it (Debian package docker-registry)"
-    root = tmp_path_factory.mktemp("oci-registry")
     port = free_port()
     (root / "config.yml").write_text(f"version: 0.1\nlog: {{level: warn}}\nstorage:\n  filesystem:\n"
                                      f"    rootdirectory: {root / 'data'}\n  delete: {{enabled: true}}\n"

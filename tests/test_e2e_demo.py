@@ -233,18 +233,24 @@ def test_trtllm_recipe_modelopt_fp8_on_cpu_validated_and_packaged(demo, standin_
     assert facts["backend"] == "modelopt" and facts["checkpoint"]["quant_algo"] == "FP8"
     assert facts["checkpoint"]["quantized_layers"] == 210 and facts["size_ratio"] < 0.7
     assert facts["verify"]["matching_prefix"] >= 8     # dequantized FP8 generates BF16's first tokens
+    # a GPU target: container.weights: image by default. The serving image (no model) pins CUDA and runs forge's
+    # entrypoint; the model image carries the checkpoint and trtllm-serve's command for it
     config = image_config(steps["package"])
     env_vars = dict(e.split("=", 1) for e in config["config"]["Env"])
-    assert env_vars["NVIDIA_REQUIRE_CUDA"] == "cuda>=13.0"
-    entry = config["config"]["Entrypoint"]
+    assert env_vars["NVIDIA_REQUIRE_CUDA"] == "cuda>=13.0" and env_vars["FORGE_ENGINE_EXE"] == "trtllm-serve"
+    assert config["config"]["Entrypoint"][-1] == "/opt/forge/serve.py"
+    from forge.image.model_image import unpack
+    from forge.oci.layout import Layout
+
+    image = json.loads((steps["package"] / "image.json").read_text())
+    models = unpack(Layout(steps["package"] / "model-oci"), image["model_image"]["manifest_digest"], tmp_path / "root")
+    entry = json.loads((models / ".forge" / "serve.json").read_text())["argv"]
     serve = subprocess.run([str(REPO / "tests" / "fake_bin" / "trtllm-serve"), *entry[1:]], capture_output=True, text=True)
     assert entry[0] == "trtllm-serve" and serve.returncode == 0, serve.stderr
     assert json.loads(serve.stdout)["backend"] == "pytorch"
-    from forge.image.builders import file_digests_in_layer
+    import hashlib
 
-    image = json.loads((steps["package"] / "image.json").read_text())
-    layer = file_digests_in_layer(steps["package"] / "oci", image["weights_layer"])
-    assert layer["opt/forge/model/hf_quant_config.json"] == json.loads(
+    assert hashlib.sha256((models / "hf_quant_config.json").read_bytes()).hexdigest() == json.loads(
         (steps["quantize"].parent / "manifest.json").read_text())["output"]["files"]["hf_quant_config.json"]["sha256"]
 
 
@@ -297,3 +303,46 @@ def test_demo_gates_json_extract_through_its_own_image(demo):
     print("json_extract exact_match: through the image", cand["results"]["json_extract"]["exact_match"],
           "| checkpoint (hf)", checkpoint["results"]["json_extract"]["exact_match"],
           "| BF16 through the engine", base["results"]["json_extract"]["exact_match"])
+
+
+def test_demo_with_a_model_image_serves_paris_from_the_weights_free_serving_image(demo, tmp_path):
+    """container.weights: image on the demo: the weights-free serving image (the CPU base, forge's entrypoint, no
+    model) is smoke-tested with the model image unpacked and mounted read-only at /models, as a kubelet mounts an image
+    volume, and answers "Paris". Reuses the demo's cache: everything up to the gate and the base image are hits; the
+    serving image, the model image and its smoke test are this test's only work."""
+    recipe = demo["cache"].parent / "weights-image-ci" / "smollm2-135m-image.yaml"
+    recipe.parent.mkdir(exist_ok=True)
+    recipe.write_text(DEMO.read_text().replace("../evals/", f"{REPO}/evals/")
+                      .replace("name: smollm2-135m-demo", "name: smollm2-135m-image")
+                      .replace("  base: cpu-python311", "  weights: image\n  base: cpu-python311"))
+    proc = forge_cli("build", str(recipe), cache=demo["cache"], env=demo["env"], timeout=3600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for shared in ("resolve", "quantize", "eval_candidate", "gate", "base_image"):
+        assert re.search(rf"{shared}\s+HIT", proc.stdout), proc.stdout
+    assert re.search(r"serving_image\s+BUILT", proc.stdout) and re.search(r"package\s+BUILT", proc.stdout)
+    entries = json.loads(forge_cli("cache", "ls", "--json", cache=demo["cache"], check=0).stdout)
+    steps = {e["step"]: demo["cache"] / "steps" / e["key"] / "out" for e in entries
+             if e["recipe"] == "smollm2-135m-image"}
+    image = json.loads((steps["package"] / "image.json").read_text())
+    assert image["smoke_test"]["passed"] and "Paris" in image["smoke_test"]["answer"]
+    assert image["smoke_test"]["models"] == ["smollm2-135m-image"]
+    transcript = json.loads((steps["package"] / "smoke-test.json").read_text())
+    assert transcript["command"][-1] == "/opt/forge/serve.py"   # the serving image's own entrypoint ran
+    # the serving image holds no model: the base's layers and one small layer (the entrypoint)
+    base = json.loads((demo["steps"]["base_image"] / "oci" / "index.json").read_text())["manifests"][0]["digest"]
+    layout = steps["serving_image"] / "oci"
+    base_layers = [la["digest"] for la in json.loads((demo["steps"]["base_image"] / "oci" / "blobs" / "sha256" /
+                                                      base[7:]).read_text())["layers"]]
+    served = json.loads((layout / "blobs" / "sha256" / image["manifest_digest"][7:]).read_text())["layers"]
+    assert len(served) == len(base_layers) + 1 and served[-1]["size"] < 64 << 10, served[-1]
+    import io
+    import tarfile
+
+    data = (layout / "blobs" / "sha256" / served[-1]["digest"][7:]).read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)) as tf:
+        files = [m.name for m in tf if m.isfile()]
+    assert [f.lstrip("./") for f in files] == ["opt/forge/serve.py"], files
+    rec = json.loads(forge_cli("registry", "show", "smollm2-135m-image", "--json", env=demo["env"], check=0).stdout)
+    assert rec["weights"] == "image" and rec["image_digest"] == image["manifest_digest"]
+    assert rec["model_image_digest"] == image["model_image"]["manifest_digest"] and rec["smoke_test"] == "passed"
+    forge_cli("registry", "verify", "smollm2-135m-image", env=demo["env"], check=0)

@@ -262,7 +262,8 @@ def test_an_engine_built_for_another_gpu_never_reaches_packaging(tmp_path, tiny_
 
 
 def test_pytorch_mode_packages_the_modelopt_checkpoint_for_trtllm_serve(tmp_path, tiny_llama, standin_bases):
-    recipe = _trt_recipe(tmp_path, tiny_llama, "fp8", container={"base": "trtllm-1.2-cu130"})   # the current release
+    recipe = _trt_recipe(tmp_path, tiny_llama, "fp8", container={"base": "trtllm-1.2-cu130",   # the current release
+                                                                 "weights": "baked"})   # its image holds the weights
     proc = forge_cli("build", str(recipe), cache=tmp_path / "cache", env={**standin_bases})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "compile" not in proc.stdout   # nothing to compile: trtllm-serve loads the checkpoint
@@ -287,7 +288,8 @@ def test_vllm_recipe_on_a_standin_ngc_base_pins_cuda_and_labels(tmp_path, tiny_l
     """The vLLM GPU base: forge's env and labels override what the base ships; the engine line is vLLM's."""
     recipe = write_recipe(tmp_path / "v.yaml", str(tiny_llama), name="tiny-vllm",
                           target={"gpu": "L40S", "engine": "vllm", "max_model_len": 256, "max_num_seqs": 4},
-                          quantize={"method": "fp8"}, container={"base": "vllm-0.11-cu128"}, scan={"required": False})
+                          quantize={"method": "fp8"}, container={"base": "vllm-0.11-cu128", "weights": "baked"},
+                          scan={"required": False})   # baked: the engine line and the labels are the image's own
     proc = forge_cli("build", str(recipe), cache=tmp_path / "cache", env={**standin_bases})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     entries = {e["step"]: tmp_path / "cache" / "steps" / e["key"] / "out"

@@ -147,7 +147,14 @@ def test_gpu_variants_package_on_standin_bases_tagged_by_variant(tmp_path, tiny_
     assert set(records) == {"vllm-fp8-l4-tp1", "vllm-fp8-h100-sxm-tp1"}
     l4, h100 = records["vllm-fp8-l4-tp1"], records["vllm-fp8-h100-sxm-tp1"]
     assert (l4.target_gpu, h100.target_gpu) == ("L4", "H100-SXM") and l4.status == h100.status == "unscanned"
-    assert l4.model_digest == h100.model_digest and l4.image_digest != h100.image_digest
+    # container.weights: image (the GPU default): one weights-free serving image for the base, a model image each
+    # (the engine's command for each differs: max_num_seqs), their shard layers the same blobs
+    assert l4.model_digest == h100.model_digest and l4.image_digest == h100.image_digest
+    assert l4.model_image_digest != h100.model_image_digest
+    registry = LocalRegistry(reg)
+    shards = [[la["digest"] for la in json.loads(registry.blobs.read(r.model_image_digest))["layers"]][:-1]
+              for r in (l4, h100)]
+    assert shards[0] == shards[1] and shards[0]
     assert LocalRegistry(reg).resolve("tiny:vllm-fp8-h100-sxm-tp1").id == h100.id
     for step in ("resolve", "reference", "quantize", "eval_baseline", "eval_candidate", "gate"):
         assert f"{step} (shared: 2)" in proc.stdout, step
@@ -192,7 +199,11 @@ def test_demo_variants_build_cpu_and_two_gpu_images(tmp_path, standin_bases, dem
     shown = forge_cli("registry", "show", "smollm2-135m:vllm-fp8-l4-tp1", "--registry-dir", str(reg), check=0).stdout
     assert "transformers (lm-eval hf) on cpu; ships vllm on L4 (a proxy's numbers)" in shown
     assert {r.target_gpu for r in records.values()} == {"CPU", "L4", "H100-SXM"}
-    assert len({r.model_digest for r in records.values()}) == 1 and len({r.image_digest for r in records.values()}) == 3
+    # the CPU image (baked) and one weights-free vLLM serving image shared by the two GPU variants (container.weights:
+    # image, the GPU default), each with its own model image
+    assert len({r.model_digest for r in records.values()}) == 1 and len({r.image_digest for r in records.values()}) == 2
+    assert records["cpu-fp8"].weights == "baked" and records["vllm-fp8-l4-tp1"].weights == "image"
+    assert records["vllm-fp8-l4-tp1"].model_image_digest != records["vllm-fp8-h100-sxm-tp1"].model_image_digest
     for step in ("resolve", "reference", "quantize", "eval_baseline", "eval_candidate", "gate"):
         assert sum(f"{step} (shared: 3)" in line for line in proc.stdout.splitlines()) == 1, step
     assert {r.model_digest for r in records.values()} == {demo_build["digests"]["quantize"]}   # the demo's checkpoint

@@ -211,7 +211,11 @@ def summary(record, *, registry_root: Path, reports: dict[str, list[Path]], logs
     ]
     if record.image_digest:
         size = f" ({human(record.image_size)})" if record.image_size else ""
-        lines.append(("image", f"{record.image_digest}{size}"))
+        lines.append(("image", f"{record.image_digest}{size}" + (" (weights-free serving image)"
+                                                                  if record.model_image_digest else "")))
+    if record.model_image_digest:   # container.weights: image
+        lines.append(("model image", f"{record.model_image_digest} (mounted at /models)"))
+        lines.append(("modelpack", f"{record.modelpack_digest}"))
     if record.remote:
         lines.append(("pushed", escape(record.remote)))
     for label, files in reports.items():

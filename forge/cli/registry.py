@@ -97,7 +97,8 @@ def registry_verify(ref: RefArg, registry_dir: RegistryDir = None,
 
         client = remote_mod.Client(remote_mod.Remote.parse(rec.remote.split("@")[0]))
         problems += [(d, f"remote {role}", what) for d, role, what in remote_mod.verify(client, rec)]
-    n = len(rec.evidence) + (1 if rec.image_digest else 0)
+    models = " (weights-free), model image, ModelPack" if rec.model_image_digest else ""
+    n = len(rec.evidence) + (1 if rec.image_digest else 0) + (2 if rec.model_image_digest else 0)
     if problems:
         for digest, role, what in problems:
             err.print(f"[red]✗[/] {escape(role)}: blob {digest}: {escape(what)}", highlight=False, soft_wrap=True)
@@ -105,7 +106,7 @@ def registry_verify(ref: RefArg, registry_dir: RegistryDir = None,
                         + "; ".join(f"{role}: {digest}" for digest, role, _ in problems[:3]),
                         hint="The store was modified after publishing: rebuild and publish again; do not ship it.")
     status = "" if rec.kind == "matrix" else f"; status {rec.status} re-derived from the evidence"
-    out.print(f"[green]✓[/] {rec.name} {rec.short()}: image and {len(rec.evidence)} evidence artifact(s) verify "
+    out.print(f"[green]✓[/] {rec.name} {rec.short()}: image{models} and {len(rec.evidence)} evidence artifact(s) verify "
               f"({n} manifests re-hashed with every blob they name{', here and in ' + rec.remote.split('@')[0] if remote else ''}"
               f"{status})", highlight=False)
 
@@ -184,14 +185,16 @@ def registry_select(
     if json_out:
         sys.stdout.write(json.dumps(sel.to_json(), indent=2) + "\n")
     else:
-        if sel.chosen:
-            sys.stdout.write(sel.chosen.digest + "\n")   # alone on stdout: DIGEST=$(forge registry select …)
+        if sel.chosen:   # alone on stdout: DIGEST=$(forge registry select …); a weights-free serving image's model
+            # image follows it on the same line: read -r IMAGE MODEL <<< "$(forge registry select …)"
+            sys.stdout.write(" ".join(filter(None, (sel.chosen.digest, sel.chosen.model_image_digest))) + "\n")
         console.table(("variant", "verdict", "gpu", "status", "image", "why"),
                       [(escape(c.tag), c.verdict, c.gpu, c.status, c.digest[:19] or "-", escape(c.why))
                        for c in sel.candidates], console=err,
                       title=f"{mx.name} on {escape(sel.node.describe())} (matrix {mx.digest[:19]}, {escape(mx.where)})")
         if sel.chosen:
-            err.print(f"[green]✓[/] deploy {escape(sel.chosen.tag)}: {escape(sel.chosen.image)}", highlight=False)
+            mount = f" with the model image {escape(sel.chosen.model_image)} at /models" if sel.chosen.model_image else ""
+            err.print(f"[green]✓[/] deploy {escape(sel.chosen.tag)}: {escape(sel.chosen.image)}{mount}", highlight=False)
     if sel.chosen is None:
         raise UsageError(f"no variant of {model} runs on {gpu_product} ({sel.node.describe()})",
                          hint=f"Add a variant for {sel.node.gpu.name} to the recipe, or schedule on a GPU the "

@@ -142,6 +142,11 @@ class Engine(Protocol):
         the weights."""
         ...
 
+    def runtime_files(self, served: str, model_dir: str) -> tuple[dict, dict, dict]:
+        """What a weights-free serving image (container.weights: image) lays down at start, in place of
+        ``context_dirs``: (env, {path: text}, {link: target}), paths under /tmp (forge/image/serve-entry)."""
+        ...
+
 
 class GpuEngine:
     """Defaults for an engine that serves on NVIDIA GPUs (subclass and set name, formats, kernels, serve_command)."""
@@ -171,6 +176,9 @@ class GpuEngine:
 
     def context_dirs(self, context: Path, served: str) -> tuple[tuple[str, str], ...]:
         return ()
+
+    def runtime_files(self, served: str, model_dir: str) -> tuple[dict, dict, dict]:
+        return {}, {}, {}
 
     def serving(self, version: str | None) -> Serving:
         raise UsageError(f"the serving engine {self.name!r} declares no deployment facts (health, metrics, queue)",

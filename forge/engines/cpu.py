@@ -17,6 +17,7 @@ from forge.engines.base import EvalApi, GpuEngine, ServeAt, Serving
 HUB_DIR = "/opt/forge/hub"
 HUB_REVISION = "0" * 40
 MODEL_DIR = "/opt/forge/model"
+RUNTIME_HUB_DIR = "/tmp/forge/hub"   # container.weights: image: the entry is made at start (/tmp is writable in a pod)
 
 
 class Cpu(GpuEngine):
@@ -48,6 +49,13 @@ class Cpu(GpuEngine):
     def context_dirs(self, context: Path, served: str) -> tuple[tuple[str, str], ...]:
         write_hub_entry(context, served)
         return (("hub", HUB_DIR),)
+
+    def runtime_files(self, served: str, model_dir: str) -> tuple[dict, dict, dict]:
+        """container.weights: image: the same hub-cache entry, laid down at start in a writable directory (the
+        served id is the model's, and the serving image is shared by every model on its base)."""
+        repo = f"{RUNTIME_HUB_DIR}/models--{served}"
+        return ({"HF_HUB_CACHE": RUNTIME_HUB_DIR}, {f"{repo}/refs/main": HUB_REVISION},
+                {f"{repo}/snapshots/{HUB_REVISION}": model_dir})
 
     def serving(self, version: str | None) -> Serving:
         # transformers serve: /health, no Prometheus metrics, so no queue to scale on

@@ -239,6 +239,7 @@ def start_server(builder: str, tag: str, engine_args, port: int, log, *, gpus: b
     envs = [x for k, v in env for x in ("--env", f"{k}={v}")]
     if builder == "buildah":  # no port mapping: the server shares the host network, so it listens on port
         args = [a if a != str(PORT) else str(port) for a in engine_args]
+        envs += ["--env", f"FORGE_PORT={port}"]   # a weights-free serving image's entrypoint moves the engine there
         ctr = buildah("from", "--pull=never", tag).stdout.strip().splitlines()[-1]
         server = subprocess.Popen(["buildah", *storage_flags(), "run", "--isolation", "chroot", *volumes, *envs, ctr,
                                    "--", *args],

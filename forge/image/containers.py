@@ -20,6 +20,10 @@ ENGINE_DIR = "/opt/forge/engine"      # a TensorRT-LLM engine (legacy engine mod
 PORT = 8000
 UID = 10001
 VENV_PYTHON = "/opt/venv/bin/python3"   # the Python of the bases forge builds (forge.steps.package run_base)
+MODELS_DIR = "/models"                  # container.weights: image: where the model image is mounted
+SERVE_ENTRY = "/opt/forge/serve.py"     # forge's entrypoint in a weights-free serving image (forge/image/serve-entry)
+SERVE_ENTRY_FILE = "serve.py"           # its name in the build context
+SERVE_ENTRY_SOURCE = Path(__file__).with_name("serve-entry")   # the script itself (package data: it runs in the image)
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,7 @@ class ImageSpec:
     health_route: str = "/health"     # the engine's readiness route
     python: str = "python3"           # the image's Python, which runs the HEALTHCHECK
     extra_dirs: tuple[tuple[str, str], ...] = ()   # (build-context dir, image path) the engine asked for
+    weights: str = "baked"            # image: a weights-free serving image (forge's entrypoint, the model at /models)
 
 
 def require_cuda(base: Base) -> str | None:
@@ -44,10 +49,10 @@ def require_cuda(base: Base) -> str | None:
     return f"cuda>={base.cuda}" if base.cuda else None
 
 
-def engine_command(resolved, served_name: str) -> tuple[str, ...]:
+def engine_command(resolved, served_name: str, model_dir: str = MODEL_DIR) -> tuple[str, ...]:
     """The engine's ENTRYPOINT for this recipe's checkpoint: asked of the engine module (forge.engines)."""
     return resolved.engine.serve_command(resolved.recipe, resolved.format,
-                                         ServeAt(MODEL_DIR, PORT, served_name, engine_dir=ENGINE_DIR,
+                                         ServeAt(model_dir, PORT, served_name, engine_dir=ENGINE_DIR,
                                                  kv_cache_bytes=kv_cache_bytes(resolved)))
 
 
@@ -79,6 +84,26 @@ def image_spec(resolved, *, base_ref: str, labels, env, engine_dir: bool = False
                      extra_dirs=tuple(extra))
 
 
+def serving_spec(resolved, *, base_ref: str, labels, env) -> ImageSpec:
+    """The weights-free serving image (container.weights: image): the base, forge's entrypoint and the engine's
+    health route; no model and no served id (the model image's .forge/serve.json brings both), so every model on
+    this base serves from the same image."""
+    engine, base = resolved.engine, resolved.base
+    python = VENV_PYTHON if base.built else engine.python
+    return ImageSpec(base_ref=base_ref, base=base, served_name="", engine_args=(python, SERVE_ENTRY),
+                     labels=tuple(labels), env=tuple(env), health_route=engine.health_route, python=python,
+                     weights="image")
+
+
+def serve_file(resolved, served_name: str) -> dict:
+    """The model image's .forge/serve.json (container.weights: image): the engine's command for this checkpoint at
+    MODELS_DIR, and what the engine lays down at start (forge/image/serve-entry checks and runs it)."""
+    runtime = getattr(resolved.engine, "runtime_files", None)
+    env, files, links = runtime(served_name, MODELS_DIR) if runtime is not None else ({}, {}, {})
+    return {"engine": resolved.engine.name, "argv": list(engine_command(resolved, served_name, MODELS_DIR)),
+            "port": PORT, "served_name": served_name, "env": env, "files": files, "links": links}
+
+
 def _from(spec: ImageSpec) -> list[str]:
     return [f"FROM {spec.base_ref}"]
 
@@ -86,6 +111,9 @@ def _from(spec: ImageSpec) -> list[str]:
 def _weights(spec: ImageSpec) -> list[str]:
     # The checkpoint is not COPYed: forge appends it as the image's last layer itself (forge/image/weights_layer.py),
     # streamed into the OCI layout at hashing speed. A compiled engine and small extra dirs are COPYed here.
+    if spec.weights == "image":   # no model at all: the model image is mounted at MODELS_DIR when it runs
+        return [f"# {MODELS_DIR}/: no model in this image; the model image is mounted there read-only",
+                f"COPY {SERVE_ENTRY_FILE} {SERVE_ENTRY}"]
     lines = [f"# {MODEL_DIR}/: the checkpoint, appended by forge as the last layer (container.weights_compression)"]
     if spec.engine_dir:
         lines.append(f"COPY --chown={UID}:{UID} engine/ {ENGINE_DIR}/")
@@ -105,7 +133,8 @@ def _runtime(spec: ImageSpec) -> list[str]:
     health = (f"{spec.python} -c \"import urllib.request,sys; "
               f"sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:{PORT}{spec.health_route}', timeout=5).status "
               "== 200 else 1)\"")
-    return [f"USER {UID}:{UID}", f"WORKDIR {MODEL_DIR}", f"EXPOSE {PORT}",
+    workdir = MODELS_DIR if spec.weights == "image" else MODEL_DIR
+    return [f"USER {UID}:{UID}", f"WORKDIR {workdir}", f"EXPOSE {PORT}",
             f"HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 CMD {health}",
             f"ENTRYPOINT {json.dumps(list(spec.engine_args))}"]
 
@@ -115,7 +144,9 @@ FRAGMENTS = (_from, _weights, _env, _labels, _runtime)
 
 def containerfile(spec: ImageSpec) -> str:
     head = ["# Generated by forge. Build context: this directory; forge appends the model files (model/) as the last layer.",
-            f"# Serve: {shlex.join(spec.engine_args)}"]
+            f"# Serve: {shlex.join(spec.engine_args)}"] if spec.weights != "image" else [
+        f"# Generated by forge: a weights-free serving image (container.weights: image). The model image is mounted at "
+        f"{MODELS_DIR}; its .forge/serve.json names the engine's command.", f"# Serve: {shlex.join(spec.engine_args)}"]
     body = [line for fragment in FRAGMENTS for line in fragment(spec)]
     return "\n".join(head + body) + "\n"
 

@@ -13,18 +13,26 @@ and on by default in 1.35); KServe's modelcars are such images, with the weights
   Runner and CRI-O) over **the same blobs**: weight layers as ``application/vnd.cncf.model.weight.v1.tar``, the
   small one as ``…weight.config.v1.tar``, each with its ``org.cncf.model.filepath``; a registry holds no byte twice.
 
-Both name the model digest, method, format and recipe in their annotations (``dev.forge.*``).
+Both name the model digest, method, format and recipe in their annotations (``dev.forge.*``). The small layer also
+holds ``.forge/serve.json``: how the weights-free serving image's entrypoint (forge/image/serve-entry) serves it.
+
+``mounted`` unpacks a model image the way a runtime does before it mounts the volume (layers in order, read-only
+bind at ``/models``): the smoke test and ``eval.candidate: image`` serve the serving image through it.
 """
 from __future__ import annotations
 
+import shutil
+import tarfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from forge.image.weights_layer import write_layer
-from forge.oci.layout import MANIFEST, REF_NAME, Layout, descriptor, manifest_bytes
+from forge.oci.layout import MANIFEST, REF_NAME, Layout, descriptor, manifest_bytes, member_path
 
-__all__ = ["MODELS_DIR", "MODELPACK_TYPE", "ModelImage", "write_model_image", "weight_files"]
+__all__ = ["MODELS_DIR", "MODELPACK_TYPE", "SERVE_FILE", "ModelImage", "write_model_image", "weight_files", "unpack",
+           "mounted"]
 
 MODELS_DIR = "/models"
 IMAGE_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -34,6 +42,7 @@ MODELPACK_CONFIG = "application/vnd.cncf.model.config.v1+json"
 MODELPACK_WEIGHT = "application/vnd.cncf.model.weight.v1.tar"
 MODELPACK_WEIGHT_CONFIG = "application/vnd.cncf.model.weight.config.v1.tar"
 FILEPATH = "org.cncf.model.filepath"
+SERVE_FILE = ".forge/serve.json"   # in the small layer: the engine's command for this model (forge/image/serve-entry reads it)
 
 
 @dataclass(frozen=True)
@@ -51,11 +60,14 @@ def weight_files(checkpoint: Path) -> tuple[list[Path], list[Path]]:
     return shards, [p for p in files if p.suffix != ".safetensors"]
 
 
-def write_model_image(checkpoint: Path, layout: Layout, ref: str, *, annotations: dict[str, str],
+def write_model_image(checkpoint: Path, layout: Layout | Path, ref: str, *, annotations: dict[str, str],
                       params: int | None = None, precision: str | None = None, quantization: str | None = None,
-                      progress: Callable[[int], None] | None = None) -> ModelImage:
+                      progress: Callable[[int], None] | None = None, index_modelpack: bool = True) -> ModelImage:
     """Write the model image of ``checkpoint`` and its ModelPack manifest into ``layout``, tagged ``ref`` and
-    ``ref-modelpack``. ``annotations``: dev.forge.* facts (model digest, method, format, recipe)."""
+    ``ref-modelpack``. ``annotations``: dev.forge.* facts (model digest, method, format, recipe).
+    ``index_modelpack=False``: the ModelPack's blobs are written but index.json names the model image alone (a
+    layout that Trivy and buildah read as one image)."""
+    layout = layout if isinstance(layout, Layout) else Layout(Path(layout))
     shards, rest = weight_files(checkpoint)
     if not shards:
         raise ValueError(f"{checkpoint}: no .safetensors file: a model image carries safetensors weights")
@@ -94,9 +106,11 @@ def write_model_image(checkpoint: Path, layout: Layout, ref: str, *, annotations
             "annotations": annotations}
     pack_bytes = manifest_bytes(pack)
     pack_digest = layout.put_bytes(pack_bytes)
-    layout.add_to_index([{**descriptor(MANIFEST, image_bytes), "annotations": {REF_NAME: ref}},
-                         {**descriptor(MANIFEST, pack_bytes), "artifactType": MODELPACK_TYPE,
-                          "annotations": {REF_NAME: f"{ref}-modelpack"}}])
+    named = [{**descriptor(MANIFEST, image_bytes), "annotations": {REF_NAME: ref}}]
+    if index_modelpack:
+        named.append({**descriptor(MANIFEST, pack_bytes), "artifactType": MODELPACK_TYPE,
+                      "annotations": {REF_NAME: f"{ref}-modelpack"}})
+    layout.add_to_index(named)
     return ModelImage(image_digest, pack_digest, tuple(layers), sum(la["size"] for la in layers))
 
 
@@ -106,3 +120,40 @@ def _param_size(params: int) -> str:
         if params >= scale:
             return f"{params / scale:.1f}".removesuffix(".0") + letter
     return str(params)
+
+
+def unpack(layout: Layout, digest: str, dest: Path) -> Path:
+    """The filesystem of the model image ``digest`` in ``layout``, as a runtime lays it out before it mounts the
+    volume: every layer unpacked in order under ``dest`` (directories and regular files only, nothing outside
+    ``models/``). Returns ``dest/models``."""
+    import json
+
+    for layer in json.loads(layout.read(digest))["layers"]:
+        with tarfile.open(layout.blob_path(layer["digest"])) as tf:
+            for m in tf:
+                name = member_path(m.name).rstrip("/")
+                parts = Path(name).parts
+                if not parts or parts[0] != MODELS_DIR.strip("/") or ".." in parts or not (m.isdir() or m.isfile()):
+                    raise ValueError(f"model image layer {layer['digest']} holds {m.name!r}: only directories and "
+                                     f"files under {MODELS_DIR} belong in a model image")
+                target = dest / name
+                if m.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with tf.extractfile(m) as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out, 8 << 20)
+                target.chmod(0o644)
+    return dest / MODELS_DIR.strip("/")
+
+
+@contextmanager
+def mounted(layout_dir: Path, digest: str, scratch: Path) -> Iterator[tuple[tuple[Path, str], ...]]:
+    """(host path, container path) bind mounts that put the model image at /models (read-only: the builders'
+    ``start_server`` mounts them ``ro``), unpacked under ``scratch`` and removed afterwards."""
+    root = Path(scratch) / f".model-image-{digest[7:19]}"
+    shutil.rmtree(root, ignore_errors=True)
+    try:
+        yield ((unpack(Layout(Path(layout_dir)), digest, root), MODELS_DIR),)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

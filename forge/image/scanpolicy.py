@@ -124,9 +124,27 @@ class Verdict:
     expired_ignores: list[dict] = field(default_factory=list)
     unused_ignores: list[dict] = field(default_factory=list)
     trivy: dict = field(default_factory=dict)
+    model_image: dict | None = None            # container.weights: image: its secrets-only scan (add_model_image)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["model_image"] is None:   # a baked image's verdict is what it was
+            del out["model_image"]
+        return out
+
+
+def add_model_image(v: Verdict, report: Report, scanners: tuple[str, ...]) -> Verdict:
+    """Join the model image's scan to the serving image's verdict. A model image holds weights, a config and a
+    tokenizer, no packages: it is scanned for secrets only, and any secret blocks, as in the serving image."""
+    found = [Finding("secret", s.rule_id, s.severity, f"model image: {r.target}", title=s.title, decision="blocking",
+                     reason="secrets are always fatal") for r in report.results for s in r.secrets]
+    v.model_image = {"scanners": {"serving image": list(scanners), "model image": ["secret"]}, "secrets": len(found)}
+    if found:
+        what = f"{len(found)} secret(s) in the model image"
+        v.summary = f"{v.summary} and {what}" if not v.passed else f"failed: {what}"
+        v.passed = False
+        v.blocking = [*v.blocking, *found]
+    return v
 
 
 def judge(report: Report, *, fail_on: tuple[str, ...] = ("CRITICAL", "HIGH"), ignore_unfixed: bool = True,

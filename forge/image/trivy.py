@@ -197,12 +197,27 @@ def version(opts: TrivyOptions) -> dict:
     return {"version": info.get("Version"), "db_updated_at": db.get("UpdatedAt"), "db_version": db.get("Version")}
 
 
+def image_scanners(opts: TrivyOptions) -> tuple[str, ...]:
+    """The scanners run on a serving image (a model image: ``scan_secrets``, secrets only)."""
+    return ("vuln", "secret", *(("misconfig",) if opts.misconfig else ()))
+
+
+def scan_secrets(image_input: Path, report_path: Path, opts: TrivyOptions) -> Report:
+    """A model image (weights, config, tokenizer: no packages to have vulnerabilities): the secret scanner only."""
+    if not image_input.exists():
+        raise ToolError(f"image input {image_input} does not exist")
+    trivy = find_trivy()
+    _run([trivy, *opts.global_flags(), "image", "--input", str(image_input), "--format", "json", "--scanners", "secret",
+          *opts.scan_flags(), "--quiet", "--output", str(report_path)], "image")
+    return parse_report(report_path.read_bytes(), source=str(report_path))
+
+
 def scan_image(image_input: Path, report_path: Path, sbom_path: Path, opts: TrivyOptions) -> Report:
     """Scan an OCI layout directory or a docker-archive tar; write the JSON report and a CycloneDX SBOM."""
     if not image_input.exists():
         raise ToolError(f"image input {image_input} does not exist")
     trivy = find_trivy()
-    scanners = "vuln,secret" + (",misconfig" if opts.misconfig else "")
+    scanners = ",".join(image_scanners(opts))
     # No --severity, --ignore-unfixed or --exit-code: the policy is forge's, decided on the full report.
     _run([trivy, *opts.global_flags(), "image", "--input", str(image_input), "--format", "json", "--list-all-pkgs",
           "--scanners", scanners, *opts.scan_flags(), "--quiet", "--output", str(report_path)], "image")

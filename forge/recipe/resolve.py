@@ -59,6 +59,8 @@ class Resolved:
     gpu_bound: bool                    # the image runs only on the GPU model it was built on (engine hook)
     warnings: tuple[str, ...] = ()
     host_needs: tuple[Need, ...] = ()  # what the steps that hold the model need of this host's memory (CPU steps)
+    weights: str = "baked"             # container.weights decided: "image" (model image + weights-free serving
+                                       # image) or "baked" (the weights in the serving image)
 
     # -------------------------------------------------------------- the recipe as loaded
     @property
@@ -154,6 +156,9 @@ def resolve_loaded(loaded: LoadedRecipe, downloads: Path, *, target: bool = True
                 warnings.append(f"{loaded.where('container', 'base')}: base {base.name} is not locked to a digest "
                                 "(an error under --ci); run `forge lock`")
     problems += [f"{loaded.where(*keys)}: {msg}" for keys, msg in engine.problems(r, base)]
+    weights, why_not = weights_of(r, engine, gpu)
+    if why_not:
+        problems.append(f"{loaded.where('container', 'weights')}: {why_not}")
     if problems:
         raise RecipeError(problems)
 
@@ -178,7 +183,26 @@ def resolve_loaded(loaded: LoadedRecipe, downloads: Path, *, target: bool = True
                                   recipe_dtype=r.model.dtype, streams=not auto and backends.streams(q, t.engine)),
         calibrates=calibrates,
         verifies=not auto and backends.verifies(q, t.engine),
-        compiles=engine.compiles(r), gpu_bound=engine.gpu_bound(r), warnings=tuple(dict.fromkeys(warnings)))
+        compiles=engine.compiles(r), gpu_bound=engine.gpu_bound(r), warnings=tuple(dict.fromkeys(warnings)),
+        weights=weights)
+
+
+def weights_of(r, engine: Engine, gpu) -> tuple[str, str | None]:
+    """container.weights decided: (baked | image, why the recipe's explicit choice cannot be, or None). Default:
+    image on a GPU target, baked on a CPU target (the demo) and for a compiled engine (bound to its model)."""
+    c = r.container
+    if c is None:
+        return "baked", None
+    if c.weights is None:
+        return ("baked" if gpu.is_cpu or engine.compiles(r) else "image"), None
+    if c.weights == "image" and engine.compiles(r):
+        return "baked", ("image: a compiled TensorRT-LLM engine (trtllm.mode: engine) is bound to its model and GPU "
+                         "and ships inside the serving image; use container.weights: baked, or trtllm.mode: pytorch")
+    if c.weights == "image" and c.weights_compression != "none":
+        return "baked", (f"image with weights_compression: {c.weights_compression}: a model image's layers are "
+                         "uncompressed (one per shard, shared by digest); remove container.weights_compression, or "
+                         "use container.weights: baked")
+    return c.weights, None
 
 
 def _shape_and_fit(loaded: LoadedRecipe, gpu, backend: str | None, downloads: Path, *,

@@ -187,8 +187,16 @@ class Container(_Section):
     builder: Literal["auto", "buildah", "docker", "podman"] = "auto"
     smoke_test: bool = True
     weights_compression: Literal["none", "zstd", "gzip"] = Field(
-        "none", description="The weights layer's compression. none (default): written at hashing speed "
-                            "(safetensors barely compress); zstd or gzip: smaller pushes, slower builds and pulls")
+        "none", description="The weights layer's compression (container.weights: baked). none (default): written "
+                            "at hashing speed (safetensors barely compress); zstd or gzip: smaller pushes, slower "
+                            "builds and pulls")
+    weights: Literal["baked", "image"] | None = Field(
+        None, description="Where the weights ship. image: a model image per checkpoint (weights only, under /models, "
+                          "one uncompressed layer per safetensors shard) and a ModelPack manifest over the same "
+                          "blobs, beside a weights-free serving image keyed by base + engine only (shared by every "
+                          "model on that base); a cluster mounts the model image as an image volume. baked: the "
+                          "weights are the serving image's last layer. Default: image for GPU targets, baked for "
+                          "CPU targets and compiled TensorRT-LLM engines (bound to their model).")
 
 
 class TrivySettings(_Section):

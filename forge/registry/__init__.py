@@ -16,12 +16,13 @@ from pathlib import Path
 from forge.core.errors import EvidenceError, ToolError, UsageError
 from forge.oci.layout import EMPTY_BYTES, MANIFEST, REF_NAME, Layout, descriptor, member_path, sha256_bytes
 from forge.registry.local import RECORD_ANNOTATION, LocalRegistry, default_registry_dir
-from forge.registry.record import PROMOTABLE, STATUSES, Collected, EvidenceFiles, Record, collect
+from forge.registry.record import PROMOTABLE, STATUSES, Collected, EvidenceFiles, Record, collect, model_images
 from forge.registry import remote
 
 __all__ = ["publish", "pull", "take_in", "LocalRegistry", "Record", "STATUSES", "PROMOTABLE", "default_registry_dir"]
 
 MODEL_PREFIX = "opt/forge/model/"
+MODELS_PREFIX = "models/"   # container.weights: image: the model image's tree
 MATRIX_TAG = "matrix"   # <name>:matrix, the variant matrix (forge/registry/matrix.py)
 MATRIX_TYPE = "application/vnd.forge.variant-matrix.v1+json"   # its artifactType
 
@@ -84,8 +85,14 @@ def pull(ref: str, dest: Path, reg: LocalRegistry | None = None) -> dict:
     if ref.startswith("oci://"):
         with tempfile.TemporaryDirectory(prefix="forge-pull-") as tmp:
             layout, image_digest, fetched = _fetch_remote(ref, Path(tmp))
-            evidence = {kind: (d, files) for kind, d, files in fetched if kind != "record"}
-            return _extract(layout, image_digest, evidence, dest)
+            evidence = {kind: (d, files) for kind, d, files in fetched if kind not in ("record", "model-tag")}
+            try:
+                rec = _pushed_record(layout, image_digest, fetched, ref)
+            except UsageError:   # pushed without a record (by an older forge): its weights are its last layer
+                rec = None
+            if rec is not None and rec.model_image_digest:
+                _fetch_model(ref, rec, layout)
+            return _extract(layout, image_digest, evidence, dest, rec.model_image_digest if rec else None)
     reg = reg or LocalRegistry()
     rec = reg.resolve(ref)
     if rec.kind == "matrix":
@@ -98,7 +105,7 @@ def pull(ref: str, dest: Path, reg: LocalRegistry | None = None) -> dict:
         raise ToolError(f"registry blob {digest} ({role}) does not verify: {what}",
                         hint="`forge registry verify` lists every bad blob; rebuild and publish again.")
     evidence = {ev.kind: (ev.manifest_digest, ev.files) for ev in rec.evidence}
-    return _extract(reg.blobs, rec.image_digest, evidence, dest)
+    return _extract(reg.blobs, rec.image_digest, evidence, dest, rec.model_image_digest)
 
 
 def take_in(ref: str, reg: LocalRegistry, report=lambda *a, **k: None) -> Record:
@@ -117,8 +124,12 @@ def take_in(ref: str, reg: LocalRegistry, report=lambda *a, **k: None) -> Record
         report(f"fetching {ref}")
         layout, digest, fetched = _fetch_remote(ref, Path(tmp))
         rec = _pushed_record(layout, digest, fetched, ref)
-        for d, _ in layout.image_blobs(digest):
-            reg.blobs.put_file(layout.blob_path(d), d)
+        if rec.model_image_digest:
+            report(f"fetching the model image {rec.model_image_digest[:19]}")
+            _fetch_model(ref, rec, layout)
+        for image in (digest, *model_images(rec).values()):
+            for d, _ in layout.image_blobs(image):
+                reg.blobs.put_file(layout.blob_path(d), d)
         reg.blobs.put_bytes(EMPTY_BYTES)
         for ev in rec.evidence:
             for d in (ev.manifest_digest, *ev.files.values()):
@@ -138,7 +149,8 @@ def take_in(ref: str, reg: LocalRegistry, report=lambda *a, **k: None) -> Record
     named = [{**descriptor(MANIFEST, reg.blobs.read(ev.manifest_digest)), "artifactType": ev.artifact_type,
               "annotations": {RECORD_ANNOTATION: rec.id}} for ev in rec.evidence]
     ann = {**rec.annotations, RECORD_ANNOTATION: rec.id, **({REF_NAME: f"{rec.name}:{rec.tag}"} if rec.tag else {})}
-    reg.blobs.add_to_index(named + [{**descriptor(MANIFEST, reg.blobs.read(digest)), "annotations": ann}])
+    reg.blobs.add_to_index(named + [{**descriptor(MANIFEST, reg.blobs.read(digest)), "annotations": ann}]
+                           + reg.model_descriptors(rec, rec.tag))
     if rec.variant is not None and rec.tag:
         reg.tag(stored, rec.variant)
     return stored
@@ -146,7 +158,9 @@ def take_in(ref: str, reg: LocalRegistry, report=lambda *a, **k: None) -> Record
 
 def _pushed_record(layout: Layout, digest: str, fetched: list, ref: str) -> Record:
     """The record artifact among the fetched referrers that names this image (the newest, if more than one build
-    made the same image)."""
+    made the same image). A weights-free serving image is shared by every model on its base: when the reference is
+    a tag, the model image its ``<tag>-model`` names picks the record (``_fetch_remote`` fetched it as "model-tag")."""
+    model = next((files.get("digest") for kind, _, files in fetched if kind == "model-tag"), None)
     found = []
     for kind, _, files in fetched:
         if kind != "record" or remote.RECORD_FILE not in files:
@@ -156,13 +170,30 @@ def _pushed_record(layout: Layout, digest: str, fetched: list, ref: str) -> Reco
         except ValueError as e:
             raise EvidenceError(f"{ref}: its record artifact is not a forge record ({str(e).splitlines()[0]})",
                                 hint="Push it again with this forge version.") from None
-        if rec.image_digest == digest:
+        if rec.image_digest == digest and (model is None or rec.model_image_digest == model):
             found.append(rec)
     if not found:
         raise UsageError(f"{ref} has no forge record among its referrers: it was not pushed by a forge that records "
                          "itself (or not by forge)",
                          hint="Push it again with `forge build … --publish-to`, or pull its files with --to DIR.")
     return max(found, key=lambda r: r.created_at)
+
+
+def _fetch_model(ref: str, rec: Record, layout: Layout) -> None:
+    """A record's model image (skopeo, digests preserved and checked) and its ModelPack manifest (whose blobs are the
+    model image's, and its config, checked against their digests) from the record's repository into ``layout``."""
+    r, _ = remote.parse_ref(ref)
+    remote.fetch_image(r, rec.model_image_digest, layout.root, "model")
+    client = remote.Client(r)
+    got = client.get_manifest(rec.modelpack_digest) if rec.modelpack_digest else None
+    if got is None:
+        raise EvidenceError(f"{ref}: the record's ModelPack manifest {rec.modelpack_digest} is not in the registry",
+                            hint="Push the record again from the machine that built it, then pull.")
+    layout.put_bytes(got[0], rec.modelpack_digest)   # refused unless it hashes to the record's digest
+    pack = json.loads(got[0])
+    for blob in [pack["config"], *pack["layers"]]:
+        if not layout.has(blob["digest"]):
+            layout.put_bytes(client.get_blob(blob["digest"]), blob["digest"])
 
 
 def _fetch_remote(ref: str, tmp: Path) -> tuple[Layout, str, list[tuple[str, str, dict]]]:
@@ -182,6 +213,8 @@ def _fetch_remote(ref: str, tmp: Path) -> tuple[Layout, str, list[tuple[str, str
     layout = Layout(tmp / "oci")
     remote.fetch_image(r, digest, layout.root, "image")
     evidence = []
+    if not what.startswith("sha256:") and (model := client.get_manifest(f"{what}-model")) is not None:
+        evidence.append(("model-tag", "", {"digest": sha256_bytes(model[0])}))   # which model this tag serves
     referrers, _ = client.referrers(digest)
     for d in referrers:
         data, _ = client.get_manifest(d["digest"]) or (None, None)
@@ -198,28 +231,34 @@ def _fetch_remote(ref: str, tmp: Path) -> tuple[Layout, str, list[tuple[str, str
     return layout, digest, evidence
 
 
-def _extract(layout: Layout, image_digest: str, evidence: dict, dest: Path) -> dict:
-    """Copy out of an already verified layout."""
+def _extract(layout: Layout, image_digest: str, evidence: dict, dest: Path, model_image: str | None = None) -> dict:
+    """Copy out of an already verified layout: the model files from the image's last layer (baked weights) or from
+    every layer of the model image (container.weights: image), and the evidence."""
     dest.mkdir(parents=True, exist_ok=True)
-    manifest = json.loads(layout.read(image_digest))
-    weights = manifest["layers"][-1]["digest"]   # forge writes the weights as the image's last layer
+    if model_image is None:   # forge writes baked weights as the image's last layer
+        layers, prefix = [json.loads(layout.read(image_digest))["layers"][-1]["digest"]], MODEL_PREFIX
+    else:
+        layers, prefix = [la["digest"] for la in json.loads(layout.read(model_image))["layers"]], MODELS_PREFIX
     written = []
-    with tarfile.open(layout.blob_path(weights)) as tf:
-        for m in tf:
-            name = member_path(m.name)
-            if not m.isfile() or not name.startswith(MODEL_PREFIX):
-                continue
-            rel = Path(name[len(MODEL_PREFIX):])
-            if rel.is_absolute() or ".." in rel.parts:
-                raise ToolError(f"weights layer {weights} holds an unsafe path {m.name!r}")
-            (dest / "model" / rel).parent.mkdir(parents=True, exist_ok=True)
-            with tf.extractfile(m) as src, open(dest / "model" / rel, "wb") as out:
-                while chunk := src.read(4 << 20):
-                    out.write(chunk)
-            written.append(str(rel))
+    for weights in layers:
+        with tarfile.open(layout.blob_path(weights)) as tf:
+            for m in tf:
+                name = member_path(m.name)
+                if not m.isfile() or not name.startswith(prefix):
+                    continue
+                rel = Path(name[len(prefix):])
+                if rel.is_absolute() or ".." in rel.parts:
+                    raise ToolError(f"weights layer {weights} holds an unsafe path {m.name!r}")
+                if model_image is not None and rel.parts[0] == ".forge":   # the serving entrypoint's file, not the model's
+                    continue
+                (dest / "model" / rel).parent.mkdir(parents=True, exist_ok=True)
+                with tf.extractfile(m) as src, open(dest / "model" / rel, "wb") as out:
+                    while chunk := src.read(4 << 20):
+                        out.write(chunk)
+                written.append(str(rel))
     for kind, (_, files) in evidence.items():
         for name, digest in files.items():
             (dest / "evidence" / kind).mkdir(parents=True, exist_ok=True)
             (dest / "evidence" / kind / Path(name).name).write_bytes(layout.read(digest))
-    return {"image": image_digest, "weights_layer": weights, "model_files": sorted(written),
-            "evidence": sorted(evidence)}
+    return {"image": image_digest, "weights_layer": layers[-1], "model_files": sorted(written),
+            "evidence": sorted(evidence), **({"model_image": model_image, "weights_layers": layers} if model_image else {})}

@@ -28,8 +28,18 @@ NEED = NS + "fit.need-gib"                     # per-GPU memory the fit model sa
 UTILIZATION = NS + "fit.memory-utilization"    # the engine's share of GPU memory it was checked at
 STATUS = NS + "status"                         # the record's status when the matrix was written
 RECORD = "dev.forge.record"
+WEIGHTS = NS + "weights"                       # "image": the image is weights-free; the model image is mounted at /models
+MODEL_IMAGE = NS + "model-image.digest"        # the model image (same repository, tag <tag>-model)
+MODELPACK = NS + "modelpack.digest"            # its ModelPack manifest (tag <tag>-modelpack)
 
-__all__ = ["for_variant"]
+__all__ = ["for_variant", "for_model_image"]
+
+
+def for_model_image(record) -> dict[str, str]:
+    """The annotations that say a weights-free serving image's model image (none for baked weights)."""
+    if not record.model_image_digest:
+        return {}
+    return {WEIGHTS: "image", MODEL_IMAGE: record.model_image_digest, MODELPACK: record.modelpack_digest or ""}
 
 
 def for_variant(loaded, results: dict, engine: str | None) -> dict[str, str]:

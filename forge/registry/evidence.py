@@ -49,9 +49,11 @@ class Derived:
 
 def derive(*, gate: bytes | None, scan: bytes | None, provenance: bytes, image_digest: str | None,
            ships: tuple[str | None, str | None] = (None, None),
-           where: Callable[[str], str] = lambda kind: kind) -> Derived:
+           where: Callable[[str], str] = lambda kind: kind, also: dict[str, str] | None = None) -> Derived:
     """The status the evidence supports. ``gate``/``scan``: the eval and scan verdict files' bytes (None: the
-    build has no such step); ``ships``: (engine, target GPU) of the image, as the record names them;
+    build has no such step); ``ships``: (engine, target GPU) of the image, as the record names them; ``also``:
+    {role: digest} the provenance must name besides the image (container.weights: image: the model image and its
+    ModelPack manifest);
     ``where(kind)`` names a piece in an error. Raises EvidenceError (exit 5) for a verdict or provenance that
     cannot be read as one."""
     evidence: dict = {"rule": RULE, "image": image_digest}
@@ -69,7 +71,7 @@ def derive(*, gate: bytes | None, scan: bytes | None, provenance: bytes, image_d
         scan_said = read_verdict(scan, where("scan-report"))
         evidence["scan-report"] = {"file": SCAN_FILE, "digest": sha256_bytes(scan), **scan_said,
                                    "said": _scan_word(scan_said)}
-    subject, problem = _subject(provenance, image_digest, where("provenance"))
+    subject, problem = _subject(provenance, image_digest, where("provenance"), also or {})
     evidence["provenance"] = {"file": PROVENANCE_FILE, "digest": sha256_bytes(provenance), "subject": subject,
                               "said": problem or ("names the image" if image_digest else "no image to name")}
     status, reason = decide(gate_said, scan_said, image_digest is not None, problem)
@@ -153,14 +155,19 @@ def _scan_word(said: dict) -> str:
     return "unscanned" if said["status"] == "unscanned" else ("pass" if said["passed"] else "fail")
 
 
-def _subject(provenance: bytes, image_digest: str | None, where: str) -> tuple[str | None, str | None]:
-    """(the digest the provenance's subject names, why it does not name the image, or None when it does)."""
+def _subject(provenance: bytes, image_digest: str | None, where: str,
+             also: dict[str, str]) -> tuple[str | None, str | None]:
+    """(the digest the provenance's first subject names, why it does not name the image and every digest of
+    ``also``, or None when it does)."""
     try:
         statement = json.loads(provenance)
-        digest = "sha256:" + statement["subject"][0]["digest"]["sha256"]
+        named = ["sha256:" + s["digest"]["sha256"] for s in statement["subject"]]
+        digest = named[0]
     except (ValueError, UnicodeDecodeError, KeyError, IndexError, TypeError):
         raise EvidenceError(f"{where} is not an in-toto statement naming a subject by sha256",
                             hint="Publish the build again; the provenance is written by forge.") from None
     if image_digest is not None and digest != image_digest:
         return digest, f"it names {digest}, not the image {image_digest}"
+    if missing := [f"the {role} {d}" for role, d in also.items() if d not in named]:
+        return digest, f"it does not name {', '.join(missing)}"
     return digest, None

@@ -22,7 +22,8 @@ from typing import Iterator
 from forge.core.errors import EvidenceError, UsageError
 from forge.oci.layout import (
     EMPTY_BYTES, MANIFEST, REF_NAME, Layout, artifact_manifest, descriptor, manifest_bytes, sha256_bytes)
-from forge.registry.record import EVIDENCE_TYPES, PROMOTABLE, PROXY, PROXY_HINT, Collected, Evidence, Record
+from forge.registry.record import (EVIDENCE_TYPES, PROMOTABLE, PROXY, PROXY_HINT, Collected, Evidence, Record,
+                                   model_images)
 from forge.core import options as env
 from forge.registry.evidence import GATE_FILE, PROVENANCE_FILE, SCAN_FILE, derive
 
@@ -69,6 +70,11 @@ class LocalRegistry:
             subject = descriptor(MANIFEST, self.blobs.read(rec.image_digest))
             rec = rec.model_copy(update={"image_size": sum(
                 self.blobs.blob_path(d).stat().st_size for d, _ in self.blobs.image_blobs(rec.image_digest))})
+        if collected.model_layout is not None:   # container.weights: image: the model image and its ModelPack
+            src = Layout(collected.model_layout)
+            for manifest in model_images(rec).values():
+                for digest, _ in src.image_blobs(manifest):
+                    self.blobs.put_file(src.blob_path(digest), digest)
         self.blobs.put_bytes(EMPTY_BYTES)   # the config blob every evidence manifest names
         evidence, named = [], []
         for item in collected.evidence:
@@ -84,8 +90,22 @@ class LocalRegistry:
             if rec.tag:
                 ann[REF_NAME] = f"{rec.name}:{rec.tag}"
             named.append({**subject, "annotations": ann})
+        named += self.model_descriptors(rec, rec.tag)
         self.blobs.add_to_index(named)
         return rec.model_copy(update={"evidence": tuple(evidence)})
+
+    def model_descriptors(self, rec: Record, tag: str | None) -> list[dict]:
+        """index.json entries of a record's model image and ModelPack manifest, named <name>:<tag>-model and
+        <name>:<tag>-modelpack beside the serving image's <name>:<tag> (none for baked weights)."""
+        out = []
+        for role, digest in model_images(rec).items():
+            suffix = "-model" if role == "model image" else "-modelpack"
+            data = self.blobs.read(digest)
+            kind = json.loads(data).get("artifactType")
+            out.append({**descriptor(MANIFEST, data), **({"artifactType": kind} if kind else {}),
+                        "annotations": {RECORD_ANNOTATION: rec.id,
+                                        **({REF_NAME: f"{rec.name}:{tag}{suffix}"} if tag else {})}})
+        return out
 
     def _attach(self, kind: str, files: dict[str, bytes], subject: dict | None, rec: Record) -> Evidence:
         layers, digests = [], {}
@@ -144,7 +164,7 @@ class LocalRegistry:
         named = {**descriptor(media_type, self.blobs.read(rec.image_digest)),
                  **({"artifactType": artifact_type} if artifact_type else {}),
                  "annotations": {**rec.annotations, REF_NAME: f"{rec.name}:{tag}", RECORD_ANNOTATION: rec.id}}
-        self.blobs.add_to_index([named])   # idempotent: an equal descriptor is not added twice
+        self.blobs.add_to_index([named, *self.model_descriptors(rec, tag)])   # idempotent: equal ones are not added twice
         if row is not None and row[0] == rec.id:
             return False
         with self._db() as db:
@@ -168,7 +188,8 @@ class LocalRegistry:
         if not _TAG.match(tag):
             raise UsageError(f"--to {tag!r} is not a valid tag", hint="Tags are [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}.")
         self.blobs.add_to_index([{**descriptor(MANIFEST, self.blobs.read(rec.image_digest)),
-                                  "annotations": {REF_NAME: f"{rec.name}:{tag}", RECORD_ANNOTATION: rec.id}}])
+                                  "annotations": {REF_NAME: f"{rec.name}:{tag}", RECORD_ANNOTATION: rec.id}},
+                                 *self.model_descriptors(rec, tag)])
         updated = rec.model_copy(update={"status": "promoted", "accepted_proxy_eval": proxy,
                                          "promoted_tags": tuple(sorted({*rec.promoted_tags, tag}))})
         with self._db() as db:
@@ -236,6 +257,7 @@ class LocalRegistry:
             for image in images:
                 if self.blobs.verify(image) is None:
                     checks += [(d, f"image {role}") for d, role in self.blobs.image_blobs(image)][1:]
+        problems += self._model_problems(rec, checks)
         for ev in rec.evidence:
             checks.append((ev.manifest_digest, f"{ev.kind} manifest"))
             checks += [(d, f"{ev.kind} {name}") for name, d in ev.files.items()]
@@ -253,6 +275,24 @@ class LocalRegistry:
                 problems.append((want, kind, "the record's digest is not among the evidence files"))
         if rec.kind != "matrix":
             problems += self._status_problems(rec)
+        return problems
+
+    def _model_problems(self, rec: Record, checks: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
+        """container.weights: image: the model image and ModelPack manifests are here and whole (their blobs are
+        added to ``checks``), and the ModelPack's layers are the model image's, by digest (no byte stored twice)."""
+        if rec.weights == "image" and not (rec.model_image_digest and rec.modelpack_digest):
+            return [(rec.id, "model image", "the record says its weights are a model image but names no model "
+                                            "image and ModelPack digest")]
+        problems, layers = [], {}
+        for role, digest in model_images(rec).items():
+            if (p := self.blobs.verify(digest)) is not None:
+                problems.append((digest, f"{role} manifest", p))
+                continue
+            blobs = list(self.blobs.image_blobs(digest))[1:]
+            checks += [(d, f"{role} {what}") for d, what in (blobs if role == "model image" else blobs[:1])]  # the
+            layers[role] = [la["digest"] for la in json.loads(self.blobs.read(digest)).get("layers", [])]  # shards once
+        if len(layers) == 2 and layers["model image"] != layers["modelpack"]:
+            problems.append((rec.modelpack_digest, "modelpack manifest", "its layers are not the model image's"))
         return problems
 
     def _status_problems(self, rec: Record) -> list[tuple[str, str, str]]:
@@ -275,7 +315,7 @@ class LocalRegistry:
             derived = derive(gate=found["eval-verdict"][1] if "eval-verdict" in found else None,
                              scan=found["scan-report"][1] if "scan-report" in found else None,
                              provenance=found["provenance"][1], image_digest=rec.image_digest,
-                             ships=(rec.engine, rec.target_gpu), where=files.get)
+                             ships=(rec.engine, rec.target_gpu), where=files.get, also=model_images(rec))
         except EvidenceError as e:
             return [(rec.id, "status", e.message)]
         problems = []

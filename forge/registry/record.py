@@ -94,6 +94,12 @@ class Record(BaseModel):
     kind: Literal["image", "matrix"] = "image"   # matrix: a variant matrix (forge/registry/matrix.py), not runnable
     variant: str | None = None     # the recipe variant this image is (tagged <name>:<variant>), None for a plain recipe
     annotations: dict[str, str] = {}   # dev.forge.* (forge/registry/annotate.py): variants and matrices only
+    # container.weights: image_digest is then the weights-free serving image (shared by every model on its base), the
+    # model is the model image (tagged <tag>-model beside it) and its ModelPack manifest over the same blobs
+    # (<tag>-modelpack); the provenance names all three, and verify, push and pull cover all three
+    weights: Literal["baked", "image"] = "baked"
+    model_image_digest: str | None = None
+    modelpack_digest: str | None = None
 
     def short(self) -> str:
         return self.id[:12]
@@ -119,6 +125,7 @@ class Collected:
     image_layout: Path | None = None
     evidence: tuple[EvidenceFiles, ...] = field(default=())
     provenance: bytes = b""
+    model_layout: Path | None = None   # container.weights: image: the OCI layout holding the model image and ModelPack
 
 
 def collect(loaded, results: dict, finished_at: datetime | None = None) -> Collected:
@@ -154,8 +161,9 @@ def collect(loaded, results: dict, finished_at: datetime | None = None) -> Colle
     quantize = results.get("quantize")
     model_digest = quantize.output_digest if quantize else None
     image_digest = image.manifest_digest if image else None
+    model_image = image.model_image_digest if image else None
     ident = {"recipe": loaded.digest, "image": image_digest, "model": model_digest, "eval": eval_digest,
-             "scan": scan_digest}
+             "scan": scan_digest, **({"model_image": model_image} if model_image else {})}
     rid = digest_of(ident).removeprefix("sha256:")
     record = Record(   # status "built" until derived below: the provenance does not depend on it
         id=rid, name=r.name, tag=None, status="built", image_digest=image_digest,
@@ -166,22 +174,30 @@ def collect(loaded, results: dict, finished_at: datetime | None = None) -> Colle
         eval_verdict="none", eval_digest=eval_digest, scan_verdict="none", scan_digest=scan_digest,
         sbom_digest=sbom_digest, tool_versions=dict(sorted(tools.items())), smoke_test=_smoke_test(image),
         created_at=(finished_at or _last_step_finished(results) or datetime.now(timezone.utc)).isoformat(
-            timespec="seconds"))
+            timespec="seconds"),
+        weights="image" if model_image else "baked", model_image_digest=model_image,
+        modelpack_digest=image.modelpack_digest if model_image else None)
     if (variant := getattr(loaded, "variant", None)) is not None:   # a plain recipe's record stays as it was
-        record = record.model_copy(update={"variant": variant, "annotations": annotate.for_variant(
-            loaded, results, record.engine)})
+        record = record.model_copy(update={"variant": variant, "annotations": {**annotate.for_variant(
+            loaded, results, record.engine), **annotate.for_model_image(record)}})
     prov = provenance(record, loaded, results)
     where = {"eval-verdict": str(gate_out.verdict) if gate_out else "", "scan-report": str(scan_out.verdict)
              if scan_out else "", "provenance": "the provenance statement"}
     derived = derive(gate=gate_out.data if gate_out else None, scan=scan_out.data if scan_out else None,
                      provenance=prov, image_digest=image_digest, ships=(record.engine, record.target_gpu),
-                     where=where.get)
+                     where=where.get, also=model_images(record))
     record = record.model_copy(update={
         "status": derived.status, "reason": derived.reason, "eval_verdict": derived.eval_verdict,
         "scan_verdict": derived.scan_verdict, "status_evidence": derived.evidence,
         "tag": rid[:12] if image_digest and derived.status != "rejected" else None,
         "provenance_digest": sha256_bytes(prov)})
-    return Collected(record, image.oci_dir if image else None, tuple(evidence), prov)
+    return Collected(record, image.oci_dir if image else None, tuple(evidence), prov,
+                     image.model_oci_dir if model_image else None)
+
+
+def model_images(rec: Record) -> dict[str, str]:
+    """What the provenance must name besides the serving image: {role: digest} of the model image and ModelPack."""
+    return {k: d for k, d in (("model image", rec.model_image_digest), ("modelpack", rec.modelpack_digest)) if d}
 
 
 def _recipe_evidence(loaded) -> EvidenceFiles:
@@ -224,13 +240,16 @@ def _smoke_test(image) -> str | None:
 def provenance(record: Record, loaded, results: dict) -> bytes:
     """An in-toto Statement v1 with a SLSA v1 provenance predicate (unsigned: sign it downstream)."""
     subject_digest = record.image_digest or record.model_digest or record.recipe_digest
+    subjects = [{"name": record.name, "digest": {"sha256": _hex(subject_digest)}}] + [   # the serving image first
+        {"name": f"{record.name}:{role.replace(' ', '-')}", "digest": {"sha256": _hex(d)}}
+        for role, d in model_images(record).items()]
     deps = [{"uri": record.model_source, "digest": {"sha256": _hex(results["resolve"].output_digest)}}] \
         if "resolve" in results else []
     if "base_image" in results:
         deps.append({"uri": "forge-base", "digest": {"sha256": _hex(results["base_image"].output_digest)}})
     statement = {
         "_type": "https://in-toto.io/Statement/v1",
-        "subject": [{"name": record.name, "digest": {"sha256": _hex(subject_digest)}}],
+        "subject": subjects,
         "predicateType": "https://slsa.dev/provenance/v1",
         "predicate": {
             "buildDefinition": {

@@ -15,7 +15,8 @@ variant in the matrix is then
 - **incompatible**, with why; variants the matrix left out (rejected) are listed as such.
 
 The choice: the first runnable variant, validated/promoted ones first, in matrix (recipe) order; else the first
-runnable with less memory; else none.
+runnable with less memory; else none. A variant built with ``container.weights: image`` names both digests: the
+weights-free serving image and the model image to mount at /models (and its ModelPack manifest).
 """
 from __future__ import annotations
 
@@ -63,6 +64,10 @@ class Candidate:
     verdict: str               # runnable | runnable with less memory | incompatible | not published
     why: str
     memory_gib: float | None = None   # the node's memory, when it is less than the variant's GPU's
+    weights: str = "baked"            # image: ``image`` is weights-free; mount ``model_image`` at /models
+    model_image_digest: str = ""      # container.weights: image: the model image (same repository, <tag>-model)
+    modelpack_digest: str = ""        # and its ModelPack manifest (<tag>-modelpack)
+    model_image: str = ""             # the model image's reference to mount (by digest)
 
 
 @dataclass(frozen=True)
@@ -120,9 +125,13 @@ def _judge(node: Node, d: dict, matrix: Matrix) -> Candidate:
     memory = float(a.get(ann.MEMORY, 0) or 0)
     node_cc = "%d.%d" % node.gpu.compute_capability if node.gpu.compute_capability else None
 
+    model = a.get(ann.MODEL_IMAGE, "")
+
     def out(verdict: str, why: str, less: float | None = None) -> Candidate:
         return Candidate(variant, a.get(ann.TAG, f"{matrix.name}:{variant}"), d["digest"], matrix.image(d["digest"]),
-                         a.get(ann.STATUS, "?"), gpu, verdict, why, less)
+                         a.get(ann.STATUS, "?"), gpu, verdict, why, less, weights=a.get(ann.WEIGHTS, "baked"),
+                         model_image_digest=model, modelpack_digest=a.get(ann.MODELPACK, ""),
+                         model_image=matrix.image(model) if model else "")
 
     exact = node.product in products
     if exact and not node.mig_profile:

@@ -120,7 +120,12 @@ def _image(results: dict) -> dict | None:
             what = history[i] if i < len(history) and len(history) == len(manifest["layers"]) else ""
             layers.append({"digest": layer["digest"], "size": layer["size"], "media_type": layer["mediaType"],
                            "created_by": what[:160], "weights": layer["digest"] == image.get("weights_layer")})
-    return {"manifest_digest": image.get("manifest_digest"), "base": image.get("base"), "engine": image.get("engine"),
+    model = image.get("model_image") or {}   # container.weights: image: the model image's layers, beside the serving image's
+    layers += [{"digest": la["digest"], "size": la["size"], "media_type": "application/vnd.oci.image.layer.v1.tar",
+                "created_by": f"model image {model.get('manifest_digest', '')[:19]}: /models/{la['files']}"[:160],
+                "weights": True} for la in model.get("layers", [])]
+    return {"manifest_digest": image.get("manifest_digest"), "model_image_digest": model.get("manifest_digest"),
+            "modelpack_digest": model.get("modelpack_digest"), "base": image.get("base"), "engine": image.get("engine"),
             "builder": image.get("builder"), "build_seconds": image.get("build_seconds"), "tag": image.get("tag"),
             "smoke_test": image.get("smoke_test"), "size": sum(layer["size"] for layer in layers),
             "cuda": labels.get("dev.forge.cuda.version"), "min_driver": labels.get("dev.forge.driver.min"),

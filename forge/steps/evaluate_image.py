@@ -1,7 +1,8 @@
 """eval.candidate: image — the eval step through a served image instead of a loaded checkpoint.
 
-The candidate: forge serves the package step's image (its OCI layout, by manifest digest) with the builder that
-built it, checks it as the smoke test does (health route, GET /v1/models lists the served id, one chat answer:
+The candidate: forge serves the package step's image (its OCI layout, by manifest digest; with
+``container.weights: image`` the weights-free serving image, its model image mounted read-only at /models) with the
+builder that built it, checks it as the smoke test does (health route, GET /v1/models lists the served id, one chat answer:
 forge.image.smoketest.serving, the one path both use), and runs lm-eval's own API model for the engine
 (``Engine.eval_api``: ``local-completions`` against /v1/completions for transformers serve and vLLM) against it.
 The numbers are the shipped artifact's: its digest, the engine and the endpoint are recorded in ``evaluated_on``.
@@ -92,9 +93,11 @@ def served_candidate(ctx: StepContext, keep: Path) -> Iterator[tuple[Served, dic
     entrypoint = image_entrypoint(image.oci_dir, ref)          # the artifact's own ENTRYPOINT, not the recipe's
     served = loaded.engine.served_name(loaded.recipe.name)
     ctx.report(f"serving the image {image.manifest_digest[:19]} ({loaded.engine.name})")
-    with _served(image.image["tag"], entrypoint, served, ctx, keep=keep, builder=builder,
-                 layout=(image.oci_dir, ref), gpus=gpus) as s:
-        yield s, {"image": image.manifest_digest, "ref": ref, "builder": builder}
+    model = {"model_image": image.model_image_digest} if image.weights == "image" else {}
+    with package.model_mounts(image, ctx.out.parent) as mounts, \
+            _served(image.image["tag"], entrypoint, served, ctx, keep=keep, builder=builder,
+                    layout=(image.oci_dir, ref), gpus=gpus, mounts=mounts) as s:
+        yield s, {"image": image.manifest_digest, "ref": ref, "builder": builder, **model}
 
 
 @contextmanager

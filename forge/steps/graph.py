@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from forge.steps import StepSpec, compile, evaluate, gate, package, quantize, reference, resolve, scan
+from forge.steps import StepSpec, compile, evaluate, gate, package, quantize, reference, resolve, scan, serving_image
 
 if TYPE_CHECKING:
     from forge.recipe.resolve import Resolved
@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 __all__ = ["STEPS", "step_names", "active_steps", "spec_named", "volatile"]
 
 STEPS: list[StepSpec] = [resolve.SPEC, reference.SPEC, quantize.SPEC, compile.SPEC, evaluate.BASELINE, evaluate.CANDIDATE,
-                         gate.SPEC, package.BASE, package.SPEC, scan.SPEC]
+                         gate.SPEC, package.BASE, serving_image.SPEC, package.SPEC, scan.SPEC]
 
 
 def step_names() -> list[str]:

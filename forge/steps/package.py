@@ -10,6 +10,11 @@ transcript. A failed smoke test is exit 6 with the HTTP status, the body and the
 message; the transcript and the full server log are kept beside the step's staging directory. The container tool
 calls are forge.image.builders'; the smoke test is forge.image.smoketest's.
 
+With ``container.weights: image`` (``run_model_image``) package builds nothing: the serving image is the
+serving_image step's (base + engine, shared by every model on the base), linked into this step's layout, and beside
+it (``model-oci/``) go this checkpoint's model image and ModelPack manifest (forge.image.model_image); the smoke test
+serves the serving image with the model image mounted read-only at /models.
+
 Secrets never reach the image: builds run with a scrubbed environment; the host's CA bundle and
 wheel sources are bind-mounted read-only into the pip step only, never copied into a layer.
 """
@@ -20,13 +25,16 @@ import os
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 from forge.core import options as fenv
 from forge.image.builders import (CONTAINERFILE, build_image, buildah, choose_builder, clean_env, describe_layout,
                             pull_layout, tool_version)
-from forge.image.containers import MODEL_DIR, UID, containerfile, image_spec, require_cuda
+from forge.image.containers import MODEL_DIR, UID, containerfile, image_spec, require_cuda, serve_file, serving_spec
+from forge.image.model_image import SERVE_FILE, mounted, write_model_image
 from forge.core.errors import ToolError
 from forge.engines import get as get_engine
 from forge.image.smoketest import TRANSCRIPT, smoke_test, why_not_here
@@ -36,6 +44,7 @@ from forge.engines.trtllm_build import EngineFacts, check_engine
 from forge.image.weights_layer import append_weights_layer
 
 OCI_DIR, IMAGE_JSON = "oci", "image.json"
+MODEL_OCI, MODEL_REF = "model-oci", "model"   # container.weights: image: the model image (and its ModelPack's blobs)
 VERSION_LABEL = "dev.forge.version."   # + a distribution: its version in the image (the base's declared versions)
 SMOKE_KEEP = ".smoke-test"   # suffix of the directory beside the staging dir that keeps a failed smoke test
 
@@ -60,24 +69,28 @@ def _pip_sources() -> dict:
     return {"index_url": opts.pip_index_url, "find_links": opts.pip_find_links}
 
 
-def _tool_version(tool: str, resolved) -> str:
+def key_tool_version(tool: str, resolved) -> str:
     """`tool --version` for key material, remembered in the step cache the build uses (never the default one)."""
     return tool_version(tool, resolved.cache_root)
 
 
 BASE = StepSpec(
     name="base_image", summary="build forge's CPU base image (mmdebstrap + venv)", depends=(), tools=(), version=1,
-    config=_base_config, identity=lambda resolved: {"pip": _pip_sources(), "buildah": _tool_version("buildah", resolved),
-                                         "mmdebstrap": _tool_version("mmdebstrap", resolved)},
+    config=_base_config, identity=lambda resolved: {"pip": _pip_sources(), "buildah": key_tool_version("buildah", resolved),
+                                         "mmdebstrap": key_tool_version("mmdebstrap", resolved)},
     enabled=_base_enabled, run="forge.steps.package:run_base")
 
 
 def _config(loaded) -> dict:
     r = loaded.recipe
     base, digest = loaded.base, loaded.base_digest
-    return {"container": r.container.model_dump(mode="json"), "target": r.target.model_dump(mode="json"),
-            "quantize_method": r.quantize.method, "kv_cache": r.quantize.kv_cache, "name": r.name,
-            "base": base.name, "base_digest": digest, "recipe_digest": loaded.digest}
+    config = {"container": r.container.model_dump(mode="json", exclude={"weights"}),
+              "target": r.target.model_dump(mode="json"), "quantize_method": r.quantize.method,
+              "kv_cache": r.quantize.kv_cache, "name": r.name, "base": base.name, "base_digest": digest,
+              "recipe_digest": loaded.digest}
+    if loaded.weights == "image":   # a baked image's key is what it was before container.weights
+        config["weights"] = "image"
+    return config
 
 
 def _identity(loaded) -> dict:
@@ -87,7 +100,7 @@ def _identity(loaded) -> dict:
         builder = choose_builder(loaded, base)
     except ToolError:
         builder = "absent"   # the step itself reports it when it runs
-    facts = {"builder": builder, builder: _tool_version(builder, loaded) if builder != "absent" else "absent"}
+    facts = {"builder": builder, builder: key_tool_version(builder, loaded) if builder != "absent" else "absent"}
     if base is not None and loaded.recipe.container.smoke_test and not get_engine(base.engine).smoke_test \
             and base.cuda is None:   # an engine's own CPU build (vLLM's): runs here if this CPU has the target's ISA
         facts["smoke_test_here"] = why_not_here(base.engine, loaded.recipe.target.gpu, builder) or "yes"
@@ -99,15 +112,18 @@ def _identity(loaded) -> dict:
     return facts
 
 
-SPEC = StepSpec(
-    name="package", summary="build the OCI image (weights in their own layer) and smoke-test it",
-    depends=("quantize", "compile", "gate", "base_image"), tools=(), version=2, config=_config,  # 2: cpu hub entry
-    identity=_identity, enabled=_enabled,
+def _needs(loaded) -> tuple[str, ...]:
     # eval.candidate: image: the image is built before it is gated (the gate evaluates it), so it cannot wait for the
-    # gate; its verdict is the registry record's evidence instead of a label
-    needs=lambda loaded: ("quantize", "compile", "base_image") if _through_image(loaded) else
-    ("quantize", "compile", "gate", "base_image"),
-    run="forge.steps.package:run")
+    # gate; its verdict is the registry record's evidence instead of a label. container.weights: image: the serving
+    # image is the serving_image step's (no base_image here: nothing is built on it in this step)
+    after = ("serving_image",) if loaded.weights == "image" else ("compile", "base_image")
+    return ("quantize", *after) if _through_image(loaded) else ("quantize", "gate", *after)
+
+
+SPEC = StepSpec(
+    name="package", summary="build the OCI image (weights in their own layer, or a model image) and smoke-test it",
+    depends=("quantize", "compile", "gate", "base_image", "serving_image"), tools=(), version=2,  # 2: cpu hub entry
+    config=_config, identity=_identity, enabled=_enabled, needs=_needs, run="forge.steps.package:run")
 
 
 def _through_image(loaded) -> bool:
@@ -247,6 +263,8 @@ def _labels(ctx: StepContext, base, digest: str | None) -> tuple[tuple[str, str]
 
 def run(ctx: StepContext) -> dict:
     loaded = ctx.recipe
+    if loaded.weights == "image":
+        return run_model_image(ctx)
     base, digest = loaded.base, loaded.base_digest
     env = [("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_HOME", "/tmp/hf")]
     if (req := require_cuda(base)) is not None:
@@ -283,18 +301,99 @@ def run(ctx: StepContext) -> dict:
     image = describe_layout(ctx.out / OCI_DIR, ref)
     image.update(tag=tag, build_seconds=round(build_s, 1), base=base.name, engine=base.engine, builder=builder,
                  weights=weights)
-    if loaded.recipe.container.smoke_test:
-        keep = ctx.out.parent.with_name(ctx.out.parent.name + SMOKE_KEEP)
-        transcript = smoke_test(tag, spec, ctx.report, builder=builder, keep=keep, layout=(ctx.out / OCI_DIR, ref),
-                                gpu=loaded.recipe.target.gpu)
-        if transcript.get("skipped"):
-            ctx.report(transcript["skipped"])
-        (ctx.out / TRANSCRIPT).write_text(json.dumps(transcript, indent=2) + "\n")
-        image["smoke_test"] = {k: transcript.get(k) for k in ("passed", "skipped", "answer", "health_seconds", "models")}
-    else:
-        image["smoke_test"] = {"passed": None, "skipped": "not smoke-tested: container.smoke_test is false"}
+    image["smoke_test"] = _smoke_test(ctx, tag, spec, builder, ref)
     (ctx.out / IMAGE_JSON).write_text(json.dumps(image, indent=2) + "\n")
     return image
+
+
+def _smoke_test(ctx: StepContext, tag: str, spec, builder: str, ref: str, model: str | None = None) -> dict:
+    """Serve the image from the step's layout (``model``: the model image's digest in MODEL_OCI, unpacked and mounted
+    read-only at /models, only when the smoke test runs here) and check it; the transcript is kept in the output,
+    what the record says of it is returned."""
+    loaded = ctx.recipe
+    gpu = loaded.recipe.target.gpu
+    if not loaded.recipe.container.smoke_test:
+        return {"passed": None, "skipped": "not smoke-tested: container.smoke_test is false"}
+    keep = ctx.out.parent.with_name(ctx.out.parent.name + SMOKE_KEEP)
+    runs = model is not None and why_not_here(spec.base.engine, gpu, builder) is None
+    with mounted(ctx.out / MODEL_OCI, model, ctx.out.parent) if runs else nullcontext(()) as mounts:
+        transcript = smoke_test(tag, spec, ctx.report, builder=builder, keep=keep, layout=(ctx.out / OCI_DIR, ref),
+                                gpu=gpu, mounts=mounts)
+    if transcript.get("skipped"):
+        ctx.report(transcript["skipped"])
+    (ctx.out / TRANSCRIPT).write_text(json.dumps(transcript, indent=2) + "\n")
+    return {k: transcript.get(k) for k in ("passed", "skipped", "answer", "health_seconds", "models")}
+
+
+def run_model_image(ctx: StepContext) -> dict:
+    """container.weights: image: the serving_image step's image as it is (linked into this step's layout, which the
+    scan and the registry read), and beside it this checkpoint's model image and ModelPack manifest (MODEL_OCI); then
+    the smoke test, with the model image mounted read-only at /models as a kubelet mounts an image volume."""
+    loaded = ctx.recipe
+    r = loaded.recipe
+    serving = Output.read(ctx.upstream["serving_image"])
+    shutil.copytree(serving.oci_dir, ctx.out / OCI_DIR, copy_function=os.link)
+    (ctx.out / CONTAINERFILE).write_bytes(serving.containerfile.read_bytes())
+    served = loaded.engine.served_name(r.name)
+    stage = ctx.out.parent / "model"
+    (stage / ".forge").mkdir(parents=True)
+    for f in quantize.Output.read(ctx.upstream["quantize"]).model_entries():   # the checkpoint, not its reports
+        os.link(f, stage / f.name) if f.is_file() else shutil.copytree(f, stage / f.name, copy_function=os.link)
+    (stage / SERVE_FILE).write_text(json.dumps(serve_file(loaded, served), indent=2, sort_keys=True) + "\n")
+    model = _model_image(ctx, stage)
+    shutil.rmtree(stage)
+    ref = serving.image["oci_ref"]
+    image = describe_layout(ctx.out / OCI_DIR, ref)
+    image.pop("weights_layer", None)
+    image.update(tag=f"localhost/forge/{r.name}:{ctx.out.parent.name[:12]}", base=loaded.base.name,
+                 engine=loaded.base.engine, builder=serving.image["builder"], serving_image_built_in=serving.image["tag"],
+                 model_image=model)
+    spec = replace(serving_spec(loaded, base_ref="", labels=(), env=()), served_name=served)
+    image["smoke_test"] = _smoke_test(ctx, image["tag"], spec, image["builder"], ref, model["manifest_digest"])
+    (ctx.out / IMAGE_JSON).write_text(json.dumps(image, indent=2) + "\n")
+    return image
+
+
+def _model_image(ctx: StepContext, stage: Path) -> dict:
+    """The model image and ModelPack manifest of the staged checkpoint, in MODEL_OCI (forge/image/model_image.py)."""
+    loaded = ctx.recipe
+    r = loaded.recipe
+    annotations = {"org.opencontainers.image.title": r.name, "org.opencontainers.image.created": "1970-01-01T00:00:00Z",
+                   "org.opencontainers.image.vendor": "forge",
+                   "dev.forge.model.digest": ctx.input_manifests["quantize"]["output"]["digest"],
+                   "dev.forge.model.source": r.model.source, "dev.forge.quantization.method": r.quantize.method,
+                   "dev.forge.format": loaded.format, "dev.forge.recipe.digest": loaded.digest,
+                   "dev.forge.engine": loaded.engine.name}
+    total = sum(p.stat().st_size for p in stage.rglob("*") if p.is_file())
+    done = 0
+
+    def progress(n: int) -> None:
+        nonlocal done
+        done += n
+        ctx.report("model image (one layer per shard)", completed=done, total=total, unit="B")
+
+    t0 = time.monotonic()
+    try:
+        made = write_model_image(stage, ctx.out / MODEL_OCI, MODEL_REF, annotations=annotations,
+                                 params=loaded.shape.total_params if loaded.shape else None, precision=loaded.format,
+                                 quantization=r.quantize.method, progress=progress, index_modelpack=False)
+    except ValueError as e:
+        raise ToolError(f"the model image could not be written: {e}") from None
+    seconds = time.monotonic() - t0
+    return {"manifest_digest": made.manifest_digest, "modelpack_digest": made.modelpack_digest, "oci_ref": MODEL_REF,
+            "layers": list(made.layers), "bytes": made.bytes, "seconds": round(seconds, 2),
+            "mb_s": round(made.bytes / max(seconds, 1e-9) / 1e6, 1), "annotations": annotations}
+
+
+@contextmanager
+def model_mounts(image: "Output", scratch: Path) -> Iterator[tuple[tuple[Path, str], ...]]:
+    """The bind mounts an image of this step needs to serve: its model image at /models (container.weights: image),
+    unpacked under ``scratch``; none for a baked image."""
+    if image.weights != "image":
+        yield ()
+        return
+    with mounted(image.model_oci_dir, image.model_image_digest, scratch) as mounts:
+        yield mounts
 
 
 def _weights_layer(ctx: StepContext, model: Path, ref: str) -> dict:
@@ -340,3 +439,20 @@ class Output:
     @property
     def manifest_digest(self) -> str:
         return self.image["manifest_digest"]
+
+    @property
+    def weights(self) -> str:
+        """image: a weights-free serving image with a model image beside it (MODEL_OCI); baked: weights inside."""
+        return "image" if "model_image" in self.image else "baked"
+
+    @property
+    def model_oci_dir(self) -> Path:
+        return self.oci_dir.parent / MODEL_OCI
+
+    @property
+    def model_image_digest(self) -> str | None:
+        return (self.image.get("model_image") or {}).get("manifest_digest")
+
+    @property
+    def modelpack_digest(self) -> str | None:
+        return (self.image.get("model_image") or {}).get("modelpack_digest")

@@ -1,5 +1,9 @@
 """scan: OCI image -> Trivy JSON report, CycloneDX SBOM, forge's verdict (verdict.json + summary.md).
 
+Which scanners run on what: the serving image gets vuln + secret (+ misconfig when asked) and the SBOM; with
+``container.weights: image`` the model image (weights, config, tokenizer: no packages) gets the secret scanner
+only, its report beside the other (trivy-model-secrets.json), and verdict.json's ``model_image`` says so.
+
 The policy is forge's (``forge.image.scanpolicy``), decided on the full report. The step joins the build
 graph once the package step produces an image; until then ``forge scan`` runs it on any OCI layout
 directory or docker-archive tar, or judges an existing Trivy report.
@@ -15,12 +19,13 @@ from pathlib import Path
 from typing import Iterator
 
 from forge.image import trivy
-from forge.image.scanpolicy import IgnoreEntry, Verdict, judge, load_ignore_file, markdown
+from forge.image.scanpolicy import IgnoreEntry, Verdict, add_model_image, judge, load_ignore_file, markdown
 from forge.steps import StepContext, StepSpec, package, probe
 from forge.core.errors import EvidenceError, ScanGateError
 from forge.store.local import read_committed
 
 REPORT, SBOM, VERDICT, SUMMARY = "trivy-report.json", "sbom.cdx.json", "verdict.json", "summary.md"
+MODEL_REPORT = "trivy-model-secrets.json"   # container.weights: image: the model image's secrets-only report
 
 
 def _config(loaded) -> dict:
@@ -67,7 +72,12 @@ def run(ctx: StepContext) -> dict:
     info = trivy.version(opts)
     image = package.Output.read(ctx.upstream["package"])
     report = trivy.scan_image(image.oci_dir, ctx.out / REPORT, ctx.out / SBOM, opts)
-    verdict = write_verdict(report, ctx.out, Policy.from_recipe(loaded), info)
+    model = None
+    if image.weights == "image":   # the serving image above; the model image for secrets only
+        ctx.report("trivy image --scanners secret --input (the model image)")
+        model = trivy.scan_secrets(image.model_oci_dir, ctx.out / MODEL_REPORT, opts)
+    verdict = write_verdict(report, ctx.out, Policy.from_recipe(loaded), info, model=model,
+                            scanners=trivy.image_scanners(opts))
     return {"status": "scanned", "passed": verdict.passed, "summary": verdict.summary, "trivy": info,
             "expired_ignores": verdict.expired_ignores}
 
@@ -126,7 +136,10 @@ def read_verdict(data: bytes, where: str) -> dict:
     summary = str(v.get("summary") or "")
     if v["passed"] and blocking:
         summary = f"failed: the verdict says passed, yet lists {len(blocking)} blocking finding(s)"
-    return {"status": "scanned", "passed": v["passed"] and not blocking, "summary": summary or None, "reason": None}
+    said = {"status": "scanned", "passed": v["passed"] and not blocking, "summary": summary or None, "reason": None}
+    if isinstance(v.get("model_image"), dict):   # container.weights: image: which scanners ran on which image
+        said["scanners"] = v["model_image"].get("scanners")
+    return said
 
 
 @dataclass(frozen=True)
@@ -179,9 +192,12 @@ def judge_report(report_path: Path, out: Path, policy: Policy) -> Verdict:
     return verdict
 
 
-def write_verdict(report, out: Path, policy: Policy, info: dict) -> Verdict:
+def write_verdict(report, out: Path, policy: Policy, info: dict, *, model=None, scanners: tuple[str, ...] = ()) -> Verdict:
+    """Judge the serving image's report (and, ``model``, join the model image's secrets-only report to it)."""
     verdict = judge(report, fail_on=policy.fail_on, ignore_unfixed=policy.ignore_unfixed,
                     ignores=list(policy.ignores), trivy_info=info)
+    if model is not None:
+        verdict = add_model_image(verdict, model, scanners)
     (out / VERDICT).write_text(json.dumps(verdict.to_json(), indent=2, default=str))
     (out / SUMMARY).write_text(markdown(verdict))
     return verdict
