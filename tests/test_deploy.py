@@ -86,15 +86,16 @@ def _result(out: Path, facts: dict, digest: str):
 
 
 def make_record(root: Path, reg: LocalRegistry, recipe: Path, model_config: bytes, entrypoint: list[str], *,
-                gate=True, scan="pass", user: str = f"{UID}:{UID}", evaluated_on: tuple[str, str] | None = None):
-    """Publish a build of ``recipe`` whose image runs ``entrypoint``."""
+                gate=True, scan="pass", user: str = f"{UID}:{UID}", evaluated_on: tuple[str, str] | None = None,
+                weights_free: bool = False):
+    """Publish a build of ``recipe`` whose image runs ``entrypoint`` (``weights_free``: its image carries no
+    weights, as a serving image whose model is its own image)."""
     loaded = resolved(recipe)
     base = loaded.base
     root.mkdir(parents=True)
     (root / "package").mkdir()
-    digest = image_with_config(root / "package" / "oci", loaded.recipe.name,
-                               {"config.json": model_config, "model.safetensors": b"W" * 1024},
-                               entrypoint, user=user)
+    model = {} if weights_free else {"config.json": model_config, "model.safetensors": b"W" * 1024}
+    digest = image_with_config(root / "package" / "oci", loaded.recipe.name, model, entrypoint, user=user)
     (root / "package" / "image.json").write_text(json.dumps({"manifest_digest": digest, "engine": base.engine}))
     (root / "gate").mkdir()
     on = evaluated_on or (base.engine, loaded.recipe.target.gpu)   # default: on the engine and GPU it ships for

@@ -94,6 +94,9 @@ class Record(BaseModel):
     kind: Literal["image", "matrix"] = "image"   # matrix: a variant matrix (forge/registry/matrix.py), not runnable
     variant: str | None = None     # the recipe variant this image is (tagged <name>:<variant>), None for a plain recipe
     annotations: dict[str, str] = {}   # dev.forge.* (forge/registry/annotate.py): variants and matrices only
+    weights: Literal["baked", "image"] = "baked"   # image: the weights are the model image, not in image_digest
+    model_image_digest: str | None = None   # the model image (/models, one layer per shard), tagged <tag>-model
+    modelpack_digest: str | None = None     # the ModelPack manifest over the model image's blobs
 
     def short(self) -> str:
         return self.id[:12]
