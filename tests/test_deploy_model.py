@@ -146,7 +146,8 @@ def test_startup_is_budgeted_on_the_mount_and_the_rollout_on_pull_and_copy(tmp_p
     volume, copy = with_model_pull(sz, 70_000_000_000, 0), with_model_pull(sz, 70_000_000_000, 70_000_000_000)
     assert volume.progress_deadline_s == 840 + sz.startup_budget_s
     assert copy.progress_deadline_s == 1260 + sz.startup_budget_s
-    assert with_model_pull(sz, 1_000, 1_000).progress_deadline_s == max(DEFAULT_PROGRESS_DEADLINE, sz.startup_budget_s)
+    assert with_model_pull(sz, 1_000, 1_000).progress_deadline_s == max(DEFAULT_PROGRESS_DEADLINE,
+                                                                         1 + sz.startup_budget_s)   # whole seconds
     assert "GB copy / 250 MB/s" in dict(copy.why)["progress-deadline"]
 
 

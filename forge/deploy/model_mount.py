@@ -50,15 +50,10 @@ GIB = 1 << 30
 # forge-tools: `cp`, the libraries it links and the dynamic loader, so that cp runs in an image without libc.
 # ldd prints "lib => /path (addr)" per library and "/path/to/ld-linux… (addr)" for the loader; a library it cannot
 # find ("=> not found") makes `cp -L not` fail, and so the pod: nothing half-copied ever serves.
-TOOLS_SCRIPT = f"""set -eu
-cp -L /bin/cp {TOOLS}/cp
-ldd /bin/cp | while read -r lib arrow path rest; do
-  if [ "$arrow" = "=>" ]; then cp -L "$path" {TOOLS}/
-  else case "$lib" in /*) cp -L "$lib" {TOOLS}/ld.so;; esac
-  fi
-done
-{TOOLS}/ld.so --library-path {TOOLS} {TOOLS}/cp --version >/dev/null
-"""
+TOOLS_SCRIPT = (f'set -eu; cp -L /bin/cp {TOOLS}/cp; ldd /bin/cp | while read -r lib arrow path rest; do '
+                f'if [ "$arrow" = "=>" ]; then cp -L "$path" {TOOLS}/; '
+                f'else case "$lib" in /*) cp -L "$lib" {TOOLS}/ld.so;; esac; fi; done; '
+                f'{TOOLS}/ld.so --library-path {TOOLS} {TOOLS}/cp --version >/dev/null')
 COPY_COMMAND = (f"{TOOLS}/ld.so", "--library-path", TOOLS, f"{TOOLS}/cp", "-R", f"{MODELS_DIR}/.", f"{COPY_TO}/")
 CHECK_SCRIPT = (f"test -s {MODELS_DIR}/config.json || {{ echo 'forge: the model image volume at {MODELS_DIR} is "
                 f"empty: the node runtime does not mount image volumes ({RUNTIMES} do); redeploy with "
@@ -113,24 +108,29 @@ def _size(nbytes: int) -> str:
 def mount(how: str, model_ref: str, serving_image: str, model_bytes: int, user: tuple[int, int]) -> ModelMount:
     """The pod's volumes and init containers for the model image ``model_ref`` (REPO@sha256:…)."""
     uid, gid = user
-    security = {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": gid, "allowPrivilegeEscalation": False,
+
+    def security() -> dict:   # a fresh one per container (one shared object would be a YAML anchor)
+        return {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": gid, "allowPrivilegeEscalation": False,
                 "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}
-    small = {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "64Mi"}}
+
+    def small() -> dict:
+        return {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "64Mi"}}
+
     server_mount = {"name": MODEL_VOLUME, "mountPath": MODELS_DIR, "readOnly": True}
     if how == "image-volume":
         check = {"name": "model-check", "image": serving_image, "imagePullPolicy": "IfNotPresent",
-                 "command": ["/bin/sh", "-c", CHECK_SCRIPT], "resources": small, "securityContext": security,
+                 "command": ["/bin/sh", "-c", CHECK_SCRIPT], "resources": small(), "securityContext": security(),
                  "volumeMounts": [dict(server_mount)]}
         volume = {"name": MODEL_VOLUME, "image": {"reference": model_ref, "pullPolicy": "IfNotPresent"}}
         return ModelMount(how, (volume,), (check,), server_mount, 0, None)
     size = _size(model_bytes)
     tools = {"name": "forge-tools", "image": serving_image, "imagePullPolicy": "IfNotPresent",
-             "command": ["/bin/sh", "-c", TOOLS_SCRIPT], "resources": small, "securityContext": security,
+             "command": ["/bin/sh", "-c", TOOLS_SCRIPT], "resources": small(), "securityContext": security(),
              "volumeMounts": [{"name": TOOLS_VOLUME, "mountPath": TOOLS}]}
     copy = {"name": "model-copy", "image": model_ref, "imagePullPolicy": "IfNotPresent", "command": list(COPY_COMMAND),
             # cp holds little, but what it writes passes through the page cache charged to this container
             "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "1Gi"}},
-            "securityContext": security,
+            "securityContext": security(),
             "volumeMounts": [{"name": TOOLS_VOLUME, "mountPath": TOOLS, "readOnly": True},
                              {"name": MODEL_VOLUME, "mountPath": COPY_TO}]}
     volumes = ({"name": MODEL_VOLUME, "emptyDir": {"sizeLimit": size}},

@@ -102,9 +102,11 @@ def deployment(art: Artifact, srv: Serving, sz: Sizing, n: Names, replicas: int,
         "containers": [_container(art, srv, sz, prestop_sleep, model)],
         "volumes": volumes,
     }
-    if model is not None:
+    if model is not None:   # its init containers before the server, in the order they run
         annotations["dev.forge/model-mount"] = model.how
-        pod["initContainers"] = [dict(c) for c in model.init_containers]
+        items = list(pod.items())
+        at = [k for k, _ in items].index("containers")
+        pod = dict(items[:at] + [("initContainers", [dict(c) for c in model.init_containers])] + items[at:])
         volumes += [dict(v) for v in model.volumes]
     if sz.gpus:
         pod["affinity"] = _affinity(art.record.target_gpu)
