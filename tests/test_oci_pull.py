@@ -151,3 +151,25 @@ def test_bytes_that_do_not_hash_to_their_digest_are_never_taken_in(tmp_path, oci
 def test_an_unknown_reference_is_a_clear_error(tmp_path, oci_registry, pushed):
     with pytest.raises(ToolError, match="no such manifest"):
         Client(Remote.parse(f"oci://{oci_registry}/models/pull")).pull_image("nope", Layout(tmp_path / "x"))
+
+
+def test_a_large_shard_goes_up_as_one_streamed_put_and_comes_back(tmp_path, oci_registry):
+    """Above 16 MiB a blob is one PUT whose body the kernel sends (sendfile), not 64 MiB PATCHes through Python."""
+    ckpt = tmp_path / "big"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "model.safetensors").write_bytes(b"Z" * (17 << 20))
+    layout = Layout(tmp_path / "oci")
+    mi = write_model_image(ckpt, layout, "big:1", annotations={})
+    proxy = Proxy(oci_registry)   # a plain relay here: it only watches
+    try:
+        hows = Client(Remote.parse(f"oci://{proxy.host}/models/big")).push_image(layout, mi.manifest_digest, "1")
+    finally:
+        proxy.close()
+    assert set(hows.values()) == {"sent"}
+    shard = mi.layers[0]
+    sent = b"".join(proxy.requests)
+    assert b"PATCH " not in sent and f"Content-Length: {shard['size']}".encode() in sent
+    into = Layout(tmp_path / "pulled")
+    Client(Remote.parse(f"oci://{oci_registry}/models/big")).pull_image("1", into)
+    assert into.read(shard["digest"]) == layout.read(shard["digest"])
