@@ -363,8 +363,9 @@ class Client:
 
         tmp = layout.root / "blobs" / "sha256" / f".tmp-pull-{uuid.uuid4().hex}"
         h, have, why = hashlib.sha256(), 0, ""
+        buf = memoryview(bytearray(_PULL_CHUNK))   # one buffer: received into, hashed and written from, no copies
         try:
-            with open(tmp, "wb") as f:
+            with open(tmp, "wb", buffering=0) as f:
                 for attempt in range(attempts):
                     if attempt:
                         time.sleep(min(8.0, 0.5 * 2 ** attempt))
@@ -383,10 +384,13 @@ class Client:
                                 raise _Transient(f"HTTP {r.status_code}")
                             elif r.status_code not in (200, 206):   # 404, 401: trying again changes nothing
                                 raise ToolError(f"registry {self.remote.url()}: GET blob {digest}: HTTP {r.status_code}")
-                            while chunk := r.raw.read(_PULL_CHUNK, decode_content=False):
-                                f.write(chunk)
-                                h.update(chunk)
-                                have += len(chunk)
+                            read = getattr(getattr(r.raw, "_fp", None), "readinto", None)   # http.client's
+                            while n := (read(buf) if read else _copy_into(buf, r.raw.read(len(buf), decode_content=False))):
+                                h.update(buf[:n])
+                                view = buf[:n]
+                                while view:
+                                    view = view[f.write(view):]
+                                have += n
                     except (_Transient, requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
                         why = _scrub(str(e)) or type(e).__name__
                         continue
@@ -441,6 +445,11 @@ class Client:
             index = {"schemaVersion": 2, "mediaType": INDEX, "manifests": merged}
             self.put_manifest(manifest_bytes(index), INDEX, _fallback_tag(subject))
         return how
+
+
+def _copy_into(buf: memoryview, data: bytes) -> int:
+    buf[:len(data)] = data
+    return len(data)
 
 
 class _Transient(Exception):
