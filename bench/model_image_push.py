@@ -9,7 +9,8 @@
                 image, as a serving image with baked weights carries them) to another empty registry
   skopeo pull   ``skopeo copy --preserve-digests`` of that image back into an empty OCI layout
 Throughputs are bytes of the image's layers per second; ratios are relative to hashlib (goal >= 0.8 for forge's push
-and pull). Both registries are Debian's docker-registry on 127.0.0.1 with filesystem storage on this disk, so a push
+and pull). Each side also records the CPU seconds of the client (this process's threads, or skopeo) and of the
+registry process while it ran, which says where the time went on a machine whose cores are shared. Both registries are Debian's docker-registry on 127.0.0.1 with filesystem storage on this disk, so a push
 includes the registry's own hashing and writing on the same cores. Every file is read once, untimed, before the first
 timed step, so all sides start from the page cache.
 
@@ -26,6 +27,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -70,7 +72,7 @@ def registry(root: Path):
                 break
             except OSError:
                 time.sleep(0.1)
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", proc
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -99,10 +101,26 @@ def single_layer_image(model: Path, layout_dir: Path) -> tuple[str, int]:
     return digest, facts["size"]
 
 
-def _skopeo(*args: str) -> float:
-    t0 = time.perf_counter()
+def _skopeo(*args: str) -> None:
     subprocess.run(["skopeo", "copy", "--quiet", "--preserve-digests", *args], check=True, capture_output=True)
-    return time.perf_counter() - t0
+
+
+def _cpu(proc: subprocess.Popen | None) -> float:
+    """CPU seconds (user + system) of a running process, or of this process and its waited-for children."""
+    if proc is not None:
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+@contextmanager
+def timed(into: dict, name: str, registry_proc: subprocess.Popen):
+    """Wall seconds, client and registry CPU seconds of the block, as into[name]."""
+    c0, r0, t0 = _cpu(None), _cpu(registry_proc), time.perf_counter()
+    yield
+    into[name] = {"s": time.perf_counter() - t0, "client_cpu_s": round(_cpu(None) - c0, 2),
+                  "registry_cpu_s": round(_cpu(registry_proc) - r0, 2)}
 
 
 def _dir_bytes(path: Path) -> int:
@@ -157,17 +175,16 @@ def main() -> None:
         result["model_image"] = {"digest": mi.manifest_digest, "layers": len(mi.layers), "bytes": layer_bytes,
                                  "write_s": round(write_s, 2)}
 
-        with registry(work / "registry-forge") as host:
+        runs: dict = {}
+        with registry(work / "registry-forge") as (host, reg_proc):
             remote = Remote.parse(f"oci://{host}/bench/model")
-            t0 = time.perf_counter()
-            hows = Client(remote).push_image(image, mi.manifest_digest, "1-model")
-            push_s = time.perf_counter() - t0
+            with timed(runs, "forge_push", reg_proc):
+                hows = Client(remote).push_image(image, mi.manifest_digest, "1-model")
             assert set(hows.values()) == {"sent"}, hows
             shutil.rmtree(image.root)   # its bytes are in the registry now
             pulled = Layout(work / "pulled-forge")
-            t0 = time.perf_counter()
-            digest, got = Client(remote).pull_image("1-model", pulled, workers=args.workers)
-            pull_s = time.perf_counter() - t0
+            with timed(runs, "forge_pull", reg_proc):
+                digest, got = Client(remote).pull_image("1-model", pulled, workers=args.workers)
             assert digest == mi.manifest_digest and set(got.values()) == {"fetched"}, got
             # pull_image takes a blob in only under the digest it hashes to; and every layer is there, whole
             assert all(pulled.blob_path(la["digest"]).stat().st_size == la["size"] for la in mi.layers)
@@ -178,13 +195,14 @@ def main() -> None:
         single_digest, single_bytes = single_layer_image(model, single)
         result["single_layer_image"] = {"digest": single_digest, "bytes": single_bytes,
                                         "write_s": round(time.perf_counter() - t0, 2)}
-        with registry(work / "registry-skopeo") as host:
+        with registry(work / "registry-skopeo") as (host, reg_proc):
             dest = f"docker://{host}/bench/single:1"
-            skopeo_push_s = _skopeo("--dest-tls-verify=false", f"oci:{single}:bench", dest)
+            with timed(runs, "skopeo_push", reg_proc):
+                _skopeo("--dest-tls-verify=false", f"oci:{single}:bench", dest)
             shutil.rmtree(single)
             back = work / "pulled-skopeo"
-            skopeo_pull_s = _skopeo("--src-tls-verify=false", "--dest-oci-accept-uncompressed-layers", dest,
-                                    f"oci:{back}:bench")
+            with timed(runs, "skopeo_pull", reg_proc):
+                _skopeo("--src-tls-verify=false", "--dest-oci-accept-uncompressed-layers", dest, f"oci:{back}:bench")
             pulled_bytes = _dir_bytes(back / "blobs")
             assert pulled_bytes >= single_bytes, (pulled_bytes, single_bytes)
             assert (back / "blobs" / "sha256" / single_digest[7:]).exists()   # the same manifest, digest for digest
@@ -194,12 +212,12 @@ def main() -> None:
             return round(nbytes / s / 1e6, 1)
 
         h_rate = size / hash_s
-        sides = {"hashlib": (size, hash_s), "forge_push": (layer_bytes, push_s), "forge_pull": (layer_bytes, pull_s),
-                 "skopeo_push": (single_bytes, skopeo_push_s), "skopeo_pull": (single_bytes, skopeo_pull_s)}
-        for name, (nbytes, s) in sides.items():
-            result[name] = {"s": round(s, 2), "mb_s": rate(nbytes, s)}
-            if name != "hashlib":
-                result[name]["ratio_over_hashlib"] = round(nbytes / s / h_rate, 3)
+        result["hashlib"] = {"s": round(hash_s, 2), "mb_s": rate(size, hash_s)}
+        for name, run in runs.items():
+            nbytes = single_bytes if name.startswith("skopeo") else layer_bytes
+            result[name] = {**run, "s": round(run["s"], 2), "mb_s": rate(nbytes, run["s"]),
+                            "ratio_over_hashlib": round(nbytes / run["s"] / h_rate, 3),
+                            "registry_cpu_s_per_gb": round(run["registry_cpu_s"] / (nbytes / 1e9), 2)}
         result["goal"] = "forge push and pull >= 0.8x hashlib"
         result["met"] = {k: result[k]["ratio_over_hashlib"] >= 0.8 for k in ("forge_push", "forge_pull")}
         result["load_avg_1_5_15"]["end"] = [round(x, 2) for x in os.getloadavg()]

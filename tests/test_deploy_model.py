@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import forge_cli
-from test_deploy import CASES, DATA, GOLDEN, VLLM, _edit, make_record
+from test_deploy import CASES, DATA, VLLM, _edit, make_record, same_as_golden
 
 from forge import deploy
 from forge.core.errors import EvidenceError, UsageError
@@ -71,14 +71,7 @@ def test_model_image_manifests_match_the_golden_files_and_validate_strictly(tmp_
     out = tmp_path / "out"
     proc = forge_cli("deploy", rec.id[:12], "--out", str(out), "--namespace", "llm", "--kube-version", kube,
                      "--registry-dir", str(reg.root), check=0)
-    written = {p.name: p.read_text() for p in sorted(out.iterdir())}
-    if os.environ.get("FORGE_TEST_UPDATE_GOLDEN"):   # regenerate: review the diff before committing
-        (GOLDEN / case).mkdir(parents=True, exist_ok=True)
-        for old in (GOLDEN / case).iterdir():
-            old.unlink()
-        for name, text in written.items():
-            (GOLDEN / case / name).write_text(text)
-    assert written == {p.name: p.read_text() for p in sorted((GOLDEN / case).iterdir())}
+    same_as_golden(out, case)
     for obj in read_dir(out):   # each on its own, against the schema of that Kubernetes version, strictly
         assert schema_problems(obj, kube) == [], obj["kind"]
     assert forge_cli("deploy", "--check", str(out), "--kube-version", kube, "--registry-dir", str(reg.root),

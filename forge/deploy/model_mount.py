@@ -86,8 +86,8 @@ def choose(mode: str, kube_version: str) -> tuple[str, str | None]:
         return "image-volume", (f"the model is an image volume: the nodes' runtime must mount image volumes ({RUNTIMES})"
                                 f"; where it does not, the model-check init container fails the pod and says so")
     if mode == "auto":
-        gate = (f"; if the cluster runs with the ImageVolume feature gate on (kube-apiserver and every kubelet), "
-                f"--model-mount image-volume mounts it without a copy" if minor >= BETA else "")
+        gate = ("; if the cluster runs with the ImageVolume feature gate on (kube-apiserver and every kubelet), "
+                "--model-mount image-volume mounts it without a copy" if minor >= BETA else "")
         return "copy", (f"Kubernetes {kube_version}: image volumes are not on by default before 1.35, so the model is "
                         f"copied from its image into an emptyDir by init containers{gate}")
     if minor < BETA:
