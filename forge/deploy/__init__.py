@@ -12,8 +12,9 @@ atomically), ``check`` (re-validate a directory, e.g. after editing), ``Options`
     validate.py   schemas (Kubernetes, KEDA and Prometheus Operator CRDs) + cross-object checks
     kustomize.py  the directory: kustomization.yaml + one file per object
 
-May import: forge.core, forge.model, forge.oci, forge.gpu, forge.engines, forge.recipe, forge.registry, forge.image
-(the model image's constants).
+forge.image is imported for the model image's constants (MODELS_DIR) only.
+
+May import: forge.core, forge.model, forge.oci, forge.gpu, forge.engines, forge.recipe, forge.registry, forge.image.
 """
 from __future__ import annotations
 
