@@ -86,15 +86,16 @@ def _result(out: Path, facts: dict, digest: str):
 
 
 def make_record(root: Path, reg: LocalRegistry, recipe: Path, model_config: bytes, entrypoint: list[str], *,
-                gate=True, scan="pass", user: str = f"{UID}:{UID}", evaluated_on: tuple[str, str] | None = None):
-    """Publish a build of ``recipe`` whose image runs ``entrypoint``."""
+                gate=True, scan="pass", user: str = f"{UID}:{UID}", evaluated_on: tuple[str, str] | None = None,
+                weights_free: bool = False):
+    """Publish a build of ``recipe`` whose image runs ``entrypoint`` (``weights_free``: its image carries no
+    weights, as a serving image whose model is its own image)."""
     loaded = resolved(recipe)
     base = loaded.base
     root.mkdir(parents=True)
     (root / "package").mkdir()
-    digest = image_with_config(root / "package" / "oci", loaded.recipe.name,
-                               {"config.json": model_config, "model.safetensors": b"W" * 1024},
-                               entrypoint, user=user)
+    model = {} if weights_free else {"config.json": model_config, "model.safetensors": b"W" * 1024}
+    digest = image_with_config(root / "package" / "oci", loaded.recipe.name, model, entrypoint, user=user)
     (root / "package" / "image.json").write_text(json.dumps({"manifest_digest": digest, "engine": base.engine}))
     (root / "gate").mkdir()
     on = evaluated_on or (base.engine, loaded.recipe.target.gpu)   # default: on the engine and GPU it ships for
@@ -127,6 +128,20 @@ def _by_kind(objects) -> dict[str, dict]:
 
 # ---------------------------------------------------------------------- goldens
 
+def same_as_golden(out: Path, case: str) -> dict[str, str]:
+    """The files forge deploy wrote in ``out``, asserted equal to GOLDEN/case (FORGE_TEST_UPDATE_GOLDEN=1 rewrites
+    those: review the diff before committing)."""
+    written = {p.name: p.read_text() for p in sorted(out.iterdir())}
+    if os.environ.get("FORGE_TEST_UPDATE_GOLDEN"):
+        (GOLDEN / case).mkdir(parents=True, exist_ok=True)
+        for old in (GOLDEN / case).iterdir():
+            old.unlink()
+        for name, text in written.items():
+            (GOLDEN / case / name).write_text(text)
+    assert written == {p.name: p.read_text() for p in sorted((GOLDEN / case).iterdir())}
+    return written
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_manifests_match_the_golden_files_and_every_object_validates(tmp_path, reg, case):
     rec = _case(tmp_path, reg, case)
@@ -134,15 +149,7 @@ def test_manifests_match_the_golden_files_and_every_object_validates(tmp_path, r
     proc = forge_cli("deploy", rec.id[:12], "--out", str(out), "--namespace", "llm", "--registry-dir", str(reg.root),
                      check=0)
     assert "was never pushed" in proc.stderr and f"kubectl apply -k {out}" in proc.stdout
-    written = {p.name: p.read_text() for p in sorted(out.iterdir())}
-    if os.environ.get("FORGE_TEST_UPDATE_GOLDEN"):   # regenerate: review the diff before committing
-        (GOLDEN / case).mkdir(parents=True, exist_ok=True)
-        for old in (GOLDEN / case).iterdir():
-            old.unlink()
-        for name, text in written.items():
-            (GOLDEN / case / name).write_text(text)
-    golden = {p.name: p.read_text() for p in sorted((GOLDEN / case).iterdir())}
-    assert written == golden
+    written = same_as_golden(out, case)
     objects = read_dir(out)
     for obj in objects:   # each one on its own, against its schema (a kind without one would fail)
         assert schema_problems(obj) == [], obj["kind"]

@@ -278,6 +278,10 @@ def deploy_cmd(
     check_dir: Annotated[Optional[Path], typer.Option("--check", help="Re-validate a directory forge deploy wrote (e.g. after edits).")] = None,
     kube_version: Annotated[Optional[str], typer.Option(help="Kubernetes version whose schemas validate the objects.")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="The record's recipe file, when it is no longer where it was built.")] = None,
+    model_mount: Annotated[str, typer.Option(help="auto | image-volume | copy: how a model image (container.weights: "
+                                                  "image) reaches /models. auto: an image volume on Kubernetes >= 1.35, "
+                                                  "else init containers copy it into an emptyDir; image-volume on "
+                                                  "1.33-1.34 needs the ImageVolume feature gate.")] = "auto",
     registry_dir: RegistryDir = None, accept_proxy_eval: AcceptProxyEval = False,
 ) -> None:
     """Kubernetes manifests (kustomize directory) for a validated artifact, validated offline; or --check DIR."""
@@ -301,7 +305,7 @@ def deploy_cmd(
         raise UsageError("missing REF", hint="Usage: forge deploy REF [--out DIR] or forge deploy --check DIR")
     rec = reg.resolve(ref)
     opts = deploy.Options(replicas=replicas, max_replicas=max_replicas, autoscale=autoscale, namespace=namespace,
-                          kube_version=kube, recipe=recipe, accept_proxy_eval=accept_proxy_eval)
+                          kube_version=kube, recipe=recipe, accept_proxy_eval=accept_proxy_eval, model_mount=model_mount)
     generated = deploy.generate(reg, [rec], opts)
     target = out_dir or Path("deploy") / rec.name
     files = deploy.write(generated, target)

@@ -7,27 +7,32 @@ atomically), ``check`` (re-validate a directory, e.g. after editing), ``Options`
     engines.py    engine facts by engine and version (the seam to the engine registry)
     sizing.py     probe budget, requests, concurrency, drain time: stated rules
     workload.py   Deployment, Service, PodDisruptionBudget
+    model_mount.py  the model image at /models: an image volume, or init containers copying it (older clusters)
     autoscale.py  KEDA ScaledObject / HPA on the engine's queue, ServiceMonitor
     validate.py   schemas (Kubernetes, KEDA and Prometheus Operator CRDs) + cross-object checks
     kustomize.py  the directory: kustomization.yaml + one file per object
 
-May import: forge.core, forge.model, forge.oci, forge.gpu, forge.engines, forge.recipe, forge.registry.
+forge.image is imported for the model image's constants (MODELS_DIR) only.
+
+May import: forge.core, forge.model, forge.oci, forge.gpu, forge.engines, forge.recipe, forge.registry, forge.image.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from forge.deploy.validate import KUBE_VERSION, problems, require_version
+from forge.deploy.validate import KUBE_VERSION, Pinned, problems, require_version
 from forge.core.errors import StepError, UsageError
-from forge.deploy import autoscale, workload
+from forge.deploy import autoscale, model_mount, workload
 from forge.deploy.engines import serving
 from forge.deploy.gather import gather, image_config
 from forge.deploy.kustomize import read_dir, write_dir
 from forge.deploy.labels import names
-from forge.deploy.sizing import size
+from forge.deploy.sizing import size, with_model_pull
 
-__all__ = ["Options", "Generated", "generate", "write", "check", "KUBE_VERSION"]
+__all__ = ["Options", "Generated", "generate", "write", "check", "KUBE_VERSION", "MODEL_MOUNTS"]
+
+MODEL_MOUNTS = model_mount.MODES
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class Options:
     kube_version: str = KUBE_VERSION
     recipe: Path | None = None          # the recipe file, when it is not where the record says
     accept_proxy_eval: bool = False     # also a proxy-validated record (its gate ran on another engine/device)
+    model_mount: str = "auto"           # auto | image-volume | copy: how a model image reaches /models (model_mount.py)
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,7 @@ def generate(reg, records: list, opts: Options = Options()) -> Generated:
     max_replicas = opts.max_replicas or 4 * opts.replicas
     if max_replicas < opts.replicas:
         raise UsageError(f"--max-replicas {max_replicas} is below --replicas {opts.replicas}")
+    model_mount.choose(opts.model_mount, opts.kube_version)   # a bad --model-mount is refused before anything is read
     objects, notes, images = [], [], {}
     for rec in records:
         art = gather(reg, rec, opts.recipe if len(records) == 1 else None, accept_proxy_eval=opts.accept_proxy_eval)
@@ -67,9 +74,21 @@ def generate(reg, records: list, opts: Options = Options()) -> Generated:
         if any(o["metadata"]["name"] == n.name for o in objects):
             raise UsageError(f"two records would both be deployed as {n.name}",
                              hint="Deploy one record per GPU (variants differ by their target GPU).")
-        images[rec.id] = (rec.image_digest, art.command, art.args)
+        mount = None
+        if art.model_image is not None:
+            mount_how, note = model_mount.choose(opts.model_mount, opts.kube_version)
+            mount = model_mount.mount(mount_how, art.model_image, art.image, art.weights_layer_bytes, art.user)
+            sz = with_model_pull(sz, art.weights_layer_bytes, mount.copy_bytes)
+            if note and note not in notes:
+                notes.append(note)
+        elif opts.model_mount != "auto":
+            raise UsageError(f"--model-mount {opts.model_mount}: {rec.name} {rec.short()} has its weights in its serving "
+                             "image (container.weights: baked): there is no model image to mount",
+                             hint="Leave --model-mount out, or deploy a record built with container.weights: image.")
+        images[rec.id] = Pinned(rec.image_digest, art.command, art.args,
+                                rec.model_image_digest if rec.weights == "image" else None)
         prestop = int(opts.kube_version.split(".")[1]) >= 30    # the preStop sleep action
-        objects += [workload.deployment(art, srv, sz, n, opts.replicas, opts.namespace, prestop),
+        objects += [workload.deployment(art, srv, sz, n, opts.replicas, opts.namespace, prestop, mount),
                     workload.service(art, n, opts.namespace),
                     workload.pod_disruption_budget(n, opts.namespace)]
         if how == "keda":
@@ -81,7 +100,9 @@ def generate(reg, records: list, opts: Options = Options()) -> Generated:
         if not art.pushed:
             notes.append(f"{rec.name} {rec.short()} was never pushed to an OCI registry: its image is named "
                          f"{art.image.split('@')[0]}; push it (forge build --publish-to oci://HOST/REPO) or point the "
-                         f"manifests at your copy: kustomize edit set image {art.image.split('@')[0]}=HOST/REPO")
+                         f"manifests at your copy: kustomize edit set image {art.image.split('@')[0]}=HOST/REPO"
+                         + (" (and edit the model image volume's reference: kustomize rewrites container images only)"
+                            if mount is not None and mount.how == "image-volume" else ""))
         if how == "none" and srv.queue is None and opts.autoscale == "auto":
             notes.append(f"{rec.name}: the {srv.engine} engine exposes no queue metric: no autoscaler, "
                          f"{opts.replicas} replica(s)")
@@ -107,6 +128,7 @@ def check(out: Path, reg, kube_version: str = KUBE_VERSION) -> tuple[int, list[s
         if rec.image_digest is None:
             raise UsageError(f"record {rid[:12]} has no image")
         cfg = image_config(reg, rec.image_digest).get("config") or {}
-        return rec.image_digest, tuple(cfg.get("Entrypoint") or ()), tuple(cfg.get("Cmd") or ())
+        return Pinned(rec.image_digest, tuple(cfg.get("Entrypoint") or ()), tuple(cfg.get("Cmd") or ()),
+                      rec.model_image_digest if rec.weights == "image" else None)
 
     return len(objects), problems(objects, image_of, kube_version)

@@ -7,7 +7,8 @@
 - the recipe the record was built from (its file, checked against the recorded digest, or, where the file is
   not here, the copy the record carries as evidence): tensor parallel size, max_model_len, max_num_seqs, the
   quantization plan;
-- the served model's config.json, read out of the image's weights layer: its shape, for sizing.
+- the served model's config.json, read out of the image's weights layer (or, for a record whose weights are their
+  own model image, out of that image's small last layer): its shape, for sizing.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forge.core.errors import EvidenceError, UsageError
+from forge.image.model_image import MODELS_DIR
 from forge.oci.layout import member_path, sha256_bytes
 from forge.registry import PROMOTABLE, LocalRegistry, Record
 from forge.registry.record import PROXY, PROXY_HINT
@@ -27,6 +29,7 @@ from forge.recipe.resolve import sections
 __all__ = ["Artifact", "gather", "image_config"]
 
 MODEL_CONFIG = "opt/forge/model/config.json"
+MODEL_IMAGE_CONFIG = MODELS_DIR.strip("/") + "/config.json"
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,8 @@ class Artifact:
     port: int
     recipe: object                   # forge.recipe.schema.Recipe
     model_config: dict | None        # config.json of the served model (None: not found in the weights layer)
-    weights_layer_bytes: int
+    weights_layer_bytes: int         # the weights layer, or all of the model image's layers
+    model_image: str | None = None   # repository@sha256:… of the model image (weights == "image"), else None
 
 
 def image_config(reg: LocalRegistry, image_digest: str) -> dict:
@@ -70,15 +74,37 @@ def gather(reg: LocalRegistry, rec: Record, recipe_path: Path | None = None, *,
     ports = sorted(int(p.split("/")[0]) for p in (cfg.get("ExposedPorts") or {}))
     if not ports:
         raise UsageError(f"the image of {rec.name} {rec.short()} exposes no port", hint="Rebuild it with forge.")
-    weights, model_config = manifest["layers"][-1], None
-    for layer in reversed(manifest["layers"][-3:]):   # forge appends the weights layer last (a few small ones may follow)
-        if (model_config := _model_config(reg.blobs.blob_path(layer["digest"]))) is not None:
-            weights = layer
-            break
+    model_image = None
+    if rec.weights == "image":
+        model_image, model_config, weights_bytes = _model_image(reg, rec)
+    else:
+        weights, model_config = manifest["layers"][-1], None
+        for layer in reversed(manifest["layers"][-3:]):   # forge appends the weights layer last (a few small ones may follow)
+            if (model_config := _model_config(reg.blobs.blob_path(layer["digest"]))) is not None:
+                weights = layer
+                break
+        weights_bytes = int(weights["size"])
     return Artifact(record=rec, image=_image_ref(rec), pushed=bool(rec.remote), command=command, args=args,
                     user=_user(rec, cfg.get("User") or ""), port=ports[0], recipe=_recipe(reg, rec, recipe_path),
-                    model_config=model_config,
-                    weights_layer_bytes=int(weights["size"]))
+                    model_config=model_config, weights_layer_bytes=weights_bytes, model_image=model_image)
+
+
+def _model_image(reg: LocalRegistry, rec: Record) -> tuple[str, dict | None, int]:
+    """(repository@digest, config.json, bytes of all its layers) of the record's model image."""
+    digest = rec.model_image_digest
+    if not digest:
+        raise EvidenceError(f"{rec.name} {rec.short()} keeps its weights in a model image, but the record names none "
+                            "(model_image_digest is empty)", hint="Build it again; `forge registry verify` checks records.")
+    if not reg.blobs.has(digest):
+        raise EvidenceError(f"the model image {digest[:19]}… of {rec.name} {rec.short()} is not in the registry at "
+                            f"{reg.root}", hint="`forge registry pull` of the record brings its model image with it.")
+    layers = json.loads(reg.blobs.read(digest))["layers"]
+    config = None
+    for layer in reversed(layers):   # config.json is in the small last layer
+        if reg.blobs.has(layer["digest"]) and (
+                config := _model_config(reg.blobs.blob_path(layer["digest"]), MODEL_IMAGE_CONFIG)) is not None:
+            break
+    return _image_ref(rec).split("@")[0] + "@" + digest, config, sum(int(la["size"]) for la in layers)
 
 
 def _image_ref(rec: Record) -> str:
@@ -128,10 +154,10 @@ def _same_file(path: Path, digest: str) -> bool:
     return path.is_file() and "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest() == digest
 
 
-def _model_config(layer: Path) -> dict | None:
+def _model_config(layer: Path, member: str = MODEL_CONFIG) -> dict | None:
     """config.json out of the weights layer (uncompressed: the tar index is read by seeking, no weights)."""
     with tarfile.open(layer) as tf:
         for m in tf:
-            if m.isfile() and member_path(m.name) == MODEL_CONFIG:
+            if m.isfile() and member_path(m.name) == member:
                 return json.loads(tf.extractfile(m).read())
     return None

@@ -11,7 +11,8 @@ RECORD = f"{PREFIX}/record"                 # label: the record id's first 12 he
 ANN = {"record-id": f"{PREFIX}/record-id", "image-digest": f"{PREFIX}/image-digest",
        "recipe-digest": f"{PREFIX}/recipe-digest", "eval-verdict-digest": f"{PREFIX}/eval-verdict-digest",
        "scan-verdict-digest": f"{PREFIX}/scan-verdict-digest", "model-digest": f"{PREFIX}/model-digest",
-       "status": f"{PREFIX}/status", "gpu": f"{PREFIX}/gpu", "engine": f"{PREFIX}/engine"}
+       "status": f"{PREFIX}/status", "gpu": f"{PREFIX}/gpu", "engine": f"{PREFIX}/engine",
+       "model-image-digest": f"{PREFIX}/model-image-digest", "modelpack-digest": f"{PREFIX}/modelpack-digest"}
 
 __all__ = ["Names", "names", "dns_label"]
 
@@ -40,6 +41,9 @@ def names(art: Artifact, variant: bool) -> Names:
                    ANN["scan-verdict-digest"]: rec.scan_digest or "none", ANN["model-digest"]: rec.model_digest or "none",
                    ANN["status"]: rec.status, ANN["gpu"]: rec.target_gpu,
                    ANN["engine"]: f"{rec.engine} {rec.engine_version or '?'}"}
+    if rec.weights == "image":   # the weights are their own image (a record with baked weights keeps its annotations)
+        annotations[ANN["model-image-digest"]] = rec.model_image_digest or "none"
+        annotations[ANN["modelpack-digest"]] = rec.modelpack_digest or "none"
     return Names(name, selector, labels, annotations)
 
 

@@ -9,6 +9,10 @@
   max_num_seqs; the queue threshold is half of it waiting per replica.
 - drain: the longest request (max_model_len tokens at fit's decode speed per sequence) plus the
   endpoint-removal delay; terminationGracePeriodSeconds covers it.
+- model image (``container.weights: image``): the startup budget is the same load, from the mount (an image volume
+  or the copy's emptyDir: the probe starts after both); the pull (model bytes / PULL_RATE) and, for the copy
+  fallback, the copy (model bytes / COPY_RATE) happen before the server starts, so they go into the Deployment's
+  progressDeadlineSeconds: 1.5 x (pull + copy) + the startup budget, at least Kubernetes' default 600 s.
 - CPU and memory requests: host memory holds the checkpoint while it loads (GPU engines) or the whole
   model and KV cache (CPU engine, which decompresses to BF16); memory limit = request.
 """
@@ -30,8 +34,11 @@ PROBE_PERIOD = 10          # seconds between startup-probe attempts
 ENDPOINT_DELAY = 10        # seconds for the endpoint's removal to reach every proxy (preStop sleep)
 CPU_DECODE_TOK_S = 20      # CPU engine: decode tokens/s per sequence assumed for draining (no roofline on CPU)
 HOST_OVERHEAD_GIB = 4      # per pod: Python, tokenizer, CUDA/driver host allocations, HTTP server
+PULL_RATE = 125e6          # bytes/s from the registry to a node: 1 Gbit/s (a model image's layers come in parallel)
+COPY_RATE = LOAD_RATE      # bytes/s node disk to node disk (the copy fallback's init container)
+DEFAULT_PROGRESS_DEADLINE = 600   # Kubernetes' default progressDeadlineSeconds
 
-__all__ = ["Sizing", "size"]
+__all__ = ["Sizing", "size", "with_model_pull"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,17 @@ class Sizing:
     cpu: str
     memory: str
     why: tuple[tuple[str, str], ...]   # (annotation key suffix, the rule with its numbers)
+    progress_deadline_s: int | None = None   # model image only: pull (+ copy) + startup budget
+
+
+def with_model_pull(sz: Sizing, model_bytes: int, copy_bytes: int) -> Sizing:
+    """``sz`` with the rollout's progress deadline budgeted for pulling the model image (and copying it)."""
+    pull_s, copy_s = model_bytes / PULL_RATE, copy_bytes / COPY_RATE
+    deadline = max(DEFAULT_PROGRESS_DEADLINE, math.ceil(1.5 * (pull_s + copy_s)) + sz.startup_budget_s)
+    copy = f" + {copy_bytes / GB:.2f} GB copy / {COPY_RATE / 1e6:.0f} MB/s" if copy_bytes else ""
+    rule = (f"{deadline}s = 1.5 x ({model_bytes / GB:.2f} GB model image pull / {PULL_RATE / 1e6:.0f} MB/s{copy}) + "
+            f"{sz.startup_budget_s}s startup budget (at least {DEFAULT_PROGRESS_DEADLINE}s)")
+    return replace(sz, progress_deadline_s=deadline, why=sz.why + (("progress-deadline", rule),))
 
 
 def size(art: Artifact, srv: Serving) -> Sizing:

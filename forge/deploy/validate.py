@@ -8,13 +8,18 @@
 - A kind with no schema is a failure, never a pass.
 - Cross-object checks: GPU requests equal limits, selectors match the pod labels, the PDB / Service /
   ScaledObject / HPA / ServiceMonitor point at objects and ports that exist, probe ports are container
-  ports, the image is pinned by digest and its command is the image's own (looked up by the record).
+  ports, the image is pinned by digest and its command is the image's own (looked up by the record), every
+  volume mount names a volume of the pod; for a record whose weights are a model image, the server mounts /models
+  from the record's model image (an image volume naming it by digest, or an emptyDir an init container from it
+  fills) and forge's init containers run the images the record names.
 """
 from __future__ import annotations
 
 import json
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
+
 from forge.core.errors import UsageError
+from forge.image.model_image import MODELS_DIR
 
 KUBE_VERSION = "1.33"
 CRD_SOURCES = {   # kind -> (apiVersion, model, what it was generated from)
@@ -25,10 +30,25 @@ CRD_SOURCES = {   # kind -> (apiVersion, model, what it was generated from)
 }
 GPU = "nvidia.com/gpu"
 
-# record id -> (image digest, ENTRYPOINT, CMD) of the image the record names; raises UsageError when unknown
-ImageLookup = Callable[[str], tuple[str, tuple[str, ...], tuple[str, ...]]]
+IMAGE_VOLUMES_FROM = 33   # image volumes: beta (behind the ImageVolume gate) from Kubernetes 1.33
+SERVING_INIT = ("forge-tools", "model-check")   # forge's init containers that run the serving image
+MODEL_INIT = "model-copy"                        # and the one that runs the model image
 
-__all__ = ["KUBE_VERSION", "CRD_SOURCES", "require_version", "schema_problems", "cross_problems", "problems"]
+
+class Pinned(NamedTuple):
+    """What a record says its pod runs: the serving image's digest, ENTRYPOINT and CMD, and its model image's
+    digest (None: the weights are in the serving image)."""
+    digest: str
+    entrypoint: tuple[str, ...]
+    cmd: tuple[str, ...]
+    model: str | None = None
+
+
+# record id -> what the record pins; raises UsageError when unknown
+ImageLookup = Callable[[str], Pinned]
+
+__all__ = ["KUBE_VERSION", "CRD_SOURCES", "Pinned", "require_version", "schema_problems", "cross_problems",
+           "problems"]
 
 
 def _kn(obj: dict) -> str:
@@ -132,6 +152,7 @@ def cross_problems(objects: list[dict], image_of: ImageLookup | None) -> list[st
         if not _matches((spec.get("selector") or {}).get("matchLabels") or {}, labels):
             problems.append(f"{_kn(d)}: spec.selector.matchLabels does not match the pod template's labels")
         named, numbers = {}, set()
+        problems.extend(_volume_problems(d, tmpl.get("spec") or {}))
         for c in (tmpl.get("spec") or {}).get("containers") or []:
             where = f"{_kn(d)}: container {c.get('name')}"
             for p in c.get("ports") or []:
@@ -186,6 +207,67 @@ def cross_problems(objects: list[dict], image_of: ImageLookup | None) -> list[st
     return problems
 
 
+def _volume_problems(d: dict, pod: dict) -> list[str]:
+    """Mounts that name no volume, and init containers or image volumes not pinned by digest."""
+    problems = []
+    volumes = {v.get("name"): v for v in pod.get("volumes") or []}
+    for kind in ("initContainers", "containers"):
+        for c in pod.get(kind) or []:
+            for m in c.get("volumeMounts") or []:
+                if m.get("name") not in volumes:
+                    problems.append(f"{_kn(d)}: container {c.get('name')}: volumeMount {m.get('name')!r} at "
+                                    f"{m.get('mountPath')} names no volume of the pod")
+    for c in pod.get("initContainers") or []:
+        if "@sha256:" not in c.get("image", ""):
+            problems.append(f"{_kn(d)}: init container {c.get('name')}: image {c.get('image')!r} is not pinned by "
+                            "digest (repository@sha256:…)")
+    for name, v in volumes.items():
+        ref = (v.get("image") or {}).get("reference", "")
+        if "image" in v and "@sha256:" not in ref:
+            problems.append(f"{_kn(d)}: volume {name}: image {ref!r} is not pinned by digest (repository@sha256:…)")
+    return problems
+
+
+def _model_problems(d: dict, pinned: Pinned) -> list[str]:
+    """The server reads /models from the record's model image; forge's init containers run the record's images."""
+    pod = (d.get("spec") or {}).get("template", {}).get("spec") or {}
+    volumes = {v.get("name"): v for v in pod.get("volumes") or []}
+    inits = pod.get("initContainers") or []
+    problems = []
+    for c in inits:
+        want = pinned.model if c.get("name") == MODEL_INIT else pinned.digest if c.get("name") in SERVING_INIT else None
+        got = c.get("image", "").partition("@")[2]
+        if want is not None and got and got != want:
+            role = "model image" if c.get("name") == MODEL_INIT else "serving image"
+            problems.append(f"{_kn(d)}: init container {c.get('name')}: image digest {got} is not the record's "
+                            f"{role} {want}")
+    if pinned.model is None:
+        return problems
+    server = next(iter(pod.get("containers") or []), {})
+    mount = next((m for m in server.get("volumeMounts") or [] if m.get("mountPath") == MODELS_DIR), None)
+    if mount is None:
+        return problems + [f"{_kn(d)}: container {server.get('name')}: mounts nothing at {MODELS_DIR}: the record's "
+                           f"weights are its model image {pinned.model}, which the server would never see"]
+    if mount.get("readOnly") is not True:
+        problems.append(f"{_kn(d)}: container {server.get('name')}: {MODELS_DIR} is not mounted readOnly")
+    volume = volumes.get(mount.get("name")) or {}
+    if "image" in volume:
+        ref = volume["image"].get("reference", "")
+        if "@sha256:" in ref and ref.partition("@")[2] != pinned.model:
+            problems.append(f"{_kn(d)}: volume {mount.get('name')}: image {ref.partition('@')[2]} is not the record's "
+                            f"model image {pinned.model}")
+    elif "emptyDir" in volume:
+        fills = [c for c in inits if c.get("image", "").partition("@")[2] == pinned.model
+                 and any(m.get("name") == mount.get("name") for m in c.get("volumeMounts") or [])]
+        if not fills:
+            problems.append(f"{_kn(d)}: volume {mount.get('name')} at {MODELS_DIR} is an emptyDir that no init "
+                            f"container from the record's model image {pinned.model} fills")
+    elif volume:
+        problems.append(f"{_kn(d)}: volume {mount.get('name')} at {MODELS_DIR} is neither the model image (an image "
+                        "volume) nor an emptyDir copied from it")
+    return problems
+
+
 def _image_problems(d: dict, c: dict, where: str, image_of: ImageLookup | None, UsageError) -> list[str]:
     image = c.get("image", "")
     if "@sha256:" not in image:
@@ -196,10 +278,12 @@ def _image_problems(d: dict, c: dict, where: str, image_of: ImageLookup | None, 
     if not rid:
         return [f"{_kn(d)}: no dev.forge/record-id annotation: cannot check the image against its record"]
     try:
-        digest, entrypoint, cmd = image_of(rid)
+        pinned = image_of(rid)
     except UsageError as e:
         return [f"{_kn(d)}: {e.message}"]
-    problems = []
+    digest, entrypoint, cmd = pinned.digest, pinned.entrypoint, pinned.cmd
+    containers = (d.get("spec") or {}).get("template", {}).get("spec", {}).get("containers") or [{}]
+    problems = _model_problems(d, pinned) if c is containers[0] else []   # the pod's, once: the server is first
     if image.split("@", 1)[1] != digest:
         problems.append(f"{where}: image digest {image.split('@', 1)[1]} is not the record's {digest}")
     # Kubernetes: command replaces ENTRYPOINT, args replace CMD (and a command alone drops CMD)
@@ -214,4 +298,11 @@ def _image_problems(d: dict, c: dict, where: str, image_of: ImageLookup | None, 
 def problems(objects: list[dict], image_of: ImageLookup | None, kube_version: str = KUBE_VERSION) -> list[str]:
     require_version(kube_version)
     out = [p for o in objects for p in schema_problems(o, kube_version)]
+    major, _, minor = kube_version.partition(".")
+    if major == "1" and int(minor.split(".")[0]) < IMAGE_VOLUMES_FROM:
+        for o in objects:
+            for v in ((o.get("spec") or {}).get("template", {}).get("spec") or {}).get("volumes") or []:
+                if isinstance(v, dict) and "image" in v:
+                    out.append(f"{_kn(o)}: volume {v.get('name')}: image volumes need Kubernetes 1.{IMAGE_VOLUMES_FROM}"
+                               f" or later (here {kube_version}): deploy with --model-mount copy")
     return out + cross_problems(objects, image_of)

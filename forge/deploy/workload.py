@@ -7,6 +7,7 @@ from importlib import resources
 from forge.deploy.engines import Serving
 from forge.deploy.gather import Artifact
 from forge.deploy.labels import Names, meta
+from forge.deploy.model_mount import ModelMount
 from forge.deploy.sizing import ENDPOINT_DELAY, PROBE_PERIOD, Sizing
 from forge.core.errors import UsageError
 
@@ -39,13 +40,17 @@ def _probe(path: str, port: int, **timing: int) -> dict:
     return {"httpGet": {"path": path, "port": PORT_NAME}, "timeoutSeconds": 5, **timing}
 
 
-def _container(art: Artifact, srv: Serving, sz: Sizing, prestop_sleep: bool) -> dict:
+def _container(art: Artifact, srv: Serving, sz: Sizing, prestop_sleep: bool, model: ModelMount | None) -> dict:
     uid, gid = art.user
     resources_ = {"requests": {"cpu": sz.cpu, "memory": sz.memory}, "limits": {"memory": sz.memory}}
     if sz.gpus:
         resources_["requests"][GPU_RESOURCE] = resources_["limits"][GPU_RESOURCE] = sz.gpus
+    if model is not None and model.ephemeral_storage:   # the copy's emptyDir: schedule where the node disk has room
+        resources_["requests"]["ephemeral-storage"] = model.ephemeral_storage
     mounts = [{"name": "dshm", "mountPath": SHM}] + [
         {"name": _volume_name(d), "mountPath": d} for d in srv.writable_dirs]
+    if model is not None:
+        mounts.append(dict(model.server_mount))
     c = {
         "name": "server",
         "image": art.image,
@@ -82,7 +87,9 @@ def _affinity(gpu: str) -> dict:
 
 
 def deployment(art: Artifact, srv: Serving, sz: Sizing, n: Names, replicas: int, namespace: str | None,
-               prestop_sleep: bool = True) -> dict:
+               prestop_sleep: bool = True, model: ModelMount | None = None) -> dict:
+    """``model``: how the model image reaches /models (forge.deploy.model_mount), for a record whose weights are
+    their own image; None: the weights are in the serving image."""
     annotations = {f"dev.forge/{k}": v for k, v in sz.why}
     volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}]   # engines use /dev/shm beyond tensor parallelism
     volumes += [{"name": _volume_name(d), "emptyDir": {}} for d in srv.writable_dirs]
@@ -92,23 +99,29 @@ def deployment(art: Artifact, srv: Serving, sz: Sizing, n: Names, replicas: int,
         "automountServiceAccountToken": False,
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"},
                             "fsGroup": art.user[1]},
-        "containers": [_container(art, srv, sz, prestop_sleep)],
+        "containers": [_container(art, srv, sz, prestop_sleep, model)],
         "volumes": volumes,
     }
+    if model is not None:   # its init containers before the server, in the order they run
+        annotations["dev.forge/model-mount"] = model.how
+        items = list(pod.items())
+        at = [k for k, _ in items].index("containers")
+        pod = dict(items[:at] + [("initContainers", [dict(c) for c in model.init_containers])] + items[at:])
+        volumes += [dict(v) for v in model.volumes]
     if sz.gpus:
         pod["affinity"] = _affinity(art.record.target_gpu)
         pod["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
-    return {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(n, namespace, **annotations),
-        "spec": {
-            "replicas": replicas,
-            "revisionHistoryLimit": 3,
-            "selector": {"matchLabels": dict(n.selector)},
-            # a GPU replica is expensive: bring the new one up before the old one goes, one at a time
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-            "template": {"metadata": {"labels": dict(n.labels), "annotations": dict(n.annotations)}, "spec": pod},
-        },
+    spec = {
+        "replicas": replicas,
+        "revisionHistoryLimit": 3,
+        "selector": {"matchLabels": dict(n.selector)},
+        # a GPU replica is expensive: bring the new one up before the old one goes, one at a time
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+        "template": {"metadata": {"labels": dict(n.labels), "annotations": dict(n.annotations)}, "spec": pod},
     }
+    if sz.progress_deadline_s is not None:
+        spec["progressDeadlineSeconds"] = sz.progress_deadline_s
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(n, namespace, **annotations), "spec": spec}
 
 
 def service(art: Artifact, n: Names, namespace: str | None) -> dict:

@@ -1,8 +1,11 @@
 """The OCI Distribution registry client forge uses to publish, pull and share step outputs (``oci://host[:port]/repo``).
 
-- The image goes blob by blob with the oras client (large blobs in chunks) and its manifest as the exact
-  bytes recorded, so the remote digest is the one recorded and the uncompressed weights layer stays
-  uncompressed (a skopeo copy to a registry gzips it). Pulls use ``skopeo copy --preserve-digests``.
+- The image goes blob by blob, each as it is (large ones as one streamed PUT whose body the kernel sends from
+  the page cache, ``sendfile``; the oras client's chunked upload where that is refused), and its manifest as the
+  exact bytes recorded, so the remote digest is the one recorded and the uncompressed weights layer stays
+  uncompressed (a skopeo copy to a registry gzips it). Pulls use ``skopeo copy --preserve-digests``, or
+  ``Client.pull_image``: the manifest, then its blobs a few at a time, each streamed to disk while hashed, resumed
+  where a broken transfer stopped (HTTP Range), and taken in only under the digest it hashes to.
 - Each piece of evidence is an OCI image manifest with ``artifactType`` and ``subject`` → the image,
   uploaded with the oras client (blobs) and PUT as the exact bytes forge hashed; the digest the registry
   answers (Docker-Content-Digest) must equal it.
@@ -18,12 +21,16 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import http.client
 import json
 import os
 import shutil
 import subprocess
 import tempfile
 import threading
+import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +133,8 @@ def fetch_image(remote: Remote, digest: str, layout: Path, ref: str) -> None:
 # ---------------------------------------------------------------------- oras
 
 _CHUNK = 64 << 20   # blobs above this are uploaded in chunks of this size (PATCH), never read whole
+_PULL_CHUNK = 8 << 20   # bytes read, hashed and written at a time while pulling
+_STREAM_FROM = 16 << 20   # blobs above this go up as one PUT with sendfile (no copy through Python)
 
 class Client:
     """The oras registry client for one remote, plus the few calls oras-py lacks (exact-bytes manifest
@@ -188,11 +197,53 @@ class Client:
             if r.status_code == 202 and (where := r.headers.get("Location")):   # an upload began instead: drop it
                 self.reg.do_request(where if "://" in where else f"{self.reg.prefix}://{self.remote.host}{where}",
                                     "DELETE")
+        if size > _STREAM_FROM and self._put_streamed(path, digest, size):
+            return "sent"
         r = self.reg.upload_blob(str(path), self.container, {"digest": digest, "size": size},
                                  do_chunked=size > _CHUNK, chunk_size=_CHUNK)
         if r.status_code not in (200, 201, 202):
             raise ToolError(f"registry refused blob {digest}: HTTP {r.status_code} {r.text[:300]}")
         return "sent"
+
+    def _put_streamed(self, path: Path, digest: str, size: int) -> bool:
+        """A monolithic upload (POST, then one PUT with the whole blob as its body, OCI distribution spec) whose body
+        the kernel sends straight from the page cache: Python never touches the bytes, which leaves the CPU to the
+        hashing on both ends. True when the registry stored it; False (nothing stored) to fall back to oras."""
+        import ssl
+        from urllib.parse import urlencode, urlsplit
+
+        r = self._request("POST", "blobs/uploads/", headers={"Content-Length": "0"})
+        where = r.headers.get("Location")
+        if r.status_code != 202 or not where:
+            return False
+        url = urlsplit(where if "://" in where else f"{self.reg.prefix}://{self.remote.host}{where}")
+        query = "&".join(q for q in (url.query, urlencode({"digest": digest})) if q)
+        if url.scheme == "https":
+            ctx = ssl.create_default_context()
+            if self.remote.insecure:
+                ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            conn = http.client.HTTPSConnection(url.netloc, timeout=120, context=ctx)
+        else:
+            conn = http.client.HTTPConnection(url.netloc, timeout=120)
+        auth = self.reg.auth   # what oras negotiated for the POST (a bearer token), or the basic credentials
+        token, basic = getattr(auth, "token", None), getattr(auth, "_basic_auth", None)
+        headers = {"Content-Length": str(size), "Content-Type": "application/octet-stream",
+                   **({"Authorization": f"Bearer {token}"} if token else
+                      {"Authorization": f"Basic {basic}"} if basic else {})}
+        try:
+            conn.putrequest("PUT", f"{url.path}?{query}", skip_accept_encoding=True)
+            for k, v in headers.items():
+                conn.putheader(k, v)
+            conn.endheaders()
+            with open(path, "rb") as f:
+                conn.sock.sendfile(f, 0, size)
+            resp = conn.getresponse()
+            resp.read()
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            conn.close()
+        return resp.status == 201
 
     def put_blobs(self, blobs: list[tuple[Path, str, int]], *, workers: int = 4, mount_from: tuple[str, ...] = (),
                   done: Callable[[str, int, str], None] | None = None) -> dict[str, str]:
@@ -260,6 +311,105 @@ class Client:
                 raise ToolError(f"registry GET blob {digest}: HTTP {r.status_code}")
             yield from r.iter_content(chunk)
 
+    def pull_image(self, reference: str, layout: Layout, *, ref_name: str | None = None, workers: int = 4,
+                   attempts: int = 4, done: Callable[[str, int, str], None] | None = None) -> tuple[str, dict[str, str]]:
+        """An image (or artifact) manifest, by tag or digest, and every blob it names, into ``layout``: ``workers``
+        blobs at a time, each on its own connection, streamed to a temporary file while hashed, renamed in only when
+        it hashes to its digest. A transfer that breaks resumes where it stopped (an HTTP Range request), up to
+        ``attempts`` tries per blob; a blob the layout has is not fetched. ``ref_name``: also name the manifest in
+        the layout's index. Returns (manifest digest, digest -> "present" | "fetched")."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        got = self.get_manifest(reference)
+        if got is None:
+            raise ToolError(f"{self.remote.ref(reference)}: no such manifest in the registry")
+        data, media_type = got
+        digest = sha256_bytes(data)
+        if reference.startswith("sha256:") and digest != reference:
+            raise ToolError(f"{self.remote.ref(reference)}: the registry served a manifest that hashes to {digest}")
+        m = json.loads(data)
+        if "layers" not in m or "config" not in m:
+            raise ToolError(f"{self.remote.ref(reference)} is a {media_type or 'manifest'} without config and layers "
+                            "(an index?): forge pulls one image manifest", hint="Name the platform's manifest digest.")
+        layout.init()
+        blobs = list({b["digest"]: b for b in [m["config"], *m["layers"]]}.values())
+        local = threading.local()
+
+        def one(blob: dict) -> tuple[str, str]:
+            if layout.has(blob["digest"]):
+                how = "present"
+            else:
+                if not hasattr(local, "client"):
+                    local.client = Client(self.remote)
+                    local.client._pinged = True
+                local.client._fetch_blob(blob["digest"], int(blob["size"]), layout, attempts)
+                how = "fetched"
+            if done is not None:
+                done(blob["digest"], int(blob["size"]), how)
+            return blob["digest"], how
+
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(blobs)))) as pool:
+            hows = dict(pool.map(one, blobs))
+        layout.put_bytes(data, digest)   # last: a layout names no manifest whose blobs it lacks
+        if ref_name is not None:
+            layout.add_to_index([{"mediaType": media_type or MANIFEST, "digest": digest, "size": len(data),
+                                  "annotations": {"org.opencontainers.image.ref.name": ref_name}}])
+        return digest, hows
+
+    def _fetch_blob(self, digest: str, size: int, layout: Layout, attempts: int) -> None:
+        """One blob into ``layout``, streamed, resumed after a broken transfer, refused unless it hashes to digest."""
+        import requests
+        import urllib3
+
+        tmp = layout.root / "blobs" / "sha256" / f".tmp-pull-{uuid.uuid4().hex}"
+        h, have, why = hashlib.sha256(), 0, ""
+        buf = memoryview(bytearray(_PULL_CHUNK))   # one buffer: received into, hashed and written from, no copies
+        try:
+            with open(tmp, "wb", buffering=0) as f:
+                for attempt in range(attempts):
+                    if attempt:
+                        time.sleep(min(8.0, 0.5 * 2 ** attempt))
+                    try:
+                        try:
+                            r = self._request("GET", f"blobs/{digest}", stream=True,
+                                              headers={"Range": f"bytes={have}-"} if have else {})
+                        except ToolError as e:   # unreachable: the network, perhaps for a moment
+                            raise _Transient(e.message) from None
+                        with r:
+                            if r.status_code == 200 and have:   # the registry ignored the range: start again
+                                h, have = hashlib.sha256(), 0
+                                f.seek(0)
+                                f.truncate()
+                            elif r.status_code >= 500:
+                                raise _Transient(f"HTTP {r.status_code}")
+                            elif r.status_code not in (200, 206):   # 404, 401: trying again changes nothing
+                                raise ToolError(f"registry {self.remote.url()}: GET blob {digest}: HTTP {r.status_code}")
+                            read = getattr(getattr(r.raw, "_fp", None), "readinto", None)   # http.client's
+                            while n := (read(buf) if read else _copy_into(buf, r.raw.read(len(buf), decode_content=False))):
+                                h.update(buf[:n])
+                                view = buf[:n]
+                                while view:
+                                    view = view[f.write(view):]
+                                have += n
+                    except (_Transient, requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
+                        why = _scrub(str(e)) or type(e).__name__
+                        continue
+                    if have < size:
+                        why = f"the transfer stopped at {have} of {size} bytes"
+                        continue
+                    if have == size and "sha256:" + h.hexdigest() == digest:
+                        break
+                    why = f"{have} bytes hashing to sha256:{h.hexdigest()}, not the {size} bytes of {digest}"
+                    h, have = hashlib.sha256(), 0   # wrong bytes: none of them is kept
+                    f.seek(0)
+                    f.truncate()
+                else:
+                    raise ToolError(f"registry {self.remote.url()}: blob {digest} not pulled after {attempts} "
+                                    f"attempts: {why}", hint="Is the registry (or the network to it) healthy?")
+            os.replace(tmp, layout.blob_path(digest))
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def delete_manifest(self, digest: str) -> bool:
         """DELETE a manifest by digest; False when the registry does not allow deletes."""
         return self._request("DELETE", f"manifests/{digest}").status_code in (200, 202)
@@ -295,6 +445,15 @@ class Client:
             index = {"schemaVersion": 2, "mediaType": INDEX, "manifests": merged}
             self.put_manifest(manifest_bytes(index), INDEX, _fallback_tag(subject))
         return how
+
+
+def _copy_into(buf: memoryview, data: bytes) -> int:
+    buf[:len(data)] = data
+    return len(data)
+
+
+class _Transient(Exception):
+    """A failed transfer worth trying again (the network, a 5xx)."""
 
 
 def _fallback_tag(digest: str) -> str:
