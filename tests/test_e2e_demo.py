@@ -23,6 +23,21 @@ def demo(demo_build):
     return demo_build
 
 
+def _build_a_copy(demo, shipped: Path, name: str, *edits: tuple[str, str]):
+    """Build an edited copy of a shipped recipe (named ``name``) in the demo's cache: (the build, its steps' outputs)."""
+    recipe = demo["cache"].parent / f"{name}-ci" / f"{name}.yaml"
+    recipe.parent.mkdir(exist_ok=True)
+    text = shipped.read_text().replace("../evals/", f"{REPO}/evals/")
+    for old, new in edits:
+        assert old in text, old
+        text = text.replace(old, new)
+    recipe.write_text(text)
+    proc = forge_cli("build", str(recipe), cache=demo["cache"], env=demo["env"], timeout=3600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    entries = json.loads(forge_cli("cache", "ls", "--json", cache=demo["cache"], check=0).stdout)
+    return proc, {e["step"]: demo["cache"] / "steps" / e["key"] / "out" for e in entries if e["recipe"] == name}
+
+
 def _rebuild(demo, recipe: Path):
     return forge_cli("build", str(recipe), cache=demo["cache"], env=demo["env"], timeout=3600, check=0)
 
@@ -262,19 +277,11 @@ def test_demo_gates_json_extract_through_its_own_image(demo):
     documents (eval.limit), to keep CI inside its budget, so with a limit of 0.5 (at n = 12 the shipped 0.10 is
     underpowered, a fail): bench/image_eval.py gates all 60 with the shipped rule
     (bench/results/image-eval-json_extract.json)."""
-    shipped = REPO / "recipes" / "smollm2-135m-image-eval.yaml"
-    recipe = demo["cache"].parent / "image-eval-ci" / "smollm2-135m-image-eval.yaml"
-    recipe.parent.mkdir(exist_ok=True)
-    recipe.write_text(shipped.read_text().replace("../evals/", f"{REPO}/evals/")
-                      .replace("  candidate: image", "  candidate: image\n  limit: 12")
-                      .replace("max_abs_drop: 0.10", "max_abs_drop: 0.5"))
-    proc = forge_cli("build", str(recipe), cache=demo["cache"], env=demo["env"], timeout=3600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc, steps = _build_a_copy(demo, REPO / "recipes" / "smollm2-135m-image-eval.yaml", "smollm2-135m-image-eval",
+                                ("  candidate: image", "  candidate: image\n  limit: 12"),
+                                ("max_abs_drop: 0.10", "max_abs_drop: 0.5"))
     for shared in ("resolve", "quantize", "base_image"):
         assert f"{shared:<10} HIT" in proc.stdout, proc.stdout
-    entries = json.loads(forge_cli("cache", "ls", "--json", cache=demo["cache"], check=0).stdout)
-    steps = {e["step"]: demo["cache"] / "steps" / e["key"] / "out" for e in entries
-             if e["recipe"] == "smollm2-135m-image-eval"}
     image = json.loads((steps["package"] / "image.json").read_text())
     cand = json.loads((steps["eval_candidate"] / "results.json").read_text())
     base = json.loads((steps["eval_baseline"] / "results.json").read_text())
@@ -310,19 +317,12 @@ def test_demo_with_a_model_image_serves_paris_from_the_weights_free_serving_imag
     model) is smoke-tested with the model image unpacked and mounted read-only at /models, as a kubelet mounts an image
     volume, and answers "Paris". Reuses the demo's cache: everything up to the gate and the base image are hits; the
     serving image, the model image and its smoke test are this test's only work."""
-    recipe = demo["cache"].parent / "weights-image-ci" / "smollm2-135m-image.yaml"
-    recipe.parent.mkdir(exist_ok=True)
-    recipe.write_text(DEMO.read_text().replace("../evals/", f"{REPO}/evals/")
-                      .replace("name: smollm2-135m-demo", "name: smollm2-135m-image")
-                      .replace("  base: cpu-python311", "  weights: image\n  base: cpu-python311"))
-    proc = forge_cli("build", str(recipe), cache=demo["cache"], env=demo["env"], timeout=3600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc, steps = _build_a_copy(demo, DEMO, "smollm2-135m-image",
+                                ("name: smollm2-135m-demo", "name: smollm2-135m-image"),
+                                ("  base: cpu-python311", "  weights: image\n  base: cpu-python311"))
     for shared in ("resolve", "quantize", "eval_candidate", "gate", "base_image"):
         assert re.search(rf"{shared}\s+HIT", proc.stdout), proc.stdout
     assert re.search(r"serving_image\s+BUILT", proc.stdout) and re.search(r"package\s+BUILT", proc.stdout)
-    entries = json.loads(forge_cli("cache", "ls", "--json", cache=demo["cache"], check=0).stdout)
-    steps = {e["step"]: demo["cache"] / "steps" / e["key"] / "out" for e in entries
-             if e["recipe"] == "smollm2-135m-image"}
     image = json.loads((steps["package"] / "image.json").read_text())
     assert image["smoke_test"]["passed"] and "Paris" in image["smoke_test"]["answer"]
     assert image["smoke_test"]["models"] == ["smollm2-135m-image"]
