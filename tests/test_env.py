@@ -88,3 +88,17 @@ def test_quiet_libraries_keeps_a_users_own_setting(monkeypatch):
     monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
     env.quiet_libraries()
     assert env.get("TQDM_DISABLE") == "0" and env.get("TRANSFORMERS_VERBOSITY") == "error"
+
+
+def test_servers_started_from_images_keep_this_hosts_thread_limits(monkeypatch):
+    """A server forge starts beside other work (smoke test, image eval) gets the host's OpenMP/MKL thread limits:
+    with one thread per host core in each of several processes on a small machine, torch's spinning threads made
+    forward passes 3-9x slower. A value the caller sets for the container wins; an unset limit is not invented."""
+    from forge.image.builders import _thread_limits
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    assert _thread_limits({}) == [("OMP_NUM_THREADS", "1")]
+    assert _thread_limits({"OMP_NUM_THREADS": "4"}) == []
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert _thread_limits({}) == []

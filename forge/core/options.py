@@ -49,6 +49,9 @@ VARS: dict[str, Var] = {v.name: v for v in (
     Var("TQDM_DISABLE", "Set to 1 by forge during a build (unless set): forge draws its own progress."),
     Var("TRANSFORMERS_VERBOSITY", "Set to error by forge during a build (unless set)."),
     Var("LLM_COMPRESSOR_LOG_LEVEL", "Set empty by forge while quantizing (unless set): llm-compressor's log goes to a file."),
+    Var("OMP_NUM_THREADS", "Threads per OpenMP pool (torch's): when set, also set in the servers forge starts from images "
+                           "(smoke test, image eval), so a server beside other work keeps to its cores."),
+    Var("MKL_NUM_THREADS", "As OMP_NUM_THREADS, for MKL: passed to the servers forge starts from images when set."),
     Var("PYTHONPATH", "Kept, with forge's own directory first, for the workers of the process executor."),
     Var("FORGE_REPORT_DIR", "Where `forge build` writes report.html, junit.xml and summary.md (as --report-dir)."),
     Var("GITHUB_ACTIONS", "Set to 'true' by GitHub Actions: with --ci, forge prints workflow annotations."),

@@ -265,7 +265,7 @@ def _thread_limits(given: dict) -> list[tuple[str, str]]:
     """This process's thread limits (OMP_NUM_THREADS, MKL_NUM_THREADS), set in the container too unless given: a
     server started beside other work (a CI runner, parallel test workers) keeps to the cores it was given instead
     of spinning one OpenMP thread per host core, which on a busy 2-core machine made each forward pass 3-9x slower."""
-    return [(k, os.environ[k]) for k in THREAD_VARS if os.environ.get(k) and k not in given]
+    return [(k, v) for k in THREAD_VARS if (v := fenv.get(k)) and k not in given]
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
