@@ -111,6 +111,7 @@ def tiny_qwen2(tmp_path_factory) -> Path:
 
 
 TEST_DOWNLOADS = Path(__import__("tempfile").mkdtemp(prefix="forge-test-downloads-"))
+__import__("atexit").register(shutil.rmtree, TEST_DOWNLOADS, True)   # each worker's downloads, gone with it
 
 
 def resolved(path, *, downloads: Path | None = None, **kw):

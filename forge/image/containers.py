@@ -59,15 +59,17 @@ def engine_command(resolved, served_name: str, model_dir: str = MODEL_DIR) -> tu
 KV_BLOCK = 128   # tokens: a CPU KV cache is planned in whole blocks of this many per sequence (vLLM's block sizes divide it)
 
 
-def kv_cache_bytes(resolved) -> int | None:
+def kv_cache_bytes(resolved, recipe=None) -> int | None:
     """On a CPU target, the KV cache the recipe plans: max_num_seqs sequences of max_model_len tokens (rounded up to
     whole blocks) at the model's bytes per token (FP8: 1 byte a value). None on a GPU (the engine sizes it from its
-    share of device memory) or when the model's shape is not known offline."""
-    shape, t = resolved.shape, resolved.recipe.target
+    share of device memory) or when the model's shape is not known offline. ``recipe``: another version of the
+    resolved recipe to plan for (the BF16 baseline served from the base image)."""
+    recipe = recipe or resolved.recipe
+    shape, t = resolved.shape, recipe.target
     if not resolved.gpu.is_cpu or shape is None:
         return None
     tokens = -(-t.max_model_len // KV_BLOCK) * KV_BLOCK
-    per_token = shape.kv_bytes_per_token(1 if resolved.recipe.quantize.kv_cache == "fp8" else 2)
+    per_token = shape.kv_bytes_per_token(1 if recipe.quantize.kv_cache == "fp8" else 2)
     return int(per_token * tokens * t.max_num_seqs)
 
 

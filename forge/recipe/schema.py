@@ -239,8 +239,9 @@ class Publish(_Section):
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 
-# The sections a variant may override; everything else (model, eval, scan, publish, ...) is shared.
-VARIANT_SECTIONS = ("target", "quantize", "container")
+# The sections a variant may override; everything else (model, scan, publish, ...) is shared. eval: a variant whose
+# engine can be evaluated through its image (eval.candidate: image) gates on what that engine serves.
+VARIANT_SECTIONS = ("target", "quantize", "container", "eval")
 
 
 class Variant(_Section):
@@ -252,6 +253,8 @@ class Variant(_Section):
     target: dict = Field(default_factory=dict, description="Overrides of target (gpu, engine, tensor_parallel, ...).")
     quantize: dict = Field(default_factory=dict, description="Overrides of quantize (method, bits, ...).")
     container: dict = Field(default_factory=dict, description="Overrides of container (base, ...).")
+    eval: dict = Field(default_factory=dict, description="Overrides of eval (candidate, tasks, gate, limit, ...): "
+                                                         "lists replace the shared ones whole.")
 
 
 class Recipe(_Section):
@@ -271,7 +274,7 @@ class Recipe(_Section):
     publish: Publish = Publish()
     trtllm: TrtLLM | None = None
     variants: tuple[Variant, ...] = Field((), description="Builds of this recipe for several GPUs: each overrides "
-                                                          "target, quantize and container.base; shared steps run once.")
+                                                          "target, quantize, container and eval; shared steps run once.")
 
     @field_validator("variants")
     @classmethod

@@ -188,7 +188,7 @@ def run_served(ctx: StepContext) -> dict:
         res, model_args = evaluate_image.api_evaluate(
             server, served_id, tasks, api, tokenizer=tokenizer, limit=ev.limit, seed=ev.seed,
             max_length=loaded.recipe.target.max_model_len)
-    gpus = not loaded.engine.smoke_test   # a GPU engine's image was served with this machine's GPU (or refused)
+    gpus = evaluate_image.on_gpu(loaded)   # a GPU target's image was served with this machine's GPU (or refused)
     seconds = time.monotonic() - t0
     shutil.rmtree(keep, ignore_errors=True)   # served and answered: the log is not evidence
     evaluate_image.check_results(res, tasks, ev.limit, f"{through['ref']} ({api.model})")

@@ -28,7 +28,7 @@ from typing import Iterator
 from forge.core.errors import SmokeTestError, ToolError
 from forge.core.host import local_gpus
 from forge.image.builders import buildah, choose_builder, describe_layout, image_entrypoint
-from forge.image.containers import MODEL_DIR, PORT
+from forge.image.containers import MODEL_DIR, PORT, kv_cache_bytes
 from forge.image.smoketest import Served, serving, why_not_here
 from forge.engines import ServeAt
 from forge.recipe.schema import Quantize
@@ -57,7 +57,8 @@ def baseline_command(loaded) -> tuple[tuple[str, ...], str, tuple[tuple[str, str
     engine = loaded.engine
     served = engine.served_name(BASELINE_ID)
     bf16 = loaded.recipe.model_copy(update={"quantize": Quantize()})   # no quantization flags (kv cache included)
-    return tuple(engine.serve_command(bf16, "bf16", ServeAt(MODEL_DIR, PORT, served))), served, \
+    at = ServeAt(MODEL_DIR, PORT, served, kv_cache_bytes=kv_cache_bytes(loaded, bf16))   # a CPU target's planned KV
+    return tuple(engine.serve_command(bf16, "bf16", at)), served, \
         (*SERVER_ENV, *engine.image_env())
 
 
@@ -73,14 +74,20 @@ def key_material(loaded, side: str) -> dict:
     return through
 
 
+def on_gpu(loaded) -> bool:
+    """Whether the image is served with this machine's GPU: its target is a GPU (vLLM's CPU build on a CPU target,
+    like the CPU engine, serves on the CPU)."""
+    return not loaded.gpu.is_cpu
+
+
 def _can_serve(loaded, builder: str) -> bool:
-    """Whether the image needs this machine's GPU (a GPU engine), after refusing when it cannot run here."""
+    """Whether the image needs this machine's GPU, after refusing when it cannot run here."""
     engine, gpu = loaded.engine, loaded.recipe.target.gpu
     if (why := why_not_here(engine.name, gpu, builder)) is not None:
         raise ToolError(f"eval.candidate: image: the {engine.name} image cannot be served on this machine "
                         f"({why.removeprefix('not smoke-tested: ')})",
                         hint=f"Build where a {gpu} is (with docker or podman), or use eval.candidate: checkpoint.")
-    return not engine.smoke_test
+    return on_gpu(loaded)
 
 
 @contextmanager
@@ -208,5 +215,5 @@ def _tail(log: Path, lines: int = 20) -> str:
     return "\n".join(f"    {x}" for x in text.splitlines()[-lines:])
 
 
-__all__ = ["through_image", "api_of", "key_material", "served_candidate", "served_baseline", "api_evaluate",
+__all__ = ["through_image", "api_of", "on_gpu", "key_material", "served_candidate", "served_baseline", "api_evaluate",
            "check_results", "evaluated_on", "keep_dir", "BASELINE_ID"]
