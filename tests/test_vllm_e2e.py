@@ -60,7 +60,7 @@ def vllm_build(tmp_path_factory, vllm_env):
     manifests = {s: json.loads((out.parent / "manifest.json").read_text()) for s, out in steps.items()}
     TIMINGS.update({f"{s}_s": m.get("seconds") or m.get("duration_s") for s, m in manifests.items()})
     _save_timings(tmp_path_factory)
-    return {"cache": cache, "steps": steps, "manifests": manifests, "log": proc.stdout, "work": work,
+    return {"cache": cache, "steps": steps, "manifests": manifests, "log": proc.stdout, "work": work, "env": vllm_env,
             "base_tag": f"localhost/forge-base/{BASE}:{steps['base_image'].parent.name[:12]}"}
 
 
@@ -106,7 +106,8 @@ def test_the_vllm_cpu_image_answers_paris(vllm_build):
 def _record(vllm_build):
     from forge.registry.local import LocalRegistry
 
-    return LocalRegistry(Path(os.environ["FORGE_REGISTRY_DIR"])).resolve(f"smollm2-135m:{VARIANT}")
+    # the build's registry (each test's own FORGE_REGISTRY_DIR is a fresh one: conftest's autouse fixture)
+    return LocalRegistry(Path(vllm_build["env"]["FORGE_REGISTRY_DIR"])).resolve(f"smollm2-135m:{VARIANT}")
 
 
 def test_the_fp8_gate_ran_through_vllm_on_both_sides_and_passed(vllm_build):
@@ -130,7 +131,7 @@ def test_the_fp8_gate_ran_through_vllm_on_both_sides_and_passed(vllm_build):
     gated = rec.status_evidence["eval-verdict"]
     assert gated["through_image"] is True and gated["proxy"] is None and not rec.eval_proxy
     assert rec.engine == "vllm" and rec.target_gpu == "CPU-AVX2" and rec.status == "unscanned"
-    shown = forge_cli("registry", "show", f"smollm2-135m:{VARIANT}", check=0).stdout
+    shown = forge_cli("registry", "show", f"smollm2-135m:{VARIANT}", env=vllm_build["env"], check=0).stdout
     assert "vllm (lm-eval local-completions) on cpu, through the image" in shown, shown
     assert "(vllm 0.32.0, /v1/completions) — this image; ships vllm on CPU-AVX2" in shown, shown
     assert "a proxy's numbers" not in shown
@@ -145,7 +146,7 @@ def test_gptq_w4_g64_fails_the_gate_through_vllm_exit_3(vllm_build, vllm_env):
     per snapshot, base and engine command) with the FP8 build: only the GPTQ checkpoint, its image and its eval run."""
     from forge.core.host import cpu_isa, isa_at_least
 
-    if not isa_at_least(cpu_isa(), "AVX512"):
+    if not isa_at_least(cpu_isa(), "avx512"):
         pytest.skip(f"this host's CPU has {cpu_isa()}: vLLM's W4A16 CPU kernel needs AVX-512")
     text = VARIANTS.read_text().replace("../evals/", f"{REPO}/evals/").replace("name: smollm2-135m\n",
                                                                                "name: smollm2-135m-gptq\n", 1)
