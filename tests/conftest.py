@@ -39,7 +39,9 @@ def _offline_and_clean(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("FORGE_REGISTRY_DIR", str(tmp_path_factory.mktemp("registry")))  # never the user's
     # a build run in this process quiets the libraries through os.environ (forge.core.options.quiet_libraries); undone
     # after each test, so a later `forge` subprocess starts as a user's does and its step logs hold the libraries' output
-    for var in ("TQDM_DISABLE", "TRANSFORMERS_VERBOSITY", "LLM_COMPRESSOR_LOG_LEVEL"):
+    from forge.core.options import QUIET
+
+    for var in QUIET:
         monkeypatch.setenv(var, "")
         monkeypatch.delenv(var)
     real_connect = socket.socket.connect

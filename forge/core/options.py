@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Var", "VARS", "Options", "current", "get", "flag", "quiet_libraries", "passthrough"]
+__all__ = ["Var", "VARS", "Options", "current", "get", "flag", "QUIET", "quiet_libraries", "passthrough"]
 
 
 @dataclass(frozen=True)
@@ -82,12 +82,12 @@ def flag(name: str) -> bool:
 
 # Library settings forge sets for itself (a user's own value wins): forge draws its own progress, and the
 # libraries' tqdm bars and info chatter would interleave with it.
-_QUIET = {"TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", "LLM_COMPRESSOR_LOG_LEVEL": ""}
+QUIET = {"TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", "LLM_COMPRESSOR_LOG_LEVEL": ""}
 
 
 def quiet_libraries() -> None:
     """Quiet the libraries forge runs (tqdm, transformers, llm-compressor) unless the user set them."""
-    for name, value in _QUIET.items():
+    for name, value in QUIET.items():
         os.environ.setdefault(name, value)
 
 
