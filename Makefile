@@ -32,7 +32,7 @@ demo: setup
 	$(BIN)/forge build $(DEMO)
 
 test: setup
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=25
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=40
 
 bench: setup
 	$(BIN)/python bench/noop_rebuild.py

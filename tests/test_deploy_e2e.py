@@ -1,6 +1,7 @@
 """The CPU demo's manifests, run here: the demo image started the way its Deployment says (same command,
-user, env, writable emptyDirs), and the routes of its startup, readiness and liveness probes answer 200
-within the startup budget. No cluster here: buildah runs the container (host network, so the command's
+user, env, writable emptyDirs), the routes of its startup, readiness and liveness probes answer 200
+within the startup budget, and the official openai client is served by it (model list, chat, streaming
+chat). No cluster here: buildah runs the container (host network, so the command's
 port is swapped for a free one, as the package step's smoke test does)."""
 from __future__ import annotations
 
@@ -110,6 +111,7 @@ def test_demo_image_runs_as_its_deployment_says_and_its_probes_answer(demo_image
                   and not r[3].startswith("buildah")]
         assert served and {r[2] for r in served} == {str(sc["runAsUser"])}, served
         print(f"startup {started:.1f}s of a {budget}s budget")
+        _openai_client_is_served(port)
     finally:
         try:
             os.killpg(server.pid, signal.SIGTERM)
@@ -117,3 +119,21 @@ def test_demo_image_runs_as_its_deployment_says_and_its_probes_answer(demo_image
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(server.pid, signal.SIGKILL)
         buildah("rm", ctr, check=False)
+    assert server.poll() is not None   # the whole process group is gone
+
+
+def _openai_client_is_served(port: int) -> None:
+    """The official openai client against the running image: the model list names the served model, chat and
+    streaming chat answer by that id."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
+    models = [m.id for m in client.models.list()]
+    assert models == ["smollm2-135m-demo"], models
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    chat = client.chat.completions.create(model=models[0], messages=question, max_tokens=24, temperature=0)
+    assert "Paris" in chat.choices[0].message.content
+    stream = client.chat.completions.create(model=models[0], messages=question, max_tokens=24, temperature=0,
+                                            stream=True)
+    chunks = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert len(chunks) > 1 and "Paris" in "".join(chunks)

@@ -98,46 +98,6 @@ def test_image_labels_weights_layer_and_smoke_test(demo):
     assert model_files == {rel: f["sha256"] for rel, f in expected.items() if rel not in REPORTS}
 
 
-def test_demo_image_serves_the_openai_client(demo, tmp_path, monkeypatch):
-    """The demo image served as the package step serves it (buildah run, host network), used by the official
-    openai client: the model list names the served model, chat and streaming chat answer by that id."""
-    import openai
-
-    from conftest import free_port
-    from forge.image.builders import load_image, start_server, unload_image
-
-    monkeypatch.setenv("FORGE_BUILDAH_ROOT", demo["env"]["FORGE_BUILDAH_ROOT"])
-    image = json.loads((demo["steps"]["package"] / "image.json").read_text())
-    load_image("buildah", demo["steps"]["package"] / "oci", image["oci_ref"], image["tag"])   # the layout is the artifact
-    entrypoint = image_config(demo["steps"]["package"])["config"]["Entrypoint"]
-    port = free_port()
-    with open(tmp_path / "server.log", "wb") as log:
-        server, _, stop = start_server("buildah", image["tag"], entrypoint, port, log)
-    stop = (lambda stop_server: lambda: (stop_server(), unload_image("buildah", image["tag"])))(stop)
-    try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
-        import time
-
-        for _ in range(300):
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            try:
-                models = [m.id for m in client.models.list()]
-                break
-            except openai.APIConnectionError:
-                time.sleep(1)
-        assert models == ["smollm2-135m-demo"], (tmp_path / "server.log").read_text()[-3000:]
-        question = [{"role": "user", "content": "What is the capital of France?"}]
-        chat = client.chat.completions.create(model=models[0], messages=question, max_tokens=24, temperature=0)
-        assert "Paris" in chat.choices[0].message.content
-        stream = client.chat.completions.create(model=models[0], messages=question, max_tokens=24, temperature=0,
-                                                stream=True)
-        chunks = [c.choices[0].delta.content or "" for c in stream if c.choices]
-        assert len(chunks) > 1 and "Paris" in "".join(chunks)
-    finally:
-        stop()
-    assert server.poll() is not None   # the whole process group is gone
-
-
 def test_weights_layer_is_reproducible_and_survives_engine_arg_changes(demo, tmp_path):
     image = json.loads((demo["steps"]["package"] / "image.json").read_text())
     text = DEMO.read_text().replace("max_num_seqs: 4", "max_num_seqs: 8").replace(

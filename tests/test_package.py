@@ -267,6 +267,50 @@ def test_smoke_test_requires_the_served_model_in_v1_models(standin_server, tmp_p
     assert t["passed"] and t["answer"] == "Paris." and t["models"] == ["tiny"]
 
 
+METRICS = """# HELP vllm:num_requests_waiting Number of requests waiting to be processed.
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="tiny"} 0.0
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{engine="0",model_name="tiny"} 0.0
+"""
+SCALED_ON = ("/metrics", (("vllm:num_requests_waiting", (("model_name", "tiny"),)),
+                          ("vllm:kv_cache_usage_perc", (("model_name", "tiny"),))))
+
+
+def test_smoke_test_fails_an_image_without_the_series_its_deployment_scales_on(standin_server, tmp_path):
+    """The smoke test reads the engine's /metrics: a series forge deploy's KEDA/HPA objects query that is missing,
+    labelled for another model, or an answer that is not Prometheus text fails it (exit 6); present, it is kept in
+    the transcript. Asked nothing when the chat is not asked (the eval re-serving an image already smoke-tested)."""
+    from forge.core.errors import SmokeTestError
+    from forge.image.smoketest import check_server
+
+    url, routes = standin_server
+    routes["/v1/models"] = (200, {"object": "list", "data": [{"id": "tiny", "object": "model"}]})
+    routes["/v1/chat/completions"] = (200, {"choices": [{"message": {"role": "assistant", "content": "Paris."}}]})
+
+    def check(**kw):
+        return check_server(url, "tiny", lambda *a, **k: None, exited=lambda: None, keep=tmp_path, timeout_s=10, **kw)
+
+    with pytest.raises(SmokeTestError, match=r"failed at GET /metrics: HTTP 404"):
+        check(metrics=SCALED_ON)
+    routes["/metrics"] = (200, METRICS.replace("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"))
+    with pytest.raises(SmokeTestError, match=r"vllm:kv_cache_usage_perc\{model_name='tiny'\} is not exported \(series "
+                                             r"of that prefix: vllm:gpu_cache_usage_perc, vllm:num_requests_waiting\)"):
+        check(metrics=SCALED_ON)
+    routes["/metrics"] = (200, METRICS.replace('model_name="tiny"', 'model_name="other"'))
+    with pytest.raises(SmokeTestError, match=r"vllm:num_requests_waiting\{model_name='tiny'\} is not exported"):
+        check(metrics=SCALED_ON)
+    routes["/metrics"] = (200, "vllm:num_requests_waiting{model_name=tiny} zero\n")
+    with pytest.raises(SmokeTestError, match=r"failed at GET /metrics: the answer is not Prometheus text format"):
+        check(metrics=SCALED_ON)
+    routes["/metrics"] = (200, METRICS)
+    t = check(metrics=SCALED_ON)
+    assert t["passed"] and t["metrics"]["series"]["vllm:num_requests_waiting"] == [{"engine": "0", "model_name": "tiny"}]
+    del routes["/v1/chat/completions"], routes["/metrics"]
+    t = check(chat=False, metrics=SCALED_ON)
+    assert t["passed"] and "answer" not in t and "metrics" not in t
+
+
 def test_smoke_test_server_that_exits_is_classified(tmp_path):
     from forge.core.errors import SmokeTestError
     from forge.image.smoketest import check_server

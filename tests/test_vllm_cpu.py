@@ -141,3 +141,50 @@ def test_smoke_test_here_follows_the_hosts_instruction_set(monkeypatch):
     assert smoketest.why_not_here("vllm", "CPU-AVX2", "buildah") is None
     assert smoketest.why_not_here("vllm", "CPU-AVX512", "buildah") == \
         "not smoke-tested: target CPU-AVX512 runs on AVX512; this host's CPU has AVX2"
+
+
+def _base_check(monkeypatch, **base):
+    """package._installed_versions with buildah run replaced by this venv's Python: the real check, read here."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from forge.steps import package
+
+    def run(*argv, check=True):
+        assert argv[:4] == ("run", "ctr", "--", "/opt/venv/bin/python3"), argv
+        return subprocess.run([sys.executable, *argv[4:]], capture_output=True, text=True)
+
+    monkeypatch.setattr(package, "buildah", run)
+    return package._installed_versions("ctr", SimpleNamespace(name="b", catalog="bases.yaml", **base))
+
+
+def test_a_base_whose_removed_distribution_is_still_there_fails_its_build(monkeypatch):
+    """pip_remove is checked in the image, not hoped: a removed distribution whose metadata or module is still
+    there fails the base (vLLM's import breaks on PyPI's CUDA torchvision); one that is gone is recorded."""
+    import importlib.metadata
+
+    from forge.core.errors import ToolError
+
+    torch = importlib.metadata.version("torch")
+    with pytest.raises(ToolError, match=r"base b: numpy still installed after pip uninstall \(pip_remove\)"):
+        _base_check(monkeypatch, versions=(("torch", torch),), pip_remove=("numpy", "no-such-dist"))
+    with pytest.raises(ToolError, match=r"pip installed torch .* \(declared 0\.0\)"):
+        _base_check(monkeypatch, versions=(("torch", "0.0"),), pip_remove=())
+    versions, removed = _base_check(monkeypatch, versions=(("torch", torch),), pip_remove=("no-such-dist", "aaa-gone"))
+    assert versions == {"torch": torch} and removed == ["aaa-gone", "no-such-dist"]
+
+
+def test_vllm_images_are_checked_for_the_series_forge_deploy_scales_on(tmp_path):
+    """What the smoke test asks of a vLLM image's /metrics is what forge deploy queries: the queue and the KV-cache
+    gauge, each selected by the served model's name; the CPU engine (no metrics) is asked nothing."""
+    from forge.image.smoketest import scaled_on
+
+    spec = resolved(_recipe(tmp_path))
+    from forge.image.containers import image_spec
+
+    image = image_spec(spec, base_ref="b", labels=(), env=())
+    assert scaled_on(image) == ("/metrics", (("vllm:num_requests_waiting", (("model_name", image.served_name),)),
+                                             ("vllm:kv_cache_usage_perc", (("model_name", image.served_name),))))
+    demo = resolved(REPO / "recipes" / "smollm2-135m-demo.yaml")
+    assert scaled_on(image_spec(demo, base_ref="b", labels=(), env=())) is None

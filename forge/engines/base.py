@@ -70,6 +70,15 @@ class Serving:
     env: tuple[tuple[str, str], ...]   # env the Deployment adds so caches land in writable_dirs
     init_seconds: int               # start-up work besides reading the weights (compile, CUDA graphs, warm-up)
 
+    def scaled_on(self, served_name: str) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
+        """The series forge deploy's autoscaling queries (KEDA, the HPA's adapter), each with the label that selects
+        this model's server where the engine labels its series with it: what a running image must export on
+        ``metrics_path`` (the package step's smoke test checks it). Empty when the engine has no queue metric."""
+        if self.metrics_path is None or self.queue is None:
+            return ()
+        labels = ((self.queue.model_label, served_name),) if self.queue.model_label else ()
+        return tuple((series, labels) for series in (self.queue.name, self.kv_cache_usage) if series)
+
 
 @dataclass(frozen=True)
 class EvalApi:

@@ -1,4 +1,5 @@
-"""The smoke test of a built image, against its running server: /health, GET /v1/models, one chat completion.
+"""The smoke test of a built image, against its running server: /health, GET /v1/models, one chat completion, and
+where the engine exports metrics that forge deploy scales on, GET of its metrics path holding those series.
 
 ``smoke_test`` serves the image with its builder (forge.image.builders) and runs ``check_server``, which speaks HTTP
 only, so a test can point it at any server. ``serving`` is that same path held open: the eval step evaluates the
@@ -17,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from forge.image.builders import free_port, load_image, start_server, unload_image
-from forge.core.errors import SmokeTestError
+from forge.core.errors import SmokeTestError, UsageError
 from forge.core.host import cpu_isa, isa_at_least, local_gpus
 from forge.engines import get
 from forge.gpu.catalog import gpus
@@ -52,10 +55,13 @@ def _log_tail(path: Path, lines: int = 25) -> str:
 
 
 def check_server(url: str, model: str, report, *, exited, keep: Path, timeout_s: float = 300,
-                 context: dict | None = None, health_route: str = "/health") -> dict:
+                 context: dict | None = None, health_route: str = "/health", chat: bool = True,
+                 metrics: tuple[str, tuple] | None = None) -> dict:
     """The smoke test proper, against a server at url whose output goes to keep/server.log: /health answers 200,
-    GET /v1/models lists model, a chat completion by that id answers. exited() is the server's exit code (None
-    while it runs). Any failure writes keep/smoke-test.json (status, body, log tail) and raises SmokeTestError."""
+    GET /v1/models lists model, a chat completion by that id answers (``chat``: False when this image's smoke test
+    already asked it), and ``metrics`` ((path, Serving.scaled_on's series)): each series with its labels is on
+    the metrics path. exited() is the server's exit code (None while it runs). Any failure writes
+    keep/smoke-test.json (status, body, log tail) and raises SmokeTestError."""
     t: dict = {**(context or {}), "url": url, "model": model, "question": SMOKE_QUESTION, "passed": False}
 
     def fail(stage: str, problem: str, status: int | None = None, body: str | None = None):
@@ -98,6 +104,9 @@ def check_server(url: str, model: str, report, *, exited, keep: Path, timeout_s:
     if model not in t["models"]:
         fail("GET /v1/models", f"the served model {model!r} is not listed (listed: {t['models']})", status, text)
 
+    if not chat:
+        t["passed"] = True
+        return t
     report("smoke test: one chat completion")
     status, text = _request_or_fail(fail, "POST /v1/chat/completions", "POST", f"{url}/v1/chat/completions",
                                     {"model": model, "messages": [{"role": "user", "content": SMOKE_QUESTION}],
@@ -110,8 +119,31 @@ def check_server(url: str, model: str, report, *, exited, keep: Path, timeout_s:
     t.update(answer=answer, response=reply)
     if not (answer and answer.strip()):
         fail("POST /v1/chat/completions", f"the server answered {SMOKE_QUESTION!r} with nothing", status, text)
+    if metrics and metrics[1]:
+        t["metrics"] = _check_metrics(url, *metrics, report, fail)
     t["passed"] = True
     return t
+
+
+def _check_metrics(url: str, path: str, wanted: tuple, report, fail) -> dict:
+    """GET the engine's metrics path (after the chat, so per-model series exist) and find each series forge deploy
+    scales on with its labels; what was found is returned for the transcript. A missing series, or an answer that
+    is not Prometheus text, fails: the Deployment's autoscaling would query a series that is never there."""
+    report(f"smoke test: GET {path} (the series forge deploy scales on)")
+    status, text = _request_or_fail(fail, f"GET {path}", "GET", f"{url}{path}")
+    try:
+        samples = [(s.name, s.labels) for fam in text_string_to_metric_families(text) for s in fam.samples]
+    except ValueError as e:
+        fail(f"GET {path}", f"the answer is not Prometheus text format: {e}", status, text[:2000])
+    found: dict[str, list[dict]] = {}
+    for series, labels in wanted:
+        found[series] = [lab for name, lab in samples if name == series]
+        if not any(dict(labels).items() <= lab.items() for lab in found[series]):
+            want = f"{series}{{{','.join(f'{k}={v!r}' for k, v in labels)}}}"
+            seen = ", ".join(sorted({n for n, _ in samples if n.split(":")[0] == series.split(":")[0]})[:12]) or "none"
+            fail(f"GET {path}", f"{want} is not exported (series of that prefix: {seen}); forge deploy's autoscaling "
+                 "(KEDA ScaledObject, HPA) queries it", status, text[:2000])
+    return {"path": path, "series": found}
 
 
 def _request_or_fail(fail, stage: str, method: str, url: str, body: dict | None = None) -> tuple[int, str]:
@@ -162,10 +194,21 @@ def smoke_test(tag: str, spec: "ImageSpec", report, *, keep: Path, builder: str 
         return {"passed": None, "skipped": why, "answer": None, "health_seconds": None, "models": None}
     gpu_image = spec.base.cuda is not None   # runs here only because its GPU is here
     with serving(tag, spec.engine_args, spec.served_name, report, keep=keep, builder=builder, timeout_s=timeout_s,
-                 layout=layout, health_route=spec.health_route, gpus=gpu_image, mounts=mounts) as served:
+                 layout=layout, health_route=spec.health_route, gpus=gpu_image, mounts=mounts,
+                 metrics=scaled_on(spec)) as served:
         transcript = served.transcript
     shutil.rmtree(keep, ignore_errors=True)
     return transcript
+
+
+def scaled_on(spec: "ImageSpec") -> tuple[str, tuple] | None:
+    """(metrics path, series) of the image's engine at its base's version that forge deploy scales on; None for an
+    engine that declares no deployment facts (a plugin's)."""
+    try:
+        srv = get(spec.base.engine).serving(spec.base.engine_version)
+    except UsageError:
+        return None
+    return (srv.metrics_path, srv.scaled_on(spec.served_name)) if srv.metrics_path else None
 
 
 @dataclass(frozen=True)
@@ -180,12 +223,13 @@ class Served:
 @contextmanager
 def serving(tag: str, entrypoint, served_name: str, report, *, keep: Path, builder: str = "buildah",
             timeout_s: float = 300, layout: tuple[Path, str] | None = None, health_route: str = "/health",
-            gpus: bool = False, mounts=(), env=(), command: bool = False) -> Iterator[Served]:
+            gpus: bool = False, mounts=(), env=(), command: bool = False, chat: bool = True,
+            metrics: tuple[str, tuple] | None = None) -> Iterator[Served]:
     """Serve the image ``tag`` (loaded first from ``layout``, (OCI layout, ref), and unloaded afterwards), check it
     as the smoke test does (``check_server``), and yield it while it runs; then stop the whole process group.
     The smoke test and ``eval.candidate: image`` (forge.steps.evaluate) serve images through this one path.
-    ``mounts``/``env``/``command``: forge.image.builders.start_server's. A server that does not come up or does not
-    answer raises SmokeTestError (exit 6) with the log's tail; ``keep`` holds its log."""
+    ``mounts``/``env``/``command``: forge.image.builders.start_server's; ``chat``/``metrics``: check_server's. A
+    server that does not come up or does not answer raises SmokeTestError (exit 6) with the log's tail; ``keep`` holds its log."""
     if layout is not None:
         report("loading the image into the builder's storage")
         load_image(builder, layout[0], layout[1], tag)
@@ -198,7 +242,8 @@ def serving(tag: str, entrypoint, served_name: str, report, *, keep: Path, build
             try:
                 url = f"http://127.0.0.1:{port}"
                 transcript = check_server(url, served_name, report, exited=server.poll, keep=keep, timeout_s=timeout_s,
-                                          context={"image": tag, "command": args}, health_route=health_route)
+                                          context={"image": tag, "command": args}, health_route=health_route,
+                                          chat=chat, metrics=metrics)
                 yield Served(url, transcript, server.poll, keep / SERVER_LOG)
             finally:
                 stop()

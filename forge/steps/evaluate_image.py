@@ -3,7 +3,8 @@
 The candidate: forge serves the package step's image (its OCI layout, by manifest digest; with
 ``container.weights: image`` the weights-free serving image, its model image mounted read-only at /models) with the
 builder that built it, checks it as the smoke test does (health route, GET /v1/models lists the served id, one chat answer:
-forge.image.smoketest.serving, the one path both use), and runs lm-eval's own API model for the engine
+forge.image.smoketest.serving, the one path both use; the chat only when the package step's smoke test of this very
+image did not pass here, since it asked the same question of the same digest), and runs lm-eval's own API model for the engine
 (``Engine.eval_api``: ``local-completions`` against /v1/completions for transformers serve and vLLM) against it.
 The numbers are the shipped artifact's: its digest, the engine and the endpoint are recorded in ``evaluated_on``.
 
@@ -101,9 +102,10 @@ def served_candidate(ctx: StepContext, keep: Path) -> Iterator[tuple[Served, dic
     served = loaded.engine.served_name(loaded.recipe.name)
     ctx.report(f"serving the image {image.manifest_digest[:19]} ({loaded.engine.name})")
     model = {"model_image": image.model_image_digest} if image.weights == "image" else {}
+    asked = (image.image.get("smoke_test") or {}).get("passed") is True   # this digest answered the chat already
     with package.model_mounts(image, ctx.out.parent) as mounts, \
             _served(image.image["tag"], entrypoint, served, ctx, keep=keep, builder=builder,
-                    layout=(image.oci_dir, ref), gpus=gpus, mounts=mounts) as s:
+                    layout=(image.oci_dir, ref), gpus=gpus, mounts=mounts, chat=not asked) as s:
         yield s, {"image": image.manifest_digest, "ref": ref, "builder": builder, **model}
 
 

@@ -177,7 +177,7 @@ def run_base(ctx: StepContext) -> dict:
             ctx.report(f"pip uninstall {' '.join(base.pip_remove)}")
             buildah("run", *[x for e in env for x in ("--env", e)], ctr, "--",
                     "/opt/venv/bin/pip", "uninstall", "--yes", "--quiet", *base.pip_remove)
-        versions = _installed_versions(ctr, base)
+        versions, removed = _installed_versions(ctr, base)
         buildah("run", ctr, "--", "useradd", "--uid", str(UID), "--create-home", "--shell", "/usr/sbin/nologin", "forge")
         buildah("config", "--env", "PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                 "--env", "PYTHONUNBUFFERED=1", "--label", f"dev.forge.base={base.name}",
@@ -190,29 +190,42 @@ def run_base(ctx: StepContext) -> dict:
     finally:
         if ctr:
             buildah("rm", ctr, check=False)
-    return {"base": base.name, "image_id": image_id, "tag": tag, "versions": versions}
+    return {"base": base.name, "image_id": image_id, "tag": tag, "versions": versions,
+            **({"removed": removed} if removed else {})}
 
 
-def _installed_versions(ctr: str, base) -> dict[str, str]:
-    """The versions pip installed of the distributions the base declares (``versions`` in its catalog), read in
-    the image; a difference from the catalog fails the build (what validate promised is what the image holds)."""
-    if not base.versions:
-        return {}
+def _installed_versions(ctr: str, base) -> tuple[dict[str, str], list[str]]:
+    """Read in the image: the versions pip installed of the distributions the base declares (``versions`` in its
+    catalog), and that each one of ``pip_remove`` is gone (no distribution metadata, no importable module of that
+    name). A version other than the catalog's, or a removed distribution still there, fails the build: what
+    validate promised is what the image holds. Returns (versions, the removed distributions checked absent)."""
+    if not base.versions and not base.pip_remove:
+        return {}, []
     names = [d for d, _ in base.versions]
-    code = ("import importlib.metadata as m, json, sys; "
-            "print(json.dumps({d: m.version(d) for d in sys.argv[1:]}))")
-    proc = buildah("run", ctr, "--", "/opt/venv/bin/python3", "-c", code, *names, check=False)
+    code = ("import importlib.metadata as m, importlib.util as u, json, sys; n = int(sys.argv[1]); "
+            "ds, gone = sys.argv[2:2 + n], sys.argv[2 + n:]\n"
+            "def there(d):\n"
+            "    try:\n        m.distribution(d)\n        return True\n"
+            "    except m.PackageNotFoundError:\n        return u.find_spec(d.replace('-', '_')) is not None\n"
+            "print(json.dumps({'versions': {d: m.version(d) for d in ds}, 'left': [d for d in gone if there(d)]}))")
+    proc = buildah("run", ctr, "--", "/opt/venv/bin/python3", "-c", code, str(len(names)), *names, *base.pip_remove,
+                   check=False)
     if proc.returncode != 0:
         raise ToolError(f"base {base.name}: could not read the installed versions of {', '.join(names)}: "
                         f"{proc.stderr.strip()[-600:]}",
                         hint=f"Each distribution under versions in {base.catalog} must be installed by its pip list.")
-    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    said = json.loads(proc.stdout.strip().splitlines()[-1])
+    found, left = said["versions"], said["left"]
     wrong = [f"{d} {found[d]} (declared {v})" for d, v in base.versions if found[d] != v]
     if wrong:
         raise ToolError(f"base {base.name}: pip installed {', '.join(wrong)}",
                         hint=f"Pin the pip list of {base.name} in {base.catalog} so that it installs the declared "
                              "versions, or declare what it installs (the engine's compatibility table reads them).")
-    return found
+    if left:
+        raise ToolError(f"base {base.name}: {', '.join(left)} still installed after pip uninstall (pip_remove)",
+                        hint=f"Something in the pip list of {base.name} in {base.catalog} reinstalls it: pin it out, "
+                             "or remove it later in the build.")
+    return found, sorted(base.pip_remove)
 
 
 def base_ref(ctx: StepContext, base, digest: str | None) -> str:
