@@ -188,3 +188,23 @@ def test_vllm_images_are_checked_for_the_series_forge_deploy_scales_on(tmp_path)
                                              ("vllm:kv_cache_usage_perc", (("model_name", image.served_name),))))
     demo = resolved(REPO / "recipes" / "smollm2-135m-demo.yaml")
     assert scaled_on(image_spec(demo, base_ref="b", labels=(), env=())) is None
+
+
+def test_forge_deploy_queries_the_series_with_the_labels_the_smoke_test_checks():
+    """One rule for the label that selects a model's server: vLLM's model_name (the served name the image's
+    command gives) in both the KEDA queries and the smoke test; TGI, which labels no model, by the Service."""
+    from types import SimpleNamespace
+
+    from forge.deploy.autoscale import _query
+    from forge.deploy.engines import serving
+    from forge.deploy.labels import Names
+
+    n = Names("m", {"app": "m"}, {}, {})
+    art = SimpleNamespace(command=("serve", "--served-model-name", "srv"), args=(), record=SimpleNamespace(name="m"))
+    vllm, tgi = serving("vllm", "0.32.0"), serving("tgi", "3.3.4")
+    assert vllm.scaled_on("srv") == (("vllm:num_requests_waiting", (("model_name", "srv"),)),
+                                     ("vllm:kv_cache_usage_perc", (("model_name", "srv"),)))
+    assert _query(vllm, art, n, "ns", vllm.queue.name) == 'sum(vllm:num_requests_waiting{namespace="ns",model_name="srv"})'
+    assert _query(vllm, art, n, None, vllm.kv_cache_usage, "avg") == 'avg(vllm:kv_cache_usage_perc{model_name="srv"})'
+    assert tgi.scaled_on("srv") == (("tgi_queue_size", ()),)
+    assert _query(tgi, art, n, "ns", tgi.queue.name) == 'sum(tgi_queue_size{namespace="ns",service="m"})'

@@ -36,10 +36,10 @@ def _query(srv: Serving, art: Artifact, n: Names, namespace: str | None, series:
     selectors = []
     if namespace:
         selectors.append(f'namespace="{namespace}"')
-    if srv.queue.model_label:   # vLLM labels its series with the served model name: the one the image's command gives
-        selectors.append(f'{srv.queue.model_label}="{_served_name(art)}"')
-    else:
-        selectors.append(f'service="{n.name}"')
+    # the label that selects this model's server (vLLM's model_name = the served name the image's command gives),
+    # as the smoke test checked it in the running image; else the Service's label Prometheus adds
+    labels = dict(srv.scaled_on(_served_name(art))).get(series)
+    selectors += [f'{k}="{v}"' for k, v in labels] if labels else [f'service="{n.name}"']
     return f"{agg}({series}{{{','.join(selectors)}}})"
 
 

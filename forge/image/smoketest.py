@@ -229,7 +229,8 @@ def serving(tag: str, entrypoint, served_name: str, report, *, keep: Path, build
     as the smoke test does (``check_server``), and yield it while it runs; then stop the whole process group.
     The smoke test and ``eval.candidate: image`` (forge.steps.evaluate) serve images through this one path.
     ``mounts``/``env``/``command``: forge.image.builders.start_server's; ``chat``/``metrics``: check_server's. A
-    server that does not come up or does not answer raises SmokeTestError (exit 6) with the log's tail; ``keep`` holds its log."""
+    server that does not come up or does not answer raises SmokeTestError (exit 6) with the log's tail; ``keep``
+    holds its log."""
     if layout is not None:
         report("loading the image into the builder's storage")
         load_image(builder, layout[0], layout[1], tag)

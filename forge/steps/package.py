@@ -211,7 +211,8 @@ def _installed_versions(ctr: str, base) -> tuple[dict[str, str], list[str]]:
     proc = buildah("run", ctr, "--", "/opt/venv/bin/python3", "-c", code, str(len(names)), *names, *base.pip_remove,
                    check=False)
     if proc.returncode != 0:
-        raise ToolError(f"base {base.name}: could not read the installed versions of {', '.join(names)}: "
+        raise ToolError(f"base {base.name}: could not read the installed distributions "
+                        f"({', '.join([*names, *base.pip_remove])}): "
                         f"{proc.stderr.strip()[-600:]}",
                         hint=f"Each distribution under versions in {base.catalog} must be installed by its pip list.")
     said = json.loads(proc.stdout.strip().splitlines()[-1])
