@@ -146,9 +146,12 @@ def test_forge_fit_gives_the_build_side_figure_per_method(tmp_path):
     here = json.loads(proc.stdout)["build_on_this_cpu"]
     assert here["needs_gb"]["fp8"]["quantize"] == 7.3 and here["needs_gb"]["fp8"]["eval"] == 60.2   # FP8 streams
     assert here["needs_gb"]["gptq"]["quantize"] > 45
+    # GPTQ and AWQ calibrate with the weights offloaded to disk where the model does not fit (tests/test_offload.py)
+    assert 5 < here["needs_gb"]["gptq"]["quantize_offloaded"] < 20 and "quantize_offloaded" in here["needs_gb"]["awq"]
+    assert "quantize_offloaded" not in here["needs_gb"]["int8"] and "quantize_offloaded" not in here["needs_gb"]["fp8"]
     assert set(here["needs_gb"]) == {"awq", "gptq", "fp8", "int8"} and here["available_gb"] > 0
     text = forge_cli("fit", "--model", str(tmp_path / "m"), "--gpu", "H100-SXM", "--method", "fp8", check=0).stdout
-    assert "building on this CPU" in text and "fits here" in text
+    assert "building on this CPU" in text and "fits here" in text and "offloaded to disk" in text
 
 
 @pytest.mark.parametrize("memory_gb,dtype", [(64, "float32"), (20, "bfloat16")])

@@ -73,6 +73,15 @@ def streams(quantize, engine: str) -> bool:
     return getattr(b, "streams", None) is not None and b.streams(quantize)
 
 
+def offloads(quantize, engine: str) -> bool:
+    """Whether the quantize step can calibrate this recipe's method with the weights offloaded to disk when the model
+    does not fit in memory (a backend with ``offloads``: llm-compressor's sequential pipeline)."""
+    if quantize.method in ("none", "auto"):
+        return False
+    b = get(backend_for(quantize, engine))
+    return getattr(b, "offloads", None) is not None and b.offloads(quantize)
+
+
 def verifies(quantize, engine: str) -> bool:
     """Whether the quantize step verifies this recipe's checkpoint by generation (the reference step then runs)."""
     return quantize.method != "none" and get(backend_for(quantize, engine)).verifies(quantize)

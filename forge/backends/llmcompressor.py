@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from forge.backends.base import Quantized, architecture_problems
-from forge.backends.tensors import Fp8Weights, TensorReader, cast_float32, fp8_to_float, one_torch_thread
+from forge.backends.tensors import CompressedWeights, Fp8Weights, TensorReader, cast_float32, fp8_to_float, one_torch_thread
 from forge.gpu.methods import METHODS, written_as
 from forge.model import layerwise
 from forge.model.shape import DECODERS, ignored
@@ -42,6 +42,7 @@ AWQ_ARCHITECTURES = frozenset({
 })
 CALIBRATED = {n for n in written_as("compressed-tensors") if METHODS[n].calibrates != "nothing"}
 STREAMED = {"fp8": "FP8_DYNAMIC"}   # data-free schemes quantized shard by shard (llm-compressor's model_free_ptq)
+PACKED = ("gptq", "awq")            # weight-only int schemes (pack-quantized): verified on their decompressed weights
 
 
 def needs_calibration(q) -> bool:
@@ -330,6 +331,13 @@ class LlmCompressor:
         return Quantized(layers, summary={"mean_weight_rel_error": mean},
                          sections={"awq_mappings": list(log.mappings.values())})
 
+    def offloads(self, q) -> bool:
+        """GPTQ and AWQ run through oneshot's sequential pipeline, which onloads one decoder layer at a time: the
+        model may be loaded with its weights offloaded to disk (compressed-tensors' ``load_offloaded_model``), and
+        their checkpoints are verified one layer at a time (``dequantized``). INT8 W8A8 and an FP8 KV cache are
+        verified by transformers on the whole checkpoint: they are not offloaded."""
+        return q.method in PACKED and q.kv_cache != "fp8" and needs_calibration(q)
+
     def streams(self, q, src: Path | None = None, dtype: str | None = None) -> bool:
         """Whether ``q`` is quantized shard by shard: a data-free scheme of the method table with no calibrated part
         (an FP8 KV cache is), over a snapshot (``src``, when known) whose float tensors are stored in the recipe's
@@ -392,9 +400,12 @@ class LlmCompressor:
                 for n in linear if n in targets and f"{n}.weight" in shapes]
         return Quantized(rows, summary={"mean_weight_rel_error": None, "streamed": True, "workers": workers})
 
-    def export(self, model, out: Path, *, dtype, loaded) -> None:
+    def export(self, model, out: Path, *, dtype, loaded, max_shard_bytes: int | None = None) -> None:
+        """``max_shard_bytes``: for a model offloaded to disk, whose shards are gathered in memory as they are written
+        (save_pretrained's default is 50 GB)."""
         cpu_quantize.register()   # compression rounds every weight: 35 s of the library's 50 s for a 3B FP8 checkpoint on a CPU
-        model.save_pretrained(out, save_compressed=True)
+        model.save_pretrained(out, save_compressed=True,
+                              **({"max_shard_size": max_shard_bytes} if max_shard_bytes else {}))
         cast_float32(out, dtype)   # tensors CPU calibration left in float32; quantized ints/fp8 stay
 
     def validate(self, out: Path, q) -> dict:
@@ -405,8 +416,17 @@ class LlmCompressor:
         return {"format": cfg.get("format"), "ignore": cfg.get("ignore", [])}
 
     def dequantized(self, out: Path, q):
-        # FP8 dequantizes exactly (fp8 × scale) and fast; the packed int formats through transformers' load
-        return Fp8Weights(out) if q.method == "fp8" else None
+        """FP8 dequantizes exactly (fp8 x scale), fast; GPTQ and AWQ's packed int weights through the library's own
+        decompression, layer by layer (what transformers computes at load). Others: None, run by transformers
+        (INT8 W8A8 and an FP8 KV cache, which quantize activations too; a checkpoint of several config groups)."""
+        if q.method == "fp8":
+            return Fp8Weights(out)
+        if q.method not in PACKED or q.kv_cache == "fp8":
+            return None
+        try:
+            return CompressedWeights(out)
+        except ValueError:
+            return None
 
 
 _SAFETENSORS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}   # a recipe dtype as safetensors names it

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["cast_float32", "TensorReader", "one_torch_thread", "fp8_to_float", "fp8_dequantized", "Fp8Weights",
-           "FP8_ROWS"]
+           "FP8_ROWS", "CompressedWeights"]
 
 
 def cast_float32(out: Path, dtype, only: Callable[[str], bool] = lambda name: True) -> None:
@@ -182,3 +182,43 @@ def fp8_dequantized(path) -> "Iterator[tuple[str, torch.Tensor]]":
     weights = Fp8Weights(path)
     for name in weights.names:
         yield name, weights(name)
+
+
+class CompressedWeights:
+    """A compressed-tensors checkpoint's quantized weights back in float, by name (``<layer>.weight``), decompressed
+    by the library's own compressor for the checkpoint's format (``pack-quantized`` int4/int8 for GPTQ and AWQ):
+    what transformers computes when it loads the checkpoint, one layer at a time, so the checkpoint never becomes
+    resident. None for a tensor the checkpoint did not quantize; ``unquantized`` reads those as written. ``names``: the quantized weights, in shard order.
+    Raises ValueError for a checkpoint it cannot read this way (several config groups, a format without a
+    compressor)."""
+
+    def __init__(self, path):
+        import json
+
+        from compressed_tensors.compressors import BaseCompressor
+        from compressed_tensors.quantization import QuantizationConfig
+
+        path = Path(path)
+        qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+        groups = list(QuantizationConfig.model_validate(qc).config_groups.values())
+        if len(groups) != 1 or groups[0].weights is None:
+            raise ValueError(f"{path / 'config.json'}: {len(groups)} quantization config groups; one group with "
+                             "quantized weights is decompressed layer by layer here")
+        self.scheme = groups[0]
+        fmt = self.scheme.format or qc.get("format")
+        self.compressor = BaseCompressor.get_value_from_registry(fmt)
+        self.read = TensorReader(path)
+        self.unquantized = self.read   # every other tensor as written (AWQ's smoothed norms differ from the snapshot's)
+        # a quantized layer's compressed tensors sit under its name beside its weight scale
+        self.names = tuple(key.removesuffix("_scale") for key in self.read.shards if key.endswith(".weight_scale"))
+        self._parts: dict[str, list[str]] = {name: [] for name in self.names}   # <layer>.weight -> its stored tensors
+        for key in self.read.shards:
+            layer, _, local = key.rpartition(".")
+            if local.startswith("weight") and f"{layer}.weight" in self._parts:
+                self._parts[f"{layer}.weight"].append(key)
+
+    def __call__(self, name: str) -> "torch.Tensor | None":
+        if (keys := self._parts.get(name)) is None:
+            return None
+        state = {key.rpartition(".")[2]: self.read(key) for key in keys}
+        return self.compressor.decompress(state, self.scheme)["weight"]

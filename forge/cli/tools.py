@@ -132,20 +132,29 @@ def _build_here(shape) -> dict:
     for name, m in METHODS.items():
         if name == "none" or "compressed-tensors" not in m.formats:   # what llm-compressor builds on a CPU
             continue
+        q = Quantize(method=name)
         needs = host_fit.needs(shape, name, calibrates=m.calibrates != "nothing", evaluates=True, device="cpu",
-                               streams=backends.streams(Quantize(method=name), "cpu"))
+                               streams=backends.streams(q, "cpu"), offloads=backends.offloads(q, "cpu"))
         rows[name] = {n.step: round(n.bytes / host_fit.GB, 1) for n in needs}
+        rows[name].update({"quantize_offloaded": round(n.offloaded[0] / host_fit.GB, 1) for n in needs if n.offloaded})
     return {"available_gb": round(host_fit.available_bytes() / host_fit.GB, 1),
             "calibration_dtype": host_fit.calibration_dtype(4 * shape.total_params), "needs_gb": rows}
 
 
 def _print_build_here(here: dict) -> None:
     avail = here["available_gb"]
-    rows = [(m, f"{n['quantize']:.1f} GB", f"{n['eval']:.1f} GB",
-             "[green]yes[/]" if max(n.values()) <= avail else "[red]no[/]") for m, n in here["needs_gb"].items()]
-    console.table(("method", "quantize", "eval (each side)", "fits here"), rows,
+
+    def quantize(n: dict) -> float:   # the figure the step runs at: held in memory when it fits, else offloaded
+        return n["quantize"] if n["quantize"] <= avail or "quantize_offloaded" not in n else n["quantize_offloaded"]
+
+    rows = [(m, f"{n['quantize']:.1f} GB",
+             f"{n['quantize_offloaded']:.1f} GB" if "quantize_offloaded" in n else "-", f"{n['eval']:.1f} GB",
+             "[green]yes[/]" if max(quantize(n), n["eval"]) <= avail else
+             ("[yellow]without eval[/]" if quantize(n) <= avail else "[red]no[/]"))
+            for m, n in here["needs_gb"].items()]
+    console.table(("method", "quantize", "offloaded to disk", "eval (each side)", "fits here"), rows,
                   title=f"building on this CPU: {avail:.1f} GB available, calibration in {here['calibration_dtype']} "
-                        "(forge/gpu/host_fit.py)", right=("quantize", "eval (each side)"))
+                        "(forge/gpu/host_fit.py)", right=("quantize", "offloaded to disk", "eval (each side)"))
 
 
 def _print_catalog(catalog, json_out: bool) -> None:

@@ -26,6 +26,22 @@ and the verification one block at a time (a decoder layer, or the embeddings / t
 
 The reference step is not counted apart: it runs one block at a time (the streamed need covers it). On a GPU
 the weights go to VRAM (``forge.gpu.fit``), not counted here.
+
+Offloaded calibration (issue 28 item 4): when a method llm-compressor calibrates (GPTQ, AWQ, INT8, static FP8)
+does not fit in memory, the model is loaded with its weights left in the safetensors files (compressed-tensors'
+disk offload: links to the snapshot's shards, no copy when the calibration dtype is the stored one) and the
+sequential pipeline onloads one decoder layer at a time; the checkpoint is the in-memory one, tensor for tensor.
+Its need, in the calibration dtype:
+
+    offloaded calibration      the larger of
+                                 2 x the largest block (the onloaded layer, the resident budget the loader may
+                                 keep on the CPU: ``offload_budget``)
+                                 + 2 x one layer's Hessians (in_features^2 float32 per Linear, and the solve's copy)
+                                 + 2 x the calibration activations (samples x tokens x hidden: a layer's inputs and
+                                 outputs)
+                               and the streamed verification after it (4 x the largest BF16 block), + 1.1 GB
+                               libraries. Measured: the 3B shape's offloaded GPTQ build peaked at 2.51 GB (need
+                               2.82 GB; bench/results/scale-llama-3.2-3b-gptq-offloaded-in-5gb-cgroup.json).
 """
 from __future__ import annotations
 
@@ -39,7 +55,8 @@ from forge.model.shape import ModelShape
 
 GB = 1e9
 LIBRARIES = 1.1 * GB                       # torch, transformers, llm-compressor / lm-eval, imported
-FACTORS = {"data-free": 1.5, "float32": 3.0, "bfloat16": 1.7, "eval": 2.0, "shard": 1.2, "block": 4.0}
+FACTORS = {"data-free": 1.5, "float32": 3.0, "bfloat16": 1.7, "eval": 2.0, "shard": 1.2, "block": 4.0,
+           "offload_block": 2.0, "hessians": 2.0, "activations": 2.0}
 SHARD_ASSUMED = 5 * GB                     # the largest shard, before the snapshot's files are seen
 STEPS = {"quantize": ("quantize",), "eval": ("eval_baseline", "eval_candidate")}   # need -> the steps it holds for
 
@@ -52,12 +69,21 @@ class Need:
     advice: str = ""          # what to do when it does not fit
     streamed: tuple[float, float, str] | None = None   # (model, block, method) of a streamed quantize, whose shard
                                                        # size is assumed until the snapshot's files are seen
+    offloaded: tuple[float, str, float] | None = None  # (bytes, why, CPU budget) when the step can calibrate with
+                                                       # the weights offloaded to disk instead (``offloaded_need``)
 
     def shortfall(self, available: float) -> str | None:
-        if self.bytes <= available:
+        if self.bytes <= available or self.offloads(available):
             return None
-        return (f"{self.step} needs {self.bytes / GB:.1f} GB of host memory ({self.why}); "
+        alternative = (f", or {self.offloaded[0] / GB:.1f} GB with the weights offloaded to disk "
+                       f"({self.offloaded[1]})") if self.offloaded else ""
+        return (f"{self.step} needs {self.bytes / GB:.1f} GB of host memory ({self.why}){alternative}; "
                 f"{available / GB:.1f} GB available")
+
+    def offloads(self, available: float) -> bool:
+        """Whether the step calibrates offloaded with ``available`` bytes: the whole model does not fit, the
+        offloaded run does."""
+        return self.offloaded is not None and self.bytes > available and self.offloaded[0] <= available
 
 
 def bf16_bytes(shape: ModelShape) -> float:
@@ -71,16 +97,53 @@ def largest_block(shape: ModelShape) -> float:
 
 
 def needs(shape: ModelShape | None, method: str, *, calibrates: bool, evaluates: bool,
-          device: str | None = None, recipe_dtype: str = "bfloat16", streams: bool = False) -> tuple[Need, ...]:
+          device: str | None = None, recipe_dtype: str = "bfloat16", streams: bool = False,
+          offloads: bool = False, calibration: tuple[int, int] = (128, 512)) -> tuple[Need, ...]:
     """The steps of a recipe that hold the model in host memory on ``device`` (this host's by default);
-    ``streams``: the quantize step streams this method (then it never holds the model)."""
+    ``streams``: the quantize step streams this method (then it never holds the model); ``offloads``: its backend
+    can calibrate it with the weights offloaded to disk, on ``calibration`` (samples, tokens per sample)."""
     device = device or host.device()
     if shape is None or device != "cpu":
         return ()
     model = bf16_bytes(shape)
-    return needs_for(model, method, calibrates=calibrates, evaluates=evaluates,
-                     dtype=calibration_dtype(2 * model, recipe_dtype) if calibrates else None,
-                     block=largest_block(shape) if streams else None)
+    dtype = calibration_dtype(2 * model, recipe_dtype) if calibrates else None
+    return needs_for(model, method, calibrates=calibrates, evaluates=evaluates, dtype=dtype,
+                     block=largest_block(shape) if streams else None,
+                     offloaded=offloaded_need(shape, dtype, *calibration) if offloads and calibrates else None)
+
+
+def layer_hessians(shape: ModelShape) -> float:
+    """Bytes of GPTQ's float32 Hessians for one decoder layer's Linear modules (in_features^2 each)."""
+    per_layer = [(fan_in, count // max(1, shape.num_layers)) for name, fan_in, _, count in shape.linear_layers()
+                 if name != "lm_head"]
+    return sum(4.0 * fan_in * fan_in * max(1, n) for fan_in, n in per_layer)
+
+
+def offloaded_need(shape: ModelShape, dtype: str | None, samples: int, tokens: int) -> tuple[float, str, float]:
+    """(bytes, how, CPU budget) of a calibration run with the weights offloaded to disk, one layer onloaded at
+    a time, in ``dtype`` (the calibration's)."""
+    width = 4 if dtype == "float32" else 2
+    block = largest_block(shape) / 2 * width
+    hessians = layer_hessians(shape)
+    activations = float(samples) * tokens * shape.hidden_size * width
+    calibrate = (FACTORS["offload_block"] * block + FACTORS["hessians"] * hessians
+                 + FACTORS["activations"] * activations)
+    verify = FACTORS["block"] * largest_block(shape)
+    how = (f"one decoder layer onloaded at a time in {dtype or 'the recipe dtype'}: {FACTORS['offload_block']} x "
+           f"{block / GB:.2f} GB block + {FACTORS['hessians']} x {hessians / GB:.2f} GB Hessians + "
+           f"{FACTORS['activations']} x {activations / GB:.2f} GB activations ({samples} x {tokens} tokens)"
+           + (f", or the verification's {FACTORS['block']} x {largest_block(shape) / GB:.2f} GB block"
+              if verify > calibrate else "") + f", + {LIBRARIES / GB:.1f} GB libraries")
+    return max(calibrate, verify) + LIBRARIES, how, block
+
+
+def offload_budget(needs_: tuple[Need, ...], available: float | None = None) -> float | None:
+    """The CPU budget (bytes of weights the loader may keep resident) when the quantize step calibrates with the
+    weights offloaded to disk on this host now; None when it holds the model (or cannot offload)."""
+    quantize = next((n for n in needs_ if n.step == "quantize"), None)
+    if quantize is None or quantize.offloaded is None:
+        return None
+    return quantize.offloaded[2] if quantize.offloads(available_bytes() if available is None else available) else None
 
 
 def streamed_need(model: float, block: float, shard: float | None = None) -> tuple[float, str]:
@@ -111,10 +174,11 @@ def streaming_workers(snapshot: Path, available: float | None = None) -> int:
 
 
 def needs_for(model: float, method: str, *, calibrates: bool, evaluates: bool,
-              dtype: str | None = None, block: float | None = None) -> tuple[Need, ...]:
+              dtype: str | None = None, block: float | None = None,
+              offloaded: tuple[float, str, float] | None = None) -> tuple[Need, ...]:
     """``needs`` for a model of ``model`` BF16 bytes on the CPU; ``dtype``: the calibration's (default: this
     host's choice for it, ``calibration_dtype``); ``block``: the largest block's BF16 bytes when the quantize
-    step streams (``streamed_need``)."""
+    step streams (``streamed_need``); ``offloaded``: ``offloaded_need`` when it can calibrate offloaded."""
     out = []
     if method not in ("none", "auto") and block is not None and not calibrates:
         need, how = streamed_need(model, block)
@@ -128,7 +192,8 @@ def needs_for(model: float, method: str, *, calibrates: bool, evaluates: bool,
             factor, how = FACTORS["data-free"], f"{method} loads the whole model, quantizes and verifies it"
         need = factor * model + LIBRARIES
         out.append(Need("quantize", need, f"{how}: {factor} x {model / GB:.1f} GB BF16 + {LIBRARIES / GB:.1f} GB "
-                                          "libraries", _advice(need, calibrates)))
+                                          "libraries", _advice(min(need, offloaded[0]) if offloaded else need, calibrates),
+                        offloaded=offloaded))
     if evaluates:
         need = FACTORS["eval"] * model + LIBRARIES
         out.append(Need("eval", need, f"lm-eval's hf backend holds the model in float32 on the CPU: "

@@ -180,7 +180,10 @@ def resolve_loaded(loaded: LoadedRecipe, downloads: Path, *, target: bool = True
         loaded=loaded, downloads=Path(downloads), backend=backend, format=fmt, engine=engine, gpu=gpu, base=base,
         base_digest=digest, capability=capability, shape=shape, fit=report,
         host_needs=host_fit.needs(shape, q.method, calibrates=calibrates, evaluates=r.eval is not None,
-                                  recipe_dtype=r.model.dtype, streams=not auto and backends.streams(q, t.engine)),
+                                  recipe_dtype=r.model.dtype, streams=not auto and backends.streams(q, t.engine),
+                                  offloads=not auto and backends.offloads(q, t.engine),
+                                  calibration=(q.calibration.samples, q.calibration.max_seq_len) if q.calibration
+                                  else (128, 512)),
         calibrates=calibrates,
         verifies=not auto and backends.verifies(q, t.engine),
         compiles=engine.compiles(r), gpu_bound=engine.gpu_bound(r), warnings=tuple(dict.fromkeys(warnings)),

@@ -14,6 +14,11 @@ a time as there are cores and memory for (``host_fit.streaming_workers``); the c
 tensor for tensor. The verification then checks the written tensors against the model from their headers and runs
 the dequantized weights one decoder layer at a time (forge.steps.verify): no step holds the model.
 
+Offloaded calibration (past RAM): a method whose backend ``offloads`` it (llm-compressor's GPTQ and AWQ) and whose
+whole model does not fit in memory while the offloaded run does (``host_fit.offload_budget``) is loaded with its
+weights left in the safetensors files and calibrated one decoder layer at a time; the checkpoint is the in-memory
+one, tensor for tensor (tests/test_offload.py), and its verification streams.
+
 CPU policy: without an accelerator the model is calibrated in float32 unless the CPU has native bf16
 (AVX512-BF16/AMX): emulated bf16 matmuls are ~4.5x slower. The backend writes tensors in the recipe dtype.
 """
@@ -35,7 +40,7 @@ from forge.steps import StepContext, StepSpec, reference
 from forge.steps.verify import (check_loads, check_tensors, verify_dequantized, verify_dequantized_in_memory,
                                 verify_generation)
 from forge.backends import get
-from forge.core.errors import StepError
+from forge.core.errors import ResourceError, StepError
 from forge.core.jsonsafe import dumps
 from forge.engines.trtllm_build import TRTLLM_CKPT
 from forge.model.calibration import calibration_texts, parse_hf_dataset, windows
@@ -159,7 +164,7 @@ def run(ctx: StepContext) -> dict:
         raise StepError(f"{backend.title} wrote a checkpoint that does not match the recipe: {e}") from None
     measured: dict[str, float] = {}
     verify = _verify(backend, src, ctx.out, q, tokenizer, ctx.report, reference, recipe_dtype, measured,
-                     streaming=streaming)
+                     streaming=streaming or "offloaded" in result.summary)   # offloaded: the model does not fit
     _merge_errors(result, measured)
     device = host.device()
     facts = {
@@ -185,18 +190,53 @@ def _in_memory(ctx: StepContext, backend, src: Path, recipe_dtype, tokenizer):
     cuda = torch.cuda.is_available()
     dtype = getattr(torch, calibration_dtype(calibration_policy(loaded), src, loaded.recipe.model.dtype))
     windows = _calibration_windows(ctx, tokenizer) if loaded.calibrates else None
-    ctx.report(f"loading the model ({'cuda' if cuda else 'cpu'}, {str(dtype).removeprefix('torch.')})")
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, device_map="cuda" if cuda else None)
-    t0 = time.monotonic()
-    result = backend.quantize(model, q, windows, report=ctx.report, log_dir=ctx.out.parent)
-    seconds = time.monotonic() - t0
-    ctx.report(f"writing the {loaded.format} checkpoint ({backend.title})")
-    t0 = time.monotonic()
-    backend.export(model, ctx.out, dtype=recipe_dtype, loaded=loaded)
-    export_s = time.monotonic() - t0
-    del model
-    gc.collect()
+    budget = None if cuda else host_fit.offload_budget(getattr(loaded, "host_needs", ()))
+    offload = ctx.out.parent / "offload"    # the disk offload's files: links to the snapshot's shards, and the
+    try:                                    # layers the calibration rewrote; gone with the step
+        if budget is None:
+            ctx.report(f"loading the model ({'cuda' if cuda else 'cpu'}, {str(dtype).removeprefix('torch.')})")
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, device_map="cuda" if cuda else None)
+        else:
+            model = _offloaded_model(ctx, src, dtype, budget, offload)
+        t0 = time.monotonic()
+        result = backend.quantize(model, q, windows, report=ctx.report, log_dir=ctx.out.parent)
+        seconds = time.monotonic() - t0
+        ctx.report(f"writing the {loaded.format} checkpoint ({backend.title})")
+        t0 = time.monotonic()
+        # offloaded: shards of at most the budget (at least 64 MB), each gathered in memory as it is written
+        backend.export(model, ctx.out, dtype=recipe_dtype, loaded=loaded,
+                       **({} if budget is None else {"max_shard_bytes": max(int(budget), 1 << 26)}))
+        export_s = time.monotonic() - t0
+        del model
+        gc.collect()
+    finally:
+        shutil.rmtree(offload, ignore_errors=True)
+    if budget is not None:
+        result.summary["offloaded"] = {"cpu_budget_bytes": int(budget)}
     return result, seconds, export_s, dtype, windows
+
+
+def _offloaded_model(ctx: StepContext, src: Path, dtype, budget: float, folder: Path):
+    """The model with at most ``budget`` bytes of weights on the CPU and the rest left in the safetensors files
+    (compressed-tensors' disk offload), for a calibration that onloads one decoder layer at a time: the
+    pre-flight found the whole model does not fit in memory and this does (forge.gpu.host_fit.offloaded_need)."""
+    from compressed_tensors.offload import load_offloaded_model
+    from transformers import AutoModelForCausalLM
+
+    # the calibration rewrites every quantized layer into the offload folder, in the calibration dtype: up to the
+    # snapshot's size again (float32: twice), on the disk of the step cache, until the step ends
+    stored = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    need = stored * (2 if str(dtype) == "torch.float32" else 1)
+    folder.mkdir(parents=True, exist_ok=True)
+    if (free := shutil.disk_usage(folder).free) < need:
+        raise ResourceError(f"quantize: calibrating offloaded to disk writes up to {need / host_fit.GB:.1f} GB of "
+                            f"rewritten layers under {folder.parent}; {free / host_fit.GB:.1f} GB free there",
+                            hint="Free disk space there, or put the step cache on a larger disk (FORGE_CACHE_DIR).")
+    ctx.report(f"loading the model offloaded to disk ({str(dtype).removeprefix('torch.')}, at most "
+               f"{budget / host_fit.GB:.2f} GB of weights resident): the whole model does not fit in memory")
+    with load_offloaded_model():
+        return AutoModelForCausalLM.from_pretrained(src, dtype=dtype, device_map="auto_offload",
+                                                    max_memory={"cpu": int(budget)}, offload_folder=str(folder))
 
 
 def _reference(ctx: StepContext) -> list[int]:

@@ -83,18 +83,22 @@ def verify_dequantized(bf16_dir: Path, weights, tokenizer, dtype, reference: lis
     """The BF16 model with the dequantized weights in place of the quantized ones, teacher-forced over BF16's
     greedy tokens (``reference``), one decoder layer resident at a time: each block's weights are read as it
     runs, the dequantized ones from ``weights`` (a dict, or a callable name -> tensor or None with ``names``:
-    ``forge.backends.Fp8Weights``), every other one from the BF16 snapshot, and released when it returns. No
+    ``forge.backends.Fp8Weights``, ``CompressedWeights``), every other one from the checkpoint where ``weights``
+    has ``unquantized`` and holds it (AWQ's smoothed norms), else from the BF16 snapshot, and released when it returns. No
     model is ever held. ``errors``, when given, receives each layer's relative weight error
     ||dequantized - BF16|| / ||BF16|| (layer name -> figure), measured as the weight is read."""
     names = tuple(weights) if isinstance(weights, dict) else tuple(weights.names)
     original = TensorReader(bf16_dir)
     dequantized = _dequantizer(weights, original, dtype, errors)
+    # the checkpoint's own unquantized tensors where it changed them (AWQ smooths the norms before its layers)
+    written = getattr(weights, "unquantized", None)
     used: set[str] = set()
 
     def source(name: str):
         tensor = dequantized(name)
         if tensor is None:
-            return original(name)
+            tensor = written(name) if written is not None else None
+            return original(name) if tensor is None else tensor
         used.add(name)
         return tensor
 
