@@ -115,8 +115,9 @@ def test_streaming_workers_follow_cores_and_memory_and_refuse_a_shard_that_canno
         with open(model / f"model-{i}.safetensors", "wb") as f:
             f.truncate(2 * 10**9)   # sparse: sizes are all that count
     per_shard = host_fit.FACTORS["shard"] * 2e9
-    assert host_fit.streaming_workers(model, available=host_fit.LIBRARIES + per_shard) == 1
-    assert host_fit.streaming_workers(model, available=1e12) == min(4, len(__import__("os").sched_getaffinity(0)))
+    assert host_fit.streaming_workers(model, available=host_fit.LIBRARIES + per_shard, device="cuda") == 1
+    assert host_fit.streaming_workers(model, available=1e12, device="cuda") == min(4, len(__import__("os").sched_getaffinity(0)))
+    assert host_fit.streaming_workers(model, available=1e12, device="cpu") == 1   # the library runs CPU jobs in turn
     with pytest.raises(ResourceError, match=r"^quantize: streaming needs 3.5 GB of host memory for its largest shard "
                                             r"\(1.2 x 2.0 GB \+ 1.1 GB libraries\); 2.0 GB available$") as e:
         host_fit.streaming_workers(model, available=2e9)
@@ -137,6 +138,29 @@ def test_the_quantize_step_refuses_before_loading_a_weight_exit_5(tmp_path, monk
         _build(SPEC, "k" * 64, {}, loaded, Store(tmp_path / "cache"), {}, lambda *a, **k: None, replace=False)
     assert e.value.exit_code == 5 and "23.4 GB available" in e.value.message and "Quantize where a GPU is" in e.value.hint
     assert not (tmp_path / "cache" / "steps").exists() or not any((tmp_path / "cache" / "steps").iterdir())
+
+
+def test_an_in_memory_reference_step_of_a_model_larger_than_memory_is_refused_exit_5(tmp_path, monkeypatch):
+    """FORGE_STREAMING=0: the reference step loads the whole model, which transformers maps and pages from disk for
+    each greedy token (the 14B shape here: still running after 21 minutes). It is refused before it starts, with
+    the numbers and the way out; streamed (the default) it holds one decoder layer and is not refused."""
+    from forge.executors.runner import _build
+    from forge.steps.reference import SPEC
+    from forge.store.local import Store
+
+    _sparse_model(tmp_path / "model", QWEN14B)
+    recipe = write_recipe(tmp_path / "r.yaml", "./model", quantize={"method": "fp8"})
+    monkeypatch.setattr(host_fit, "available_bytes", lambda: 23.4e9)
+    monkeypatch.setenv("FORGE_STREAMING", "0")
+    loaded = resolved(recipe, target=False)
+    with pytest.raises(ResourceError) as e:
+        _build(SPEC, "k" * 64, {}, loaded, Store(tmp_path / "cache"), {}, lambda *a, **k: None, replace=False)
+    assert e.value.exit_code == 5 and e.value.message.startswith("reference: reference needs 30.6 GB of host memory "
+                                                                 "(FORGE_STREAMING=0 loads the whole model")
+    assert e.value.message.endswith("23.4 GB available; transformers would page the model from disk for each token")
+    assert "Unset FORGE_STREAMING" in e.value.hint
+    monkeypatch.setenv("FORGE_STREAMING", "1")
+    assert not any(n.step == "reference" for n in resolved(recipe, target=False).host_needs)
 
 
 def test_forge_fit_gives_the_build_side_figure_per_method(tmp_path):

@@ -429,10 +429,15 @@ def _weights_with_specials(dtype):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("case", ["fp8-channel", "fp8-tensor", "int4-group-asym", "int8-channel"])
-def test_cpu_quantize_kernel_is_the_library_bit_for_bit(dtype, case):
+def test_cpu_quantize_kernel_is_the_library_bit_for_bit(dtype, case, monkeypatch):
     """forge's ``_quantize`` kernel returns the library's eager result, byte for byte, rounded (dtype None) and
-    cast to the quantized dtype, with NaN, inf, subnormal and out-of-range values among the weights."""
+    cast to the quantized dtype, with NaN, inf, subnormal and out-of-range values among the weights, over several
+    blocks of rows (per-row scales and zero points sliced with them)."""
     import torch
+
+    from forge.backends import cpu_quantize
+
+    monkeypatch.setattr(cpu_quantize, "BLOCK_ELEMENTS", 1 << 16)   # 2 to 8 blocks of the 1024 rows
     from compressed_tensors.quantization import QuantizationArgs
     from compressed_tensors.quantization.utils.helpers import calculate_range
     from compressed_tensors.utils.impl_backend import ImplBackend

@@ -21,8 +21,8 @@ and the verification one block at a time (a decoder layer, or the embeddings / t
     streamed reference / verification                      4 x the largest block's BF16 bytes (the block, the
                                                            dequantized float32 weight, the BF16 original it is
                                                            compared with)
-    need: the larger of the two, for one shard at a time, + 1.1 GB libraries; the step then runs as many shards
-    at once as there are cores and memory for (``streaming_workers``).
+    need: the larger of the two, for one shard at a time, + 1.1 GB libraries; on a GPU the step then runs as
+    many shards at once as there are cores and memory for, on a CPU one (``streaming_workers``).
 
 The reference step is not counted apart: it runs one block at a time (the streamed need covers it). On a GPU
 the weights go to VRAM (``forge.gpu.fit``), not counted here.
@@ -58,12 +58,13 @@ LIBRARIES = 1.1 * GB                       # torch, transformers, llm-compressor
 FACTORS = {"data-free": 1.5, "float32": 3.0, "bfloat16": 1.7, "eval": 2.0, "shard": 1.2, "block": 4.0,
            "offload_block": 2.0, "hessians": 2.0, "activations": 2.0}
 SHARD_ASSUMED = 5 * GB                     # the largest shard, before the snapshot's files are seen
-STEPS = {"quantize": ("quantize",), "eval": ("eval_baseline", "eval_candidate")}   # need -> the steps it holds for
+STEPS = {"quantize": ("quantize",), "eval": ("eval_baseline", "eval_candidate"),   # need -> the steps it holds for
+         "reference": ("reference",)}
 
 
 @dataclass(frozen=True)
 class Need:
-    step: str                 # quantize | eval (STEPS: the steps it is for)
+    step: str                 # quantize | eval | reference (STEPS: the steps it is for)
     bytes: float
     why: str                  # how it was computed, in words a user can check
     advice: str = ""          # what to do when it does not fit
@@ -98,18 +99,32 @@ def largest_block(shape: ModelShape) -> float:
 
 def needs(shape: ModelShape | None, method: str, *, calibrates: bool, evaluates: bool,
           device: str | None = None, recipe_dtype: str = "bfloat16", streams: bool = False,
-          offloads: bool = False, calibration: tuple[int, int] = (128, 512)) -> tuple[Need, ...]:
+          offloads: bool = False, calibration: tuple[int, int] = (128, 512),
+          whole_reference: bool = False) -> tuple[Need, ...]:
     """The steps of a recipe that hold the model in host memory on ``device`` (this host's by default);
     ``streams``: the quantize step streams this method (then it never holds the model); ``offloads``: its backend
-    can calibrate it with the weights offloaded to disk, on ``calibration`` (samples, tokens per sample)."""
+    can calibrate it with the weights offloaded to disk, on ``calibration`` (samples, tokens per sample);
+    ``whole_reference``: the reference step loads the whole model (FORGE_STREAMING=0)."""
     device = device or host.device()
     if shape is None or device != "cpu":
         return ()
     model = bf16_bytes(shape)
     dtype = calibration_dtype(2 * model, recipe_dtype) if calibrates else None
-    return needs_for(model, method, calibrates=calibrates, evaluates=evaluates, dtype=dtype,
-                     block=largest_block(shape) if streams else None,
-                     offloaded=offloaded_need(shape, dtype, *calibration) if offloads and calibrates else None)
+    out = needs_for(model, method, calibrates=calibrates, evaluates=evaluates, dtype=dtype,
+                    block=largest_block(shape) if streams else None,
+                    offloaded=offloaded_need(shape, dtype, *calibration) if offloads and calibrates else None)
+    return out + ((reference_need(model),) if whole_reference else ())
+
+
+def reference_need(model: float) -> Need:
+    """The reference step with the whole BF16 model loaded (FORGE_STREAMING=0). Refused when it does not fit:
+    transformers maps the shards, so it would not be killed but page them from disk for each greedy token (the
+    14B shape on a 24 GiB host: still in that step after 21 minutes)."""
+    need = model + LIBRARIES
+    return Need("reference", need, f"FORGE_STREAMING=0 loads the whole model for the BF16 reference tokens: "
+                                   f"{model / GB:.1f} GB BF16 + {LIBRARIES / GB:.1f} GB libraries",
+                f"Unset FORGE_STREAMING (the reference step then holds one decoder layer at a time), or use "
+                f"{_room(need)}.")
 
 
 def layer_hessians(shape: ModelShape) -> float:
@@ -156,9 +171,11 @@ def streamed_need(model: float, block: float, shard: float | None = None) -> tup
     return max(quantize, verify) + LIBRARIES, how
 
 
-def streaming_workers(snapshot: Path, available: float | None = None) -> int:
+def streaming_workers(snapshot: Path, available: float | None = None, device: str | None = None) -> int:
     """How many shards a streamed quantize step quantizes at once: one per core, as many as memory holds (the
-    verification after it holds one block); a ResourceError (exit 5) with the numbers when not even one fits."""
+    verification after it holds one block); a ResourceError (exit 5) with the numbers when not even one fits.
+    On a CPU (``device``: this host's by default) one: compressed-tensors' scheduler runs CPU jobs one after the
+    other whatever ``max_workers`` says (``exec_jobs_dynamic``), and each job's ops use every core."""
     shards = [p.stat().st_size for p in Path(snapshot).glob("*.safetensors")]
     largest = max(shards, default=0)
     available = available_bytes() if available is None else available
@@ -169,6 +186,8 @@ def streaming_workers(snapshot: Path, available: float | None = None) -> int:
                             f"libraries); {available / GB:.1f} GB available",
                             hint="Re-shard the checkpoint into smaller files (save_pretrained(max_shard_size='2GB')) "
                                  f"or use {_room(per_shard + LIBRARIES)}.")
+    if (device or host.device()) == "cpu":
+        return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(cores, len(shards), int((available - LIBRARIES) // max(per_shard, 1.0))))
 
@@ -310,7 +329,9 @@ def require(needs_: tuple[Need, ...], step: str, inputs: dict[str, Path] | None 
     the step's upstream outputs; a streamed quantize's need is then taken with the snapshot's largest shard."""
     snapshot = (inputs or {}).get("resolve")
     for need, msg in shortfalls(tuple(_seen(n, snapshot) for n in needs_ if step in STEPS[n.step])):
-        raise ResourceError(f"{step}: {msg}; the kernel would kill the build", hint=need.advice)
+        outcome = ("transformers would page the model from disk for each token" if need.step == "reference"
+                   else "the kernel would kill the build")
+        raise ResourceError(f"{step}: {msg}; {outcome}", hint=need.advice)
 
 
 def _seen(need: Need, snapshot: Path | None) -> Need:

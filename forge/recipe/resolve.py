@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from forge import backends, engines
+from forge.core import options
 from forge.core.errors import ForgeError, RecipeError, UsageError
 from forge.engines.base import Engine
 from forge.gpu import catalog, host_fit
@@ -183,7 +184,9 @@ def resolve_loaded(loaded: LoadedRecipe, downloads: Path, *, target: bool = True
                                   recipe_dtype=r.model.dtype, streams=not auto and backends.streams(q, t.engine),
                                   offloads=not auto and backends.offloads(q, t.engine),
                                   calibration=(q.calibration.samples, q.calibration.max_seq_len) if q.calibration
-                                  else (128, 512)),
+                                  else (128, 512),
+                                  whole_reference=not auto and not options.current().streaming
+                                  and backends.verifies(q, t.engine)),
         calibrates=calibrates,
         verifies=not auto and backends.verifies(q, t.engine),
         compiles=engine.compiles(r), gpu_bound=engine.gpu_bound(r), warnings=tuple(dict.fromkeys(warnings)),

@@ -35,7 +35,7 @@ from forge.steps.evaluate_image import key_material as image_key, through_image
 from forge.core.errors import ToolError
 from forge.core.host import device, local_gpus, no_nvidia_smi
 from forge.core.jsonsafe import dumps
-from forge.evaluation.tasks import load_tasks
+from forge.evaluation.tasks import load_tasks, task_manager
 
 RESULTS, SAMPLES_DIR, RAW_DIR = "results.json", "samples", "lm_eval_samples"
 BATCH_SIZE = 8
@@ -128,7 +128,6 @@ def simple_evaluate(model_dir: Path, tasks, backend: str, device: str, *, limit,
                     batch_size: int = BATCH_SIZE) -> tuple[dict, dict, dict]:
     """lm-eval on one checkpoint with forge's settings: (lm-eval's result, model_args, batching)."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     if backend == "hf":
         model_args = {"pretrained": str(model_dir), "dtype": "float32" if device == "cpu" else "bfloat16", "device": device}
@@ -138,7 +137,7 @@ def simple_evaluate(model_dir: Path, tasks, backend: str, device: str, *, limit,
     batching = batching_for(model_dir, batch_size)
     res = lm_eval.simple_evaluate(
         model=backend, model_args=model_args, tasks=[t.lm_eval_task() for t in tasks], batch_size=batching["batch_size"],
-        limit=limit, log_samples=True, bootstrap_iters=0, task_manager=TaskManager(),
+        limit=limit, log_samples=True, bootstrap_iters=0, task_manager=task_manager(tasks),
         apply_chat_template=False, fewshot_as_multiturn=False, random_seed=seed, numpy_random_seed=seed,
         torch_random_seed=seed, fewshot_random_seed=seed)
     return res, model_args, batching

@@ -33,6 +33,7 @@ from forge.image.containers import MODEL_DIR, PORT, kv_cache_bytes
 from forge.image.smoketest import Served, serving, why_not_here
 from forge.engines import ServeAt
 from forge.recipe.schema import Quantize
+from forge.evaluation.tasks import task_manager
 from forge.steps import StepContext, package
 
 BASELINE_ID = "bf16-baseline"   # the id the baseline's server serves the snapshot under (no recipe's name: shared)
@@ -151,7 +152,6 @@ def _base_digest(ctx: StepContext, loaded) -> str | None:
 def api_evaluate(s: Served, served_id: str, tasks, api, *, tokenizer: Path, limit, seed: int, max_length: int):
     """lm-eval's API model for the engine against the running server: (lm-eval's result, model_args)."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     scored = {t.request_type for t in tasks} - {"generate_until"}
     model_args = {"model": served_id, "base_url": f"{s.url}{api.route}", "tokenizer_backend": "huggingface",
@@ -161,7 +161,7 @@ def api_evaluate(s: Served, served_id: str, tasks, api, *, tokenizer: Path, limi
     try:
         res = lm_eval.simple_evaluate(
             model=api.model, model_args=model_args, tasks=[t.lm_eval_task() for t in tasks], batch_size=1,
-            limit=limit, log_samples=True, bootstrap_iters=0, task_manager=TaskManager(), apply_chat_template=False,
+            limit=limit, log_samples=True, bootstrap_iters=0, task_manager=task_manager(tasks), apply_chat_template=False,
             fewshot_as_multiturn=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
             fewshot_random_seed=seed)
     except Exception as e:   # an HTTP error after lm-eval's retries, a connection lost, an answer it cannot read

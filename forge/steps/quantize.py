@@ -9,8 +9,8 @@ reference step records: one forward pass),
 the reports and a manifest with the same keys whatever the backend.
 
 Streaming (FORGE_STREAMING, on by default): a data-free scheme the backend quantizes shard by shard
-(``Backend.streams``: llm-compressor's FP8 dynamic) is written without building the model, on as many shards at
-a time as there are cores and memory for (``host_fit.streaming_workers``); the checkpoint is the in-memory path's,
+(``Backend.streams``: llm-compressor's FP8 dynamic) is written without building the model, one shard at a time on a
+CPU, on a GPU as many as there are cores and memory for (``host_fit.streaming_workers``); the checkpoint is the in-memory path's,
 tensor for tensor. The verification then checks the written tensors against the model from their headers and runs
 the dequantized weights one decoder layer at a time (forge.steps.verify): no step holds the model.
 
