@@ -163,6 +163,30 @@ def test_an_in_memory_reference_step_of_a_model_larger_than_memory_is_refused_ex
     assert not any(n.step == "reference" for n in resolved(recipe, target=False).host_needs)
 
 
+@pytest.mark.parametrize("target,base,holds", [
+    ({"gpu": "CPU", "engine": "cpu"}, "cpu-python311", "cpu holds the weights in BF16: 29.5 GB"),
+    ({"gpu": "CPU-AVX2", "engine": "vllm"}, "vllm-0.32-cpu", "vllm holds the checkpoint as written: 29.5 GB + "),
+])
+def test_a_cpu_image_of_a_model_larger_than_memory_is_not_smoke_tested_and_says_why(tmp_path, monkeypatch, target,
+                                                                                      base, holds):
+    """A CPU image whose model does not fit this host's memory is not served (its server would map the weights and
+    page them from disk until the smoke test timed out): the package step says so with the numbers, at once."""
+    from types import SimpleNamespace
+
+    from forge.steps import package
+
+    _sparse_model(tmp_path / "model", QWEN14B)
+    recipe = write_recipe(tmp_path / "r.yaml", "./model", target=target, container={"base": base})
+    loaded = resolved(recipe, target=False)
+    spec = SimpleNamespace(base=loaded.base)
+    monkeypatch.setattr(host_fit, "available_bytes", lambda: 23.4e9)
+    why = package._no_room_to_serve(loaded, spec, tmp_path / "model")
+    assert why.startswith("not smoke-tested: serve needs ") and holds in why, why
+    assert why.endswith("23.4 GB available; served here, it would page the weights from disk"), why
+    monkeypatch.setattr(host_fit, "available_bytes", lambda: 64e9)
+    assert package._no_room_to_serve(loaded, spec, tmp_path / "model") is None
+
+
 def test_forge_fit_gives_the_build_side_figure_per_method(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps(QWEN14B))

@@ -221,6 +221,16 @@ def needs_for(model: float, method: str, *, calibrates: bool, evaluates: bool,
     return tuple(out)
 
 
+def serving_need(weights: float, kv_cache: float, how: str) -> Need:
+    """What serving an image on this host's CPU holds: the weights as its engine holds them (``how`` says which),
+    the KV cache the image plans, the libraries. The smoke test is skipped, with these numbers, where it does not
+    fit: the server would map the weights and page them from disk for every token, and time out after minutes."""
+    need = weights + kv_cache + LIBRARIES
+    kv = f" + {kv_cache / GB:.1f} GB KV cache" if kv_cache else ""
+    return Need("serve", need, f"{how}: {weights / GB:.1f} GB{kv} + {LIBRARIES / GB:.1f} GB libraries",
+                f"Smoke-test it on {_room(need)}, or where its GPU is.")
+
+
 def _room(need: float) -> str:
     return f"a machine with >= {need / GB * 1.1:.0f} GB of memory"
 

@@ -33,13 +33,15 @@ from typing import Iterator
 from forge.core import options as fenv
 from forge.image.builders import (CONTAINERFILE, build_image, buildah, choose_builder, clean_env, describe_layout,
                             pull_layout, tool_version)
-from forge.image.containers import MODEL_DIR, UID, containerfile, image_spec, require_cuda, serve_file, serving_spec
+from forge.image.containers import (MODEL_DIR, UID, containerfile, image_spec, kv_cache_bytes, require_cuda, serve_file,
+                                    serving_spec)
 from forge.image.model_image import SERVE_FILE, mounted, write_model_image
 from forge.core.errors import ToolError
 from forge.engines import get as get_engine
 from forge.image.smoketest import TRANSCRIPT, smoke_test, why_not_here
 from forge.steps import StepContext, StepSpec, compile, probe, quantize
 from forge.core.host import no_nvidia_smi
+from forge.gpu import host_fit
 from forge.engines.trtllm_build import EngineFacts, check_engine
 from forge.image.weights_layer import append_weights_layer
 
@@ -328,6 +330,11 @@ def _smoke_test(ctx: StepContext, tag: str, spec, builder: str, ref: str, model:
     gpu = loaded.recipe.target.gpu
     if not loaded.recipe.container.smoke_test:
         return {"passed": None, "skipped": "not smoke-tested: container.smoke_test is false"}
+    if (too_big := _no_room_to_serve(loaded, spec, ctx.inputs["quantize"])) is not None:
+        ctx.report(too_big)
+        transcript = {"passed": None, "skipped": too_big, "answer": None, "health_seconds": None, "models": None}
+        (ctx.out / TRANSCRIPT).write_text(json.dumps(transcript, indent=2) + "\n")
+        return transcript
     keep = ctx.out.parent.with_name(ctx.out.parent.name + SMOKE_KEEP)
     runs = model is not None and why_not_here(spec.base.engine, gpu, builder) is None
     with mounted(ctx.out / MODEL_OCI, model, ctx.out.parent) if runs else nullcontext(()) as mounts:
@@ -337,6 +344,23 @@ def _smoke_test(ctx: StepContext, tag: str, spec, builder: str, ref: str, model:
         ctx.report(transcript["skipped"])
     (ctx.out / TRANSCRIPT).write_text(json.dumps(transcript, indent=2) + "\n")
     return {k: transcript.get(k) for k in ("passed", "skipped", "answer", "health_seconds", "models")}
+
+
+def _no_room_to_serve(loaded, spec, checkpoint: Path) -> str | None:
+    """Why a CPU image cannot be smoke-tested on this host for want of memory (None: it fits, or the image is a GPU's,
+    whose weights go to VRAM). vLLM's CPU kernels hold the checkpoint as written; transformers serve (dtype auto)
+    holds a quantized checkpoint decompressed to BF16."""
+    if spec.base.cuda is not None:
+        return None
+    files = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
+    if get_engine(spec.base.engine).cpu_kernels:   # and the KV cache the image reserves (--kv-cache-memory-bytes)
+        weights, kv, how = files, kv_cache_bytes(loaded) or 0, f"{spec.base.engine} holds the checkpoint as written"
+    else:   # its cache grows with what it is asked: one short chat
+        weights = host_fit.bf16_bytes(loaded.shape) if loaded.shape is not None else files
+        kv, how = 0, f"{spec.base.engine} holds the weights in BF16"
+    need = host_fit.serving_need(weights, kv, how)
+    short = need.shortfall(host_fit.available_bytes())
+    return f"not smoke-tested: {short}; served here, it would page the weights from disk" if short else None
 
 
 def run_model_image(ctx: StepContext) -> dict:
