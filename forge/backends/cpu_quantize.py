@@ -8,8 +8,9 @@ spent 35 of llm-compressor's 50 s there.
 The rounding is elementwise on the scaled values, and when those are 16-bit (bfloat16 or float16 weights) there
 are only 65,536 of them. This kernel runs the library's own rounding (``round_to_quantized_type_args``) once on
 every 16-bit value, then looks each element up, a cache-sized block of rows at a time (torch's threads divide
-and cast each block): the same bytes, about 10x faster. It applies only where that holds (CPU tensors, 16-bit scaled values, scalar ranges, no
-global scale, scales that broadcast along whole rows) and otherwise leaves the call to the library.
+and cast each block): the same bytes, about 10x faster. It applies only where that holds (CPU tensors, 16-bit
+scaled values, scalar ranges, no global scale, scales that broadcast along whole rows) and otherwise leaves the
+call to the library.
 compressed-tensors' ``CT_ENFORCE_EAGER=1`` turns every registered kernel off, this one included.
 
 The blocks run in the calling thread. Spread over a pool of Python threads they were 5 % faster on one tensor
