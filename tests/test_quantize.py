@@ -434,15 +434,14 @@ def test_cpu_quantize_kernel_is_the_library_bit_for_bit(dtype, case, monkeypatch
     cast to the quantized dtype, with NaN, inf, subnormal and out-of-range values among the weights, over several
     blocks of rows (per-row scales and zero points sliced with them)."""
     import torch
-
-    from forge.backends import cpu_quantize
-
-    monkeypatch.setattr(cpu_quantize, "BLOCK_ELEMENTS", 1 << 16)   # 2 to 8 blocks of the 1024 rows
     from compressed_tensors.quantization import QuantizationArgs
     from compressed_tensors.quantization.utils.helpers import calculate_range
     from compressed_tensors.utils.impl_backend import ImplBackend
 
+    from forge.backends import cpu_quantize
     from forge.backends.cpu_quantize import _applies, forge_quantize_cpu
+
+    monkeypatch.setattr(cpu_quantize, "BLOCK_ELEMENTS", 1 << 16)   # 2 to 8 blocks of the 1024 rows
 
     x = _weights_with_specials(getattr(torch, dtype))
     finite = x.float().nan_to_num(0, 0, 0).abs()

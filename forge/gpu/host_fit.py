@@ -72,6 +72,7 @@ class Need:
                                                        # size is assumed until the snapshot's files are seen
     offloaded: tuple[float, str, float] | None = None  # (bytes, why, CPU budget) when the step can calibrate with
                                                        # the weights offloaded to disk instead (``offloaded_need``)
+    outcome: str = "the kernel would kill the build"   # what running it anyway would do
 
     def shortfall(self, available: float) -> str | None:
         if self.bytes <= available or self.offloads(available):
@@ -124,7 +125,7 @@ def reference_need(model: float) -> Need:
     return Need("reference", need, f"FORGE_STREAMING=0 loads the whole model for the BF16 reference tokens: "
                                    f"{model / GB:.1f} GB BF16 + {LIBRARIES / GB:.1f} GB libraries",
                 f"Unset FORGE_STREAMING (the reference step then holds one decoder layer at a time), or use "
-                f"{_room(need)}.")
+                f"{_room(need)}.", outcome="transformers would page the model from disk for each token")
 
 
 def layer_hessians(shape: ModelShape) -> float:
@@ -339,9 +340,7 @@ def require(needs_: tuple[Need, ...], step: str, inputs: dict[str, Path] | None 
     the step's upstream outputs; a streamed quantize's need is then taken with the snapshot's largest shard."""
     snapshot = (inputs or {}).get("resolve")
     for need, msg in shortfalls(tuple(_seen(n, snapshot) for n in needs_ if step in STEPS[n.step])):
-        outcome = ("transformers would page the model from disk for each token" if need.step == "reference"
-                   else "the kernel would kill the build")
-        raise ResourceError(f"{step}: {msg}; {outcome}", hint=need.advice)
+        raise ResourceError(f"{step}: {msg}; {need.outcome}", hint=need.advice)
 
 
 def _seen(need: Need, snapshot: Path | None) -> Need:

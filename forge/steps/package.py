@@ -330,16 +330,12 @@ def _smoke_test(ctx: StepContext, tag: str, spec, builder: str, ref: str, model:
     gpu = loaded.recipe.target.gpu
     if not loaded.recipe.container.smoke_test:
         return {"passed": None, "skipped": "not smoke-tested: container.smoke_test is false"}
-    if (too_big := _no_room_to_serve(loaded, spec, ctx.inputs["quantize"])) is not None:
-        ctx.report(too_big)
-        transcript = {"passed": None, "skipped": too_big, "answer": None, "health_seconds": None, "models": None}
-        (ctx.out / TRANSCRIPT).write_text(json.dumps(transcript, indent=2) + "\n")
-        return transcript
+    too_big = _no_room_to_serve(loaded, spec, ctx.inputs["quantize"])
     keep = ctx.out.parent.with_name(ctx.out.parent.name + SMOKE_KEEP)
-    runs = model is not None and why_not_here(spec.base.engine, gpu, builder) is None
+    runs = model is not None and too_big is None and why_not_here(spec.base.engine, gpu, builder) is None
     with mounted(ctx.out / MODEL_OCI, model, ctx.out.parent) if runs else nullcontext(()) as mounts:
         transcript = smoke_test(tag, spec, ctx.report, builder=builder, keep=keep, layout=(ctx.out / OCI_DIR, ref),
-                                gpu=gpu, mounts=mounts)
+                                gpu=gpu, mounts=mounts, skip=too_big)
     if transcript.get("skipped"):
         ctx.report(transcript["skipped"])
     (ctx.out / TRANSCRIPT).write_text(json.dumps(transcript, indent=2) + "\n")
