@@ -84,14 +84,12 @@ def test_demo_image_runs_as_its_deployment_says_and_its_probes_answer(demo_image
     envs = [x for e in c.get("env", []) for x in ("--env", f"{e['name']}={e['value']}")]
 
     image = json.loads((demo_image["steps"]["package"][0] / "image.json").read_text())
-    from forge.image.builders import load_image
+    from forge.image.builders import load_image, storage_flags
 
     load_image("buildah", demo_image["steps"]["package"][0] / "oci", image["oci_ref"], image["tag"])  # the layout is the artifact
     ctr = buildah("from", "--pull=never", image["tag"]).stdout.strip().splitlines()[-1]
-    argv = ["buildah", "--storage-driver", os.environ.get("FORGE_BUILDAH_STORAGE_DRIVER", "vfs"),
-            "--root", demo_image["env"]["FORGE_BUILDAH_ROOT"], "--runroot", demo_image["env"]["FORGE_BUILDAH_ROOT"] + "-run",
-            "run", "--isolation", "chroot", "--user", f"{sc['runAsUser']}:{sc['runAsGroup']}", *mounts, *envs,
-            ctr, "--", *command]
+    argv = ["buildah", *storage_flags(), "run", "--isolation", "chroot", "--user", f"{sc['runAsUser']}:{sc['runAsGroup']}",
+            *mounts, *envs, ctr, "--", *command]
     server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         startup = c["startupProbe"]

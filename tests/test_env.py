@@ -76,7 +76,7 @@ def test_undeclared_name_is_a_bug_and_defaults_apply(monkeypatch):
     with pytest.raises(KeyError):
         env.get("FORGE_NO_SUCH_VARIABLE")
     monkeypatch.delenv("FORGE_BUILDAH_STORAGE_DRIVER", raising=False)
-    assert env.get("FORGE_BUILDAH_STORAGE_DRIVER") == "vfs"
+    assert env.get("FORGE_BUILDAH_STORAGE_DRIVER") == "auto"
     monkeypatch.setenv("FORGE_DEBUG", "0")
     assert env.flag("FORGE_DEBUG") is False
     monkeypatch.setenv("FORGE_DEBUG", "1")

@@ -43,7 +43,8 @@ VARS: dict[str, Var] = {v.name: v for v in (
     Var("FORGE_PIP_INDEX_URL", "Python package index used when building forge's base images."),
     Var("FORGE_PIP_FIND_LINKS", "Local wheel directory used when building forge's base images."),
     Var("FORGE_BUILDAH_ROOT", "buildah storage root (default: buildah's own)."),
-    Var("FORGE_BUILDAH_STORAGE_DRIVER", "buildah storage driver.", "vfs"),
+    Var("FORGE_BUILDAH_STORAGE_DRIVER", "buildah storage driver: auto (default) keeps the driver a storage root "
+                                         "already uses, else overlay where forge can mount one, else vfs.", "auto"),
     Var("RAY_ADDRESS", "Ray cluster `forge build --executor ray` connects to (as --ray-address; e.g. ray://head:10001, auto)."),
     Var("FORGE_TEST_STOP_BEFORE_COMMIT", "Test hook: stop a build after STEP wrote its outputs, before commit."),
     Var("TQDM_DISABLE", "Set to 1 by forge during a build (unless set): forge draws its own progress."),
@@ -58,7 +59,7 @@ VARS: dict[str, Var] = {v.name: v for v in (
     Var("GITHUB_STEP_SUMMARY", "GitHub Actions' job summary file: with --ci, forge appends the build's summary."),
     Var("GITHUB_WORKSPACE", "GitHub Actions' checkout root: annotation paths are made relative to it."),
     Var("XDG_CACHE_HOME", "Base of the default step cache."),
-    Var("XDG_DATA_HOME", "Base of the default embedded registry."),
+    Var("XDG_DATA_HOME", "Base of the default embedded registry (and of rootless buildah's storage)."),
     Var("XDG_RUNTIME_DIR", "Where container tools keep their auth file."),
     Var("REGISTRY_AUTH_FILE", "Container registry auth file (containers-auth.json format)."),
     Var("CUDA_VISIBLE_DEVICES", "Which GPUs the quantize step may use (empty: none)."),
@@ -106,6 +107,7 @@ class Options:
 
     cache_dir: Path                       # FORGE_CACHE_DIR, else $XDG_CACHE_HOME/forge
     registry_dir: Path                    # FORGE_REGISTRY_DIR, else $XDG_DATA_HOME/forge/registry
+    data_home: Path                       # $XDG_DATA_HOME, else ~/.local/share (rootless buildah's storage is there)
     debug: bool = False
     plugins: str = ""
     ray_address: str | None = None
@@ -120,7 +122,7 @@ class Options:
     pip_find_links: str | None = None     # FORGE_PIP_FIND_LINKS, else PIP_FIND_LINKS
     ca_bundle: str | None = None          # PIP_CERT, else REQUESTS_CA_BUNDLE, else SSL_CERT_FILE
     buildah_root: str | None = None
-    buildah_storage_driver: str = "vfs"
+    buildah_storage_driver: str = "auto"
     stop_before_commit: str | None = None  # test hook (FORGE_TEST_STOP_BEFORE_COMMIT)
     pythonpath: str | None = None
     github_actions: bool = False
@@ -138,10 +140,11 @@ class Options:
         if run := get("XDG_RUNTIME_DIR"):
             auth.append(Path(run) / "containers" / "auth.json")
         auth.append(home / ".config" / "containers" / "auth.json")
+        data_home = Path(get("XDG_DATA_HOME") or home / ".local" / "share")
         return cls(
             cache_dir=Path(cache).expanduser() if cache else Path(get("XDG_CACHE_HOME") or home / ".cache") / "forge",
             registry_dir=Path(registry).expanduser() if registry else
-            Path(get("XDG_DATA_HOME") or home / ".local" / "share") / "forge" / "registry",
+            data_home / "forge" / "registry", data_home=data_home,
             debug=flag("FORGE_DEBUG"), no_supervisor=flag("FORGE_NO_SUPERVISOR"), plugins=get("FORGE_PLUGINS") or "", ray_address=get("RAY_ADDRESS"),
             gpu_prices=get("FORGE_GPU_PRICES"), cpu_calibration_dtype=get("FORGE_CPU_CALIBRATION_DTYPE"),
             streaming=(get("FORGE_STREAMING") or "1").strip().lower() not in ("0", "false", "no"),
@@ -150,7 +153,7 @@ class Options:
             registry_auth_files=tuple(auth), pip_index_url=get("FORGE_PIP_INDEX_URL"),
             pip_find_links=get("FORGE_PIP_FIND_LINKS") or get("PIP_FIND_LINKS"),
             ca_bundle=get("PIP_CERT") or get("REQUESTS_CA_BUNDLE") or get("SSL_CERT_FILE"),
-            buildah_root=get("FORGE_BUILDAH_ROOT"), buildah_storage_driver=get("FORGE_BUILDAH_STORAGE_DRIVER") or "vfs",
+            buildah_root=get("FORGE_BUILDAH_ROOT"), buildah_storage_driver=get("FORGE_BUILDAH_STORAGE_DRIVER") or "auto",
             stop_before_commit=get("FORGE_TEST_STOP_BEFORE_COMMIT"), pythonpath=get("PYTHONPATH"),
             github_actions=(get("GITHUB_ACTIONS") or "").lower() == "true", github_workspace=get("GITHUB_WORKSPACE"),
             github_step_summary=get("GITHUB_STEP_SUMMARY"), cuda_visible_devices=get("CUDA_VISIBLE_DEVICES"))
