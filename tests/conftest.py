@@ -20,9 +20,14 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["FORGE_REGISTRY_DIR"] = __import__("tempfile").mkdtemp(prefix="forge-test-registry-")
 # one OpenMP thread pool per core, not per test worker: xdist runs a worker per core (make test), and a torch in
 # each with a thread per host core oversubscribes the machine (its spinning threads made the demo's forward passes
-# 3-9x slower on 2 cores). Builds the tests start, and the servers they start, inherit it.
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
+# 3-9x slower on 2 cores). Builds the tests start, and the servers they start, inherit it. The xdist controller
+# imports this file too, before it starts the workers, which inherit its environment: what the user had set is
+# carried in FORGE_TEST_USER_OMP, so that a worker divides the cores by the worker count instead of keeping the
+# controller's one-process value.
+_USER_OMP = os.environ.setdefault("FORGE_TEST_USER_OMP", os.environ.get("OMP_NUM_THREADS", ""))
+if not _USER_OMP:
+    _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "REGISTRY_AUTH_FILE", "REGISTRY_PASSWORD", "FORGE_CI",
            "FORGE_REGISTRY_USER", "FORGE_REGISTRY_PASSWORD", "FORGE_PUBLISH_TO")
 
