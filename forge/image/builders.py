@@ -98,9 +98,9 @@ def storage_driver(root: Path) -> str:
     """FORGE_BUILDAH_STORAGE_DRIVER=auto: the driver a storage root already holds images with (containers-storage
     keeps ``<driver>-images`` per driver, and refuses another driver on the same root), else overlay where this
     process can mount an overlay filesystem on the root's filesystem, else vfs. overlay shares the base image's
-    files between layers and containers; vfs copies the whole root filesystem for each (a CPU base is 1.5 GB
-    unpacked: about 40 s of copying per build on this project's CI machine). Both write the same layers, so the
-    same image digests."""
+    files between layers and containers; vfs copies the whole root filesystem for each (forge's CPU base is 1.4
+    GB unpacked; bench/results/storage-driver.json: a package build's buildah work in 0.68x vfs's time, half the
+    disk). Both write the same layers, so the same image digests."""
     for driver in ("overlay", "vfs"):
         if (root / f"{driver}-images").is_dir():
             return driver
