@@ -31,6 +31,22 @@ def test_explicit_driver_wins_and_auto_is_resolved_per_root(tmp_path, monkeypatc
     assert storage_flags()[:2] == ["--storage-driver", "overlay"]
 
 
+@needs_buildah
+def test_a_users_vfs_storage_keeps_its_images_under_auto(tmp_path, monkeypatch):
+    """Storage forge made with vfs before auto stays vfs, its images still there. buildah itself, given no driver,
+    would take overlay on that root and see none of them (buildah 1.28, measured): forge decides, not buildah."""
+    from forge.image.builders import buildah
+
+    root = tmp_path / "old"
+    monkeypatch.setenv("FORGE_BUILDAH_ROOT", str(root))
+    monkeypatch.setenv("FORGE_BUILDAH_STORAGE_DRIVER", "vfs")
+    ctr = buildah("from", "scratch").stdout.strip().splitlines()[-1]
+    buildah("commit", "--quiet", "--rm", ctr, "localhost/kept:1")
+    monkeypatch.setenv("FORGE_BUILDAH_STORAGE_DRIVER", "auto")
+    assert storage_flags()[:2] == ["--storage-driver", "vfs"]
+    assert "localhost/kept" in buildah("images", "--format", "{{.Name}}").stdout
+
+
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare (util-linux) is not installed")
 def test_where_no_overlay_mounts_a_new_root_gets_vfs(tmp_path):
     """A user namespace without its own mount namespace: root there, but mount(2) is refused, as in an unprivileged

@@ -100,7 +100,8 @@ def storage_driver(root: Path) -> str:
     process can mount an overlay filesystem on the root's filesystem, else vfs. overlay shares the base image's
     files between layers and containers; vfs copies the whole root filesystem for each (forge's CPU base is 1.4
     GB unpacked; bench/results/storage-driver.json: a package build's buildah work in 0.68x vfs's time, half the
-    disk). Both write the same layers, so the same image digests."""
+    disk). Both write the same layers, so the same image digests. forge decides rather than leaving the flag out:
+    buildah 1.28, given no driver, takes overlay even on a root that holds vfs images, and sees none of them."""
     for driver in ("overlay", "vfs"):
         if (root / f"{driver}-images").is_dir():
             return driver
