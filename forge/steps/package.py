@@ -3,10 +3,10 @@
 base_image builds forge's own CPU base (a Debian rootfs from mmdebstrap, a venv with pinned CPU torch
 and transformers[serving]) and is cached like any step. package renders the Containerfile from the
 recipe (kept as an artifact), builds it with buildah (overlay storage where it mounts, else vfs; chroot
-isolation; --timestamp 0 for reproducible layers), exports an OCI layout directory (what Trivy and the registry consume), and by
-default smoke-tests it: start the image's server, wait for /health, require GET /v1/models to list the
-served model, ask one chat question by that id, require an answer, stop the whole process group, keep the
-transcript. A failed smoke test is exit 6 with the HTTP status, the body and the server log's tail in the
+isolation; --timestamp 0 for reproducible layers), exports an OCI layout directory (what Trivy and the
+registry consume), and by default smoke-tests it: start the image's server, wait for /health, require GET
+/v1/models to list the served model, ask one chat question by that id, require an answer, stop the whole
+process group, keep the transcript. A failed smoke test is exit 6 with the HTTP status, the body and the server log's tail in the
 message; the transcript and the full server log are kept beside the step's staging directory. The container tool
 calls are forge.image.builders'; the smoke test is forge.image.smoketest's.
 
