@@ -9,12 +9,12 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from forge.core.errors import UsageError
+from forge.core.sqlitedb import open_wal
 
 CHUNK = 8 << 20
 RACY_NS = 2_000_000_000
@@ -42,11 +42,8 @@ class DigestMemo:
     def __init__(self, db_path: Path | None):
         self._db = None
         if db_path is not None:
-            db_path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(db_path, timeout=60, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, size INTEGER, "
-                             "mtime_ns INTEGER, ctime_ns INTEGER, inode INTEGER, sha256 TEXT)")
+            self._db = open_wal(db_path, "CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, size INTEGER, "
+                                         "mtime_ns INTEGER, ctime_ns INTEGER, inode INTEGER, sha256 TEXT);")
 
     def file(self, path: Path) -> FileEntry:
         path = Path(os.path.abspath(path))

@@ -2,6 +2,7 @@
 
     $FORGE_REGISTRY_DIR  (default $XDG_DATA_HOME/forge/registry)
       index.sqlite       artifacts, tags, status events (WAL; every write one IMMEDIATE transaction)
+      index.sqlite.lock  serializes the index's first opens (forge.core.sqlitedb)
       oci/               OCI image layout: the images and their evidence artifacts (``subject`` → image)
 
 Writers store blobs first (content-addressed, renamed into place once their digest is proven), then
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from forge.core.errors import EvidenceError, UsageError
+from forge.core.sqlitedb import connect, open_wal
 from forge.oci.layout import (
     EMPTY_BYTES, MANIFEST, REF_NAME, Layout, artifact_manifest, descriptor, manifest_bytes, sha256_bytes)
 from forge.registry.record import (EVIDENCE_TYPES, PROMOTABLE, PROXY, PROXY_HINT, Collected, Evidence, Record,
@@ -50,13 +52,7 @@ class LocalRegistry:
         self.root = Path(root) if root else default_registry_dir()
         self.root.mkdir(parents=True, exist_ok=True)
         self.blobs = Layout(self.root / "oci").init()
-        db = sqlite3.connect(self.root / "index.sqlite", timeout=60)
-        try:
-            db.execute("PRAGMA busy_timeout=60000")
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(SCHEMA)
-        finally:
-            db.close()
+        open_wal(self.root / "index.sqlite", SCHEMA).close()
 
     # ------------------------------------------------------------------ writing
     def store(self, collected: Collected) -> Record:
@@ -350,9 +346,8 @@ class LocalRegistry:
     # ------------------------------------------------------------------ internals
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.root / "index.sqlite", timeout=60, isolation_level=None)
+        db = connect(self.root / "index.sqlite")
         try:
-            db.execute("PRAGMA busy_timeout=60000")
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db

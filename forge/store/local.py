@@ -7,7 +7,7 @@ Layout under the cache root::
     staging/<key>.<pid>.<rnd>/  a step being built; never read by a lookup
     locks/<key>.lock            one builder per key; a second build waits, then reuses
     logs/<step>-<key16>.log     what the libraries wrote while the step last ran (kept when it failed)
-    digests.sqlite              the file-digest memo
+    digests.sqlite(.lock)       the file-digest memo (the lock serializes a new file's first opens)
 
 A key is the sha256 of everything that can change a step's output, so a committed entry is valid
 forever. An entry becomes visible only by the atomic rename of a complete staging directory whose
