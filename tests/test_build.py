@@ -163,6 +163,34 @@ def test_concurrent_builds_share_one_result(recipe, cache_dir):
     assert not any((cache_dir / "staging").iterdir())
 
 
+def test_a_terminated_build_stops_cleanly_and_the_rerun_goes_on(tmp_path, tiny_llama, cache_dir):
+    """SIGTERM (a CI job cancelled) to `forge build` while a step runs: the step's staging is removed and nothing is
+    committed, as on Ctrl-C, exit 143 with a line that says so. Dying of the signal, as before, skipped every
+    cleanup: the staging stayed, and a smoke test's server (its own session) kept running with nobody to stop it."""
+    recipe = write_recipe(tmp_path / "fp8.yaml", str(tiny_llama), quantize={"method": "fp8"})   # reference: seconds
+    env = {**os.environ, "FORGE_CACHE_DIR": str(cache_dir)}
+    proc = subprocess.Popen([sys.executable, "-m", "forge", "build", str(recipe)], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    staging = cache_dir / "staging"
+    deadline = time.monotonic() + 300
+    steps = cache_dir / "steps"
+    while not (staging.is_dir() and any(staging.iterdir()) and len(list(steps.iterdir())) == 1):   # after resolve
+        assert proc.poll() is None and time.monotonic() < deadline, "no step after resolve was seen running"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "terminated (SIGTERM): nothing partial was committed; rerun to continue" in err
+    assert not any(staging.iterdir())
+    assert _committed(cache_dir) == ["resolve"]
+    rerun = forge_cli("build", str(recipe), cache=cache_dir, check=0)
+    assert rerun.stdout.count("HIT") == 1 and rerun.stdout.count("BUILT") == 2   # resolve reused
+
+
+def _committed(cache_dir) -> list[str]:
+    return [e.step for e in Store(cache_dir).entries()] if (cache_dir / "steps").is_dir() else []
+
+
 def test_cache_ls_and_prune_cli(recipe, cache_dir):
     forge_cli("build", str(recipe), cache=cache_dir, check=0)
     listed = json.loads(forge_cli("cache", "ls", "--json", cache=cache_dir, check=0).stdout)

@@ -21,6 +21,7 @@ __all__ = ["app", "main"]
 def main() -> None:
     if sys.argv[1:2] == ["build"] and (code := supervise.supervised()) is not None:
         sys.exit(code)   # the parent: the build ran in its child (forge.cli.supervise)
+    supervise.stop_on_sigterm()
     try:
         app()
     except ForgeError as e:
@@ -30,10 +31,11 @@ def main() -> None:
         ci.on_error(e)   # issue 18: a GitHub Actions annotation (at file:line for recipe problems) under --ci
         console.error(e.message, e.hint, steplog.log_of(e))
         sys.exit(int(e.exit_code))
-    except KeyboardInterrupt as e:
+    except (KeyboardInterrupt, supervise.Terminated) as e:
         build._progress.stop()
-        console.error("interrupted: nothing partial was committed; rerun to continue", log=steplog.log_of(e))
-        sys.exit(130)
+        said = "terminated (SIGTERM)" if isinstance(e, supervise.Terminated) else "interrupted"
+        console.error(f"{said}: nothing partial was committed; rerun to continue", log=steplog.log_of(e))
+        sys.exit(143 if isinstance(e, supervise.Terminated) else 130)
     except Exception as e:
         build._progress.stop()
         if env.current().debug:

@@ -18,7 +18,7 @@ import sys
 from forge.core import options
 from forge.core.errors import ResourceError
 
-__all__ = ["supervised", "step_started", "killed_message"]
+__all__ = ["supervised", "step_started", "killed_message", "stop_on_sigterm", "Terminated"]
 
 _PIPE: int | None = None   # the child's end: where step_started writes
 
@@ -39,6 +39,25 @@ def killed_message(step: str | None, peak_rss_bytes: float) -> ResourceError:
                          hint="`forge fit RECIPE` gives what each step needs on this CPU; build where that much memory "
                               "is free (a GPU machine, or one without the other processes), then rerun: finished steps "
                               "are reused.")
+
+
+class Terminated(BaseException):
+    """SIGTERM reached the build (a CI job cancelled, a ``kill``): raised where the build is, so that the servers it
+    started are stopped and its staging removed, as on Ctrl-C. Dying of the signal, as before, left a smoke test's
+    server running with nobody to stop it (it has its own session). Not a KeyboardInterrupt: click would take it."""
+
+
+def stop_on_sigterm() -> None:
+    """From now on SIGTERM raises Terminated in this process; a process forked from it dies of it as usual."""
+    me = os.getpid()
+
+    def handler(signum, _frame) -> None:
+        if os.getpid() != me:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Terminated()
+    signal.signal(signal.SIGTERM, handler)
 
 
 def supervised() -> int | None:
