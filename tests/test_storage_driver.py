@@ -82,3 +82,22 @@ def test_overlay_and_vfs_build_the_same_digests(tmp_path, monkeypatch):
         digests[driver] = json.loads((layout / "index.json").read_text())["manifests"][0]["digest"]
         assert (tmp_path / driver / "storage" / f"{driver}-images").is_dir()
     assert digests["overlay"] == digests["vfs"]
+
+
+@needs_buildah
+def test_an_image_loaded_for_a_smoke_test_leaves_nothing_in_the_storage_once_unloaded(tmp_path, monkeypatch):
+    """load_image pulls the layout through a temporary name; left behind, that name kept every image a smoke test
+    or an image eval had loaded in the user's storage (the whole image, per build) after unload_image."""
+    from forge.image.builders import buildah, load_image, unload_image
+
+    monkeypatch.setenv("FORGE_BUILDAH_ROOT", str(tmp_path / "made"))
+    ctr = buildah("from", "scratch").stdout.strip().splitlines()[-1]
+    buildah("commit", "--quiet", "--rm", ctr, "localhost/made:1")
+    buildah("push", "--quiet", "localhost/made:1", f"oci:{tmp_path / 'layout'}:made")
+
+    monkeypatch.setenv("FORGE_BUILDAH_ROOT", str(tmp_path / "user"))
+    names = lambda: buildah("images", "--format", "{{.Name}}:{{.Tag}}").stdout.split()  # noqa: E731
+    load_image("buildah", tmp_path / "layout", "made", "localhost/forge/served:abc")
+    assert names() == ["localhost/forge/served:abc"]
+    unload_image("buildah", "localhost/forge/served:abc")
+    assert names() == [] and buildah("images", "--quiet").stdout.strip() == ""

@@ -151,7 +151,7 @@ def _run(argv: list[str], *, shown: tuple[str, ...], check: bool = True, env: di
 def load_image(builder: str, layout: Path, ref: str, tag: str) -> None:
     """Make ``tag`` in the builder's storage the image in the OCI layout (what the smoke test and a user run)."""
     if builder == "buildah":
-        buildah("tag", pull_layout(layout, ref), tag)
+        pull_layout(layout, ref, tag)
     elif builder == "podman":
         image_id = _tool("podman", "pull", "--quiet", f"oci:{layout}:{ref}").stdout.strip().splitlines()[-1]
         _tool("podman", "tag", image_id, tag)
@@ -166,17 +166,20 @@ def unload_image(builder: str, tag: str) -> None:
         subprocess.run([builder, "rmi", "--force", tag], capture_output=True, env=clean_env())
 
 
-def pull_layout(layout: Path, ref: str) -> str:
-    """buildah pull of an OCI layout; returns the image id. buildah names a pulled oci: image after its path,
-    which must then be a valid reference (no '.cache' components): pull through a plain, lower-case symlink."""
+def pull_layout(layout: Path, ref: str, tag: str) -> None:
+    """buildah pull of an OCI layout as ``tag``. buildah names a pulled oci: image after its path, which must then
+    be a valid reference (no '.cache' components): pull through a plain, lower-case symlink, then drop that name
+    (left behind, it kept every image a smoke test loaded in the user's storage after the tag was removed)."""
     import tempfile
 
     link = Path(tempfile.gettempdir()) / f"forge-oci-{uuid.uuid4().hex}"
     link.symlink_to(layout)
     try:
-        return buildah("pull", "--quiet", f"oci:{link}:{ref}").stdout.strip().splitlines()[-1]
+        image_id = buildah("pull", "--quiet", f"oci:{link}:{ref}").stdout.strip().splitlines()[-1]
     finally:
         link.unlink()
+    buildah("tag", image_id, tag)
+    buildah("rmi", f"localhost{link}:latest")   # one of its two names: the image stays, as tag
 
 
 def choose_builder(loaded, base) -> str:

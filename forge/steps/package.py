@@ -238,8 +238,7 @@ def base_ref(ctx: StepContext, base, digest: str | None) -> str:
         # else loaded from the step's OCI layout
         tag = f"localhost/forge-base/{base.name}:{ctx.inputs['base_image'].parent.name[:12]}"
         if buildah("inspect", "--type", "image", tag, check=False).returncode != 0:
-            image_id = pull_layout(ctx.inputs["base_image"] / OCI_DIR, base.name)
-            buildah("tag", image_id, tag)
+            pull_layout(ctx.inputs["base_image"] / OCI_DIR, base.name, tag)
         return tag
     if digest:
         return f"{base.image.rsplit(':', 1)[0]}@{digest}"
