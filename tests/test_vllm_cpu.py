@@ -4,6 +4,7 @@ The same facts run for real in tests/test_vllm_e2e.py."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,52 @@ def test_smoke_test_here_follows_the_hosts_instruction_set(monkeypatch):
     assert smoketest.why_not_here("vllm", "CPU-AVX2", "buildah") is None
     assert smoketest.why_not_here("vllm", "CPU-AVX512", "buildah") == \
         "not smoke-tested: target CPU-AVX512 runs on AVX512; this host's CPU has AVX2"
+
+
+FP8_REASON = "not smoke-tested: vLLM's CPU build runs FP8 W8A8 through torch's _scaled_mm, and oneDNN has no FP8 " \
+             "kernel for this CPU (it runs ref:any, its scalar reference GEMM): a chat would outlast the smoke test"
+
+
+@pytest.mark.parametrize("kernel, amx_fp8, scheme, said", [
+    ("ref:any", False, "FP8-W8A8", FP8_REASON),        # a Sapphire Rapids-class or AVX2 CPU: 0.1 token/s (measured)
+    ("ref:any", False, "BF16", None),                  # only FP8 takes that GEMM
+    ("ref:any", False, "INT8-W8A8", None),             # oneDNN's INT8 kernels
+    ("ref:any", True, "FP8-W8A8", None),               # AMX-FP8: vLLM's own FP8 kernel
+    ("brg_matmul:avx10_1_512_amx_fp16", False, "FP8-W8A8", None),   # a JIT FP8 GEMM
+    (None, False, "FP8-W8A8", None),                   # not known: the smoke test itself tells
+])
+def test_fp8_is_not_served_here_where_onednn_runs_it_on_its_reference_gemm(monkeypatch, kernel, amx_fp8, scheme, said):
+    from forge.engines import vllm
+    from forge.image import smoketest
+
+    monkeypatch.setattr(smoketest, "cpu_isa", lambda: "avx512")
+    monkeypatch.setattr(vllm, "fp8_gemm_kernel", lambda: kernel)
+    monkeypatch.setattr(vllm, "cpu_has_amx_fp8", lambda: amx_fp8)
+    assert smoketest.why_not_here("vllm", "CPU-AVX2", "buildah", scheme) == said
+    assert smoketest.why_not_here("cpu", "CPU", "buildah", scheme) is None   # transformers serve decompresses to BF16
+
+
+def test_the_image_eval_refuses_an_fp8_candidate_this_cpu_cannot_serve(monkeypatch, tmp_path):
+    from forge.core.errors import ToolError
+    from forge.engines import vllm
+    from forge.steps.evaluate_image import _can_serve
+
+    monkeypatch.setattr(vllm, "fp8_gemm_kernel", lambda: "ref:any")
+    monkeypatch.setattr(vllm, "cpu_has_amx_fp8", lambda: False)
+    with pytest.raises(ToolError) as e:
+        _can_serve(resolved(_recipe(tmp_path)), "buildah")
+    assert "eval.candidate: image: the vllm image cannot be served on this machine (vLLM's CPU build runs FP8 W8A8" \
+        in str(e.value) and "ref:any" in str(e.value)
+    assert e.value.hint == "Build on a CPU the reason above does not apply to, or use eval.candidate: checkpoint."
+    assert _can_serve(resolved(_recipe(tmp_path, method="none")), "buildah") is False   # BF16: served, on the CPU
+
+
+def test_the_fp8_gemm_probe_names_onednns_kernel_on_this_cpu():
+    """The real probe (torch in a child process, ONEDNN_VERBOSE): a oneDNN implementation name, whichever it is."""
+    from forge.core.host import fp8_gemm_kernel
+
+    kernel = fp8_gemm_kernel()
+    assert kernel is not None and re.fullmatch(r"[a-z0-9_]+:[a-z0-9_]+", kernel), kernel
 
 
 def _base_check(monkeypatch, **base):

