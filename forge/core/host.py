@@ -74,12 +74,11 @@ def fp8_gemm_kernel() -> str | None:
     kernel, scalar, ~100x a BF16 GEMM; "brg_matmul:…": a JIT kernel), read from ONEDNN_VERBOSE in a child process
     (torch is not imported here). forge's venv pins the torch the vLLM CPU base pins (2.13.0, oneDNN 3.12), so it
     picks the same. None: it could not be read (no torch, or no FP8 on this build)."""
-    import os
     import sys
 
     try:
         proc = subprocess.run([sys.executable, "-c", _FP8_GEMM], capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "ONEDNN_VERBOSE": "1", "OMP_NUM_THREADS": "1"})
+                              env={**env.passthrough(()), "ONEDNN_VERBOSE": "1", "OMP_NUM_THREADS": "1"})
     except (OSError, subprocess.TimeoutExpired):
         return None
     line = next((ln for ln in proc.stdout.splitlines() if ",exec,cpu,matmul," in ln), None)
