@@ -26,13 +26,14 @@ from forge.gpu.methods import scheme
 # _C_AVX2; INT8 W8A8 runs on oneDNN (onednn_scaled_mm, in all three); W8A16 has no CPU kernel (CPUWNA16 takes uint4
 # weights only). FP8 W8A8 runs on AMX-FP8 where the CPU has it (CPUFP8W8A8ScaledMMLinearKernel); per-tensor scales
 # on AMX (CPUFp8PerTensorScaledMMLinearKernel); else, forge's per-channel/per-token checkpoints included, through
-# ChannelWiseTorchFP8ScaledMMLinearKernel: torch._scaled_mm, an FP8 GEMM oneDNN runs with a JIT kernel on some CPUs
-# and with its scalar reference kernel on the rest (a Sapphire Rapids-class CPU: 0.1 token/s for SmolLM2-135M).
+# ChannelWiseTorchFP8ScaledMMLinearKernel: torch._scaled_mm, which torch computes itself on some CPUs and hands to
+# oneDNN on others, where oneDNN 3.12 may run its scalar reference kernel (an Intel CPU with AVX512-FP16 and no
+# AMX-FP16: 0.1 token/s for SmolLM2-135M). forge.core.host.fp8_gemm_kernel says which, here.
 
 
 def _fp8_gemm_slow_here() -> str | None:
     if cpu_has_amx_fp8() or (kernel := fp8_gemm_kernel()) is None or not kernel.startswith("ref"):
-        return None   # AMX-FP8, a JIT FP8 GEMM, or unknown (then the smoke test itself tells)
+        return None   # AMX-FP8, torch's own kernel, a JIT FP8 GEMM, or unknown (then the smoke test itself tells)
     return (f"vLLM's CPU build runs FP8 W8A8 through torch's _scaled_mm, and oneDNN has no FP8 kernel for this CPU "
             f"(it runs {kernel}, its scalar reference GEMM): a chat would outlast the smoke test")
 
