@@ -186,10 +186,15 @@ def test_the_image_eval_refuses_an_fp8_candidate_this_cpu_cannot_serve(monkeypat
 def test_the_fp8_gemm_probe_names_onednns_kernel_on_this_cpu():
     """The real probe (torch in a child process, ONEDNN_VERBOSE): a oneDNN implementation name, or torch's own
     kernel where torch does not hand FP8 to oneDNN on this CPU."""
-    from forge.core.host import fp8_gemm_kernel
+    from forge.core.host import Unprobed, _fp8_gemm_run, fp8_gemm_kernel, no_probes
 
+    _fp8_gemm_run.cache_clear()
+    with no_probes(), pytest.raises(Unprobed):   # forge plan starts no child process
+        fp8_gemm_kernel()
     kernel = fp8_gemm_kernel()
     assert kernel is not None and (kernel == "torch" or re.fullmatch(r"[a-z0-9_]+:[a-z0-9_]+", kernel)), kernel
+    with no_probes():
+        assert fp8_gemm_kernel() == kernel   # remembered by this process
 
 
 def _base_check(monkeypatch, **base):

@@ -68,8 +68,15 @@ _FP8_GEMM = ("import torch; torch.set_num_threads(1); a = torch.ones(8, 64).to(t
              "torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.float32)")
 
 
-@functools.lru_cache(maxsize=1)
 def fp8_gemm_kernel() -> str | None:
+    """``_fp8_gemm_run``'s answer, through ``probe``: package's key material asks it, and ``forge plan`` starts no
+    child process (Unprobed until this process has run it)."""
+    return probe("which kernel computes torch's FP8 GEMM here (a torch child process)", _fp8_gemm_run,
+                 remembered=lambda: _fp8_gemm_run() if _fp8_gemm_run.cache_info().currsize else None)
+
+
+@functools.lru_cache(maxsize=1)
+def _fp8_gemm_run() -> str | None:
     """What computes torch's FP8 ``_scaled_mm`` on this CPU: the oneDNN implementation ("ref:any": oneDNN's scalar
     reference kernel, ~100x a BF16 GEMM, measured on an Intel CPU with AVX512-FP16 and no AMX-FP16; "brg_matmul:…": a
     JIT kernel), or "torch" where torch computes it without oneDNN (its own kernel: 18 ms for a 37x576x1536 GEMM here

@@ -187,15 +187,16 @@ def why_not_here(engine_name: str, gpu: str, builder: str, scheme: str | None = 
 
 
 def smoke_test(tag: str, spec: "ImageSpec", report, *, keep: Path, builder: str = "buildah", timeout_s: float = 300,
-               layout: tuple[Path, str] | None = None, gpu: str = "CPU", mounts=(), skip: str | None = None) -> dict:
+               layout: tuple[Path, str] | None = None, mounts=(), skip: str | None = None) -> dict:
     """Serve from the image, check it (check_server: health route, /v1/models, one chat), stop everything.
     keep: where the server log goes, and where it stays with the transcript when the check fails (removed
     when it passes). layout: (OCI layout, ref) to load the image from into the builder's storage first; it is
     removed again afterwards (the layout is the artifact: no second copy of the weights stays behind).
     mounts: (host path, container path) read-only binds (a weights-free serving image's model image at /models).
-    skip: why the caller already knows it cannot be served here (the package step's memory check), recorded alike."""
-    if (why := skip or why_not_here(spec.base.engine, gpu, builder)) is not None:   # never failed, never passed
-        return {"passed": None, "skipped": why, "answer": None, "health_seconds": None, "models": None}
+    skip: why it cannot be served here (the caller's decision: the package step's memory check or
+    ``why_not_here``), recorded instead of a verdict."""
+    if skip is not None:   # never failed, never passed
+        return {"passed": None, "skipped": skip, "answer": None, "health_seconds": None, "models": None}
     gpu_image = spec.base.cuda is not None   # runs here only because its GPU is here
     with serving(tag, spec.engine_args, spec.served_name, report, keep=keep, builder=builder, timeout_s=timeout_s,
                  layout=layout, health_route=spec.health_route, gpus=gpu_image, mounts=mounts,

@@ -93,6 +93,11 @@ class Resolved:
         return self.loaded.base_dir
 
     @property
+    def scheme(self) -> str | None:
+        """The scheme the checkpoint runs as (the capability verdict's: W4A16, FP8-W8A8, BF16); None for method auto."""
+        return self.capability.scheme if self.capability is not None else None
+
+    @property
     def cache_root(self) -> Path:
         """The step cache this resolution is for (``downloads`` lives in it): where host probes are remembered."""
         return self.downloads.parent

@@ -32,7 +32,6 @@ from forge.image.builders import buildah, choose_builder, describe_layout, image
 from forge.image.containers import MODEL_DIR, PORT, kv_cache_bytes
 from forge.image.smoketest import Served, serving, why_not_here
 from forge.engines import ServeAt
-from forge.gpu.methods import scheme
 from forge.recipe.schema import Quantize
 from forge.evaluation.tasks import task_manager
 from forge.steps import StepContext, package
@@ -86,8 +85,7 @@ def on_gpu(loaded) -> bool:
 def _can_serve(loaded, builder: str) -> bool:
     """Whether the image needs this machine's GPU, after refusing when it cannot run here."""
     engine, gpu = loaded.engine, loaded.recipe.target.gpu
-    if (why := why_not_here(engine.name, gpu, builder, scheme(loaded.recipe.quantize.method,
-                                                             loaded.recipe.quantize.bits))) is not None:
+    if (why := why_not_here(engine.name, gpu, builder, loaded.scheme)) is not None:
         raise ToolError(f"eval.candidate: image: the {engine.name} image cannot be served on this machine "
                         f"({why.removeprefix('not smoke-tested: ')})",
                         hint=("Build on a CPU the reason above does not apply to" if loaded.gpu.is_cpu else

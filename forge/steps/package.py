@@ -42,7 +42,6 @@ from forge.image.smoketest import TRANSCRIPT, smoke_test, why_not_here
 from forge.steps import StepContext, StepSpec, compile, probe, quantize
 from forge.core.host import no_nvidia_smi
 from forge.gpu import host_fit
-from forge.gpu.methods import scheme
 from forge.engines.trtllm_build import EngineFacts, check_engine
 from forge.image.weights_layer import append_weights_layer
 
@@ -106,8 +105,7 @@ def _identity(loaded) -> dict:
     facts = {"builder": builder, builder: key_tool_version(builder, loaded) if builder != "absent" else "absent"}
     if base is not None and loaded.recipe.container.smoke_test and not get_engine(base.engine).smoke_test \
             and base.cuda is None:   # an engine's own CPU build (vLLM's): runs here if this CPU has the target's ISA
-        facts["smoke_test_here"] = why_not_here(base.engine, loaded.recipe.target.gpu, builder,
-                                                _scheme(loaded.recipe)) or "yes"
+        facts["smoke_test_here"] = why_not_here(base.engine, loaded.recipe.target.gpu, builder, loaded.scheme) or "yes"
     elif base is not None and loaded.recipe.container.smoke_test and not get_engine(base.engine).smoke_test:
         # a GPU image is smoke-tested where its GPU is: built here without one, it is built again there
         here = lambda: why_not_here(base.engine, loaded.recipe.target.gpu, builder)   # noqa: E731
@@ -332,21 +330,16 @@ def _smoke_test(ctx: StepContext, tag: str, spec, builder: str, ref: str, model:
     if not loaded.recipe.container.smoke_test:
         return {"passed": None, "skipped": "not smoke-tested: container.smoke_test is false"}
     cannot = _no_room_to_serve(loaded, spec, ctx.inputs["quantize"]) or \
-        why_not_here(spec.base.engine, gpu, builder, _scheme(loaded.recipe))
+        why_not_here(spec.base.engine, gpu, builder, loaded.scheme)
     keep = ctx.out.parent.with_name(ctx.out.parent.name + SMOKE_KEEP)
     runs = model is not None and cannot is None
     with mounted(ctx.out / MODEL_OCI, model, ctx.out.parent) if runs else nullcontext(()) as mounts:
         transcript = smoke_test(tag, spec, ctx.report, builder=builder, keep=keep, layout=(ctx.out / OCI_DIR, ref),
-                                gpu=gpu, mounts=mounts, skip=cannot)
+                                mounts=mounts, skip=cannot)
     if transcript.get("skipped"):
         ctx.report(transcript["skipped"])
     (ctx.out / TRANSCRIPT).write_text(json.dumps(transcript, indent=2) + "\n")
     return {k: transcript.get(k) for k in ("passed", "skipped", "answer", "health_seconds", "models")}
-
-
-def _scheme(r) -> str:
-    """The scheme the image serves (the engine's CPU kernel rows are by scheme)."""
-    return scheme(r.quantize.method, r.quantize.bits)
 
 
 def _no_room_to_serve(loaded, spec, checkpoint: Path) -> str | None:
